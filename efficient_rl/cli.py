@@ -1,0 +1,77 @@
+"""efficient-rl command line: train, recipes, lab."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from efficient_rl.config import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def cmd_train(args) -> int:
+    from efficient_rl.checkpoint import RunDir
+    from efficient_rl.config import load_recipe
+    from efficient_rl.prepare import prepare
+    from efficient_rl.report import write_report
+    from efficient_rl.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run = RunDir(recipe, resume=args.resume, overwrite=args.overwrite)
+    setup = prepare(recipe, model_dir=run.latest_checkpoint() if args.resume else None)
+    run.create()
+    summary = Trainer(recipe, setup, run).train()
+    write_report(run.path, summary)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from efficient_rl.config import load_recipe
+
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        recipe = load_recipe(path)
+        print(f"{path.name:28s} advantage={recipe.algorithm.advantage} length_penalty={recipe.algorithm.length_penalty}")
+    return 0
+
+
+def cmd_lab(args) -> int:
+    from efficient_rl.lab.build import lab_model_dir
+
+    print(lab_model_dir(args.preset))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="efficient-rl", description="RL post-training recipes for efficient reasoning")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a recipe: efficient-rl train RECIPE [key.path=value ...]")
+    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/dler.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.clip_high=0.28")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(handler=cmd_train)
+
+    recipes = commands.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(handler=cmd_recipes)
+
+    lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
+    lab.add_argument("preset", nargs="?", default="quickstart")
+    lab.set_defaults(handler=cmd_lab)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"efficient-rl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

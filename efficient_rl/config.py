@@ -1,0 +1,258 @@
+"""Typed recipes: YAML files (optionally inheriting from a base recipe) plus dotted overrides.
+
+A recipe file may start with `defaults: grpo.yaml` (a path relative to the file); its keys are then
+merged over that base, so a method reads as a small diff against GRPO. Every key is checked
+against the dataclasses below; errors name the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from efficient_rl.registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    """Bad recipe or input; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # a Hugging Face model directory (or hub name)
+    lab: str | None = None  # or a lab preset, built on first use and cached (efficient_rl.lab)
+
+
+@dataclass
+class DataSection:
+    train: str = "lab:quickstart"  # "lab:<preset>" (the lab task's train split) or a .jsonl file
+    heldout: str = "lab:quickstart"  # same forms; the held-out split is used for evaluation
+    question_key: str = "question"  # JSONL column holding the question
+    answer_key: str = "answer"  # JSONL column holding the reference answer
+    train_size: int = 20000  # lab only: number of generated training problems
+    heldout_size: int = 200  # lab only: number of generated held-out problems
+    shuffle: bool = True  # reshuffle the training prompts every epoch (seeded)
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "transformers"
+    group_size: int = 8  # G, rollouts per prompt (DLER: 16, TEMPO: 7)
+    prompts_per_step: int = 16  # prompts per training step (DLER: 512)
+    max_prompt_length: int = 256  # longer prompts are refused at load time
+    # The hard generation cap. With the truncation penalty it is DLER's truncation length
+    # (paper: 4000 tokens for DeepSeek-R1-1.5B/7B).
+    max_response_length: int = 256
+    temperature: float = 1.0  # DLER / DAPO train at 1.0
+    top_p: float = 1.0
+    max_batch_size: int = 256  # rollouts per generate call
+
+
+@dataclass
+class RewardEntry:
+    name: str = "math"  # a built-in reward name
+    weight: float = 1.0
+    params: dict = field(default_factory=dict)  # keyword arguments for the reward function
+
+
+@dataclass
+class AlgorithmSection:
+    advantage: str = "grpo"  # grpo | dler (group-mean + batch whitening, DLER Eq. 3)
+    norm_by_std: bool = True  # grpo: divide by the group std; false is Dr. GRPO
+    policy_loss: str = "ppo_clip"
+    clip_low: float = 0.2  # eps_low of PPO-clip
+    clip_high: float = 0.2  # eps_high; DAPO clip-higher and DLER use 0.28
+    clip_ratio_c: float | None = None  # dual-clip bound for A < 0 (DLER code: 10.0); null = off
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0  # KL-to-reference loss weight (DLER: 0.0005); 0 loads no reference
+    kl_estimator: str = "low_var_kl"  # k1 | low_var_kl (k3) | mse (k2)
+    length_penalty: str = "none"  # none | truncation (DLER) | overlong (DAPO soft punishment)
+    truncation_length: int | None = None  # cap in force for the penalty; null = max_response_length
+    truncation_mode: Literal["paper", "code"] = "paper"  # paper: reward 0 over the cap; code: x0.1
+    not_stopped_coef: float = 0.1  # truncation_mode=code: multiplier for responses cut by the cap
+    overlong_buffer: int = 4096  # DAPO L_cache
+    overlong_factor: float = 1.0  # DAPO penalty factor
+    dynamic_sampling: bool = False  # drop groups with zero reward spread and generate more
+    dynamic_sampling_metric: Literal["score", "reward", "accuracy"] = "score"  # DLER: pre-penalty score
+    max_sampling_rounds: int = 4  # generation rounds per step at most (0 = no limit)
+
+
+@dataclass
+class LearnerSection:
+    backend: str = "torch"
+    lr: float = 1e-6  # DLER / DAPO: 1e-6 for 1.5B-32B models
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = all (one step per batch)
+    micro_batch_size: int = 32  # rollouts per forward/backward pass
+    epochs: int = 1  # PPO epochs over each rollout batch
+
+
+@dataclass
+class ClusterSection:
+    backend: Literal["embedded"] = "embedded"
+
+
+@dataclass
+class LoggingSection:
+    output_dir: str = "runs"
+    name: str | None = None  # run directory name; default: the recipe file's stem
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    before_training: bool = True  # evaluate the starting model on the held-out split
+    after_training: bool = True
+    every: int = 0  # also every k steps (0 = never)
+    num_problems: int = 200
+    samples_per_problem: int = 1  # pass@1 is averaged over these samples
+    max_new_tokens: int = 512  # generous cap so the starting model's long answers finish
+    temperature: float = 0.6  # DLER evaluates at 0.6 / top-p 0.95
+    top_p: float = 0.95
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # save every k steps (0 = only at the end)
+    keep: int = 2  # most recent checkpoints kept
+
+
+@dataclass
+class Recipe:
+    steps: int = 100
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: list[RewardEntry] = field(default_factory=lambda: [RewardEntry()])
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    learner: LearnerSection = field(default_factory=LearnerSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    raw = read_recipe_file(path)
+    for override in overrides:
+        apply_override(raw, override)
+    recipe = build(Recipe, raw, "", source=str(path))
+    if recipe.logging.name is None:
+        recipe.logging.name = path.stem
+    return recipe
+
+
+def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping merged over its `defaults:` chain."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'defaults' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe sections, got {type(raw).__name__}")
+    base_name = raw.pop("defaults", None)
+    if base_name is None:
+        return raw
+    base = read_recipe_file(path.parent / base_name, seen + (path.resolve(),))
+    return deep_merge(base, raw)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b.c=value` sets raw[a][b][c] to the YAML-parsed value."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    key, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = value
+
+
+def build(cls, raw: Any, where: str, source: str):
+    """Turn a raw mapping into dataclass `cls`, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'recipe'}: expected a mapping, got {describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: {path}: unknown key{did_you_mean(str(key), names)}")
+        values[key] = convert(hints[key], value, path, source)
+    return cls(**values)
+
+
+def convert(kind, value, path: str, source: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, path, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(inner, value, path, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path}: expected a list, got {describe(value)}")
+        return [convert(args[0], item, f"{path}[{i}]", source) for i, item in enumerate(value)]
+    checks = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        str: (lambda v: isinstance(v, str), "a string"),
+        dict: (lambda v: isinstance(v, dict), "a mapping"),
+    }
+    check, expected = checks[origin or kind]
+    if not check(value):
+        raise ConfigError(f"{source}: {path}: expected {expected}, got {describe(value)}")
+    return float(value) if kind is float else value
+
+
+def describe(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

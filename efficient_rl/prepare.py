@@ -1,0 +1,118 @@
+"""Turn a recipe into ready components, validating every input before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from efficient_rl.algos.advantages import ADVANTAGES
+from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from efficient_rl.algos.shaping import LENGTH_SHAPERS
+from efficient_rl.config import ConfigError, Recipe
+from efficient_rl.data import load_split
+from efficient_rl.lab.build import PRESETS, lab_model_dir
+from efficient_rl.learner.base import LEARNERS
+from efficient_rl.prompts import encode_prompt
+from efficient_rl.registry import did_you_mean
+from efficient_rl.reward import RewardRunner
+from efficient_rl.rollout.base import ENGINES
+
+# Importing the backends registers them.
+import efficient_rl.learner.torch_learner  # noqa: E402,F401
+import efficient_rl.rollout.hf  # noqa: E402,F401
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    rewards: RewardRunner
+    train_samples: list[dict]
+    heldout_samples: list[dict]
+
+
+REGISTRY_FIELDS = [
+    ("algorithm.advantage", ADVANTAGES),
+    ("algorithm.policy_loss", POLICY_LOSSES),
+    ("algorithm.loss_agg", AGGREGATIONS),
+    ("algorithm.kl_estimator", KL_ESTIMATORS),
+    ("algorithm.length_penalty", LENGTH_SHAPERS),
+    ("rollout.engine", ENGINES),
+    ("learner.backend", LEARNERS),
+]
+POSITIVE_FIELDS = ["steps", "rollout.group_size", "rollout.prompts_per_step", "rollout.max_prompt_length",
+                   "rollout.max_response_length", "rollout.max_batch_size", "learner.micro_batch_size",
+                   "learner.epochs", "eval.num_problems", "eval.samples_per_problem", "eval.max_new_tokens"]
+
+
+def field_value(recipe: Recipe, dotted: str):
+    value = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Checks that need more than types: names in registries, positive sizes, consistent sizes."""
+    for dotted, registry in REGISTRY_FIELDS:
+        name = field_value(recipe, dotted)
+        if name not in registry:
+            raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
+    for dotted in POSITIVE_FIELDS:
+        if field_value(recipe, dotted) < 1:
+            raise ConfigError(f"{dotted}: expected a positive integer, got {field_value(recipe, dotted)}")
+    if (recipe.model.path is None) == (recipe.model.lab is None):
+        raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
+    if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
+        raise ConfigError(f"model.lab: unknown lab preset {recipe.model.lab!r}{did_you_mean(recipe.model.lab, PRESETS)}")
+    if recipe.model.path is not None and not Path(recipe.model.path).is_dir():
+        raise ConfigError(f"model.path: {recipe.model.path} is not a model directory")
+    cap = recipe.algorithm.truncation_length
+    if cap is not None and not 1 <= cap <= recipe.rollout.max_response_length:
+        raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
+                          f"({recipe.rollout.max_response_length}), got {cap}")
+    if recipe.learner.mini_batch_prompts < 0:
+        raise ConfigError("learner.mini_batch_prompts: expected 0 (whole batch) or a positive integer")
+
+
+def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
+    """Validate the recipe and load model, tokenizer, data and rewards.
+
+    `model_dir` overrides the recipe's model (a resumed run loads its latest checkpoint).
+    """
+    check_recipe(recipe)
+    rewards = RewardRunner(recipe.reward)
+    train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
+    heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
+    source = model_dir or (lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path))
+    tokenizer = load_tokenizer(source)
+    check_lengths(recipe, tokenizer, train, heldout)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = recipe.rollout.max_prompt_length + max(recipe.rollout.max_response_length, recipe.eval.max_new_tokens)
+    if context is not None and longest > context:
+        raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
+                          f"context of {context} tokens")
+    return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout)
+
+
+def load_tokenizer(source: Path):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model: cannot load a tokenizer from {source} ({err})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_lengths(recipe: Recipe, tokenizer, train: list[dict], heldout: list[dict]) -> None:
+    for field_name, samples in (("data.train", train), ("data.heldout", heldout)):
+        longest = max(len(encode_prompt(tokenizer, s["question"])) for s in samples)
+        if longest > recipe.rollout.max_prompt_length:
+            raise ConfigError(f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "
+                              f"longer than the cap of {recipe.rollout.max_prompt_length}")

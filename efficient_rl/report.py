@@ -1,0 +1,62 @@
+"""The end of a training run: a before/after table and a plot of length and accuracy over steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def before_after_table(summary: dict) -> str:
+    rows = [("model", "held-out accuracy", "mean length", "p90 length")]
+    for stage, label in (("warm_start", "warm start"), ("final", "final")):
+        if stage in summary:
+            s = summary[stage]
+            rows.append((label, f"{100 * s['accuracy']:.1f}%", f"{s['mean_response_length']:.1f}",
+                         f"{s['p90_response_length']:.1f}"))
+    if "warm_start" in summary and "final" in summary:
+        before, after = summary["warm_start"], summary["final"]
+        change = after["mean_response_length"] / max(before["mean_response_length"], 1e-9) - 1
+        rows.append(("change", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts",
+                     f"{100 * change:+.1f}%", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
+    steps, lengths, accuracy = [], [], []
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        steps.append(row["step"])
+        lengths.append(row["response_length/mean"])
+        accuracy.append(row["acc/mean"])
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, lengths, color="tab:blue", marker="o", markersize=3)
+    top.set_ylabel("mean response length (tokens)")
+    top.set_title("Training rollouts")
+    top.grid(alpha=0.3)
+    bottom.plot(steps, accuracy, color="tab:green", marker="o", markersize=3)
+    bottom.set_ylabel("accuracy (fraction correct)")
+    bottom.set_xlabel("step")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(run_path: Path, summary: dict, show=print) -> None:
+    if "warm_start" in summary or "final" in summary:
+        show("\nHeld-out split, before and after training:\n" + before_after_table(summary))
+    metrics = run_path / "metrics.jsonl"
+    if metrics.exists() and metrics.read_text().strip():
+        plot = run_path / "training_curves.png"
+        plot_training_curves(metrics, plot)
+        show(f"\nplot:    {plot}")
+    show(f"summary: {run_path / 'summary.json'}\nmetrics: {metrics}")

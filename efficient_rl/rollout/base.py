@@ -1,0 +1,29 @@
+"""The rollout-engine protocol every backend implements (transformers here, vLLM later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.registry import Registry
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 1  # samples per prompt
+    max_new_tokens: int = 256  # hard length cap: a response that reaches it is "truncated"
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
+                 settings: SamplingSettings) -> RolloutBatch:
+        """`settings.n` rollouts for every prompt, rows grouped by prompt in input order."""
+
+    def sync_weights(self, learner) -> dict[str, float]:
+        """Load the learner's current weights; returns sync metrics."""
+
+
+ENGINES: Registry = Registry("rollout engine")

@@ -1,0 +1,97 @@
+"""Embedded rollout engine on transformers `generate`.
+
+It shares the model object with the embedded learner, so a weight sync costs nothing. Log-probs
+are of the temperature-scaled distribution before top-p truncation, the same quantity the
+learner computes, so the engine/learner gap only measures numerical differences.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.rollout.base import ENGINES, SamplingSettings
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first EOS, and which rows never produced one."""
+    is_eos = tokens == eos_id
+    eos_seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~eos_seen_before).float(), ~is_eos.any(-1)
+
+
+@ENGINES.register("transformers")
+class TransformersEngine:
+    def __init__(self, model, tokenizer, max_batch_size: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+
+    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
+                 settings: SamplingSettings) -> RolloutBatch:
+        rows = [(prompt, sample, gid) for prompt, sample, gid in zip(prompts, samples, group_ids)
+                for _ in range(settings.n)]
+        chunks = [rows[i : i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
+        return RolloutBatch.concat([self._generate_chunk(chunk, settings) for chunk in chunks])
+
+    @torch.no_grad()
+    def _generate_chunk(self, rows, settings: SamplingSettings) -> RolloutBatch:
+        tok = self.tokenizer
+        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=self._generation_config(settings),
+        )
+        self.model.train(was_training)
+        response_ids = out.sequences[:, prompt_ids.shape[1]:]
+        response_mask, no_eos = response_mask_until_eos(response_ids, tok.eos_token_id)
+        logits = torch.stack(out.logits, dim=1).float()  # raw logits of every generated step
+        temperature = settings.temperature if settings.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, response_ids[..., None])[..., 0]
+        lengths = response_mask.sum(-1).long()
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids * response_mask.long() + tok.pad_token_id * (1 - response_mask.long()),
+            response_mask=response_mask,
+            rollout_logprobs=logprobs * response_mask,
+            truncated=no_eos & (lengths >= settings.max_new_tokens),
+            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long),
+            samples=[r[1] for r in rows],
+            completions=tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id),
+                                         skip_special_tokens=True),
+        ).trim_padding()
+
+    def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
+        sample = settings.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=sample,
+            temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None,
+            top_k=0 if sample else None,  # no top-k truncation unless asked (vLLM's top_k=-1)
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+
+    def sync_weights(self, learner) -> dict[str, float]:
+        # The embedded engine generates with the learner's own module: nothing to copy.
+        assert learner.model is self.model, "the embedded engine must share the learner's model"
+        return {}

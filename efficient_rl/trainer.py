@@ -1,0 +1,237 @@
+"""The one driver loop. Every method is a registry entry chosen once from the recipe."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from efficient_rl.algos.advantages import ADVANTAGES, group_stats
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.sampling import groups_with_spread
+from efficient_rl.algos.shaping import LENGTH_SHAPERS, over_cap
+from efficient_rl.checkpoint import RunDir
+from efficient_rl.config import Recipe
+from efficient_rl.data import PromptStream
+from efficient_rl.eval.heldout import evaluate, length_stats
+from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.objective import ObjectiveSettings
+from efficient_rl.learner.torch_learner import OptimSettings
+from efficient_rl.logging import MetricsLogger
+from efficient_rl.prepare import Setup
+from efficient_rl.prompts import encode_prompt
+from efficient_rl.rollout.base import ENGINES, SamplingSettings
+
+
+@dataclass
+class Stage:
+    """The recipe's choices, resolved once: each is a function of the batch."""
+
+    shape_rewards: callable
+    advantages: callable
+    filter_metric: str | None  # dynamic sampling on this batch field, or None
+
+
+def resolve_stages(recipe: Recipe) -> Stage:
+    alg = recipe.algorithm
+    shaper_params = {
+        "none": {},
+        "truncation": {"mode": alg.truncation_mode, "not_stopped_coef": alg.not_stopped_coef},
+        "overlong": {"buffer": alg.overlong_buffer, "factor": alg.overlong_factor},
+    }[alg.length_penalty]
+    advantage_params = {"grpo": {"norm_by_std": alg.norm_by_std}}.get(alg.advantage, {})
+    return Stage(
+        shape_rewards=functools.partial(LENGTH_SHAPERS.get(alg.length_penalty), **shaper_params),
+        advantages=functools.partial(ADVANTAGES.get(alg.advantage), **advantage_params),
+        filter_metric={"score": "scores", "reward": "rewards", "accuracy": "accuracy"}[
+            alg.dynamic_sampling_metric] if alg.dynamic_sampling else None,
+    )
+
+
+def objective_settings(recipe: Recipe) -> ObjectiveSettings:
+    alg = recipe.algorithm
+    return ObjectiveSettings(
+        policy_loss=alg.policy_loss, eps_low=alg.clip_low, eps_high=alg.clip_high,
+        clip_ratio_c=alg.clip_ratio_c, loss_agg=alg.loss_agg,
+        norm_length=recipe.rollout.max_response_length, kl_coef=alg.kl_coef,
+        kl_estimator=alg.kl_estimator, temperature=recipe.rollout.temperature,
+    )
+
+
+def optim_settings(recipe: Recipe) -> OptimSettings:
+    lrn = recipe.learner
+    return OptimSettings(
+        lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
+        mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
+        micro_batch_size=lrn.micro_batch_size, epochs=lrn.epochs,
+    )
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
+        self.recipe, self.setup, self.run = recipe, setup, run
+        self.stages = resolve_stages(recipe)
+        reference = copy.deepcopy(setup.model).eval() if recipe.algorithm.kl_coef > 0 else None
+        self.learner = LEARNERS.get(recipe.learner.backend)(
+            setup.model, objective_settings(recipe), optim_settings(recipe), reference=reference)
+        self.engine = ENGINES.get(recipe.rollout.engine)(setup.model, setup.tokenizer,
+                                                         recipe.rollout.max_batch_size)
+        self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
+        self.sampling = SamplingSettings(
+            n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
+            temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
+        self.truncation_length = recipe.algorithm.truncation_length or recipe.rollout.max_response_length
+        self.stop_requested = False
+
+    # ------------------------------------------------------------ the loop
+    def train(self, stop_after_step: int | None = None) -> dict:
+        started = time.time()
+        state = self.run.restore(self.learner, self.stream) if self.run.resuming else {"step": 0}
+        torch.manual_seed(self.recipe.seed) if not self.run.resuming else None
+        if "warm_start" not in state and self.recipe.eval.before_training:
+            state["warm_start"] = self.evaluate()
+        logger = MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)
+        with self._stop_on_signal():
+            for step in range(state["step"] + 1, self.recipe.steps + 1):
+                metrics = self.step()
+                if self.recipe.eval.every and step % self.recipe.eval.every == 0:
+                    metrics.update(self.evaluate())
+                logger.log(step, metrics)
+                state["step"] = step
+                last = step == self.recipe.steps or step == stop_after_step or self.stop_requested
+                if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
+                    self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state)
+                if last:
+                    break
+        logger.close()
+        state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.time() - started
+        if state["step"] == self.recipe.steps and self.recipe.eval.after_training:
+            state["final"] = self.evaluate()
+        return self.run.write_summary(state)
+
+    def step(self) -> dict[str, float]:
+        started = time.time()
+        batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
+        learn_started = time.time()
+        if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
+            learner_metrics, sync_metrics = {"update_skipped": 1.0}, {}
+        else:
+            batch.advantages = self.stages.advantages(batch)
+            learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
+            sync_metrics = self.engine.sync_weights(self.learner)
+        elapsed = time.time() - started
+        return {
+            **rollout_metrics,
+            **learner_metrics,
+            **sync_metrics,
+            "timing/learn": time.time() - learn_started,
+            "step_time": elapsed,
+            "tokens_per_second": rollout_metrics["rollout/tokens"] / elapsed,
+            "data/consumed_prompts": float(self.stream.consumed),
+        }
+
+    # ------------------------------------------------------------ stages
+    def collect_rollouts(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """Generate and score rounds of prompts until enough groups carry signal.
+
+        Without dynamic sampling this is one round. With it, groups whose filter metric has zero
+        spread are dropped and a further round is generated, up to max_sampling_rounds.
+        """
+        wanted = self.recipe.rollout.prompts_per_step
+        generated, kept, rounds = [], [], 0
+        started = time.time()
+        while True:
+            rounds += 1
+            batch = self.generate_and_score(self.stream.take(wanted))
+            generated.append(batch)
+            if self.stages.filter_metric is None:
+                kept.append(batch)
+                break
+            keep = groups_with_spread(getattr(batch, self.stages.filter_metric), batch.group_ids)
+            kept.append(batch.select(keep.nonzero()[:, 0]))
+            enough = sum(b.group_ids.unique().numel() for b in kept) >= wanted
+            if enough or rounds == self.recipe.algorithm.max_sampling_rounds:
+                break
+        everything = RolloutBatch.concat(generated)
+        train_batch = first_groups(RolloutBatch.concat(kept), wanted)
+        metrics = rollout_metrics(everything)
+        metrics["timing/rollout"] = time.time() - started
+        if self.stages.filter_metric is not None:
+            metrics.update({
+                "dynamic_sampling/rounds": float(rounds),
+                "dynamic_sampling/kept_groups": float(train_batch.group_ids.unique().numel()),
+                "dynamic_sampling/generated_groups": float(everything.group_ids.unique().numel()),
+            })
+        return train_batch, metrics
+
+    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> RolloutBatch:
+        tokenizer = self.setup.tokenizer
+        batch = self.engine.generate(
+            [encode_prompt(tokenizer, sample["question"]) for _, sample in prompts],
+            [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
+        result = self.setup.rewards.score(batch.completions, batch.samples)
+        batch.scores, batch.accuracy = result.scores, result.accuracy
+        batch.reward_metrics = {**result.extras, "reward/errors": [float(result.errors)] + [0.0] * (len(batch) - 1)}
+        for message in result.error_messages:
+            print(f"reward error: {message}")
+        batch.length_cap = torch.full((len(batch),), self.truncation_length, dtype=torch.long)
+        batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
+                                                  batch.length_cap)
+        return batch
+
+    def evaluate(self) -> dict[str, float]:
+        ev = self.recipe.eval
+        settings = SamplingSettings(n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens,
+                                    temperature=ev.temperature, top_p=ev.top_p)
+        samples = self.setup.heldout_samples[: ev.num_problems]
+        return evaluate(self.engine, self.setup.tokenizer, self.setup.rewards, samples, settings,
+                        seed=self.recipe.seed)
+
+    # ------------------------------------------------------------ plumbing
+    def _stop_on_signal(self):
+        """SIGTERM / SIGINT finish the current step, checkpoint, and stop (resumable)."""
+        trainer = self
+
+        class Handler:
+            def __enter__(self):
+                self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+
+            def request(self, signum, frame):
+                print(f"signal {signum}: stopping after this step and writing a checkpoint")
+                trainer.stop_requested = True
+
+            def __exit__(self, *exc):
+                for s, handler in self.previous.items():
+                    signal.signal(s, handler)
+
+        return Handler()
+
+
+def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
+    """The rows of the first `groups` distinct groups, in order."""
+    _, first_seen = torch.unique_consecutive(batch.group_ids, return_inverse=True)
+    return batch.select((first_seen < groups).nonzero()[:, 0])
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    lengths = batch.response_lengths.float()
+    _, reward_std, _ = group_stats(batch.rewards, batch.group_ids)
+    metrics = {
+        "rollout/tokens": float(batch.response_mask.sum()),
+        "reward/mean": float(batch.rewards.mean()),
+        "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "score/mean": float(batch.scores.mean()),
+        "acc/mean": float(batch.accuracy.mean()) if batch.accuracy is not None else float("nan"),
+        **length_stats(lengths.tolist(), "response_length"),
+        "response_length/clip_ratio": float(
+            over_cap(batch.response_lengths, batch.truncated, batch.length_cap).float().mean()),
+        "frac_reward_zero_std": float((reward_std == 0).float().mean()),
+    }
+    for name, values in batch.reward_metrics.items():
+        metrics[name if name.startswith("reward/") else f"reward/{name}"] = (
+            sum(values) if name == "reward/errors" else sum(values) / len(values))
+    return metrics

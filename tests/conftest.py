@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+# Tests build their lab models in a cache of their own, never the user's.
+os.environ.setdefault("EFFICIENT_RL_CACHE", str(ROOT / ".pytest_cache" / "efficient_rl"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# A small, fast run on the tiny lab model (real model, real generation, real updates).
+TINY_OVERRIDES = [
+    "model.lab=tiny",
+    "data.train=lab:tiny",
+    "data.heldout=lab:tiny",
+    "data.train_size=200",
+    "data.heldout_size=16",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_response_length=24",
+    "eval.num_problems=8",
+    "eval.max_new_tokens=32",
+    "logging.progress=false",
+    "algorithm.dynamic_sampling=false",  # the tiny model never answers right: no spread to keep
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from efficient_rl.lab.build import lab_model_dir
+
+    return lab_model_dir("tiny")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, tiny_model_dir):
+    return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}"]

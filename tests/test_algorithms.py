@@ -1,0 +1,193 @@
+"""Algorithm functions against independent references: plain-Python loops and hand-computed values."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from efficient_rl.algos.advantages import dler_advantages, grpo_advantages, group_stats
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.losses import (
+    LossDenominators, kl_k1, kl_k3, kl_mse, ppo_clip_loss, seq_mean_token_mean, seq_mean_token_sum_norm,
+    token_mean,
+)
+from efficient_rl.algos.sampling import groups_with_spread
+from efficient_rl.algos.shaping import overlong_shaping, truncation_penalty
+
+
+def make_batch(rewards, group_ids, lengths, width=None):
+    width = width or max(lengths)
+    rows = len(rewards)
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+    return RolloutBatch(
+        prompt_ids=torch.ones(rows, 2, dtype=torch.long), prompt_mask=torch.ones(rows, 2, dtype=torch.long),
+        response_ids=torch.ones(rows, width, dtype=torch.long), response_mask=mask,
+        rollout_logprobs=torch.zeros(rows, width), truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.tensor(group_ids), samples=[{}] * rows, completions=[""] * rows,
+        rewards=torch.tensor(rewards, dtype=torch.float),
+    )
+
+
+REWARDS = [1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0, 1.0]
+GROUPS = [7, 7, 7, 7, 3, 3, 3, 9, 5]  # ids need not be contiguous or sorted; 5 is a group of one
+LENGTHS = [3, 5, 1, 4, 2, 6, 3, 2, 4]
+
+
+def reference_groups():
+    members = {}
+    for row, gid in enumerate(GROUPS):
+        members.setdefault(gid, []).append(row)
+    return members
+
+
+def test_group_stats_match_statistics_module():
+    mean, std, size = group_stats(torch.tensor(REWARDS), torch.tensor(GROUPS))
+    for rows in reference_groups().values():
+        values = [REWARDS[r] for r in rows]
+        for r in rows:
+            assert mean[r].item() == pytest.approx(statistics.mean(values))
+            assert std[r].item() == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0)
+            assert size[r].item() == len(values)
+
+
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_grpo_advantages_loop_reference(norm_by_std):
+    batch = make_batch(REWARDS, GROUPS, LENGTHS)
+    adv = grpo_advantages(batch, norm_by_std=norm_by_std, eps=1e-6)
+    for rows in reference_groups().values():
+        values = [REWARDS[r] for r in rows]
+        mu = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        for r in rows:
+            expected = (REWARDS[r] - mu) / (sd + 1e-6) if norm_by_std else REWARDS[r] - mu
+            for t in range(adv.shape[1]):
+                assert adv[r, t].item() == pytest.approx(expected if t < LENGTHS[r] else 0.0, abs=1e-5)
+
+
+def test_dler_whitening_is_token_weighted():
+    batch = make_batch(REWARDS, GROUPS, LENGTHS)
+    adv = dler_advantages(batch)
+    # Reference: centre by group mean (a group of one keeps its reward), then whiten over tokens.
+    centred = []
+    for r, gid in enumerate(GROUPS):
+        rows = reference_groups()[gid]
+        base = sum(REWARDS[k] for k in rows) / len(rows) if len(rows) > 1 else 0.0
+        centred.append(REWARDS[r] - base)
+    tokens = [centred[r] for r in range(len(REWARDS)) for _ in range(LENGTHS[r])]
+    mu = sum(tokens) / len(tokens)
+    var = sum((x - mu) ** 2 for x in tokens) / (len(tokens) - 1)
+    for r in range(len(REWARDS)):
+        expected = (centred[r] - mu) / math.sqrt(var + 1e-8)
+        assert adv[r, : LENGTHS[r]].tolist() == pytest.approx([expected] * LENGTHS[r], abs=1e-5)
+        assert adv[r, LENGTHS[r]:].abs().sum().item() == 0.0
+    # Token weighting matters: a long response shifts the batch mean toward its own value.
+    per_sequence_mean = sum(centred) / len(centred)
+    assert abs(mu - per_sequence_mean) > 1e-3
+
+
+def test_dler_hand_computed_two_groups():
+    # Group A: rewards 1, 0 (lengths 1, 3) -> centred +0.5, -0.5. Group B: 1, 1 -> 0, 0 (lengths 2, 2).
+    # Token values: [0.5, -0.5, -0.5, -0.5, 0, 0, 0, 0]: mean -0.125, unbiased var = 0.875/7 = 0.125.
+    batch = make_batch([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1], [1, 3, 2, 2])
+    adv = dler_advantages(batch)
+    scale = 1 / math.sqrt(0.125 + 1e-8)
+    assert adv[0, 0].item() == pytest.approx(0.625 * scale, rel=1e-5)
+    assert adv[1, 0].item() == pytest.approx(-0.375 * scale, rel=1e-5)
+    assert adv[2, 0].item() == pytest.approx(0.125 * scale, rel=1e-5)
+
+
+def ppo_reference(logp, old, adv, eps_low, eps_high, c):
+    ratio = math.exp(logp - old)
+    loss = max(-adv * ratio, -adv * min(max(ratio, 1 - eps_low), 1 + eps_high))
+    if c is not None and adv < 0:
+        loss = min(loss, -adv * c)
+    return loss
+
+
+@pytest.mark.parametrize("c", [None, 3.0])
+def test_ppo_clip_loss_elementwise_reference(c):
+    torch.manual_seed(0)
+    logp = torch.randn(6, 5) * 0.8
+    old = torch.randn(6, 5) * 0.8
+    adv = torch.randn(6, 5)
+    out = ppo_clip_loss(logp, old, adv, eps_low=0.2, eps_high=0.28, clip_ratio_c=c)
+    for i in range(6):
+        for j in range(5):
+            expected = ppo_reference(logp[i, j].item(), old[i, j].item(), adv[i, j].item(), 0.2, 0.28, c)
+            assert out.loss[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_clip_higher_asymmetry_and_gradients():
+    # ratio 1.25 sits inside clip-higher (0.28) but outside symmetric clipping (0.2).
+    old = torch.zeros(2)
+    logp = torch.log(torch.tensor([1.25, 0.75])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    out = ppo_clip_loss(logp, old, adv, eps_low=0.2, eps_high=0.28, clip_ratio_c=None)
+    out.loss.sum().backward()
+    assert logp.grad[0].item() == pytest.approx(-1.25)  # positive advantage, ratio 1.25 < 1.28: live
+    assert logp.grad[1].item() == 0.0  # negative advantage, ratio 0.75 < 0.8: clipped
+    assert out.clipped_low.tolist() == [False, True] and out.clipped_high.tolist() == [False, False]
+    symmetric = ppo_clip_loss(logp.detach(), old, adv, eps_low=0.2, eps_high=0.2, clip_ratio_c=None)
+    assert symmetric.clipped_high.tolist() == [True, False]
+    assert symmetric.loss[0].item() == pytest.approx(-1.2)
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    out = ppo_clip_loss(torch.log(torch.tensor([20.0])), torch.zeros(1), torch.tensor([-2.0]),
+                        eps_low=0.2, eps_high=0.28, clip_ratio_c=10.0)
+    assert out.loss.item() == pytest.approx(20.0)  # min(-A * ratio = 40, -A * c = 20)
+    assert out.dual_clipped.item()
+
+
+def test_kl_estimators_hand_values():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_k1(logp, ref).item() == pytest.approx(math.log(2))
+    assert kl_mse(logp, ref).item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_k3(logp, ref).item() == pytest.approx(0.5 - math.log(0.5) - 1)
+
+
+def test_loss_aggregations_loop_reference():
+    loss = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    den = LossDenominators.of(mask, norm_length=8)
+    assert token_mean(loss, mask, den).item() == pytest.approx((1 + 2 + 3 + 4 + 0.5 + 0.5) / 6)
+    assert seq_mean_token_mean(loss, mask, den).item() == pytest.approx((2.0 + 4.0 + 0.5) / 3)
+    assert seq_mean_token_sum_norm(loss, mask, den).item() == pytest.approx((6 + 4 + 1) / (3 * 8))
+
+
+def test_micro_batch_losses_sum_to_the_mini_batch_loss():
+    torch.manual_seed(1)
+    loss = torch.rand(6, 7)
+    mask = (torch.rand(6, 7) > 0.3).float()
+    mask[:, 0] = 1
+    den = LossDenominators.of(mask, norm_length=7)
+    for aggregate in (token_mean, seq_mean_token_mean, seq_mean_token_sum_norm):
+        whole = aggregate(loss, mask, den)
+        parts = aggregate(loss[:2], mask[:2], den) + aggregate(loss[2:], mask[2:], den)
+        assert parts.item() == pytest.approx(whole.item())
+
+
+def test_truncation_penalty_paper_and_code_modes():
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    lengths = torch.tensor([10, 12, 12, 30])
+    truncated = torch.tensor([False, True, False, True])
+    cap = torch.tensor([12, 12, 11, 12])
+    paper = truncation_penalty(scores, lengths, truncated, cap, mode="paper")
+    assert paper.tolist() == [1.0, 0.0, 0.0, 0.0]  # row 2 is over its own (tighter) cap
+    code = truncation_penalty(scores, lengths, truncated, cap, mode="code", not_stopped_coef=0.1)
+    assert code.tolist() == pytest.approx([1.0, 0.1, 1.0, 0.0])
+
+
+def test_overlong_shaping_piecewise():
+    # L_max = 20, L_cache = 4: no penalty up to 16, linear to -1 at 20.
+    lengths = torch.tensor([10, 16, 17, 18, 20])
+    shaped = overlong_shaping(torch.ones(5), lengths, torch.zeros(5, dtype=torch.bool),
+                              torch.full((5,), 20), buffer=4, factor=1.0)
+    assert shaped.tolist() == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.0])
+
+
+def test_dynamic_sampling_keeps_groups_with_spread():
+    values = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.7])
+    groups = torch.tensor([1, 1, 2, 2, 3, 3, 4])
+    assert groups_with_spread(values, groups).tolist() == [False, False, True, True, False, False, True]

@@ -1,0 +1,105 @@
+"""Recipes: every shipped one validates; bad input is one line naming the field, exit 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RECIPES, ROOT
+from efficient_rl.config import ConfigError, load_recipe
+from efficient_rl.prepare import check_recipe
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    check_recipe(recipe)
+    assert recipe.logging.name == path.stem
+
+
+def test_methods_are_diffs_against_grpo():
+    grpo, dler = load_recipe(RECIPES / "grpo.yaml"), load_recipe(RECIPES / "dler.yaml")
+    assert dler.algorithm.advantage == "dler" and grpo.algorithm.advantage == "grpo"
+    assert dler.algorithm.clip_high == 0.28 and dler.algorithm.clip_low == grpo.algorithm.clip_low
+    assert dler.learner == grpo.learner  # not repeated in dler.yaml, inherited
+
+
+def test_dotted_override_with_type_conversion():
+    recipe = load_recipe(RECIPES / "dler.yaml", ["algorithm.clip_high=0.3", "learner.lr=1", "rollout.top_p=0.9"])
+    assert recipe.algorithm.clip_high == 0.3
+    assert isinstance(recipe.learner.lr, float) and recipe.learner.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.clip_hihg=0.3", "algorithm.clip_hihg: unknown key (did you mean 'clip_high'?)"),
+        ("rollout.group_size=eight", "rollout.group_size: expected an integer, got str 'eight'"),
+        ("rollout.group_size=2.5", "rollout.group_size: expected an integer"),
+        ("algorithm.truncation_mode=sometimes", "algorithm.truncation_mode: expected one of 'paper', 'code'"),
+        ("learner.betas=0.9", "learner.betas: expected a list"),
+        ("reward=[{nme: math}]", "reward[0].nme: unknown key (did you mean 'name'?)"),
+        ("nonsense=1", "nonsense: unknown key"),
+    ],
+)
+def test_bad_recipe_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(RECIPES / "grpo.yaml", [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.advantage=grpoo", "algorithm.advantage: unknown advantage estimator 'grpoo' (did you mean 'grpo'?)"),
+        ("algorithm.loss_agg=token-sum", "algorithm.loss_agg: unknown loss aggregation"),
+        ("rollout.max_response_length=0", "rollout.max_response_length: expected a positive integer"),
+        ("algorithm.truncation_length=999", "algorithm.truncation_length: expected 1..rollout.max_response_length"),
+    ],
+)
+def test_semantic_checks_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_recipe(load_recipe(RECIPES / "grpo.yaml", [override]))
+    assert message in str(err.value)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "efficient_rl.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["algorithm.clip_hihg=0.3"], "did you mean 'clip_high'"),
+        (["model.lab=null", "model.path=/does/not/exist"], "model.path: /does/not/exist is not a model directory"),
+        (["data.train=/does/not/exist.jsonl"], "data.train: data file /does/not/exist.jsonl not found"),
+        (["data.train=EMPTY"], "data.train:"),
+        (["rollout.max_prompt_length=5"], "rollout.max_prompt_length: data.train has a prompt of"),
+    ],
+)
+def test_cli_bad_input_exit_2_one_line_nothing_written(tmp_path, tiny_overrides, extra, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    extra = [e.replace("EMPTY", str(empty)) for e in extra]
+    result = run_cli("train", str(RECIPES / "quickstart.yaml"), *tiny_overrides, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("efficient-rl: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_directory_is_refused(tmp_path, tiny_overrides):
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    result = run_cli("train", str(RECIPES / "quickstart.yaml"), *tiny_overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "run directory exists; pass --resume" in result.stderr
+    assert list((tmp_path / "runs" / "quickstart").iterdir()) == []
+
+
+def test_recipes_command_lists_every_recipe():
+    result = run_cli("recipes", cwd=ROOT)
+    assert result.returncode == 0
+    for path in RECIPES.glob("*.yaml"):
+        assert path.name in result.stdout
