@@ -1,0 +1,115 @@
+"""The synthetic lab (tasks, splits, traces, tokenizer, cache) and the reward runner."""
+
+import statistics
+
+import torch
+
+from efficient_rl.config import RewardEntry
+from efficient_rl.lab.build import PRESETS, lab_model_dir
+from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
+from efficient_rl.lab.tokenizer import load_tokenizer
+from efficient_rl.prompts import encode_prompt, encode_response
+from efficient_rl.reward import RewardRunner
+from efficient_rl.rewards.math import extract_answer, math_reward
+from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.hf import TransformersEngine
+
+
+def evaluate_expression(question: str) -> int:
+    tokens = question.removeprefix("Compute ").rstrip(".").split()
+    value = int(tokens[0])
+    for op, operand in zip(tokens[1::2], tokens[2::2]):
+        value = value + int(operand) if op == "+" else value - int(operand)
+    return value
+
+
+def test_problems_have_correct_answers_and_disjoint_reproducible_splits():
+    task = ArithmeticTask()
+    train = generate_problems(task, "train", 500, seed=3)
+    heldout = generate_problems(task, "heldout", 100, seed=3)
+    assert not {p["question"] for p in train} & {p["question"] for p in heldout}
+    assert train == generate_problems(task, "train", 500, seed=3)
+    for p in train + heldout:
+        assert int(p["answer"]) == evaluate_expression(p["question"])
+        assert task.min_ops <= p["num_ops"] <= task.max_ops
+
+
+def test_warm_start_traces_are_correct_and_wordy(tiny_model_dir):
+    task = PRESETS["quickstart"].task
+    problems = generate_problems(task, "train", 400, seed=0)
+    traces = warm_start_traces(task, problems, seed=0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    wordy, shortest = [], []
+    for problem, trace in zip(problems, traces):
+        assert math_reward(trace["response"], problem)["score"] == 1.0
+        assert math_reward(problem["shortest_solution"], problem)["score"] == 1.0
+        wordy.append(len(encode_response(tokenizer, trace["response"])))
+        shortest.append(len(encode_response(tokenizer, problem["shortest_solution"])))
+    assert statistics.mean(wordy) >= 3 * statistics.mean(shortest)
+
+
+def test_tokenizer_round_trip_and_chat_prompt(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    text = "7 + 5 - 3 = 12 - 3 = 9. The answer is \\boxed{9}."
+    ids = encode_response(tokenizer, text)
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    prompt = tokenizer.decode(encode_prompt(tokenizer, "Compute 1 + 2."))
+    assert prompt.startswith("<|im_start|>user\nCompute 1 + 2.<|im_end|>") and prompt.endswith("assistant\n")
+
+
+def test_lab_model_is_cached_by_config(tiny_model_dir):
+    built_at = (tiny_model_dir / "lab.json").stat().st_mtime
+    assert lab_model_dir("tiny") == tiny_model_dir
+    assert (tiny_model_dir / "lab.json").stat().st_mtime == built_at  # reused, not rebuilt
+    assert PRESETS["tiny"].cache_key() != PRESETS["quickstart"].cache_key()
+
+
+def test_engine_logprobs_caps_and_stop_reasons(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine = TransformersEngine(model, tokenizer)
+    problems = generate_problems(ArithmeticTask(), "heldout", 3, seed=0)
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
+    torch.manual_seed(0)
+    batch = engine.generate(prompts, problems, [10, 11, 12], SamplingSettings(n=2, max_new_tokens=12))
+    assert len(batch) == 6 and batch.group_ids.tolist() == [10, 10, 11, 11, 12, 12]
+    assert int(batch.response_lengths.max()) <= 12
+    for row in range(len(batch)):
+        length = int(batch.response_lengths[row])
+        ended_with_eos = batch.response_ids[row, length - 1].item() == tokenizer.eos_token_id
+        assert bool(batch.truncated[row]) == (not ended_with_eos)
+        # Reference log-probs: a teacher-forced forward pass of this row alone, without padding.
+        ids = torch.tensor([prompts[row // 2] + batch.response_ids[row, :length].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompts[row // 2]) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[0, -length:, None])[:, 0]
+        assert torch.allclose(batch.rollout_logprobs[row, :length], expected, atol=1e-3)
+
+
+def test_math_reward_extraction():
+    assert extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert extract_answer("cut off \\boxed{1", fallback_last_number=False) is None
+    assert extract_answer("the answer is 42", fallback_last_number=True) == "42"
+    assert math_reward("x \\boxed{ 3.0 }", {"answer": "3"})["score"] == 1.0
+    assert math_reward("x \\boxed{4}", {"answer": "3"})["score"] == 0.0
+    assert math_reward("the result is 3", {"answer": "3"})["score"] == 0.0  # no box, no fallback
+
+
+def broken_reward(completion, sample):
+    if "bad" in completion:
+        raise RuntimeError("verifier crashed")
+    return 1.0
+
+
+def test_reward_errors_are_counted_not_hidden(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "broken_reward", broken_reward)
+    runner = RewardRunner([RewardEntry(name=f"{__name__}:broken_reward", weight=2.0), RewardEntry(name="math")])
+    result = runner.score(["ok \\boxed{1}", "bad", "ok"], [{"answer": "1"}] * 3)
+    assert result.scores.tolist() == [3.0, 0.0, 2.0]
+    assert result.errors == 1 and "verifier crashed" in result.error_messages[0]
+    assert result.accuracy.tolist() == [1.0, 0.0, 0.0]
