@@ -65,7 +65,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    # Overrides may come before or after flags: `train R --resume a.b=1` and `train R a.b=1 --resume`.
+    args, extra = root.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and args.command != "train"):
+        root.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.handler(args)
     except ConfigError as err:

@@ -196,6 +196,7 @@ def apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    value = yaml_number(value)
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
@@ -203,6 +204,16 @@ def apply_override(raw: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
     node[leaf] = value
+
+
+def yaml_number(value):
+    """YAML 1.1 reads `2e-4` (no dot) as a string; on the command line it is meant as a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def build(cls, raw: Any, where: str, source: str):

@@ -100,8 +100,15 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
 
 
 def load_tokenizer(source: Path):
+    """The tokenizer exactly as serialized in tokenizer.json when there is one.
+
+    AutoTokenizer may pick a model-specific class (Qwen2Tokenizer for a qwen2 config) that
+    rebuilds the pre-tokenizer and splits text differently from the saved tokenizer.
+    """
+    serialized = (source / "tokenizer.json").is_file()
+    loader = PreTrainedTokenizerFast if serialized else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = loader.from_pretrained(str(source))
     except (OSError, ValueError) as err:
         raise ConfigError(f"model: cannot load a tokenizer from {source} ({err})") from None
     tokenizer.padding_side = "left"

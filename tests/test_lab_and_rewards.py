@@ -49,7 +49,12 @@ def test_warm_start_traces_are_correct_and_wordy(tiny_model_dir):
 
 
 def test_tokenizer_round_trip_and_chat_prompt(tiny_model_dir):
+    from efficient_rl.prepare import load_tokenizer as load_model_tokenizer
+
     tokenizer = load_tokenizer(tiny_model_dir)
+    # Training loads the tokenizer of any model directory; it must split exactly like the lab's.
+    text = "Compute 12 + 5. 12 + 5 = 17."
+    assert load_model_tokenizer(tiny_model_dir)(text)["input_ids"] == tokenizer(text)["input_ids"]
     text = "7 + 5 - 3 = 12 - 3 = 9. The answer is \\boxed{9}."
     ids = encode_response(tokenizer, text)
     assert ids[-1] == tokenizer.eos_token_id

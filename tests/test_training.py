@@ -81,3 +81,29 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
     train(common)
     with pytest.raises(ConfigError, match="algorithm differs"):
         RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.clip_high=0.5"]), resume=True)
+
+
+def parity_reward(completion, sample):
+    """A reward with spread even for an untrained model: 1 for an even number of characters."""
+    return float(len(completion) % 2 == 0)
+
+
+def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + [
+        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "reward=[{name: 'test_training:parity_reward'}]", "algorithm.dynamic_sampling=true",
+        "algorithm.max_sampling_rounds=3", "algorithm.kl_coef=0.01", "learner.mini_batch_prompts=2",
+        "logging.name=ds",
+    ]
+    run, summary = train(overrides)
+    assert summary["steps_completed"] == 2
+    rows = read_metrics(run.path)
+    consumed = 0
+    for row in rows:
+        rounds = row["dynamic_sampling/rounds"]
+        assert 1 <= rounds <= 3 and row["dynamic_sampling/kept_groups"] <= 4
+        consumed += 4 * rounds
+        assert row["data/consumed_prompts"] == consumed
+        kept = row["dynamic_sampling/kept_groups"]
+        assert row["optimizer_steps"] == -(-kept // 2)  # two prompts per PPO mini-batch
+        assert row["kl"] >= 0.0
