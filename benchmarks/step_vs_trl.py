@@ -44,7 +44,7 @@ def run_ours(steps: int) -> list[float]:
         run.create()
         Trainer(recipe, setup, run).train()
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-        return [row["step_time"] for row in rows]
+        return [row["step_time"] for row in rows], [row["timing/rollout"] for row in rows]
 
 
 def run_trl(steps: int) -> list[float]:
@@ -87,16 +87,27 @@ def run_trl(steps: int) -> list[float]:
             shuffle_dataset=False, disable_tqdm=True,
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir)
+        generate_times = []
+        plain_generate = model.generate
+
+        def timed_generate(*args, **kwargs):  # where TRL's step time goes: generation vs the rest
+            started = time.perf_counter()
+            result = plain_generate(*args, **kwargs)
+            generate_times.append(time.perf_counter() - started)
+            return result
+
+        model.generate = timed_generate
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
         trainer.train()
-    return timer.times
+    return timer.times, generate_times
 
 
 def child(framework: str, steps: int) -> None:
-    times = {"ours": run_ours, "trl": run_trl}[framework](steps)
+    times, generate_times = {"ours": run_ours, "trl": run_trl}[framework](steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"framework": framework, "step_times": times, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"framework": framework, "step_times": times, "generate_times": generate_times,
+                      "peak_rss_mb": peak_mb}))
 
 
 def main() -> None:
@@ -107,20 +118,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.steps)
-    results = {"ours": {"times": [], "peak": []}, "trl": {"times": [], "peak": []}}
+    results = {f: {"times": [], "generate": [], "peak": []} for f in ("ours", "trl")}
     for _ in range(args.rounds):
         for framework in ("ours", "trl"):
             out = subprocess.run([sys.executable, __file__, "--child", framework, "--steps", str(args.steps)],
                                  capture_output=True, text=True, check=True, cwd=ROOT)
             record = json.loads(out.stdout.strip().splitlines()[-1])
             results[framework]["times"] += record["step_times"][1:]  # the first step warms up
+            results[framework]["generate"] += record["generate_times"][1:]
             results[framework]["peak"].append(record["peak_rss_mb"])
     ours, trl = (statistics.median(results[f]["times"]) for f in ("ours", "trl"))
     print(f"setup: {PROMPTS} prompts x {GROUP} samples, cap {CAP} tokens, lab quickstart model, 2 CPU cores")
     for name, label in (("ours", "efficient-rl"), ("trl", "TRL GRPOTrainer")):
         r = results[name]
-        print(f"{label:16s} median step {statistics.median(r['times']):.3f} s over {len(r['times'])} steps, "
-              f"peak RSS {max(r['peak']):.0f} MB")
+        step, generate = statistics.median(r["times"]), statistics.median(r["generate"])
+        print(f"{label:16s} median step {step:.3f} s over {len(r['times'])} steps (generation {generate:.3f} s, "
+              f"everything else {step - generate:.3f} s), peak RSS {max(r['peak']):.0f} MB")
     print(f"ratio TRL / efficient-rl median step time: {trl / ours:.2f}x")
 
 

@@ -12,13 +12,15 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def cmd_train(args) -> int:
-    from efficient_rl.checkpoint import RunDir
     from efficient_rl.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fast errors
+
+    from efficient_rl.checkpoint import RunDir
     from efficient_rl.prepare import prepare
     from efficient_rl.report import write_report
     from efficient_rl.trainer import Trainer
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run = RunDir(recipe, resume=args.resume, overwrite=args.overwrite)
     setup = prepare(recipe, model_dir=run.latest_checkpoint() if args.resume else None)
     run.create()
