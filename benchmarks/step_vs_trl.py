@@ -54,7 +54,7 @@ def run_trl(steps: int) -> list[float]:
 
     from efficient_rl.lab.build import PRESETS, lab_model_dir
     from efficient_rl.lab.tasks import generate_problems
-    from efficient_rl.prepare import load_tokenizer
+    from efficient_rl.prompts import load_tokenizer
     from efficient_rl.rewards.math import math_reward
 
     model_dir = lab_model_dir("quickstart")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -15,7 +15,7 @@ from efficient_rl.config import ConfigError, Recipe
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.prompts import encode_prompt
+from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
 from efficient_rl.registry import did_you_mean
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import ENGINES
@@ -88,7 +88,10 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
     heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
     source = model_dir or (lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path))
-    tokenizer = load_tokenizer(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except TokenizerError as err:
+        raise ConfigError(f"model: {err}") from None
     check_lengths(recipe, tokenizer, train, heldout)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -97,24 +100,6 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout)
-
-
-def load_tokenizer(source: Path):
-    """The tokenizer exactly as serialized in tokenizer.json when there is one.
-
-    AutoTokenizer may pick a model-specific class (Qwen2Tokenizer for a qwen2 config) that
-    rebuilds the pre-tokenizer and splits text differently from the saved tokenizer.
-    """
-    serialized = (source / "tokenizer.json").is_file()
-    loader = PreTrainedTokenizerFast if serialized else AutoTokenizer
-    try:
-        tokenizer = loader.from_pretrained(str(source))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model: cannot load a tokenizer from {source} ({err})") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def check_lengths(recipe: Recipe, tokenizer, train: list[dict], heldout: list[dict]) -> None:

@@ -29,23 +29,32 @@ def before_after_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
-    steps, lengths, accuracy = [], [], []
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
-        steps.append(row["step"])
-        lengths.append(row["response_length/mean"])
-        accuracy.append(row["acc/mean"])
+def plot_training_curves(metrics_path: Path, summary: dict, out_path: Path) -> None:
+    """Training-rollout length and accuracy per step, with the held-out evaluations as markers."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    steps = [row["step"] for row in rows]
+    during = [(row["step"], {"accuracy": row["eval/accuracy"],
+                             "mean_response_length": row["eval/response_length/mean"]})
+              for row in rows if "eval/accuracy" in row]
+    heldout = ([(0, summary["warm_start"])] if "warm_start" in summary else []) + during + (
+        [(summary["steps_completed"], summary["final"])] if "final" in summary else [])
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    top.plot(steps, lengths, color="tab:blue", marker="o", markersize=3)
-    top.set_ylabel("mean response length (tokens)")
-    top.set_title("Training rollouts")
-    top.grid(alpha=0.3)
-    bottom.plot(steps, accuracy, color="tab:green", marker="o", markersize=3)
-    bottom.set_ylabel("accuracy (fraction correct)")
-    bottom.set_xlabel("step")
+    panels = [
+        (top, "response_length/mean", "mean_response_length", "mean response length (tokens)", "tab:blue"),
+        (bottom, "acc/mean", "accuracy", "accuracy (fraction correct)", "tab:green"),
+    ]
+    for axis, metric, summary_key, label, color in panels:
+        axis.plot(steps, [row[metric] for row in rows], color=color, marker="o", markersize=3,
+                  label="training rollouts (under the truncation cap)")
+        if heldout:
+            axis.plot([s for s, _ in heldout], [h[summary_key] for _, h in heldout], color="black",
+                      marker="D", linestyle="--", label="held-out evaluation (eval.every)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     bottom.set_ylim(-0.02, 1.02)
-    bottom.grid(alpha=0.3)
+    bottom.set_xlabel("step")
+    top.set_title("Length and accuracy over training")
     figure.tight_layout()
     figure.savefig(out_path, dpi=120)
     plt.close(figure)
@@ -57,6 +66,6 @@ def write_report(run_path: Path, summary: dict, show=print) -> None:
     metrics = run_path / "metrics.jsonl"
     if metrics.exists() and metrics.read_text().strip():
         plot = run_path / "training_curves.png"
-        plot_training_curves(metrics, plot)
+        plot_training_curves(metrics, summary, plot)
         show(f"\nplot:    {plot}")
     show(f"summary: {run_path / 'summary.json'}\nmetrics: {metrics}")

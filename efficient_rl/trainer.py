@@ -91,10 +91,13 @@ class Trainer:
     def train(self, stop_after_step: int | None = None) -> dict:
         started = time.time()
         state = self.run.restore(self.learner, self.stream) if self.run.resuming else {"step": 0}
-        torch.manual_seed(self.recipe.seed) if not self.run.resuming else None
+        earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
+        if not self.run.resuming:
+            torch.manual_seed(self.recipe.seed)
         if "warm_start" not in state and self.recipe.eval.before_training:
             state["warm_start"] = self.evaluate()
         logger = MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)
+        metrics = {}
         with self._stop_on_signal():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step()
@@ -102,15 +105,17 @@ class Trainer:
                     metrics.update(self.evaluate())
                 logger.log(step, metrics)
                 state["step"] = step
+                state["wall_seconds"] = earlier_seconds + time.time() - started
                 last = step == self.recipe.steps or step == stop_after_step or self.stop_requested
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
                     self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state)
                 if last:
                     break
         logger.close()
-        state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.time() - started
         if state["step"] == self.recipe.steps and self.recipe.eval.after_training:
-            state["final"] = self.evaluate()
+            # The last step's periodic evaluation already is the final one.
+            state["final"] = metrics if "eval/accuracy" in metrics else self.evaluate()
+        state["wall_seconds"] = earlier_seconds + time.time() - started
         return self.run.write_summary(state)
 
     def step(self) -> dict[str, float]:

@@ -7,8 +7,7 @@ import torch
 from efficient_rl.config import RewardEntry
 from efficient_rl.lab.build import PRESETS, lab_model_dir
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
-from efficient_rl.lab.tokenizer import load_tokenizer
-from efficient_rl.prompts import encode_prompt, encode_response
+from efficient_rl.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rewards.math import extract_answer, math_reward
 from efficient_rl.rollout.base import SamplingSettings
@@ -49,12 +48,13 @@ def test_warm_start_traces_are_correct_and_wordy(tiny_model_dir):
 
 
 def test_tokenizer_round_trip_and_chat_prompt(tiny_model_dir):
-    from efficient_rl.prepare import load_tokenizer as load_model_tokenizer
+    from tokenizers import Tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    # Training loads the tokenizer of any model directory; it must split exactly like the lab's.
+    # It must split exactly like the tokenizer that was trained and saved (not a look-alike class).
     text = "Compute 12 + 5. 12 + 5 = 17."
-    assert load_model_tokenizer(tiny_model_dir)(text)["input_ids"] == tokenizer(text)["input_ids"]
+    saved = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == saved.encode(text).ids
     text = "7 + 5 - 3 = 12 - 3 = 9. The answer is \\boxed{9}."
     ids = encode_response(tokenizer, text)
     assert ids[-1] == tokenizer.eos_token_id

@@ -22,7 +22,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from efficient_rl.lab.sft import supervised_finetune
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
-from efficient_rl.lab.tokenizer import load_tokenizer, train_tokenizer
+from efficient_rl.lab.tokenizer import train_tokenizer
 from efficient_rl.prompts import encode_prompt, encode_response
 
 LAB_VERSION = 1  # bump when the build procedure changes in a way the preset fields do not show
@@ -127,7 +127,3 @@ def new_model(shape: ModelShape, tokenizer, seed: int) -> Qwen2ForCausalLM:
         **dataclasses.asdict(shape),
     )
     return Qwen2ForCausalLM(config)
-
-
-def load_lab_tokenizer(model_dir: Path):
-    return load_tokenizer(model_dir)

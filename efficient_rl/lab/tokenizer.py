@@ -40,11 +40,5 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> PreTra
     )
     wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(out_dir)
-    return load_tokenizer(out_dir)
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Reload with the fast class directly (AutoTokenizer may pick a class that splits differently)."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    tokenizer.padding_side = "left"  # not saved with the files; generation needs left padding
-    return tokenizer
+    wrapped.padding_side = "left"
+    return wrapped
