@@ -54,20 +54,16 @@ class RewardRunner:
 
     def score(self, completions: list[str], samples: list[dict]) -> RewardResult:
         result = RewardResult(scores=torch.zeros(len(completions)), accuracy=None)
-        accuracy = []
         for entry, function in zip(self.entries, self.functions):
             for row, (completion, sample) in enumerate(zip(completions, samples)):
                 value = self._call(entry, function, completion, sample, result)
-                result.scores[row] += entry.weight * value.get("score", 0.0)
+                result.scores[row] += entry.weight * value.pop("score", 0.0)
+                if "accuracy" in value:  # a row is correct if a reward reporting accuracy says so
+                    if result.accuracy is None:
+                        result.accuracy = torch.zeros(len(completions))
+                    result.accuracy[row] = max(float(result.accuracy[row]), value.pop("accuracy"))
                 for key, metric in value.items():
-                    if key == "accuracy":
-                        accuracy.append((row, metric))
-                    elif key != "score":
-                        result.extras.setdefault(f"{entry.name}/{key}", [0.0] * len(completions))[row] = metric
-        if accuracy:
-            result.accuracy = torch.zeros(len(completions))
-            for row, metric in accuracy:
-                result.accuracy[row] = max(result.accuracy[row].item(), metric)
+                    result.extras.setdefault(f"{entry.name}/{key}", [0.0] * len(completions))[row] = metric
         return result
 
     @staticmethod

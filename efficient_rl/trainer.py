@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,8 +33,8 @@ from efficient_rl.rollout.base import ENGINES, SamplingSettings
 class Stage:
     """The recipe's choices, resolved once: each is a function of the batch."""
 
-    shape_rewards: callable
-    advantages: callable
+    shape_rewards: Callable
+    advantages: Callable
     filter_metric: str | None  # dynamic sampling on this batch field, or None
 
 
@@ -147,11 +149,12 @@ class Trainer:
         spread are dropped and a further round is generated, up to max_sampling_rounds.
         """
         wanted = self.recipe.rollout.prompts_per_step
-        generated, kept, rounds = [], [], 0
+        generated, kept, rounds, reward_errors = [], [], 0, 0
         started = time.time()
         while True:
             rounds += 1
-            batch = self.generate_and_score(self.stream.take(wanted))
+            batch, errors = self.generate_and_score(self.stream.take(wanted))
+            reward_errors += errors
             generated.append(batch)
             if self.stages.filter_metric is None:
                 kept.append(batch)
@@ -164,6 +167,7 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
+        metrics["reward/errors"] = float(reward_errors)  # failed reward calls, scored 0 and counted
         metrics["timing/rollout"] = time.time() - started
         if self.stages.filter_metric is not None:
             metrics.update({
@@ -173,20 +177,20 @@ class Trainer:
             })
         return train_batch, metrics
 
-    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> RolloutBatch:
+    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, int]:
+        """Rollouts for `prompts` with scores, rewards after length shaping, and the error count."""
         tokenizer = self.setup.tokenizer
         batch = self.engine.generate(
             [encode_prompt(tokenizer, sample["question"]) for _, sample in prompts],
             [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
         result = self.setup.rewards.score(batch.completions, batch.samples)
-        batch.scores, batch.accuracy = result.scores, result.accuracy
-        batch.reward_metrics = {**result.extras, "reward/errors": [float(result.errors)] + [0.0] * (len(batch) - 1)}
+        batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
         for message in result.error_messages:
             print(f"reward error: {message}")
         batch.length_cap = torch.full((len(batch),), self.truncation_length, dtype=torch.long)
         batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
                                                   batch.length_cap)
-        return batch
+        return batch, result.errors
 
     def evaluate(self) -> dict[str, float]:
         ev = self.recipe.eval
@@ -197,23 +201,20 @@ class Trainer:
                         seed=self.recipe.seed)
 
     # ------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
     def _stop_on_signal(self):
-        """SIGTERM / SIGINT finish the current step, checkpoint, and stop (resumable)."""
-        trainer = self
+        """SIGTERM / SIGINT finish the current step, checkpoint, and stop (the run stays resumable)."""
 
-        class Handler:
-            def __enter__(self):
-                self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        def request_stop(signum, frame):
+            print(f"signal {signum}: stopping after this step and writing a checkpoint")
+            self.stop_requested = True
 
-            def request(self, signum, frame):
-                print(f"signal {signum}: stopping after this step and writing a checkpoint")
-                trainer.stop_requested = True
-
-            def __exit__(self, *exc):
-                for s, handler in self.previous.items():
-                    signal.signal(s, handler)
-
-        return Handler()
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
@@ -237,6 +238,5 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "frac_reward_zero_std": float((reward_std == 0).float().mean()),
     }
     for name, values in batch.reward_metrics.items():
-        metrics[name if name.startswith("reward/") else f"reward/{name}"] = (
-            sum(values) if name == "reward/errors" else sum(values) / len(values))
+        metrics[f"reward/{name}"] = sum(values) / len(values)
     return metrics

@@ -107,3 +107,23 @@ def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
         kept = row["dynamic_sampling/kept_groups"]
         assert row["optimizer_steps"] == -(-kept // 2)  # two prompts per PPO mini-batch
         assert row["kl"] >= 0.0
+
+
+def flaky_reward(completion, sample):
+    if len(completion) % 3 == 0:
+        raise ValueError("verifier failed on this one")
+    return 1.0
+
+
+def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + [
+        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "reward=[{name: 'test_training:flaky_reward'}]", "logging.name=flaky",
+    ]
+    run, summary = train(overrides)
+    assert summary["steps_completed"] == 2  # training goes on
+    rows = read_metrics(run.path)
+    assert sum(row["reward/errors"] for row in rows) > 0
+    for row in rows:
+        # Every failed call is counted; scored 0, so the mean score is the share of clean calls.
+        assert row["reward/errors"] == round(16 * (1 - row["score/mean"]))
