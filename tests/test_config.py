@@ -103,3 +103,16 @@ def test_recipes_command_lists_every_recipe():
     assert result.returncode == 0
     for path in RECIPES.glob("*.yaml"):
         assert path.name in result.stdout
+
+
+def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):
+    from efficient_rl.config import DataSection
+    from efficient_rl.data import load_split
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: missing column 'answer'"):
+        load_split(str(data), "train", DataSection(), seed=0, field_name="data.train")
+    data.write_text("not json\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: not a JSON object"):
+        load_split(str(data), "train", DataSection(), seed=0, field_name="data.train")

@@ -127,3 +127,18 @@ def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
     for row in rows:
         # Every failed call is counted; scored 0, so the mean score is the share of clean calls.
         assert row["reward/errors"] == round(16 * (1 - row["score/mean"]))
+
+
+def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_overrides, tiny_model_dir):
+    """The path real models and datasets take: a Hugging Face directory and a local JSONL file."""
+    data = tmp_path / "problems.jsonl"
+    rows = [{"prompt_text": f"Compute {a} + {b}.", "target": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = tiny_overrides + [
+        "model.lab=null", f"model.path={tiny_model_dir}", f"data.train={data}", f"data.heldout={data}",
+        "data.question_key=prompt_text", "data.answer_key=target", "steps=1", "eval.num_problems=4",
+        "logging.tensorboard=false", "logging.name=jsonl",
+    ]
+    run, summary = train(overrides)
+    assert summary["steps_completed"] == 1 and "final" in summary
+    assert read_metrics(run.path)[0]["data/consumed_prompts"] == 4
