@@ -32,6 +32,10 @@ class Setup:
     rewards: RewardRunner
     train_samples: list[dict]
     heldout_samples: list[dict]
+    base_model_dir: Path  # the recipe's starting model (the KL reference), even when resuming
+
+    def load_base_model(self) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32).eval()
 
 
 REGISTRY_FIELDS = [
@@ -87,7 +91,8 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     rewards = RewardRunner(recipe.reward)
     train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
     heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
-    source = model_dir or (lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path))
+    base = lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path)
+    source = model_dir or base
     try:
         tokenizer = load_tokenizer(source)
     except TokenizerError as err:
@@ -99,7 +104,8 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     if context is not None and longest > context:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
-    return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout)
+    return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
+                 base_model_dir=base)
 
 
 def check_lengths(recipe: Recipe, tokenizer, train: list[dict], heldout: list[dict]) -> None:

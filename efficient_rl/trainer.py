@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import signal
 import time
@@ -77,7 +76,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
         self.recipe, self.setup, self.run = recipe, setup, run
         self.stages = resolve_stages(recipe)
-        reference = copy.deepcopy(setup.model).eval() if recipe.algorithm.kl_coef > 0 else None
+        reference = setup.load_base_model() if recipe.algorithm.kl_coef > 0 else None
         self.learner = LEARNERS.get(recipe.learner.backend)(
             setup.model, objective_settings(recipe), optim_settings(recipe), reference=reference)
         self.engine = ENGINES.get(recipe.rollout.engine)(setup.model, setup.tokenizer,
