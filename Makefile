@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make quickstart` and `make test`.
 VENV := .venv
 PYTHON ?= python3
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: quickstart test benchmark clean
