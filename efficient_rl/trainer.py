@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from efficient_rl.algos.advantages import ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
@@ -185,7 +186,7 @@ class Trainer:
         result = self.setup.rewards.score(batch.completions, batch.samples)
         batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
         for message in result.error_messages:
-            print(f"reward error: {message}")
+            tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = torch.full((len(batch),), self.truncation_length, dtype=torch.long)
         batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
                                                   batch.length_cap)
@@ -205,7 +206,7 @@ class Trainer:
         """SIGTERM / SIGINT finish the current step, checkpoint, and stop (the run stays resumable)."""
 
         def request_stop(signum, frame):
-            print(f"signal {signum}: stopping after this step and writing a checkpoint")
+            tqdm.write(f"signal {signum}: stopping after this step and writing a checkpoint")
             self.stop_requested = True
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -143,3 +143,26 @@ def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_over
     run, summary = train(overrides)
     assert summary["steps_completed"] == 1 and "final" in summary
     assert read_metrics(run.path)[0]["data/consumed_prompts"] == 4
+
+
+def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, tiny_overrides):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
+         "steps=500", "eval.before_training=false", "logging.tensorboard=false", "logging.name=term"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())
+    done = summary["steps_completed"]
+    assert 1 <= done < 500 and "final" not in summary
+    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "term")] == list(range(1, done + 1))
+    assert (tmp_path / "runs" / "term" / "checkpoints" / f"step-{done:08d}" / "trainer_state.pt").exists()
