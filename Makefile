@@ -1,20 +1,28 @@
 # Two commands do all set-up on a fresh machine: `make quickstart` and `make test`.
 VENV := .venv
 PYTHON ?= python3
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+CHECKSUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+BASE := $(VENV)/.installed-base-$(CHECKSUM)
+FULL := $(VENV)/.installed-full-$(CHECKSUM)
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: quickstart test benchmark clean
 
-$(STAMP): pyproject.toml
+# The quickstart needs only the base install; the test suite also exercises the vLLM engine.
+$(BASE): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e .
+	touch $(BASE)
 
-quickstart: $(STAMP)
+$(FULL): $(BASE)
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm]"
+	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(FULL)
+
+quickstart: $(BASE)
 	$(VENV)/bin/efficient-rl train recipes/quickstart.yaml --overwrite
 
-test: $(STAMP)
+test: $(FULL)
 	$(VENV)/bin/python -m pytest tests
 
 benchmark: $(STAMP)

@@ -23,6 +23,7 @@ from efficient_rl.rollout.base import ENGINES
 # Importing the backends registers them.
 import efficient_rl.learner.torch_learner  # noqa: E402,F401
 import efficient_rl.rollout.hf  # noqa: E402,F401
+import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
 
 
 @dataclass

@@ -80,8 +80,7 @@ class Trainer:
         reference = setup.load_base_model() if recipe.algorithm.kl_coef > 0 else None
         self.learner = LEARNERS.get(recipe.learner.backend)(
             setup.model, objective_settings(recipe), optim_settings(recipe), reference=reference)
-        self.engine = ENGINES.get(recipe.rollout.engine)(setup.model, setup.tokenizer,
-                                                         recipe.rollout.max_batch_size)
+        self.engine = ENGINES.get(recipe.rollout.engine)(setup, recipe)
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,

@@ -59,7 +59,8 @@ PRESETS: dict[str, LabPreset] = {
     "quickstart": LabPreset(),
     # Seconds to build; for tests that need a real model, not a good one.
     "tiny": LabPreset(
-        model=ModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        # head size 32: vLLM's CPU attention has no kernel for 16
+        model=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1),
         sft_examples=500,
         sft_steps=30,

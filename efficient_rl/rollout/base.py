@@ -26,4 +26,5 @@ class RolloutEngine(Protocol):
         """Load the learner's current weights; returns sync metrics."""
 
 
+# name -> factory(setup, recipe) returning a RolloutEngine
 ENGINES: Registry = Registry("rollout engine")

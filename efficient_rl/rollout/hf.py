@@ -32,7 +32,6 @@ def response_mask_until_eos(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Te
     return (~eos_seen_before).float(), ~is_eos.any(-1)
 
 
-@ENGINES.register("transformers")
 class TransformersEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 256):
         self.model = model
@@ -95,3 +94,8 @@ class TransformersEngine:
         # The embedded engine generates with the learner's own module: nothing to copy.
         assert learner.model is self.model, "the embedded engine must share the learner's model"
         return {}
+
+
+@ENGINES.register("transformers")
+def transformers_engine(setup, recipe) -> TransformersEngine:
+    return TransformersEngine(setup.model, setup.tokenizer, recipe.rollout.max_batch_size)
