@@ -52,6 +52,9 @@ class RolloutSection:
     temperature: float = 1.0  # DLER / DAPO train at 1.0
     top_p: float = 1.0
     max_batch_size: int = 256  # rollouts per generate call
+    # Debug: after every weight sync, check the engine's greedy output on a probe prompt equals
+    # transformers' on the learner's weights (stale weights fail loudly). vllm engine only.
+    verify_sync: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
-from efficient_rl.rollout.vllm_engine import VLLMEngine
+from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine
 
 GREEDY = SamplingSettings(n=1, max_new_tokens=24, temperature=0.0)
 
@@ -52,6 +52,14 @@ def test_weight_sync_changes_the_engine_to_the_new_weights(lab, tiny_model_dir):
     after = greedy_rows(engine, prompts, problems)
     assert after == greedy_rows(TransformersEngine(model, tokenizer), prompts, problems)
     assert after != before  # the check above is not vacuous: the weights really changed the output
+    engine.verify_prompt = prompts[0]
+    engine.verify(model)  # passes on the synced weights ...
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    with pytest.raises(SyncVerificationError):
+        engine.verify(model)  # ... and catches weights the engine does not have
+    engine.verify_prompt = None
     assert metrics["sync/bytes"] == sum(t.numel() * 4 for t in model.state_dict().values())
 
 
@@ -75,7 +83,8 @@ def test_sampling_groups_stop_reasons_and_logprobs(lab, tiny_model_dir):
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "rollout.engine=vllm", "steps=2", "eval.before_training=false", "logging.tensorboard=false",
+         "rollout.engine=vllm", "rollout.verify_sync=true", "steps=2", "eval.before_training=false",
+         "logging.tensorboard=false",
          "logging.name=vllm"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
@@ -83,6 +92,6 @@ def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
     rows = [json.loads(line) for line in (tmp_path / "runs" / "vllm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        assert row["sync/bytes"] > 0
+        assert row["sync/bytes"] > 0 and row["sync/verified"] == 1.0
         # After every sync the engine samples from the learner's weights: log-probs agree.
         assert row["rollout/logprob_diff"] < 1e-3

@@ -17,18 +17,28 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
-from efficient_rl.rollout.hf import left_pad
+from efficient_rl.prompts import encode_prompt
+from efficient_rl.rollout.hf import TransformersEngine, left_pad
 
 # Must be set before vllm is imported: one in-process worker, a bounded CPU KV cache.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for too much on 24 GiB
 
 
+class SyncVerificationError(RuntimeError):
+    pass
+
+
+PROBE = SamplingSettings(n=1, max_new_tokens=32, temperature=0.0)
+
+
 class VLLMEngine:
-    def __init__(self, model_dir, tokenizer, max_model_len: int, seed: int):
+    def __init__(self, model_dir, tokenizer, max_model_len: int, seed: int,
+                 verify_prompt: list[int] | None = None):
         from vllm import LLM
 
         self.tokenizer = tokenizer
+        self.verify_prompt = verify_prompt  # debug: check every sync with a greedy probe
         self.llm = LLM(
             model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
             distributed_executor_backend="uni", max_model_len=max_model_len, seed=seed,
@@ -82,10 +92,23 @@ class VLLMEngine:
         state = model.state_dict()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        return {
+        metrics = {
             "sync/seconds": time.time() - started,
             "sync/bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
         }
+        if self.verify_prompt is not None:
+            self.verify(model)
+            metrics["sync/verified"] = 1.0
+        return metrics
+
+    def verify(self, model) -> None:
+        """The engine's greedy answer to the probe must equal transformers' on `model`'s weights."""
+        probe = [self.verify_prompt], [{}], [0], PROBE
+        ours = self.generate(*probe).response_ids[0].tolist()
+        theirs = TransformersEngine(model, self.tokenizer).generate(*probe).response_ids[0].tolist()
+        if ours != theirs:
+            raise SyncVerificationError(f"weight sync verification failed: the engine's greedy probe output "
+                                        f"{ours} differs from transformers' {theirs}")
 
 
 @ENGINES.register("vllm")
@@ -93,6 +116,7 @@ def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
     rollout = recipe.rollout
     longest = rollout.max_prompt_length + max(rollout.max_response_length, recipe.eval.max_new_tokens)
-    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, longest, recipe.seed)
+    probe = encode_prompt(setup.tokenizer, setup.heldout_samples[0]["question"]) if rollout.verify_sync else None
+    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, longest, recipe.seed, verify_prompt=probe)
     engine.load_weights(setup.model)
     return engine
