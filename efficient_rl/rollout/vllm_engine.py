@@ -42,7 +42,8 @@ class VLLMEngine:
         self.llm = LLM(
             model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
             distributed_executor_backend="uni", max_model_len=max_model_len, seed=seed,
-            logprobs_mode="processed_logprobs",  # after temperature, like the learner's log-probs
+            # After temperature like the learner's (and after top-p, which training leaves at 1.0).
+            logprobs_mode="processed_logprobs",
         )
 
     def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
