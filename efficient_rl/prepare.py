@@ -34,6 +34,10 @@ class Setup:
     train_samples: list[dict]
     heldout_samples: list[dict]
     base_model_dir: Path  # the recipe's starting model (the KL reference), even when resuming
+    prompt_ids: dict[str, list[int]]  # question -> prompt token ids, encoded once at load
+
+    def encode(self, sample: dict) -> list[int]:
+        return self.prompt_ids[sample["question"]]
 
     def load_base_model(self) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32).eval()
@@ -98,7 +102,8 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
         tokenizer = load_tokenizer(source)
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
-    check_lengths(recipe, tokenizer, train, heldout)
+    prompt_ids = {s["question"]: encode_prompt(tokenizer, s["question"]) for s in train + heldout}
+    check_lengths(recipe, prompt_ids, train, heldout)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     context = getattr(model.config, "max_position_embeddings", None)
     longest = recipe.rollout.max_prompt_length + max(recipe.rollout.max_response_length, recipe.eval.max_new_tokens)
@@ -106,12 +111,12 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
-                 base_model_dir=base)
+                 base_model_dir=base, prompt_ids=prompt_ids)
 
 
-def check_lengths(recipe: Recipe, tokenizer, train: list[dict], heldout: list[dict]) -> None:
+def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], train: list[dict], heldout: list[dict]) -> None:
     for field_name, samples in (("data.train", train), ("data.heldout", heldout)):
-        longest = max(len(encode_prompt(tokenizer, s["question"])) for s in samples)
+        longest = max(len(prompt_ids[s["question"]]) for s in samples)
         if longest > recipe.rollout.max_prompt_length:
             raise ConfigError(f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "
                               f"longer than the cap of {recipe.rollout.max_prompt_length}")

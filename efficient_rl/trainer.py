@@ -25,7 +25,6 @@ from efficient_rl.learner.objective import ObjectiveSettings
 from efficient_rl.learner.torch_learner import OptimSettings
 from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup
-from efficient_rl.prompts import encode_prompt
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
 
@@ -178,9 +177,8 @@ class Trainer:
 
     def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, int]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the error count."""
-        tokenizer = self.setup.tokenizer
         batch = self.engine.generate(
-            [encode_prompt(tokenizer, sample["question"]) for _, sample in prompts],
+            [self.setup.encode(sample) for _, sample in prompts],
             [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
         result = self.setup.rewards.score(batch.completions, batch.samples)
         batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
@@ -196,7 +194,7 @@ class Trainer:
         settings = SamplingSettings(n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens,
                                     temperature=ev.temperature, top_p=ev.top_p)
         samples = self.setup.heldout_samples[: ev.num_problems]
-        return evaluate(self.engine, self.setup.tokenizer, self.setup.rewards, samples, settings,
+        return evaluate(self.engine, self.setup.encode, self.setup.rewards, samples, settings,
                         seed=self.recipe.seed)
 
     # ------------------------------------------------------------ plumbing

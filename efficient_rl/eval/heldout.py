@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from efficient_rl.prompts import encode_prompt
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
@@ -26,10 +25,13 @@ def length_stats(lengths: list[float], prefix: str) -> dict[str, float]:
     }
 
 
-def evaluate(engine, tokenizer, rewards: RewardRunner, samples: list[dict], settings: SamplingSettings,
+def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], settings: SamplingSettings,
              seed: int) -> dict[str, float]:
-    """pass@1 (averaged over settings.n samples per problem) and response-length statistics."""
-    prompts = [encode_prompt(tokenizer, s["question"]) for s in samples]
+    """pass@1 (averaged over settings.n samples per problem) and response-length statistics.
+
+    `encode` turns a sample into its prompt token ids.
+    """
+    prompts = [encode(s) for s in samples]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         batch = engine.generate(prompts, samples, list(range(len(samples))), settings)

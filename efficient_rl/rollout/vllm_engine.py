@@ -17,7 +17,6 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
-from efficient_rl.prompts import encode_prompt
 from efficient_rl.rollout.hf import TransformersEngine, left_pad
 
 # Must be set before vllm is imported: one in-process worker, a bounded CPU KV cache.
@@ -117,7 +116,7 @@ def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
     rollout = recipe.rollout
     longest = rollout.max_prompt_length + max(rollout.max_response_length, recipe.eval.max_new_tokens)
-    probe = encode_prompt(setup.tokenizer, setup.heldout_samples[0]["question"]) if rollout.verify_sync else None
+    probe = setup.encode(setup.heldout_samples[0]) if rollout.verify_sync else None
     engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, longest, recipe.seed, verify_prompt=probe)
     engine.load_weights(setup.model)
     return engine
