@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES
+from efficient_rl.learner.objective import response_logprobs
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
@@ -35,7 +36,7 @@ def greedy_rows(engine, prompts, problems):
 def test_greedy_output_equals_transformers(lab, tiny_model_dir):
     tokenizer, problems, prompts, engine = lab
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    engine.load_weights(model)
+    engine.load_weights(list(model.named_parameters()))
     reference = TransformersEngine(model, tokenizer)
     assert greedy_rows(engine, prompts, problems) == greedy_rows(reference, prompts, problems)
 
@@ -48,7 +49,7 @@ def test_weight_sync_changes_the_engine_to_the_new_weights(lab, tiny_model_dir):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.5)
-    metrics = engine.load_weights(model)
+    metrics = engine.load_weights(list(model.named_parameters()))
     after = greedy_rows(engine, prompts, problems)
     assert after == greedy_rows(TransformersEngine(model, tokenizer), prompts, problems)
     assert after != before  # the check above is not vacuous: the weights really changed the output
@@ -60,13 +61,26 @@ def test_weight_sync_changes_the_engine_to_the_new_weights(lab, tiny_model_dir):
     with pytest.raises(SyncVerificationError):
         engine.verify(model)  # ... and catches weights the engine does not have
     engine.verify_prompt = None
-    assert metrics["sync/bytes"] == sum(t.numel() * 4 for t in model.state_dict().values())
+    assert metrics["sync/bytes"] == sum(t.numel() * 4 for t in model.parameters())  # tied weights once
+
+
+def test_a_tied_lm_head_follows_the_new_embedding(lab, tiny_model_dir):
+    tokenizer, problems, prompts, engine = lab
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.5)  # argmax-preserving for the output layer
+    engine.load_weights(list(model.named_parameters()))
+    batch = engine.generate(prompts, problems, [0, 1, 2, 3], SamplingSettings(n=2, max_new_tokens=16))
+    with torch.no_grad():
+        expected, _ = response_logprobs(model, batch, temperature=1.0, with_entropy=False)
+    assert ((expected - batch.rollout_logprobs).abs() * batch.response_mask).max() < 1e-4
 
 
 def test_sampling_groups_stop_reasons_and_logprobs(lab, tiny_model_dir):
     tokenizer, problems, prompts, engine = lab
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    engine.load_weights(model)
+    engine.load_weights(list(model.named_parameters()))
     batch = engine.generate(prompts, problems, [5, 6, 7, 8], SamplingSettings(n=3, max_new_tokens=16))
     assert batch.group_ids.tolist() == [5, 5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8]
     for row in range(len(batch)):

@@ -16,6 +16,7 @@ import time
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.learner.objective import response_logprobs
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine, left_pad
 
@@ -29,6 +30,23 @@ class SyncVerificationError(RuntimeError):
 
 
 PROBE = SamplingSettings(n=1, max_new_tokens=32, temperature=0.0)
+VERIFY_LOGPROB_TOLERANCE = 1e-3  # float32 engine vs transformers: ~1e-6 when the weights match
+
+
+def repack_tied_lm_head(worker) -> None:
+    """Runs on the vLLM worker after a weight reload.
+
+    The CPU build keeps a packed copy of lm_head's weight for its GEMM. A tied lm_head shares the
+    embedding's weight but is skipped by the reload, so without this its packed copy keeps the old
+    embedding: greedy outputs often survive that, sampled log-probs do not. (On GPU a no-op.)
+    """
+    model = worker.model_runner.get_model()
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model.lm_head, "quant_method"):
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+
+
+def request_seeds(count: int) -> list[int]:
+    return [int(seed) for seed in torch.randint(0, 2**31 - 1, (count,))]
 
 
 class VLLMEngine:
@@ -46,16 +64,17 @@ class VLLMEngine:
         )
 
     def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
-                 settings: SamplingSettings) -> RolloutBatch:
+                 settings: SamplingSettings, seeds: list[int] | None = None) -> RolloutBatch:
         from vllm import SamplingParams
 
         requests = [{"prompt_token_ids": prompt} for prompt in prompts]
         # Per-request seeds drawn from torch's generator: a resumed run samples the same tokens.
+        seeds = seeds if seeds is not None else request_seeds(len(prompts))
         params = [SamplingParams(
             n=settings.n, temperature=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 1.0,
             max_tokens=settings.max_new_tokens, logprobs=0, detokenize=False,
-            seed=int(torch.randint(0, 2**31 - 1, ())), stop_token_ids=[self.tokenizer.eos_token_id],
-        ) for _ in prompts]
+            seed=seed, stop_token_ids=[self.tokenizer.eos_token_id],
+        ) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [(prompt, sample, gid, completion)
                 for prompt, sample, gid, output in zip(prompts, samples, group_ids, outputs)
@@ -85,38 +104,59 @@ class VLLMEngine:
         )
 
     def sync_weights(self, learner) -> dict[str, float]:
-        return self.load_weights(learner.model)
+        return self.load_weights(learner.named_weights(), verify_against=learner.model)
 
-    def load_weights(self, model) -> dict[str, float]:
+    def pop_metrics(self) -> dict[str, float]:
+        return {}
+
+    def load_weights(self, named_weights: list[tuple[str, torch.Tensor]], verify_against=None) -> dict[str, float]:
+        """Load full weights; with verify_sync on, check them against transformers on `verify_against`."""
         started = time.time()
-        state = model.state_dict()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+        self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         metrics = {
             "sync/seconds": time.time() - started,
-            "sync/bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
+            "sync/bytes": float(sum(t.numel() * t.element_size() for _, t in named_weights)),
         }
-        if self.verify_prompt is not None:
-            self.verify(model)
+        if self.verify_prompt is not None and verify_against is not None:
+            metrics["sync/verify_logprob_gap"] = self.verify(verify_against)
             metrics["sync/verified"] = 1.0
         return metrics
 
-    def verify(self, model) -> None:
-        """The engine's greedy answer to the probe must equal transformers' on `model`'s weights."""
+    def verify(self, model) -> float:
+        """The engine's greedy answer to the probe must equal transformers' on `model`'s weights, and
+        its log-probs of those tokens must match (a stale tied lm_head can keep the greedy answer).
+        Returns the largest log-prob gap."""
         probe = [self.verify_prompt], [{}], [0], PROBE
-        ours = self.generate(*probe).response_ids[0].tolist()
+        ours = self.generate(*probe)
         theirs = TransformersEngine(model, self.tokenizer).generate(*probe).response_ids[0].tolist()
-        if ours != theirs:
+        if ours.response_ids[0].tolist() != theirs:
             raise SyncVerificationError(f"weight sync verification failed: the engine's greedy probe output "
-                                        f"{ours} differs from transformers' {theirs}")
+                                        f"{ours.response_ids[0].tolist()} differs from transformers' {theirs}")
+        with torch.no_grad():
+            expected, _ = response_logprobs(model, ours, temperature=1.0, with_entropy=False)
+        gap = float(((expected - ours.rollout_logprobs).abs() * ours.response_mask).max())
+        if gap > VERIFY_LOGPROB_TOLERANCE:
+            raise SyncVerificationError(f"weight sync verification failed: the engine's log-probs on the probe "
+                                        f"differ from transformers' by up to {gap:.2e}")
+        return gap
+
+
+def context_length(recipe) -> int:
+    rollout = recipe.rollout
+    return rollout.max_prompt_length + max(rollout.max_response_length, recipe.eval.max_new_tokens)
+
+
+def verification_prompt(setup, recipe) -> list[int] | None:
+    """The fixed probe prompt of verify_sync: the first held-out question."""
+    return setup.encode(setup.heldout_samples[0]) if recipe.rollout.verify_sync else None
 
 
 @ENGINES.register("vllm")
 def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
-    rollout = recipe.rollout
-    longest = rollout.max_prompt_length + max(rollout.max_response_length, recipe.eval.max_new_tokens)
-    probe = setup.encode(setup.heldout_samples[0]) if rollout.verify_sync else None
-    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, longest, recipe.seed, verify_prompt=probe)
-    engine.load_weights(setup.model)
+    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, context_length(recipe), recipe.seed,
+                        verify_prompt=verification_prompt(setup, recipe))
+    engine.load_weights(list(setup.model.named_parameters()))
     return engine
