@@ -191,3 +191,25 @@ def test_dynamic_sampling_keeps_groups_with_spread():
     values = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.7])
     groups = torch.tensor([1, 1, 2, 2, 3, 3, 4])
     assert groups_with_spread(values, groups).tolist() == [False, False, True, True, False, False, True]
+
+
+def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
+    from efficient_rl.learner.objective import ObjectiveSettings, policy_objective
+
+    torch.manual_seed(2)
+    batch = make_batch(REWARDS, GROUPS, LENGTHS)
+    logprobs = -torch.rand(batch.response_mask.shape) * 3  # learner, one optimizer step: old = current
+    batch.rollout_logprobs = logprobs + torch.randn(logprobs.shape)  # the engine's numerics differ
+    batch.advantages = torch.randn(len(REWARDS), 1) * batch.response_mask
+    den = LossDenominators.of(batch.response_mask, norm_length=8)
+    plain, _ = policy_objective(logprobs, batch, ObjectiveSettings(), den)
+    corrected, _ = policy_objective(logprobs, batch, ObjectiveSettings(tis_cap=2.0), den)
+    # At ratio 1 PPO-clip's token loss is -A; TIS multiplies it by min(p_learner / p_engine, 2).
+    total, tokens = 0.0, 0.0
+    for row in range(len(REWARDS)):
+        for t in range(LENGTHS[row]):
+            weight = min(math.exp(float(logprobs[row, t] - batch.rollout_logprobs[row, t])), 2.0)
+            total += -float(batch.advantages[row, t]) * weight
+            tokens += 1
+    assert corrected.item() == pytest.approx(total / tokens, rel=1e-5)
+    assert plain.item() != pytest.approx(corrected.item())

@@ -21,6 +21,18 @@ class ObjectiveSettings:
     kl_coef: float = 0.0
     kl_estimator: str = "low_var_kl"
     temperature: float = 1.0  # logits are divided by the rollout temperature, as in the engine
+    tis_cap: float | None = None  # truncated importance sampling against the engine's log-probs
+
+
+def objective_settings(recipe) -> ObjectiveSettings:
+    alg = recipe.algorithm
+    return ObjectiveSettings(
+        policy_loss=alg.policy_loss, eps_low=alg.clip_low, eps_high=alg.clip_high,
+        clip_ratio_c=alg.clip_ratio_c, loss_agg=alg.loss_agg,
+        norm_length=recipe.rollout.max_response_length, kl_coef=alg.kl_coef,
+        kl_estimator=alg.kl_estimator, temperature=recipe.rollout.temperature,
+        tis_cap=alg.tis_cap if alg.rollout_correction == "tis" else None,
+    )
 
 
 def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,8 +70,13 @@ def policy_objective(logprobs: torch.Tensor, rows: RolloutBatch, settings: Objec
         logprobs, old, rows.advantages,
         eps_low=settings.eps_low, eps_high=settings.eps_high, clip_ratio_c=settings.clip_ratio_c,
     )
+    token_loss = token.loss
+    if settings.tis_cap is not None:
+        # The engine sampled from its own numerics, not the learner's: reweight each token by the
+        # (capped) learner / engine probability ratio, a constant in the gradient.
+        token_loss = token_loss * (old - rows.rollout_logprobs).exp().clamp(max=settings.tis_cap).detach()
     aggregate = AGGREGATIONS.get(settings.loss_agg)
-    loss = aggregate(token.loss, mask, den)
+    loss = aggregate(token_loss, mask, den)
     stats = {
         "clip_ratio/low": (token.clipped_low * mask).sum(),
         "clip_ratio/high": (token.clipped_high * mask).sum(),
