@@ -4,7 +4,7 @@ runs/<name>/
   config.yaml          the resolved recipe
   metrics.jsonl        one line per step
   tensorboard/         event files
-  checkpoints/step-N/  model + tokenizer (save_pretrained) + trainer_state.pt
+  checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt
   summary.json         warm-start and final held-out figures, wall time
 """
 
@@ -71,12 +71,11 @@ class RunDir:
         staging = self.checkpoints / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        setup.model.save_pretrained(staging)
+        learner.save(staging)
         setup.tokenizer.save_pretrained(staging)
         torch.save(
             {
                 "state": state,
-                "learner": learner.state_dict(),
                 "prompts_consumed": stream.consumed,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state()},
@@ -95,8 +94,9 @@ class RunDir:
 
     def restore(self, learner, stream) -> dict:
         """Optimizer, data position and RNG from the latest checkpoint (the model was loaded from it)."""
-        saved = torch.load(self.latest_checkpoint() / "trainer_state.pt", weights_only=False)
-        learner.load_state_dict(saved["learner"])
+        checkpoint = self.latest_checkpoint()
+        saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        learner.load_state(checkpoint)
         stream.consumed = saved["prompts_consumed"]
         torch.set_rng_state(saved["rng"]["torch"])
         random.setstate(saved["rng"]["python"])

@@ -59,6 +59,10 @@ class RolloutBatch:
                 values[f.name] = value
         return RolloutBatch(**values).trim_padding()
 
+    def to(self, device) -> "RolloutBatch":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RolloutBatch(**{name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in values.items()})
+
     def trim_padding(self) -> "RolloutBatch":
         """Drop all-padding columns on the left of prompts and on the right of responses."""
         prompt_start = int((self.prompt_mask.sum(0) == 0).long().cumprod(0).sum())

@@ -1,23 +1,29 @@
-"""The learner protocol every backend implements (single-process torch here, DeepSpeed later)."""
+"""The learner protocol every backend implements: single-process torch, DeepSpeed ranks, Ray groups."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
+
+import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.registry import Registry
 
 
 class Learner(Protocol):
-    model: object  # the policy module (the embedded engine generates with it directly)
-
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Optimizer steps on one rollout batch (advantages filled in); returns step metrics."""
 
-    def state_dict(self) -> dict:
-        """Everything besides the model weights that a resume needs (optimizer state)."""
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The full current weights (tied parameters once), for the rollout engines."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def save(self, directory: Path) -> None:
+        """Weights in Hugging Face format plus whatever a resume needs (optimizer state)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore the optimizer state saved by `save` (the weights were loaded from there)."""
 
 
+# name -> factory(recipe, model_dir, base_model_dir, model=None) returning a Learner
 LEARNERS: Registry = Registry("learner")

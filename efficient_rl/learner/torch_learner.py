@@ -1,15 +1,27 @@
-"""Single-process torch learner: AdamW, gradient clipping, micro-batches, PPO mini-batches."""
+"""Single-process torch learner: AdamW, gradient clipping, micro-batches, PPO mini-batches.
+
+The update loop here is shared with the DeepSpeed learner, which overrides the four steps that
+differ between one process and a data-parallel group: which rows of a mini-batch this process
+trains on, backward, the optimizer step, and summing statistics over processes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
+from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import ObjectiveSettings, policy_objective, response_logprobs
+from efficient_rl.learner.objective import ObjectiveSettings, objective_settings, policy_objective, response_logprobs
+
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,25 @@ class OptimSettings:
     mini_batch_size: int = 0  # rollouts per optimizer step; 0 = the whole batch
     micro_batch_size: int = 32  # rollouts per forward/backward pass
     epochs: int = 1  # passes over each rollout batch
+
+
+def optim_settings(recipe) -> OptimSettings:
+    lrn = recipe.learner
+    return OptimSettings(
+        lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
+        mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
+        micro_batch_size=lrn.micro_batch_size, epochs=lrn.epochs,
+    )
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@dataclass
+class MiniBatch:
+    rows: RolloutBatch  # the rows this process trains on
+    den: LossDenominators  # loss denominators of the whole mini-batch, across processes
 
 
 class TokenStats:
@@ -35,12 +66,16 @@ class TokenStats:
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.tokens += tokens
 
-    def means(self) -> dict[str, float]:
-        return {name: total / max(self.tokens, 1.0) for name, total in self.sums.items()}
+    def means(self, total) -> dict[str, float]:
+        """Means per token, with sums first totalled over processes by `total`."""
+        sums = total({**self.sums, "__tokens": self.tokens})
+        tokens = max(sums.pop("__tokens"), 1.0)
+        return {name: value / tokens for name, value in sums.items()}
 
 
-@LEARNERS.register("torch")
 class TorchLearner:
+    rank, world_size = 0, 1  # rank 0 sends weights and writes files
+
     def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None):
         self.model = model
         self.reference = reference  # frozen copy of the initial policy, only when KL is on
@@ -49,46 +84,48 @@ class TorchLearner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
 
+    # ------------------------------------------------------------ the update loop
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         mini_size = self.optim.mini_batch_size or len(batch)
-        steps_per_batch = self.optim.epochs * -(-len(batch) // mini_size)
+        minis = [self._mini_batch(batch.select(range(start, min(start + mini_size, len(batch)))))
+                 for start in range(0, len(batch), mini_size)]
         self.model.train()
-        if steps_per_batch > 1:
-            batch.old_logprobs = self.logprobs(batch, self.model)
-        if self.objective.kl_coef > 0:
-            batch.ref_logprobs = self.logprobs(batch, self.reference)
+        for mini in minis:  # both before any optimizer step: they are the pre-update policies
+            if self.optim.epochs * len(minis) > 1:
+                mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
+            if self.objective.kl_coef > 0:
+                mini.rows.ref_logprobs = self.logprobs(mini.rows, self.reference)
         token_stats, losses, grad_norms = TokenStats(), [], []
         for _ in range(self.optim.epochs):
-            for start in range(0, len(batch), mini_size):
-                mini = batch.select(range(start, min(start + mini_size, len(batch))))
+            for mini in minis:
                 loss, grad_norm = self._optimizer_step(mini, token_stats)
                 losses.append(loss)
                 grad_norms.append(grad_norm)
+        losses = self.total({f"loss{i}": loss for i, loss in enumerate(losses)}).values()
         return {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "optimizer_steps": float(len(losses)),
-            **token_stats.means(),
+            "optimizer_steps": float(len(grad_norms)),
+            **token_stats.means(self.total),
         }
 
-    def _optimizer_step(self, mini: RolloutBatch, token_stats: TokenStats) -> tuple[float, float]:
+    def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
         mask = mini.loss_mask if mini.loss_mask is not None else mini.response_mask
-        den = LossDenominators.of(mask, self.objective.norm_length)
-        self.optimizer.zero_grad(set_to_none=True)
+        return MiniBatch(rows=self.local_rows(mini), den=LossDenominators.of(mask, self.objective.norm_length))
+
+    def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStats) -> tuple[float, float]:
         total_loss = 0.0
-        for start in range(0, len(mini), self.optim.micro_batch_size):
-            rows = mini.select(range(start, min(start + self.optim.micro_batch_size, len(mini))))
-            logprobs, entropy = response_logprobs(self.model, rows, self.objective.temperature)
-            loss, stats = policy_objective(logprobs, rows, self.objective, den)
-            loss.backward()
+        for start in range(0, len(mini.rows), self.optim.micro_batch_size):
+            rows = mini.rows.select(range(start, min(start + self.optim.micro_batch_size, len(mini.rows))))
+            logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature)
+            loss, stats = policy_objective(logprobs, rows, self.objective, mini.den)
+            self.backward(loss)
             total_loss += loss.item()
             response = rows.response_mask
             stats["entropy"] = (entropy.detach() * response).sum()
             stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * response).sum()
             token_stats.add(stats, float(response.sum()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
-        self.optimizer.step()
-        return total_loss, float(grad_norm)
+        return total_loss, self.apply_gradients()
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
@@ -99,8 +136,61 @@ class TorchLearner:
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+    # ------------------------------------------------------------ what a data-parallel learner changes
+    @property
+    def policy(self):
+        """What the forward pass calls."""
+        return self.model
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
+        return mini
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def apply_gradients(self) -> float:
+        """Clip, step, clear; returns the gradient norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def total(self, values: dict[str, float]) -> dict[str, float]:
+        """Sums over the processes of the group: one process here."""
+        return dict(values)
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """A context in which `params` hold their full values (ZeRO-3 shards them)."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------ weights and checkpoints
+
+    def named_weights(self):
+        """(name, tensor) of every parameter, tied ones once."""
+        return list(self.model.named_parameters())
+
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
+        """The full weights in buckets, on rank 0; every rank must run this (ZeRO-3 gathers)."""
+        named = list(self.model.named_parameters())
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.dtype) for _, p in named]
+        for indices in plan_buckets(sizes, bucket_bytes):
+            with self.gathered([named[i][1] for i in indices]):
+                if self.rank == 0:
+                    yield WeightBucket.pack([named[i] for i in indices])
+
+    def save(self, directory: Path) -> None:
+        """Weights in Hugging Face format plus the optimizer state."""
+        self.model.save_pretrained(directory)
+        torch.save(self.optimizer.state_dict(), Path(directory) / OPTIMIZER_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        """Optimizer state from a checkpoint (the weights were loaded from it already)."""
+        self.optimizer.load_state_dict(torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=False))
+
+
+@LEARNERS.register("torch")
+def torch_learner(recipe, model_dir: Path, base_model_dir: Path, model=None) -> TorchLearner:
+    """`model` is the driver's own copy when embedded (the transformers engine generates with it)."""
+    reference = load_model(base_model_dir).eval() if recipe.algorithm.kl_coef > 0 else None
+    return TorchLearner(model if model is not None else load_model(model_dir), objective_settings(recipe),
+                        optim_settings(recipe), reference=reference)

@@ -1,4 +1,4 @@
-"""The rollout-engine protocol every backend implements (transformers here, vLLM later)."""
+"""The rollout-engine protocol every backend implements: transformers, vLLM, Ray groups of vLLM actors."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, learner) -> dict[str, float]:
         """Load the learner's current weights; returns sync metrics."""
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Engine events since the last call (actor restarts), as step metrics."""
 
 
 # name -> factory(setup, recipe) returning a RolloutEngine

@@ -95,6 +95,9 @@ class TransformersEngine:
         assert learner.model is self.model, "the embedded engine must share the learner's model"
         return {}
 
+    def pop_metrics(self) -> dict[str, float]:
+        return {}
+
 
 @ENGINES.register("transformers")
 def transformers_engine(setup, recipe) -> TransformersEngine:
