@@ -1,0 +1,121 @@
+"""DeepSpeed learner: one data-parallel rank, ZeRO stage 0-3 from the recipe.
+
+A rank is started with the usual torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), by the Ray layer or by torchrun, and is otherwise ordinary DeepSpeed
+code: gloo on CPU, NCCL on GPU. It reuses the single-process update loop and changes only what
+data parallelism changes (see TorchLearner).
+
+Every rank trains on its own slice of each mini-batch with the loss denominators of the whole
+mini-batch, so the rank losses add up to the single-process loss. DeepSpeed averages gradients
+over ranks; the loss is scaled by the world size so that the average is that sum's gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.objective import objective_settings
+from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model, optim_settings
+
+STATE_DIR, STATE_TAG = "deepspeed", "state"
+
+
+def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> dict:
+    zero = {"stage": learner_section.zero_stage}
+    if learner_section.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": optim.micro_batch_size * world_size,
+        # Mini-batches vary in size (dynamic sampling): the learner says when one ends by calling step().
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # offload with the torch optimizer, no compiled CPU Adam
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedLearner(TorchLearner):
+    def __init__(self, recipe, model_dir: Path, base_model_dir: Path):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.objective, self.optim = objective_settings(recipe), optim_settings(recipe)
+        # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
+        self.reference = load_model(base_model_dir).eval().to(self.device) if recipe.algorithm.kl_coef > 0 else None
+        config = deepspeed_config(recipe.learner, self.optim, self.world_size)
+        # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
+        self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
+        model = load_model(model_dir)
+        if recipe.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # A torch optimizer: DeepSpeed's own AdamW would JIT-compile FusedAdam first.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.optim.lr, betas=self.optim.betas,
+                                      weight_decay=self.optim.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.model = self.engine.module
+
+    @property
+    def policy(self):
+        return self.engine
+
+    def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
+        """This rank's contiguous slice. Every rank gets as many rows (ZeRO's collectives run once
+        per forward and backward on every rank); missing rows repeat the last one, masked out."""
+        per_rank = -(-len(mini) // self.world_size)
+        positions = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        rows = mini.select([min(p, len(mini) - 1) for p in positions])
+        padding = torch.tensor([p >= len(mini) for p in positions])
+        rows.response_mask[padding] = 0.0
+        if rows.loss_mask is not None:
+            rows.loss_mask[padding] = 0.0
+        return rows.to(self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def apply_gradients(self) -> float:
+        self.engine.step()  # reduce, clip, step, zero
+        return float(self.engine.get_global_grad_norm())
+
+    def total(self, values: dict[str, float]) -> dict[str, float]:
+        names = sorted(values)
+        sums = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return dict(zip(names, sums.tolist()))
+
+    def gathered(self, params):
+        import deepspeed
+
+        if self._zero3_init is None:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def named_weights(self):
+        return [pair for bucket in self.weight_buckets(2**62) for pair in bucket.unpack()]
+
+    def save(self, directory: Path) -> None:
+        """Rank 0 writes the gathered weights in Hugging Face format; every rank its ZeRO state."""
+        named = self.named_weights()  # every rank takes part in the gather
+        if self.rank == 0:
+            self.model.save_pretrained(directory, state_dict={name: t.clone() for name, t in named})
+        self.engine.save_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+
+    def load_state(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+
+
+@LEARNERS.register("deepspeed")
+def deepspeed_learner(recipe, model_dir: Path, base_model_dir: Path, model=None) -> DeepSpeedLearner:
+    return DeepSpeedLearner(recipe, model_dir, base_model_dir)
