@@ -8,14 +8,15 @@ export OMP_NUM_THREADS ?= 2
 
 .PHONY: quickstart test benchmark clean
 
-# The quickstart needs only the base install; the test suite also exercises the vLLM engine.
+# The quickstart needs only the base install; the test suite also exercises the vLLM engine,
+# Ray and DeepSpeed.
 $(BASE): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e .
 	touch $(BASE)
 
 $(FULL): $(BASE)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm,distributed]"
 	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(FULL)
 
@@ -25,7 +26,7 @@ quickstart: $(BASE)
 test: $(FULL)
 	$(VENV)/bin/python -m pytest tests
 
-benchmark: $(STAMP)
+benchmark: $(FULL)
 	$(VENV)/bin/python -m pip install --quiet -e ".[bench]"
 	$(VENV)/bin/python benchmarks/step_vs_trl.py
 

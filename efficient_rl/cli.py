@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from efficient_rl.cluster.backends import WorkerFailure
 from efficient_rl.config import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -24,7 +25,11 @@ def cmd_train(args) -> int:
     run = RunDir(recipe, resume=args.resume, overwrite=args.overwrite)
     setup = prepare(recipe, model_dir=run.latest_checkpoint() if args.resume else None)
     run.create()
-    summary = Trainer(recipe, setup, run).train()
+    trainer = Trainer(recipe, setup, run)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
     write_report(run.path, summary)
     return 0
 
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"efficient-rl: error: {err}", file=sys.stderr)
         return 2
+    except WorkerFailure as err:
+        print(f"efficient-rl: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

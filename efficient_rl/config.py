@@ -84,6 +84,10 @@ class AlgorithmSection:
     dynamic_sampling: bool = False  # drop groups with zero reward spread and generate more
     dynamic_sampling_metric: Literal["score", "reward", "accuracy"] = "score"  # DLER: pre-penalty score
     max_sampling_rounds: int = 4  # generation rounds per step at most (0 = no limit)
+    # Engine/learner mismatch: "tis" weights each token's policy-gradient term by
+    # min(pi_learner / pi_engine, tis_cap) on the sampled token (truncated importance sampling).
+    rollout_correction: Literal["none", "tis"] = "none"
+    tis_cap: float = 2.0
 
 
 @dataclass
@@ -96,11 +100,31 @@ class LearnerSection:
     mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = all (one step per batch)
     micro_batch_size: int = 32  # rollouts per forward/backward pass
     epochs: int = 1  # PPO epochs over each rollout batch
+    # deepspeed backend only:
+    zero_stage: int = 2  # ZeRO stage 0, 1, 2 or 3
+    offload_optimizer: bool = False  # keep optimizer state (and its step) in CPU memory
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+
+@dataclass
+class RoleResources:
+    workers: int = 1  # actors of this role (learner: the data-parallel world size)
+    cpus: float = 1.0  # per actor
+    gpus: float = 0.0  # per actor
 
 
 @dataclass
 class ClusterSection:
-    backend: Literal["embedded"] = "embedded"
+    # embedded: everything in the driver's process. ray: rollout engines and learner ranks as Ray actors.
+    backend: Literal["embedded", "ray"] = "embedded"
+    address: str | None = None  # an existing Ray cluster ("auto" or host:port); null starts a local one
+    # split: each actor has resources of its own. colocate: rollout worker i and learner rank i
+    # share bundle i of one placement group (each takes half of it), as GPU time-sharing does.
+    placement: Literal["split", "colocate"] = "split"
+    rollout: RoleResources = field(default_factory=RoleResources)
+    learner: RoleResources = field(default_factory=RoleResources)
+    max_rollout_restarts: int = 3  # a dead rollout actor is restarted at most this often per run
+    sync_bucket_mb: float = 64.0  # weights travel to the engines in buckets of this size
 
 
 @dataclass

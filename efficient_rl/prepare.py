@@ -21,6 +21,7 @@ from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import ENGINES
 
 # Importing the backends registers them.
+import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
 import efficient_rl.learner.torch_learner  # noqa: E402,F401
 import efficient_rl.rollout.hf  # noqa: E402,F401
 import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
@@ -34,13 +35,11 @@ class Setup:
     train_samples: list[dict]
     heldout_samples: list[dict]
     base_model_dir: Path  # the recipe's starting model (the KL reference), even when resuming
+    model_dir: Path  # where `model` was loaded from: the base model, or a resumed run's checkpoint
     prompt_ids: dict[str, list[int]]  # question -> prompt token ids, encoded once at load
 
     def encode(self, sample: dict) -> list[int]:
         return self.prompt_ids[sample["question"]]
-
-    def load_base_model(self) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32).eval()
 
 
 REGISTRY_FIELDS = [
@@ -83,8 +82,29 @@ def check_recipe(recipe: Recipe) -> None:
     if cap is not None and not 1 <= cap <= recipe.rollout.max_response_length:
         raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
                           f"({recipe.rollout.max_response_length}), got {cap}")
+    check_cluster(recipe)
     if recipe.learner.mini_batch_prompts < 0:
         raise ConfigError("learner.mini_batch_prompts: expected 0 (whole batch) or a positive integer")
+
+
+def check_cluster(recipe: Recipe) -> None:
+    cluster = recipe.cluster
+    for role in ("rollout", "learner"):
+        resources = getattr(cluster, role)
+        if resources.workers < 1 or resources.cpus < 0 or resources.gpus < 0:
+            raise ConfigError(f"cluster.{role}: expected workers >= 1 and cpus, gpus >= 0")
+    if cluster.max_rollout_restarts < 0 or cluster.sync_bucket_mb < 0:
+        raise ConfigError("cluster: expected max_rollout_restarts >= 0 and sync_bucket_mb >= 0")
+    if recipe.learner.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"learner.zero_stage: expected 0, 1, 2 or 3, got {recipe.learner.zero_stage}")
+    if cluster.backend == "ray":
+        if recipe.rollout.engine != "vllm":
+            raise ConfigError("rollout.engine: the ray backend runs vLLM rollout workers; set rollout.engine: vllm")
+        if recipe.learner.backend == "torch" and cluster.learner.workers > 1:
+            raise ConfigError("cluster.learner.workers: the torch learner is one process; "
+                              "use learner.backend: deepspeed for data parallelism")
+    elif recipe.learner.backend == "deepspeed":
+        raise ConfigError("learner.backend: deepspeed runs as Ray actors; set cluster.backend: ray")
 
 
 def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
@@ -111,7 +131,7 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
-                 base_model_dir=base, prompt_ids=prompt_ids)
+                 base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)
 
 
 def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], train: list[dict], heldout: list[dict]) -> None:

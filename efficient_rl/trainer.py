@@ -17,15 +17,13 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import groups_with_spread
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, over_cap
 from efficient_rl.checkpoint import RunDir
+from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config import Recipe
 from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate, length_stats
-from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import ObjectiveSettings
-from efficient_rl.learner.torch_learner import OptimSettings
 from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup
-from efficient_rl.rollout.base import ENGINES, SamplingSettings
+from efficient_rl.rollout.base import SamplingSettings
 
 
 @dataclass
@@ -53,39 +51,23 @@ def resolve_stages(recipe: Recipe) -> Stage:
     )
 
 
-def objective_settings(recipe: Recipe) -> ObjectiveSettings:
-    alg = recipe.algorithm
-    return ObjectiveSettings(
-        policy_loss=alg.policy_loss, eps_low=alg.clip_low, eps_high=alg.clip_high,
-        clip_ratio_c=alg.clip_ratio_c, loss_agg=alg.loss_agg,
-        norm_length=recipe.rollout.max_response_length, kl_coef=alg.kl_coef,
-        kl_estimator=alg.kl_estimator, temperature=recipe.rollout.temperature,
-    )
-
-
-def optim_settings(recipe: Recipe) -> OptimSettings:
-    lrn = recipe.learner
-    return OptimSettings(
-        lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
-        mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
-        micro_batch_size=lrn.micro_batch_size, epochs=lrn.epochs,
-    )
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
         self.recipe, self.setup, self.run = recipe, setup, run
         self.stages = resolve_stages(recipe)
-        reference = setup.load_base_model() if recipe.algorithm.kl_coef > 0 else None
-        self.learner = LEARNERS.get(recipe.learner.backend)(
-            setup.model, objective_settings(recipe), optim_settings(recipe), reference=reference)
-        self.engine = ENGINES.get(recipe.rollout.engine)(setup, recipe)
+        self.components = CLUSTER_BACKENDS.get(recipe.cluster.backend)(recipe, setup)
+        self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         self.truncation_length = recipe.algorithm.truncation_length or recipe.rollout.max_response_length
         self.stop_requested = False
+        self.timings: dict[str, float] = {}  # seconds per stage of the current step
+
+    def close(self) -> None:
+        """Release the backend's processes (Ray actors and a cluster started for the run)."""
+        self.components.close()
 
     # ------------------------------------------------------------ the loop
     def train(self, stop_after_step: int | None = None) -> dict:
@@ -120,20 +102,23 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         started = time.time()
+        self.timings = dict.fromkeys(("generate", "reward", "learn", "sync"), 0.0)
         batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
-        learn_started = time.time()
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
             learner_metrics, sync_metrics = {"update_skipped": 1.0}, {}
         else:
             batch.advantages = self.stages.advantages(batch)
-            learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
-            sync_metrics = self.engine.sync_weights(self.learner)
+            with timed(self.timings, "learn"):
+                learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
+            with timed(self.timings, "sync"):
+                sync_metrics = self.engine.sync_weights(self.learner)
         elapsed = time.time() - started
         return {
             **rollout_metrics,
             **learner_metrics,
             **sync_metrics,
-            "timing/learn": time.time() - learn_started,
+            **self.engine.pop_metrics(),
+            **{f"timing/{stage}": seconds for stage, seconds in self.timings.items()},
             "step_time": elapsed,
             "tokens_per_second": rollout_metrics["rollout/tokens"] / elapsed,
             "data/consumed_prompts": float(self.stream.consumed),
@@ -166,7 +151,7 @@ class Trainer:
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
         metrics["reward/errors"] = float(reward_errors)  # failed reward calls, scored 0 and counted
-        metrics["timing/rollout"] = time.time() - started
+        metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         if self.stages.filter_metric is not None:
             metrics.update({
                 "dynamic_sampling/rounds": float(rounds),
@@ -177,10 +162,12 @@ class Trainer:
 
     def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, int]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the error count."""
-        batch = self.engine.generate(
-            [self.setup.encode(sample) for _, sample in prompts],
-            [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
-        result = self.setup.rewards.score(batch.completions, batch.samples)
+        with timed(self.timings, "generate"):
+            batch = self.engine.generate(
+                [self.setup.encode(sample) for _, sample in prompts],
+                [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
+        with timed(self.timings, "reward"):
+            result = self.setup.rewards.score(batch.completions, batch.samples)
         batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
@@ -212,6 +199,16 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str):
+    """Add the block's wall time to timings[stage] (a stage may run several times per step)."""
+    started = time.time()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.time() - started
 
 
 def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:

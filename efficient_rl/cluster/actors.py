@@ -1,0 +1,94 @@
+"""The two actor kinds of the Ray backend. Plain classes: `ray.remote` wraps them at creation.
+
+Inside an actor it is the same code as embedded: a VLLMEngine, or a learner from LEARNERS
+(a DeepSpeed rank sets up torch.distributed itself from the environment set here).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+
+class RolloutWorker:
+    def __init__(self, recipe, model_dir: Path, verify_prompt: list[int] | None):
+        from efficient_rl.prompts import load_tokenizer
+        from efficient_rl.rollout.vllm_engine import VLLMEngine, context_length
+
+        self.model_dir = model_dir
+        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), context_length(recipe), recipe.seed,
+                                 verify_prompt=verify_prompt)
+        self.incoming = []  # buckets of the weight update in progress
+        self.reference_model = None  # transformers on the received weights, for verify_sync
+
+    def generate(self, prompts, samples, group_ids, settings, seeds):
+        return self.engine.generate(prompts, samples, group_ids, settings, seeds=seeds)
+
+    def receive_bucket(self, bucket) -> None:
+        self.incoming.append(bucket)
+
+    def apply_weights(self) -> dict[str, float]:
+        """Load the buckets received since the last call, as one update."""
+        named = [pair for bucket in self.incoming for pair in bucket.unpack()]
+        self.incoming = []
+        return self.engine.load_weights(named, verify_against=self._reference_on(named))
+
+    def _reference_on(self, named):
+        if self.engine.verify_prompt is None:
+            return None
+        if self.reference_model is None:
+            from efficient_rl.learner.torch_learner import load_model
+
+            self.reference_model = load_model(self.model_dir).eval()
+        parameters = dict(self.reference_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named:
+                parameters[name].copy_(tensor)
+        return self.reference_model
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (asked of rank 0)."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+    def setup(self, recipe, model_dir: Path, base_model_dir: Path, master: tuple[str, int]) -> None:
+        """Runs on every rank at once: torch.distributed joins them here."""
+        import efficient_rl.learner.deepspeed_learner  # noqa: F401  (registers the backend)
+        from efficient_rl.learner.base import LEARNERS
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        self.learner = LEARNERS.get(recipe.learner.backend)(recipe, model_dir, base_model_dir)
+
+    def update(self, batch):
+        return self.learner.update(batch)
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """Object-store references to the weight buckets (rank 0; other ranks help gather)."""
+        import ray
+
+        return [(ray.put(bucket), bucket.nbytes) for bucket in self.learner.weight_buckets(bucket_bytes)]
+
+    def save(self, directory: str) -> None:
+        self.learner.save(Path(directory))
+
+    def load_state(self, directory: str) -> None:
+        self.learner.load_state(Path(directory))
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,291 @@
+"""The Ray backend: actor groups that stand in for the embedded engine and learner.
+
+RayRolloutGroup implements the rollout-engine protocol and RayLearnerGroup the learner protocol,
+so the driver loop in trainer.py runs unchanged. Weights go from learner rank 0 to every rollout
+worker through Ray's object store, in buckets: one message per bucket, never one per parameter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker
+from efficient_rl.cluster.backends import Components, WorkerFailure
+from efficient_rl.cluster.runtime import start_ray
+from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
+
+
+def is_actor_death(err: Exception) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError)
+
+
+def even_shares(count: int, parts: int) -> list[range]:
+    """`count` items in `parts` contiguous shares whose sizes differ by at most one."""
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+# ---------------------------------------------------------------- placement
+@dataclass
+class Placement:
+    """Where each actor goes: a placement-group bundle and its share of that bundle."""
+
+    groups: dict  # role -> placement group
+    bundles: dict  # role -> resources of one bundle
+    share: float  # fraction of a bundle one actor takes (colocated actors split it)
+
+    def options(self, role: str, index: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = self.bundles[role]
+        cpus = bundle["CPU"] * self.share
+        return {
+            "num_cpus": cpus,
+            "num_gpus": bundle.get("GPU", 0.0) * self.share,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.groups[role], placement_group_bundle_index=index),
+            # One torch thread per reserved core, not one per core of the machine.
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
+        }
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in {id(g): g for g in self.groups.values()}.values():
+            remove_placement_group(group)
+
+
+def bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+
+
+def place(cluster) -> Placement:
+    """Placement groups for the rollout and learner roles, waited on until they are ready."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    rollout, learner = cluster.rollout, cluster.learner
+    if cluster.placement == "colocate":
+        shared = bundle(max(rollout.cpus, learner.cpus), max(rollout.gpus, learner.gpus))
+        group = placement_group([shared] * max(rollout.workers, learner.workers), strategy="PACK")
+        placement = Placement({"rollout": group, "learner": group}, {"rollout": shared, "learner": shared}, 0.5)
+    else:
+        bundles = {"rollout": bundle(rollout.cpus, rollout.gpus), "learner": bundle(learner.cpus, learner.gpus)}
+        groups = {"rollout": placement_group([bundles["rollout"]] * rollout.workers, strategy="PACK"),
+                  "learner": placement_group([bundles["learner"]] * learner.workers, strategy="PACK")}
+        placement = Placement(groups, bundles, 1.0)
+    for group in placement.groups.values():
+        ray.get(group.ready())
+    return placement
+
+
+def requested_resources(cluster) -> tuple[float, float]:
+    """CPUs and GPUs a local cluster needs for the recipe's actors."""
+    rollout, learner = cluster.rollout, cluster.learner
+    if cluster.placement == "colocate":
+        count = max(rollout.workers, learner.workers)
+        return count * max(rollout.cpus, learner.cpus), count * max(rollout.gpus, learner.gpus)
+    return (rollout.workers * rollout.cpus + learner.workers * learner.cpus,
+            rollout.workers * rollout.gpus + learner.workers * learner.gpus)
+
+
+# ---------------------------------------------------------------- learner group
+class RayLearnerGroup:
+    """The learner protocol over data-parallel ranks; every call goes to every rank."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+
+    def call(self, method: str, *args) -> list:
+        """Run `method` on every rank and return the results by rank.
+
+        A rank that dies would leave the others blocked in a collective: the group is killed and
+        the run stops with a message (its checkpoints are written atomically, so --resume works).
+        """
+        import ray
+
+        futures = [getattr(worker, method).remote(*args) for worker in self.workers]
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as err:
+                if not is_actor_death(err):
+                    raise
+                rank = futures.index(done[0])
+                self.kill()
+                raise WorkerFailure(f"learner rank {rank} died during {method} ({one_line(err)}); the run "
+                                    f"stopped, its last checkpoint is intact: continue it with --resume") from None
+        return ray.get(futures)
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        import ray
+
+        return self.call("update", ray.put(batch))[0]  # one copy in the object store for all ranks
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """(object ref, size in bytes) of every weight bucket, from rank 0."""
+        return self.call("weight_buckets", bucket_bytes)[0]
+
+    def save(self, directory) -> None:
+        self.call("save", str(directory))
+
+    def load_state(self, directory) -> None:
+        self.call("load_state", str(directory))
+
+    def kill(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+
+
+# ---------------------------------------------------------------- rollout group
+class RayRolloutGroup:
+    """The rollout-engine protocol over vLLM workers; a dead worker is restarted and its share redone."""
+
+    def __init__(self, spawn: Callable[[int], object], workers: int, max_restarts: int, bucket_bytes: int):
+        import ray
+
+        self.spawn = spawn  # index -> a new worker actor with the run's starting weights
+        self.workers = [spawn(index) for index in range(workers)]
+        ray.get([worker.pid.remote() for worker in self.workers])  # wait until every engine is up
+        self.max_restarts, self.bucket_bytes = max_restarts, bucket_bytes
+        self.restarts, self.unreported_restarts = 0, 0
+        self.current_weights: list = []  # buckets of the last sync: what a restarted worker loads
+
+    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
+                 settings: SamplingSettings) -> RolloutBatch:
+        seeds = request_seeds(len(prompts))  # drawn here, in the driver: resumes sample the same tokens
+        shares = even_shares(len(prompts), len(self.workers))
+
+        def submit(worker, share):
+            return worker.generate.remote([prompts[i] for i in share], [samples[i] for i in share],
+                                          [group_ids[i] for i in share], settings, [seeds[i] for i in share])
+
+        jobs = [(index, share, submit(self.workers[index], share)) for index, share in enumerate(shares) if share]
+        parts = [self._result(index, future, lambda worker, share=share: submit(worker, share))
+                 for index, share, future in jobs]
+        return RolloutBatch.concat(parts)
+
+    def sync_weights(self, learner) -> dict[str, float]:
+        started = time.time()
+        buckets = learner.weight_buckets(self.bucket_bytes)
+        futures = [self._push(worker, buckets) for worker in self.workers]
+        results = [self._result(index, future, lambda worker: self._push(worker, buckets))
+                   for index, future in enumerate(futures)]
+        self.current_weights = buckets
+        metrics = {
+            "sync/seconds": time.time() - started,
+            "sync/bytes": float(sum(size for _, size in buckets)),
+            "sync/buckets": float(len(buckets)),
+        }
+        if all("sync/verified" in result for result in results):
+            metrics["sync/verified"] = 1.0
+            metrics["sync/verify_logprob_gap"] = max(result["sync/verify_logprob_gap"] for result in results)
+        return metrics
+
+    def pop_metrics(self) -> dict[str, float]:
+        restarts, self.unreported_restarts = self.unreported_restarts, 0
+        return {"rollout/worker_restarts": float(restarts)}
+
+    def _push(self, worker, buckets):
+        for ref, _ in buckets:
+            worker.receive_bucket.remote(ref)  # an actor runs one caller's calls in order
+        return worker.apply_weights.remote()
+
+    def _result(self, index: int, future, resubmit: Callable):
+        """The future's value; if worker `index` died, restart it and resubmit (bounded)."""
+        import ray
+
+        while True:
+            try:
+                return ray.get(future)
+            except Exception as err:
+                if not is_actor_death(err):
+                    raise
+                self._restart(index, err)
+                future = resubmit(self.workers[index])
+
+    def _restart(self, index: int, err: Exception) -> None:
+        import ray
+
+        if self.restarts >= self.max_restarts:
+            raise WorkerFailure(f"rollout worker {index} died ({one_line(err)}) and cluster.max_rollout_restarts="
+                                f"{self.max_restarts} restarts are used up") from None
+        self.restarts += 1
+        self.unreported_restarts += 1
+        tqdm.write(f"rollout worker {index} died ({one_line(err)}); restart {self.restarts} of at most "
+                   f"{self.max_restarts}, regenerating its share")
+        worker = self.spawn(index)
+        if self.current_weights:
+            ray.get(self._push(worker, self.current_weights))
+        self.workers[index] = worker
+
+    def kill(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+
+
+def one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+# ---------------------------------------------------------------- assembly
+def ray_components(recipe, setup):
+    """Start (or join) Ray, place the actors, and return the learner and engine groups."""
+    import ray
+
+    cluster = recipe.cluster
+    session = start_ray(cluster.address, *requested_resources(cluster))
+    closers = [session.close]
+
+    def close():
+        for closer in reversed(closers):
+            closer()
+
+    try:
+        placement = place(cluster)
+        closers.append(placement.remove)
+        learner = start_learners(recipe, setup, placement)
+        closers.append(learner.kill)
+        remote_rollout = ray.remote(RolloutWorker)
+        probe = verification_prompt(setup, recipe)
+
+        def spawn(index: int):
+            options = placement.options("rollout", index)
+            return remote_rollout.options(max_restarts=0, **options).remote(recipe, setup.model_dir, probe)
+
+        engine = RayRolloutGroup(spawn, cluster.rollout.workers, cluster.max_rollout_restarts,
+                                 int(cluster.sync_bucket_mb * 2**20))
+        closers.append(engine.kill)
+    except BaseException:
+        close()
+        raise
+    return Components(learner=learner, engine=engine, close=close)
+
+
+def start_learners(recipe, setup, placement: Placement) -> RayLearnerGroup:
+    import ray
+
+    world_size = recipe.cluster.learner.workers
+    remote_learner = ray.remote(LearnerWorker)
+    workers = [remote_learner.options(max_restarts=0, **placement.options("learner", rank)).remote(rank, world_size)
+               for rank in range(world_size)]
+    group = RayLearnerGroup(workers)
+    master = ray.get(workers[0].rendezvous_address.remote())
+    group.call("setup", recipe, setup.model_dir, setup.base_model_dir, master)
+    return group
