@@ -125,6 +125,9 @@ class ClusterSection:
     learner: RoleResources = field(default_factory=RoleResources)
     max_rollout_restarts: int = 3  # a dead rollout actor is restarted at most this often per run
     sync_bucket_mb: float = 64.0  # weights travel to the engines in buckets of this size
+    # object_store: through Ray's object store (CPU, any layout). nccl: learner rank 0 broadcasts
+    # each bucket to the engines' GPUs (not exercised on CPU machines; see docs/engines.md).
+    weight_transport: Literal["object_store", "nccl"] = "object_store"
 
 
 @dataclass

@@ -49,6 +49,16 @@ class RolloutWorker:
                 parameters[name].copy_(tensor)
         return self.reference_model
 
+    # GPU weight sync over NCCL (efficient_rl/cluster/nccl.py; not exercised on CPU)
+    def join_weight_broadcast(self, host: str, port: int, rank: int, world_size: int, plan: list) -> None:
+        from efficient_rl.cluster.nccl import NcclBroadcast
+
+        self.broadcast, self.plan = NcclBroadcast(host, port, rank, world_size), plan
+
+    def receive_broadcast(self) -> dict[str, float]:
+        self.incoming = [self.broadcast.receive(bucket_plan) for bucket_plan in self.plan]
+        return self.apply_weights()
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -82,7 +92,21 @@ class LearnerWorker:
         """Object-store references to the weight buckets (rank 0; other ranks help gather)."""
         import ray
 
-        return [(ray.put(bucket), bucket.nbytes) for bucket in self.learner.weight_buckets(bucket_bytes)]
+        return [(ray.put(bucket.on_host()), bucket.nbytes) for bucket in self.learner.weight_buckets(bucket_bytes)]
+
+    # GPU weight sync over NCCL (efficient_rl/cluster/nccl.py; not exercised on CPU)
+    def weight_plan(self, bucket_bytes: int) -> list:
+        return self.learner.weight_plan(bucket_bytes)
+
+    def join_weight_broadcast(self, host: str, port: int, world_size: int) -> None:
+        from efficient_rl.cluster.nccl import NcclBroadcast
+
+        if self.rank == 0:
+            self.broadcast = NcclBroadcast(host, port, rank=0, world_size=world_size)
+
+    def broadcast_weights(self, bucket_bytes: int) -> None:
+        for bucket in self.learner.weight_buckets(bucket_bytes):  # every rank gathers, rank 0 sends
+            self.broadcast.send(bucket)
 
     def save(self, directory: str) -> None:
         self.learner.save(Path(directory))

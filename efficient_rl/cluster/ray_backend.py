@@ -144,25 +144,81 @@ class RayLearnerGroup:
         self.call("load_state", str(directory))
 
     def kill(self) -> None:
+        kill_all(self.workers)
+
+
+# ---------------------------------------------------------------- weight transports
+class ObjectStoreTransport:
+    """Rank 0 puts each bucket in Ray's object store once; each worker gets one message per bucket.
+
+    The default, and the path on CPU (shared memory on one node, Ray's transfer across nodes)."""
+
+    restartable = True
+
+    def __init__(self, bucket_bytes: int, learner=None, workers=()):
+        self.bucket_bytes = bucket_bytes
+        self.current: list = []  # (object ref, bytes) of the last sync's buckets
+        self.sent_bytes = self.sent_buckets = 0
+
+    def send(self, learner, workers: list) -> list:
+        """Start loading the learner's weights into every worker; returns their futures."""
+        self.current = learner.weight_buckets(self.bucket_bytes)
+        self.sent_bytes, self.sent_buckets = sum(size for _, size in self.current), len(self.current)
+        return [self.catch_up(worker) for worker in workers]
+
+    def catch_up(self, worker):
+        """Load the last synced weights into `worker` (a restarted one, before any sync: nothing)."""
+        for ref, _ in self.current:
+            worker.receive_bucket.remote(ref)  # an actor runs one caller's calls in order
+        return worker.apply_weights.remote()
+
+
+class NcclTransport:
+    """GPU: learner rank 0 broadcasts each bucket to every worker over NCCL (cluster/nccl.py).
+
+    Not exercised on CPU machines. A restarted worker cannot join the formed group, so with NCCL
+    a dead rollout worker stops the run."""
+
+    restartable = False
+
+    def __init__(self, bucket_bytes: int, learner: RayLearnerGroup, workers: list):
         import ray
 
-        for worker in self.workers:
-            ray.kill(worker)
+        self.bucket_bytes = bucket_bytes
+        plan = learner.call("weight_plan", bucket_bytes)[0]
+        self.sent_bytes, self.sent_buckets = sum(bucket.nbytes for bucket in plan), len(plan)
+        host, port = ray.get(learner.workers[0].rendezvous_address.remote())
+        world_size = 1 + len(workers)
+        joins = [worker.join_weight_broadcast.remote(host, port, 1 + index, world_size, plan)
+                 for index, worker in enumerate(workers)]
+        learner.call("join_weight_broadcast", host, port, world_size)
+        ray.get(joins)
+
+    def send(self, learner, workers: list) -> list:
+        receives = [worker.receive_broadcast.remote() for worker in workers]  # they wait on NCCL
+        learner.call("broadcast_weights", self.bucket_bytes)
+        return receives
+
+    def catch_up(self, worker):
+        raise WorkerFailure("a rollout worker cannot rejoin an NCCL weight-sync group")
+
+
+TRANSPORTS = {"object_store": ObjectStoreTransport, "nccl": NcclTransport}
 
 
 # ---------------------------------------------------------------- rollout group
 class RayRolloutGroup:
     """The rollout-engine protocol over vLLM workers; a dead worker is restarted and its share redone."""
 
-    def __init__(self, spawn: Callable[[int], object], workers: int, max_restarts: int, bucket_bytes: int):
+    def __init__(self, spawn: Callable[[int], object], workers: list, max_restarts: int, transport):
         import ray
 
         self.spawn = spawn  # index -> a new worker actor with the run's starting weights
-        self.workers = [spawn(index) for index in range(workers)]
+        self.workers = workers
         ray.get([worker.pid.remote() for worker in self.workers])  # wait until every engine is up
-        self.max_restarts, self.bucket_bytes = max_restarts, bucket_bytes
+        self.transport = transport
+        self.max_restarts = max_restarts if transport.restartable else 0
         self.restarts, self.unreported_restarts = 0, 0
-        self.current_weights: list = []  # buckets of the last sync: what a restarted worker loads
 
     def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
                  settings: SamplingSettings) -> RolloutBatch:
@@ -180,15 +236,13 @@ class RayRolloutGroup:
 
     def sync_weights(self, learner) -> dict[str, float]:
         started = time.time()
-        buckets = learner.weight_buckets(self.bucket_bytes)
-        futures = [self._push(worker, buckets) for worker in self.workers]
-        results = [self._result(index, future, lambda worker: self._push(worker, buckets))
-                   for index, future in enumerate(futures)]
-        self.current_weights = buckets
+        futures = self.transport.send(learner, self.workers)
+        results = [self._result(index, future, self.transport.catch_up) for index, future in enumerate(futures)]
         metrics = {
-            "sync/seconds": time.time() - started,
-            "sync/bytes": float(sum(size for _, size in buckets)),
-            "sync/buckets": float(len(buckets)),
+            "sync/seconds": time.time() - started,  # gather + transfer + load, end to end
+            "sync/load_seconds": max(result["sync/seconds"] for result in results),  # the engines' part
+            "sync/bytes": float(self.transport.sent_bytes),
+            "sync/buckets": float(self.transport.sent_buckets),
         }
         if all("sync/verified" in result for result in results):
             metrics["sync/verified"] = 1.0
@@ -198,11 +252,6 @@ class RayRolloutGroup:
     def pop_metrics(self) -> dict[str, float]:
         restarts, self.unreported_restarts = self.unreported_restarts, 0
         return {"rollout/worker_restarts": float(restarts)}
-
-    def _push(self, worker, buckets):
-        for ref, _ in buckets:
-            worker.receive_bucket.remote(ref)  # an actor runs one caller's calls in order
-        return worker.apply_weights.remote()
 
     def _result(self, index: int, future, resubmit: Callable):
         """The future's value; if worker `index` died, restart it and resubmit (bounded)."""
@@ -222,21 +271,24 @@ class RayRolloutGroup:
 
         if self.restarts >= self.max_restarts:
             raise WorkerFailure(f"rollout worker {index} died ({one_line(err)}) and cluster.max_rollout_restarts="
-                                f"{self.max_restarts} restarts are used up") from None
+                                f"{self.max_restarts} restarts are used up (none with NCCL weight sync)") from None
         self.restarts += 1
         self.unreported_restarts += 1
         tqdm.write(f"rollout worker {index} died ({one_line(err)}); restart {self.restarts} of at most "
                    f"{self.max_restarts}, regenerating its share")
         worker = self.spawn(index)
-        if self.current_weights:
-            ray.get(self._push(worker, self.current_weights))
+        ray.get(self.transport.catch_up(worker))
         self.workers[index] = worker
 
     def kill(self) -> None:
-        import ray
+        kill_all(self.workers)
 
-        for worker in self.workers:
-            ray.kill(worker)
+
+def kill_all(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 def one_line(err: Exception) -> str:
@@ -269,9 +321,11 @@ def ray_components(recipe, setup):
             options = placement.options("rollout", index)
             return remote_rollout.options(max_restarts=0, **options).remote(recipe, setup.model_dir, probe)
 
-        engine = RayRolloutGroup(spawn, cluster.rollout.workers, cluster.max_rollout_restarts,
-                                 int(cluster.sync_bucket_mb * 2**20))
-        closers.append(engine.kill)
+        workers = [spawn(index) for index in range(cluster.rollout.workers)]
+        closers.append(lambda: kill_all(workers))
+        transport = TRANSPORTS[cluster.weight_transport](int(cluster.sync_bucket_mb * 2**20), learner, workers)
+        engine = RayRolloutGroup(spawn, workers, cluster.max_rollout_restarts, transport)
+        closers[-1] = engine.kill  # the group replaces workers that die
     except BaseException:
         close()
         raise

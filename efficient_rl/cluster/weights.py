@@ -1,11 +1,12 @@
 """Weights in transit: parameters packed into a few flat buckets instead of one message each.
 
-A bucket's payload is one byte buffer (a numpy array, which Ray's object store hands to the
-receiver without a copy); any dtype, bfloat16 included, is viewed as bytes on the way.
+A bucket's payload is one byte buffer; any dtype, bfloat16 included, is viewed as bytes on the way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -18,26 +19,32 @@ class WeightBucket:
     names: list[str]
     shapes: list[tuple[int, ...]]
     dtype: torch.dtype
-    payload: np.ndarray  # uint8, the tensors' bytes back to back
+    # uint8, the tensors' bytes back to back: a torch tensor on the sender's device, or a numpy
+    # array for Ray's object store (which hands numpy buffers to the receiver without a copy)
+    payload: torch.Tensor | np.ndarray | None
 
     @classmethod
     def pack(cls, named: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
         flat = torch.cat([tensor.detach().reshape(-1) for _, tensor in named])
         return cls(names=[name for name, _ in named], shapes=[tuple(t.shape) for _, t in named],
-                   dtype=flat.dtype, payload=flat.view(torch.uint8).cpu().numpy())
+                   dtype=flat.dtype, payload=flat.view(torch.uint8))
+
+    def on_host(self) -> "WeightBucket":
+        return dataclasses.replace(self, payload=self.payload.cpu().numpy())
 
     def unpack(self) -> list[tuple[str, torch.Tensor]]:
         """Views into the payload, one per parameter."""
-        with warnings.catch_warnings():  # Ray hands over a read-only buffer; the receiver only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(memoryview(self.payload), dtype=torch.uint8).view(self.dtype)
-        sizes = [int(np.prod(shape)) for shape in self.shapes]
-        parts = flat.split(sizes)
+        payload = self.payload
+        if isinstance(payload, np.ndarray):
+            with warnings.catch_warnings():  # Ray hands over a read-only buffer; the receiver only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                payload = torch.frombuffer(memoryview(payload), dtype=torch.uint8)
+        parts = payload.view(self.dtype).split([math.prod(shape) for shape in self.shapes])
         return [(name, part.view(shape)) for name, part, shape in zip(self.names, parts, self.shapes)]
 
     @property
     def nbytes(self) -> int:
-        return self.payload.nbytes
+        return sum(math.prod(shape) for shape in self.shapes) * self.dtype.itemsize
 
 
 def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:

@@ -44,6 +44,11 @@ def optim_settings(recipe) -> OptimSettings:
     )
 
 
+def full_shape(parameter: torch.nn.Parameter) -> torch.Size:
+    """The unsharded shape (ZeRO-3 keeps only a shard and records the full shape)."""
+    return getattr(parameter, "ds_shape", parameter.shape)
+
+
 def load_model(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
@@ -172,11 +177,17 @@ class TorchLearner:
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
         """The full weights in buckets, on rank 0; every rank must run this (ZeRO-3 gathers)."""
         named = list(self.model.named_parameters())
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.dtype) for _, p in named]
-        for indices in plan_buckets(sizes, bucket_bytes):
+        for indices in plan_buckets([(full_shape(p).numel(), p.dtype) for _, p in named], bucket_bytes):
             with self.gathered([named[i][1] for i in indices]):
                 if self.rank == 0:
                     yield WeightBucket.pack([named[i] for i in indices])
+
+    def weight_plan(self, bucket_bytes: int) -> list[WeightBucket]:
+        """Names, shapes and dtype of every bucket weight_buckets makes, without their data."""
+        named = list(self.model.named_parameters())
+        plans = plan_buckets([(full_shape(p).numel(), p.dtype) for _, p in named], bucket_bytes)
+        return [WeightBucket([named[i][0] for i in indices], [tuple(full_shape(named[i][1])) for i in indices],
+                             named[indices[0]][1].dtype, payload=None) for indices in plans]
 
     def save(self, directory: Path) -> None:
         """Weights in Hugging Face format plus the optimizer state."""
