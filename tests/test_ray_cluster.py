@@ -89,9 +89,10 @@ def test_zero2_trains_with_verified_syncs_and_survives_a_killed_rollout_worker(r
     assert weight_change(run, setup) > 0.1  # the verified syncs carried weights that really moved
 
 
-def test_zero3_trains_with_verified_syncs(ray_cluster, tiny_overrides):
+def test_zero3_trains_with_verified_syncs_colocated(ray_cluster, tiny_overrides):
     run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
-        "learner.zero_stage=3", "rollout.verify_sync=true", "cluster.sync_bucket_mb=0.05", "logging.name=zero3"])
+        "learner.zero_stage=3", "rollout.verify_sync=true", "cluster.sync_bucket_mb=0.05",
+        "cluster.placement=colocate", "logging.name=zero3"])
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
     assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
@@ -140,8 +141,10 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     batch = fixed_batch(recipe, setup)
     single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir).update(batch)
     assert single["optimizer_steps"] == 3.0 and single["grad_norm"] > 0
-    for stage in (2, 3):
-        ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"])
+    memory_savers = ["learner.offload_optimizer=true", "learner.gradient_checkpointing=true"]
+    for stage, extra in ((2, []), (3, []), (2, memory_savers)):
+        ds_recipe = load_recipe(RECIPES / "quickstart.yaml",
+                                common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra)
         placement = place(ds_recipe.cluster)
         group = start_learners(ds_recipe, setup, placement)
         try:
@@ -150,7 +153,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
             group.kill()
             placement.remove()
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):
-            assert distributed[key] == pytest.approx(single[key], rel=1e-4, abs=1e-7), (stage, key)
+            assert distributed[key] == pytest.approx(single[key], rel=1e-4, abs=1e-7), (stage, extra, key)
 
 
 def test_a_local_cluster_stays_on_the_loopback_address(ray_cluster):
