@@ -167,7 +167,9 @@ class ObjectStoreTransport:
         return [self.catch_up(worker) for worker in workers]
 
     def catch_up(self, worker):
-        """Load the last synced weights into `worker` (a restarted one, before any sync: nothing)."""
+        """Load the last synced weights into a (restarted) worker; returns the future of the load."""
+        if not self.current:  # no sync yet: the worker started from the run's starting weights
+            return worker.pid.remote()
         for ref, _ in self.current:
             worker.receive_bucket.remote(ref)  # an actor runs one caller's calls in order
         return worker.apply_weights.remote()

@@ -1,0 +1,65 @@
+"""The Ray layer's pure parts: bucket planning and packing, prompt shares, resource sums."""
+
+import numpy as np
+import pytest
+import torch
+
+from efficient_rl.cluster.ray_backend import even_shares, requested_resources
+from efficient_rl.cluster.weights import WeightBucket, plan_buckets
+from efficient_rl.config import ClusterSection, RoleResources
+from efficient_rl.learner.objective import ObjectiveSettings
+from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_plan_buckets_fills_up_to_the_limit_in_order():
+    sizes = [(10, F32), (10, F32), (30, F32), (5, F32), (100, F32), (1, F32)]  # 40, 40, 120, 20, 400, 4 bytes
+    assert plan_buckets(sizes, bucket_bytes=100) == [[0, 1], [2], [3], [4], [5]]
+    assert plan_buckets(sizes, bucket_bytes=200) == [[0, 1, 2], [3], [4], [5]]
+    assert plan_buckets(sizes, bucket_bytes=10**9) == [[0, 1, 2, 3, 4, 5]]
+    assert plan_buckets(sizes, bucket_bytes=0) == [[i] for i in range(6)]  # one per parameter
+
+
+def test_plan_buckets_starts_a_new_bucket_when_the_dtype_changes():
+    assert plan_buckets([(4, F32), (4, BF16), (4, BF16), (4, F32)], 10**6) == [[0], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_pack_unpack_round_trip_through_host_bytes(dtype):
+    torch.manual_seed(0)
+    named = [("a", torch.randn(3, 4).to(dtype)), ("b.weight", torch.randn(5).to(dtype)),
+             ("c", torch.randn(2, 1, 2).to(dtype))]
+    bucket = WeightBucket.pack(named).on_host()
+    assert isinstance(bucket.payload, np.ndarray) and bucket.nbytes == 21 * dtype.itemsize
+    bucket.payload.setflags(write=False)  # as Ray's object store hands it over
+    for (name, tensor), (got_name, got) in zip(named, bucket.unpack()):
+        assert got_name == name and got.dtype == dtype and torch.equal(got, tensor)
+
+
+def test_weight_plan_describes_the_buckets_without_data(tiny_model_dir):
+    learner = TorchLearner(load_model(tiny_model_dir), ObjectiveSettings(), OptimSettings())
+    buckets = list(learner.weight_buckets(bucket_bytes=100_000))
+    plan = learner.weight_plan(bucket_bytes=100_000)
+    assert len(buckets) > 1
+    described = [(b.names, b.shapes, b.dtype, b.nbytes) for b in plan]
+    assert described == [(b.names, b.shapes, b.dtype, b.nbytes) for b in buckets]
+    sent = dict(pair for bucket in buckets for pair in bucket.unpack())
+    assert sent.keys() == dict(learner.model.named_parameters()).keys()  # tied lm_head once, as embed_tokens
+    assert all(torch.equal(sent[name], p) for name, p in learner.model.named_parameters())
+
+
+def test_even_shares_cover_every_prompt_once():
+    for count in range(0, 12):
+        for parts in range(1, 5):
+            shares = even_shares(count, parts)
+            assert [i for share in shares for i in share] == list(range(count))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_requested_resources_split_and_colocated():
+    cluster = ClusterSection(rollout=RoleResources(workers=1, cpus=2, gpus=1),
+                             learner=RoleResources(workers=2, cpus=1, gpus=1))
+    assert requested_resources(cluster) == (4, 3)
+    cluster.placement = "colocate"  # two bundles of max(cpus), max(gpus), shared by the roles
+    assert requested_resources(cluster) == (4, 2)
