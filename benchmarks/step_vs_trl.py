@@ -42,7 +42,11 @@ def run_ours(steps: int) -> list[float]:
         run = RunDir(recipe)
         setup = prepare(recipe)
         run.create()
-        Trainer(recipe, setup, run).train()
+        trainer = Trainer(recipe, setup, run)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         return [row["step_time"] for row in rows], [row["timing/rollout"] for row in rows]
 

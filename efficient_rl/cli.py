@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from efficient_rl.cluster.backends import WorkerFailure
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.config import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"

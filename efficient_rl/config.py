@@ -65,6 +65,12 @@ class RewardEntry:
 
 
 @dataclass
+class ScoringSection:
+    workers: int = 2  # spawned reward worker processes; 0 = call rewards in the trainer (no timeout)
+    timeout: float = 10.0  # seconds per reward call; a call past it scores 0 and counts in reward/timeouts
+
+
+@dataclass
 class AlgorithmSection:
     advantage: str = "grpo"  # grpo | dler (group-mean + batch whitening, DLER Eq. 3)
     norm_by_std: bool = True  # grpo: divide by the group std; false is Dr. GRPO
@@ -164,6 +170,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     reward: list[RewardEntry] = field(default_factory=lambda: [RewardEntry()])
+    scoring: ScoringSection = field(default_factory=ScoringSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     learner: LearnerSection = field(default_factory=LearnerSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)

@@ -113,9 +113,31 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     `model_dir` overrides the recipe's model (a resumed run loads its latest checkpoint).
     """
     check_recipe(recipe)
-    rewards = RewardRunner(recipe.reward)
     train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
     heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
+    rewards = start_rewards(recipe, train[0])
+    try:
+        return load_model_and_prompts(recipe, model_dir, rewards, train, heldout)
+    except BaseException:
+        rewards.close()
+        raise
+
+
+def start_rewards(recipe: Recipe, probe_sample: dict) -> RewardRunner:
+    """Resolve the rewards, start their workers and probe each on a training sample."""
+    if recipe.scoring.workers < 0 or not recipe.scoring.timeout > 0:
+        raise ConfigError("scoring: expected workers >= 0 and timeout > 0")
+    rewards = RewardRunner(recipe.reward, recipe.scoring.workers, recipe.scoring.timeout)
+    try:
+        rewards.check(probe_sample)
+    except BaseException:
+        rewards.close()
+        raise
+    return rewards
+
+
+def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: RewardRunner, train: list[dict],
+                           heldout: list[dict]) -> Setup:
     base = lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path)
     source = model_dir or base
     try:

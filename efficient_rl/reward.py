@@ -1,39 +1,24 @@
 """Scoring rollouts with the recipe's weighted reward functions.
 
-Resolution happens at recipe load, so a bad reward name fails before any work. A reward that
-raises or returns a non-number gives that sample 0 *and* is counted in `reward/errors`, with the
-first messages kept for the log: an error is never silently a zero.
+Every reward is resolved, its signature checked and a probe call made at recipe load, so a bad
+reward fails before any work, naming its entry. At run time calls go to a pool of spawned
+workers (efficient_rl/reward_pool.py) under a wall-clock timeout. A call that raises, times out,
+crashes its worker or returns a non-number scores 0 *and* is counted (`reward/errors`,
+`reward/timeouts`), with the first messages kept for the log: an error is never silently a zero.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from efficient_rl.config import ConfigError, RewardEntry
+from efficient_rl.reward_plugins import RewardLoadError, call_reward, check_signature, is_batched, load_reward
+from efficient_rl.reward_pool import Outcome, RewardCall, RewardPool
 
-BUILTIN_REWARDS = {
-    "math": "efficient_rl.rewards.math:math_reward",
-}
 MAX_KEPT_ERRORS = 5
-
-
-def resolve_reward(name: str, where: str):
-    reference = BUILTIN_REWARDS.get(name, name)
-    if ":" not in reference:
-        raise ConfigError(f"{where}: unknown reward {name!r}; built-in: {', '.join(sorted(BUILTIN_REWARDS))}, "
-                          "or give module.path:function")
-    module_name, function_name = reference.split(":", 1)
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"{where}: cannot load reward {reference!r} ({err})") from None
-    if not callable(function):
-        raise ConfigError(f"{where}: {reference!r} is not a function")
-    return function
 
 
 @dataclass
@@ -41,42 +26,126 @@ class RewardResult:
     scores: torch.Tensor  # [B] weighted sum of the reward functions
     accuracy: torch.Tensor | None  # [B] from rewards that report "accuracy"
     extras: dict[str, list[float]] = field(default_factory=dict)  # other per-sample metrics
-    errors: int = 0
+    errors: int = 0  # calls that raised, crashed their worker or returned a non-number
+    timeouts: int = 0  # calls cut off at the timeout
     error_messages: list[str] = field(default_factory=list)
+
+    def count(self, kind: str, message: str) -> None:
+        if kind == "timeout":
+            self.timeouts += 1
+        else:
+            self.errors += 1
+        if len(self.error_messages) < MAX_KEPT_ERRORS:
+            self.error_messages.append(message)
+
+
+def as_numbers(value) -> dict[str, float]:
+    """A reward's return value as {"score": ..., other metrics}; ValueError if it is not numeric."""
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise ValueError(f"returned a dict without 'score': {value!r}")
+        items = value.items()
+    else:
+        items = [("score", value)]
+    numbers = {}
+    for key, number in items:
+        try:
+            if isinstance(number, (str, bytes)):  # float("1") works, but a string is a bug
+                raise TypeError
+            numbers[key] = float(number)
+        except (TypeError, ValueError):
+            raise ValueError(f"returned {value!r}; expected a number or a dict of numbers with 'score'") from None
+        if not math.isfinite(numbers[key]):
+            raise ValueError(f"returned a non-finite value {value!r}")
+    return numbers
 
 
 class RewardRunner:
-    def __init__(self, entries: list[RewardEntry]):
+    def __init__(self, entries: list[RewardEntry], workers: int = 0, timeout: float = 10.0):
         if not entries:
             raise ConfigError("reward: expected at least one reward entry")
         self.entries = entries
-        self.functions = [resolve_reward(e.name, f"reward[{i}].name") for i, e in enumerate(entries)]
+        self.functions = []
+        for index, entry in enumerate(entries):
+            try:
+                function = load_reward(entry.name)
+                check_signature(function, entry.params)
+            except RewardLoadError as err:
+                raise ConfigError(f"reward[{index}] ({entry.name}): {err}") from None
+            self.functions.append(function)
+        # workers=0 calls rewards in this process: no timeout can be enforced there.
+        self.pool = RewardPool([(e.name, e.params) for e in entries], workers, timeout) if workers > 0 else None
+
+    def check(self, sample: dict) -> None:
+        """Probe every reward once on a real sample: it must answer, with a number."""
+        completion = f"The answer is \\boxed{{{sample.get('answer', '')}}}."
+        outcomes = self._run([RewardCall(i, [completion], [sample]) for i in range(len(self.entries))])
+        for index, (entry, outcome) in enumerate(zip(self.entries, outcomes)):
+            try:
+                if outcome.status != "ok":
+                    raise ValueError(outcome.message)
+                as_numbers(outcome.values[0])
+            except ValueError as err:
+                raise ConfigError(f"reward[{index}] ({entry.name}): probe call on a training sample failed: "
+                                  f"{err}") from None
 
     def score(self, completions: list[str], samples: list[dict]) -> RewardResult:
+        calls = []
+        for index, function in enumerate(self.functions):
+            if is_batched(function):
+                calls.append(RewardCall(index, completions, samples))
+            else:
+                calls += [RewardCall(index, [c], [s]) for c, s in zip(completions, samples)]
         result = RewardResult(scores=torch.zeros(len(completions)), accuracy=None)
-        for entry, function in zip(self.entries, self.functions):
-            for row, (completion, sample) in enumerate(zip(completions, samples)):
-                value = self._call(entry, function, completion, sample, result)
-                result.scores[row] += entry.weight * value.pop("score", 0.0)
-                if "accuracy" in value:  # a row is correct if a reward reporting accuracy says so
-                    if result.accuracy is None:
-                        result.accuracy = torch.zeros(len(completions))
-                    result.accuracy[row] = max(float(result.accuracy[row]), value.pop("accuracy"))
-                for key, metric in value.items():
-                    result.extras.setdefault(f"{entry.name}/{key}", [0.0] * len(completions))[row] = metric
+        row_of_call = self._first_rows(calls)
+        for call, first_row, outcome in zip(calls, row_of_call, self._run(calls)):
+            entry = self.entries[call.entry]
+            for offset in range(len(call.completions)):
+                self._add(result, entry, first_row + offset, len(completions), outcome, offset)
         return result
 
     @staticmethod
-    def _call(entry: RewardEntry, function, completion: str, sample: dict, result: RewardResult) -> dict:
+    def _first_rows(calls: list[RewardCall]) -> list[int]:
+        """The batch row of each call's first completion (calls of one reward are in row order)."""
+        rows, next_row = [], {}
+        for call in calls:
+            rows.append(next_row.get(call.entry, 0))
+            next_row[call.entry] = rows[-1] + len(call.completions)
+        return rows
+
+    @staticmethod
+    def _add(result: RewardResult, entry: RewardEntry, row: int, rows: int, outcome: Outcome, offset: int) -> None:
+        if outcome.status != "ok":
+            result.count(outcome.status, f"{entry.name}: {outcome.message}")
+            return
         try:
-            value = function(completion, sample, **entry.params)
-            value = value if isinstance(value, dict) else {"score": value}
-            numbers = {k: float(v) for k, v in value.items()}
-            if not all(math.isfinite(v) for v in numbers.values()):
-                raise ValueError(f"returned a non-finite value {value}")
-            return numbers
+            value = as_numbers(outcome.values[offset])
+        except ValueError as err:
+            result.count("error", f"{entry.name}: {err}")
+            return
+        result.scores[row] += entry.weight * value.pop("score")
+        if "accuracy" in value:  # a row is correct if a reward reporting accuracy says so
+            if result.accuracy is None:
+                result.accuracy = torch.zeros(rows)
+            result.accuracy[row] = max(float(result.accuracy[row]), value.pop("accuracy"))
+        for key, metric in value.items():  # logged as reward/<function name>/<key>
+            result.extras.setdefault(f"{entry.name.rsplit(':', 1)[-1]}/{key}", [0.0] * rows)[row] = metric
+
+    def _run(self, calls: list[RewardCall]) -> list[Outcome]:
+        if self.pool is not None:
+            return self.pool.run(calls)
+        return [self._call_here(call) for call in calls]
+
+    def _call_here(self, call: RewardCall) -> Outcome:
+        entry = self.entries[call.entry]
+        try:
+            return Outcome("ok", values=call_reward(self.functions[call.entry], call.completions, call.samples,
+                                                    entry.params))
+        except TimeoutError as err:
+            return Outcome("timeout", message=f"{type(err).__name__}: {err}")
         except Exception as err:  # a reward bug must not kill training, and must not hide
-            result.errors += 1
-            if len(result.error_messages) < MAX_KEPT_ERRORS:
-                result.error_messages.append(f"{entry.name}: {type(err).__name__}: {err}")
-            return {"score": 0.0}
+            return Outcome("error", message=f"{type(err).__name__}: {err}")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()

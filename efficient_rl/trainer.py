@@ -23,6 +23,7 @@ from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate, length_stats
 from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup
+from efficient_rl.reward import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
 
 
@@ -66,8 +67,9 @@ class Trainer:
         self.timings: dict[str, float] = {}  # seconds per stage of the current step
 
     def close(self) -> None:
-        """Release the backend's processes (Ray actors and a cluster started for the run)."""
+        """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
         self.components.close()
+        self.setup.rewards.close()
 
     # ------------------------------------------------------------ the loop
     def train(self, stop_after_step: int | None = None) -> dict:
@@ -132,12 +134,13 @@ class Trainer:
         spread are dropped and a further round is generated, up to max_sampling_rounds.
         """
         wanted = self.recipe.rollout.prompts_per_step
-        generated, kept, rounds, reward_errors = [], [], 0, 0
+        generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0}
         started = time.time()
         while True:
             rounds += 1
-            batch, errors = self.generate_and_score(self.stream.take(wanted))
-            reward_errors += errors
+            batch, result = self.generate_and_score(self.stream.take(wanted))
+            failures["errors"] += result.errors
+            failures["timeouts"] += result.timeouts
             generated.append(batch)
             if self.stages.filter_metric is None:
                 kept.append(batch)
@@ -150,7 +153,8 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
-        metrics["reward/errors"] = float(reward_errors)  # failed reward calls, scored 0 and counted
+        # Failed reward calls: each scored 0 and counted, never silently a zero.
+        metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         if self.stages.filter_metric is not None:
             metrics.update({
@@ -160,8 +164,8 @@ class Trainer:
             })
         return train_batch, metrics
 
-    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, int]:
-        """Rollouts for `prompts` with scores, rewards after length shaping, and the error count."""
+    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, RewardResult]:
+        """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result."""
         with timed(self.timings, "generate"):
             batch = self.engine.generate(
                 [self.setup.encode(sample) for _, sample in prompts],
@@ -174,7 +178,7 @@ class Trainer:
         batch.length_cap = torch.full((len(batch),), self.truncation_length, dtype=torch.long)
         batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
                                                   batch.length_cap)
-        return batch, result.errors
+        return batch, result
 
     def evaluate(self) -> dict[str, float]:
         ev = self.recipe.eval

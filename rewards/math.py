@@ -1,4 +1,5 @@
-"""Math answer reward: the last \\boxed{...} of the completion (or its last number) vs the reference."""
+"""Math answer reward: the last \\boxed{...} of the completion (or its last number) vs the reference,
+compared exactly as numbers or else with math-verify."""
 
 from __future__ import annotations
 
@@ -37,20 +38,39 @@ def as_number(text: str) -> Fraction | None:
         return None
 
 
-def answers_match(predicted: str, reference: str) -> bool:
-    """Numeric equality when both sides are numbers, else whitespace-insensitive string equality."""
+def answers_match(predicted: str, reference: str, use_math_verify: bool = True, timeout: int = 2) -> bool:
+    """Exact equality when both sides are numbers; otherwise math-verify (symbolic: fractions,
+    roots, sets, intervals ...), or whitespace-insensitive string equality without it."""
     left, right = as_number(predicted), as_number(reference)
     if left is not None and right is not None:
         return left == right
+    if use_math_verify:
+        return math_verify_equal(predicted, reference, timeout)
     return "".join(predicted.split()) == "".join(reference.split())
 
 
-def math_reward(completion: str, sample: dict, fallback_last_number: bool = False) -> dict:
+def math_verify_equal(predicted: str, reference: str, timeout: int) -> bool:
+    """math-verify on the two expressions. Its timeouts use signal.alarm, so this must run in a
+    main thread (reward workers call rewards there). A timeout is raised as TimeoutError, so it
+    is counted in reward/timeouts instead of becoming a silent 0."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    try:
+        gold = parse(f"${reference}$", parsing_timeout=timeout, raise_on_error=True)
+        answer = parse(f"${predicted}$", parsing_timeout=timeout, raise_on_error=True)
+        return bool(gold and answer and verify(gold, answer, timeout_seconds=timeout, raise_on_error=True))
+    except TimeoutException:
+        raise TimeoutError(f"math-verify took over {timeout} s") from None
+
+
+def math_reward(completion: str, sample: dict, fallback_last_number: bool = False, use_math_verify: bool = True,
+                timeout: int = 2) -> dict:
     """1.0 if the extracted answer equals sample["answer"], else 0.0.
 
     The last-number fallback is off by default: with it, a response cut off mid-reasoning can be
     scored correct by accident, which would hide the truncation the length penalty relies on.
     """
     predicted = extract_answer(completion, fallback_last_number)
-    correct = predicted is not None and answers_match(predicted, str(sample["answer"]))
+    correct = predicted is not None and answers_match(predicted, str(sample["answer"]), use_math_verify, timeout)
     return {"score": float(correct), "accuracy": float(correct)}

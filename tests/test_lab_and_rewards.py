@@ -118,3 +118,11 @@ def test_reward_errors_are_counted_not_hidden(monkeypatch):
     assert result.scores.tolist() == [3.0, 0.0, 2.0]
     assert result.errors == 1 and "verifier crashed" in result.error_messages[0]
     assert result.accuracy.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_math_reward_checks_non_numbers_with_math_verify():
+    assert math_reward("so \\boxed{\\frac{1}{2}}", {"answer": "0.5"})["score"] == 1.0
+    assert math_reward("\\boxed{\\sqrt{4}}", {"answer": "2"})["score"] == 1.0
+    assert math_reward("\\boxed{x + 1}", {"answer": "1+x"})["score"] == 1.0
+    assert math_reward("\\boxed{x + 2}", {"answer": "1+x"})["score"] == 0.0
+    assert math_reward("\\boxed{\\frac{1}{2}}", {"answer": "0.5"}, use_math_verify=False)["score"] == 0.0

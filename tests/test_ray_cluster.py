@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import RECIPES
 from efficient_rl.checkpoint import RunDir
-from efficient_rl.cluster.backends import WorkerFailure
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.ray_backend import place, start_learners
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.config import load_recipe
@@ -138,6 +138,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
                                "algorithm.kl_coef=0.01"]  # 3 optimizer steps, uneven shards, old and ref log-probs
     recipe = load_recipe(RECIPES / "quickstart.yaml", common)
     setup = prepare(recipe)
+    setup.rewards.close()  # the batch is scored by hand here
     batch = fixed_batch(recipe, setup)
     single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir).update(batch)
     assert single["optimizer_steps"] == 3.0 and single["grad_norm"] > 0

@@ -53,7 +53,11 @@ def train(overrides, resume=False, stop_after_step=None):
     run = RunDir(recipe, resume=resume)
     setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
     run.create()
-    return run, Trainer(recipe, setup, run).train(stop_after_step=stop_after_step)
+    trainer = Trainer(recipe, setup, run)
+    try:
+        return run, trainer.train(stop_after_step=stop_after_step)
+    finally:
+        trainer.close()
 
 
 def test_resume_runs_every_step_exactly_once(tmp_path, tiny_overrides):

@@ -10,10 +10,6 @@ from efficient_rl.registry import Registry
 from efficient_rl.rollout.base import ENGINES
 
 
-class WorkerFailure(RuntimeError):
-    """A worker died and the run cannot go on (its last checkpoint stays intact)."""
-
-
 @dataclass
 class Components:
     learner: object  # a Learner

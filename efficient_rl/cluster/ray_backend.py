@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker
-from efficient_rl.cluster.backends import Components, WorkerFailure
+from efficient_rl.cluster.backends import Components
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt

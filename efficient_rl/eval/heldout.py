@@ -43,4 +43,5 @@ def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], setting
         **length_stats(lengths, "eval/response_length"),
         "eval/truncated_ratio": float(batch.truncated.float().mean()),
         "eval/reward_errors": float(result.errors),
+        "eval/reward_timeouts": float(result.timeouts),
     }

@@ -1,0 +1,101 @@
+"""Finding reward functions by reference, and the calling contract.
+
+A reward is a plain function `(completion, sample, **params) -> float | dict`; a dict carries
+"score" plus metrics to log ("accuracy" marks a correct answer). A function with the attribute
+`batched = True` takes lists instead, `(completions, samples, **params) -> list`.
+
+References, tried in this order:
+  "math"                        a built-in name
+  "path/to/file.py:function"    a Python file (relative to the working directory)
+  "package.module:function"     an importable module
+  "name"                        an installed plugin: entry point `name` in group efficient_rl.rewards
+No torch import here: reward workers load this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+from importlib.metadata import entry_points
+from pathlib import Path
+
+BUILTIN_REWARDS = {
+    "math": "efficient_rl.rewards.math:math_reward",
+}
+ENTRY_POINT_GROUP = "efficient_rl.rewards"
+
+
+class RewardLoadError(ValueError):
+    pass
+
+
+def load_reward(reference: str):
+    """The function a reference names; RewardLoadError says why not."""
+    reference = BUILTIN_REWARDS.get(reference, reference)
+    if ":" not in reference:
+        return from_entry_point(reference)
+    location, function_name = reference.rsplit(":", 1)
+    module = load_file(Path(location)) if location.endswith(".py") else import_module(location)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise RewardLoadError(f"{location} has no function {function_name!r}")
+    return function
+
+
+def from_entry_point(name: str):
+    found = [point for point in entry_points(group=ENTRY_POINT_GROUP) if point.name == name]
+    if not found:
+        installed = sorted(point.name for point in entry_points(group=ENTRY_POINT_GROUP))
+        raise RewardLoadError(f"unknown reward {name!r}; built-in: {', '.join(sorted(BUILTIN_REWARDS))}"
+                              f"{'; installed: ' + ', '.join(installed) if installed else ''}; "
+                              "or give path/to/file.py:function or package.module:function")
+    return found[0].load()
+
+
+def load_file(path: Path):
+    if not path.is_file():
+        raise RewardLoadError(f"reward file {path} not found")
+    # One module name per file, so two files with the same stem do not clash.
+    name = f"efficient_rl_reward_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise RewardLoadError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    return module
+
+
+def import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as err:
+        raise RewardLoadError(f"cannot import {name} ({type(err).__name__}: {err})") from None
+
+
+def is_batched(function) -> bool:
+    return bool(getattr(function, "batched", False))
+
+
+def check_signature(function, params: dict) -> None:
+    """The function must accept (completion, sample, **params), or the batched lists."""
+    try:
+        inspect.signature(function).bind("completion", {}, **params)
+    except TypeError as err:
+        expected = "(completions, samples" if is_batched(function) else "(completion, sample"
+        raise RewardLoadError(f"{getattr(function, '__name__', function)} cannot be called as "
+                              f"{expected}{''.join(f', {k}=...' for k in params)}): {err}") from None
+    except ValueError:
+        pass  # builtins without an inspectable signature: the probe call decides
+
+
+def call_reward(function, completions: list[str], samples: list[dict], params: dict) -> list:
+    """Raw return values, one per completion."""
+    if is_batched(function):
+        values = list(function(completions, samples, **params))
+        if len(values) != len(completions):
+            raise ValueError(f"batched reward returned {len(values)} values for {len(completions)} completions")
+        return values
+    return [function(completion, sample, **params) for completion, sample in zip(completions, samples)]
