@@ -43,6 +43,13 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_reward_check(args) -> int:
+    from efficient_rl.reward_check import check_reward
+
+    print(check_reward(args.spec, Path(args.data), args.completion_key, args.params, args.workers, args.timeout))
+    return 0
+
+
 def cmd_lab(args) -> int:
     from efficient_rl.lab.build import lab_model_dir
 
@@ -64,6 +71,17 @@ def parser() -> argparse.ArgumentParser:
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=cmd_recipes)
+
+    reward = commands.add_parser("reward", help="work with reward functions")
+    reward_commands = reward.add_subparsers(dest="reward_command", required=True)
+    check = reward_commands.add_parser("check", help="score saved completions with a reward and report")
+    check.add_argument("spec", help="a reward: built-in name, file.py:function, module:function or plugin name")
+    check.add_argument("--data", required=True, help="JSONL: one sample per line, with its completion")
+    check.add_argument("--completion-key", default="completion", help="column holding the completion")
+    check.add_argument("--params", default="{}", help="the reward's keyword arguments, as JSON")
+    check.add_argument("--workers", type=int, default=2, help="reward worker processes (0: in this process)")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    check.set_defaults(handler=cmd_reward_check)
 
     lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
     lab.add_argument("preset", nargs="?", default="quickstart")

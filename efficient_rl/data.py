@@ -26,18 +26,28 @@ def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: 
     return samples
 
 
-def read_jsonl(path: Path, question_key: str, answer_key: str, field_name: str) -> list[dict]:
+def json_rows(path: Path, field_name: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; errors name the file and the line."""
     if not path.is_file():
         raise ConfigError(f"{field_name}: data file {path} not found")
-    samples = []
+    rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise ConfigError(f"{path}:{number}: not a JSON object") from None
-        missing = [k for k in (question_key, answer_key) if not isinstance(row, dict) or k not in row]
+            row = None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def read_jsonl(path: Path, question_key: str, answer_key: str, field_name: str) -> list[dict]:
+    samples = []
+    for number, row in json_rows(path, field_name):
+        missing = [k for k in (question_key, answer_key) if k not in row]
         if missing:
             raise ConfigError(f"{path}:{number}: missing column {missing[0]!r} (set data.question_key / data.answer_key)")
         samples.append({**row, "id": row.get("id", f"{path.stem}-{number}"),

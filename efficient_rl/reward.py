@@ -90,28 +90,23 @@ class RewardRunner:
                                   f"{err}") from None
 
     def score(self, completions: list[str], samples: list[dict]) -> RewardResult:
-        calls = []
-        for index, function in enumerate(self.functions):
-            if is_batched(function):
-                calls.append(RewardCall(index, completions, samples))
-            else:
-                calls += [RewardCall(index, [c], [s]) for c, s in zip(completions, samples)]
+        planned = self._plan(completions, samples)
         result = RewardResult(scores=torch.zeros(len(completions)), accuracy=None)
-        row_of_call = self._first_rows(calls)
-        for call, first_row, outcome in zip(calls, row_of_call, self._run(calls)):
-            entry = self.entries[call.entry]
+        for (first_row, call), outcome in zip(planned, self._run([call for _, call in planned])):
             for offset in range(len(call.completions)):
-                self._add(result, entry, first_row + offset, len(completions), outcome, offset)
+                self._add(result, self.entries[call.entry], first_row + offset, len(completions), outcome, offset)
         return result
 
-    @staticmethod
-    def _first_rows(calls: list[RewardCall]) -> list[int]:
-        """The batch row of each call's first completion (calls of one reward are in row order)."""
-        rows, next_row = [], {}
-        for call in calls:
-            rows.append(next_row.get(call.entry, 0))
-            next_row[call.entry] = rows[-1] + len(call.completions)
-        return rows
+    def _plan(self, completions: list[str], samples: list[dict]) -> list[tuple[int, RewardCall]]:
+        """(first batch row, call): a call per sample, or one per batch for a batched reward."""
+        planned = []
+        for index, function in enumerate(self.functions):
+            if is_batched(function):
+                planned.append((0, RewardCall(index, completions, samples)))
+            else:
+                planned += [(row, RewardCall(index, [completion], [sample]))
+                            for row, (completion, sample) in enumerate(zip(completions, samples))]
+        return planned
 
     @staticmethod
     def _add(result: RewardResult, entry: RewardEntry, row: int, rows: int, outcome: Outcome, offset: int) -> None:

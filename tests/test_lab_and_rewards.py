@@ -2,6 +2,7 @@
 
 import statistics
 
+import pytest
 import torch
 
 from efficient_rl.config import RewardEntry
@@ -126,3 +127,42 @@ def test_math_reward_checks_non_numbers_with_math_verify():
     assert math_reward("\\boxed{x + 1}", {"answer": "1+x"})["score"] == 1.0
     assert math_reward("\\boxed{x + 2}", {"answer": "1+x"})["score"] == 0.0
     assert math_reward("\\boxed{\\frac{1}{2}}", {"answer": "0.5"}, use_math_verify=False)["score"] == 0.0
+
+
+def test_format_reward_needs_tags_in_order_and_a_boxed_answer_after_them():
+    from efficient_rl.rewards.format import format_reward
+
+    think = {"tags": ["think"]}
+    assert format_reward("<think>7 + 5 = 12</think> The answer is \\boxed{12}.", {}, **think)["score"] == 1.0
+    assert format_reward("<think>7 + 5 = 12 The answer is \\boxed{12}.", {}, **think)["score"] == 0.0  # not closed
+    assert format_reward("<think>\\boxed{12}</think> so 12", {}, **think)["score"] == 0.0  # box inside the tag
+    assert format_reward("<think>ok</think> 12", {}, tags=["think"], require_boxed=False)["score"] == 1.0
+    assert format_reward("</think><think>", {}, **think)["tags_ok"] == 0.0  # closed before opened
+    assert format_reward("<a>1</a><b>2</b> \\boxed{3}", {}, tags=["a", "b"])["score"] == 1.0
+    assert format_reward("<b>2</b><a>1</a> \\boxed{3}", {}, tags=["a", "b"])["score"] == 0.0  # wrong order
+    assert format_reward("just \\boxed{3}", {})["score"] == 1.0
+
+
+def test_choice_reward_extracts_the_letter_and_matches_letters_or_choice_text():
+    from efficient_rl.rewards.multiple_choice import choice_reward, extract_choice
+
+    assert extract_choice("so \\boxed{B}") == "B"
+    assert extract_choice("so \\boxed{(C)}") == "C"
+    assert extract_choice("The answer is (D), clearly.") == "D"
+    assert extract_choice("Answer: A") == "A"
+    assert extract_choice("After checking each option, the best is C.") == "C"
+    assert extract_choice("I think it's a") is None  # the article is not choice A
+    assert extract_choice("\\boxed{E}") is None
+    assert choice_reward("\\boxed{B}", {"answer": "B"})["score"] == 1.0
+    assert choice_reward("\\boxed{B}", {"answer": "Paris", "choices": ["London", "Paris"]})["score"] == 1.0
+    assert choice_reward("\\boxed{A}", {"answer": "Paris", "choices": ["London", "Paris"]})["score"] == 0.0
+    with pytest.raises(ValueError, match="neither a letter"):
+        choice_reward("\\boxed{A}", {"answer": "Rome", "choices": ["London", "Paris"]})
+
+
+def test_length_helpers():
+    from efficient_rl.rewards.length import length_metric, length_reward
+
+    assert length_reward("one two three four five", {}, max_words=20) == {"score": 0.75, "words": 5.0}
+    assert length_reward("w " * 50, {}, max_words=20)["score"] == 0.0
+    assert length_metric("a b c", {}) == {"score": 0.0, "words": 3.0}

@@ -154,3 +154,26 @@ def test_a_pathological_math_answer_is_cut_off_and_counted_as_a_timeout():
     assert result.timeouts == 1 and result.errors == 0 and result.scores.tolist() == [0.0, 1.0]
     assert "math-verify took over 1 s" in result.error_messages[0]
     assert elapsed < 15  # math-verify's own alarm, well before the pool's 30 s
+
+
+def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
+    import json
+    import subprocess
+
+    data = tmp_path / "samples.jsonl"
+    completions = ["ok", "abcd", "raise", "hang", "abcdef"]
+    data.write_text("".join(json.dumps({**SAMPLE, "completion": c}) + "\n" for c in completions))
+    check = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{__name__}:hostile_reward",
+             "--timeout", "2"]
+    result = subprocess.run(check + ["--data", str(data)], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = result.stdout
+    assert "on 5 samples" in report and "samples/s" in report
+    assert "mean 0.2400" in report and "max 0.6000" in report  # (0.2 + 0.4 + 0 + 0 + 0.6) / 5
+    assert "metric  hostile_reward/chars: mean" in report
+    assert "errors 1  timeouts 1" in report and "verifier crashed" in report and "no answer within 2 s" in report
+
+    missing = subprocess.run(check + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=300)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nope.jsonl not found" in missing.stderr
