@@ -25,6 +25,7 @@ BUILTIN_REWARDS = {
     "math": "efficient_rl.rewards.math:math_reward",
     "format": "efficient_rl.rewards.format:format_reward",
     "choice": "efficient_rl.rewards.multiple_choice:choice_reward",
+    "code": "efficient_rl.rewards.code:code_reward",
     "length": "efficient_rl.rewards.length:length_reward",
     "length_metric": "efficient_rl.rewards.length:length_metric",
 }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,8 @@ sys.stdin.read()  # serve until the test closes stdin
 
 def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_overrides):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([sys.executable, "-c", HEAD, tempfile.mkdtemp(prefix="erl-head-")], env=env,
+    temp_dir = tempfile.mkdtemp(prefix="erl-head-")
+    head = subprocess.Popen([sys.executable, "-c", HEAD, temp_dir], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         address = head.stdout.readline().strip()
@@ -36,3 +38,4 @@ def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_ov
     finally:
         head.stdin.close()
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
