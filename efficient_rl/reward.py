@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from efficient_rl.config import ConfigError, RewardEntry
-from efficient_rl.reward_plugins import RewardLoadError, call_reward, check_signature, is_batched, load_reward
-from efficient_rl.reward_pool import Outcome, RewardCall, RewardPool
+from efficient_rl.reward_plugins import RewardLoadError, check_signature, is_batched, load_reward
+from efficient_rl.reward_pool import Outcome, RewardCall, RewardPool, outcome_of
 
 MAX_KEPT_ERRORS = 5
 
@@ -29,6 +29,7 @@ class RewardResult:
     errors: int = 0  # calls that raised, crashed their worker or returned a non-number
     timeouts: int = 0  # calls cut off at the timeout
     error_messages: list[str] = field(default_factory=list)
+    call_seconds: list[float] = field(default_factory=list)  # time inside the reward, per call
 
     def count(self, kind: str, message: str) -> None:
         if kind == "timeout":
@@ -93,6 +94,7 @@ class RewardRunner:
         planned = self._plan(completions, samples)
         result = RewardResult(scores=torch.zeros(len(completions)), accuracy=None)
         for (first_row, call), outcome in zip(planned, self._run([call for _, call in planned])):
+            result.call_seconds.append(outcome.seconds)
             for offset in range(len(call.completions)):
                 self._add(result, self.entries[call.entry], first_row + offset, len(completions), outcome, offset)
         return result
@@ -129,17 +131,7 @@ class RewardRunner:
     def _run(self, calls: list[RewardCall]) -> list[Outcome]:
         if self.pool is not None:
             return self.pool.run(calls)
-        return [self._call_here(call) for call in calls]
-
-    def _call_here(self, call: RewardCall) -> Outcome:
-        entry = self.entries[call.entry]
-        try:
-            return Outcome("ok", values=call_reward(self.functions[call.entry], call.completions, call.samples,
-                                                    entry.params))
-        except TimeoutError as err:
-            return Outcome("timeout", message=f"{type(err).__name__}: {err}")
-        except Exception as err:  # a reward bug must not kill training, and must not hide
-            return Outcome("error", message=f"{type(err).__name__}: {err}")
+        return [outcome_of(self.functions[call.entry], call, self.entries[call.entry].params) for call in calls]
 
     def close(self) -> None:
         if self.pool is not None:

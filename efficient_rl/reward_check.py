@@ -55,16 +55,18 @@ def check_reward(spec: str, data: Path, completion_key: str = "completion", para
     return format_report(spec, rows, result, seconds)
 
 
+def quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
 def format_report(spec: str, rows: list[dict], result, seconds: float) -> str:
-    scores = sorted(result.scores.tolist())
-
-    def quantile(q: float) -> float:
-        return scores[min(len(scores) - 1, int(q * len(scores)))]
-
+    scores, calls = sorted(result.scores.tolist()), sorted(result.call_seconds)
     lines = [
         f"reward {spec} on {len(rows)} samples: {seconds:.2f} s, {len(rows) / seconds:.0f} samples/s",
-        f"score   mean {statistics.fmean(scores):.4f}  min {scores[0]:.4f}  p50 {quantile(0.5):.4f}  "
-        f"p90 {quantile(0.9):.4f}  max {scores[-1]:.4f}",
+        f"score   mean {statistics.fmean(scores):.4f}  min {scores[0]:.4f}  p50 {quantile(scores, 0.5):.4f}  "
+        f"p90 {quantile(scores, 0.9):.4f}  max {scores[-1]:.4f}",
+        f"call    p50 {quantile(calls, 0.5) * 1e3:.2f} ms  p90 {quantile(calls, 0.9) * 1e3:.2f} ms  "
+        f"max {calls[-1] * 1e3:.2f} ms  (time inside the reward; calls cut off at the timeout count 0)",
         "values  " + "  ".join(f"{value:g}: {count}" for value, count in Counter(scores).most_common(8)),
     ]
     if result.accuracy is not None:

@@ -32,23 +32,32 @@ class Outcome:
     status: str  # "ok", "error" or "timeout"
     values: list | None = None  # the reward's raw return values, one per completion
     message: str = ""
+    seconds: float = 0.0  # time inside the reward (0 when the worker gave no answer)
+
+
+def outcome_of(function, call: RewardCall, params: dict) -> Outcome:
+    """Call the reward; its failure becomes the outcome, never the caller's exception."""
+    started = time.perf_counter()
+    try:
+        values = call_reward(function, call.completions, call.samples, params)
+        return Outcome("ok", values=values, seconds=time.perf_counter() - started)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # math-verify's TimeoutException is a BaseException
+        # A reward's own timeout (raised as TimeoutError, as the math reward does) counts as one.
+        status = "timeout" if isinstance(err, TimeoutError) else "error"
+        return Outcome(status, message=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - started)
 
 
 def worker_main(connection, references: list[tuple[str, dict]]) -> None:
-    """Serve calls until told to stop (None). Each answer is (status, values or message)."""
+    """Serve calls until told to stop (None), answering each with its Outcome."""
     functions = [load_reward(reference) for reference, _ in references]
     connection.send(("ready", None))  # call timeouts start only now, after the imports
     while True:
         call = connection.recv()
         if call is None:
             return
-        reference, params = references[call.entry]
-        try:
-            connection.send(("ok", call_reward(functions[call.entry], call.completions, call.samples, params)))
-        except TimeoutError as err:  # the reward's own timeout (math-verify's): counted as one
-            connection.send(("timeout", f"{type(err).__name__}: {err}"))
-        except BaseException as err:  # the reward's failure is reported, never the worker's death
-            connection.send(("error", f"{type(err).__name__}: {err}"))
+        connection.send(outcome_of(functions[call.entry], call, references[call.entry][1]))
 
 
 class Worker:
@@ -113,11 +122,10 @@ class RewardPool:
     def _answer(self, slot: int) -> Outcome:
         worker = self.workers[slot]
         try:
-            status, payload = worker.connection.recv()
+            return worker.connection.recv()
         except (EOFError, OSError):
             self._replace(slot)
             return Outcome("error", message=f"reward worker died (exit code {worker.process.exitcode})")
-        return Outcome("ok", values=payload) if status == "ok" else Outcome(status, message=payload)
 
     def _replace(self, slot: int) -> None:
         self.workers[slot].kill()

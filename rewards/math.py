@@ -22,10 +22,16 @@ def last_boxed(text: str) -> str | None:
     return None  # unclosed: the response was cut off inside the answer
 
 
-def extract_answer(text: str, fallback_last_number: bool = True) -> str | None:
-    boxed = last_boxed(text)
-    if boxed is not None or not fallback_last_number:
-        return boxed
+def extract_answer(text: str, fallback_last_number: bool = True, answer_pattern: str | None = None) -> str | None:
+    """The last \\boxed{...}; or, with `answer_pattern` (a regex), group 1 of its last match
+    instead; then, if allowed, the last number."""
+    if answer_pattern is not None:
+        matches = list(re.finditer(answer_pattern, text))
+        answer = (matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)) if matches else None
+    else:
+        answer = last_boxed(text)
+    if answer is not None or not fallback_last_number:
+        return answer
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -65,12 +71,13 @@ def math_verify_equal(predicted: str, reference: str, timeout: int) -> bool:
 
 
 def math_reward(completion: str, sample: dict, fallback_last_number: bool = False, use_math_verify: bool = True,
-                timeout: int = 2) -> dict:
+                timeout: int = 2, answer_pattern: str | None = None) -> dict:
     """1.0 if the extracted answer equals sample["answer"], else 0.0.
 
     The last-number fallback is off by default: with it, a response cut off mid-reasoning can be
     scored correct by accident, which would hide the truncation the length penalty relies on.
+    `answer_pattern` replaces the boxed extraction, e.g. r"Answer:\\s*(\\S+)".
     """
-    predicted = extract_answer(completion, fallback_last_number)
+    predicted = extract_answer(completion, fallback_last_number, answer_pattern)
     correct = predicted is not None and answers_match(predicted, str(sample["answer"]), use_math_verify, timeout)
     return {"score": float(correct), "accuracy": float(correct)}

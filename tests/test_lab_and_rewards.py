@@ -166,3 +166,11 @@ def test_length_helpers():
     assert length_reward("one two three four five", {}, max_words=20) == {"score": 0.75, "words": 5.0}
     assert length_reward("w " * 50, {}, max_words=20)["score"] == 0.0
     assert length_metric("a b c", {}) == {"score": 0.0, "words": 3.0}
+
+
+def test_math_answer_extraction_is_configurable():
+    pattern = {"answer_pattern": r"Answer:\s*(\S+)"}
+    assert math_reward("work... Answer: 12", {"answer": "12"}, **pattern)["score"] == 1.0
+    assert math_reward("Answer: 3, no wait. Answer: 12", {"answer": "12"}, **pattern)["score"] == 1.0  # the last
+    assert math_reward("\\boxed{12}", {"answer": "12"}, **pattern)["score"] == 0.0  # the box is not the pattern
+    assert math_reward("it is 12", {"answer": "12"}, fallback_last_number=True, **pattern)["score"] == 1.0

@@ -171,7 +171,7 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     report = result.stdout
     assert "on 5 samples" in report and "samples/s" in report
     assert "mean 0.2400" in report and "max 0.6000" in report  # (0.2 + 0.4 + 0 + 0 + 0.6) / 5
-    assert "metric  hostile_reward/chars: mean" in report
+    assert "metric  hostile_reward/chars: mean" in report and "call    p50" in report
     assert "errors 1  timeouts 1" in report and "verifier crashed" in report and "no answer within 2 s" in report
 
     missing = subprocess.run(check + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True,
