@@ -50,6 +50,18 @@ def cmd_reward_check(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from efficient_rl.eval.tradeoff import EvalSpec, report_markdown, run
+
+    spec = EvalSpec(models=args.models, data=args.data, budgets=args.budgets, samples=args.samples,
+                    problems=args.problems, temperature=args.temperature, top_p=args.top_p, reward=args.reward,
+                    seed=args.seed)
+    result = run(spec, Path(args.out))
+    print(report_markdown(result))
+    print(f"outputs: {args.out}/eval.json, report.md, tradeoff.png, lengths.png")
+    return 0
+
+
 def cmd_lab(args) -> int:
     from efficient_rl.lab.build import lab_model_dir
 
@@ -82,6 +94,19 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=2, help="reward worker processes (0: in this process)")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     check.set_defaults(handler=cmd_reward_check)
+
+    evaluate = commands.add_parser("eval", help="length/accuracy trade-offs of models x token budgets")
+    evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>")
+    evaluate.add_argument("--data", default="lab:quickstart", help="lab:<preset> (held-out split) or a JSONL file")
+    evaluate.add_argument("--budgets", type=int, nargs="+", default=[256], help="response token caps")
+    evaluate.add_argument("--samples", type=int, default=4, help="samples per question")
+    evaluate.add_argument("--problems", type=int, default=200, help="questions (the first N)")
+    evaluate.add_argument("--temperature", type=float, default=0.6)
+    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--reward", default="math", help="the verifier: any reward reference")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
+    evaluate.set_defaults(handler=cmd_eval)
 
     lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
     lab.add_argument("preset", nargs="?", default="quickstart")

@@ -75,5 +75,6 @@ def distance_from_oracle(point: Point, frontier: list[tuple[float, float]]) -> d
     oracle_length = oracle_length_at(frontier, point.accuracy)
     return {
         "accuracy_gap": oracle_accuracy_at(frontier, point.mean_length) - point.accuracy,
-        "length_ratio": point.mean_length / oracle_length if oracle_length > 0 else math.inf,
+        # Undefined at accuracy 0, where the oracle spends nothing.
+        "length_ratio": point.mean_length / oracle_length if oracle_length > 0 else math.nan,
     }

@@ -1,0 +1,272 @@
+"""`efficient-rl eval`: models x token budgets on a benchmark, with length/accuracy trade-offs.
+
+Generations are cached per (model, budget) as JSONL, a chunk of questions at a time, each chunk
+from its own seed: a killed evaluation resumes where it stopped, and a re-run with new metrics
+reuses every generation. Scores come from the same reward plugins training uses.
+
+out/
+  generations/<model>@<budget>.jsonl   one line per question: its completions, lengths, truncation
+  eval.json                            every metric per (model, budget), frontiers, distances
+  report.md, tradeoff.png, lengths.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from efficient_rl.config import ConfigError, DataSection, RewardEntry
+from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
+                                        token_complexities)
+from efficient_rl.eval.metrics import Sample, bootstrap_interval, maj_at_k, pass_at_k, short_m_at_k, tradeoff_summary
+from efficient_rl.reward import RewardRunner
+from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rewards.math import extract_answer
+
+CHUNK = 16  # questions generated (and cached) together
+
+
+@dataclass
+class EvalSpec:
+    models: list[str]  # model directories (checkpoints too) or "lab:<preset>"
+    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split) or a JSONL file
+    budgets: list[int] = field(default_factory=lambda: [256])  # response token caps
+    samples: int = 4  # per question
+    problems: int = 200
+    temperature: float = 0.6
+    top_p: float = 0.95
+    reward: str = "math"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    seed: int = 0
+
+
+def model_directory(reference: str) -> Path:
+    from efficient_rl.lab.build import PRESETS, lab_model_dir
+
+    if reference.startswith("lab:"):
+        preset = reference.removeprefix("lab:")
+        if preset not in PRESETS:
+            raise ConfigError(f"model {reference}: unknown lab preset; known: {', '.join(sorted(PRESETS))}")
+        return lab_model_dir(preset)
+    path = Path(reference)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {reference}: not a model directory (no config.json)")
+    return path
+
+
+def label(reference: str, budget: int) -> str:
+    """Short and file-name safe: lab_quickstart@256, a directory's name, a checkpoint as run/step-N."""
+    if reference.startswith("lab:"):
+        name = "lab_" + reference.removeprefix("lab:")
+    else:
+        parts = Path(reference).resolve().parts
+        name = f"{parts[-3]}_{parts[-1]}" if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"@{budget}"
+
+
+def load_questions(spec: EvalSpec) -> list[dict]:
+    from efficient_rl.data import load_split
+
+    data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key)
+    return load_split(spec.data, "heldout", data, spec.seed, "--data")[: spec.problems]
+
+
+def cached_generations(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["question"]: row for row in rows}
+
+
+def generate(model_dir: Path, questions: list[dict], budget: int, spec: EvalSpec, path: Path) -> list[dict]:
+    """Every question's generations, from the cache where present; missing chunks are generated
+    and appended one chunk at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from efficient_rl.prompts import encode_prompt, load_tokenizer
+    from efficient_rl.rollout.hf import TransformersEngine
+
+    done = cached_generations(path)
+    engine = None
+    for start in range(0, len(questions), CHUNK):
+        chunk = questions[start: start + CHUNK]
+        if all(q["question"] in done for q in chunk):
+            continue
+        if engine is None:
+            tokenizer = load_tokenizer(model_dir)
+            engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                        tokenizer)
+            context = engine.model.config.max_position_embeddings
+        prompts = [encode_prompt(engine.tokenizer, q["question"]) for q in chunk]
+        if max(map(len, prompts)) + budget > context:
+            raise ConfigError(f"budget {budget}: a prompt of {max(map(len, prompts))} tokens plus the budget exceeds "
+                              f"the model's context of {context} tokens")
+        settings = SamplingSettings(n=spec.samples, max_new_tokens=budget, temperature=spec.temperature,
+                                    top_p=spec.top_p)
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed * 1_000_003 + budget * 1009 + start)  # a chunk's own stream
+            batch = engine.generate(prompts, chunk, list(range(len(chunk))), settings)
+        lengths, truncated = batch.response_lengths.tolist(), batch.truncated.tolist()
+        with path.open("a") as cache:
+            for i, question in enumerate(chunk):
+                rows = range(i * spec.samples, (i + 1) * spec.samples)
+                record = {"question": question["question"], "answer": question["answer"],
+                          "completions": [batch.completions[r] for r in rows],
+                          "lengths": [lengths[r] for r in rows], "truncated": [truncated[r] for r in rows]}
+                cache.write(json.dumps(record) + "\n")
+                done[question["question"]] = record
+    return [done[q["question"]] for q in questions]
+
+
+def score(records: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
+    completions = [c for r in records for c in r["completions"]]
+    samples = [{"question": r["question"], "answer": r["answer"]} for r in records for _ in r["completions"]]
+    result = rewards.score(completions, samples)
+    correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
+    flat = [Sample(extract_answer(c, fallback_last_number=False), bool(ok), length, cut)
+            for c, ok, length, cut in zip(completions, correct,
+                                          [n for r in records for n in r["lengths"]],
+                                          [t for r in records for t in r["truncated"]])]
+    size = len(records[0]["completions"])
+    return [flat[i: i + size] for i in range(0, len(flat), size)]
+
+
+def run_metrics(questions: list[list[Sample]], n: int) -> dict[str, float]:
+    per_question_accuracy = [sum(s.correct for s in q) / n for q in questions]
+    low, high = bootstrap_interval(per_question_accuracy, lambda xs: sum(xs) / len(xs))
+    metrics = {**tradeoff_summary(questions), "pass@1/ci_low": low, "pass@1/ci_high": high}
+    for k in sorted({1, n}):
+        metrics[f"pass@{k}"] = sum(pass_at_k(q, k) for q in questions) / len(questions)
+        metrics[f"maj@{k}"] = sum(maj_at_k(q, k) for q in questions) / len(questions)
+        metrics[f"short-1@{k}"] = sum(short_m_at_k(q, 1, k) for q in questions) / len(questions)
+    return metrics
+
+
+def evaluate_models(spec: EvalSpec, out: Path) -> dict:
+    for budget in spec.budgets:
+        if budget < 1:
+            raise ConfigError(f"--budgets: expected positive token caps, got {budget}")
+    directories = {reference: model_directory(reference) for reference in spec.models}
+    questions = load_questions(spec)
+    (out / "generations").mkdir(parents=True, exist_ok=True)
+    rewards = RewardRunner([RewardEntry(name=spec.reward)], workers=2, timeout=10.0)
+    runs, per_question = {}, {}
+    try:
+        for reference, directory in directories.items():
+            for budget in spec.budgets:
+                name = label(reference, budget)
+                records = generate(directory, questions, budget, spec, out / "generations" / f"{name}.jsonl")
+                scored = score(records, rewards)
+                runs[name] = {"model": reference, "budget": budget, **run_metrics(scored, spec.samples),
+                              "lengths": {kind: [s.length for q in scored for s in q if s.correct == want]
+                                           for kind, want in (("correct", True), ("incorrect", False))}}
+                per_question[name] = {r["question"]: [(s.correct, s.length) for s in q]
+                                      for r, q in zip(records, scored)}
+    finally:
+        rewards.close()
+    return summarize(spec, runs, per_question)
+
+
+def summarize(spec: EvalSpec, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
+    points = [Point(name, run["length/mean"], run["pass@1"]) for name, run in runs.items()]
+    oracle = oracle_frontier(token_complexities(list(per_question.values())))
+    for point in points:
+        runs[point.name]["oracle"] = distance_from_oracle(point, oracle)
+    return {"spec": asdict(spec), "runs": runs, "pareto": [p.name for p in pareto_frontier(points)],
+            "oracle_frontier": oracle}
+
+
+# ---------------------------------------------------------------- outputs
+def write_outputs(result: dict, out: Path) -> None:
+    (out / "eval.json").write_text(json.dumps(result, indent=2, default=str, allow_nan=True)
+                                   .replace("Infinity", "null").replace("NaN", "null"))
+    (out / "report.md").write_text(report_markdown(result))
+    plot_tradeoff(result, out / "tradeoff.png")
+    plot_lengths(out, result, out / "lengths.png")
+
+
+def report_markdown(result: dict) -> str:
+    spec = result["spec"]
+    lines = [f"# Length / accuracy trade-off on {spec['data']}", "",
+             f"{spec['problems']} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
+             f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.", "",
+             "| run | pass@1 (95% CI) | maj@n | short-1@n | mean length | p90 | truncated | tokens / correct "
+             "| acc / 1k tokens | vs oracle: accuracy gap, length x |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    n = spec["samples"]
+    for name, run in result["runs"].items():
+        pareto = " (Pareto)" if name in result["pareto"] else ""
+        lines.append(
+            f"| {name}{pareto} | {run['pass@1']:.3f} ({run['pass@1/ci_low']:.3f}-{run['pass@1/ci_high']:.3f}) "
+            f"| {run[f'maj@{n}']:.3f} | {run[f'short-1@{n}']:.3f} | {run['length/mean']:.1f} | {run['length/p90']:.0f} "
+            f"| {run['truncation_rate']:.3f} | {run['tokens_per_correct']:.1f} | {run['accuracy_per_1k_tokens']:.2f} "
+            f"| {run['oracle']['accuracy_gap']:+.3f}, {run['oracle']['length_ratio']:.2f}x |")
+    lines += ["", "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
+              "response any run produced per question (token complexity); see `tradeoff.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    runs = result["runs"]
+    right = 1.1 * max(run["length/mean"] for run in runs.values())
+    oracle = result["oracle_frontier"] + [(right, result["oracle_frontier"][-1][1])]  # flat past its reach
+    axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--",
+              label="oracle frontier (token complexity)")
+    pareto = [runs[name] for name in result["pareto"]]
+    axis.plot([r["length/mean"] for r in pareto], [r["pass@1"] for r in pareto], color="tab:red",
+              drawstyle="steps-post", marker="s", markersize=11, markerfacecolor="none",
+              label="Pareto frontier of the runs")
+    for name, run in runs.items():
+        axis.errorbar(run["length/mean"], run["pass@1"], yerr=[[run["pass@1"] - run["pass@1/ci_low"]],
+                                                               [run["pass@1/ci_high"] - run["pass@1"]]],
+                      marker="o", capsize=3, linestyle="none")
+        axis.annotate(name, (run["length/mean"], run["pass@1"]), textcoords="offset points", xytext=(5, 5),
+                      fontsize=8)
+    axis.set_xlabel("mean response length (tokens)")
+    axis.set_ylabel("pass@1 (95% bootstrap CI)")
+    axis.set_ylim(-0.02, 1.05)
+    axis.set_xlim(left=0)
+    axis.set_title("accuracy vs response length")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_lengths(out: Path, result: dict, path: Path) -> None:
+    """Histograms of response lengths, correct vs incorrect, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["runs"])
+    figure, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
+    for axis, name in zip(axes[:, 0], names):
+        lengths = result["runs"][name]["lengths"]
+        axis.hist([lengths["correct"], lengths["incorrect"]], bins=30, stacked=True,
+                  color=["tab:green", "tab:red"], label=["correct", "incorrect"])
+        axis.set_title(name, fontsize=9)
+        axis.set_ylabel("responses")
+        axis.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("response length (tokens)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(spec: EvalSpec, out: Path) -> dict:
+    result = evaluate_models(spec, out)
+    write_outputs(result, out)
+    return result

@@ -1,0 +1,87 @@
+"""`efficient-rl eval` end to end on lab models: outputs, resume, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RECIPES
+from efficient_rl.config import ConfigError
+from efficient_rl.eval.tradeoff import EvalSpec, run
+from efficient_rl.rollout.hf import TransformersEngine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A one-step training checkpoint of the tiny lab model."""
+    from conftest import TINY_OVERRIDES
+
+    out = tmp_path_factory.mktemp("runs")
+    result = subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *TINY_OVERRIDES,
+         "steps=1", "eval.before_training=false", "eval.after_training=false", f"logging.output_dir={out}",
+         "logging.name=tiny"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "tiny" / "checkpoints" / "step-00000001"
+
+
+def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_model_dir, checkpoint):
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "eval", "lab:tiny", str(checkpoint), "--data", "lab:tiny",
+         "--budgets", "8", "24", "--samples", "2", "--problems", "6", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((out / "eval.json").read_text())
+    names = {"lab_tiny@8", "lab_tiny@24", "tiny_step-00000001@8", "tiny_step-00000001@24"}
+    assert set(saved["runs"]) == names and set(saved["pareto"]) <= names
+    for run_metrics in saved["runs"].values():
+        for key in ("pass@1", "pass@1/ci_low", "pass@2", "maj@2", "short-1@2", "length/mean", "length_correct/mean",
+                    "length_incorrect/p90", "truncation_rate", "tokens_per_correct", "accuracy_per_1k_tokens"):
+            assert key in run_metrics, key
+        assert run_metrics["length/max"] <= run_metrics["budget"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {name}" in report for name in names)
+    for plot in ("tradeoff.png", "lengths.png"):
+        assert (out / plot).stat().st_size > 10_000
+    assert len((out / "generations" / "lab_tiny@8.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, tiny_model_dir, monkeypatch):
+    spec = EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[12], samples=2, problems=40)
+    cache = tmp_path / "generations" / "lab_tiny@12.jsonl"
+    generate = TransformersEngine.generate
+    calls = []
+
+    def killed_on_the_second_chunk(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the eval is killed mid-way
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersEngine, "generate", killed_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path)
+    first_chunk = cache.read_text()
+    assert len(first_chunk.splitlines()) == 16
+    monkeypatch.setattr(TransformersEngine, "generate", lambda self, *a, **k: calls.append(len(a[0])) or
+                        generate(self, *a, **k))
+    calls.clear()
+    result = run(spec, tmp_path)
+    assert calls == [16, 8]  # only the two missing chunks
+    assert cache.read_text().startswith(first_chunk) and len(cache.read_text().splitlines()) == 40
+    calls.clear()
+    again = run(spec, tmp_path)  # everything cached: metrics are recomputed from the generations
+    assert calls == [] and again["runs"] == result["runs"]
+
+
+@pytest.mark.parametrize("models, budgets, message", [
+    (["/does/not/exist"], [8], "not a model directory"),
+    (["lab:nope"], [8], "unknown lab preset"),
+    (["lab:tiny"], [0], "expected positive token caps"),
+    (["lab:tiny"], [10_000], "exceeds the model's context"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, tiny_model_dir, models, budgets, message):
+    with pytest.raises(ConfigError, match=message):
+        run(EvalSpec(models=models, data="lab:tiny", budgets=budgets, samples=1, problems=2), tmp_path)
