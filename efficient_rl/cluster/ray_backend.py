@@ -11,14 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker
 from efficient_rl.cluster.backends import Components
-from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.runtime import start_ray
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
 
