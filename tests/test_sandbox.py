@@ -34,8 +34,9 @@ def test_a_plain_program_runs_with_its_stdin():
 
 
 @pytest.mark.parametrize("name, program, reason, message", [
-    ("writing outside its directory", "open({project!r} + '/PWNED', 'w').write('x')", "exit code 1",
-     "Permission denied"),
+    ("writing outside its directory", "open('/etc/PWNED', 'w').write('x')", "exit code 1", "Permission denied"),
+    ("writing into the project", "open({project!r} + '/PWNED', 'w').write('x')", "exit code 1",
+     "Error"),  # Permission denied, or No such file when the checkout lives under the private /tmp
     ("deleting a host file", "import os; os.remove({marker!r})", "exit code 1", "No such file"),
     ("opening a socket", "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)", "exit code 1",
      "Network is unreachable"),
@@ -56,7 +57,8 @@ def test_hostile_programs_are_contained(bait, name, program, reason, message):
     assert message in result.stderr
     assert time.monotonic() - started < LIMITS.timeout + 5
     assert len(result.stdout) <= LIMITS.output_bytes
-    assert marker.read_text() == "host data" and not os.path.exists(os.path.join(project, "PWNED"))
+    assert marker.read_text() == "host data"
+    assert not os.path.exists(os.path.join(project, "PWNED")) and not os.path.exists("/etc/PWNED")
 
 
 SOLUTION = "Here it is:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\nDone."
