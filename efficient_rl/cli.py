@@ -51,14 +51,20 @@ def cmd_reward_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from efficient_rl.eval.tradeoff import EvalSpec, report_markdown, run
+    from efficient_rl.eval.tradeoff import EvalSpec, compare, report_markdown, run, write_outputs
 
-    spec = EvalSpec(models=args.models, data=args.data, budgets=args.budgets, samples=args.samples,
-                    problems=args.problems, temperature=args.temperature, top_p=args.top_p, reward=args.reward,
-                    seed=args.seed)
-    result = run(spec, Path(args.out))
+    if args.models[0] == "compare":  # efficient-rl eval compare DIR... --out DIR
+        if len(args.models) < 2:
+            raise ConfigError("eval compare: give the output directories of one or more evaluations")
+        result = compare([Path(directory) for directory in args.models[1:]])
+        write_outputs(result, Path(args.out))
+    else:
+        spec = EvalSpec(models=args.models, data=args.data, budgets=args.budgets, samples=args.samples,
+                        problems=args.problems, temperature=args.temperature, top_p=args.top_p,
+                        reward=args.reward, seed=args.seed)
+        result = run(spec, Path(args.out))
     print(report_markdown(result))
-    print(f"outputs: {args.out}/eval.json, report.md, tradeoff.png, lengths.png")
+    print(f"outputs: {args.out}/eval.json, report.md, report.html, tradeoff.png, lengths.png")
     return 0
 
 
@@ -95,8 +101,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     check.set_defaults(handler=cmd_reward_check)
 
-    evaluate = commands.add_parser("eval", help="length/accuracy trade-offs of models x token budgets")
-    evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>")
+    evaluate = commands.add_parser("eval", help="length/accuracy trade-offs of models x token budgets; "
+                                                "`eval compare DIR...` merges evaluations")
+    evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>; "
+                                                    "or `compare` and evaluation output directories")
     evaluate.add_argument("--data", default="lab:quickstart", help="lab:<preset> (held-out split) or a JSONL file")
     evaluate.add_argument("--budgets", type=int, nargs="+", default=[256], help="response token caps")
     evaluate.add_argument("--samples", type=int, default=4, help="samples per question")

@@ -37,7 +37,7 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     names = {"lab_tiny@8", "lab_tiny@24", "tiny_step-00000001@8", "tiny_step-00000001@24"}
     assert set(saved["runs"]) == names and set(saved["pareto"]) <= names
     for run_metrics in saved["runs"].values():
-        for key in ("pass@1", "pass@1/ci_low", "pass@2", "maj@2", "short-1@2", "length/mean", "length_correct/mean",
+        for key in ("pass@1", "pass@1/ci_low", "pass@2", "maj@1", "maj@2", "short-1@2", "length/mean", "length_correct/mean",
                     "length_incorrect/p90", "truncation_rate", "tokens_per_correct", "accuracy_per_1k_tokens"):
             assert key in run_metrics, key
         assert run_metrics["length/max"] <= run_metrics["budget"]
@@ -45,7 +45,19 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     assert all(f"| {name}" in report for name in names)
     for plot in ("tradeoff.png", "lengths.png"):
         assert (out / plot).stat().st_size > 10_000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and page.count("<tr>") == 5  # header + 4 runs
     assert len((out / "generations" / "lab_tiny@8.jsonl").read_text().splitlines()) == 6
+
+    # Another evaluation at a third budget, then both on one set of frontiers.
+    other = tmp_path / "eval-16"
+    run(EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[16], samples=2, problems=6), other)
+    merged = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "eval", "compare", str(out), str(other),
+                             "--out", str(tmp_path / "both")], capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    both = json.loads((tmp_path / "both" / "eval.json").read_text())
+    assert set(both["runs"]) == names | {"lab_tiny@16"}
+    assert both["runs"]["lab_tiny@8"]["pass@1"] == saved["runs"]["lab_tiny@8"]["pass@1"]
 
 
 def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, tiny_model_dir, monkeypatch):

@@ -7,12 +7,16 @@ reuses every generation. Scores come from the same reward plugins training uses.
 out/
   generations/<model>@<budget>.jsonl   one line per question: its completions, lengths, truncation
   eval.json                            every metric per (model, budget), frontiers, distances
-  report.md, tradeoff.png, lengths.png
+  report.md, tradeoff.png, lengths.png, report.html (self-contained)
+`efficient-rl eval compare DIR...` puts the runs of several evaluations on one set of frontiers.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,7 +144,7 @@ def run_metrics(questions: list[list[Sample]], n: int) -> dict[str, float]:
     per_question_accuracy = [sum(s.correct for s in q) / n for q in questions]
     low, high = bootstrap_interval(per_question_accuracy, lambda xs: sum(xs) / len(xs))
     metrics = {**tradeoff_summary(questions), "pass@1/ci_low": low, "pass@1/ci_high": high}
-    for k in sorted({1, n}):
+    for k in sorted({1, n} | {2 ** i for i in range(1, n.bit_length()) if 2 ** i <= n}):  # 1, 2, 4, ..., n
         metrics[f"pass@{k}"] = sum(pass_at_k(q, k) for q in questions) / len(questions)
         metrics[f"maj@{k}"] = sum(maj_at_k(q, k) for q in questions) / len(questions)
         metrics[f"short-1@{k}"] = sum(short_m_at_k(q, 1, k) for q in questions) / len(questions)
@@ -162,32 +166,85 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                 name = label(reference, budget)
                 records = generate(directory, questions, budget, spec, out / "generations" / f"{name}.jsonl")
                 scored = score(records, rewards)
-                runs[name] = {"model": reference, "budget": budget, **run_metrics(scored, spec.samples),
+                runs[name] = {"model": reference, "budget": budget, "samples": spec.samples,
+                              **run_metrics(scored, spec.samples),
                               "lengths": {kind: [s.length for q in scored for s in q if s.correct == want]
                                            for kind, want in (("correct", True), ("incorrect", False))}}
                 per_question[name] = {r["question"]: [(s.correct, s.length) for s in q]
                                       for r, q in zip(records, scored)}
     finally:
         rewards.close()
-    return summarize(spec, runs, per_question)
+    return summarize(asdict(spec), runs, per_question)
 
 
-def summarize(spec: EvalSpec, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
+def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
+    """Frontiers over the runs. `per_question` maps run -> question -> [(correct, length)]."""
     points = [Point(name, run["length/mean"], run["pass@1"]) for name, run in runs.items()]
     oracle = oracle_frontier(token_complexities(list(per_question.values())))
     for point in points:
         runs[point.name]["oracle"] = distance_from_oracle(point, oracle)
-    return {"spec": asdict(spec), "runs": runs, "pareto": [p.name for p in pareto_frontier(points)],
-            "oracle_frontier": oracle}
+    return {"spec": spec, "runs": runs, "pareto": [p.name for p in pareto_frontier(points)],
+            "oracle_frontier": oracle, "per_question": per_question}
+
+
+def compare(directories: list[Path]) -> dict:
+    """Runs of several evaluations (their eval.json) on one set of frontiers; a run name that
+    appears twice is prefixed with its directory's name."""
+    runs, per_question, specs = {}, {}, []
+    for directory in directories:
+        path = Path(directory) / "eval.json"
+        if not path.is_file():
+            raise ConfigError(f"eval compare: {path} not found (run efficient-rl eval --out {directory} first)")
+        saved = json.loads(path.read_text())
+        specs.append(saved["spec"])
+        for name, run in saved["runs"].items():
+            key = f"{Path(directory).name}/{name}" if name in runs else name
+            # JSON stored inf / NaN as null; the oracle distances are recomputed on the merged frontier.
+            runs[key] = {k: math.nan if v is None else v for k, v in run.items() if k != "oracle"}
+            per_question[key] = saved["per_question"][name]
+    if len({(s["data"], s["problems"]) for s in specs}) > 1:
+        raise ConfigError("eval compare: the evaluations used different data or question counts")
+    return summarize({**specs[0], "compared": [str(d) for d in directories]}, runs, per_question)
 
 
 # ---------------------------------------------------------------- outputs
 def write_outputs(result: dict, out: Path) -> None:
-    (out / "eval.json").write_text(json.dumps(result, indent=2, default=str, allow_nan=True)
-                                   .replace("Infinity", "null").replace("NaN", "null"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(json_safe(result), indent=1))
     (out / "report.md").write_text(report_markdown(result))
     plot_tradeoff(result, out / "tradeoff.png")
     plot_lengths(out, result, out / "lengths.png")
+    (out / "report.html").write_text(report_html(result, out))
+
+
+def json_safe(value):
+    """Non-finite floats as null (JSON has no inf or NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def report_html(result: dict, out: Path) -> str:
+    """One self-contained page: the table and both plots embedded."""
+    rows = [line for line in report_markdown(result).splitlines() if line.startswith("|")]
+    cells = [[html.escape(cell.strip()) for cell in row.strip("|").split("|")] for row in rows]
+    table = "<tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
+    images = "".join(
+        f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,'
+        f'{base64.b64encode((out / name).read_bytes()).decode()}">'
+        for title, name in (("Accuracy vs response length", "tradeoff.png"),
+                            ("Response lengths, correct vs incorrect", "lengths.png")))
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;" \
+            "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+    header = html.escape(report_markdown(result).splitlines()[2])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>efficient-rl eval</title>"
+            f"<style>{style}</style></head><body><h1>Length / accuracy trade-off on {html.escape(result['spec']['data'])}"
+            f"</h1><p>{header}</p><table>{table}</table>{images}</body></html>\n")
 
 
 def report_markdown(result: dict) -> str:
@@ -198,8 +255,8 @@ def report_markdown(result: dict) -> str:
              "| run | pass@1 (95% CI) | maj@n | short-1@n | mean length | p90 | truncated | tokens / correct "
              "| acc / 1k tokens | vs oracle: accuracy gap, length x |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    n = spec["samples"]
     for name, run in result["runs"].items():
+        n = run["samples"]
         pareto = " (Pareto)" if name in result["pareto"] else ""
         lines.append(
             f"| {name}{pareto} | {run['pass@1']:.3f} ({run['pass@1/ci_low']:.3f}-{run['pass@1/ci_high']:.3f}) "
