@@ -87,6 +87,12 @@ def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, t
     again = run(spec, tmp_path)  # everything cached: metrics are recomputed from the generations
     assert calls == [] and again["runs"] == result["runs"]
 
+    cache.write_text(cache.read_text() + '{"question": "cut sho')  # a kill in the middle of a line
+    run(spec, tmp_path)
+    assert calls == [] and len(cache.read_text().splitlines()) == 40
+    with pytest.raises(ConfigError, match="used temperature=0.6, not 1.0; choose another --out"):
+        run(EvalSpec(**{**spec.__dict__, "temperature": 1.0}), tmp_path)
+
 
 @pytest.mark.parametrize("models, budgets, message", [
     (["/does/not/exist"], [8], "not a model directory"),

@@ -80,11 +80,37 @@ def load_questions(spec: EvalSpec) -> list[dict]:
     return load_split(spec.data, "heldout", data, spec.seed, "--data")[: spec.problems]
 
 
+GENERATION_SETTINGS = ("data", "samples", "temperature", "top_p", "seed", "question_key", "answer_key")
+
+
+def check_cache(spec: EvalSpec, out: Path) -> None:
+    """Cached generations are reused only under the settings that made them."""
+    saved_path, current = out / "generation_settings.json", {k: getattr(spec, k) for k in GENERATION_SETTINGS}
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        changed = [k for k in GENERATION_SETTINGS if saved.get(k) != current[k]]
+        if changed:
+            raise ConfigError(f"--out {out}: its cached generations used {changed[0]}={saved.get(changed[0])!r}, "
+                              f"not {current[changed[0]]!r}; choose another --out")
+    else:
+        saved_path.write_text(json.dumps(current, indent=1))
+
+
 def cached_generations(path: Path) -> dict[str, dict]:
+    """The cached records; a line cut short by a kill is dropped (and removed from the file)."""
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["question"]: row for row in rows}
+    records, lines = {}, path.read_text().splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        try:
+            record = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            record = None
+        if record is None:
+            path.write_text("".join(lines[:number]))
+            break
+        records[record["question"]] = record
+    return records
 
 
 def generate(model_dir: Path, questions: list[dict], budget: int, spec: EvalSpec, path: Path) -> list[dict]:
@@ -158,6 +184,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
     directories = {reference: model_directory(reference) for reference in spec.models}
     questions = load_questions(spec)
     (out / "generations").mkdir(parents=True, exist_ok=True)
+    check_cache(spec, out)
     rewards = RewardRunner([RewardEntry(name=spec.reward)], workers=2, timeout=10.0)
     runs, per_question = {}, {}
     try:
