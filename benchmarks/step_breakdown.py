@@ -37,23 +37,14 @@ STAGES = ["timing/generate", "timing/reward", "timing/learn", "timing/sync", "st
 
 def run_config(name: str, steps: int) -> dict:
     """Train in this process; returns per-stage medians and the wall time including start-up."""
-    from efficient_rl.checkpoint import RunDir
     from efficient_rl.config import load_recipe
-    from efficient_rl.prepare import prepare
-    from efficient_rl.trainer import Trainer
+    from efficient_rl.trainer import run_recipe
 
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
                              COMMON + CONFIGS[name] + [f"steps={steps}", f"logging.output_dir={out}"])
-        run = RunDir(recipe)
-        setup = prepare(recipe)
-        run.create()
-        trainer = Trainer(recipe, setup, run)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+        run, _ = run_recipe(recipe)
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()][1:]
     medians = {stage: statistics.median(row.get(stage, 0.0) for row in rows) for stage in STAGES}
     return {**medians, "wall": time.time() - started, "steps": len(rows)}

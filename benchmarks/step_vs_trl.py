@@ -26,10 +26,8 @@ PROMPTS, GROUP, CAP, LR = 16, 8, 48, 1e-4
 
 
 def run_ours(steps: int) -> list[float]:
-    from efficient_rl.checkpoint import RunDir
     from efficient_rl.config import load_recipe
-    from efficient_rl.prepare import prepare
-    from efficient_rl.trainer import Trainer
+    from efficient_rl.trainer import run_recipe
 
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(ROOT / "recipes" / "grpo.yaml", [
@@ -39,14 +37,7 @@ def run_ours(steps: int) -> list[float]:
             "eval.after_training=false", "logging.tensorboard=false", "logging.progress=false",
             f"logging.output_dir={out}",
         ])
-        run = RunDir(recipe)
-        setup = prepare(recipe)
-        run.create()
-        trainer = Trainer(recipe, setup, run)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+        run, _ = run_recipe(recipe)
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         return [row["step_time"] for row in rows], [row["timing/rollout"] for row in rows]
 

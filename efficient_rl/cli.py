@@ -17,19 +17,10 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fast errors
 
-    from efficient_rl.checkpoint import RunDir
-    from efficient_rl.prepare import prepare
     from efficient_rl.report import write_report
-    from efficient_rl.trainer import Trainer
+    from efficient_rl.trainer import run_recipe
 
-    run = RunDir(recipe, resume=args.resume, overwrite=args.overwrite)
-    setup = prepare(recipe, model_dir=run.latest_checkpoint() if args.resume else None)
-    run.create()
-    trainer = Trainer(recipe, setup, run)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    run, summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     write_report(run.path, summary)
     return 0
 

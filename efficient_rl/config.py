@@ -52,8 +52,8 @@ class RolloutSection:
     temperature: float = 1.0  # DLER / DAPO train at 1.0
     top_p: float = 1.0
     max_batch_size: int = 256  # rollouts per generate call
-    # Debug: after every weight sync, check the engine's greedy output on a probe prompt equals
-    # transformers' on the learner's weights (stale weights fail loudly). vllm engine only.
+    # Debug: after every weight sync, check the engine's greedy output (and its log-probs) on a probe
+    # prompt against transformers' on the learner's weights (stale weights fail loudly). vllm only.
     verify_sync: bool = False
 
 
@@ -180,6 +180,10 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def longest_sequence(self) -> int:
+        """Prompt plus the longest response the run generates (training or evaluation), in tokens."""
+        return self.rollout.max_prompt_length + max(self.rollout.max_response_length, self.eval.max_new_tokens)
 
 
 # ---------------------------------------------------------------- loading

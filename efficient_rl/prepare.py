@@ -148,7 +148,7 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     check_lengths(recipe, prompt_ids, train, heldout)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     context = getattr(model.config, "max_position_embeddings", None)
-    longest = recipe.rollout.max_prompt_length + max(recipe.rollout.max_response_length, recipe.eval.max_new_tokens)
+    longest = recipe.longest_sequence()
     if context is not None and longest > context:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")

@@ -22,7 +22,7 @@ from efficient_rl.config import Recipe
 from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate, length_stats
 from efficient_rl.logging import MetricsLogger
-from efficient_rl.prepare import Setup
+from efficient_rl.prepare import Setup, prepare
 from efficient_rl.reward import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
 
@@ -50,6 +50,19 @@ def resolve_stages(recipe: Recipe) -> Stage:
         filter_metric={"score": "scores", "reward": "rewards", "accuracy": "accuracy"}[
             alg.dynamic_sampling_metric] if alg.dynamic_sampling else None,
     )
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+               stop_after_step: int | None = None) -> tuple[RunDir, dict]:
+    """What `efficient-rl train` does: validate, create the run directory, train, release workers."""
+    run = RunDir(recipe, resume=resume, overwrite=overwrite)
+    setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
+    run.create()
+    trainer = Trainer(recipe, setup, run)
+    try:
+        return run, trainer.train(stop_after_step=stop_after_step)
+    finally:
+        trainer.close()
 
 
 class Trainer:

@@ -7,8 +7,7 @@ import sys
 from conftest import RECIPES
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.config import load_recipe
-from efficient_rl.prepare import prepare
-from efficient_rl.trainer import Trainer
+from efficient_rl.trainer import run_recipe
 
 TIMING_KEYS = ("step_time", "tokens_per_second", "timing/")
 
@@ -49,15 +48,8 @@ def test_cli_two_training_steps(tmp_path, tiny_overrides):
 
 
 def train(overrides, resume=False, stop_after_step=None):
-    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
-    run = RunDir(recipe, resume=resume)
-    setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
-    run.create()
-    trainer = Trainer(recipe, setup, run)
-    try:
-        return run, trainer.train(stop_after_step=stop_after_step)
-    finally:
-        trainer.close()
+    return run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), resume=resume,
+                      stop_after_step=stop_after_step)
 
 
 def test_resume_runs_every_step_exactly_once(tmp_path, tiny_overrides):

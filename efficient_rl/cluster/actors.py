@@ -16,10 +16,10 @@ import torch
 class RolloutWorker:
     def __init__(self, recipe, model_dir: Path, verify_prompt: list[int] | None):
         from efficient_rl.prompts import load_tokenizer
-        from efficient_rl.rollout.vllm_engine import VLLMEngine, context_length
+        from efficient_rl.rollout.vllm_engine import VLLMEngine
 
         self.model_dir = model_dir
-        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), context_length(recipe), recipe.seed,
+        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), recipe.longest_sequence(), recipe.seed,
                                  verify_prompt=verify_prompt)
         self.incoming = []  # buckets of the weight update in progress
         self.reference_model = None  # transformers on the received weights, for verify_sync

@@ -143,11 +143,6 @@ class VLLMEngine:
         return gap
 
 
-def context_length(recipe) -> int:
-    rollout = recipe.rollout
-    return rollout.max_prompt_length + max(rollout.max_response_length, recipe.eval.max_new_tokens)
-
-
 def verification_prompt(setup, recipe) -> list[int] | None:
     """The fixed probe prompt of verify_sync: the first held-out question."""
     return setup.encode(setup.heldout_samples[0]) if recipe.rollout.verify_sync else None
@@ -156,7 +151,7 @@ def verification_prompt(setup, recipe) -> list[int] | None:
 @ENGINES.register("vllm")
 def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
-    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, context_length(recipe), recipe.seed,
+    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, recipe.longest_sequence(), recipe.seed,
                         verify_prompt=verification_prompt(setup, recipe))
     engine.load_weights(list(setup.model.named_parameters()))
     return engine
