@@ -72,8 +72,9 @@ class ScoringSection:
 
 @dataclass
 class AlgorithmSection:
-    advantage: str = "grpo"  # grpo | dler (group-mean + batch whitening, DLER Eq. 3)
-    norm_by_std: bool = True  # grpo: divide by the group std; false is Dr. GRPO
+    # grpo | dler (group-mean + batch whitening, DLER Eq. 3) | tempo (GRPO + prefix-tree TD term, TEMPO)
+    advantage: str = "grpo"
+    norm_by_std: bool = True  # grpo, tempo: divide by the group std; false is Dr. GRPO
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2  # eps_low of PPO-clip
     clip_high: float = 0.2  # eps_high; DAPO clip-higher and DLER use 0.28

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from efficient_rl.algos.advantages import ADVANTAGES, group_stats
+from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import groups_with_spread
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, over_cap
@@ -33,6 +33,7 @@ class Stage:
 
     shape_rewards: Callable
     advantages: Callable
+    advantage_metrics: Callable  # batch -> the estimator's diagnostics to log ({} for most)
     filter_metric: str | None  # dynamic sampling on this batch field, or None
 
 
@@ -43,10 +44,16 @@ def resolve_stages(recipe: Recipe) -> Stage:
         "truncation": {"mode": alg.truncation_mode, "not_stopped_coef": alg.not_stopped_coef},
         "overlong": {"buffer": alg.overlong_buffer, "factor": alg.overlong_factor},
     }[alg.length_penalty]
-    advantage_params = {"grpo": {"norm_by_std": alg.norm_by_std}}.get(alg.advantage, {})
+    advantage_params = {
+        "grpo": {"norm_by_std": alg.norm_by_std},
+        "tempo": {"norm_by_std": alg.norm_by_std},
+    }.get(alg.advantage, {})
+    advantage_metrics = (ADVANTAGE_METRICS.get(alg.advantage) if alg.advantage in ADVANTAGE_METRICS
+                         else lambda batch: {})
     return Stage(
         shape_rewards=functools.partial(LENGTH_SHAPERS.get(alg.length_penalty), **shaper_params),
         advantages=functools.partial(ADVANTAGES.get(alg.advantage), **advantage_params),
+        advantage_metrics=advantage_metrics,
         filter_metric={"score": "scores", "reward": "rewards", "accuracy": "accuracy"}[
             alg.dynamic_sampling_metric] if alg.dynamic_sampling else None,
     )
@@ -120,9 +127,10 @@ class Trainer:
         self.timings = dict.fromkeys(("generate", "reward", "learn", "sync"), 0.0)
         batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
-            learner_metrics, sync_metrics = {"update_skipped": 1.0}, {}
+            learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
         else:
             batch.advantages = self.stages.advantages(batch)
+            advantage_metrics = self.stages.advantage_metrics(batch)
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
             with timed(self.timings, "sync"):
@@ -130,6 +138,7 @@ class Trainer:
         elapsed = time.time() - started
         return {
             **rollout_metrics,
+            **advantage_metrics,
             **learner_metrics,
             **sync_metrics,
             **self.engine.pop_metrics(),

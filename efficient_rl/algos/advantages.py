@@ -1,6 +1,7 @@
 """Advantage estimators: (batch, hyperparameters) -> [B, R] per-token advantages.
 
-Formulas and defaults: ../shared/ALGORITHMS.md (GRPO, Dr. GRPO §5.2, DLER §1.1).
+Formulas and defaults: ../shared/ALGORITHMS.md (GRPO, Dr. GRPO §5.2, DLER §1.1). TEMPO (§3) is
+in tempo.py, registered when the efficient_rl.algos package is imported.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.registry import Registry
 
 ADVANTAGES: Registry = Registry("advantage estimator")
+# Optional diagnostics of an estimator, batch -> {name: value}, logged every step (same names).
+ADVANTAGE_METRICS: Registry = Registry("advantage metrics")
 
 
 def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
