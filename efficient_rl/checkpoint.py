@@ -113,10 +113,10 @@ class RunDir:
         for stage in ("warm_start", "final"):
             if stage in state:
                 figures = {
-                    "accuracy": state[stage]["eval/accuracy"],
-                    "mean_response_length": state[stage]["eval/response_length/mean"],
-                    "p90_response_length": state[stage]["eval/response_length/p90"],
-                    "truncated_ratio": state[stage]["eval/truncated_ratio"],
+                    "accuracy": state[stage]["eval/pass@1"],
+                    "mean_response_length": state[stage]["eval/length/mean"],
+                    "p90_response_length": state[stage]["eval/length/p90"],
+                    "truncated_ratio": state[stage]["eval/truncation_rate"],
                 }
                 summary[stage] = {name: round(value, 4) for name, value in figures.items()}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -50,9 +50,10 @@ def cmd_eval(args) -> int:
         result = compare([Path(directory) for directory in args.models[1:]])
         write_outputs(result, Path(args.out))
     else:
-        spec = EvalSpec(models=args.models, data=args.data, budgets=args.budgets, samples=args.samples,
-                        problems=args.problems, temperature=args.temperature, top_p=args.top_p,
-                        reward=args.reward, seed=args.seed)
+        spec = EvalSpec(models=args.models, data=args.data, split=args.split, engine=args.engine,
+                        budgets=args.budgets, samples=args.samples, problems=args.problems,
+                        temperature=args.temperature, top_p=args.top_p, reward=args.reward,
+                        question_key=args.question_key, answer_key=args.answer_key, seed=args.seed)
         result = run(spec, Path(args.out))
     print(report_markdown(result))
     print(f"outputs: {args.out}/eval.json, report.md, report.html, tradeoff.png, lengths.png")
@@ -96,7 +97,13 @@ def parser() -> argparse.ArgumentParser:
                                                 "`eval compare DIR...` merges evaluations")
     evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>; "
                                                     "or `compare` and evaluation output directories")
-    evaluate.add_argument("--data", default="lab:quickstart", help="lab:<preset> (held-out split) or a JSONL file")
+    evaluate.add_argument("--data", default="lab:quickstart",
+                          help="lab:<preset> (held-out split), a JSONL or Parquet file, or hf:<dataset>[:<config>] "
+                               "(a Hugging Face hub id or local dataset directory)")
+    evaluate.add_argument("--split", default="test", help="split of an hf: dataset")
+    evaluate.add_argument("--question-key", default="question", help="column holding the question")
+    evaluate.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    evaluate.add_argument("--engine", default="transformers", help="transformers or vllm")
     evaluate.add_argument("--budgets", type=int, nargs="+", default=[256], help="response token caps")
     evaluate.add_argument("--samples", type=int, default=4, help="samples per question")
     evaluate.add_argument("--problems", type=int, default=200, help="questions (the first N)")

@@ -31,10 +31,14 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = "lab:quickstart"  # "lab:<preset>" (the lab task's train split) or a .jsonl file
+    # "lab:<preset>" (the lab task's train split), a .jsonl / .parquet file, or "hf:<name>[:<config>]"
+    # (a Hugging Face dataset: hub id or local directory, through `datasets`)
+    train: str = "lab:quickstart"
     heldout: str = "lab:quickstart"  # same forms; the held-out split is used for evaluation
-    question_key: str = "question"  # JSONL column holding the question
-    answer_key: str = "answer"  # JSONL column holding the reference answer
+    question_key: str = "question"  # column holding the question
+    answer_key: str = "answer"  # column holding the reference answer (other columns ride along)
+    train_split: str = "train"  # hf: datasets only: the split to train on
+    heldout_split: str = "test"  # hf: datasets only: the split to evaluate on
     train_size: int = 20000  # lab only: number of generated training problems
     heldout_size: int = 200  # lab only: number of generated held-out problems
     shuffle: bool = True  # reshuffle the training prompts every epoch (seeded)

@@ -1,18 +1,28 @@
-"""Prompt datasets (the lab's splits or local JSONL files) and the resumable prompt stream."""
+"""Prompt datasets and the resumable prompt stream.
+
+A dataset is "lab:<preset>" (the lab task's generated splits), a local JSONL or Parquet file, or
+"hf:<name>[:<config>]": a Hugging Face dataset through `datasets` (a hub name, or a local
+directory of data files). Columns are mapped with data.question_key / data.answer_key; every
+other column is kept in the sample, where reward functions can read it as metadata.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from efficient_rl.config import ConfigError, DataSection
 from efficient_rl.lab.build import PRESETS
 from efficient_rl.lab.tasks import generate_problems
 
+Rows = list[tuple[str, dict]]  # (where the row came from, for error messages; the row)
+
 
 def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: str) -> list[dict]:
-    """Samples with at least `question` and `answer` (strings) from "lab:<preset>" or a JSONL file."""
+    """Samples with at least `question`, `answer` (strings) and `id`. `split` is "train" or
+    "heldout"; for a Hugging Face dataset it picks data.train_split or data.heldout_split."""
     if spec.startswith("lab:"):
         preset = spec.removeprefix("lab:")
         if preset not in PRESETS:
@@ -20,10 +30,25 @@ def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: 
         size = data.train_size if split == "train" else data.heldout_size
         samples = generate_problems(PRESETS[preset].task, split, size, seed)
     else:
-        samples = read_jsonl(Path(spec), data.question_key, data.answer_key, field_name)
+        hf_split = data.train_split if split == "train" else data.heldout_split
+        rows = read_rows(spec, hf_split, field_name)
+        samples = map_columns(rows, data.question_key, data.answer_key, id_prefix=Path(spec).stem)
     if not samples:
         raise ConfigError(f"{field_name}: {spec} holds no samples")
     return samples
+
+
+def read_rows(spec: str, hf_split: str, field_name: str) -> Rows:
+    if spec.startswith("hf:"):
+        return hugging_face_rows(spec.removeprefix("hf:"), hf_split, field_name)
+    path = Path(spec)
+    reader = FILE_READERS.get(path.suffix)
+    if reader is None:
+        raise ConfigError(f"{field_name}: {spec}: expected lab:<preset>, hf:<dataset>, or a file ending in "
+                          f"{', '.join(FILE_READERS)}")
+    if not path.is_file():
+        raise ConfigError(f"{field_name}: data file {path} not found")
+    return reader(path, field_name)
 
 
 def json_rows(path: Path, field_name: str) -> list[tuple[int, dict]]:
@@ -44,13 +69,48 @@ def json_rows(path: Path, field_name: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_jsonl(path: Path, question_key: str, answer_key: str, field_name: str) -> list[dict]:
+def jsonl_rows(path: Path, field_name: str) -> Rows:
+    return [(f"{path}:{number}", row) for number, row in json_rows(path, field_name)]
+
+
+def parquet_rows(path: Path, field_name: str) -> Rows:
+    import pyarrow.parquet as pq  # comes with the `data` extra (datasets)
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise ConfigError(f"{field_name}: {path} is not a readable Parquet file ({err})") from None
+    return [(f"{path} row {number}", row) for number, row in enumerate(table.to_pylist(), 1)]
+
+
+FILE_READERS: dict[str, Callable[[Path, str], Rows]] = {
+    ".jsonl": jsonl_rows, ".json": jsonl_rows, ".parquet": parquet_rows}
+
+
+def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
+    """hf:<name>[:<config>] at `split`; the name may be a hub id or a local dataset directory."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{field_name}: hf: datasets need the `datasets` package "
+                          f"(pip install 'efficient-rl[data]')") from None
+    name, _, config = reference.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{field_name}: hf:{reference} split {split!r} could not be loaded: {message}") from None
+    return [(f"hf:{reference}[{split}] row {number}", row) for number, row in enumerate(dataset, 1)]
+
+
+def map_columns(rows: Rows, question_key: str, answer_key: str, id_prefix: str) -> list[dict]:
     samples = []
-    for number, row in json_rows(path, field_name):
-        missing = [k for k in (question_key, answer_key) if k not in row]
+    for number, (where, row) in enumerate(rows, 1):
+        missing = [key for key in (question_key, answer_key) if key not in row]
         if missing:
-            raise ConfigError(f"{path}:{number}: missing column {missing[0]!r} (set data.question_key / data.answer_key)")
-        samples.append({**row, "id": row.get("id", f"{path.stem}-{number}"),
+            raise ConfigError(f"{where}: missing column {missing[0]!r} (map yours with data.question_key / "
+                              f"data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})")
+        samples.append({**row, "id": str(row.get("id", f"{id_prefix}-{number}")),
                         "question": str(row[question_key]), "answer": str(row[answer_key])})
     return samples
 

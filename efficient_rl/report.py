@@ -33,9 +33,9 @@ def plot_training_curves(metrics_path: Path, summary: dict, out_path: Path) -> N
     """Training-rollout length and accuracy per step, with the held-out evaluations as markers."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [row["step"] for row in rows]
-    during = [(row["step"], {"accuracy": row["eval/accuracy"],
-                             "mean_response_length": row["eval/response_length/mean"]})
-              for row in rows if "eval/accuracy" in row]
+    during = [(row["step"], {"accuracy": row["eval/pass@1"],
+                             "mean_response_length": row["eval/length/mean"]})
+              for row in rows if "eval/pass@1" in row]
     heldout = ([(0, summary["warm_start"])] if "warm_start" in summary else []) + during + (
         [(summary["steps_completed"], summary["final"])] if "final" in summary else [])
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)

@@ -20,7 +20,8 @@ from efficient_rl.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config import Recipe
 from efficient_rl.data import PromptStream
-from efficient_rl.eval.heldout import evaluate, length_stats
+from efficient_rl.eval.heldout import evaluate
+from efficient_rl.eval.metrics import length_summary
 from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup, prepare
 from efficient_rl.reward import RewardResult
@@ -118,7 +119,7 @@ class Trainer:
         logger.close()
         if state["step"] == self.recipe.steps and self.recipe.eval.after_training:
             # The last step's periodic evaluation already is the final one.
-            state["final"] = metrics if "eval/accuracy" in metrics else self.evaluate()
+            state["final"] = metrics if "eval/pass@1" in metrics else self.evaluate()
         state["wall_seconds"] = earlier_seconds + time.time() - started
         return self.run.write_summary(state)
 
@@ -244,7 +245,6 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    lengths = batch.response_lengths.float()
     _, reward_std, _ = group_stats(batch.rewards, batch.group_ids)
     metrics = {
         "rollout/tokens": float(batch.response_mask.sum()),
@@ -252,7 +252,7 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
         "score/mean": float(batch.scores.mean()),
         "acc/mean": float(batch.accuracy.mean()) if batch.accuracy is not None else float("nan"),
-        **length_stats(lengths.tolist(), "response_length"),
+        **length_summary(batch.response_lengths.tolist(), "response_length"),
         "response_length/clip_ratio": float(
             over_cap(batch.response_lengths, batch.truncated, batch.length_cap).float().mean()),
         "frac_reward_zero_std": float((reward_std == 0).float().mean()),

@@ -10,6 +10,9 @@ from efficient_rl.config import load_recipe
 from efficient_rl.trainer import run_recipe
 
 TIMING_KEYS = ("step_time", "tokens_per_second", "timing/")
+EVAL_COMMAND_METRICS = ("pass@1", "pass@1/ci_low", "pass@1/ci_high", "pass@2", "maj@2", "short-1@2", "length/mean",
+                        "length/median", "length_correct/p90", "length_incorrect/max", "truncation_rate",
+                        "tokens_per_correct", "accuracy_per_1k_tokens")
 
 
 def read_metrics(run_dir):
@@ -23,18 +26,22 @@ def deterministic(row):
 def test_cli_two_training_steps(tmp_path, tiny_overrides):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=2", "logging.name=smoke"],
+         "steps=2", "logging.name=smoke", "eval.every=2", "eval.samples_per_problem=2"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke"
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ["reward/mean", "acc/mean", "response_length/mean", "response_length/p50", "response_length/p90",
+    for key in ["reward/mean", "acc/mean", "response_length/mean", "response_length/median", "response_length/p90",
                 "response_length/max", "response_length/clip_ratio", "frac_reward_zero_std", "clip_ratio/low",
                 "clip_ratio/high", "entropy", "grad_norm", "tokens_per_second", "step_time"]:
         assert key in rows[0], key
     assert rows[0]["response_length/max"] <= 24
+    # Eval during training: the names `efficient-rl eval` writes to eval.json, with an eval/ prefix.
+    for name in EVAL_COMMAND_METRICS:
+        assert f"eval/{name}" in rows[1], name
+    assert "eval/pass@1" not in rows[0] and rows[1]["eval/length/max"] <= 32
     summary = json.loads((run_dir / "summary.json").read_text())
     for stage in ("warm_start", "final"):
         assert 0.0 <= summary[stage]["accuracy"] <= 1.0

@@ -133,3 +133,32 @@ def bootstrap_interval(values: list, statistic: Callable[[list], float], resampl
     estimates = sorted(statistic([values[rng.randrange(len(values))] for _ in values]) for _ in range(resamples))
     tail = (1 - level) / 2
     return estimates[int(tail * (resamples - 1))], estimates[int(round((1 - tail) * (resamples - 1)))]
+
+
+def sample_of(completion: str, correct: bool, length: int, truncated: bool) -> Sample:
+    """A scored response; its vote for maj@k / short-m@k is its last \\boxed{} answer."""
+    from efficient_rl.rewards.math import extract_answer
+
+    return Sample(extract_answer(completion, fallback_last_number=False), bool(correct), int(length), bool(truncated))
+
+
+def k_values(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    return sorted({1, n} | {2 ** i for i in range(1, n.bit_length()) if 2 ** i <= n})
+
+
+def evaluation_metrics(questions: list[list[Sample]]) -> dict[str, float]:
+    """Every metric of an evaluation, under the names both `efficient-rl eval` and the held-out
+    evaluation during training use: the trade-off summary, a 95% bootstrap interval for pass@1,
+    and pass@k, maj@k, short-1@k and short-3@k (the paper's two settings) for k = 1, 2, 4 ... n."""
+    n = len(questions[0])
+    per_question_accuracy = [sum(s.correct for s in q) / n for q in questions]
+    low, high = bootstrap_interval(per_question_accuracy, lambda xs: sum(xs) / len(xs))
+    metrics = {**tradeoff_summary(questions), "pass@1/ci_low": low, "pass@1/ci_high": high}
+    for k in k_values(n):
+        metrics[f"pass@{k}"] = sum(pass_at_k(q, k) for q in questions) / len(questions)
+        metrics[f"maj@{k}"] = sum(maj_at_k(q, k) for q in questions) / len(questions)
+        for m in (1, 3):
+            if m <= k:
+                metrics[f"short-{m}@{k}"] = sum(short_m_at_k(q, m, k) for q in questions) / len(questions)
+    return metrics

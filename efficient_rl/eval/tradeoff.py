@@ -14,6 +14,7 @@ out/
 from __future__ import annotations
 
 import base64
+import gc
 import html
 import json
 import math
@@ -26,10 +27,9 @@ import torch
 from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
-from efficient_rl.eval.metrics import Sample, bootstrap_interval, maj_at_k, pass_at_k, short_m_at_k, tradeoff_summary
+from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
-from efficient_rl.rewards.math import extract_answer
 
 CHUNK = 16  # questions generated (and cached) together
 
@@ -37,7 +37,9 @@ CHUNK = 16  # questions generated (and cached) together
 @dataclass
 class EvalSpec:
     models: list[str]  # model directories (checkpoints too) or "lab:<preset>"
-    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split) or a JSONL file
+    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), a JSONL/Parquet file or hf:<dataset>
+    split: str = "test"  # hf: datasets only
+    engine: str = "transformers"  # transformers | vllm
     budgets: list[int] = field(default_factory=lambda: [256])  # response token caps
     samples: int = 4  # per question
     problems: int = 200
@@ -76,11 +78,26 @@ def label(reference: str, budget: int) -> str:
 def load_questions(spec: EvalSpec) -> list[dict]:
     from efficient_rl.data import load_split
 
-    data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key)
+    data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key,
+                       heldout_split=spec.split)
     return load_split(spec.data, "heldout", data, spec.seed, "--data")[: spec.problems]
 
 
-GENERATION_SETTINGS = ("data", "samples", "temperature", "top_p", "seed", "question_key", "answer_key")
+def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) -> None:
+    """Every reference answer, given back as a boxed answer, must be scored correct by the
+    verifier: otherwise it cannot parse the answer column and every score would be a silent 0."""
+    completions = [f"The answer is \\boxed{{{q['answer']}}}." for q in questions]
+    result = rewards.score(completions, questions)
+    correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
+    for question, ok in zip(questions, correct):
+        if not ok:
+            raise ConfigError(f"--data {spec.data}: the reward `{spec.reward}` does not accept the reference answer "
+                              f"{question['answer']!r} of question {question['id']!r} as correct; is "
+                              f"--answer-key {spec.answer_key!r} the answer column, in a form it can parse?")
+
+
+GENERATION_SETTINGS = ("data", "split", "engine", "samples", "temperature", "top_p", "seed", "question_key",
+                       "answer_key")
 
 
 def check_cache(spec: EvalSpec, out: Path) -> None:
@@ -113,34 +130,66 @@ def cached_generations(path: Path) -> dict[str, dict]:
     return records
 
 
-def generate(model_dir: Path, questions: list[dict], budget: int, spec: EvalSpec, path: Path) -> list[dict]:
-    """Every question's generations, from the cache where present; missing chunks are generated
-    and appended one chunk at a time."""
+def transformers_engine(model_dir: Path, tokenizer, max_model_len: int, seed: int):
     from transformers import AutoModelForCausalLM
 
-    from efficient_rl.prompts import encode_prompt, load_tokenizer
     from efficient_rl.rollout.hf import TransformersEngine
 
-    done = cached_generations(path)
-    engine = None
+    return TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokenizer)
+
+
+def vllm_engine(model_dir: Path, tokenizer, max_model_len: int, seed: int):
+    from efficient_rl.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, tokenizer, max_model_len, seed)
+
+
+EVAL_ENGINES = {"transformers": transformers_engine, "vllm": vllm_engine}
+
+
+class ModelUnderTest:
+    """One model's prompts and (started on first use, since a fully cached model needs none) engine."""
+
+    def __init__(self, reference: str, directory: Path, questions: list[dict], spec: EvalSpec):
+        from transformers import AutoConfig
+
+        from efficient_rl.prompts import encode_prompt, load_tokenizer
+
+        self.directory, self.spec, self.engine = directory, spec, None
+        self.tokenizer = load_tokenizer(directory)
+        self.prompts = {q["question"]: encode_prompt(self.tokenizer, q["question"]) for q in questions}
+        context = AutoConfig.from_pretrained(directory).max_position_embeddings
+        longest = max(map(len, self.prompts.values()))
+        if longest + max(spec.budgets) > context:
+            raise ConfigError(f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget exceeds "
+                              f"the context of {reference} ({context} tokens)")
+        self.max_model_len = longest + max(spec.budgets)
+
+    def generate(self, chunk: list[dict], budget: int, seed: int):
+        if self.engine is None:
+            self.engine = EVAL_ENGINES[self.spec.engine](self.directory, self.tokenizer, self.max_model_len,
+                                                         self.spec.seed)
+        settings = SamplingSettings(n=self.spec.samples, max_new_tokens=budget, temperature=self.spec.temperature,
+                                    top_p=self.spec.top_p)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # a chunk's own stream, for both engines (vLLM's request seeds too)
+            return self.engine.generate([self.prompts[q["question"]] for q in chunk], chunk,
+                                        list(range(len(chunk))), settings)
+
+    def close(self) -> None:
+        self.engine = None  # an in-process vLLM engine frees its memory when collected
+        gc.collect()
+
+
+def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Path) -> list[dict]:
+    """Every question's generations, from the cache where present; missing chunks are generated
+    and appended one chunk at a time."""
+    done, spec = cached_generations(path), model.spec
     for start in range(0, len(questions), CHUNK):
         chunk = questions[start: start + CHUNK]
         if all(q["question"] in done for q in chunk):
             continue
-        if engine is None:
-            tokenizer = load_tokenizer(model_dir)
-            engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                                        tokenizer)
-            context = engine.model.config.max_position_embeddings
-        prompts = [encode_prompt(engine.tokenizer, q["question"]) for q in chunk]
-        if max(map(len, prompts)) + budget > context:
-            raise ConfigError(f"budget {budget}: a prompt of {max(map(len, prompts))} tokens plus the budget exceeds "
-                              f"the model's context of {context} tokens")
-        settings = SamplingSettings(n=spec.samples, max_new_tokens=budget, temperature=spec.temperature,
-                                    top_p=spec.top_p)
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed * 1_000_003 + budget * 1009 + start)  # a chunk's own stream
-            batch = engine.generate(prompts, chunk, list(range(len(chunk))), settings)
+        batch = model.generate(chunk, budget, seed=spec.seed * 1_000_003 + budget * 1009 + start)
         lengths, truncated = batch.response_lengths.tolist(), batch.truncated.tolist()
         with path.open("a") as cache:
             for i, question in enumerate(chunk):
@@ -158,47 +207,41 @@ def score(records: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
     samples = [{"question": r["question"], "answer": r["answer"]} for r in records for _ in r["completions"]]
     result = rewards.score(completions, samples)
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
-    flat = [Sample(extract_answer(c, fallback_last_number=False), bool(ok), length, cut)
-            for c, ok, length, cut in zip(completions, correct,
-                                          [n for r in records for n in r["lengths"]],
-                                          [t for r in records for t in r["truncated"]])]
+    flat = [sample_of(*scored) for scored in zip(completions, correct, [n for r in records for n in r["lengths"]],
+                                                 [t for r in records for t in r["truncated"]])]
     size = len(records[0]["completions"])
     return [flat[i: i + size] for i in range(0, len(flat), size)]
 
 
-def run_metrics(questions: list[list[Sample]], n: int) -> dict[str, float]:
-    per_question_accuracy = [sum(s.correct for s in q) / n for q in questions]
-    low, high = bootstrap_interval(per_question_accuracy, lambda xs: sum(xs) / len(xs))
-    metrics = {**tradeoff_summary(questions), "pass@1/ci_low": low, "pass@1/ci_high": high}
-    for k in sorted({1, n} | {2 ** i for i in range(1, n.bit_length()) if 2 ** i <= n}):  # 1, 2, 4, ..., n
-        metrics[f"pass@{k}"] = sum(pass_at_k(q, k) for q in questions) / len(questions)
-        metrics[f"maj@{k}"] = sum(maj_at_k(q, k) for q in questions) / len(questions)
-        metrics[f"short-1@{k}"] = sum(short_m_at_k(q, 1, k) for q in questions) / len(questions)
-    return metrics
-
-
 def evaluate_models(spec: EvalSpec, out: Path) -> dict:
+    """Every check runs before the first generation and before anything is written to `out`."""
     for budget in spec.budgets:
         if budget < 1:
             raise ConfigError(f"--budgets: expected positive token caps, got {budget}")
+    if spec.engine not in EVAL_ENGINES:
+        raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
     directories = {reference: model_directory(reference) for reference in spec.models}
     questions = load_questions(spec)
-    (out / "generations").mkdir(parents=True, exist_ok=True)
-    check_cache(spec, out)
+    models = {reference: ModelUnderTest(reference, directory, questions, spec)
+              for reference, directory in directories.items()}
     rewards = RewardRunner([RewardEntry(name=spec.reward)], workers=2, timeout=10.0)
     runs, per_question = {}, {}
     try:
-        for reference, directory in directories.items():
+        check_answers(questions, rewards, spec)
+        (out / "generations").mkdir(parents=True, exist_ok=True)
+        check_cache(spec, out)
+        for reference, model in models.items():
             for budget in spec.budgets:
                 name = label(reference, budget)
-                records = generate(directory, questions, budget, spec, out / "generations" / f"{name}.jsonl")
+                records = generate(model, questions, budget, out / "generations" / f"{name}.jsonl")
                 scored = score(records, rewards)
                 runs[name] = {"model": reference, "budget": budget, "samples": spec.samples,
-                              **run_metrics(scored, spec.samples),
+                              **evaluation_metrics(scored),
                               "lengths": {kind: [s.length for q in scored for s in q if s.correct == want]
                                            for kind, want in (("correct", True), ("incorrect", False))}}
                 per_question[name] = {r["question"]: [(s.correct, s.length) for s in q]
                                       for r, q in zip(records, scored)}
+            model.close()
     finally:
         rewards.close()
     return summarize(asdict(spec), runs, per_question)
@@ -279,20 +322,27 @@ def report_markdown(result: dict) -> str:
     lines = [f"# Length / accuracy trade-off on {spec['data']}", "",
              f"{spec['problems']} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
              f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.", "",
-             "| run | pass@1 (95% CI) | maj@n | short-1@n | mean length | p90 | truncated | tokens / correct "
-             "| acc / 1k tokens | vs oracle: accuracy gap, length x |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | pass@1 (95% CI) | pass@n | maj@n | short-1@n | short-3@n | mean length | p90 | truncated "
+             "| tokens / correct | acc / 1k tokens | vs oracle: accuracy gap, length x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         n = run["samples"]
         pareto = " (Pareto)" if name in result["pareto"] else ""
         lines.append(
             f"| {name}{pareto} | {run['pass@1']:.3f} ({run['pass@1/ci_low']:.3f}-{run['pass@1/ci_high']:.3f}) "
-            f"| {run[f'maj@{n}']:.3f} | {run[f'short-1@{n}']:.3f} | {run['length/mean']:.1f} | {run['length/p90']:.0f} "
+            f"| {run[f'pass@{n}']:.3f} | {run[f'maj@{n}']:.3f} | {run[f'short-1@{n}']:.3f} "
+            f"| {optional(run.get(f'short-3@{n}'))} | {run['length/mean']:.1f} | {run['length/p90']:.0f} "
             f"| {run['truncation_rate']:.3f} | {run['tokens_per_correct']:.1f} | {run['accuracy_per_1k_tokens']:.2f} "
             f"| {run['oracle']['accuracy_gap']:+.3f}, {run['oracle']['length_ratio']:.2f}x |")
-    lines += ["", "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
+    lines += ["", f"n = {spec['samples']} samples per question; pass@k, maj@k and short-m@k for every k = 1, 2, 4 ... n "
+              "are in eval.json. short-m@k votes among the first m of k samples to finish (shortest first).",
+              "", "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
               "response any run produced per question (token complexity); see `tradeoff.png`."]
     return "\n".join(lines) + "\n"
+
+
+def optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
@@ -301,28 +351,30 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 5))
+    figure, axis = plt.subplots(figsize=(9, 5))
     runs = result["runs"]
     right = 1.1 * max(run["length/mean"] for run in runs.values())
     oracle = result["oracle_frontier"] + [(right, result["oracle_frontier"][-1][1])]  # flat past its reach
     axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--",
               label="oracle frontier (token complexity)")
     pareto = [runs[name] for name in result["pareto"]]
-    axis.plot([r["length/mean"] for r in pareto], [r["pass@1"] for r in pareto], color="tab:red",
-              drawstyle="steps-post", marker="s", markersize=11, markerfacecolor="none",
+    axis.plot([r["length/mean"] for r in pareto], [r["pass@1"] for r in pareto], color="black", linewidth=0.8,
+              drawstyle="steps-post", marker="s", markersize=12, markerfacecolor="none",
               label="Pareto frontier of the runs")
-    for name, run in runs.items():
+    # Runs are told apart by colour and marker in the legend, not by text next to the points:
+    # checkpoints of one run often sit too close together for labels to stay readable.
+    colours, markers = plt.get_cmap("tab10").colors, "o^vDPX*<>h"
+    for index, (name, run) in enumerate(runs.items()):
         axis.errorbar(run["length/mean"], run["pass@1"], yerr=[[run["pass@1"] - run["pass@1/ci_low"]],
                                                                [run["pass@1/ci_high"] - run["pass@1"]]],
-                      marker="o", capsize=3, linestyle="none")
-        axis.annotate(name, (run["length/mean"], run["pass@1"]), textcoords="offset points", xytext=(5, 5),
-                      fontsize=8)
+                      color=colours[index % 10], marker=markers[index // 10 % len(markers)], capsize=3,
+                      linestyle="none", label=name)
     axis.set_xlabel("mean response length (tokens)")
     axis.set_ylabel("pass@1 (95% bootstrap CI)")
     axis.set_ylim(-0.02, 1.05)
     axis.set_xlim(left=0)
     axis.set_title("accuracy vs response length")
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
