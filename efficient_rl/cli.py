@@ -114,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 
+    from efficient_rl.merge import add_parser as add_merge_parser
+
+    add_merge_parser(commands)
+
     lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
     lab.add_argument("preset", nargs="?", default="quickstart")
     lab.set_defaults(handler=cmd_lab)
