@@ -75,6 +75,15 @@ class ScoringSection:
 
 
 @dataclass
+class DifficultyTier:
+    """DA-DLER: prompts whose group correctness ratio is at least `min_correct` (and below the
+    next tier's) get `truncation_length`."""
+
+    min_correct: float = 0.0
+    truncation_length: int = 256
+
+
+@dataclass
 class AlgorithmSection:
     # grpo | dler (group-mean + batch whitening, DLER Eq. 3) | tempo (GRPO + prefix-tree TD term, TEMPO)
     advantage: str = "grpo"
@@ -89,6 +98,10 @@ class AlgorithmSection:
     length_penalty: str = "none"  # none | truncation (DLER) | overlong (DAPO soft punishment)
     truncation_length: int | None = None  # cap in force for the penalty; null = max_response_length
     truncation_mode: Literal["paper", "code"] = "paper"  # paper: reward 0 over the cap; code: x0.1
+    # Difficulty-aware DLER (paper §3.5): a truncation length per prompt from its group's correctness
+    # ratio, tiers in increasing min_correct from 0.0; the paper's: [{min_correct: 0.0, truncation_length:
+    # 4000}, {min_correct: 0.5, truncation_length: 2000}]. Empty = truncation_length for every prompt.
+    difficulty_tiers: list[DifficultyTier] = field(default_factory=list)
     not_stopped_coef: float = 0.1  # truncation_mode=code: multiplier for responses cut by the cap
     overlong_buffer: int = 4096  # DAPO L_cache
     overlong_factor: float = 1.0  # DAPO penalty factor

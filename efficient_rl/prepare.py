@@ -82,9 +82,28 @@ def check_recipe(recipe: Recipe) -> None:
     if cap is not None and not 1 <= cap <= recipe.rollout.max_response_length:
         raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
                           f"({recipe.rollout.max_response_length}), got {cap}")
+    check_difficulty_tiers(recipe)
     check_cluster(recipe)
     if recipe.learner.mini_batch_prompts < 0:
         raise ConfigError("learner.mini_batch_prompts: expected 0 (whole batch) or a positive integer")
+
+
+def check_difficulty_tiers(recipe: Recipe) -> None:
+    alg, limit = recipe.algorithm, recipe.rollout.max_response_length
+    tiers = alg.difficulty_tiers
+    if not tiers:
+        return
+    if alg.length_penalty == "none" or alg.truncation_length is not None:
+        raise ConfigError("algorithm.difficulty_tiers: needs a length_penalty and replaces truncation_length "
+                          "(leave it null)")
+    bounds = [tier.min_correct for tier in tiers]
+    if bounds[0] != 0.0 or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])) or bounds[-1] > 1.0:
+        raise ConfigError(f"algorithm.difficulty_tiers: min_correct must start at 0.0 and increase up to at most "
+                          f"1.0, got {bounds}")
+    for index, tier in enumerate(tiers):
+        if not 1 <= tier.truncation_length <= limit:
+            raise ConfigError(f"algorithm.difficulty_tiers[{index}].truncation_length: expected 1..rollout."
+                              f"max_response_length ({limit}), got {tier.truncation_length}")
 
 
 def check_cluster(recipe: Recipe) -> None:

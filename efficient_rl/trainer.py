@@ -15,7 +15,7 @@ from tqdm import tqdm
 from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import groups_with_spread
-from efficient_rl.algos.shaping import LENGTH_SHAPERS, over_cap
+from efficient_rl.algos.shaping import LENGTH_SHAPERS, difficulty_caps, fixed_caps, over_cap, tier_metrics
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config import Recipe
@@ -32,10 +32,16 @@ from efficient_rl.rollout.base import SamplingSettings
 class Stage:
     """The recipe's choices, resolved once: each is a function of the batch."""
 
+    length_caps: Callable  # (correct, group_ids) -> [B] truncation length in force per rollout
+    length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> DA-DLER tier metrics ({} without)
     shape_rewards: Callable
     advantages: Callable
     advantage_metrics: Callable  # batch -> the estimator's diagnostics to log ({} for most)
     filter_metric: str | None  # dynamic sampling on this batch field, or None
+
+
+def no_metrics(*_) -> dict[str, float]:
+    return {}
 
 
 def resolve_stages(recipe: Recipe) -> Stage:
@@ -49,9 +55,18 @@ def resolve_stages(recipe: Recipe) -> Stage:
         "grpo": {"norm_by_std": alg.norm_by_std},
         "tempo": {"norm_by_std": alg.norm_by_std},
     }.get(alg.advantage, {})
-    advantage_metrics = (ADVANTAGE_METRICS.get(alg.advantage) if alg.advantage in ADVANTAGE_METRICS
-                         else lambda batch: {})
+    advantage_metrics = ADVANTAGE_METRICS.get(alg.advantage) if alg.advantage in ADVANTAGE_METRICS else no_metrics
+    if alg.difficulty_tiers:  # DA-DLER
+        thresholds = [tier.min_correct for tier in alg.difficulty_tiers[1:]]
+        length_caps = functools.partial(difficulty_caps, thresholds=thresholds,
+                                        lengths=[tier.truncation_length for tier in alg.difficulty_tiers])
+        length_metrics = functools.partial(tier_metrics, thresholds=thresholds)
+    else:
+        length_caps = functools.partial(fixed_caps, length=alg.truncation_length or recipe.rollout.max_response_length)
+        length_metrics = no_metrics
     return Stage(
+        length_caps=length_caps,
+        length_metrics=length_metrics,
         shape_rewards=functools.partial(LENGTH_SHAPERS.get(alg.length_penalty), **shaper_params),
         advantages=functools.partial(ADVANTAGES.get(alg.advantage), **advantage_params),
         advantage_metrics=advantage_metrics,
@@ -83,7 +98,6 @@ class Trainer:
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
-        self.truncation_length = recipe.algorithm.truncation_length or recipe.rollout.max_response_length
         self.stop_requested = False
         self.timings: dict[str, float] = {}  # seconds per stage of the current step
 
@@ -176,6 +190,9 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
+        metrics.update(self.stages.length_metrics(
+            correctness(everything), everything.group_ids, everything.response_lengths,
+            over_cap(everything.response_lengths, everything.truncated, everything.length_cap)))
         # Failed reward calls: each scored 0 and counted, never silently a zero.
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
@@ -198,7 +215,7 @@ class Trainer:
         batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
-        batch.length_cap = torch.full((len(batch),), self.truncation_length, dtype=torch.long)
+        batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
         batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
                                                   batch.length_cap)
         return batch, result
@@ -242,6 +259,11 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
     """The rows of the first `groups` distinct groups, in order."""
     _, first_seen = torch.unique_consecutive(batch.group_ids, return_inverse=True)
     return batch.select((first_seen < groups).nonzero()[:, 0])
+
+
+def correctness(batch: RolloutBatch) -> torch.Tensor:
+    """[B] 1.0 for a correct answer: the verifier's accuracy, or a positive score without one."""
+    return batch.accuracy if batch.accuracy is not None else (batch.scores > 0).float()
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

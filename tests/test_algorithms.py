@@ -13,7 +13,7 @@ from efficient_rl.algos.losses import (
     token_mean,
 )
 from efficient_rl.algos.sampling import groups_with_spread
-from efficient_rl.algos.shaping import overlong_shaping, truncation_penalty
+from efficient_rl.algos.shaping import difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty
 
 
 def make_batch(rewards, group_ids, lengths, width=None):
@@ -176,7 +176,7 @@ def test_truncation_penalty_paper_and_code_modes():
     paper = truncation_penalty(scores, lengths, truncated, cap, mode="paper")
     assert paper.tolist() == [1.0, 0.0, 0.0, 0.0]  # row 2 is over its own (tighter) cap
     code = truncation_penalty(scores, lengths, truncated, cap, mode="code", not_stopped_coef=0.1)
-    assert code.tolist() == pytest.approx([1.0, 0.1, 1.0, 0.0])
+    assert code.tolist() == pytest.approx([1.0, 0.1, 0.1, 0.0])  # row 2 did not stop within its cap
 
 
 def test_overlong_shaping_piecewise():
@@ -213,3 +213,31 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
             tokens += 1
     assert corrected.item() == pytest.approx(total / tokens, rel=1e-5)
     assert plain.item() != pytest.approx(corrected.item())
+
+
+def test_difficulty_aware_caps_from_hand_built_groups():
+    """DA-DLER, paper setting: ratio >= 0.5 is easy (cap 2000), below is hard (cap 4000)."""
+    correct = torch.tensor([1, 1, 0, 0,   1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 0, 0,   1, 1, 1, 0], dtype=torch.float)
+    groups = torch.tensor([7, 7, 7, 7,   3, 3, 3, 3,   9, 9, 9, 9,   1, 1, 1, 1,   5, 5, 5, 5])
+    caps = difficulty_caps(correct, groups, thresholds=[0.5], lengths=[4000, 2000])
+    # ratios: 0.5 (exactly the threshold: easy), 0.25, 1.0, 0.0, 0.75
+    assert caps.tolist() == [2000] * 4 + [4000] * 4 + [2000] * 4 + [4000] * 4 + [2000] * 4
+    three = difficulty_caps(correct, groups, thresholds=[0.3, 0.8], lengths=[300, 200, 100])
+    assert three.tolist() == [200] * 4 + [300] * 4 + [100] * 4 + [300] * 4 + [200] * 4
+    # Rows of a group need not be adjacent.
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(0))
+    assert difficulty_caps(correct[order], groups[order], [0.5], [4000, 2000]).tolist() == caps[order].tolist()
+
+
+def test_difficulty_tier_metrics_by_hand():
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])  # ratios 1.0, 0.0, 0.5
+    lengths = torch.tensor([10, 20, 30, 50, 40, 60])
+    over = torch.tensor([False, True, False, False, True, True])
+    metrics = tier_metrics(correct, groups, lengths, over, thresholds=[0.5])
+    assert metrics["difficulty/tier0/prompt_share"] == pytest.approx(1 / 3)
+    assert metrics["difficulty/tier0/response_length"] == 40 and metrics["difficulty/tier0/accuracy"] == 0
+    assert metrics["difficulty/tier1/response_length"] == 32.5 and metrics["difficulty/tier1/accuracy"] == 0.75
+    assert metrics["difficulty/tier1/over_cap"] == 0.75 and metrics["difficulty/tier0/over_cap"] == 0
+    empty = tier_metrics(correct, groups, lengths, over, thresholds=[0.5, 0.9, 0.95])
+    assert math.isnan(empty["difficulty/tier2/response_length"]) and empty["difficulty/tier2/prompt_share"] == 0

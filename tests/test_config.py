@@ -1,5 +1,6 @@
 """Recipes: every shipped one validates; bad input is one line naming the field, exit 2, nothing written."""
 
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,18 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     check_recipe(recipe)
     assert recipe.logging.name == path.stem
+
+
+@pytest.mark.parametrize("tiers, message", [
+    ("[{min_correct: 0.5, truncation_length: 32}]", "min_correct must start at 0.0 and increase"),
+    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 0.0, truncation_length: 32}]", "increase"),
+    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 1.5, truncation_length: 32}]", "at most 1.0"),
+    ("[{min_correct: 0.0, truncation_length: 4000}]", "difficulty_tiers[0].truncation_length: expected 1..rollout"),
+    ("[{min_correct: 0.0, truncation_lenght: 4000}]", "difficulty_tiers[0].truncation_lenght: unknown key"),
+])
+def test_bad_difficulty_tiers_name_the_field(tiers, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_recipe(load_recipe(RECIPES / "dler.yaml", [f"algorithm.difficulty_tiers={tiers}"]))
 
 
 def test_methods_are_diffs_against_grpo():

@@ -1,10 +1,13 @@
-"""Length shaping of sequence rewards: DLER truncation penalty and DAPO overlong shaping.
+"""Length shaping of sequence rewards: DLER truncation penalty, difficulty-aware truncation
+lengths (DA-DLER) and DAPO overlong shaping.
 
-References: ALGORITHMS.md §1.1 (truncation; paper rule vs verl-dler's 0.1 multiplier) and §5.1
-(DAPO overlong reward shaping).
+References: ALGORITHMS.md §1.1 (truncation; paper rule vs verl-dler's 0.1 multiplier), §1.3
+(DA-DLER) and §5.1 (DAPO overlong reward shaping).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,12 +33,14 @@ def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: str = "p
 
     mode="code" is the official verl-dler behaviour: the reward of any rollout that did not stop
     by itself (engine finish reason != stop) is multiplied by `not_stopped_coef` (0.1), so a
-    truncated response that still holds a correct answer keeps 0.1 of its reward.
+    truncated response that still holds a correct answer keeps 0.1 of its reward. With a cap
+    below the generation limit (DA-DLER tiers) "did not stop by itself" means "not within the cap".
     """
+    over = over_cap(lengths, truncated, length_cap)
     if mode == "paper":
-        return torch.where(over_cap(lengths, truncated, length_cap), torch.zeros_like(scores), scores)
+        return torch.where(over, torch.zeros_like(scores), scores)
     if mode == "code":
-        return torch.where(truncated, scores * not_stopped_coef, scores)
+        return torch.where(over, scores * not_stopped_coef, scores)
     raise ValueError(f"truncation mode: expected 'paper' or 'code', got {mode!r}")
 
 
@@ -49,3 +54,46 @@ def overlong_shaping(scores, lengths, truncated, length_cap, *, buffer: int = 40
     expected = length_cap - buffer
     penalty = -((lengths - expected).clamp(min=0).float() / buffer * factor).clamp(max=factor)
     return scores + penalty
+
+
+# ---------------------------------------------------------------- DA-DLER
+def difficulty_tiers(correct: torch.Tensor, group_ids: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """[B] tier of each rollout's prompt: how many thresholds its group's correctness ratio
+    reaches (ratio >= threshold), so with the paper's one threshold at 0.5 a prompt with half its
+    rollouts correct is tier 1, "easy". The ratio comes from the same rollouts being shaped."""
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    groups = int(group_index.max()) + 1
+    size = torch.zeros(groups).index_add_(0, group_index, torch.ones(len(correct)))
+    hits = torch.zeros(groups).index_add_(0, group_index, correct.float())
+    ratio = (hits / size)[group_index]
+    return torch.bucketize(ratio, torch.tensor(thresholds, dtype=ratio.dtype), right=True)
+
+
+def difficulty_caps(correct: torch.Tensor, group_ids: torch.Tensor, thresholds: list[float],
+                    lengths: list[int]) -> torch.Tensor:
+    """[B] truncation length per rollout: lengths[tier] (paper: 4000 below ratio 0.5, 2000 above)."""
+    return torch.tensor(lengths, dtype=torch.long)[difficulty_tiers(correct, group_ids, thresholds)]
+
+
+def fixed_caps(correct: torch.Tensor, group_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """[B] the one truncation length of plain DLER for every rollout."""
+    return torch.full((len(correct),), length, dtype=torch.long)
+
+
+def tier_metrics(correct: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, over: torch.Tensor,
+                 thresholds: list[float]) -> dict[str, float]:
+    """Per DA-DLER tier: its share of the prompts, and its rollouts' mean length, accuracy and
+    share over the tier's cap (NaN for a tier without prompts this step)."""
+    tiers = difficulty_tiers(correct, group_ids, thresholds)
+    metrics = {}
+    for tier in range(len(thresholds) + 1):
+        rows = tiers == tier
+        metrics.update({f"difficulty/tier{tier}/prompt_share": float(rows.float().mean()),
+                        f"difficulty/tier{tier}/response_length": mean_over(lengths, rows),
+                        f"difficulty/tier{tier}/accuracy": mean_over(correct, rows),
+                        f"difficulty/tier{tier}/over_cap": mean_over(over, rows)})
+    return metrics
+
+
+def mean_over(values: torch.Tensor, rows: torch.Tensor) -> float:
+    return float(values[rows].float().mean()) if rows.any() else math.nan
