@@ -241,3 +241,16 @@ def test_difficulty_tier_metrics_by_hand():
     assert metrics["difficulty/tier1/over_cap"] == 0.75 and metrics["difficulty/tier0/over_cap"] == 0
     empty = tier_metrics(correct, groups, lengths, over, thresholds=[0.5, 0.9, 0.95])
     assert math.isnan(empty["difficulty/tier2/response_length"]) and empty["difficulty/tier2/prompt_share"] == 0
+
+
+def test_difficulty_tiers_recipe_resolves_to_per_prompt_caps():
+    from conftest import RECIPES
+    from efficient_rl.config import load_recipe
+    from efficient_rl.trainer import resolve_stages
+
+    stages = resolve_stages(load_recipe(RECIPES / "dler_difficulty_aware.yaml"))
+    correct, groups = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    assert stages.length_caps(correct, groups).tolist() == [32, 32, 32, 32]  # ratios 1.0 and 0.5: easy
+    assert stages.length_caps(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups).tolist() == [32, 32, 48, 48]
+    plain = resolve_stages(load_recipe(RECIPES / "dler.yaml"))
+    assert plain.length_caps(correct, groups).tolist() == [48] * 4
