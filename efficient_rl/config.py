@@ -112,6 +112,8 @@ class AlgorithmSection:
     # min(pi_learner / pi_engine, tis_cap) on the sampled token (truncated importance sampling).
     rollout_correction: Literal["none", "tis"] = "none"
     tis_cap: float = 2.0
+    # With a token selection: average the loss over the kept tokens, or over all response tokens.
+    loss_denominator: Literal["kept", "all"] = "kept"
 
 
 @dataclass

@@ -19,7 +19,8 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import ObjectiveSettings, objective_settings, policy_objective, response_logprobs
+from efficient_rl.learner.objective import (ObjectiveSettings, loss_masks, objective_settings, policy_objective,
+                                           response_logprobs)
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -115,21 +116,23 @@ class TorchLearner:
         }
 
     def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
-        mask = mini.loss_mask if mini.loss_mask is not None else mini.response_mask
-        return MiniBatch(rows=self.local_rows(mini), den=LossDenominators.of(mask, self.objective.norm_length))
+        _, averaged_over = loss_masks(mini, self.objective)
+        return MiniBatch(rows=self.local_rows(mini), den=LossDenominators.of(averaged_over, self.objective.norm_length))
 
     def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStats) -> tuple[float, float]:
         total_loss = 0.0
         for start in range(0, len(mini.rows), self.optim.micro_batch_size):
             rows = mini.rows.select(range(start, min(start + self.optim.micro_batch_size, len(mini.rows))))
-            logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature)
+            # With a token selection, only the kept tokens reach the LM head (and the statistics).
+            logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature,
+                                                  selected=rows.loss_mask)
             loss, stats = policy_objective(logprobs, rows, self.objective, mini.den)
             self.backward(loss)
             total_loss += loss.item()
-            response = rows.response_mask
-            stats["entropy"] = (entropy.detach() * response).sum()
-            stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * response).sum()
-            token_stats.add(stats, float(response.sum()))
+            tokens = rows.response_mask if rows.loss_mask is None else rows.loss_mask
+            stats["entropy"] = (entropy.detach() * tokens).sum()
+            stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
+            token_stats.add(stats, float(tokens.sum()))
         return total_loss, self.apply_gradients()
 
     @torch.no_grad()
@@ -137,7 +140,8 @@ class TorchLearner:
         parts = []
         for start in range(0, len(batch), self.optim.micro_batch_size):
             rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
-            logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False)
+            logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
+                                            selected=rows.loss_mask)
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
 

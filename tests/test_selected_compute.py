@@ -1,0 +1,75 @@
+"""Selected-token compute: the LM head, log-softmax and loss on the kept positions only must give
+the loss and gradients of full compute followed by masking (TIP / D3S compute savings)."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.losses import LossDenominators
+from efficient_rl.learner.objective import ObjectiveSettings, loss_masks, policy_objective, response_logprobs
+
+VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
+
+
+def tiny_model(tied: bool) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(config).float()
+
+
+def random_batch(generator: torch.Generator, keep: float) -> RolloutBatch:
+    lengths = torch.randint(1, RESPONSE + 1, (ROWS,), generator=generator)
+    prompt_lengths = torch.randint(1, PROMPT + 1, (ROWS,), generator=generator)
+    response_mask = (torch.arange(RESPONSE)[None] < lengths[:, None]).float()
+    prompt_mask = (torch.arange(PROMPT)[None] >= PROMPT - prompt_lengths[:, None]).long()  # left-padded
+    kept = (torch.rand(ROWS, RESPONSE, generator=generator) < keep).float() * response_mask
+    return RolloutBatch(
+        prompt_ids=torch.randint(0, VOCAB, (ROWS, PROMPT), generator=generator) * prompt_mask,
+        prompt_mask=prompt_mask,
+        response_ids=torch.randint(0, VOCAB, (ROWS, RESPONSE), generator=generator) * response_mask.long(),
+        response_mask=response_mask, rollout_logprobs=torch.zeros(ROWS, RESPONSE),
+        truncated=torch.zeros(ROWS, dtype=torch.bool), group_ids=torch.arange(ROWS) // 2,
+        samples=[{}] * ROWS, completions=[""] * ROWS,
+        advantages=torch.randn(ROWS, RESPONSE, generator=generator) * response_mask,
+        old_logprobs=-torch.rand(ROWS, RESPONSE, generator=generator) * 3,  # ratios away from 1: clipping acts
+        loss_mask=kept,
+    )
+
+
+def loss_and_gradients(model, batch, settings, selected_compute: bool):
+    model.zero_grad()
+    logprobs, entropy = response_logprobs(model, batch, temperature=0.7,
+                                          selected=batch.loss_mask if selected_compute else None)
+    _, averaged_over = loss_masks(batch, settings)
+    loss, _ = policy_objective(logprobs, batch, settings, LossDenominators.of(averaged_over, RESPONSE))
+    loss.backward()
+    kept = batch.loss_mask.bool()
+    return loss.detach(), entropy.detach()[kept], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("denominator", ["kept", "all"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_selected_compute_equals_full_compute_then_masking(tied, denominator, keep):
+    model = tiny_model(tied)
+    settings = ObjectiveSettings(loss_denominator=denominator, clip_ratio_c=3.0)
+    batch = random_batch(torch.Generator().manual_seed(int(keep * 10) + 100 * tied), keep)
+    assert 0 < batch.loss_mask.sum() < batch.response_mask.sum()
+    full_loss, full_entropy, full_grads = loss_and_gradients(model, batch, settings, selected_compute=False)
+    loss, entropy, grads = loss_and_gradients(model, batch, settings, selected_compute=True)
+    assert loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
+    assert torch.allclose(entropy, full_entropy, atol=1e-5)
+    for name, gradient in full_grads.items():
+        assert torch.allclose(grads[name], gradient, atol=1e-5), name
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_the_denominator_choice_scales_the_token_mean_loss():
+    model = tiny_model(tied=True)
+    batch = random_batch(torch.Generator().manual_seed(3), 0.5)
+    kept_loss, _, _ = loss_and_gradients(model, batch, ObjectiveSettings(loss_denominator="kept"), True)
+    all_loss, _, _ = loss_and_gradients(model, batch, ObjectiveSettings(loss_denominator="all"), True)
+    ratio = batch.loss_mask.sum() / batch.response_mask.sum()
+    assert all_loss.item() == pytest.approx(kept_loss.item() * ratio.item(), rel=1e-5)
