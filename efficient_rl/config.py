@@ -112,8 +112,19 @@ class AlgorithmSection:
     # min(pi_learner / pi_engine, tis_cap) on the sampled token (truncated importance sampling).
     rollout_correction: Literal["none", "tis"] = "none"
     tis_cap: float = 2.0
+    # Token-level efficiency (D3S, "Beyond the 80/20 rule", TIP): which response tokens enter the
+    # loss; the learner runs its LM head on those only. all | high_entropy (top_fraction) |
+    # d3s_tokens (keep_fraction: from the D3S schedule) | random (ratio) | entropy_sampling (ratio, alpha)
+    token_selection: str = "all"
+    token_selection_params: dict = field(default_factory=dict)  # the selector's keywords
     # With a token selection: average the loss over the kept tokens, or over all response tokens.
     loss_denominator: Literal["kept", "all"] = "kept"
+    # D3S sample level: keep the rollouts with maximal advantage variance, N per prompt on average;
+    # N and the d3s_tokens fraction K move linearly from the first value to the second over training.
+    sample_selection: Literal["none", "d3s"] = "none"
+    d3s_scope: Literal["group", "batch"] = "batch"  # batch: D3S-Cross (across groups), the paper's best
+    d3s_rollouts: list[int] = field(default_factory=lambda: [4, 8])  # [N_init, N_final]
+    d3s_token_fraction: list[float] = field(default_factory=lambda: [0.2, 0.5])  # [K_init, K_final]
 
 
 @dataclass

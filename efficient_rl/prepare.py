@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
+from efficient_rl.algos.token_selection import TOKEN_SELECTORS
 from efficient_rl.config import ConfigError, Recipe
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
@@ -48,6 +49,7 @@ REGISTRY_FIELDS = [
     ("algorithm.loss_agg", AGGREGATIONS),
     ("algorithm.kl_estimator", KL_ESTIMATORS),
     ("algorithm.length_penalty", LENGTH_SHAPERS),
+    ("algorithm.token_selection", TOKEN_SELECTORS),
     ("rollout.engine", ENGINES),
     ("learner.backend", LEARNERS),
 ]
@@ -83,6 +85,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
                           f"({recipe.rollout.max_response_length}), got {cap}")
     check_difficulty_tiers(recipe)
+    check_selection(recipe)
     check_cluster(recipe)
     if recipe.learner.mini_batch_prompts < 0:
         raise ConfigError("learner.mini_batch_prompts: expected 0 (whole batch) or a positive integer")
@@ -104,6 +107,20 @@ def check_difficulty_tiers(recipe: Recipe) -> None:
         if not 1 <= tier.truncation_length <= limit:
             raise ConfigError(f"algorithm.difficulty_tiers[{index}].truncation_length: expected 1..rollout."
                               f"max_response_length ({limit}), got {tier.truncation_length}")
+
+
+def check_selection(recipe: Recipe) -> None:
+    alg = recipe.algorithm
+    if alg.token_selection.startswith("tip_"):
+        raise ConfigError(f"algorithm.token_selection: {alg.token_selection} ranks tokens by the divergence from a "
+                          f"teacher; it needs on-policy distillation, which this recipe does not run")
+    if alg.sample_selection == "d3s":
+        if len(alg.d3s_rollouts) != 2 or not all(1 <= n <= recipe.rollout.group_size for n in alg.d3s_rollouts):
+            raise ConfigError(f"algorithm.d3s_rollouts: expected [N_init, N_final] within 1..rollout.group_size "
+                              f"({recipe.rollout.group_size}), got {alg.d3s_rollouts}")
+    if len(alg.d3s_token_fraction) != 2 or not all(0 < k <= 1 for k in alg.d3s_token_fraction):
+        raise ConfigError(f"algorithm.d3s_token_fraction: expected [K_init, K_final] in (0, 1], "
+                          f"got {alg.d3s_token_fraction}")
 
 
 def check_cluster(recipe: Recipe) -> None:

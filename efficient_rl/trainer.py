@@ -26,6 +26,7 @@ from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup, prepare
 from efficient_rl.reward import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.selection import Selection
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
         self.recipe, self.setup, self.run = recipe, setup, run
         self.stages = resolve_stages(recipe)
+        self.selection = Selection(recipe)
         self.components = CLUSTER_BACKENDS.get(recipe.cluster.backend)(recipe, setup)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
@@ -119,7 +121,7 @@ class Trainer:
         metrics = {}
         with self._stop_on_signal():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
-                metrics = self.step()
+                metrics = self.step(step)
                 if self.recipe.eval.every and step % self.recipe.eval.every == 0:
                     metrics.update(self.evaluate())
                 logger.log(step, metrics)
@@ -137,7 +139,7 @@ class Trainer:
         state["wall_seconds"] = earlier_seconds + time.time() - started
         return self.run.write_summary(state)
 
-    def step(self) -> dict[str, float]:
+    def step(self, number: int) -> dict[str, float]:
         started = time.time()
         self.timings = dict.fromkeys(("generate", "reward", "learn", "sync"), 0.0)
         batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
@@ -146,6 +148,9 @@ class Trainer:
         else:
             batch.advantages = self.stages.advantages(batch)
             advantage_metrics = self.stages.advantage_metrics(batch)
+            if self.selection.active:  # D3S samples, token selection (sets batch.loss_mask)
+                batch, selection_metrics = self.selection(batch, self.learner, number)
+                advantage_metrics.update(selection_metrics)
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
             with timed(self.timings, "sync"):

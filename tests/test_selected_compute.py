@@ -73,3 +73,17 @@ def test_the_denominator_choice_scales_the_token_mean_loss():
     all_loss, _, _ = loss_and_gradients(model, batch, ObjectiveSettings(loss_denominator="all"), True)
     ratio = batch.loss_mask.sum() / batch.response_mask.sum()
     assert all_loss.item() == pytest.approx(kept_loss.item() * ratio.item(), rel=1e-5)
+
+
+def test_learner_token_entropy_matches_the_full_logits():
+    from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
+
+    model = tiny_model(tied=True)
+    batch = random_batch(torch.Generator().manual_seed(5), 0.5)
+    learner = TorchLearner(model, ObjectiveSettings(temperature=0.7), OptimSettings(micro_batch_size=4))
+    with torch.no_grad():
+        _, full = response_logprobs(model, batch, temperature=0.7)
+    entropy = learner.token_entropy(batch)
+    assert entropy.shape == batch.response_mask.shape
+    assert torch.allclose(entropy, full * batch.response_mask, atol=1e-5)
+    assert (entropy[batch.response_mask == 0] == 0).all() and (entropy[batch.response_mask == 1] > 0).all()

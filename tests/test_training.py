@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import RECIPES
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.config import load_recipe
@@ -169,3 +171,20 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
     assert 1 <= done < 500 and "final" not in summary
     assert [r["step"] for r in read_metrics(tmp_path / "runs" / "term")] == list(range(1, done + 1))
     assert (tmp_path / "runs" / "term" / "checkpoints" / f"step-{done:08d}" / "trainer_state.pt").exists()
+
+
+def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_overrides):
+    """D3S and high-entropy recipes end to end: the learner trains on a selected share of tokens."""
+    common = tiny_overrides + ["steps=2", "eval.before_training=false", "eval.after_training=false",
+                               "logging.tensorboard=false"]
+    d3s, _ = train(common + ["logging.name=d3s", "algorithm.sample_selection=d3s", "algorithm.d3s_rollouts=[2, 4]",
+                             "algorithm.token_selection=d3s_tokens", "algorithm.d3s_token_fraction=[0.2, 0.6]"])
+    rows = read_metrics(d3s.path)
+    # Step 1 keeps 2 of 4 rollouts per prompt on average and 20% of their tokens; step 2 (the end) 4 and 60%.
+    assert [r["d3s/kept_rollouts"] for r in rows] == [8.0, 16.0]
+    assert [r["d3s/token_fraction"] for r in rows] == pytest.approx([0.2, 0.6])
+    assert rows[0]["tokens/kept_fraction"] < 0.2 and 0.5 < rows[1]["tokens/kept_fraction"] <= 0.6
+    high, _ = train(common + ["logging.name=high", "algorithm.token_selection=high_entropy",
+                              "algorithm.token_selection_params={top_fraction: 0.25}", "algorithm.loss_denominator=all"])
+    for row in read_metrics(high.path):
+        assert 0.2 <= row["tokens/kept_fraction"] <= 0.35  # top 25% by entropy (ties at the threshold kept)

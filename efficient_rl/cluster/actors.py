@@ -88,6 +88,9 @@ class LearnerWorker:
     def update(self, batch):
         return self.learner.update(batch)
 
+    def token_entropy(self, batch):
+        return self.learner.token_entropy(batch)
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Object-store references to the weight buckets (rank 0; other ranks help gather)."""
         import ray

@@ -133,6 +133,11 @@ class RayLearnerGroup:
 
         return self.call("update", ray.put(batch))[0]  # one copy in the object store for all ranks
 
+    def token_entropy(self, batch: RolloutBatch):
+        import ray
+
+        return self.call("token_entropy", ray.put(batch))[0]
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """(object ref, size in bytes) of every weight bucket, from rank 0."""
         return self.call("weight_buckets", bucket_bytes)[0]

@@ -57,6 +57,9 @@ class LabPreset:
 PRESETS: dict[str, LabPreset] = {
     # The quickstart's model: accurate (>= 80% held-out) and wordy (~3x the shortest solution).
     "quickstart": LabPreset(),
+    # Easy and hard questions in one task (1 to 5 operations) and a shorter warm start, so the model
+    # errs on the long ones: for the DA-DLER and TEMPO comparisons (benchmarks/lab_methods.py).
+    "mixed": LabPreset(task=ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10), sft_steps=900),
     # Seconds to build; for tests that need a real model, not a good one.
     "tiny": LabPreset(
         # head size 32: vLLM's CPU attention has no kernel for 16

@@ -15,6 +15,9 @@ class Learner(Protocol):
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Optimizer steps on one rollout batch (advantages filled in); returns step metrics."""
 
+    def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, R] entropy of the current policy at each response token (token selection's statistic)."""
+
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The full current weights (tied parameters once), for the rollout engines."""
 

@@ -16,11 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.divergence import map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import (ObjectiveSettings, loss_masks, objective_settings, policy_objective,
-                                           response_logprobs)
+                                           response_hidden_states, response_logprobs, scaled)
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -144,6 +145,28 @@ class TorchLearner:
                                             selected=rows.loss_mask)
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
+
+    @torch.no_grad()
+    def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, R] entropy of the current policy at every response token (0 on padding), the
+        statistic token selection ranks by. The head runs on chunks of valid positions, so no
+        [B, R, V] logits exist here either. Every rank of a data-parallel group computes it for
+        the whole batch (ZeRO-3 needs them all in the forward anyway)."""
+        head = getattr(self.policy, "module", self.policy).get_output_embeddings()
+
+        def entropy_of(hidden: torch.Tensor) -> torch.Tensor:
+            logp = torch.log_softmax(scaled(head(hidden).float(), self.objective.temperature), -1)
+            return -(logp.exp() * logp).sum(-1)
+
+        parts = []
+        for start in range(0, len(batch), self.optim.micro_batch_size):
+            rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
+            valid = rows.response_mask.bool()
+            hidden = response_hidden_states(self.policy, rows)[valid]
+            entropy = torch.zeros(valid.shape)
+            entropy[valid] = map_row_chunks(entropy_of, [hidden], chunk_rows=512)
+            parts.append(torch.nn.functional.pad(entropy, (0, batch.response_ids.shape[1] - entropy.shape[1])))
+        return torch.cat(parts)
 
     # ------------------------------------------------------------ what a data-parallel learner changes
     @property
