@@ -112,9 +112,12 @@ class AlgorithmSection:
     # min(pi_learner / pi_engine, tis_cap) on the sampled token (truncated importance sampling).
     rollout_correction: Literal["none", "tis"] = "none"
     tis_cap: float = 2.0
+    # policy_gradient: the RL loss above; distillation: on-policy distillation from distill.teacher
+    objective: Literal["policy_gradient", "distillation"] = "policy_gradient"
     # Token-level efficiency (D3S, "Beyond the 80/20 rule", TIP): which response tokens enter the
     # loss; the learner runs its LM head on those only. all | high_entropy (top_fraction) |
     # d3s_tokens (keep_fraction: from the D3S schedule) | random (ratio) | entropy_sampling (ratio, alpha)
+    # | tip_soft_or (rho) | tip_q3 (rho): TIP, with distillation
     token_selection: str = "all"
     token_selection_params: dict = field(default_factory=dict)  # the selector's keywords
     # With a token selection: average the loss over the kept tokens, or over all response tokens.
@@ -125,6 +128,19 @@ class AlgorithmSection:
     d3s_scope: Literal["group", "batch"] = "batch"  # batch: D3S-Cross (across groups), the paper's best
     d3s_rollouts: list[int] = field(default_factory=lambda: [4, 8])  # [N_init, N_final]
     d3s_token_fraction: list[float] = field(default_factory=lambda: [0.2, 0.5])  # [K_init, K_final]
+
+
+@dataclass
+class DistillSection:
+    """On-policy distillation (algorithm.objective: distillation; ALGORITHMS.md §4): the student
+    samples, the teacher scores the same tokens, the loss is a per-token divergence over the full
+    vocabulary."""
+
+    teacher: str | None = None  # model directory or lab:<preset>, with the student's tokenizer
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # OPD / TIP: reverse KL
+    beta: float = 0.5  # jsd: the student's weight in the mixture
+    placement: Literal["embedded", "ray"] = "embedded"  # in each learner process, or one Ray actor
+    chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
 
 
 @dataclass
@@ -204,6 +220,7 @@ class Recipe:
     scoring: ScoringSection = field(default_factory=ScoringSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     learner: LearnerSection = field(default_factory=LearnerSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)

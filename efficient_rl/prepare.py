@@ -16,6 +16,7 @@ from efficient_rl.config import ConfigError, Recipe
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
 from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
 from efficient_rl.registry import did_you_mean
 from efficient_rl.reward import RewardRunner
@@ -111,9 +112,15 @@ def check_difficulty_tiers(recipe: Recipe) -> None:
 
 def check_selection(recipe: Recipe) -> None:
     alg = recipe.algorithm
-    if alg.token_selection.startswith("tip_"):
+    distilling = alg.objective == "distillation"
+    if alg.token_selection.startswith("tip_") and not distilling:
         raise ConfigError(f"algorithm.token_selection: {alg.token_selection} ranks tokens by the divergence from a "
-                          f"teacher; it needs on-policy distillation, which this recipe does not run")
+                          f"teacher; set algorithm.objective: distillation and distill.teacher")
+    if distilling and recipe.distill.teacher is None:
+        raise ConfigError("distill.teacher: algorithm.objective distillation needs a teacher (a model directory "
+                          "or lab:<preset>)")
+    if distilling and recipe.distill.placement == "ray" and recipe.cluster.backend != "ray":
+        raise ConfigError("distill.placement: a ray teacher needs cluster.backend: ray")
     if alg.sample_selection == "d3s":
         if len(alg.d3s_rollouts) != 2 or not all(1 <= n <= recipe.rollout.group_size for n in alg.d3s_rollouts):
             raise ConfigError(f"algorithm.d3s_rollouts: expected [N_init, N_final] within 1..rollout.group_size "
@@ -188,6 +195,8 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     if context is not None and longest > context:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
+    if recipe.algorithm.objective == "distillation":
+        check_teacher(recipe, model.get_output_embeddings().weight.shape[0])
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
                  base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)
 

@@ -7,7 +7,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.learner.objective import ObjectiveSettings, loss_masks, policy_objective, response_logprobs
+from efficient_rl.learner.objective import (ObjectiveSettings, loss_masks, policy_objective, response_logprobs,
+                                           sequence_inputs)
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 
@@ -87,3 +88,63 @@ def test_learner_token_entropy_matches_the_full_logits():
     assert entropy.shape == batch.response_mask.shape
     assert torch.allclose(entropy, full * batch.response_mask, atol=1e-5)
     assert (entropy[batch.response_mask == 0] == 0).all() and (entropy[batch.response_mask == 1] > 0).all()
+
+
+def reverse_kl_reference(student_logits, teacher_logits):
+    """KL(P_S || P_T) per position, directly from the definition."""
+    p = torch.softmax(student_logits.double(), -1)
+    return (p * (p.log() - torch.log_softmax(teacher_logits.double(), -1))).sum(-1)
+
+
+@pytest.mark.parametrize("keep", [0.4, 1.0])
+def test_distillation_loss_on_selected_tokens_equals_the_masked_full_reverse_kl(keep):
+    from efficient_rl.learner.objective import distillation_objective
+    from efficient_rl.learner.teacher import Teacher
+
+    student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
+    teacher = Teacher(teacher_model, temperature=1.0, chunk_rows=3)
+    batch = random_batch(torch.Generator().manual_seed(11), keep)
+    settings = ObjectiveSettings(distillation=True, temperature=1.0, chunk_rows=3)
+    kept = batch.loss_mask
+    loss, stats = distillation_objective(student, batch, settings, LossDenominators.of(kept, RESPONSE), teacher)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    width = RESPONSE + 1
+    inputs = dict(zip(("input_ids", "attention_mask", "position_ids"), sequence_inputs(batch)))
+    student_logits = student(**inputs, logits_to_keep=width).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher_model(**inputs, logits_to_keep=width).logits[:, :-1]
+    reference = (reverse_kl_reference(student_logits, teacher_logits) * kept).sum() / kept.sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert stats["distill/divergence"].item() == pytest.approx((reference * kept.sum()).item(), rel=1e-4)
+    for name, parameter in student.named_parameters():
+        assert torch.allclose(grads[name], parameter.grad, atol=1e-5), name
+
+
+def test_distillation_updates_pull_the_student_to_the_teacher_and_stats_match_the_definitions():
+    from efficient_rl.learner.teacher import Teacher
+    from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
+
+    student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
+    batch = random_batch(torch.Generator().manual_seed(13), 1.0)
+    batch.loss_mask = None
+    learner = TorchLearner(student, ObjectiveSettings(distillation=True, temperature=1.0, chunk_rows=4),
+                           OptimSettings(lr=1e-2, micro_batch_size=4), teacher=Teacher(teacher_model, 1.0, 4))
+    stats = learner.distill_stats(batch)
+    inputs = dict(zip(("input_ids", "attention_mask", "position_ids"), sequence_inputs(batch)))
+    with torch.no_grad():
+        s = student(**inputs, logits_to_keep=RESPONSE + 1).logits[:, :-1]
+        t = teacher_model(**inputs, logits_to_keep=RESPONSE + 1).logits[:, :-1]
+    mask = batch.response_mask
+    assert torch.allclose(stats["reverse_kl"], (reverse_kl_reference(s, t) * mask).float(), atol=1e-5)
+    assert torch.allclose(stats["forward_kl"], (reverse_kl_reference(t, s) * mask).float(), atol=1e-5)
+    p = torch.softmax(s.double(), -1)
+    assert torch.allclose(stats["entropy"], (-(p * p.log()).sum(-1) * mask).float(), atol=1e-5)
+
+    before = float((stats["reverse_kl"] * mask).sum() / mask.sum())
+    losses = [learner.update(batch)["loss"] for _ in range(8)]
+    after = float((learner.distill_stats(batch)["reverse_kl"] * mask).sum() / mask.sum())
+    assert losses[0] == pytest.approx(before, rel=1e-4)  # the loss is the mean reverse KL
+    assert after < 0.5 * before

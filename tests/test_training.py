@@ -188,3 +188,33 @@ def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_override
                               "algorithm.token_selection_params={top_fraction: 0.25}", "algorithm.loss_denominator=all"])
     for row in read_metrics(high.path):
         assert 0.2 <= row["tokens/kept_fraction"] <= 0.35  # top 25% by entropy (ties at the threshold kept)
+
+
+def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_overrides):
+    """lab:tiny teaches lab:tiny_student (same tokenizer): full-token OPD, then TIP Soft-OR at 50%."""
+    common = tiny_overrides + ["model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=2",
+                               "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+                               "rollout.max_response_length=24", "eval.max_new_tokens=32"]
+    full, _ = run_recipe(load_recipe(RECIPES / "opd.yaml", common + ["logging.name=opd"]))
+    for row in read_metrics(full.path):
+        assert row["distill/divergence"] > 0 and "tokens/kept_fraction" not in row
+    tip, _ = run_recipe(load_recipe(RECIPES / "tip_opd.yaml", common + ["logging.name=tip"]))
+    for row in read_metrics(tip.path):
+        assert 0.3 < row["tokens/kept_fraction"] <= 0.5  # floor(0.5 x length) per response
+        shares = [row[f"tip/q{i}_share"] for i in range(1, 5)]
+        assert sum(shares) == pytest.approx(1.0) and all(0 <= s <= 1 for s in shares)
+
+
+def test_distillation_teacher_must_share_the_vocabulary(tmp_path, tiny_overrides):
+    from efficient_rl.config import ConfigError
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    other = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1))
+    other.save_pretrained(tmp_path / "other_teacher")
+    recipe = load_recipe(RECIPES / "opd.yaml", tiny_overrides + ["model.lab=tiny_student",
+                                                                 f"distill.teacher={tmp_path / 'other_teacher'}"])
+    with pytest.raises(ConfigError, match=r"distill.teacher: a vocabulary of 1000 tokens, the student's has \d+"):
+        run_recipe(recipe)
+    assert not (tmp_path / "runs" / "opd").exists()

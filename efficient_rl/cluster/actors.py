@@ -91,6 +91,9 @@ class LearnerWorker:
     def token_entropy(self, batch):
         return self.learner.token_entropy(batch)
 
+    def distill_stats(self, batch):
+        return self.learner.distill_stats(batch)
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Object-store references to the weight buckets (rank 0; other ranks help gather)."""
         import ray
@@ -119,3 +122,18 @@ class LearnerWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class TeacherWorker:
+    """The on-policy distillation teacher, asked by every learner rank (learner/teacher.py)."""
+
+    def __init__(self, recipe):
+        from efficient_rl.learner.teacher import embedded_teacher
+
+        self.teacher = embedded_teacher(recipe)
+
+    def vocab_size(self) -> int:
+        return self.teacher.vocab_size
+
+    def logprobs(self, rows, selected):
+        return self.teacher.logprobs(rows, selected)

@@ -138,6 +138,11 @@ class RayLearnerGroup:
 
         return self.call("token_entropy", ray.put(batch))[0]
 
+    def distill_stats(self, batch: RolloutBatch):
+        import ray
+
+        return self.call("distill_stats", ray.put(batch))[0]
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """(object ref, size in bytes) of every weight bucket, from rank 0."""
         return self.call("weight_buckets", bucket_bytes)[0]
@@ -319,6 +324,9 @@ def ray_components(recipe, setup):
     try:
         placement = place(cluster)
         closers.append(placement.remove)
+        if recipe.algorithm.objective == "distillation" and recipe.distill.placement == "ray":
+            teacher = start_teacher(recipe)  # before the learners, which look it up by name
+            closers.append(lambda: kill_all([teacher]))
         learner = start_learners(recipe, setup, placement)
         closers.append(learner.kill)
         remote_rollout = ray.remote(RolloutWorker)
@@ -337,6 +345,19 @@ def ray_components(recipe, setup):
         close()
         raise
     return Components(learner=learner, engine=engine, close=close)
+
+
+def start_teacher(recipe):
+    """The distillation teacher as one named actor. It reserves no CPU of the placement: it works
+    only while the learner ranks that call it wait for its answer."""
+    import ray
+
+    from efficient_rl.learner.teacher import teacher_actor_name
+
+    teacher = ray.remote(TeacherWorker).options(name=teacher_actor_name(recipe), num_cpus=0,
+                                                max_restarts=0).remote(recipe)
+    ray.get(teacher.vocab_size.remote())  # loaded before anyone asks
+    return teacher
 
 
 def start_learners(recipe, setup, placement: Placement) -> RayLearnerGroup:

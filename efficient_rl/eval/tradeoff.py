@@ -51,20 +51,6 @@ class EvalSpec:
     seed: int = 0
 
 
-def model_directory(reference: str) -> Path:
-    from efficient_rl.lab.build import PRESETS, lab_model_dir
-
-    if reference.startswith("lab:"):
-        preset = reference.removeprefix("lab:")
-        if preset not in PRESETS:
-            raise ConfigError(f"model {reference}: unknown lab preset; known: {', '.join(sorted(PRESETS))}")
-        return lab_model_dir(preset)
-    path = Path(reference)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model {reference}: not a model directory (no config.json)")
-    return path
-
-
 def label(reference: str, budget: int) -> str:
     """Short and file-name safe: lab_quickstart@256, a directory's name, a checkpoint as run/step-N."""
     if reference.startswith("lab:"):
@@ -220,7 +206,9 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
             raise ConfigError(f"--budgets: expected positive token caps, got {budget}")
     if spec.engine not in EVAL_ENGINES:
         raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
-    directories = {reference: model_directory(reference) for reference in spec.models}
+    from efficient_rl.lab.build import model_directory
+
+    directories = {reference: model_directory(reference, 'model') for reference in spec.models}
     questions = load_questions(spec)
     models = {reference: ModelUnderTest(reference, directory, questions, spec)
               for reference, directory in directories.items()}

@@ -23,7 +23,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from efficient_rl.lab.sft import supervised_finetune
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
 from efficient_rl.lab.tokenizer import train_tokenizer
-from efficient_rl.prompts import encode_prompt, encode_response
+from efficient_rl.prompts import encode_prompt, encode_response, load_tokenizer
 
 LAB_VERSION = 1  # bump when the build procedure changes in a way the preset fields do not show
 
@@ -48,9 +48,15 @@ class LabPreset:
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     seed: int = 0
+    # Another preset whose tokenizer this model uses instead of training its own: a distillation
+    # student shares its teacher's vocabulary.
+    tokenizer_from: str | None = None
 
     def cache_key(self) -> str:
-        payload = json.dumps({"version": LAB_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.tokenizer_from:  # a rebuilt source preset means another tokenizer
+            fields["tokenizer_from"] = f"{self.tokenizer_from}-{PRESETS[self.tokenizer_from].cache_key()}"
+        payload = json.dumps({"version": LAB_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -68,6 +74,24 @@ PRESETS: dict[str, LabPreset] = {
         sft_examples=500,
         sft_steps=30,
         sft_batch_size=16,
+    ),
+    # On-policy distillation (recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
+    # briefly on the same task with the same tokenizer; `mixed` is its teacher.
+    "student": LabPreset(
+        task=ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10),
+        model=ModelShape(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1),
+        sft_steps=300,
+        tokenizer_from="mixed",
+    ),
+    # The tests' distillation pair: lab:tiny teaches it.
+    "tiny_student": LabPreset(
+        model=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1),
+        sft_examples=500,
+        sft_steps=10,
+        sft_batch_size=16,
+        tokenizer_from="tiny",
     ),
 }
 
@@ -88,6 +112,21 @@ def lab_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     return target
 
 
+def model_directory(reference: str, field_name: str) -> Path:
+    """A model reference: "lab:<preset>" (built on first use) or a Hugging Face model directory."""
+    from efficient_rl.config import ConfigError
+
+    if reference.startswith("lab:"):
+        preset = reference.removeprefix("lab:")
+        if preset not in PRESETS:
+            raise ConfigError(f"{field_name} {reference}: unknown lab preset; known: {', '.join(sorted(PRESETS))}")
+        return lab_model_dir(preset)
+    path = Path(reference)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{field_name} {reference}: not a model directory (no config.json)")
+    return path
+
+
 def build_lab(preset: LabPreset, target: Path, log=print) -> None:
     started = time.time()
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -98,7 +137,11 @@ def build_lab(preset: LabPreset, target: Path, log=print) -> None:
     problems = generate_problems(preset.task, "train", preset.sft_examples, preset.seed)
     traces = warm_start_traces(preset.task, problems, preset.seed)
     corpus = ["user assistant"] + [t["question"] for t in traces] + [t["response"] for t in traces]
-    tokenizer = train_tokenizer(corpus, preset.vocab_size, staging)
+    if preset.tokenizer_from:
+        tokenizer = load_tokenizer(lab_model_dir(preset.tokenizer_from, target.parent))
+        tokenizer.save_pretrained(staging)
+    else:
+        tokenizer = train_tokenizer(corpus, preset.vocab_size, staging)
     examples = [(encode_prompt(tokenizer, t["question"]), encode_response(tokenizer, t["response"]))
                 for t in traces]
     model = new_model(preset.model, tokenizer, preset.seed)

@@ -18,6 +18,9 @@ class Learner(Protocol):
     def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
         """[B, R] entropy of the current policy at each response token (token selection's statistic)."""
 
+    def distill_stats(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """[B, R] entropy, reverse_kl, forward_kl against the distillation teacher (TIP's axes)."""
+
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The full current weights (tied parameters once), for the rollout engines."""
 

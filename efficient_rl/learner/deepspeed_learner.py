@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.objective import objective_settings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model, optim_settings
 
@@ -54,6 +55,7 @@ class DeepSpeedLearner(TorchLearner):
         self.objective, self.optim = objective_settings(recipe), optim_settings(recipe)
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
         self.reference = load_model(base_model_dir).eval().to(self.device) if recipe.algorithm.kl_coef > 0 else None
+        self.teacher = build_teacher(recipe, self.device)  # likewise unsharded (or a Ray actor)
         config = deepspeed_config(recipe.learner, self.optim, self.world_size)
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, LossDenominators
 
 
@@ -25,6 +26,11 @@ class ObjectiveSettings:
     # With a token selection (batch.loss_mask): "kept" averages the loss over the kept tokens,
     # "all" over every response token (unselected ones count as zero loss, as masking does).
     loss_denominator: str = "kept"
+    # algorithm.objective: distillation (ALGORITHMS.md §4): per-token divergence from a teacher
+    distillation: bool = False
+    divergence: str = "reverse_kl"
+    divergence_beta: float = 0.5
+    chunk_rows: int = 512
 
 
 def objective_settings(recipe) -> ObjectiveSettings:
@@ -36,6 +42,8 @@ def objective_settings(recipe) -> ObjectiveSettings:
         kl_estimator=alg.kl_estimator, temperature=recipe.rollout.temperature,
         tis_cap=alg.tis_cap if alg.rollout_correction == "tis" else None,
         loss_denominator=alg.loss_denominator,
+        distillation=alg.objective == "distillation", divergence=recipe.distill.divergence,
+        divergence_beta=recipe.distill.beta, chunk_rows=recipe.distill.chunk_rows,
     )
 
 
@@ -109,7 +117,7 @@ def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entrop
 
 def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """[K] values back into a [B, R] tensor of zeros at the selected positions (differentiable)."""
-    return torch.zeros(selected.shape, dtype=values.dtype).masked_scatter(selected, values)
+    return torch.zeros(selected.shape, dtype=values.dtype, device=values.device).masked_scatter(selected, values)
 
 
 def policy_objective(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
@@ -143,3 +151,27 @@ def policy_objective(logprobs: torch.Tensor, rows: RolloutBatch, settings: Objec
         loss = loss + settings.kl_coef * aggregate(kl, mask, den)
         stats["kl"] = kl.detach().sum()
     return loss, stats
+
+
+def distillation_objective(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators,
+                           teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """On-policy distillation loss of one micro-batch: the per-token divergence between the
+    student's and the teacher's distributions over the full vocabulary (reverse KL by default,
+    OPD Eq. 1), aggregated like the policy loss. Only the selected positions reach either LM
+    head, and they are processed `chunk_rows` at a time with recomputation in the backward, so
+    the student's [K, V] log-probabilities never exist whole."""
+    selected, averaged_over = loss_masks(rows, settings)
+    kept = selected.bool()
+    teacher_logprobs = teacher.logprobs(rows, kept).to(rows.response_mask.device)  # [K, V], no gradient
+    head = getattr(model, "module", model).get_output_embeddings()
+    divergence = DIVERGENCES.get(settings.divergence)
+
+    def chunk_divergence(hidden: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
+        student = torch.log_softmax(scaled(head(hidden).float(), settings.temperature), -1)
+        return divergence(student, teacher_chunk, settings.divergence_beta)
+
+    hidden = response_hidden_states(model, rows)[kept]
+    token_divergence = scatter_selected(map_row_chunks(chunk_divergence, [hidden, teacher_logprobs],
+                                                       settings.chunk_rows), kept)
+    loss = AGGREGATIONS.get(settings.loss_agg)(token_divergence, averaged_over, den)
+    return loss, {"distill/divergence": token_divergence.detach().sum()}

@@ -16,12 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.divergence import map_row_chunks
+from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import (ObjectiveSettings, loss_masks, objective_settings, policy_objective,
-                                           response_hidden_states, response_logprobs, scaled)
+from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, loss_masks,
+                                           objective_settings, policy_objective, response_hidden_states,
+                                           response_logprobs, scaled)
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -83,9 +84,10 @@ class TokenStats:
 class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
 
-    def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None):
+    def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None):
         self.model = model
         self.reference = reference  # frozen copy of the initial policy, only when KL is on
+        self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
         self.objective = objective
         self.optim = optim
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
@@ -98,7 +100,7 @@ class TorchLearner:
                  for start in range(0, len(batch), mini_size)]
         self.model.train()
         for mini in minis:  # both before any optimizer step: they are the pre-update policies
-            if self.optim.epochs * len(minis) > 1:
+            if self.optim.epochs * len(minis) > 1 and not self.objective.distillation:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
             if self.objective.kl_coef > 0:
                 mini.rows.ref_logprobs = self.logprobs(mini.rows, self.reference)
@@ -124,17 +126,23 @@ class TorchLearner:
         total_loss = 0.0
         for start in range(0, len(mini.rows), self.optim.micro_batch_size):
             rows = mini.rows.select(range(start, min(start + self.optim.micro_batch_size, len(mini.rows))))
-            # With a token selection, only the kept tokens reach the LM head (and the statistics).
-            logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature,
-                                                  selected=rows.loss_mask)
-            loss, stats = policy_objective(logprobs, rows, self.objective, mini.den)
+            loss, stats = self._micro_batch_loss(rows, mini.den)
             self.backward(loss)
             total_loss += loss.item()
-            tokens = rows.response_mask if rows.loss_mask is None else rows.loss_mask
-            stats["entropy"] = (entropy.detach() * tokens).sum()
-            stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
-            token_stats.add(stats, float(tokens.sum()))
+            token_stats.add(stats, float((rows.response_mask if rows.loss_mask is None else rows.loss_mask).sum()))
         return total_loss, self.apply_gradients()
+
+    def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
+        """The loss and its per-token statistics (sums) over the tokens that enter the loss."""
+        if self.objective.distillation:
+            return distillation_objective(self.policy, rows, self.objective, den, self.teacher)
+        # With a token selection, only the kept tokens reach the LM head (and the statistics).
+        logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature, selected=rows.loss_mask)
+        loss, stats = policy_objective(logprobs, rows, self.objective, den)
+        tokens = rows.response_mask if rows.loss_mask is None else rows.loss_mask
+        stats["entropy"] = (entropy.detach() * tokens).sum()
+        stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
+        return loss, stats
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
@@ -145,6 +153,26 @@ class TorchLearner:
                                             selected=rows.loss_mask)
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
+
+    @torch.no_grad()
+    def distill_stats(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """[B, R] student entropy, KL(student || teacher) and KL(teacher || student) at every
+        response token (0 on padding): TIP's two axes and its Q3 ranking signal (§4.1, §4.3)."""
+        head = getattr(self.policy, "module", self.policy).get_output_embeddings()
+        reverse_kl, forward_kl = DIVERGENCES.get("reverse_kl"), DIVERGENCES.get("forward_kl")
+
+        def statistics(hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+            student = torch.log_softmax(scaled(head(hidden).float(), self.objective.temperature), -1)
+            entropy = -(student.exp() * student).sum(-1)
+            return torch.stack([entropy, reverse_kl(student, teacher, 0.0), forward_kl(student, teacher, 0.0)], -1)
+
+        def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
+            teacher = self.teacher.logprobs(rows, valid).to(valid.device)
+            return map_row_chunks(statistics, [response_hidden_states(self.policy, rows)[valid], teacher],
+                                  self.objective.chunk_rows)
+
+        values = self._over_valid_tokens(batch, per_token, channels=3)
+        return {name: values[..., i] for i, name in enumerate(("entropy", "reverse_kl", "forward_kl"))}
 
     @torch.no_grad()
     def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
@@ -158,14 +186,22 @@ class TorchLearner:
             logp = torch.log_softmax(scaled(head(hidden).float(), self.objective.temperature), -1)
             return -(logp.exp() * logp).sum(-1)
 
+        def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
+            return map_row_chunks(entropy_of, [response_hidden_states(self.policy, rows)[valid]],
+                                  self.objective.chunk_rows)[:, None]
+
+        return self._over_valid_tokens(batch, per_token, channels=1)[..., 0]
+
+    def _over_valid_tokens(self, batch: RolloutBatch, per_token, channels: int) -> torch.Tensor:
+        """[B, R, channels] from per_token(micro-batch rows, valid mask) -> [valid tokens, channels],
+        micro-batch by micro-batch; 0 on padding."""
         parts = []
         for start in range(0, len(batch), self.optim.micro_batch_size):
             rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
             valid = rows.response_mask.bool()
-            hidden = response_hidden_states(self.policy, rows)[valid]
-            entropy = torch.zeros(valid.shape)
-            entropy[valid] = map_row_chunks(entropy_of, [hidden], chunk_rows=512)
-            parts.append(torch.nn.functional.pad(entropy, (0, batch.response_ids.shape[1] - entropy.shape[1])))
+            values = torch.zeros(*valid.shape, channels)
+            values[valid] = per_token(rows, valid).cpu()
+            parts.append(torch.nn.functional.pad(values, (0, 0, 0, batch.response_ids.shape[1] - valid.shape[1])))
         return torch.cat(parts)
 
     # ------------------------------------------------------------ what a data-parallel learner changes
@@ -229,6 +265,8 @@ class TorchLearner:
 @LEARNERS.register("torch")
 def torch_learner(recipe, model_dir: Path, base_model_dir: Path, model=None) -> TorchLearner:
     """`model` is the driver's own copy when embedded (the transformers engine generates with it)."""
+    from efficient_rl.learner.teacher import build_teacher
+
     reference = load_model(base_model_dir).eval() if recipe.algorithm.kl_coef > 0 else None
     return TorchLearner(model if model is not None else load_model(model_dir), objective_settings(recipe),
-                        optim_settings(recipe), reference=reference)
+                        optim_settings(recipe), reference=reference, teacher=build_teacher(recipe))
