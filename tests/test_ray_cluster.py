@@ -58,11 +58,11 @@ def kill_after_first_step(trainer, pick_pid):
     step = trainer.step
     calls = []
 
-    def kill_then_step():
+    def kill_then_step(number):
         if len(calls) == 1:
             os.kill(pick_pid(), signal.SIGKILL)
         calls.append(1)
-        return step()
+        return step(number)
 
     trainer.step = kill_then_step
 
@@ -101,6 +101,24 @@ def test_zero3_trains_with_verified_syncs_colocated(ray_cluster, tiny_overrides)
         assert row["sync/verified"] == 1.0 and row["sync/bytes"] == n_params
         assert 1 < row["sync/buckets"] < len(list(setup.model.parameters()))  # bucketed, not per parameter
     assert weight_change(run, setup) > 0.1
+
+
+def test_distillation_from_a_teacher_actor_with_tip_selection_on_deepspeed_ranks(ray_cluster, tiny_overrides):
+    import ray
+
+    from efficient_rl.learner.teacher import teacher_actor_name
+    from efficient_rl.trainer import run_recipe
+
+    recipe = load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + RAY_OVERRIDES + [
+        "model.lab=tiny_student", "distill.teacher=lab:tiny", "distill.placement=ray", "learner.zero_stage=2",
+        "steps=2", "rollout.max_response_length=24", "eval.max_new_tokens=32", "logging.name=tip-ray"])
+    run, summary = run_recipe(recipe)
+    rows = read_metrics(run.path)
+    assert summary["steps_completed"] == 2
+    for row in rows:
+        assert row["distill/divergence"] > 0 and 0.3 < row["tokens/kept_fraction"] <= 0.5
+    with pytest.raises(ValueError):  # the teacher actor went with the run
+        ray.get_actor(teacher_actor_name(recipe))
 
 
 def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_cluster, tiny_overrides):

@@ -14,7 +14,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker
+from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWorker
 from efficient_rl.cluster.backends import Components
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.errors import WorkerFailure
