@@ -56,43 +56,33 @@ class LabPreset:
         fields = dataclasses.asdict(self)
         if self.tokenizer_from:  # a rebuilt source preset means another tokenizer
             fields["tokenizer_from"] = f"{self.tokenizer_from}-{PRESETS[self.tokenizer_from].cache_key()}"
+        else:  # keeps the keys (and caches) of presets from before this field existed
+            del fields["tokenizer_from"]
         payload = json.dumps({"version": LAB_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+# 1 to 5 operations: easy and hard questions in one task.
+MIXED_TASK = ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10)
+# Head size 32: vLLM's CPU attention has no kernel for 16.
+TINY_SHAPE = ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1)
+
 PRESETS: dict[str, LabPreset] = {
     # The quickstart's model: accurate (>= 80% held-out) and wordy (~3x the shortest solution).
     "quickstart": LabPreset(),
-    # Easy and hard questions in one task (1 to 5 operations) and a shorter warm start, so the model
-    # errs on the long ones: for the DA-DLER and TEMPO comparisons (benchmarks/lab_methods.py).
-    "mixed": LabPreset(task=ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10), sft_steps=900),
+    # The mixed task with a shorter warm start, so the model errs on the long questions: for the
+    # DA-DLER and TEMPO comparisons (benchmarks/lab_methods.py) and as the distillation teacher.
+    "mixed": LabPreset(task=MIXED_TASK, sft_steps=900),
     # Seconds to build; for tests that need a real model, not a good one.
-    "tiny": LabPreset(
-        # head size 32: vLLM's CPU attention has no kernel for 16
-        model=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1),
-        sft_examples=500,
-        sft_steps=30,
-        sft_batch_size=16,
-    ),
+    "tiny": LabPreset(model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16),
     # On-policy distillation (recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
     # briefly on the same task with the same tokenizer; `mixed` is its teacher.
-    "student": LabPreset(
-        task=ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10),
-        model=ModelShape(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1),
-        sft_steps=300,
-        tokenizer_from="mixed",
-    ),
+    "student": LabPreset(task=MIXED_TASK, model=dataclasses.replace(TINY_SHAPE, intermediate_size=192),
+                         sft_steps=300, tokenizer_from="mixed"),
     # The tests' distillation pair: lab:tiny teaches it.
-    "tiny_student": LabPreset(
-        model=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1),
-        sft_examples=500,
-        sft_steps=10,
-        sft_batch_size=16,
-        tokenizer_from="tiny",
-    ),
+    "tiny_student": LabPreset(model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1), sft_examples=500,
+                              sft_steps=10, sft_batch_size=16, tokenizer_from="tiny"),
 }
 
 
