@@ -119,6 +119,9 @@ def check_selection(recipe: Recipe) -> None:
     if distilling and recipe.distill.teacher is None:
         raise ConfigError("distill.teacher: algorithm.objective distillation needs a teacher (a model directory "
                           "or lab:<preset>)")
+    if distilling and recipe.learner.backend == "deepspeed" and recipe.learner.zero_stage == 3:
+        raise ConfigError("learner.zero_stage: distillation runs on ZeRO stages 0-2 (its selected-position LM head "
+                          "is not yet correct under ZeRO-3's weight gathering)")
     if distilling and recipe.distill.placement == "ray" and recipe.cluster.backend != "ray":
         raise ConfigError("distill.placement: a ray teacher needs cluster.backend: ray")
     if alg.sample_selection == "d3s":

@@ -174,6 +174,26 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):
             assert distributed[key] == pytest.approx(single[key], rel=1e-4, abs=1e-7), (stage, extra, key)
 
+    # A token selection: the same update and the same entropy pass as one process, with the head on
+    # the selected positions only (ZeRO-2) and with masked full logits (ZeRO-3, see DeepSpeedLearner).
+    batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+                       ).float() * batch.response_mask
+    learner = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir)
+    entropy = learner.token_entropy(batch)
+    selected = learner.update(batch)
+    for stage in (2, 3):
+        ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"])
+        placement = place(ds_recipe.cluster)
+        group = start_learners(ds_recipe, setup, placement)
+        try:
+            assert torch.allclose(group.token_entropy(batch), entropy, atol=1e-5)
+            distributed = group.update(batch)
+        finally:
+            group.kill()
+            placement.remove()
+        for key in ("loss", "grad_norm", "kl", "entropy"):
+            assert distributed[key] == pytest.approx(selected[key], rel=1e-4, abs=1e-7), ("selected", stage, key)
+
 
 def test_a_local_cluster_stays_on_the_loopback_address(ray_cluster):
     import ray

@@ -67,6 +67,10 @@ class DeepSpeedLearner(TorchLearner):
                                       weight_decay=self.optim.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.model = self.engine.module
+        # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
+        # and the LM head as separate submodules gave different gradients (tests/test_ray_cluster.py),
+        # so under ZeRO-3 a token selection masks the full logits instead (same result, no saving).
+        self.selected_compute = recipe.learner.zero_stage != 3
 
     @property
     def policy(self):

@@ -83,6 +83,8 @@ class TokenStats:
 
 class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
+    # Run the LM head on the selected tokens only (calls the model's body and head directly).
+    selected_compute = True
 
     def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None):
         self.model = model
@@ -137,7 +139,8 @@ class TorchLearner:
         if self.objective.distillation:
             return distillation_objective(self.policy, rows, self.objective, den, self.teacher)
         # With a token selection, only the kept tokens reach the LM head (and the statistics).
-        logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature, selected=rows.loss_mask)
+        logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature,
+                                              selected=rows.loss_mask if self.selected_compute else None)
         loss, stats = policy_objective(logprobs, rows, self.objective, den)
         tokens = rows.response_mask if rows.loss_mask is None else rows.loss_mask
         stats["entropy"] = (entropy.detach() * tokens).sum()
@@ -150,7 +153,7 @@ class TorchLearner:
         for start in range(0, len(batch), self.optim.micro_batch_size):
             rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
             logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
-                                            selected=rows.loss_mask)
+                                            selected=rows.loss_mask if self.selected_compute else None)
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
 
