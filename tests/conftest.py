@@ -9,6 +9,10 @@ RECIPES = ROOT / "recipes"
 # Tests build their lab models in a cache of their own, never the user's.
 os.environ.setdefault("EFFICIENT_RL_CACHE", str(ROOT / ".pytest_cache" / "efficient_rl"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every Ray cluster of the tests is local. start_ray sets these before it imports Ray, but an
+# in-process vLLM engine (the eval tests) imports Ray earlier, and Ray reads them on import.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # A small, fast run on the tiny lab model (real model, real generation, real updates).
 TINY_OVERRIDES = [
