@@ -88,8 +88,8 @@ CURVE_EXPERIMENTS = {
     # The learning rate is a quarter of the others': at 2e-4 both lost accuracy on this task.
     "tempo": {"grpo": ("grpo.yaml", ["rollout.group_size=7", "algorithm.clip_high=0.28", "learner.lr=5.0e-5"]),
               "tempo": ("tempo.yaml", ["learner.lr=5.0e-5"])},
-    # D3S (its recipe's schedule) vs GRPO on every rollout and token.
-    "d3s": {"grpo": ("grpo.yaml", []), "d3s": ("d3s.yaml", [])},
+    # D3S (its recipe's schedule) vs GRPO on every rollout and token, at TEMPO's learning rate.
+    "d3s": {"grpo": ("grpo.yaml", ["learner.lr=5.0e-5"]), "d3s": ("d3s.yaml", ["learner.lr=5.0e-5"])},
     # On-policy distillation of lab:student from lab:mixed: every token, TIP Soft-OR 50%, random 50%.
     "tip": {"opd": ("opd.yaml", STUDENT), "tip-soft-or-50": ("tip_opd.yaml", STUDENT),
             "random-50": ("opd.yaml", STUDENT + ["algorithm.token_selection=random",
