@@ -141,7 +141,7 @@ class Trainer:
 
     def step(self, number: int) -> dict[str, float]:
         started = time.time()
-        self.timings = dict.fromkeys(("generate", "reward", "learn", "sync"), 0.0)
+        self.timings = dict.fromkeys(("generate", "reward", "select", "learn", "sync"), 0.0)
         batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
             learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
@@ -149,7 +149,8 @@ class Trainer:
             batch.advantages = self.stages.advantages(batch)
             advantage_metrics = self.stages.advantage_metrics(batch)
             if self.selection.active:  # D3S samples, token selection (sets batch.loss_mask)
-                batch, selection_metrics = self.selection(batch, self.learner, number)
+                with timed(self.timings, "select"):
+                    batch, selection_metrics = self.selection(batch, self.learner, number)
                 advantage_metrics.update(selection_metrics)
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
