@@ -85,6 +85,16 @@ def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+def output_head(model) -> torch.nn.Module:
+    """The LM head of a Hugging Face model, or of the one a DeepSpeed engine wraps."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, V] log-softmax over the vocabulary for N hidden states, at the sampling temperature."""
+    return torch.log_softmax(scaled(head(hidden).float(), temperature), -1)
+
+
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
     """log p(token) and the entropy of each row of `logits` ([..., V]; tokens [...])."""
     logp_all = torch.log_softmax(logits, -1)
@@ -107,7 +117,7 @@ def response_hidden_states(model, rows: RolloutBatch) -> torch.Tensor:
 
 
 def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor):
-    head = getattr(model, "module", model).get_output_embeddings()
+    head = output_head(model)
     hidden = response_hidden_states(model, rows)[selected]  # [K, H]: gathered before the head
     logits = scaled(head(hidden).float(), temperature)
     picked_logprobs, picked_entropy = token_logprobs_and_entropy(logits, rows.response_ids[selected], with_entropy)
@@ -163,12 +173,10 @@ def distillation_objective(model, rows: RolloutBatch, settings: ObjectiveSetting
     selected, averaged_over = loss_masks(rows, settings)
     kept = selected.bool()
     teacher_logprobs = teacher.logprobs(rows, kept).to(rows.response_mask.device)  # [K, V], no gradient
-    head = getattr(model, "module", model).get_output_embeddings()
-    divergence = DIVERGENCES.get(settings.divergence)
+    head, divergence = output_head(model), DIVERGENCES.get(settings.divergence)
 
     def chunk_divergence(hidden: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
-        student = torch.log_softmax(scaled(head(hidden).float(), settings.temperature), -1)
-        return divergence(student, teacher_chunk, settings.divergence_beta)
+        return divergence(head_logprobs(head, hidden, settings.temperature), teacher_chunk, settings.divergence_beta)
 
     hidden = response_hidden_states(model, rows)[kept]
     token_divergence = scatter_selected(map_row_chunks(chunk_divergence, [hidden, teacher_logprobs],

@@ -13,7 +13,7 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import map_row_chunks
 from efficient_rl.config import ConfigError, Recipe
-from efficient_rl.learner.objective import response_hidden_states, scaled
+from efficient_rl.learner.objective import head_logprobs, output_head, response_hidden_states
 from efficient_rl.registry import Registry
 
 TEACHERS: Registry = Registry("teacher placement")
@@ -30,15 +30,14 @@ class Teacher:
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return output_head(self.model).weight.shape[0]
 
     @torch.no_grad()
     def logprobs(self, rows: RolloutBatch, selected: torch.Tensor) -> torch.Tensor:
         """[K, V] log-softmax over the vocabulary at the K selected positions, in row-major order."""
-        head = self.model.get_output_embeddings()
+        head = output_head(self.model)
         hidden = response_hidden_states(self.model, rows)[selected.bool()]
-        return map_row_chunks(lambda h: torch.log_softmax(scaled(head(h).float(), self.temperature), -1),
-                              [hidden], self.chunk_rows)
+        return map_row_chunks(lambda h: head_logprobs(head, h, self.temperature), [hidden], self.chunk_rows)
 
 
 class RemoteTeacher:

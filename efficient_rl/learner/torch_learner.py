@@ -20,9 +20,9 @@ from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, loss_masks,
-                                           objective_settings, policy_objective, response_hidden_states,
-                                           response_logprobs, scaled)
+from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, head_logprobs, loss_masks,
+                                           objective_settings, output_head, policy_objective,
+                                           response_hidden_states, response_logprobs)
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -131,7 +131,7 @@ class TorchLearner:
             loss, stats = self._micro_batch_loss(rows, mini.den)
             self.backward(loss)
             total_loss += loss.item()
-            token_stats.add(stats, float((rows.response_mask if rows.loss_mask is None else rows.loss_mask).sum()))
+            token_stats.add(stats, float(loss_masks(rows, self.objective)[0].sum()))
         return total_loss, self.apply_gradients()
 
     def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
@@ -142,7 +142,7 @@ class TorchLearner:
         logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature,
                                               selected=rows.loss_mask if self.selected_compute else None)
         loss, stats = policy_objective(logprobs, rows, self.objective, den)
-        tokens = rows.response_mask if rows.loss_mask is None else rows.loss_mask
+        tokens, _ = loss_masks(rows, self.objective)
         stats["entropy"] = (entropy.detach() * tokens).sum()
         stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
         return loss, stats
@@ -161,11 +161,11 @@ class TorchLearner:
     def distill_stats(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """[B, R] student entropy, KL(student || teacher) and KL(teacher || student) at every
         response token (0 on padding): TIP's two axes and its Q3 ranking signal (§4.1, §4.3)."""
-        head = getattr(self.policy, "module", self.policy).get_output_embeddings()
+        head = output_head(self.policy)
         reverse_kl, forward_kl = DIVERGENCES.get("reverse_kl"), DIVERGENCES.get("forward_kl")
 
         def statistics(hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-            student = torch.log_softmax(scaled(head(hidden).float(), self.objective.temperature), -1)
+            student = head_logprobs(head, hidden, self.objective.temperature)
             entropy = -(student.exp() * student).sum(-1)
             return torch.stack([entropy, reverse_kl(student, teacher, 0.0), forward_kl(student, teacher, 0.0)], -1)
 
@@ -183,10 +183,10 @@ class TorchLearner:
         statistic token selection ranks by. The head runs on chunks of valid positions, so no
         [B, R, V] logits exist here either. Every rank of a data-parallel group computes it for
         the whole batch (ZeRO-3 needs them all in the forward anyway)."""
-        head = getattr(self.policy, "module", self.policy).get_output_embeddings()
+        head = output_head(self.policy)
 
         def entropy_of(hidden: torch.Tensor) -> torch.Tensor:
-            logp = torch.log_softmax(scaled(head(hidden).float(), self.objective.temperature), -1)
+            logp = head_logprobs(head, hidden, self.objective.temperature)
             return -(logp.exp() * logp).sum(-1)
 
         def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
