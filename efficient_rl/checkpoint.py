@@ -25,6 +25,24 @@ from efficient_rl.config import ConfigError, Recipe
 CHECKPOINT_PREFIX = "step-"
 
 
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (a crash mid-save leaves only a .tmp-)."""
+    directory = run_path / "checkpoints"
+    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
+    complete = [p for p in found if (p / "trainer_state.pt").exists()]
+    return complete[-1] if complete else None
+
+
+def restart_mode(recipe: Recipe) -> tuple[bool, bool]:
+    """(resume, overwrite) for a run that may be a restart of itself (a requeued Slurm job):
+    continue from the latest checkpoint if there is one; otherwise start over, replacing what
+    an earlier attempt left before its first checkpoint."""
+    path = Path(recipe.logging.output_dir) / recipe.logging.name
+    if latest_checkpoint(path) is not None:
+        return True, False
+    return False, path.exists()
+
+
 class RunDir:
     def __init__(self, recipe: Recipe, resume: bool = False, overwrite: bool = False):
         self.path = Path(recipe.logging.output_dir) / recipe.logging.name
@@ -61,9 +79,7 @@ class RunDir:
         return self.path / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")) if self.checkpoints.is_dir() else []
-        complete = [p for p in found if (p / "trainer_state.pt").exists()]
-        return complete[-1] if complete else None
+        return latest_checkpoint(self.path)
 
     def save_checkpoint(self, step: int, setup, learner, stream, state: dict) -> Path:
         """Write to a temporary directory, then rename: a checkpoint is whole or absent."""

@@ -1,4 +1,4 @@
-"""efficient-rl command line: train, recipes, lab."""
+"""efficient-rl command line: train, submit, jobs, eval, merge, reward check, recipes, lab."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from efficient_rl import stopping
 from efficient_rl.errors import WorkerFailure
 from efficient_rl.config import ConfigError
 
@@ -13,15 +14,29 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def cmd_train(args) -> int:
+    with stopping.handled():  # from the start: a stop signal during the slow imports is kept, not fatal
+        return train(args)
+
+
+def train(args) -> int:
     from efficient_rl.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fast errors
+    resume, overwrite = args.resume, args.overwrite
+    if args.resume_if_checkpoint:
+        from efficient_rl.checkpoint import restart_mode
+
+        resume, overwrite = restart_mode(recipe)
 
     from efficient_rl.report import write_report
     from efficient_rl.trainer import run_recipe
 
-    run, summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+    run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
     write_report(run.path, summary)
+    if summary["steps_completed"] < recipe.steps:
+        print(f"stopped after step {summary['steps_completed']} of {recipe.steps}; "
+              f"continue with --resume (checkpoint in {run.latest_checkpoint()})", file=sys.stderr)
+        return stopping.EXIT_STOPPED
     return 0
 
 
@@ -77,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mode.add_argument("--resume-if-checkpoint", action="store_true",
+                      help="resume if the run has a checkpoint, else start it (how a requeued Slurm job restarts)")
     train.set_defaults(handler=cmd_train)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags: `train R --resume a.b=1` and `train R a.b=1 --resume`.
     args, extra = root.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command != "train"):
+    if unknown or (extra and args.command not in ("train", "submit")):
         root.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides += extra

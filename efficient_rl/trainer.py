@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -12,6 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from efficient_rl import stopping
 from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import groups_with_spread
@@ -100,7 +100,6 @@ class Trainer:
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
-        self.stop_requested = False
         self.timings: dict[str, float] = {}  # seconds per stage of the current step
 
     def close(self) -> None:
@@ -119,7 +118,7 @@ class Trainer:
             state["warm_start"] = self.evaluate()
         logger = MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)
         metrics = {}
-        with self._stop_on_signal():
+        with stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step(step)
                 if self.recipe.eval.every and step % self.recipe.eval.every == 0:
@@ -127,7 +126,7 @@ class Trainer:
                 logger.log(step, metrics)
                 state["step"] = step
                 state["wall_seconds"] = earlier_seconds + time.time() - started
-                last = step == self.recipe.steps or step == stop_after_step or self.stop_requested
+                last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
                     self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state)
                 if last:
@@ -233,23 +232,6 @@ class Trainer:
         samples = self.setup.heldout_samples[: ev.num_problems]
         return evaluate(self.engine, self.setup.encode, self.setup.rewards, samples, settings,
                         seed=self.recipe.seed)
-
-    # ------------------------------------------------------------ plumbing
-    @contextlib.contextmanager
-    def _stop_on_signal(self):
-        """SIGTERM / SIGINT finish the current step, checkpoint, and stop (the run stays resumable)."""
-
-        def request_stop(signum, frame):
-            tqdm.write(f"signal {signum}: stopping after this step and writing a checkpoint")
-            self.stop_requested = True
-
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], stage: str):

@@ -165,7 +165,8 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
+    assert process.returncode == 75, stderr[-2000:]  # stopped early, resumable
+    assert "stopped after step" in stderr and "--resume" in stderr
     summary = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())
     done = summary["steps_completed"]
     assert 1 <= done < 500 and "final" not in summary
