@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from efficient_rl.cluster.ray_backend import even_shares, requested_resources
+from efficient_rl.cluster.ray_backend import even_shares
+from efficient_rl.cluster.runtime import requested_resources
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.config import ClusterSection, RoleResources
 from efficient_rl.learner.objective import ObjectiveSettings

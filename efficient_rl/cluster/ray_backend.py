@@ -16,7 +16,7 @@ from tqdm import tqdm
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWorker
 from efficient_rl.cluster.backends import Components
-from efficient_rl.cluster.runtime import start_ray
+from efficient_rl.cluster.runtime import requested_resources, start_ray
 from efficient_rl.errors import WorkerFailure
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
@@ -86,16 +86,6 @@ def place(cluster) -> Placement:
     for group in placement.groups.values():
         ray.get(group.ready())
     return placement
-
-
-def requested_resources(cluster) -> tuple[float, float]:
-    """CPUs and GPUs a local cluster needs for the recipe's actors."""
-    rollout, learner = cluster.rollout, cluster.learner
-    if cluster.placement == "colocate":
-        count = max(rollout.workers, learner.workers)
-        return count * max(rollout.cpus, learner.cpus), count * max(rollout.gpus, learner.gpus)
-    return (rollout.workers * rollout.cpus + learner.workers * learner.cpus,
-            rollout.workers * rollout.gpus + learner.workers * learner.gpus)
 
 
 # ---------------------------------------------------------------- learner group

@@ -47,3 +47,13 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
     ray.init(num_cpus=max(1, math.ceil(cpus)), num_gpus=math.ceil(gpus), include_dashboard=False,
              _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir))
     return RaySession(owned=True, temp_dir=temp_dir)
+
+
+def requested_resources(cluster) -> tuple[float, float]:
+    """CPUs and GPUs the recipe's Ray actors need in all (a local cluster is started with these)."""
+    rollout, learner = cluster.rollout, cluster.learner
+    if cluster.placement == "colocate":
+        count = max(rollout.workers, learner.workers)
+        return count * max(rollout.cpus, learner.cpus), count * max(rollout.gpus, learner.gpus)
+    return (rollout.workers * rollout.cpus + learner.workers * learner.cpus,
+            rollout.workers * rollout.gpus + learner.workers * learner.gpus)
