@@ -23,7 +23,9 @@ $(FULL): $(BASE)
 quickstart: $(BASE)
 	$(VENV)/bin/efficient-rl train recipes/quickstart.yaml --overwrite
 
+# The Slurm tests bring up a real local cluster (slurm/local-cluster.sh); its packages come first.
 test: $(FULL)
+	slurm/local-cluster.sh install
 	$(VENV)/bin/python -m pytest tests
 
 benchmark: $(FULL)

@@ -132,8 +132,12 @@ def parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     from efficient_rl.merge import add_parser as add_merge_parser
+    from efficient_rl.slurm.jobs import add_parser as add_jobs_parser
+    from efficient_rl.slurm.submit import add_parser as add_submit_parser
 
     add_merge_parser(commands)
+    add_submit_parser(commands)
+    add_jobs_parser(commands)
 
     lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
     lab.add_argument("preset", nargs="?", default="quickstart")

@@ -1,0 +1,200 @@
+"""`efficient-rl submit` and `jobs` against a real Slurm: slurm/local-cluster.sh brings up a
+controller and two nodes on this machine for this module and takes them down afterwards."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, ROOT, TINY_OVERRIDES
+
+CLUSTER_SCRIPT = ROOT / "slurm" / "local-cluster.sh"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The local cluster; SLURM_CONF points the Slurm commands (and the CLI under test) at it."""
+    env = {**os.environ, "ERL_SLURM_DIR": str(tmp_path_factory.mktemp("slurm"))}
+    subprocess.run([str(CLUSTER_SCRIPT), "up"], env=env, check=True, capture_output=True, text=True)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(Path(env["ERL_SLURM_DIR"]) / "slurm.conf")
+    yield
+    subprocess.run([str(CLUSTER_SCRIPT), "down"], env=env, check=True, capture_output=True)
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "efficient_rl.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def submit(tmp_path, *args) -> str:
+    result = cli("submit", *args, "--site", "local", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)
+
+
+def job_state(job_id: str) -> dict:
+    shown = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
+
+
+def wait_for(job_id: str, done, timeout: float, what: str) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job_id)
+        if done(state):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id}: no {what} within {timeout} s; last state {job_state(job_id)}")
+
+
+def finished(job_id: str, timeout: float = 300) -> dict:
+    return wait_for(job_id, lambda s: s.get("JobState") in TERMINAL, timeout, "end")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def quiet(tmp_path, steps: int) -> list[str]:
+    return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}", f"steps={steps}", "logging.tensorboard=false",
+                             "eval.before_training=false", "eval.after_training=false"]
+
+
+def test_quickstart_on_two_nodes_runs_ray_across_both(slurm, tmp_path, tiny_model_dir):
+    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 2), "cluster.backend=ray",
+                 "rollout.engine=vllm", "--nodes", "2", "--time", "10")
+    state = finished(job)
+    job_dir = tmp_path / "runs" / "slurm" / "quickstart"
+    log = (job_dir / f"{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert logged_steps(tmp_path / "runs" / "quickstart") == [1, 2]
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "step-00000002" / "trainer_state.pt").exists()
+    cluster = json.loads((job_dir / f"ray-cluster-{job}.json").read_text())
+    assert cluster["nodes"] == 2 and cluster["cpus"] == 4  # both Slurm nodes joined, 2 CPUs each
+    assert "Ray cluster ready" in log and "driver exited with status 0" in log
+
+    listing = cli("jobs", "--runs", str(tmp_path / "runs"), cwd=tmp_path)
+    row = next(line for line in listing.stdout.splitlines() if line.split()[0] == job)
+    assert "COMPLETED" in row and "2/2" in row and "acc/mean=" in row
+    followed = cli("jobs", "--runs", str(tmp_path / "runs"), "--follow", job, cwd=tmp_path)
+    assert "driver exited with status 0" in followed.stdout and f"job {job}: COMPLETED" in followed.stdout
+
+
+def test_requeue_mid_training_resumes_and_runs_every_step_once(slurm, tmp_path, tiny_model_dir):
+    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 40), "logging.name=requeued",
+                 "--time", "10")
+    run_dir = tmp_path / "runs" / "requeued"
+    wait_for(job, lambda s: (run_dir / "metrics.jsonl").is_file() and len(logged_steps(run_dir)) >= 3,
+             120, "third step")
+    steps_before = len(logged_steps(run_dir))
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    state = finished(job)
+    log = (tmp_path / "runs" / "slurm" / "requeued" / f"{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    assert logged_steps(run_dir) == list(range(1, 41))
+    # The first attempt checkpointed on SIGTERM after the steps it had logged; the second resumed
+    # from that checkpoint, so no step ran twice.
+    resumed_at = int(re.search(r"stopped after step (\d+) of 40", log).group(1))
+    assert resumed_at >= steps_before
+    assert "attempt 1" in log and "driver exited with status 0" in log
+
+
+def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_model_dir):
+    # A 1-minute limit with the warning 30 s before it, far too short for 100,000 steps: each
+    # attempt checkpoints at the warning; one requeue is allowed, then the job gives up.
+    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
+                 "--time", "1", "--max-requeues", "1")
+    state = finished(job, timeout=400)
+    log = (tmp_path / "runs" / "slurm" / "limited" / f"{job}.out").read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log[-3000:]  # not TIMEOUT
+    assert log.count("time limit near") == 2 and "requeueing (restart 1 of at most 1)" in log
+    assert "not requeueing: 1 restarts used" in log
+    run_dir = tmp_path / "runs" / "limited"
+    stops = [int(n) for n in re.findall(r"stopped after step (\d+) of 100000", log)]
+    assert len(stops) == 2 and 0 < stops[0] < stops[1]
+    assert logged_steps(run_dir) == list(range(1, stops[1] + 1))
+    assert (run_dir / "checkpoints" / f"step-{stops[1]:08d}" / "trainer_state.pt").exists()
+
+    # Resubmitted with --resume (and more time), it continues from that checkpoint to the end.
+    overrides = [o for o in quiet(tmp_path, 100_000) if not o.startswith("steps=")] + [f"steps={stops[1] + 3}"]
+    again = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *overrides, "logging.name=limited", "--resume",
+                   "--time", "10")
+    assert finished(again)["JobState"] == "COMPLETED"
+    assert logged_steps(run_dir) == list(range(1, stops[1] + 4))
+
+
+def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
+    for nodes in (1, 4):  # a dry run renders the request as given, without asking the cluster
+        result = cli("submit", str(RECIPES / "quickstart.yaml"), "cluster.backend=ray", "rollout.engine=vllm",
+                     "--nodes", str(nodes), "--gpus-per-node", "2", "--cpus-per-node", "16", "--time", "2-00:30",
+                     "--partition", "gpu", "--account", "proj", "--dry-run", "--site", "example", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        script = tmp_path / f"job-{nodes}.sbatch"
+        script.write_text(result.stdout)
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        options = dict(line[len("#SBATCH --"):].split("=", 1) for line in result.stdout.splitlines()
+                       if line.startswith("#SBATCH --") and "=" in line)
+        assert options["nodes"] == str(nodes) and options["gpus-per-node"] == "2"
+        assert options["cpus-per-task"] == "16" and options["ntasks-per-node"] == "1"
+        assert options["time"] == "2-00:30" and options["partition"] == "gpu" and options["account"] == "proj"
+        assert options["signal"] == "B:USR1@300" and options["constraint"] == "a100"  # the site's extra line
+        assert "module load cuda/12.4" in result.stdout and "cluster.address=auto" in result.stdout
+        assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
+    (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
+    (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
+    (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),
+    (["cluster.learner.gpus=1", "learner.backend=deepspeed"], "the recipe's actors need 2 CPUs and 1 GPUs"),
+    (["cluster.rollout.cpus=3", "--nodes", "2"], "one actor needs 3 CPUs"),
+    (["cluster.backend=embedded", "--nodes", "2"], "--nodes 2: the recipe runs in one process"),
+    (["--time", "soon"], "--time soon: expected minutes"),
+    (["--time", "1", "--warning", "90"], "--warning 90: expected seconds between 0 and the time limit (60 s)"),
+    (["rollout.engine=transformers"], "rollout.engine: the ray backend runs vLLM rollout workers"),
+])
+def test_bad_requests_are_refused_before_submission(slurm, tmp_path, monkeypatch, capsys, args, message):
+    from efficient_rl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    status = main(["submit", str(RECIPES / "quickstart.yaml"), "cluster.backend=ray", "rollout.engine=vllm",
+                   f"logging.output_dir={tmp_path / 'runs'}", *args, "--site", "local"])
+    stderr = capsys.readouterr().err
+    assert status == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing submitted
+    assert subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout == ""
+
+
+def test_missing_sbatch_and_existing_run_directory_are_one_line_errors(tmp_path):
+    bare = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no Slurm commands
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), cwd=tmp_path, env=bare)
+    assert result.returncode == 2 and "sbatch: not found on this machine" in result.stderr
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2 and "run directory exists; pass --resume" in result.stderr
+
+
+def test_restart_mode_resumes_a_checkpoint_and_restarts_a_run_without_one(tmp_path):
+    from efficient_rl.checkpoint import restart_mode
+    from efficient_rl.config import load_recipe
+
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"logging.output_dir={tmp_path}", "logging.name=r"])
+    assert restart_mode(recipe) == (False, False)  # nothing there: a new run
+    (tmp_path / "r" / "checkpoints" / ".tmp-step-00000004").mkdir(parents=True)
+    assert restart_mode(recipe) == (False, True)  # only a half-written checkpoint: start over
+    (tmp_path / "r" / "checkpoints" / "step-00000002").mkdir()
+    (tmp_path / "r" / "checkpoints" / "step-00000002" / "trainer_state.pt").write_bytes(b"")
+    assert restart_mode(recipe) == (True, False)
