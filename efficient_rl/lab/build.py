@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from efficient_rl.cache import cache_root
 from efficient_rl.lab.sft import supervised_finetune
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
 from efficient_rl.lab.tokenizer import train_tokenizer
@@ -79,7 +80,7 @@ PRESETS: dict[str, LabPreset] = {
     # On-policy distillation (recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
     # briefly on the same task with the same tokenizer; `mixed` is its teacher.
     "student": LabPreset(task=MIXED_TASK, model=dataclasses.replace(TINY_SHAPE, intermediate_size=192),
-                         sft_steps=300, tokenizer_from="mixed"),
+                         sft_steps=1500, tokenizer_from="mixed"),
     # The tests' distillation pair: lab:tiny teaches it.
     "tiny_student": LabPreset(model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1), sft_examples=500,
                               sft_steps=10, sft_batch_size=16, tokenizer_from="tiny"),
