@@ -68,7 +68,9 @@ def cmd_eval(args) -> int:
         spec = EvalSpec(models=args.models, data=args.data, split=args.split, engine=args.engine,
                         budgets=args.budgets, samples=args.samples, problems=args.problems,
                         temperature=args.temperature, top_p=args.top_p, reward=args.reward,
-                        question_key=args.question_key, answer_key=args.answer_key, seed=args.seed)
+                        question_key=args.question_key, answer_key=args.answer_key, seed=args.seed,
+                        chat_template=args.chat_template, system_prompt=args.system_prompt,
+                        user_template=args.user_template)
         result = run(spec, Path(args.out))
     print(report_markdown(result))
     print(f"outputs: {args.out}/eval.json, report.md, report.html, tradeoff.png, lengths.png")
@@ -128,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--top-p", type=float, default=0.95)
     evaluate.add_argument("--reward", default="math", help="the verifier: any reward reference")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--chat-template", default="auto", choices=["auto", "always", "never"],
+                          help="prompts through the tokenizer's chat template: when it has one / required / never")
+    evaluate.add_argument("--system-prompt", help="a system turn before each question (chat templates only)")
+    evaluate.add_argument("--user-template", default="{question}", help='the user turn; "{question}" is replaced')
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -45,6 +45,15 @@ class DataSection:
 
 
 @dataclass
+class PromptSection:
+    # auto: through the tokenizer's chat template when it has one, else the plain text. always: the
+    # template is required (an error without one). never: the plain text even if there is one.
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    system_prompt: str | None = None  # a system turn before the question (chat templates only)
+    user_template: str = "{question}"  # the user turn: "{question}" stands for the question
+
+
+@dataclass
 class RolloutSection:
     engine: str = "transformers"
     group_size: int = 8  # G, rollouts per prompt (DLER: 16, TEMPO: 7)
@@ -215,6 +224,7 @@ class Recipe:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     reward: list[RewardEntry] = field(default_factory=lambda: [RewardEntry()])
     scoring: ScoringSection = field(default_factory=ScoringSection)

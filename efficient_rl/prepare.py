@@ -188,9 +188,9 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     source = model_dir or base
     try:
         tokenizer = load_tokenizer(source)
+        prompt_ids = {s["question"]: encode_prompt(tokenizer, s["question"], recipe.prompt) for s in train + heldout}
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
-    prompt_ids = {s["question"]: encode_prompt(tokenizer, s["question"]) for s in train + heldout}
     check_lengths(recipe, prompt_ids, train, heldout)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     context = getattr(model.config, "max_position_embeddings", None)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from efficient_rl.config import PromptSection
+
+DEFAULT_PROMPT = PromptSection()
 
 
 class TokenizerError(ValueError):
@@ -29,11 +34,38 @@ def load_tokenizer(source: str | Path):
     return tokenizer
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
-    """The chat-formatted user turn followed by the assistant header the model continues from."""
-    messages = [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, question: str, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
+    """The prompt ids the model continues from. With a chat template: an optional system turn,
+    the user turn and the assistant header; without one: the user text itself."""
+    user = prompt.user_template.replace("{question}", question)
+    if uses_chat_template(tokenizer, prompt):
+        messages = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
+        messages.append({"role": "user", "content": user})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template placed them
+    return tokenizer(user)["input_ids"]
+
+
+def uses_chat_template(tokenizer, prompt: PromptSection) -> bool:
+    if prompt.chat_template == "always" and not has_chat_template(tokenizer):
+        raise TokenizerError(f"prompt.chat_template: always, but the tokenizer of {tokenizer.name_or_path} has no "
+                             f"chat template (set prompt.chat_template: auto or never)")
+    return prompt.chat_template != "never" and has_chat_template(tokenizer)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a response: the tokenizer's eos and the eos ids of the model's
+    generation_config.json. Chat models often list several (Llama 3: end of text and end of turn)."""
+    ids = {tokenizer.eos_token_id}
+    config = Path(tokenizer.name_or_path) / "generation_config.json"
+    if config.is_file():
+        listed = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(listed if isinstance(listed, list) else [] if listed is None else [listed])
+    return sorted(ids)
 
 
 def encode_response(tokenizer, response: str) -> list[int]:

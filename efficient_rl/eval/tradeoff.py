@@ -49,6 +49,14 @@ class EvalSpec:
     question_key: str = "question"
     answer_key: str = "answer"
     seed: int = 0
+    chat_template: str = "auto"  # as the recipe's prompt section: auto | always | never
+    system_prompt: str | None = None
+    user_template: str = "{question}"
+
+    def prompt(self):
+        from efficient_rl.config import PromptSection
+
+        return PromptSection(self.chat_template, self.system_prompt, self.user_template)
 
 
 def label(reference: str, budget: int) -> str:
@@ -83,7 +91,7 @@ def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) 
 
 
 GENERATION_SETTINGS = ("data", "split", "engine", "samples", "temperature", "top_p", "seed", "question_key",
-                       "answer_key")
+                       "answer_key", "chat_template", "system_prompt", "user_template")
 
 
 def check_cache(spec: EvalSpec, out: Path) -> None:
@@ -139,11 +147,15 @@ class ModelUnderTest:
     def __init__(self, reference: str, directory: Path, questions: list[dict], spec: EvalSpec):
         from transformers import AutoConfig
 
-        from efficient_rl.prompts import encode_prompt, load_tokenizer
+        from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
 
         self.directory, self.spec, self.engine = directory, spec, None
         self.tokenizer = load_tokenizer(directory)
-        self.prompts = {q["question"]: encode_prompt(self.tokenizer, q["question"]) for q in questions}
+        try:
+            self.prompts = {q["question"]: encode_prompt(self.tokenizer, q["question"], spec.prompt())
+                            for q in questions}
+        except TokenizerError as err:
+            raise ConfigError(f"{reference}: {err}") from None
         context = AutoConfig.from_pretrained(directory).max_position_embeddings
         longest = max(map(len, self.prompts.values()))
         if longest + max(spec.budgets) > context:

@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
 
@@ -25,9 +26,9 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def response_mask_until_eos(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the tokens up to and including the first EOS, and which rows never produced one."""
-    is_eos = tokens == eos_id
+def response_mask_until_eos(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first stop token, and which rows never produced one."""
+    is_eos = torch.isin(tokens, torch.tensor(stop_ids, dtype=tokens.dtype))
     eos_seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return (~eos_seen_before).float(), ~is_eos.any(-1)
 
@@ -36,6 +37,7 @@ class TransformersEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 256):
         self.model = model
         self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer)
         self.max_batch_size = max_batch_size
 
     def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
@@ -58,7 +60,7 @@ class TransformersEngine:
         )
         self.model.train(was_training)
         response_ids = out.sequences[:, prompt_ids.shape[1]:]
-        response_mask, no_eos = response_mask_until_eos(response_ids, tok.eos_token_id)
+        response_mask, no_eos = response_mask_until_eos(response_ids, self.stop_ids)
         logits = torch.stack(out.logits, dim=1).float()  # raw logits of every generated step
         temperature = settings.temperature if settings.temperature > 0 else 1.0
         logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, response_ids[..., None])[..., 0]
@@ -84,7 +86,7 @@ class TransformersEngine:
             temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None,
             top_k=0 if sample else None,  # no top-k truncation unless asked (vLLM's top_k=-1)
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,
             output_logits=True,

@@ -17,6 +17,7 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.objective import response_logprobs
+from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine, left_pad
 
@@ -55,6 +56,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer)
         self.verify_prompt = verify_prompt  # debug: check every sync with a greedy probe
         self.llm = LLM(
             model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
@@ -73,7 +75,7 @@ class VLLMEngine:
         params = [SamplingParams(
             n=settings.n, temperature=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 1.0,
             max_tokens=settings.max_new_tokens, logprobs=0, detokenize=False,
-            seed=seed, stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=seed, stop_token_ids=self.stop_ids,
         ) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [(prompt, sample, gid, completion)
