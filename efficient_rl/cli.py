@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>; "
                                                     "or `compare` and evaluation output directories")
     evaluate.add_argument("--data", default="lab:quickstart",
-                          help="lab:<preset> (held-out split), a JSONL or Parquet file, or hf:<dataset>[:<config>] "
+                          help="lab:<preset> (held-out split), gsm8k:test100, a JSONL or Parquet file, or "
+                               "hf:<dataset>[:<config>] "
                                "(a Hugging Face hub id or local dataset directory)")
     evaluate.add_argument("--split", default="test", help="split of an hf: dataset")
     evaluate.add_argument("--question-key", default="question", help="column holding the question")

