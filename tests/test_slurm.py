@@ -155,6 +155,7 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
+    (["--nodes", "0"], "--nodes 0: expected at least 1"),
     (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
     (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
     (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),

@@ -123,6 +123,14 @@ def warning_seconds(request: JobRequest) -> int:
     return request.warning_seconds
 
 
+def check_counts(request: JobRequest) -> None:
+    lowest = {"--nodes": (request.nodes, 1), "--gpus-per-node": (request.gpus_per_node, 0),
+              "--cpus-per-node": (request.cpus_per_node or 1, 1), "--max-requeues": (request.max_requeues, 0)}
+    for option, (value, minimum) in lowest.items():
+        if value < minimum:
+            raise ConfigError(f"{option} {value}: expected at least {minimum}")
+
+
 # ---------------------------------------------------------------- what the partition has
 @dataclass
 class Partition:
@@ -302,10 +310,7 @@ def cmd_submit(args) -> int:
         time_limit=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
         max_requeues=args.max_requeues, warning_seconds=args.warning,
         first_attempt_mode="--resume" if args.resume else "--overwrite" if args.overwrite else "")
-    for name in ("nodes", "gpus_per_node", "max_requeues"):
-        if getattr(request, name) < (1 if name == "nodes" else 0):
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(request, name)}: expected a non-negative count"
-                              + (" of at least 1" if name == "nodes" else ""))
+    check_counts(request)
     warning_seconds(request)  # checks --time and --warning
     if not args.dry_run and shutil.which("sbatch") is None:
         raise ConfigError("sbatch: not found on this machine; submit from a Slurm login node "
