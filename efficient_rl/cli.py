@@ -139,10 +139,12 @@ def parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     from efficient_rl.merge import add_parser as add_merge_parser
+    from efficient_rl.model_sources import add_parser as add_convert_parser
     from efficient_rl.slurm.jobs import add_parser as add_jobs_parser
     from efficient_rl.slurm.submit import add_parser as add_submit_parser
 
     add_merge_parser(commands)
+    add_convert_parser(commands)
     add_submit_parser(commands)
     add_jobs_parser(commands)
 

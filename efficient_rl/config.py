@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    path: str | None = None  # a Hugging Face model directory (or hub name)
+    path: str | None = None  # a model directory, a .gguf file, a builtin (smollm2) or a Hugging Face hub id
     lab: str | None = None  # or a lab preset, built on first use and cached (efficient_rl.lab)
 
 

@@ -14,9 +14,10 @@ from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import TOKEN_SELECTORS
 from efficient_rl.config import ConfigError, Recipe
 from efficient_rl.data import load_split
-from efficient_rl.lab.build import PRESETS, lab_model_dir
+from efficient_rl.lab.build import PRESETS, lab_model_dir, model_directory
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import check_teacher
+from efficient_rl.model_sources import check_reference
 from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
 from efficient_rl.registry import did_you_mean
 from efficient_rl.reward import RewardRunner
@@ -79,8 +80,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
     if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
         raise ConfigError(f"model.lab: unknown lab preset {recipe.model.lab!r}{did_you_mean(recipe.model.lab, PRESETS)}")
-    if recipe.model.path is not None and not Path(recipe.model.path).is_dir():
-        raise ConfigError(f"model.path: {recipe.model.path} is not a model directory")
+    if recipe.model.path is not None:  # checked without downloading or converting: submit calls this too
+        check_reference(recipe.model.path, "model.path")
     cap = recipe.algorithm.truncation_length
     if cap is not None and not 1 <= cap <= recipe.rollout.max_response_length:
         raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
@@ -184,7 +185,7 @@ def start_rewards(recipe: Recipe, probe_sample: dict) -> RewardRunner:
 
 def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: RewardRunner, train: list[dict],
                            heldout: list[dict]) -> Setup:
-    base = lab_model_dir(recipe.model.lab) if recipe.model.lab else Path(recipe.model.path)
+    base = lab_model_dir(recipe.model.lab) if recipe.model.lab else model_directory(recipe.model.path, "model.path")
     source = model_dir or base
     try:
         tokenizer = load_tokenizer(source)
