@@ -90,6 +90,12 @@ CURVE_EXPERIMENTS = {
               "tempo": ("tempo.yaml", ["learner.lr=5.0e-5"])},
     # D3S (its recipe's schedule) vs GRPO on every rollout and token, at TEMPO's learning rate.
     "d3s": {"grpo": ("grpo.yaml", ["learner.lr=5.0e-5"]), "d3s": ("d3s.yaml", ["learner.lr=5.0e-5"])},
+    # The sweep behind recipes/d3s.yaml's schedule: N rollouts per prompt (of 8) and K, the token
+    # fraction, each start -> end; "N8 K1" keeps everything (GRPO through the D3S code path).
+    "d3s-sweep": {f"N{n[0]}-{n[1]} K{k[0]}-{k[1]}": ("d3s.yaml", [
+        "learner.lr=5.0e-5", f"algorithm.d3s_rollouts=[{n[0]}, {n[1]}]", f"algorithm.d3s_token_fraction=[{k[0]}, {k[1]}]"])
+        for n, k in (((8, 8), (1.0, 1.0)), ((4, 8), (0.2, 0.5)), ((8, 8), (0.2, 0.5)), ((4, 8), (1.0, 1.0)),
+                     ((2, 8), (0.1, 0.5)), ((6, 8), (0.5, 0.8)))},
     # On-policy distillation of lab:student from lab:mixed: every token, TIP Soft-OR 50%, random 50%.
     "tip": {"opd": ("opd.yaml", STUDENT), "tip-soft-or-50": ("tip_opd.yaml", STUDENT),
             "random-50": ("opd.yaml", STUDENT + ["algorithm.token_selection=random",
@@ -204,7 +210,7 @@ def plot_da_dler(axis, da: dict) -> None:
 
 
 def plot_curves(axis, experiment: str, results: dict) -> None:
-    for colour, (method, runs) in zip(("tab:blue", "tab:orange", "tab:green"), results.items()):
+    for colour, (method, runs) in zip([f"C{i}" for i in range(10)], results.items()):
         steps = [s for s, _ in runs[0]["curve"]]
         for r in runs:
             axis.plot(steps, [a for _, a in r["curve"]], color=colour, alpha=0.3, linewidth=0.8)
