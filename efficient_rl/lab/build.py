@@ -88,8 +88,7 @@ PRESETS: dict[str, LabPreset] = {
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("EFFICIENT_RL_CACHE") or Path.home() / ".cache" / "efficient_rl"
-    return Path(root) / "lab"
+    return cache_root() / "lab"
 
 
 def lab_model_dir(name: str, cache_dir: Path | None = None) -> Path:
