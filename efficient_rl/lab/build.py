@@ -81,6 +81,11 @@ PRESETS: dict[str, LabPreset] = {
     # briefly on the same task with the same tokenizer; `mixed` is its teacher.
     "student": LabPreset(task=MIXED_TASK, model=dataclasses.replace(TINY_SHAPE, intermediate_size=192),
                          sft_steps=1500, tokenizer_from="mixed"),
+    # One or two operations: the task a small real model (SmolLM2-135M-Instruct,
+    # recipes/smollm2_dler_cpu.yaml) gets some right, as data.train=lab:easy. Its own lab model is
+    # a tiny one, built only if a recipe asks for model.lab=easy.
+    "easy": LabPreset(task=ArithmeticTask(min_ops=1, max_ops=2), model=TINY_SHAPE, sft_examples=500, sft_steps=30,
+                      sft_batch_size=16),
     # The tests' distillation pair: lab:tiny teaches it.
     "tiny_student": LabPreset(model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1), sft_examples=500,
                               sft_steps=10, sft_batch_size=16, tokenizer_from="tiny"),
