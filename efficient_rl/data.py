@@ -32,7 +32,11 @@ def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: 
         if preset not in PRESETS:
             raise ConfigError(f"{field_name}: unknown lab preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
         size = data.train_size if split == "train" else data.heldout_size
-        samples = generate_problems(PRESETS[preset].task, split, size, seed)
+        try:
+            samples = generate_problems(PRESETS[preset].task, split, size, seed)
+        except ValueError as err:  # a small task has fewer distinct problems than asked for
+            size_field = "data.train_size" if split == "train" else "data.heldout_size"
+            raise ConfigError(f"{size_field} {size}: lab:{preset} {err}") from None
     else:
         hf_split = data.train_split if split == "train" else data.heldout_split
         rows = read_rows(spec, hf_split, field_name)

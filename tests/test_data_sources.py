@@ -55,3 +55,9 @@ def test_missing_columns_and_unknown_files_are_one_line_errors(tmp_path):
         load_split(str(tmp_path / "math.csv"), "train", DataSection(), 0, "data.train")
     with pytest.raises(ConfigError, match=r"data.train: data file .*absent.parquet not found"):
         load_split(str(tmp_path / "absent.parquet"), "train", DataSection(), 0, "data.train")
+
+
+def test_a_lab_split_larger_than_its_task_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"^data.train_size 5000: lab:easy the task has only 1816 distinct train problems"):
+        load_split("lab:easy", "train", DataSection(train_size=5000), 0, "data.train")
+    assert len(load_split("lab:easy", "train", DataSection(train_size=1816), 0, "data.train")) == 1816  # all of them

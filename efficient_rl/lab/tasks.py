@@ -90,6 +90,11 @@ def is_heldout(question: str, every: int) -> bool:
     return int.from_bytes(digest[:4], "little") % every == 0
 
 
+# Draws in a row without a new problem before a split counts as exhausted. Finding the last of N
+# distinct problems takes ~N draws, so this is generous for every lab task.
+MAX_MISSES = 100_000
+
+
 def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -> list[dict]:
     """`count` distinct problems of one split ("train" or "heldout"), reproducible from `seed`.
 
@@ -101,13 +106,14 @@ def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -
     rng = random.Random(f"{seed}-{split}")
     want_heldout = split == "heldout"
     problems, seen = [], set()
-    for _ in range(count * 1000):
-        if len(problems) == count:
-            break
+    misses = 0  # draws since the last new problem: a task with fewer distinct problems runs dry
+    while len(problems) < count and misses < MAX_MISSES:
         start, steps = task.sample_expression(rng)
         question = question_text(start, steps)
         if question in seen or is_heldout(question, task.heldout_every) != want_heldout:
+            misses += 1
             continue
+        misses = 0
         seen.add(question)
         _, answer = solution_steps(start, steps)
         problems.append(
