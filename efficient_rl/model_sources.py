@@ -246,20 +246,25 @@ def check_reference(reference: str, field_name: str) -> str:
                       f"({', '.join(sorted(BUILTIN_MODELS))}) or a Hugging Face hub id (org/name)")
 
 
-def resolve_reference(reference: str, field_name: str) -> Path:
-    """The model directory of a reference, built, fetched or converted on first use."""
-    kind = check_reference(reference, field_name)
-    if kind == "lab":
-        from efficient_rl.lab.build import lab_model_dir
+def lab_reference_dir(reference: str, field_name: str) -> Path:
+    from efficient_rl.lab.build import lab_model_dir
 
-        return lab_model_dir(reference.removeprefix("lab:"))
-    if kind == "builtin":
-        return builtin_model_dir(reference)
-    if kind == "gguf":
-        return gguf_model_dir(Path(reference))
-    if kind == "hub":
-        return hub_model_dir(reference, field_name)
-    return Path(reference)  # a local model directory
+    return lab_model_dir(reference.removeprefix("lab:"))
+
+
+# How each kind of reference becomes a model directory (built, fetched or converted on first use).
+RESOLVERS = {
+    "lab": lab_reference_dir,
+    "builtin": lambda reference, field_name: builtin_model_dir(reference),
+    "gguf": lambda reference, field_name: gguf_model_dir(Path(reference)),
+    "hub": lambda reference, field_name: hub_model_dir(reference, field_name),
+    "directory": lambda reference, field_name: Path(reference),
+}
+
+
+def resolve_reference(reference: str, field_name: str) -> Path:
+    """The model directory of a reference."""
+    return RESOLVERS[check_reference(reference, field_name)](reference, field_name)
 
 
 def hub_model_dir(repo_id: str, field_name: str) -> Path:
