@@ -332,8 +332,9 @@ def report_html(result: dict, out: Path) -> str:
 
 def report_markdown(result: dict) -> str:
     spec = result["spec"]
+    questions = len(next(iter(result["per_question"].values())))  # --problems caps it; the data may hold fewer
     lines = [f"# Length / accuracy trade-off on {spec['data']}", "",
-             f"{spec['problems']} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
+             f"{questions} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
              f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.", "",
              "| run | pass@1 (95% CI) | pass@n | maj@n | short-1@n | short-3@n | mean length | p90 | truncated "
              "| tokens / correct | acc / 1k tokens | vs oracle: accuracy gap, length x |",
