@@ -10,6 +10,7 @@ timeouts work. This module imports no torch: workers start fast.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,8 +50,18 @@ def outcome_of(function, call: RewardCall, params: dict) -> Outcome:
         return Outcome(status, message=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - started)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def worker_main(connection, references: list[tuple[str, dict]]) -> None:
     """Serve calls until told to stop (None), answering each with its Outcome."""
+    # Stop signals are for the driver, which finishes its step (with these workers) and then closes
+    # the pool. A Slurm requeue signals every process of the job, and Ctrl-C the terminal's whole
+    # process group: without this the workers would die under the driver's last step. They came
+    # blocked from the parent (Worker), so none could arrive before this.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     functions = [load_reward(reference) for reference, _ in references]
     connection.send(("ready", None))  # call timeouts start only now, after the imports
     while True:
@@ -64,7 +75,13 @@ class Worker:
     def __init__(self, context, references):
         self.connection, child = context.Pipe()
         self.process = context.Process(target=worker_main, args=(child, references), daemon=True)
-        self.process.start()
+        # The child inherits the signal mask: blocked until worker_main ignores them. Here they
+        # only wait out the start, and then reach the driver as usual.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child.close()
         self.ready = False
         self.started = time.monotonic()

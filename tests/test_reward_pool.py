@@ -54,6 +54,26 @@ def test_the_pool_counts_timeouts_crashes_and_errors_and_keeps_going():
     assert elapsed < 2 * 2.0 + 10  # two hung calls run side by side, each cut at 2 s (plus restarts)
 
 
+def test_workers_outlive_the_stop_signals_meant_for_the_driver():
+    """A requeue signals every process of a Slurm job (Ctrl-C, the terminal's process group): the
+    driver finishes its step with the same workers, so they must not die of it."""
+    import signal
+
+    runner = RewardRunner([RewardEntry(name="math")], workers=2, timeout=5.0)
+    try:
+        assert runner.score(["\\boxed{2}"], [SAMPLE]).scores.tolist() == [1.0]  # the workers are up
+        pids = [worker.process.pid for worker in runner.pool.workers]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        result = runner.score(["\\boxed{2}", "3"] * 4, [SAMPLE] * 8)
+        assert result.errors == 0 and result.timeouts == 0
+        assert result.scores.tolist() == [1.0, 0.0] * 4
+        assert [worker.process.pid for worker in runner.pool.workers] == pids  # none died, none replaced
+    finally:
+        runner.close()
+
+
 def test_batched_rewards_get_the_whole_list():
     runner = RewardRunner([RewardEntry(name=f"{__name__}:batched_reward"), RewardEntry(name="math", weight=0.5)],
                           workers=1, timeout=5.0)
