@@ -28,6 +28,7 @@ from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
+from efficient_rl.rewards.math import shorten  # a long GSM8K reference cut to its end, the answer
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
@@ -86,14 +87,9 @@ def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) 
     for row, (question, completion, ok) in enumerate(zip(questions, completions, correct), 1):
         if not ok:
             raise ConfigError(f"--data {spec.data}: the reward `{spec.reward}` does not accept the reference answer "
-                              f"{shorten(question['answer'])!r} of question {question['id']!r} (row {row}) as "
+                              f"{shorten(question['answer'], limit=80)!r} of question {question['id']!r} (row {row}) as "
                               f"correct{reward_complaint(rewards, completion, question)}; is --answer-key "
                               f"{spec.answer_key!r} the answer column, in a form it can parse?")
-
-
-def shorten(text: str, limit: int = 80) -> str:
-    """A long reference (a whole GSM8K solution) cut to its end, which holds the answer."""
-    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def reward_complaint(rewards: RewardRunner, completion: str, question: dict) -> str:
