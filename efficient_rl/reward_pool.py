@@ -108,6 +108,7 @@ class RewardPool:
         self.context = multiprocessing.get_context("spawn")  # fork would copy the trainer (and its threads)
         self.references, self.timeout = references, timeout
         self.workers = [Worker(self.context, references) for _ in range(workers)]
+        self.restarts = 0  # workers killed (no answer in time) or found dead, and replaced
 
     def run(self, calls: list[RewardCall]) -> list[Outcome]:
         """Every call's outcome, in order; calls go to whichever worker is free."""
@@ -147,6 +148,7 @@ class RewardPool:
     def _replace(self, slot: int) -> None:
         self.workers[slot].kill()
         self.workers[slot] = Worker(self.context, self.references)
+        self.restarts += 1
 
     def close(self) -> None:
         for worker in self.workers:

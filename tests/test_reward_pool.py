@@ -41,9 +41,15 @@ def test_the_pool_counts_timeouts_crashes_and_errors_and_keeps_going():
     runner = RewardRunner([RewardEntry(name=f"{__name__}:hostile_reward")], workers=2, timeout=2.0)
     try:
         completions = ["ok", "hang", "crash", "raise", "text", "abcd"] * 2
-        started = time.monotonic()
+        first_workers = [worker.process for worker in runner.pool.workers]
         result = runner.score(completions, [SAMPLE] * len(completions))
-        elapsed = time.monotonic() - started
+        # The two hung workers were killed at their deadline and the two crashed ones found dead:
+        # four replacements, and the replacements serve the next batch.
+        assert runner.pool.restarts == 4
+        assert all(worker.process.is_alive() for worker in runner.pool.workers)
+        assert not any(process.is_alive() for process in first_workers if process not in
+                       [worker.process for worker in runner.pool.workers])
+        again = runner.score(["ok", "abcd"], [SAMPLE] * 2)
     finally:
         runner.close()
     assert result.scores.tolist() == pytest.approx([0.2, 0, 0, 0, 0, 0.4] * 2)
@@ -51,7 +57,7 @@ def test_the_pool_counts_timeouts_crashes_and_errors_and_keeps_going():
     assert result.extras["hostile_reward/chars"] == [2, 0, 0, 0, 0, 4] * 2
     text = " | ".join(result.error_messages)
     assert "no answer within 2 s" in text and "worker died" in text and "verifier crashed" in text
-    assert elapsed < 2 * 2.0 + 10  # two hung calls run side by side, each cut at 2 s (plus restarts)
+    assert again.scores.tolist() == pytest.approx([0.2, 0.4]) and again.timeouts == again.errors == 0
 
 
 def test_workers_outlive_the_stop_signals_meant_for_the_driver():
@@ -166,14 +172,15 @@ def test_training_with_a_reward_from_a_file_through_the_cli(tmp_path, tiny_overr
 def test_a_pathological_math_answer_is_cut_off_and_counted_as_a_timeout():
     runner = RewardRunner([RewardEntry(name="math", params={"timeout": 1})], workers=1, timeout=30.0)
     try:
-        started = time.monotonic()
         result = runner.score(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{12}"], [{"answer": "12"}] * 2)
-        elapsed = time.monotonic() - started
+        # math-verify's own alarm cut it, not the pool's 30 s deadline: the worker answered and
+        # was not replaced.
+        restarts = runner.pool.restarts
     finally:
         runner.close()
     assert result.timeouts == 1 and result.errors == 0 and result.scores.tolist() == [0.0, 1.0]
     assert "math-verify took over 1 s" in result.error_messages[0]
-    assert elapsed < 15  # math-verify's own alarm, well before the pool's 30 s
+    assert restarts == 0
 
 
 def test_reward_check_reports_scores_throughput_and_failures(tmp_path):

@@ -2,7 +2,6 @@
 
 import os
 import socket
-import time
 
 import pytest
 
@@ -51,11 +50,9 @@ def test_hostile_programs_are_contained(bait, name, program, reason, message):
     marker, port = bait
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = program.format(project=project, marker=str(marker), port=port, parent=os.getpid())
-    started = time.monotonic()
     result = run_python(code, limits=LIMITS)
     assert result.reason == reason, (name, result.stderr[-500:])
     assert message in result.stderr
-    assert time.monotonic() - started < LIMITS.timeout + 5
     assert len(result.stdout) <= LIMITS.output_bytes
     assert marker.read_text() == "host data"
     assert not os.path.exists(os.path.join(project, "PWNED")) and not os.path.exists("/etc/PWNED")

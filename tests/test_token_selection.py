@@ -451,6 +451,20 @@ def test_d3s_schedule_endpoints_midpoint_and_clamp():
     assert d3s_schedule(3.0, 4, 7, 0.1, 0.3) == (7, 0.3)
 
 
+def test_d3s_schedule_rounds_exact_halves_up_despite_float_error():
+    assert d3s_schedule(5 / 6, 10, 1, 0.2, 1.0)[0] == 3  # 2.5 exactly; 2.4999999999999996 in floats
+    # Against exact rational arithmetic, at every progress value the trainer passes:
+    # (step - 1) / (steps - 1), as a float.
+    for steps in range(2, 31):
+        for step in range(1, steps + 1):
+            exact_progress = Fraction(step - 1, steps - 1)
+            for n_init, n_final in ((10, 1), (1, 10), (4, 8), (8, 2), (3, 16)):
+                exact = (1 - exact_progress) * n_init + exact_progress * n_final
+                expected = math.floor(exact + Fraction(1, 2))
+                got = d3s_schedule((step - 1) / (steps - 1), n_init, n_final, 0.2, 0.5)[0]
+                assert got == expected, (steps, step, n_init, n_final, float(exact))
+
+
 # --- TIP quadrant shares (§4.2) -----------------------------------------------------------------
 
 

@@ -340,13 +340,20 @@ def d3s_schedule(progress: float, n_init: int, n_final: int, k_init: float, k_fi
     """D³S curriculum (§2.3): [N, K] = (1 - p)·[N_init, K_init] + p·[N_final, K_final].
 
     p = training progress, clamped to [0, 1]. N (rollouts kept per group) is rounded to the
-    nearest integer, halves up; K (token keep fraction) is returned as is. No official values of
-    the four endpoints exist (§6 item 5).
+    nearest integer, halves up (see round_half_up); K (token keep fraction) is returned as is. No
+    official values of the four endpoints exist (§6 item 5).
     """
     p = min(max(float(progress), 0.0), 1.0)
     rollouts = (1.0 - p) * n_init + p * n_final
     keep_fraction = (1.0 - p) * k_init + p * k_final
-    return int(math.floor(rollouts + 0.5)), keep_fraction
+    return round_half_up(rollouts), keep_fraction
+
+
+def round_half_up(value: float) -> int:
+    """The nearest integer, halves up. A value within 1e-9 (relative) of a half counts as that
+    half, for the same reason as in floor_counts: (1 - 5/6) * 10 + 5/6 * 1 is 2.4999999999999996
+    in binary, and means 2.5."""
+    return int(math.floor(value + 0.5 + 1e-9 * max(1.0, abs(value))))
 
 
 # --- TIP diagnostics ----------------------------------------------------------------------------
