@@ -4,16 +4,23 @@ SIGTERM and SIGINT (kill, Ctrl-C, a Slurm requeue or preemption) and SIGUSR1 (th
 Slurm job asks for before its time limit; slurm/job.sbatch passes it on) all mean the same. The
 CLI installs the handlers before its slow imports, so a warning that arrives while the run is
 still starting up is kept, not lost (SIGUSR1's default action would kill the process).
+
+A signal sent before the process has installed its handlers is lost (or kills it), so a launcher
+also records its request in a file: the one named by $EFFICIENT_RL_STOP_FILE. Its existence is a
+stop request, however early it was written; slurm/job.sbatch writes it on the time-limit warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the last step; the run is resumable
+STOP_FILE_VARIABLE = "EFFICIENT_RL_STOP_FILE"
+FROM_STOP_FILE = 0  # recorded in _received for a request read from the stop file (no signal is 0)
 
 _received: list[int] = []
 
@@ -34,7 +41,16 @@ def install() -> None:
 
 
 def requested() -> bool:
+    if not _received and stop_file_written():
+        print(f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; stopping after this step and writing a "
+              "checkpoint", file=sys.stderr, flush=True)
+        _received.append(FROM_STOP_FILE)
     return bool(_received)
+
+
+def stop_file_written() -> bool:
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    return bool(path) and os.path.exists(path)
 
 
 @contextlib.contextmanager

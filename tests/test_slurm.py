@@ -110,17 +110,39 @@ def test_requeue_mid_training_resumes_and_runs_every_step_once(slurm, tmp_path, 
     assert "attempt 1" in log and "driver exited with status 0" in log
 
 
+def late_driver_site(tmp_path, job_dir: Path) -> Path:
+    """The local site profile with an interpreter that holds the first attempt's driver back until
+    the job's shell has logged the time-limit warning: the warning lands before the driver could
+    receive any signal, the case a signal alone would lose."""
+    wrapper = tmp_path / "late-python"
+    wrapper.write_text(f"""#!/bin/bash
+if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && [ "$3" = train ]; then
+    until grep -q "time limit near" {job_dir}/$SLURM_JOB_ID.out 2>/dev/null; do sleep 0.2; done
+fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    site = tmp_path / "late-driver.yaml"
+    site.write_text((ROOT / "slurm" / "sites" / "local.yaml").read_text() + f"python: {wrapper}\n")
+    return site
+
+
 def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_model_dir):
     # A 1-minute limit with the warning 30 s before it, far too short for 100,000 steps: each
-    # attempt checkpoints at the warning; one requeue is allowed, then the job gives up.
-    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
-                 "--time", "1", "--max-requeues", "1")
+    # attempt checkpoints at the warning; one requeue is allowed, then the job gives up. The
+    # first attempt's driver starts only after the warning came.
+    run_dir, job_dir = tmp_path / "runs" / "limited", tmp_path / "runs" / "slurm" / "limited"
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
+                 "--time", "1", "--max-requeues", "1", "--site", str(late_driver_site(tmp_path, job_dir)),
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
     state = finished(job, timeout=400)
-    log = (tmp_path / "runs" / "slurm" / "limited" / f"{job}.out").read_text()
+    log = (job_dir / f"{job}.out").read_text()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log[-3000:]  # not TIMEOUT
     assert log.count("time limit near") == 2 and "requeueing (restart 1 of at most 1)" in log
     assert "not requeueing: 1 restarts used" in log
-    run_dir = tmp_path / "runs" / "limited"
+    assert "a stop was requested" in log  # the first driver read the warning from the stop file
     stops = [int(n) for n in re.findall(r"stopped after step (\d+) of 100000", log)]
     assert len(stops) == 2 and 0 < stops[0] < stops[1]
     assert logged_steps(run_dir) == list(range(1, stops[1] + 1))

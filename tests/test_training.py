@@ -1,6 +1,7 @@
 """Training end to end on the tiny lab model: CLI smoke run, resume exactly once, run directory."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -148,6 +149,23 @@ def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_over
     run, summary = train(overrides)
     assert summary["steps_completed"] == 1 and "final" in summary
     assert read_metrics(run.path)[0]["data/consumed_prompts"] == 4
+
+
+def test_a_stop_file_written_before_the_start_stops_the_run_after_its_first_step(tmp_path, tiny_overrides):
+    """A launcher's stop request that came before the driver could receive signals (a Slurm
+    warning at the job's first second) is read from $EFFICIENT_RL_STOP_FILE and acted on."""
+    stop_file = tmp_path / "stop-request"
+    stop_file.touch()
+    result = subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
+         "steps=50", "eval.before_training=false", "logging.tensorboard=false", "logging.name=early"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)})
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "a stop was requested" in result.stderr and "stopped after step 1 of 50" in result.stderr
+    run_dir = tmp_path / "runs" / "early"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    assert (run_dir / "checkpoints" / "step-00000001" / "trainer_state.pt").exists()
 
 
 def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, tiny_overrides):
