@@ -12,7 +12,7 @@ from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import TOKEN_SELECTORS
-from efficient_rl.config import ConfigError, Recipe
+from efficient_rl.config import ConfigError, Recipe, check_numbers, one_line
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir, model_directory
 from efficient_rl.learner.base import LEARNERS
@@ -55,9 +55,6 @@ REGISTRY_FIELDS = [
     ("rollout.engine", ENGINES),
     ("learner.backend", LEARNERS),
 ]
-POSITIVE_FIELDS = ["steps", "rollout.group_size", "rollout.prompts_per_step", "rollout.max_prompt_length",
-                   "rollout.max_response_length", "rollout.max_batch_size", "learner.micro_batch_size",
-                   "learner.epochs", "eval.num_problems", "eval.samples_per_problem", "eval.max_new_tokens"]
 
 
 def field_value(recipe: Recipe, dotted: str):
@@ -68,14 +65,12 @@ def field_value(recipe: Recipe, dotted: str):
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Checks that need more than types: names in registries, positive sizes, consistent sizes."""
+    """Checks that need more than types: numbers in range, names in registries, consistent sizes."""
+    check_numbers(recipe)  # load_recipe did too; a Recipe built in Python comes here unchecked
     for dotted, registry in REGISTRY_FIELDS:
         name = field_value(recipe, dotted)
         if name not in registry:
             raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
-    for dotted in POSITIVE_FIELDS:
-        if field_value(recipe, dotted) < 1:
-            raise ConfigError(f"{dotted}: expected a positive integer, got {field_value(recipe, dotted)}")
     if (recipe.model.path is None) == (recipe.model.lab is None):
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
     if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
@@ -89,8 +84,8 @@ def check_recipe(recipe: Recipe) -> None:
     check_difficulty_tiers(recipe)
     check_selection(recipe)
     check_cluster(recipe)
-    if recipe.learner.mini_batch_prompts < 0:
-        raise ConfigError("learner.mini_batch_prompts: expected 0 (whole batch) or a positive integer")
+    if len(recipe.learner.betas) != 2:
+        raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
 
 
 def check_difficulty_tiers(recipe: Recipe) -> None:
@@ -129,21 +124,12 @@ def check_selection(recipe: Recipe) -> None:
         if len(alg.d3s_rollouts) != 2 or not all(1 <= n <= recipe.rollout.group_size for n in alg.d3s_rollouts):
             raise ConfigError(f"algorithm.d3s_rollouts: expected [N_init, N_final] within 1..rollout.group_size "
                               f"({recipe.rollout.group_size}), got {alg.d3s_rollouts}")
-    if len(alg.d3s_token_fraction) != 2 or not all(0 < k <= 1 for k in alg.d3s_token_fraction):
-        raise ConfigError(f"algorithm.d3s_token_fraction: expected [K_init, K_final] in (0, 1], "
-                          f"got {alg.d3s_token_fraction}")
+    if len(alg.d3s_token_fraction) != 2:  # each in (0, 1]: NUMBER_RULES
+        raise ConfigError(f"algorithm.d3s_token_fraction: expected [K_init, K_final], got {alg.d3s_token_fraction}")
 
 
 def check_cluster(recipe: Recipe) -> None:
-    cluster = recipe.cluster
-    for role in ("rollout", "learner"):
-        resources = getattr(cluster, role)
-        if resources.workers < 1 or resources.cpus < 0 or resources.gpus < 0:
-            raise ConfigError(f"cluster.{role}: expected workers >= 1 and cpus, gpus >= 0")
-    if cluster.max_rollout_restarts < 0 or cluster.sync_bucket_mb < 0:
-        raise ConfigError("cluster: expected max_rollout_restarts >= 0 and sync_bucket_mb >= 0")
-    if recipe.learner.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"learner.zero_stage: expected 0, 1, 2 or 3, got {recipe.learner.zero_stage}")
+    cluster = recipe.cluster  # its numbers (workers, cpus, gpus, ...) are checked by check_numbers
     if cluster.backend == "ray":
         if recipe.rollout.engine != "vllm":
             raise ConfigError("rollout.engine: the ray backend runs vLLM rollout workers; set rollout.engine: vllm")
@@ -172,8 +158,6 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
 
 def start_rewards(recipe: Recipe, probe_sample: dict) -> RewardRunner:
     """Resolve the rewards, start their workers and probe each on a training sample."""
-    if recipe.scoring.workers < 0 or not recipe.scoring.timeout > 0:
-        raise ConfigError("scoring: expected workers >= 0 and timeout > 0")
     rewards = RewardRunner(recipe.reward, recipe.scoring.workers, recipe.scoring.timeout)
     try:
         rewards.check(probe_sample)
@@ -193,7 +177,7 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
     check_lengths(recipe, prompt_ids, train, heldout)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = load_model(source)
     context = getattr(model.config, "max_position_embeddings", None)
     longest = recipe.longest_sequence()
     if context is not None and longest > context:
@@ -203,6 +187,14 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
         check_teacher(recipe, model.get_output_embeddings().weight.shape[0])
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
                  base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)
+
+
+def load_model(source: Path):
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except Exception as err:  # truncated or missing weights, an architecture transformers lacks, ...
+        # the model is input like any other: one line naming it (safetensors' errors are no OSError)
+        raise ConfigError(f"model: cannot load {source} ({type(err).__name__}: {one_line(err)})") from None
 
 
 def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], train: list[dict], heldout: list[dict]) -> None:

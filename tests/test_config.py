@@ -21,7 +21,8 @@ def test_every_shipped_recipe_validates(path):
 @pytest.mark.parametrize("tiers, message", [
     ("[{min_correct: 0.5, truncation_length: 32}]", "min_correct must start at 0.0 and increase"),
     ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 0.0, truncation_length: 32}]", "increase"),
-    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 1.5, truncation_length: 32}]", "at most 1.0"),
+    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 1.5, truncation_length: 32}]",
+     "algorithm.difficulty_tiers[1].min_correct: expected a finite number in [0, 1], got 1.5"),
     ("[{min_correct: 0.0, truncation_length: 4000}]", "difficulty_tiers[0].truncation_length: expected 1..rollout"),
     ("[{min_correct: 0.0, truncation_lenght: 4000}]", "difficulty_tiers[0].truncation_lenght: unknown key"),
 ])
@@ -66,7 +67,7 @@ def test_bad_recipe_values_name_the_field(override, message):
     [
         ("algorithm.advantage=grpoo", "algorithm.advantage: unknown advantage estimator 'grpoo' (did you mean 'grpo'?)"),
         ("algorithm.loss_agg=token-sum", "algorithm.loss_agg: unknown loss aggregation"),
-        ("rollout.max_response_length=0", "rollout.max_response_length: expected a positive integer"),
+        ("rollout.max_response_length=0", "rollout.max_response_length: expected an integer >= 1, got 0"),
         ("algorithm.truncation_length=999", "algorithm.truncation_length: expected 1..rollout.max_response_length"),
     ],
 )
@@ -89,6 +90,13 @@ def run_cli(*args, cwd):
         (["data.train=/does/not/exist.jsonl"], "data.train: data file /does/not/exist.jsonl not found"),
         (["data.train=EMPTY"], "data.train:"),
         (["rollout.max_prompt_length=5"], "rollout.max_prompt_length: data.train has a prompt of"),
+        # Numbers out of range, refused at load (they used to train: NaN weights, greedy, no nucleus).
+        (["learner.lr=nan"], "learner.lr: expected a finite number > 0, got nan"),
+        (["rollout.temperature=-1"], "rollout.temperature: expected a finite number > 0"),
+        (["rollout.top_p=5"], "rollout.top_p: expected a finite number in (0, 1], got 5.0"),
+        (["eval.temperature=-0.5"], "eval.temperature: expected a finite number >= 0 (0 is greedy), got -0.5"),
+        (["learner.betas=[0.9, 1.5]"], "learner.betas[1]: expected a finite number in [0, 1), got 1.5"),
+        (["reward=[{name: math, weight: .inf}]"], "reward[0].weight: expected a finite number"),
     ],
 )
 def test_cli_bad_input_exit_2_one_line_nothing_written(tmp_path, tiny_overrides, extra, message):
@@ -129,3 +137,52 @@ def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):
     data.write_text("not json\n")
     with pytest.raises(ConfigError, match=r"bad.jsonl:1: not a JSON object"):
         load_split(str(data), "train", DataSection(), seed=0, field_name="data.train")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.kl_coef=-0.1", "algorithm.kl_coef: expected a finite number >= 0, got -0.1"),
+    ("algorithm.clip_high=.nan", "algorithm.clip_high: expected a finite number >= 0, got nan"),
+    ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c: expected a finite number > 1"),
+    ("learner.grad_clip=0", "learner.grad_clip: expected a finite number > 0"),
+    ("learner.weight_decay=-.inf", "learner.weight_decay: expected a finite number >= 0, got -inf"),
+    ("learner.zero_stage=4", "learner.zero_stage: expected an integer in [0, 3], got 4"),
+    ("scoring.timeout=0", "scoring.timeout: expected a finite number > 0 (seconds), got 0.0"),
+    ("cluster.rollout.workers=0", "cluster.rollout.workers: expected an integer >= 1, got 0"),
+    ("eval.top_p=0", "eval.top_p: expected a finite number in (0, 1], got 0.0"),
+    ("algorithm.d3s_token_fraction=[0.2, 1.5]", "algorithm.d3s_token_fraction[1]: expected a finite number in (0, 1]"),
+    ("distill.beta=1", "distill.beta: expected a finite number in (0, 1)"),
+    ("checkpoint.keep=0", "checkpoint.keep: expected an integer >= 1, got 0"),
+])
+def test_numbers_out_of_range_are_refused_at_load_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(RECIPES / "grpo.yaml", [override])
+    assert str(err.value).startswith(f"{RECIPES / 'grpo.yaml'}: {message}")
+
+
+def test_greedy_evaluation_is_a_temperature_of_zero():
+    assert load_recipe(RECIPES / "grpo.yaml", ["eval.temperature=0"]).eval.temperature == 0.0
+
+
+def test_every_numeric_field_has_a_declared_range():
+    """A number added to a recipe section without a rule in NUMBER_RULES would go unchecked."""
+    from efficient_rl.config import NUMBER_RULES, DifficultyTier, Recipe, numbers, number_rule
+
+    recipe = Recipe()
+    recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
+    recipe.algorithm.truncation_length, recipe.algorithm.clip_ratio_c = 8, 2.0  # optional: None by default
+    paths = [path for path, _ in numbers(recipe)]
+    assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths
+    for path in paths:
+        number_rule(path)  # KeyError names a field without a rule
+    unused = set(NUMBER_RULES) - {re.sub(r"\[\d+\]", "", path) for path in paths}
+    assert not unused, f"rules for fields that do not exist: {unused}"
+
+
+def test_a_recipe_built_in_python_is_checked_too():
+    from efficient_rl.config import Recipe
+
+    recipe = Recipe()
+    recipe.model.lab = "tiny"
+    recipe.rollout.top_p = float("nan")
+    with pytest.raises(ConfigError, match=r"^rollout.top_p: expected a finite number in \(0, 1\], got nan$"):
+        check_recipe(recipe)
