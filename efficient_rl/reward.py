@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from efficient_rl.config import ConfigError, RewardEntry
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.reward_plugins import RewardLoadError, check_signature, is_batched, load_reward
 from efficient_rl.reward_pool import Outcome, RewardCall, RewardPool, outcome_of
 
@@ -25,7 +26,8 @@ MAX_KEPT_ERRORS = 5
 class RewardResult:
     scores: torch.Tensor  # [B] weighted sum of the reward functions
     accuracy: torch.Tensor | None  # [B] from rewards that report "accuracy"
-    extras: dict[str, list[float]] = field(default_factory=dict)  # other per-sample metrics
+    extras: dict[str, list[float]] = field(default_factory=dict)  # other per-sample metrics (0 where not reported)
+    reported: dict[str, list[int]] = field(default_factory=dict)  # extras key -> the rows that reported it
     errors: int = 0  # calls that raised, crashed their worker or returned a non-number
     timeouts: int = 0  # calls cut off at the timeout
     error_messages: list[str] = field(default_factory=list)
@@ -38,6 +40,11 @@ class RewardResult:
             self.errors += 1
         if len(self.error_messages) < MAX_KEPT_ERRORS:
             self.error_messages.append(message)
+
+    def metric_mean(self, name: str) -> float:
+        """The mean of extras[name] over the rows that reported it: a failed call is no zero metric."""
+        rows = self.reported[name]
+        return sum(self.extras[name][row] for row in rows) / len(rows)
 
 
 def as_numbers(value) -> dict[str, float]:
@@ -80,7 +87,10 @@ class RewardRunner:
     def check(self, sample: dict) -> None:
         """Probe every reward once on a real sample: it must answer, with a number."""
         completion = f"The answer is \\boxed{{{sample.get('answer', '')}}}."
-        outcomes = self._run([RewardCall(i, [completion], [sample]) for i in range(len(self.entries))])
+        try:
+            outcomes = self._run([RewardCall(i, [completion], [sample]) for i in range(len(self.entries))])
+        except WorkerFailure as err:  # a reward that kills or hangs its worker at import
+            raise ConfigError(f"reward: {err}") from None
         for index, (entry, outcome) in enumerate(zip(self.entries, outcomes)):
             try:
                 if outcome.status != "ok":
@@ -126,7 +136,9 @@ class RewardRunner:
                 result.accuracy = torch.zeros(rows)
             result.accuracy[row] = max(float(result.accuracy[row]), value.pop("accuracy"))
         for key, metric in value.items():  # logged as reward/<function name>/<key>
-            result.extras.setdefault(f"{entry.name.rsplit(':', 1)[-1]}/{key}", [0.0] * rows)[row] = metric
+            name = f"{entry.name.rsplit(':', 1)[-1]}/{key}"
+            result.extras.setdefault(name, [0.0] * rows)[row] = metric
+            result.reported.setdefault(name, []).append(row)
 
     def _run(self, calls: list[RewardCall]) -> list[Outcome]:
         if self.pool is not None:

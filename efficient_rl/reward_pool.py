@@ -5,20 +5,31 @@ worker that dies (a segfault, os._exit in a reward) is replaced too: its call co
 Workers receive reward references as strings and resolve them themselves, so no user function is
 ever pickled, and they call rewards in their main thread, where math-verify's signal-based
 timeouts work. This module imports no torch: workers start fast.
+
+Workers ignore the stop signals (see worker_main), so nothing but this module ends them, and it
+does on every way out of their owner: close(); a finalizer that kills them when the owner exits
+without closing (an exception), which runs before multiprocessing's own exit handler would
+SIGTERM and then join them forever; and a watch in each worker that ends it quietly once the
+driver is gone (kill -9), even in the middle of a reward call.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
+import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.reward_plugins import call_reward, load_reward
 
 STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import its rewards
+CLOSE_GRACE = 2.0  # seconds idle workers get, all together, to leave on their own before they are killed
 
 
 @dataclass(frozen=True)
@@ -62,13 +73,34 @@ def worker_main(connection, references: list[tuple[str, dict]]) -> None:
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    functions = [load_reward(reference) for reference, _ in references]
+    exit_with_parent()
+    try:
+        functions = [load_reward(reference) for reference, _ in references]
+    except Exception as err:  # the driver loaded them: something differs in a fresh process
+        connection.send(("failed", f"{type(err).__name__}: {err}"))  # for the driver's one-line error
+        return
     connection.send(("ready", None))  # call timeouts start only now, after the imports
-    while True:
-        call = connection.recv()
-        if call is None:
-            return
-        connection.send(outcome_of(functions[call.entry], call, references[call.entry][1]))
+    try:
+        while (call := connection.recv()) is not None:
+            connection.send(outcome_of(functions[call.entry], call, references[call.entry][1]))
+    except (EOFError, BrokenPipeError):
+        pass  # the driver is gone: nobody is left to answer, and a traceback here would read as the cause
+
+
+def exit_with_parent() -> None:
+    """End this worker as soon as the driver has died, whatever the worker is doing.
+
+    Ignoring SIGTERM, a worker would otherwise outlive a killed driver inside a hung reward call.
+    multiprocessing's parent sentinel is the worker's end of a pipe that only the parent holds
+    open, so it turns readable exactly when the parent process is gone.
+    """
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        parent.join()  # returns when the sentinel turns readable: the parent died
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class Worker:
@@ -89,13 +121,23 @@ class Worker:
     def check_ready(self) -> None:
         """Wait for the worker's "ready" (it resolves the rewards first)."""
         if not self.connection.poll(max(0.0, self.started + STARTUP_TIMEOUT - time.monotonic())):
-            raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT} s")
+            raise WorkerFailure(f"a reward worker did not start within {STARTUP_TIMEOUT:g} s (a reward that hangs "
+                                "at import?); run the rewards in this process (scoring.workers=0) to see why")
         try:
-            self.connection.recv()
+            status, detail = self.connection.recv()
         except (EOFError, OSError):
-            raise RuntimeError(f"a reward worker failed to start (exit code {self.process.exitcode}); "
-                               "run the reward in this process (scoring.workers=0) to see why") from None
+            self.process.join(timeout=CLOSE_GRACE)  # it closed its end: it is exiting (then its exit code is known)
+            raise WorkerFailure(f"a reward worker failed to start (exit code {self.process.exitcode}); "
+                                "run the rewards in this process (scoring.workers=0) to see why") from None
+        if status == "failed":
+            raise WorkerFailure(f"a reward worker could not load the rewards: {detail}")
         self.ready = True
+
+    def ask_to_stop(self) -> None:
+        try:
+            self.connection.send(None)
+        except OSError:
+            pass  # already gone
 
     def kill(self) -> None:
         self.process.kill()
@@ -103,21 +145,56 @@ class Worker:
         self.connection.close()
 
 
+def stop_workers(workers: list[Worker]) -> None:
+    """Ask every worker to leave, give them CLOSE_GRACE together, then kill the rest.
+
+    Never a plain join: a worker ignores SIGTERM, and one stuck in a reward would wait forever.
+    Empties `workers` in place (the finalizer holds the same list), so a second call does nothing.
+    """
+    live = [worker for worker in workers if worker is not None]  # None: killed, successor not started
+    for worker in live:
+        worker.ask_to_stop()
+    deadline = time.monotonic() + CLOSE_GRACE
+    for worker in live:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.kill()
+    workers.clear()
+
+
 class RewardPool:
     def __init__(self, references: list[tuple[str, dict]], workers: int, timeout: float):
         self.context = multiprocessing.get_context("spawn")  # fork would copy the trainer (and its threads)
         self.references, self.timeout = references, timeout
-        self.workers = [Worker(self.context, references) for _ in range(workers)]
+        self.workers: list[Worker] = []
+        # Runs at close(), when the pool is garbage, and at interpreter exit, before multiprocessing
+        # terminates and then joins its daemonic children: our workers ignore that SIGTERM, and the
+        # join would never return (a driver that raised would hang at exit, holding its allocation).
+        self.finalizer = multiprocessing.util.Finalize(self, stop_workers, args=(self.workers,), exitpriority=0)
+        for _ in range(workers):  # one by one: should a start fail, the finalizer has the ones before it
+            self.workers.append(Worker(self.context, references))
         self.restarts = 0  # workers killed (no answer in time) or found dead, and replaced
 
     def run(self, calls: list[RewardCall]) -> list[Outcome]:
         """Every call's outcome, in order; calls go to whichever worker is free."""
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (call index, deadline)
+        try:
+            return self._run(calls, busy)
+        except BaseException:
+            # Cut short (Ctrl-C twice, a worker that failed to start): the busy workers' answers
+            # would reach the next run as its own. Replaced, they also cannot slow the exit down.
+            for slot in busy:
+                self._replace(slot, start=False)
+            raise
+
+    def _run(self, calls: list[RewardCall], busy: dict[int, tuple[int, float]]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(calls)
         queue = deque(range(len(calls)))
-        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (call index, deadline)
         while queue or busy:
             for slot, worker in enumerate(self.workers):
                 if slot not in busy and queue:
+                    if worker is None:  # killed when an earlier run was cut short
+                        worker = self.workers[slot] = Worker(self.context, self.references)
                     if not worker.ready:
                         worker.check_ready()
                     index = queue.popleft()
@@ -145,18 +222,12 @@ class RewardPool:
             self._replace(slot)
             return Outcome("error", message=f"reward worker died (exit code {worker.process.exitcode})")
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int, start: bool = True) -> None:
+        """Kill the worker in `slot`; start its successor now, or (start=False) at its next call."""
         self.workers[slot].kill()
-        self.workers[slot] = Worker(self.context, self.references)
+        self.workers[slot] = Worker(self.context, self.references) if start else None
         self.restarts += 1
 
     def close(self) -> None:
-        for worker in self.workers:
-            try:
-                worker.connection.send(None)
-            except OSError:
-                pass
-            worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.kill()
-        self.workers = []
+        """Stop every worker; safe to call again."""
+        self.finalizer()
