@@ -71,8 +71,14 @@ def format_report(spec: str, rows: list[dict], result, seconds: float) -> str:
     ]
     if result.accuracy is not None:
         lines.append(f"accuracy {float(result.accuracy.mean()):.4f}")
-    for name, values in sorted(result.extras.items()):
-        lines.append(f"metric  {name}: mean {statistics.fmean(values):.4f}")
+    lines += [metric_line(name, result, len(rows)) for name in sorted(result.extras)]
     lines.append(f"errors {result.errors}  timeouts {result.timeouts}  (each scored 0)")
     lines += [f"  {message}" for message in result.error_messages]
     return "\n".join(lines)
+
+
+def metric_line(name: str, result, rows: int) -> str:
+    """A reward's own metric, averaged over the rows whose call reported it (a failed row has none)."""
+    reported = len(result.reported[name])
+    failed = f" over {reported} of {rows} samples ({rows - reported} failed)" if reported < rows else ""
+    return f"metric  {name}: mean {result.metric_mean(name):.4f}{failed}"
