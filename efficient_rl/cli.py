@@ -11,6 +11,7 @@ from efficient_rl.errors import WorkerFailure
 from efficient_rl.config import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 
 def cmd_train(args) -> int:
@@ -31,13 +32,35 @@ def train(args) -> int:
     from efficient_rl.report import write_report
     from efficient_rl.trainer import run_recipe
 
-    run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
+    try:
+        run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
+        print(f"efficient-rl: interrupted; stopped at once, mid-step; {what_resume_has(recipe)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     write_report(run.path, summary)
-    if summary["steps_completed"] < recipe.steps:
-        print(f"stopped after step {summary['steps_completed']} of {recipe.steps}; "
-              f"continue with --resume (checkpoint in {run.latest_checkpoint()})", file=sys.stderr)
-        return stopping.EXIT_STOPPED
-    return 0
+    return exit_status(recipe, summary, run.latest_checkpoint())
+
+
+def what_resume_has(recipe) -> str:
+    from efficient_rl.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(recipe.logging.output_dir) / recipe.logging.name)
+    if checkpoint is None:
+        return "the run has no checkpoint yet (start it again with --overwrite)"
+    return f"continue with --resume (checkpoint in {checkpoint})"
+
+
+def exit_status(recipe, summary: dict, checkpoint) -> int:
+    """0 for a finished run; EXIT_STOPPED, saying what --resume still does, for one a stop request ended."""
+    done, steps = summary["steps_completed"], recipe.steps
+    if done < steps:
+        left = f"stopped after step {done} of {steps}; continue with --resume"
+    elif recipe.eval.after_training and "final" not in summary:
+        left = f"stopped after the last step ({steps}) without the final evaluation; --resume runs it"
+    else:
+        return 0
+    print(f"{left} (checkpoint in {checkpoint})", file=sys.stderr)
+    return stopping.EXIT_STOPPED
 
 
 def cmd_recipes(args) -> int:
@@ -56,7 +79,20 @@ def cmd_reward_check(args) -> int:
     return 0
 
 
+# The eval command's numbers, checked like a recipe's (config.NUMBER_RULES): flag -> interval.
+EVAL_FLAG_RULES = {"--samples": "[1, inf)", "--problems": "[1, inf)", "--temperature": "[0, inf)",
+                   "--top-p": "(0, 1]", "--seed": "[0, inf)"}
+
+
+def check_eval_flags(args) -> None:
+    from efficient_rl.config import Interval, check_number
+
+    for flag, interval in EVAL_FLAG_RULES.items():
+        check_number(flag, getattr(args, flag[2:].replace("-", "_")), Interval.parse(interval))
+
+
 def cmd_eval(args) -> int:
+    check_eval_flags(args)  # before the heavy imports: fast errors
     from efficient_rl.eval.tradeoff import EvalSpec, compare, report_markdown, run, write_outputs
 
     if args.models[0] == "compare":  # efficient-rl eval compare DIR... --out DIR
@@ -171,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailure as err:
         print(f"efficient-rl: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C in any other command (or in train's imports)
+        # Everything the command started was closed on the way here; a traceback would only
+        # show where the interrupt happened to land.
+        print("efficient-rl: interrupted; stopped at once", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

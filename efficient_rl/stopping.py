@@ -8,6 +8,10 @@ still starting up is kept, not lost (SIGUSR1's default action would kill the pro
 A signal sent before the process has installed its handlers is lost (or kills it), so a launcher
 also records its request in a file: the one named by $EFFICIENT_RL_STOP_FILE. Its existence is a
 stop request, however early it was written; slurm/job.sbatch writes it on the time-limit warning.
+
+Work that follows the last checkpoint (the final evaluation) runs under cut_short(): there a stop
+request ends it at once, with Stopped, since waiting would save nothing. A second Ctrl-C always
+stops at once (KeyboardInterrupt; the CLI says so in one line and exits 130).
 """
 
 from __future__ import annotations
@@ -16,23 +20,42 @@ import contextlib
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the last step; the run is resumable
 STOP_FILE_VARIABLE = "EFFICIENT_RL_STOP_FILE"
 FROM_STOP_FILE = 0  # recorded in _received for a request read from the stop file (no signal is 0)
 
+
+class Stopped(Exception):
+    """A stop request ended a cut_short() block."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What a stop request means while a block runs: the promise printed, and whether it ends the block."""
+
+    promise: str
+    ends_block: bool = False
+
+
+AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
+
 _received: list[int] = []
+_phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
 
 
 def _record(signum, frame) -> None:
     if signum == signal.SIGINT and signal.SIGINT in _received:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now
+    phase = _phases[-1]
     if not _received:
-        print(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-              "(Ctrl-C again: stop now)",
-              file=sys.stderr, flush=True)
+        again = "" if phase.ends_block else " (Ctrl-C again: stop now)"
+        print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
     _received.append(signum)
+    if phase.ends_block:
+        raise Stopped(phase.promise)
 
 
 def install() -> None:
@@ -42,8 +65,8 @@ def install() -> None:
 
 def requested() -> bool:
     if not _received and stop_file_written():
-        print(f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; stopping after this step and writing a "
-              "checkpoint", file=sys.stderr, flush=True)
+        print(f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; {_phases[-1].promise}",
+              file=sys.stderr, flush=True)
         _received.append(FROM_STOP_FILE)
     return bool(_received)
 
@@ -65,3 +88,16 @@ def handled():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _received.clear()
+
+
+@contextlib.contextmanager
+def cut_short(promise: str):
+    """While the block runs (under handled()), a stop request ends it at once with Stopped, and
+    says `promise`: for work after the last checkpoint, which a stop loses nothing of."""
+    _phases.append(Phase(promise, ends_block=True))
+    try:
+        if requested():  # one that came before the block would end nothing
+            raise Stopped(promise)
+        yield
+    finally:
+        _phases.pop()

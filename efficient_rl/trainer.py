@@ -29,6 +29,10 @@ from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.selection import Selection
 
 
+# What a stop request during the final evaluation says (it ends the evaluation at once, see train).
+FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
+
+
 @dataclass
 class Stage:
     """The recipe's choices, resolved once: each is a function of the batch."""
@@ -78,15 +82,21 @@ def resolve_stages(recipe: Recipe) -> Stage:
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                stop_after_step: int | None = None) -> tuple[RunDir, dict]:
-    """What `efficient-rl train` does: validate, create the run directory, train, release workers."""
-    run = RunDir(recipe, resume=resume, overwrite=overwrite)
-    setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
-    run.create()
-    trainer = Trainer(recipe, setup, run)
-    try:
+    """What `efficient-rl train` does: validate, create the run directory, train.
+
+    Whatever it started is closed on every way out, an exception anywhere included, newest first:
+    the cluster components (Ray actors, vLLM engines, a teacher, a Ray cluster started for the
+    run), then the reward workers. Each is registered the moment it exists; ExitStack runs the
+    rest of them even when one of them raises.
+    """
+    with contextlib.ExitStack() as started:
+        run = RunDir(recipe, resume=resume, overwrite=overwrite)
+        setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
+        started.callback(setup.rewards.close)
+        run.create()
+        trainer = Trainer(recipe, setup, run)
+        started.callback(trainer.close)  # its components; the rewards again, a no-op
         return run, trainer.train(stop_after_step=stop_after_step)
-    finally:
-        trainer.close()
 
 
 class Trainer:
@@ -109,6 +119,12 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def train(self, stop_after_step: int | None = None) -> dict:
+        """Train to the recipe's last step (or a stop request) and evaluate; returns the summary.
+
+        A stop request (stopping.py) ends the loop after its step, checkpointed, and then skips the
+        final evaluation: the summary lacks "final", and --resume evaluates. One during the final
+        evaluation cuts it short the same way; nothing is lost, the checkpoint is written already.
+        """
         started = time.time()
         state = self.run.restore(self.learner, self.stream) if self.run.resuming else {"step": 0}
         earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
@@ -116,9 +132,10 @@ class Trainer:
             torch.manual_seed(self.recipe.seed)
         if "warm_start" not in state and self.recipe.eval.before_training:
             state["warm_start"] = self.evaluate()
-        logger = MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)
         metrics = {}
-        with stopping.handled():
+        # closing: an exception ends the progress bar, instead of drawing it through the message
+        with contextlib.closing(MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)) as logger, \
+                stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step(step)
                 if self.recipe.eval.every and step % self.recipe.eval.every == 0:
@@ -131,12 +148,25 @@ class Trainer:
                     self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state)
                 if last:
                     break
-        logger.close()
+            stop_requested = stopping.requested()  # read before handled() forgets it
         if state["step"] == self.recipe.steps and self.recipe.eval.after_training:
-            # The last step's periodic evaluation already is the final one.
-            state["final"] = metrics if "eval/pass@1" in metrics else self.evaluate()
+            final = self.final_evaluation(metrics, stop_requested)
+            if final is not None:
+                state["final"] = final
         state["wall_seconds"] = earlier_seconds + time.time() - started
         return self.run.write_summary(state)
+
+    def final_evaluation(self, last_metrics: dict[str, float], stop_requested: bool) -> dict[str, float] | None:
+        """The held-out figures after the last step; None when a stop request skips or cuts them short."""
+        if "eval/pass@1" in last_metrics:  # the last step's periodic evaluation already is the final one
+            return last_metrics
+        if stop_requested:
+            return None
+        try:
+            with stopping.handled(), stopping.cut_short(FINAL_EVALUATION_STOP):
+                return self.evaluate()
+        except stopping.Stopped:
+            return None
 
     def step(self, number: int) -> dict[str, float]:
         started = time.time()
