@@ -186,3 +186,14 @@ def test_a_recipe_built_in_python_is_checked_too():
     recipe.rollout.top_p = float("nan")
     with pytest.raises(ConfigError, match=r"^rollout.top_p: expected a finite number in \(0, 1\], got nan$"):
         check_recipe(recipe)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "5"], "--top-p: expected a finite number in (0, 1], got 5.0"),
+    (["--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),
+    (["--samples", "0"], "--samples: expected an integer >= 1, got 0"),
+])
+def test_eval_command_numbers_are_checked_like_a_recipes(tmp_path, flags, message):
+    result = run_cli("eval", "lab:tiny", "--out", str(tmp_path / "out"), *flags, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"efficient-rl: error: {message}"
+    assert not (tmp_path / "out").exists()
