@@ -91,8 +91,10 @@ def exit_with_parent() -> None:
     """End this worker as soon as the driver has died, whatever the worker is doing.
 
     Ignoring SIGTERM, a worker would otherwise outlive a killed driver inside a hung reward call.
-    multiprocessing's parent sentinel is the worker's end of a pipe that only the parent holds
-    open, so it turns readable exactly when the parent process is gone.
+    multiprocessing's parent sentinel is the worker's end of a pipe whose other end the driver
+    holds (until it drops the Process, after the worker has exited), so it turns readable when
+    the driver is gone. Portable, unlike prctl(PR_SET_PDEATHSIG), which also fires when merely the
+    driver thread that started the worker ends.
     """
     parent = multiprocessing.parent_process()
 
