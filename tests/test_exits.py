@@ -274,6 +274,28 @@ def test_ctrl_c_in_the_final_evaluation_cuts_it_short_and_resume_runs_it(run_dir
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def fail(*args, **kwargs):
+    raise RuntimeError("planted fault")
+
+
+@pytest.mark.parametrize("where", ["efficient_rl.checkpoint.RunDir.create",
+                                   "efficient_rl.learner.torch_learner.TorchLearner.update"])
+def test_run_recipe_closes_what_it_started_before_the_exception_leaves_it(run_dir, monkeypatch, where):
+    """In the same process, with no exit handler to help: the cleanup scope of run_recipe itself."""
+    import multiprocessing
+
+    from efficient_rl.config import load_recipe
+    from efficient_rl.trainer import run_recipe
+
+    cwd, overrides, _ = run_dir
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(where, fail)
+    before = set(multiprocessing.active_children())  # another test's, should one have any
+    with pytest.raises(RuntimeError, match="planted fault"):
+        run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    assert set(multiprocessing.active_children()) <= before  # the reward workers are closed (and joined)
+
+
 # ---------------------------------------------------------------- the same report's smaller item
 def test_reward_check_averages_a_metric_over_the_rows_that_reported_it():
     """Failed rows have no metric: counting them as 0 would halve a mean when half the calls fail."""
