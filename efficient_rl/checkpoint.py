@@ -6,7 +6,8 @@
     config.yaml          the resolved recipe
     metrics.jsonl        one line per step
     tensorboard/         event files
-    checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt
+    checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt,
+                         checkpoint_manifest.json (every file's size, written last)
     summary.json         warm-start and final held-out figures, wall time
 """
 
@@ -17,11 +18,14 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import struct
 import sys
 import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,10 @@ import yaml
 from efficient_rl.config import ConfigError, Recipe
 
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
+STAGING_PREFIX = ".tmp-"
+MANIFEST_FILE = "checkpoint_manifest.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
 MAX_NAME_BYTES = 200  # a file name is at most 255 bytes; the lock and trash names add to it
 
 
@@ -200,24 +208,228 @@ def forget_inherited_locks() -> None:
 os.register_at_fork(after_in_child=forget_inherited_locks)
 
 
+# ---------------------------------------------------------------- checkpoint validation
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    file: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+def checkpoint_problem(checkpoint: Path) -> Problem | None:
+    """Why `checkpoint` cannot be resumed from, naming the first bad file; None when it can.
+
+    Cheap at any model size: sizes against the manifest, safetensors headers against the file
+    sizes, and torch.load(mmap=True) of the .pt files, which reads the zip directory and the
+    pickles (optimizer and RNG structure) without reading tensor data. A file cut short loses the
+    zip directory at its end, so truncation is always caught; flipped bits inside tensor data are
+    not (that needs a full read of every byte, as large as the checkpoint).
+    """
+    manifest, problem = read_manifest(checkpoint)
+    if problem is not None:
+        return problem
+    problem = missing_required(checkpoint)
+    if problem is not None:
+        return problem
+    names = sorted(manifest) if manifest is not None else [
+        str(p.relative_to(checkpoint)) for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+    for name in names:
+        problem = file_problem(checkpoint / name, manifest.get(name) if manifest is not None else None)
+        if problem is not None:
+            return problem
+    return None
+
+
+def read_manifest(checkpoint: Path) -> tuple[dict[str, int] | None, Problem | None]:
+    """The manifest's {relative path: size}; (None, None) for a checkpoint written before manifests."""
+    path = checkpoint / MANIFEST_FILE
+    if not path.exists():
+        return None, None
+    try:
+        files = json.loads(path.read_text())["files"]
+        return {str(name): int(size) for name, size in files.items()}, None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, Problem(path, f"unreadable manifest ({one_line(err)})")
+
+
+def missing_required(checkpoint: Path) -> Problem | None:
+    """What every checkpoint needs: trainer state, model config and weights, tokenizer, learner state."""
+    for name in (TRAINER_STATE_FILE, "config.json", "tokenizer_config.json"):
+        if not (checkpoint / name).is_file():
+            return Problem(checkpoint / name, "missing")
+    if not (checkpoint / "model.safetensors").is_file() and not (checkpoint / "model.safetensors.index.json").is_file():
+        return Problem(checkpoint / "model.safetensors", "missing (and no model.safetensors.index.json)")
+    if not (checkpoint / "optimizer.pt").is_file() and not (checkpoint / "deepspeed").is_dir():
+        return Problem(checkpoint / "optimizer.pt", "missing (the torch learner's state; nor a deepspeed/ state)")
+    return None
+
+
+def file_problem(path: Path, expected_size: int | None) -> Problem | None:
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return Problem(path, "missing" if isinstance(err, FileNotFoundError) else err.strerror)
+    if expected_size is not None and size != expected_size:
+        return Problem(path, f"{size} bytes, {expected_size} were written (cut short or changed since)")
+    if path.name.endswith(".safetensors"):
+        return safetensors_problem(path, size)
+    if path.suffix == ".pt":
+        return torch_file_problem(path)
+    if path.suffix == ".json":
+        return json_problem(path)
+    return None
+
+
+def safetensors_problem(path: Path, size: int) -> Problem | None:
+    """The 8-byte header length, the JSON header, and the end of the last tensor = the file's size."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            header_length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if header_length is None or not 0 < header_length <= size - 8:
+                return Problem(path, f"not a safetensors file: no header in its {size} bytes")
+            header = json.loads(f.read(header_length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return Problem(path, f"unreadable safetensors header ({one_line(err)})")
+    expected = 8 + header_length + max(ends, default=0)
+    if expected != size:
+        return Problem(path, f"{size} bytes, its header describes {expected}")
+    return None
+
+
+def torch_file_problem(path: Path) -> Problem | None:
+    try:
+        # Zip-format files (every torch.save since 1.6) are mapped, not read: cheap for big states.
+        torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # any unpickling or zip error means the file cannot be resumed from
+        return Problem(path, f"torch.load fails ({one_line(err)})")
+    return None
+
+
+def json_problem(path: Path) -> Problem | None:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return Problem(path, f"not valid JSON ({one_line(err)})")
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first[:200]
+
+
 # ---------------------------------------------------------------- which checkpoint
 
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (a crash mid-save leaves only a .tmp-)."""
-    directory = run_path / "checkpoints"
-    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
-    complete = [p for p in found if (p / "trainer_state.pt").exists()]
-    return complete[-1] if complete else None
+def finished_checkpoints(path: Path) -> list[Path]:
+    """Every renamed (so fully written, then maybe damaged) checkpoint, oldest first."""
+    directory = path / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir())
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest checkpoint a resume can use (a crash mid-save leaves only a .tmp-; a damaged one is skipped)."""
+    for checkpoint in reversed(finished_checkpoints(path)):
+        if checkpoint_problem(checkpoint) is None:
+            return checkpoint
+    return None
+
+
+def resume_checkpoint(path: Path, notify=notice) -> Path:
+    """The checkpoint to resume from, decided once: the newest usable one, with a one-line notice
+    for each newer one skipped; a one-line ConfigError naming the bad files when none is usable."""
+    found = finished_checkpoints(path)
+    if not found:
+        raise ConfigError(f"{path}: nothing to resume (no checkpoint in {path / 'checkpoints'})")
+    problems = []
+    for checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            for skipped in problems:
+                notify(f"{skipped}; resuming from the earlier {checkpoint.name} instead "
+                       "(the damaged checkpoint is removed, its steps run again)")
+            return checkpoint
+        problems.append(problem)
+    raise ConfigError(f"{path}: no checkpoint can be resumed: {'; '.join(map(str, problems))}; "
+                      "start the run over with --overwrite")
 
 
 def restart_mode(recipe: Recipe) -> tuple[bool, bool]:
     """(resume, overwrite) for a run that may be a restart of itself (a requeued Slurm job):
     continue from the latest checkpoint if there is one; otherwise start over, replacing what
-    an earlier attempt left before its first checkpoint."""
+    an earlier attempt left before its first checkpoint.
+
+    Any finished checkpoint means resume, even a damaged one: the resume then falls back to an
+    earlier checkpoint or stops with the damaged file's name, where overwriting would destroy it.
+    """
     path = run_path(recipe)
-    if latest_checkpoint(path) is not None:
+    if finished_checkpoints(path):
         return True, False
     return False, os.path.lexists(path)
+
+
+# ---------------------------------------------------------------- writing
+
+def file_modes() -> tuple[int, int]:
+    """(file, directory) modes for everything a checkpoint holds: what the umask gives new files,
+    like the rest of the run directory (some writers use 0o600 temporary files, others not)."""
+    mask = current_umask()
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def current_umask() -> int:
+    try:  # Linux reports it without changing it; os.umask must set it to read it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def seal_checkpoint(staging: Path) -> None:
+    """Before the rename: one mode for every file (whichever process wrote it: learner actors
+    too), each file on disk, and the manifest of sizes that resume checks the files against."""
+    file_mode, dir_mode = file_modes()
+    entries = [p for p in sorted(staging.rglob("*")) if not p.is_symlink()]
+    sizes = {}
+    for path in (p for p in entries if p.is_file()):
+        os.chmod(path, file_mode)
+        fsync_path(path)
+        sizes[str(path.relative_to(staging))] = path.stat().st_size
+    manifest = staging / MANIFEST_FILE
+    manifest.write_text(json.dumps({"files": sizes}, indent=1))
+    os.chmod(manifest, file_mode)
+    fsync_path(manifest)
+    for directory in [staging, *(p for p in entries if p.is_dir())]:
+        os.chmod(directory, dir_mode)
+        fsync_path(directory)  # the names in it
+
+
+def fsync_path(path: Path) -> None:
+    """A rename is durable only after the data it publishes: otherwise a power loss can leave
+    a renamed checkpoint of empty files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Whole or the previous version: a kill mid-write never leaves half a file."""
+    staging = path.with_name(f"{STAGING_PREFIX}{path.name}")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def remove_tree(path: Path) -> None:
@@ -241,6 +453,7 @@ class RunDir:
         self.recipe = recipe
         self.resuming = resume
         self.overwrite = overwrite
+        self.resume_from: Path | None = None  # the checkpoint a resume restores, decided once here
         # Before any check reads the directory and long before create() may delete it.
         self._lock = acquire_run_lock(lock_path(self.path), self.path)
         self._release = weakref.finalize(self, release_run_lock, self._lock)
@@ -273,11 +486,12 @@ class RunDir:
     def create(self) -> None:
         """Called only after every input has been validated, so bad input writes nothing."""
         if self.resuming:
+            self._discard_unused_checkpoints()
             return
         if self.overwrite and os.path.lexists(self.path):
             self._remove_run_dir()
         self.path.mkdir(parents=True)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        write_atomically(self.path / "config.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
     def _remove_run_dir(self) -> None:
         """Renamed aside, then deleted: a kill mid-delete leaves a hidden remainder, not half a run."""
@@ -287,10 +501,21 @@ class RunDir:
         os.rename(self.path, trash)
         remove_tree(trash)
 
+    def _discard_unused_checkpoints(self) -> None:
+        """The damaged checkpoints newer than the resumed one, and staging left by a killed save.
+
+        Those steps run again (their metrics lines are dropped likewise); left in place, a damaged
+        newest checkpoint would outrank the new ones and `keep` pruning could delete the good ones.
+        """
+        for checkpoint in finished_checkpoints(self.path):
+            if checkpoint.name > self.resume_from.name:
+                shutil.rmtree(checkpoint)
+        for staging in self.checkpoints.glob(f"{STAGING_PREFIX}*"):
+            remove_tree(staging)
+
     def _check_resumable(self) -> None:
-        if self.latest_checkpoint() is None:
-            raise ConfigError(f"{self.path}: nothing to resume (no checkpoint in {self.path / 'checkpoints'})")
-        saved = yaml.safe_load((self.path / "config.yaml").read_text())
+        self.resume_from = resume_checkpoint(self.path)
+        saved = read_saved_recipe(self.path / "config.yaml")
         current = self.recipe.to_dict()
         for section in current:
             if section != "steps" and saved.get(section) != current[section]:
@@ -307,7 +532,7 @@ class RunDir:
     def save_checkpoint(self, step: int, setup, learner, stream, state: dict) -> Path:
         """Write to a temporary directory, then rename: a checkpoint is whole or absent."""
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
-        staging = self.checkpoints / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+        staging = self.checkpoints / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step:08d}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         learner.save(staging)
@@ -319,22 +544,24 @@ class RunDir:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state()},
             },
-            staging / "trainer_state.pt",
+            staging / TRAINER_STATE_FILE,
         )
+        seal_checkpoint(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
+        fsync_path(self.checkpoints)  # the rename itself
         self._prune()
         return final
 
     def _prune(self) -> None:
         keep = max(1, self.recipe.checkpoint.keep)
-        for old in sorted(self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+        for old in finished_checkpoints(self.path)[:-keep]:
             shutil.rmtree(old)
 
     def restore(self, learner, stream) -> dict:
-        """Optimizer, data position and RNG from the latest checkpoint (the model was loaded from it)."""
-        checkpoint = self.latest_checkpoint()
-        saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        """Optimizer, data position and RNG from the resumed checkpoint (the model was loaded from it)."""
+        checkpoint = self.resume_from or resume_checkpoint(self.path)
+        saved = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=False)
         learner.load_state(checkpoint)
         stream.consumed = saved["prompts_consumed"]
         torch.set_rng_state(saved["rng"]["torch"])
@@ -358,7 +585,7 @@ class RunDir:
                     "truncated_ratio": state[stage]["eval/truncation_rate"],
                 }
                 summary[stage] = {name: round(value, 4) for name, value in figures.items()}
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -373,3 +600,13 @@ def check_replaceable(path: Path) -> None:
     if not (path / "config.yaml").is_file() and any(path.iterdir()):
         raise ConfigError(f"{path}: not a run directory (no config.yaml); --overwrite replaces only a run "
                           "directory, remove it yourself")
+
+
+def read_saved_recipe(path: Path) -> dict:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: unreadable ({one_line(err)}); it is the recipe a resume is checked against") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: expected the run's recipe, a mapping; got {type(saved).__name__}")
+    return saved
