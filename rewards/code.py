@@ -14,20 +14,23 @@ def extract_code(completion: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def run_tests(code: str, tests, limits: Limits) -> tuple[int, int, list[str]]:
-    """(passed, total, failure reasons). `tests` is a list of {"input", "output"} (stdin ->
-    expected stdout, compared without surrounding whitespace) or a string of assert statements."""
+def run_tests(code: str, tests, limits: Limits) -> tuple[int, int, list[str], int]:
+    """(passed, total, failure reasons, processes left running). `tests` is a list of {"input",
+    "output"} (stdin -> expected stdout, compared without surrounding whitespace) or a string of
+    assert statements."""
     if isinstance(tests, str):
         result = run_python(code + "\n\n" + tests, limits=limits)
-        return int(result.reason == "ok"), 1, [] if result.reason == "ok" else [result.reason]
-    passed, reasons = 0, []
+        reasons = [] if result.reason == "ok" else [result.reason]
+        return int(result.reason == "ok"), 1, reasons, result.leftover_processes
+    passed, reasons, leftovers = 0, [], 0
     for case in tests:
         result = run_python(code, stdin=str(case.get("input", "")), limits=limits)
+        leftovers += result.leftover_processes
         if result.reason == "ok" and result.stdout.strip() == str(case["output"]).strip():
             passed += 1
         else:
             reasons.append(result.reason if result.reason != "ok" else "wrong output")
-    return passed, len(tests), reasons
+    return passed, len(tests), reasons, leftovers
 
 
 def code_reward(completion: str, sample: dict, timeout: float = 5.0, memory_mb: int = 512,
@@ -35,9 +38,10 @@ def code_reward(completion: str, sample: dict, timeout: float = 5.0, memory_mb: 
     """Fraction of sample["tests"] passed (or 1/0 with all_or_nothing); accuracy = all passed."""
     code = extract_code(completion)
     if code is None:
-        return {"score": 0.0, "accuracy": 0.0, "has_code": 0.0, "timeouts": 0.0}
+        return {"score": 0.0, "accuracy": 0.0, "has_code": 0.0, "timeouts": 0.0, "leftovers": 0.0}
     limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)), memory_mb=memory_mb)
-    passed, total, reasons = run_tests(code, sample["tests"], limits)
+    passed, total, reasons, leftovers = run_tests(code, sample["tests"], limits)
     fraction = passed / total if total else 0.0
     return {"score": float(passed == total) if all_or_nothing else fraction, "accuracy": float(passed == total),
-            "has_code": 1.0, "timeouts": float(reasons.count("timeout"))}
+            "has_code": 1.0, "timeouts": float(reasons.count("timeout")),
+            "leftovers": float(leftovers)}  # processes its runs left behind (killed): one that daemonizes
