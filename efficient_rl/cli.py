@@ -37,8 +37,11 @@ def train(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
         print(f"efficient-rl: interrupted; stopped at once, mid-step; {what_resume_has(recipe)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    write_report(run.path, summary)
-    return exit_status(recipe, summary, run.latest_checkpoint())
+    try:
+        write_report(run.path, summary)  # still under the run's lock
+        return exit_status(recipe, summary, run.latest_checkpoint())
+    finally:
+        run.close()
 
 
 def what_resume_has(recipe) -> str:

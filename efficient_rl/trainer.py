@@ -87,16 +87,22 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     Whatever it started is closed on every way out, an exception anywhere included, newest first:
     the cluster components (Ray actors, vLLM engines, a teacher, a Ray cluster started for the
     run), then the reward workers. Each is registered the moment it exists; ExitStack runs the
-    rest of them even when one of them raises.
+    rest of them even when one of them raises. The run directory's lock goes last, once no
+    process of the run is left: on an error here, or by the caller, who gets the run back still
+    locked to write its report into (RunDir.close; the exit of the process releases it too).
     """
-    with contextlib.ExitStack() as started:
+    with contextlib.ExitStack() as on_error:
         run = RunDir(recipe, resume=resume, overwrite=overwrite)
-        setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
-        started.callback(setup.rewards.close)
-        run.create()
-        trainer = Trainer(recipe, setup, run)
-        started.callback(trainer.close)  # its components; the rewards again, a no-op
-        return run, trainer.train(stop_after_step=stop_after_step)
+        on_error.callback(run.close)
+        with contextlib.ExitStack() as started:
+            setup = prepare(recipe, model_dir=run.resume_from)  # the checkpoint restore() reads, or None
+            started.callback(setup.rewards.close)
+            run.create()
+            trainer = Trainer(recipe, setup, run)
+            started.callback(trainer.close)  # its components; the rewards again, a no-op
+            summary = trainer.train(stop_after_step=stop_after_step)
+        on_error.pop_all()  # it went well: the lock stays the caller's
+    return run, summary
 
 
 class Trainer:
