@@ -12,6 +12,7 @@ from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import TOKEN_SELECTORS
+from efficient_rl.checkpoint import check_run_name
 from efficient_rl.config import ConfigError, Recipe, check_numbers, one_line
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir, model_directory
@@ -67,6 +68,7 @@ def field_value(recipe: Recipe, dotted: str):
 def check_recipe(recipe: Recipe) -> None:
     """Checks that need more than types: numbers in range, names in registries, consistent sizes."""
     check_numbers(recipe)  # load_recipe did too; a Recipe built in Python comes here unchecked
+    check_run_name(recipe.logging.name)  # submit refuses a bad name before it writes a job directory
     for dotted, registry in REGISTRY_FIELDS:
         name = field_value(recipe, dotted)
         if name not in registry:

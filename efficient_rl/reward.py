@@ -41,6 +41,14 @@ class RewardResult:
         if len(self.error_messages) < MAX_KEPT_ERRORS:
             self.error_messages.append(message)
 
+    def reported_extras(self) -> dict[str, list[float]]:
+        """extras with NaN in the rows that did not report the metric (a failed call)."""
+        gapped = {}
+        for name, values in self.extras.items():
+            reported = set(self.reported[name])
+            gapped[name] = [value if row in reported else math.nan for row, value in enumerate(values)]
+        return gapped
+
     def metric_mean(self, name: str) -> float:
         """The mean of extras[name] over the rows that reported it: a failed call is no zero metric."""
         rows = self.reported[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -253,7 +254,8 @@ class Trainer:
                 [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
         with timed(self.timings, "reward"):
             result = self.setup.rewards.score(batch.completions, batch.samples)
-        batch.scores, batch.accuracy, batch.reward_metrics = result.scores, result.accuracy, result.extras
+        batch.scores, batch.accuracy = result.scores, result.accuracy
+        batch.reward_metrics = result.reported_extras()  # NaN where a call failed: no zero in the mean
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
@@ -304,5 +306,6 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "frac_reward_zero_std": float((reward_std == 0).float().mean()),
     }
     for name, values in batch.reward_metrics.items():
-        metrics[f"reward/{name}"] = sum(values) / len(values)
+        reported = [value for value in values if not math.isnan(value)]
+        metrics[f"reward/{name}"] = sum(reported) / len(reported) if reported else math.nan
     return metrics

@@ -119,7 +119,7 @@ def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
 def flaky_reward(completion, sample):
     if len(completion) % 3 == 0:
         raise ValueError("verifier failed on this one")
-    return 1.0
+    return {"score": 1.0, "one": 1.0}
 
 
 def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
@@ -134,6 +134,8 @@ def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
     for row in rows:
         # Every failed call is counted; scored 0, so the mean score is the share of clean calls.
         assert row["reward/errors"] == round(16 * (1 - row["score/mean"]))
+        # The reward's own metric is averaged over the calls that returned it, failed ones left out.
+        assert row["reward/flaky_reward/one"] == 1.0
 
 
 def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_overrides, tiny_model_dir):
