@@ -1,12 +1,14 @@
 """The synthetic lab (tasks, splits, traces, tokenizer, cache) and the reward runner."""
 
+import dataclasses
+import json
 import statistics
 
 import pytest
 import torch
 
 from efficient_rl.config import RewardEntry
-from efficient_rl.lab.build import PRESETS, lab_model_dir
+from efficient_rl.lab.build import PRESETS, LabBuildError, WarmStartCheck, build_lab, lab_model_dir
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
 from efficient_rl.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.reward import RewardRunner
@@ -69,6 +71,27 @@ def test_lab_model_is_cached_by_config(tiny_model_dir):
     assert lab_model_dir("tiny") == tiny_model_dir
     assert (tiny_model_dir / "lab.json").stat().st_mtime == built_at  # reused, not rebuilt
     assert PRESETS["tiny"].cache_key() != PRESETS["quickstart"].cache_key()
+
+
+def test_a_checked_build_is_cached_only_once_its_warm_start_passes(tmp_path):
+    """The build fine-tunes further rounds until the held-out check passes, and one that never
+    does is a one-line error that caches nothing. The tiny preset answers (almost) nothing right:
+    a target of 0 passes at once, a target of 99% never does."""
+    quick = WarmStartCheck(target=0.0, problems=16, max_new_tokens=32, extra_rounds=1, round_steps=5)
+    target = tmp_path / "passes"
+    build_lab(dataclasses.replace(PRESETS["tiny"], check=quick), target, log=lambda line: None)
+    record = json.loads((target / "lab.json").read_text())["warm_start_check"]
+    assert record["sft_steps"] == PRESETS["tiny"].sft_steps and len(record["rounds"]) == 1
+
+    lines = []
+    never = dataclasses.replace(PRESETS["tiny"], check=dataclasses.replace(quick, target=0.99))
+    with pytest.raises(LabBuildError, match=r"lab preset fails: the warm start reached .* after 35 fine-tuning "
+                                            r"steps, below its target of 99%"):
+        build_lab(never, tmp_path / "fails", log=lines.append)
+    assert [line for line in lines if line.startswith("warm-start check")] == [
+        f"warm-start check after {steps} SFT steps: 0.0% held-out accuracy (target 99%)" for steps in (30, 35)]
+    assert list(tmp_path.iterdir()) == [target]  # neither the model nor its staging directory is left
+    assert PRESETS["quickstart"].check is not None and PRESETS["quickstart"].check.target >= 0.97
 
 
 def test_engine_logprobs_caps_and_stop_reasons(tiny_model_dir):

@@ -4,6 +4,11 @@ A lab preset fixes everything that determines the model: task, tokenizer, archit
 schedule. Its hash keys the cache directory, so a second run reuses the model and changing any
 field builds a new one. Directories are built under a temporary name and renamed into place, so
 an interrupted build never leaves a half-written model behind.
+
+The same preset need not give the same model on another machine: float rounding differs between
+CPUs, and fine-tuning amplifies it. A preset with a `check` is therefore accepted only once its
+warm start reaches a held-out accuracy; until then it fine-tunes further, and a build that never
+gets there is an error, not a quietly weaker model.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from efficient_rl.cache import cache_root
+from efficient_rl.config import ConfigError
 from efficient_rl.lab.sft import supervised_finetune
-from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
+from efficient_rl.lab.tasks import ArithmeticTask, boxed_answer, generate_problems, warm_start_traces
 from efficient_rl.lab.tokenizer import train_tokenizer
 from efficient_rl.prompts import encode_prompt, encode_response, load_tokenizer
+from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.hf import TransformersEngine
 
 LAB_VERSION = 1  # bump when the build procedure changes in a way the preset fields do not show
 
@@ -40,6 +48,32 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class WarmStartCheck:
+    """The held-out accuracy a warm start must reach before its build is accepted.
+
+    Sampled as the recipes evaluate (grpo.yaml's eval section: temperature 0.6, top-p 0.95, 256
+    tokens), on held-out problems of the preset's task drawn with their own seed.
+    """
+
+    target: float = 0.97
+    problems: int = 400
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    extra_rounds: int = 3  # further fine-tuning rounds before giving up
+    round_steps: int = 600  # steps of each further round, a cosine schedule from half the peak lr
+
+
+class LabBuildError(ConfigError):
+    """A lab build that did not reach its preset's check: one line, like a recipe error."""
+
+
+# Fields added after the first presets were cached. Left at these values they are not part of the
+# key, so the caches of presets that do not use them stay valid.
+LATER_FIELDS = {"tokenizer_from": None, "check": None}
+
+
+@dataclass(frozen=True)
 class LabPreset:
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
     model: ModelShape = field(default_factory=ModelShape)
@@ -52,13 +86,15 @@ class LabPreset:
     # Another preset whose tokenizer this model uses instead of training its own: a distillation
     # student shares its teacher's vocabulary.
     tokenizer_from: str | None = None
+    check: WarmStartCheck | None = None  # None: accepted after sft_steps, however good
 
     def cache_key(self) -> str:
         fields = dataclasses.asdict(self)
         if self.tokenizer_from:  # a rebuilt source preset means another tokenizer
             fields["tokenizer_from"] = f"{self.tokenizer_from}-{PRESETS[self.tokenizer_from].cache_key()}"
-        else:  # keeps the keys (and caches) of presets from before this field existed
-            del fields["tokenizer_from"]
+        for name, value in LATER_FIELDS.items():
+            if fields[name] == value:
+                del fields[name]
         payload = json.dumps({"version": LAB_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -70,8 +106,8 @@ TINY_SHAPE = ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers
                         num_key_value_heads=1)
 
 PRESETS: dict[str, LabPreset] = {
-    # The quickstart's model: accurate (>= 80% held-out) and wordy (~3x the shortest solution).
-    "quickstart": LabPreset(),
+    # The quickstart's model: accurate (>= 97% held-out, checked) and wordy (~3x the shortest solution).
+    "quickstart": LabPreset(check=WarmStartCheck()),
     # The mixed task with a shorter warm start, so the model errs on the long questions: for the
     # DA-DLER and TEMPO comparisons (benchmarks/lab_methods.py) and as the distillation teacher.
     "mixed": LabPreset(task=MIXED_TASK, sft_steps=900),
@@ -122,12 +158,28 @@ def model_directory(reference: str, field_name: str) -> Path:
 
 
 def build_lab(preset: LabPreset, target: Path, log=print) -> None:
+    """Build `preset` into `target`: in a staging directory renamed into place at the end, and
+    removed if the build fails (a failed check, an interrupt), so nothing half-made is cached."""
     started = time.time()
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     log(f"building lab model {target.name} (cached for later runs) ...")
+    try:
+        info = build_into(preset, target, staging, log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    info["build_seconds"] = round(time.time() - started, 1)
+    (staging / "lab.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, target)
+    log(f"lab model built in {info['build_seconds']} s: {info['parameters']:,} parameters")
 
+
+def build_into(preset: LabPreset, target: Path, staging: Path, log) -> dict:
+    """Tokenizer and fine-tuned, checked model saved in `staging`; returns the build's record."""
     problems = generate_problems(preset.task, "train", preset.sft_examples, preset.seed)
     traces = warm_start_traces(preset.task, problems, preset.seed)
     corpus = ["user assistant"] + [t["question"] for t in traces] + [t["response"] for t in traces]
@@ -143,18 +195,58 @@ def build_lab(preset: LabPreset, target: Path, log=print) -> None:
         model, examples, pad_id=tokenizer.pad_token_id, steps=preset.sft_steps,
         batch_size=preset.sft_batch_size, lr=preset.sft_lr, seed=preset.seed, log=log,
     )
+    checks = check_warm_start(preset, target.name, model, tokenizer, examples, losses, log)
     model.save_pretrained(staging)
     info = {
         "preset": dataclasses.asdict(preset),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_sft_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "build_seconds": round(time.time() - started, 1),
     }
-    (staging / "lab.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staging, target)
-    log(f"lab model built in {info['build_seconds']} s: {info['parameters']:,} parameters")
+    if checks:
+        info["warm_start_check"] = {**checks[-1], "rounds": checks}
+    return info
+
+
+def check_warm_start(preset: LabPreset, name: str, model, tokenizer, examples, losses: list[float],
+                     log) -> list[dict]:
+    """Fine-tune further rounds until the preset's check passes; the accuracy after each round.
+
+    `losses` grows by each further round's losses. Raises LabBuildError if the last round still
+    falls short. Without a check: nothing to do.
+    """
+    check = preset.check
+    if check is None:
+        return []
+    problems = generate_problems(preset.task, "heldout", check.problems, f"{preset.seed}-check")
+    results = []
+    for extra_round in range(check.extra_rounds + 1):
+        if extra_round:
+            losses += supervised_finetune(
+                model, examples, pad_id=tokenizer.pad_token_id, steps=check.round_steps,
+                batch_size=preset.sft_batch_size, lr=preset.sft_lr / 2, seed=preset.seed + extra_round, log=log)
+        accuracy = warm_start_accuracy(model, tokenizer, problems, check, seed=preset.seed)
+        results.append({"sft_steps": len(losses), "accuracy": accuracy})
+        log(f"warm-start check after {len(losses)} SFT steps: {accuracy:.1%} held-out accuracy "
+            f"(target {check.target:.0%})")
+        if accuracy >= check.target:
+            return results
+    raise LabBuildError(
+        f"lab preset {name}: the warm start reached {accuracy:.1%} held-out accuracy after {len(losses)} "
+        f"fine-tuning steps, below its target of {check.target:.0%}; nothing was cached (rebuild to retry, or "
+        f"report the machine: a build is expected to pass)")
+
+
+def warm_start_accuracy(model, tokenizer, problems: list[dict], check: WarmStartCheck, seed: int) -> float:
+    """Share of `problems` whose one sampled answer (the check's settings) is right."""
+    engine = TransformersEngine(model, tokenizer)
+    settings = SamplingSettings(n=1, max_new_tokens=check.max_new_tokens, temperature=check.temperature,
+                                top_p=check.top_p)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        batch = engine.generate([encode_prompt(tokenizer, p["question"]) for p in problems], problems,
+                                list(range(len(problems))), settings)
+    right = [boxed_answer(text) == sample["answer"] for text, sample in zip(batch.completions, batch.samples)]
+    return sum(right) / len(right)
 
 
 def new_model(shape: ModelShape, tokenizer, seed: int) -> Qwen2ForCausalLM:

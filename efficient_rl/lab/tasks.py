@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
@@ -68,6 +69,15 @@ def final_answer_text(answer: int | str) -> str:
     return f"The answer is \\boxed{{{answer}}}."
 
 
+BOXED_NUMBER = re.compile(r"\\boxed\{(-?\d+)\}")
+
+
+def boxed_answer(response: str) -> str | None:
+    """The last boxed integer of a lab response (the lab's own answer format), or None."""
+    found = BOXED_NUMBER.findall(response)
+    return found[-1] if found else None
+
+
 def shortest_solution(start: int, steps: list[tuple[str, int]]) -> str:
     chain, answer = solution_steps(start, steps)
     return f"{chain} {final_answer_text(answer)}"
@@ -95,7 +105,7 @@ def is_heldout(question: str, every: int) -> bool:
 MAX_MISSES = 100_000
 
 
-def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -> list[dict]:
+def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int | str) -> list[dict]:
     """`count` distinct problems of one split ("train" or "heldout"), reproducible from `seed`.
 
     Each problem is a sample dict: id, question, answer (a string), num_ops, and the shortest
