@@ -7,8 +7,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.learner.objective import (ObjectiveSettings, loss_masks, policy_objective, response_logprobs,
-                                           sequence_inputs)
+from efficient_rl.learner.objective import ObjectiveSettings, loss_masks, policy_objective
+from efficient_rl.modeling import response_logprobs, sequence_inputs
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES
-from efficient_rl.learner.objective import response_logprobs
+from efficient_rl.modeling import response_logprobs
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings

@@ -9,6 +9,7 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, LossDenominators
+from efficient_rl.modeling import output_head, response_hidden_states, scaled, scatter_selected
 
 
 @dataclass(frozen=True)
@@ -53,81 +54,9 @@ def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.T
     return selected, selected if settings.loss_denominator == "kept" else rows.response_mask
 
 
-def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Model input ids, attention mask and position ids for prompt + response."""
-    input_ids = torch.cat([rows.prompt_ids, rows.response_ids], 1)
-    attention_mask = torch.cat([rows.prompt_mask, rows.response_mask.long()], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
-def response_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool = True,
-                      selected: torch.Tensor | None = None):
-    """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R].
-
-    With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
-    LM head, log-softmax and entropy only on the selected positions: [B, R, V] logits never exist,
-    which is where a large vocabulary's memory and time go. Other positions are 0 (and carry no
-    gradient), exactly what full compute followed by masking would give the loss.
-    """
-    if selected is not None:
-        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool())
-    input_ids, attention_mask, position_ids = sequence_inputs(rows)
-    width = rows.response_ids.shape[1]
-    # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1].float()
-    return token_logprobs_and_entropy(scaled(logits, temperature), rows.response_ids, with_entropy)
-
-
-def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits over the sampling temperature, as the engine sampled (no [.., V] copy at 1.0)."""
-    return logits if temperature == 1.0 else logits / temperature
-
-
-def output_head(model) -> torch.nn.Module:
-    """The LM head of a Hugging Face model, or of the one a DeepSpeed engine wraps."""
-    return getattr(model, "module", model).get_output_embeddings()
-
-
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """[N, V] log-softmax over the vocabulary for N hidden states, at the sampling temperature."""
     return torch.log_softmax(scaled(head(hidden).float(), temperature), -1)
-
-
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
-    """log p(token) and the entropy of each row of `logits` ([..., V]; tokens [...])."""
-    logp_all = torch.log_softmax(logits, -1)
-    logprobs = logp_all.gather(-1, tokens[..., None])[..., 0]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():  # a statistic, not a loss term: no [.., V] tensors kept for backward
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
-
-
-def response_hidden_states(model, rows: RolloutBatch) -> torch.Tensor:
-    """[B, R, H] final hidden states at the positions that predict each response token."""
-    network = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
-    input_ids, attention_mask, position_ids = sequence_inputs(rows)
-    width = rows.response_ids.shape[1]
-    hidden = network.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids).last_hidden_state
-    return hidden[:, -(width + 1):-1]
-
-
-def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor):
-    head = output_head(model)
-    hidden = response_hidden_states(model, rows)[selected]  # [K, H]: gathered before the head
-    logits = scaled(head(hidden).float(), temperature)
-    picked_logprobs, picked_entropy = token_logprobs_and_entropy(logits, rows.response_ids[selected], with_entropy)
-    return scatter_selected(picked_logprobs, selected), (
-        scatter_selected(picked_entropy, selected) if with_entropy else None)
-
-
-def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """[K] values back into a [B, R] tensor of zeros at the selected positions (differentiable)."""
-    return torch.zeros(selected.shape, dtype=values.dtype, device=values.device).masked_scatter(selected, values)
 
 
 def policy_objective(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,

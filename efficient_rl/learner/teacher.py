@@ -13,7 +13,8 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import map_row_chunks
 from efficient_rl.config import ConfigError, Recipe
-from efficient_rl.learner.objective import head_logprobs, output_head, response_hidden_states
+from efficient_rl.learner.objective import head_logprobs
+from efficient_rl.modeling import output_head, response_hidden_states
 from efficient_rl.registry import Registry
 
 TEACHERS: Registry = Registry("teacher placement")

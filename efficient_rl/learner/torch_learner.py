@@ -21,8 +21,8 @@ from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, head_logprobs, loss_masks,
-                                           objective_settings, output_head, policy_objective,
-                                           response_hidden_states, response_logprobs)
+                                           objective_settings, policy_objective)
+from efficient_rl.modeling import output_head, response_hidden_states, response_logprobs
 
 OPTIMIZER_FILE = "optimizer.pt"
 

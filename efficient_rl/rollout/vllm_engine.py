@@ -16,7 +16,7 @@ import time
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.learner.objective import response_logprobs
+from efficient_rl.modeling import response_logprobs
 from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine, left_pad
