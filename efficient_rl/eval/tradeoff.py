@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from efficient_rl.answers import shorten  # a long GSM8K reference cut to its end, the answer
 from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
-from efficient_rl.rewards.math import shorten  # a long GSM8K reference cut to its end, the answer
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
