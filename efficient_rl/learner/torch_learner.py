@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.cluster.weights import WeightBucket, plan_buckets
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, head_logprobs, loss_masks,
                                            objective_settings, policy_objective)
 from efficient_rl.modeling import output_head, response_hidden_states, response_logprobs
+from efficient_rl.weights import WeightBucket, plan_buckets
 
 OPTIMIZER_FILE = "optimizer.pt"
 

@@ -1,6 +1,8 @@
 """Weights in transit: parameters packed into a few flat buckets instead of one message each.
 
 A bucket's payload is one byte buffer; any dtype, bfloat16 included, is viewed as bytes on the way.
+The learner packs buckets and the Ray layer carries them, so this sits outside both learner/ and
+cluster/ (docs/extending.md#layers).
 """
 
 from __future__ import annotations
