@@ -262,8 +262,8 @@ RESOLVERS = {
 }
 
 
-def resolve_reference(reference: str, field_name: str) -> Path:
-    """The model directory of a reference."""
+def model_directory(reference: str, field_name: str) -> Path:
+    """The model directory of a reference, in any form above; `field_name` names it in errors."""
     return RESOLVERS[check_reference(reference, field_name)](reference, field_name)
 
 

@@ -7,9 +7,17 @@ rollout/ and learner/ never import each other (docs/extending.md#layers).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    """A Hugging Face causal LM in float32: the policy, a KL reference, a teacher, a sync check."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -106,7 +106,7 @@ def test_zero3_trains_with_verified_syncs_colocated(ray_cluster, tiny_overrides)
 def test_distillation_from_a_teacher_actor_with_tip_selection_on_deepspeed_ranks(ray_cluster, tiny_overrides):
     import ray
 
-    from efficient_rl.learner.teacher import teacher_actor_name
+    from efficient_rl.cluster.teacher import teacher_actor_name
     from efficient_rl.trainer import run_recipe
 
     recipe = load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + RAY_OVERRIDES + [

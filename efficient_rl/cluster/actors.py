@@ -1,4 +1,5 @@
-"""The two actor kinds of the Ray backend. Plain classes: `ray.remote` wraps them at creation.
+"""The actor kinds of the Ray backend: rollout worker, learner rank, distillation teacher. Plain
+classes: `ray.remote` wraps them at creation.
 
 Inside an actor it is the same code as embedded: a VLLMEngine, or a learner from LEARNERS
 (a DeepSpeed rank sets up torch.distributed itself from the environment set here).
@@ -11,6 +12,8 @@ import socket
 from pathlib import Path
 
 import torch
+
+from efficient_rl.cluster.teacher import teacher_client
 
 
 class RolloutWorker:
@@ -40,7 +43,7 @@ class RolloutWorker:
         if self.engine.verify_prompt is None:
             return None
         if self.reference_model is None:
-            from efficient_rl.learner.torch_learner import load_model
+            from efficient_rl.modeling import load_model
 
             self.reference_model = load_model(self.model_dir).eval()
         parameters = dict(self.reference_model.named_parameters())
@@ -77,13 +80,15 @@ class LearnerWorker:
             return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
     def setup(self, recipe, model_dir: Path, base_model_dir: Path, master: tuple[str, int]) -> None:
-        """Runs on every rank at once: torch.distributed joins them here."""
+        """Runs on every rank at once: torch.distributed joins them here. A Ray-hosted teacher
+        reaches the learner as its client, so the learner never deals with Ray itself."""
         import efficient_rl.learner.deepspeed_learner  # noqa: F401  (registers the backend)
         from efficient_rl.learner.base import LEARNERS
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        self.learner = LEARNERS.get(recipe.learner.backend)(recipe, model_dir, base_model_dir)
+        self.learner = LEARNERS.get(recipe.learner.backend)(recipe, model_dir, base_model_dir,
+                                                            teacher=teacher_client(recipe))
 
     def update(self, batch):
         return self.learner.update(batch)
@@ -125,7 +130,7 @@ class LearnerWorker:
 
 
 class TeacherWorker:
-    """The on-policy distillation teacher, asked by every learner rank (learner/teacher.py)."""
+    """The on-policy distillation teacher, asked by every learner rank through cluster/teacher.py."""
 
     def __init__(self, recipe):
         from efficient_rl.learner.teacher import embedded_teacher

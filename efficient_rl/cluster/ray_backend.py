@@ -17,6 +17,7 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWorker
 from efficient_rl.cluster.backends import Components
 from efficient_rl.cluster.runtime import requested_resources, start_ray
+from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.errors import WorkerFailure
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
@@ -314,7 +315,7 @@ def ray_components(recipe, setup):
     try:
         placement = place(cluster)
         closers.append(placement.remove)
-        if recipe.algorithm.objective == "distillation" and recipe.distill.placement == "ray":
+        if hosts_teacher(recipe):
             teacher = start_teacher(recipe)  # before the learners, which look it up by name
             closers.append(lambda: kill_all([teacher]))
         learner = start_learners(recipe, setup, placement)
@@ -341,8 +342,6 @@ def start_teacher(recipe):
     """The distillation teacher as one named actor. It reserves no CPU of the placement: it works
     only while the learner ranks that call it wait for its answer."""
     import ray
-
-    from efficient_rl.learner.teacher import teacher_actor_name
 
     teacher = ray.remote(TeacherWorker).options(name=teacher_actor_name(recipe), num_cpus=0,
                                                 max_restarts=0).remote(recipe)

@@ -29,6 +29,7 @@ from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
+from efficient_rl.model_sources import model_directory
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
@@ -227,8 +228,6 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
             raise ConfigError(f"--budgets: expected positive token caps, got {budget}")
     if spec.engine not in EVAL_ENGINES:
         raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
-    from efficient_rl.lab.build import model_directory
-
     directories = {reference: model_directory(reference, 'model') for reference in spec.models}
     questions = load_questions(spec)
     models = {reference: ModelUnderTest(reference, directory, questions, spec)

@@ -143,20 +143,6 @@ def lab_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     return target
 
 
-def model_directory(reference: str, field_name: str) -> Path:
-    """A model reference: "lab:<preset>" (built on first use), or any form efficient_rl.model_sources
-    resolves (a builtin such as smollm2, a .gguf file, a model directory, a hub id)."""
-    from efficient_rl.config import ConfigError
-    from efficient_rl.model_sources import resolve_reference
-
-    if reference.startswith("lab:"):
-        preset = reference.removeprefix("lab:")
-        if preset not in PRESETS:
-            raise ConfigError(f"{field_name} {reference}: unknown lab preset; known: {', '.join(sorted(PRESETS))}")
-        return lab_model_dir(preset)
-    return resolve_reference(reference, field_name)
-
-
 def build_lab(preset: LabPreset, target: Path, log=print) -> None:
     """Build `preset` into `target`: in a staging directory renamed into place at the end, and
     removed if the build fails (a failed check, an interrupt), so nothing half-made is cached."""

@@ -31,5 +31,6 @@ class Learner(Protocol):
         """Restore the optimizer state saved by `save` (the weights were loaded from there)."""
 
 
-# name -> factory(recipe, model_dir, base_model_dir, model=None) returning a Learner
+# name -> factory(recipe, model_dir, base_model_dir, model=None, teacher=None) returning a Learner;
+# `teacher` is a distillation teacher built elsewhere (the Ray layer's client of its teacher actor).
 LEARNERS: Registry = Registry("learner")

@@ -21,8 +21,9 @@ import torch.distributed as dist
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import build_teacher
-from efficient_rl.learner.objective import objective_settings
-from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model, optim_settings
+from efficient_rl.learner.objective import objective_settings, without_selected_compute
+from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
+from efficient_rl.modeling import load_model
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 
@@ -45,7 +46,7 @@ def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> 
 
 
 class DeepSpeedLearner(TorchLearner):
-    def __init__(self, recipe, model_dir: Path, base_model_dir: Path):
+    def __init__(self, recipe, model_dir: Path, base_model_dir: Path, teacher=None):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -55,7 +56,7 @@ class DeepSpeedLearner(TorchLearner):
         self.objective, self.optim = objective_settings(recipe), optim_settings(recipe)
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
         self.reference = load_model(base_model_dir).eval().to(self.device) if recipe.algorithm.kl_coef > 0 else None
-        self.teacher = build_teacher(recipe, self.device)  # likewise unsharded (or a Ray actor)
+        self.teacher = build_teacher(recipe, self.device, remote=teacher)  # likewise unsharded (or a Ray actor's client)
         config = deepspeed_config(recipe.learner, self.optim, self.world_size)
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
@@ -70,7 +71,8 @@ class DeepSpeedLearner(TorchLearner):
         # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
         # and the LM head as separate submodules gave different gradients (tests/test_ray_cluster.py),
         # so under ZeRO-3 a token selection masks the full logits instead (same result, no saving).
-        self.selected_compute = recipe.learner.zero_stage != 3
+        if recipe.learner.zero_stage == 3:
+            self.objective = without_selected_compute(self.objective)
 
     @property
     def policy(self):
@@ -123,5 +125,5 @@ class DeepSpeedLearner(TorchLearner):
 
 
 @LEARNERS.register("deepspeed")
-def deepspeed_learner(recipe, model_dir: Path, base_model_dir: Path, model=None) -> DeepSpeedLearner:
-    return DeepSpeedLearner(recipe, model_dir, base_model_dir)
+def deepspeed_learner(recipe, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> DeepSpeedLearner:
+    return DeepSpeedLearner(recipe, model_dir, base_model_dir, teacher)
