@@ -1,7 +1,8 @@
 """Wait until a Ray cluster reports the expected nodes and resources: what a Slurm job does
-between starting Ray and starting the driver, instead of a fixed `sleep`.
+between starting Ray and starting the driver, instead of a fixed `sleep`. It talks to Ray, so it
+lives in the Ray layer (cluster/), not beside the Slurm code that renders the job script.
 
-    python -m efficient_rl.slurm.ray_ready --address HOST:PORT --nodes N [--cpus C] [--gpus G]
+    python -m efficient_rl.cluster.ray_ready --address HOST:PORT --nodes N [--cpus C] [--gpus G]
         [--timeout S] [--record FILE]
 
 Exits 0 once the cluster is complete (and writes what it saw to FILE), 1 at the timeout with a
