@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
+from efficient_rl.cluster.components import Components
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.registry import Registry
 from efficient_rl.rollout.base import ENGINES
-
-
-@dataclass
-class Components:
-    learner: object  # a Learner
-    engine: object  # a RolloutEngine
-    close: Callable[[], None]  # releases processes and clusters; called at the end or on error
-
 
 # name -> factory(recipe, setup) returning Components
 CLUSTER_BACKENDS: Registry = Registry("cluster backend")

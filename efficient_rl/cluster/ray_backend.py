@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWorker
-from efficient_rl.cluster.backends import Components
+from efficient_rl.cluster.components import Components
 from efficient_rl.cluster.runtime import requested_resources, start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.errors import WorkerFailure

@@ -1,0 +1,17 @@
+"""What a cluster backend hands the driver: a learner, a rollout engine, and how to release them.
+
+Its own module because both backends.py (the registry, the embedded backend) and ray_backend.py
+build one, and backends.py is what imports ray_backend.py, not the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Components:
+    learner: object  # a Learner
+    engine: object  # a RolloutEngine
+    close: Callable[[], None]  # releases processes and clusters; called at the end or on error
