@@ -1,6 +1,6 @@
 """TEMPO advantages: the vectorised prefix tree against a per-rollout loop, side by side.
 
-The loop has the official code's O(G²·L) structure (fatebreaker/tempo, ALGORITHMS.md §3.2): for
+The loop has the official code's O(G²·L) structure (fatebreaker/tempo; docs/algorithms.md#tempo-advantage): for
 each rollout, walk its tokens while the mask is 1, keep the siblings that still share its prefix
 by comparing token by token, and once it is alone fill the rest with the GRPO advantage. It works
 on Python lists (faster than the official per-element tensor indexing) and masks finished

@@ -144,9 +144,9 @@ class AlgorithmSection:
 
 @dataclass
 class DistillSection:
-    """On-policy distillation (algorithm.objective: distillation; ALGORITHMS.md §4): the student
-    samples, the teacher scores the same tokens, the loss is a per-token divergence over the full
-    vocabulary."""
+    """On-policy distillation (algorithm.objective: distillation;
+    docs/algorithms.md#on-policy-distillation): the student samples, the teacher scores the same
+    tokens, the loss is a per-token divergence over the full vocabulary."""
 
     teacher: str | None = None  # model directory or lab:<preset>, with the student's tokenizer
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # OPD / TIP: reverse KL

@@ -1,4 +1,5 @@
-"""DLER update-selective weight merging (ALGORITHMS.md §1.4), streamed tensor by tensor.
+"""DLER update-selective weight merging (docs/algorithms.md#update-selective-merging), streamed
+tensor by tensor.
 
     theta_merged = theta_base + scale * TopK_keep(theta_tuned - theta_base)
 

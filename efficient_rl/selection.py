@@ -1,7 +1,7 @@
 """What a training step learns from: D3S sample selection and token selection.
 
 Runs after the advantages and before the update. Sample selection drops rollouts (D3S keeps the
-subset with maximal advantage variance, advantages not re-normalised, ALGORITHMS.md §2.1);
+subset with maximal advantage variance, advantages not re-normalised, docs/algorithms.md#d3s-sample-level);
 token selection sets `batch.loss_mask`, and the learner then runs its LM head and loss on the
 kept tokens only. Random selectors draw from a generator seeded by (seed, step), so a resumed
 run selects exactly what the uninterrupted one did.

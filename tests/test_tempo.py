@@ -1,7 +1,7 @@
 """TEMPO prefix-tree advantages against a brute-force reference and hand-computed values.
 
 The reference builds P_{i,t} and B_{i,t} explicitly for every token with plain loops, straight
-from the definition in ALGORITHMS.md §3.2 (finished siblings masked).
+from the definition in docs/algorithms.md#tempo-advantage (finished siblings masked).
 """
 
 import math

@@ -123,7 +123,7 @@ def test_floor_counts_reads_decimal_fractions_exactly():
         assert floor_counts(fraction, counts).tolist() == expected
 
 
-# --- high_entropy (§5.3) ------------------------------------------------------------------------
+# --- high_entropy (docs/algorithms.md#high-entropy-forking-tokens) ------------------------------
 
 
 def reference_high_entropy(stats, top_fraction):
@@ -154,7 +154,7 @@ def test_high_entropy_edge_cases():
         run("high_entropy", stats, top_fraction=0.0)
 
 
-# --- d3s_tokens (§2.2) --------------------------------------------------------------------------
+# --- d3s_tokens (docs/algorithms.md#d3s-token-level) --------------------------------------------
 
 
 def reference_d3s_tokens(stats, keep_fraction):
@@ -192,7 +192,7 @@ def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
     assert selected(run("d3s_tokens", zero, keep_fraction=0.01)) == {(0, 0)}
 
 
-# --- TIP Soft-OR and Q3 (§4.3) ------------------------------------------------------------------
+# --- TIP Soft-OR and Q3 (docs/algorithms.md#tip-selection-rules) --------------------------------
 
 
 def reference_tip(stats, rule, rho, clip_quantile=0.98):
@@ -252,7 +252,7 @@ def test_tip_keeps_floor_rho_length_per_row():
     assert keep.sum(1).tolist() == [exact_floor(0.5, n) for n in LENGTHS]  # the 1-token row keeps 0
 
 
-# --- entropy_sampling and random (§4.3) ---------------------------------------------------------
+# --- entropy_sampling and random (docs/algorithms.md#tip-selection-rules) -----------------------
 
 
 def exact_inclusion(weights, count):
@@ -337,7 +337,7 @@ def test_random_is_uniform():
     assert frequency[:, :4].flatten().tolist() == pytest.approx([2 / 8] * 8, abs=0.035)
 
 
-# --- D³S sample level (§2.1) and schedule (§2.3) ------------------------------------------------
+# --- D³S sample level and schedule (docs/algorithms.md#d3s-sample-level, #d3s-schedule) ---------
 
 
 def population_variance(values):
@@ -465,7 +465,7 @@ def test_d3s_schedule_rounds_exact_halves_up_despite_float_error():
                 assert got == expected, (steps, step, n_init, n_final, float(exact))
 
 
-# --- TIP quadrant shares (§4.2) -----------------------------------------------------------------
+# --- TIP quadrant shares (docs/algorithms.md#tip-quadrants) -------------------------------------
 
 
 def test_quadrant_shares_by_hand():

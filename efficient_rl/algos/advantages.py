@@ -1,7 +1,8 @@
 """Advantage estimators: (batch, hyperparameters) -> [B, R] per-token advantages.
 
-Formulas and defaults: ../shared/ALGORITHMS.md (GRPO, Dr. GRPO §5.2, DLER §1.1). TEMPO (§3) is
-in tempo.py, registered when the efficient_rl.algos package is imported.
+Formulas and defaults: docs/algorithms.md#grpo, docs/algorithms.md#dr-grpo and
+docs/algorithms.md#dler-advantage. TEMPO (docs/algorithms.md#tempo) is in tempo.py, registered when
+the efficient_rl.algos package is imported.
 """
 
 from __future__ import annotations

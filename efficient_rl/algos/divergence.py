@@ -1,8 +1,9 @@
 """Per-token teacher-student divergences and student entropy over the full vocabulary.
 
-On-policy distillation (ALGORITHMS.md §4.1, §4.5) trains the student on its own rollouts with a
-per-token divergence between the student's and the teacher's next-token distributions; TIP (§4.3)
-also ranks tokens by these divergences and by the student's entropy.
+On-policy distillation (docs/algorithms.md#on-policy-distillation) trains the student on its own
+rollouts with a per-token divergence between the student's and the teacher's next-token
+distributions; TIP (docs/algorithms.md#tip-selection-rules) also ranks tokens by these divergences
+and by the student's entropy.
 
 Every function takes logits [N, V] (one row per response token) and returns [N] float32 values.
 The work is done in float32 with log_softmax, `chunk_rows` rows at a time, so the [chunk, V]
@@ -31,19 +32,20 @@ DIVERGENCES: Registry = Registry("token divergence")
 
 @DIVERGENCES.register("reverse_kl")
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """KL(P_S || P_T) = sum_v p_S (log p_S - log p_T): the OPD loss and TIP's δ (§4.1)."""
+    """KL(P_S || P_T) = sum_v p_S (log p_S - log p_T): the OPD loss and TIP's δ (docs/algorithms.md#tip-axes)."""
     return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
 
 
 @DIVERGENCES.register("forward_kl")
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """KL(P_T || P_S) = sum_v p_T (log p_T - log p_S): TIP's Q3 ranking signal (§4.3)."""
+    """KL(P_T || P_S) = sum_v p_T (log p_T - log p_S): TIP's Q3 ranking (docs/algorithms.md#tip-selection-rules)."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
 @DIVERGENCES.register("jsd")
 def generalised_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta·KL(P_S || M) + (1 - beta)·KL(P_T || M) with M = beta·P_S + (1 - beta)·P_T (§4.5).
+    """beta·KL(P_S || M) + (1 - beta)·KL(P_T || M) with M = beta·P_S + (1 - beta)·P_T
+    (docs/algorithms.md#opd-reference-code).
 
     Convention: beta weighs the student, both in the mixture and in the sum, so beta = 0.5 is the
     symmetric Jensen-Shannon divergence (at most ln 2) and beta = 0 or 1 gives 0. (Libraries
@@ -92,7 +94,8 @@ def token_divergence(
 
 
 def token_entropy(logits: torch.Tensor, chunk_rows: int = 512) -> torch.Tensor:
-    """[N] entropy H = -sum_v p log p in nats of softmax(logits) (§2.2, §4.1, §5.3).
+    """[N] entropy H = -sum_v p log p in nats of softmax(logits): D3S's, TIP's and 80/20's H
+    (docs/algorithms.md#d3s-token-level, #tip-axes, #high-entropy-forking-tokens).
 
     Works under torch.no_grad() (the usual case: entropy only ranks tokens) and is differentiable
     otherwise.

@@ -1,7 +1,7 @@
 """Policy losses, KL estimators and loss aggregation: pure tensor functions.
 
-References: PPO-clip with DAPO clip-higher and dual-clip (ALGORITHMS.md §1.1, §5.1), aggregation
-modes (§5.1, §5.2), KL estimators (§1.2).
+References: docs/algorithms.md#policy-losses (PPO-clip, DAPO's clip-higher, the dual clip),
+docs/algorithms.md#loss-aggregation and docs/algorithms.md#kl-to-a-reference.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sample-level filters over groups of rollouts (DAPO / DLER dynamic sampling, ALGORITHMS.md §1.1)."""
+"""Sample-level filters over groups of rollouts (DAPO / DLER dynamic sampling, docs/algorithms.md#dynamic-sampling)."""
 
 from __future__ import annotations
 

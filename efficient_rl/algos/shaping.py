@@ -1,8 +1,8 @@
 """Length shaping of sequence rewards: DLER truncation penalty, difficulty-aware truncation
 lengths (DA-DLER) and DAPO overlong shaping.
 
-References: ALGORITHMS.md §1.1 (truncation; paper rule vs verl-dler's 0.1 multiplier), §1.3
-(DA-DLER) and §5.1 (DAPO overlong reward shaping).
+References: docs/algorithms.md#dler-truncation (the paper's rule vs verl-dler's 0.1 multiplier),
+docs/algorithms.md#difficulty-aware-dler and docs/algorithms.md#dapo-overlong-shaping.
 """
 
 from __future__ import annotations

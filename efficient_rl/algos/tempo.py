@@ -1,4 +1,4 @@
-"""TEMPO / Prefix-to-Tree credit assignment (ALGORITHMS.md §3).
+"""TEMPO / Prefix-to-Tree credit assignment (docs/algorithms.md#tempo).
 
 The responses of a group form a trie over response tokens. The value of a prefix is the mean
 reward of the rollouts below it; a token's TD term is V(prefix + token) − V(prefix), which is
@@ -101,7 +101,8 @@ def tempo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: floa
 def tempo_metrics(batch: RolloutBatch) -> dict[str, float]:
     """How much of the batch TEMPO changes: branching tokens per response, share of tokens with TD != 0.
 
-    Long responses that diverge early leave few branching tokens, and TEMPO is GRPO there (§3.4).
+    Long responses that diverge early leave few branching tokens, and TEMPO is GRPO there
+    (docs/algorithms.md#tempo-published-results, the reviewers' caveat).
     """
     td, branching = batch_td(batch)
     running = batch.response_mask > 0

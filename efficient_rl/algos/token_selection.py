@@ -1,14 +1,15 @@
 """Token and sample selection: which rollouts and response tokens enter the loss.
 
-Pure tensor functions; formulas and sources are in ../shared/ALGORITHMS.md:
-  * token selectors (TOKEN_SELECTORS): the 80/20 high-entropy mask (§5.3), D³S token level
-    (§2.2), TIP Soft-OR and the Q3 detector (§4.3), the OPD repo's entropy-weighted sampling
-    (§4.3) and a uniform random baseline;
-  * D³S sample level (§2.1) and its linear schedule (§2.3);
-  * TIP quadrant shares (§4.2), a diagnostic.
+Pure tensor functions; formulas and sources are in docs/algorithms.md:
+  * token selectors (TOKEN_SELECTORS): the 80/20 high-entropy mask (#high-entropy-forking-tokens),
+    D³S token level (#d3s-token-level), TIP Soft-OR and the Q3 detector, the OPD repo's
+    entropy-weighted sampling (#tip-selection-rules) and a uniform random baseline;
+  * D³S sample level (#d3s-sample-level) and its linear schedule (#d3s-schedule);
+  * TIP quadrant shares (#tip-quadrants), a diagnostic.
+Bare anchors here and below name headings of docs/algorithms.md too.
 
 A selector returns a [B, R] bool mask, always a subset of the valid response tokens. It does not
-decide the loss denominator (all tokens or kept tokens, §6 item 8): that is the loss
+decide the loss denominator (all tokens or kept tokens, #training-on-selected-tokens): that is the loss
 aggregation's choice.
 
 Every "floor(fraction * count)" below tolerates the float error of a decimal fraction (0.29 * 100
@@ -38,8 +39,8 @@ class TokenStats:
     mask: torch.Tensor  # 1 on valid response tokens
     advantages: torch.Tensor | None = None  # A_{i,t}
     entropy: torch.Tensor | None = None  # student entropy H_{i,t} in nats
-    reverse_kl: torch.Tensor | None = None  # KL(P_S || P_T) per token (TIP's δ, §4.1)
-    forward_kl: torch.Tensor | None = None  # KL(P_T || P_S) per token (TIP's Q3 ranking, §4.3)
+    reverse_kl: torch.Tensor | None = None  # KL(P_S || P_T) per token (TIP's δ, #tip-axes)
+    forward_kl: torch.Tensor | None = None  # KL(P_T || P_S) per token (TIP's Q3 ranking, #tip-selection-rules)
     jsd: torch.Tensor | None = None  # JSD(P_S, P_T) in nats, beta = 0.5 (entropy_sampling's gamma term)
     vocab_size: int | None = None  # |V|, for the normalised entropy h = H / ln|V|
     group_ids: torch.Tensor | None = None  # [B] long, rollouts of one prompt share an id
@@ -138,9 +139,9 @@ def sample_without_replacement(weights: torch.Tensor, valid: torch.Tensor, count
 
 
 def tip_entropy_axis(stats: TokenStats, valid: torch.Tensor, clip_quantile: float, selector: str) -> torch.Tensor:
-    """TIP's ĥ (§4.3 steps 1-3): h = H / ln|V|, clipped at the batch's `clip_quantile` over valid
-    tokens so a few near-uniform positions do not squash everyone else toward 0, then min-max
-    normalised over the valid tokens. Needs at least one valid token."""
+    """TIP's ĥ (#tip-selection-rules, Soft-OR steps 1-3): h = H / ln|V|, clipped at the batch's
+    `clip_quantile` over valid tokens so a few near-uniform positions do not squash everyone else
+    toward 0, then min-max normalised over the valid tokens. Needs at least one valid token."""
     if stats.vocab_size is None or stats.vocab_size < 2:
         raise ValueError(f"token selector {selector!r} needs TokenStats.vocab_size >= 2, got {stats.vocab_size}")
     check_fraction("entropy_clip_quantile", clip_quantile)
@@ -161,10 +162,10 @@ def select_all(stats: TokenStats, *, generator: torch.Generator | None = None) -
 @TOKEN_SELECTORS.register("high_entropy")
 def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None = None,
                         top_fraction: float = 0.2) -> torch.Tensor:
-    """Beyond the 80/20 rule (§5.3): tokens whose entropy reaches the batch's top-`top_fraction`
-    threshold, τ = quantile(H over valid tokens, 1 - top_fraction) with linear interpolation,
-    kept when H >= τ (as TRL's top_entropy_quantile). Ties at τ are all kept, so equal entropies
-    keep every token and more than top_fraction may pass."""
+    """Beyond the 80/20 rule (#high-entropy-forking-tokens): tokens whose entropy reaches the
+    batch's top-`top_fraction` threshold, τ = quantile(H over valid tokens, 1 - top_fraction) with
+    linear interpolation, kept when H >= τ (as TRL's top_entropy_quantile). Ties at τ are all kept,
+    so equal entropies keep every token and more than top_fraction may pass."""
     check_fraction("top_fraction", top_fraction, allow_zero=False)
     valid = stats.mask > 0
     entropy = stats.require("entropy", "high_entropy").double()
@@ -176,12 +177,12 @@ def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None 
 @TOKEN_SELECTORS.register("d3s_tokens")
 def select_d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = None,
                       keep_fraction: float) -> torch.Tensor:
-    """D³S token level (§2.2): the top `keep_fraction` (K) of valid tokens by |A_{i,t}|·H_{i,t}.
+    """D³S token level (#d3s-token-level): the top `keep_fraction` (K) of valid tokens by |A_{i,t}|·H_{i,t}.
 
-    Batch-global, the [INFER] reading of §2.2: with outcome advantages the key ranks tokens by
+    Batch-global, our reading of #d3s-token-level: with outcome advantages the key ranks tokens by
     entropy within a rollout and weighs rollouts by |A_i|. k = floor(K·N) of the N valid tokens,
-    at least 1 when N > 0; ties go to the earlier flat position. K has no official default (§6
-    item 5), so it must be given (d3s_schedule's K). The mask should already exclude the rollouts
+    at least 1 when N > 0; ties go to the earlier flat position. K has no official default
+    (#d3s-schedule), so it must be given (d3s_schedule's K). The mask should already exclude the rollouts
     D³S's sample level dropped. Uses `advantages`, or `advantage_per_rollout` broadcast to tokens.
     """
     check_fraction("keep_fraction", keep_fraction, allow_zero=False)
@@ -199,8 +200,9 @@ def select_d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = 
 @TOKEN_SELECTORS.register("tip_soft_or")
 def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.5,
                        entropy_clip_quantile: float = 0.98) -> torch.Tensor:
-    """TIP Soft-OR (§4.3): s = ĥ + δ̂ - ĥ·δ̂ = 1 - (1 - ĥ)(1 - δ̂), high when either the student is
-    uncertain or it disagrees with the teacher; keeps floor(rho·|o_i|) tokens per rollout.
+    """TIP Soft-OR (#tip-selection-rules): s = ĥ + δ̂ - ĥ·δ̂ = 1 - (1 - ĥ)(1 - δ̂), high when either
+    the student is uncertain or it disagrees with the teacher; keeps floor(rho·|o_i|) tokens per
+    rollout.
 
     ĥ: tip_entropy_axis (98th-percentile clip, then min-max over the batch's valid tokens);
     δ̂: reverse KL min-max normalised over the batch's valid tokens. Within a rollout the
@@ -219,12 +221,12 @@ def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None =
 @TOKEN_SELECTORS.register("tip_q3")
 def select_tip_q3(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.2,
                   entropy_clip_quantile: float = 0.98) -> torch.Tensor:
-    """TIP's Q3 detector (§4.3): w = KL(P_T || P_S)·(1 - ĥ), overconfident-and-wrong tokens.
+    """TIP's Q3 detector (#tip-selection-rules): w = KL(P_T || P_S)·(1 - ĥ), overconfident-and-wrong tokens.
 
     Forward KL ranks here because it penalises teacher mass a confident student misses; the loss
     itself stays reverse KL. ĥ is Soft-OR's (clipped, min-max normalised) entropy axis; forward KL
     is used raw. Keeps floor(rho·|o_i|) tokens per rollout by w, ties to the earlier position.
-    Default rho = 0.2: the budget of the paper's Q3-only result (§4.4: 20% beats full OPD).
+    Default rho = 0.2: the budget of the paper's Q3-only result (#tip-published-results: 20% beats full OPD).
     """
     check_fraction("rho", rho)
     valid = stats.mask > 0
@@ -238,9 +240,9 @@ def select_tip_q3(stats: TokenStats, *, generator: torch.Generator | None = None
 @TOKEN_SELECTORS.register("entropy_sampling")
 def select_entropy_sampling(stats: TokenStats, *, generator: torch.Generator | None = None, ratio: float = 0.5,
                             alpha: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
-    """TIP's entropy-only rule as the OPD repo's entropy_weighted_sample (§4.3): k = floor(N·ratio)
-    of the batch's N valid tokens, drawn without replacement with probability ∝ h^alpha ·
-    (JSD / ln 2)^gamma; gamma = 0 is pure entropy and then `jsd` is not needed.
+    """TIP's entropy-only rule as the OPD repo's entropy_weighted_sample (#tip-selection-rules): k =
+    floor(N·ratio) of the batch's N valid tokens, drawn without replacement with probability ∝
+    h^alpha · (JSD / ln 2)^gamma; gamma = 0 is pure entropy and then `jsd` is not needed.
 
     h = H / ln|V| when vocab_size is known; the constant factor cancels in a proportional draw, so
     raw H gives the same distribution. Entropies and JSDs are clamped at 0 (float error can make a
@@ -280,7 +282,7 @@ def max_variance_subset(values: torch.Tensor, size: int) -> torch.Tensor:
     """Sorted LongTensor of the indices of a size-`size` subset of `values` [n] with maximal variance.
 
     A maximal-variance subset of fixed size is always the k largest plus the (size - k) smallest
-    values for some k (§2.1 [INFER], PODS), so scan k = 0..size with prefix sums of the sorted
+    values for some k (our reading in #d3s-sample-level, PODS), so scan k = 0..size with prefix sums of the sorted
     values. Deterministic: values are sorted stably (equal values in index order, the smallest
     index counting as the smallest value), and among k within float rounding of the best
     variance the smallest k wins.
@@ -306,10 +308,10 @@ def max_variance_subset(values: torch.Tensor, size: int) -> torch.Tensor:
 
 def d3s_sample_mask(advantages: torch.Tensor, group_ids: torch.Tensor, keep_per_group: int,
                     scope: str = "group") -> torch.Tensor:
-    """D³S sample level (§2.1): [B] bool, the rollouts that stay in the batch.
+    """D³S sample level (#d3s-sample-level): [B] bool, the rollouts that stay in the batch.
 
     advantages: [B] per-rollout advantages, computed from all G rollouts of each group BEFORE this
-    selection and NOT re-normalised after it (§2.1 step 3, §6 item 5): the kept rollouts keep
+    selection and NOT re-normalised after it (#d3s-sample-level, step 3): the kept rollouts keep
     their advantages as they are.
     scope "group": each group keeps its max-variance subset of min(keep_per_group, group size)
     rollouts (an all-equal group keeps that many rollouts of advantage 0, which carry no signal).
@@ -337,11 +339,11 @@ def d3s_sample_mask(advantages: torch.Tensor, group_ids: torch.Tensor, keep_per_
 
 
 def d3s_schedule(progress: float, n_init: int, n_final: int, k_init: float, k_final: float) -> tuple[int, float]:
-    """D³S curriculum (§2.3): [N, K] = (1 - p)·[N_init, K_init] + p·[N_final, K_final].
+    """D³S curriculum (#d3s-schedule): [N, K] = (1 - p)·[N_init, K_init] + p·[N_final, K_final].
 
     p = training progress, clamped to [0, 1]. N (rollouts kept per group) is rounded to the
     nearest integer, halves up (see round_half_up); K (token keep fraction) is returned as is. No
-    official values of the four endpoints exist (§6 item 5).
+    official values of the four endpoints exist (#d3s).
     """
     p = min(max(float(progress), 0.0), 1.0)
     rollouts = (1.0 - p) * n_init + p * n_final
@@ -360,10 +362,10 @@ def round_half_up(value: float) -> int:
 
 
 def quadrant_shares(entropy_normalised: torch.Tensor, divergence: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Shares of valid tokens in TIP's quadrants (§4.2), summing to 1 (all 0 with no valid token).
+    """Shares of valid tokens in TIP's quadrants (#tip-quadrants), summing to 1 (all 0 with no valid token).
 
     Q1 high h / high δ, Q2 high h / low δ, Q3 low h / high δ, Q4 low h / low δ. The paper's
-    thresholds are unknown (§4.2 [INFER]); here "high" means >= the batch median over valid
+    thresholds are unknown (#tip-quadrants); here "high" means >= the batch median over valid
     tokens (torch.quantile 0.5, the mean of the two middle values for an even count), so each
     axis splits the batch about in half and the shares show how the two axes co-vary.
     """

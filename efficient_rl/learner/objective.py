@@ -27,7 +27,7 @@ class ObjectiveSettings:
     # With a token selection (batch.loss_mask): "kept" averages the loss over the kept tokens,
     # "all" over every response token (unselected ones count as zero loss, as masking does).
     loss_denominator: str = "kept"
-    # algorithm.objective: distillation (ALGORITHMS.md §4): per-token divergence from a teacher
+    # algorithm.objective: distillation (docs/algorithms.md#on-policy-distillation): per-token divergence from a teacher
     distillation: bool = False
     divergence: str = "reverse_kl"
     divergence_beta: float = 0.5
