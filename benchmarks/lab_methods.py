@@ -10,6 +10,10 @@ seeds each, with a plot:
   d3s      GRPO vs D3S, the same, plus tokens trained on and training time.
   tip      on-policy distillation of lab:student from lab:mixed: every token, TIP Soft-OR 50%,
            random 50%.
+  losses   the policy losses and Balanced Aggregation on DAPO's optimisation: DAPO (PPO-clip
+           0.2 / 0.28, token-mean) vs GSPO (seq-mean-token-mean) vs CISPO vs CTPO vs DAPO with
+           balanced aggregation; four PPO mini-batches per rollout batch, so that the later ones
+           are off-policy (on-policy, every importance ratio is 1 and the losses barely differ).
 
     .venv/bin/python benchmarks/lab_methods.py [--experiments da-dler tempo d3s tip] [--seeds 0 1 2]
         [--steps 30] [--out /tmp/erl/lab_methods] [--plot docs/images/lab_methods.png]
@@ -86,20 +90,26 @@ STUDENT = ["model.lab=student", "learner.lr=1.0e-3"]
 CURVE_EXPERIMENTS = {
     # TEMPO vs GRPO with the official TEMPO settings for both: n = 7, clip 0.2 / 0.28.
     # The learning rate is a quarter of the others': at 2e-4 both lost accuracy on this task.
-    "tempo": {"grpo": ("grpo.yaml", ["rollout.group_size=7", "algorithm.clip_high=0.28", "learner.lr=5.0e-5"]),
+    "tempo": {"grpo": ("grpo.yaml", ["rollout.group_size=7", "algorithm.policy_loss.clip_high=0.28", "learner.lr=5.0e-5"]),
               "tempo": ("tempo.yaml", ["learner.lr=5.0e-5"])},
     # D3S (its recipe's schedule) vs GRPO on every rollout and token, at TEMPO's learning rate.
     "d3s": {"grpo": ("grpo.yaml", ["learner.lr=5.0e-5"]), "d3s": ("d3s.yaml", ["learner.lr=5.0e-5"])},
     # The sweep behind recipes/d3s.yaml's schedule: N rollouts per prompt (of 8) and K, the token
     # fraction, each start -> end; "N8 K1" keeps everything (GRPO through the D3S code path).
     "d3s-sweep": {f"N{n[0]}-{n[1]} K{k[0]}-{k[1]}": ("d3s.yaml", [
-        "learner.lr=5.0e-5", f"algorithm.d3s_rollouts=[{n[0]}, {n[1]}]", f"algorithm.d3s_token_fraction=[{k[0]}, {k[1]}]"])
+        "learner.lr=5.0e-5", f"algorithm.sample_selection.rollouts=[{n[0]}, {n[1]}]",
+        f"algorithm.token_selection.token_fraction=[{k[0]}, {k[1]}]"])
         for n, k in (((8, 8), (1.0, 1.0)), ((4, 8), (0.2, 0.5)), ((8, 8), (0.2, 0.5)), ((4, 8), (1.0, 1.0)),
                      ((2, 8), (0.1, 0.5)), ((6, 8), (0.5, 0.8)))},
     # On-policy distillation of lab:student from lab:mixed: every token, TIP Soft-OR 50%, random 50%.
     "tip": {"opd": ("opd.yaml", STUDENT), "tip-soft-or-50": ("tip_opd.yaml", STUDENT),
-            "random-50": ("opd.yaml", STUDENT + ["algorithm.token_selection=random",
-                                                 "algorithm.token_selection_params={ratio: 0.5}"])},
+            "random-50": ("opd.yaml", STUDENT + ["algorithm.token_selection={name: random, ratio: 0.5}"])},
+    "losses": {name: ("dapo.yaml", ["learner.lr=5.0e-5", "learner.mini_batch_prompts=4"] + overrides) for name, overrides in (
+        ("dapo", []),
+        ("gspo", ["algorithm.policy_loss=gspo", "algorithm.loss_agg=seq-mean-token-mean"]),
+        ("cispo", ["algorithm.policy_loss=cispo"]),
+        ("ctpo", ["algorithm.policy_loss=ctpo"]),
+        ("balanced", ["algorithm.loss_agg=balanced"]))},
 }
 
 
@@ -118,7 +128,8 @@ def curves(experiment: str, seeds: list[int], steps: int, out: Path) -> dict:
 def curve_summary(run_dir: Path, seed: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    averaged = ("tempo/td_nonzero_fraction", "tempo/branching_tokens_per_response", "tokens/kept_fraction")
+    averaged = ("tempo/td_nonzero_fraction", "tempo/branching_tokens_per_response", "tokens/kept_fraction",
+                "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual")
     return {"seed": seed, "curve": [(0, summary["warm_start"]["accuracy"])] + [
                 (r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r],
             "final_length": summary["final"]["mean_response_length"],
@@ -166,7 +177,7 @@ def print_curves(experiment: str, results: dict) -> None:
                                        for runs in results.values()))
     for method, runs in results.items():
         extra = {k: statistics.mean(r[k] for r in runs) for k in runs[0]
-                 if k.startswith(("tempo/", "tokens/"))}
+                 if k.startswith(("tempo/", "tokens/", "clip_ratio/"))}
         print(f"{method}: final mean length {mean_sd([r['final_length'] for r in runs])}, "
               f"tokens trained on {statistics.mean(r['trained_tokens'] for r in runs):,.0f}, "
               f"train time {statistics.mean(r['train_seconds'] for r in runs):.0f} s"

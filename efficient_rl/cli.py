@@ -71,7 +71,24 @@ def cmd_recipes(args) -> int:
 
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         recipe = load_recipe(path)
-        print(f"{path.name:28s} advantage={recipe.algorithm.advantage} length_penalty={recipe.algorithm.length_penalty}")
+        alg = recipe.algorithm
+        print(f"{path.name:28s} advantage={alg.advantage.name} policy_loss={alg.policy_loss.name} "
+              f"length_penalty={alg.length_penalty.name} token_selection={alg.token_selection.name}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
+    from efficient_rl.prepare import CHOICE_FIELDS
+
+    for dotted, registry in CHOICE_FIELDS:
+        print(f"{dotted} ({registry.kind})")
+        for entry in registry.entries():
+            params = ", ".join(f"{name}={value!r}" for name, value in entry.defaults().items())
+            needs = entry.needs if not callable(entry.needs) else "depends on the parameters"
+            print(f"  {entry.name}({params})" + (f"  needs {needs}" if needs else ""))
+            if entry.source:
+                print(f"      {entry.source}")
     return 0
 
 
@@ -129,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a recipe: efficient-rl train RECIPE [key.path=value ...]")
     train.add_argument("recipe", help="recipe YAML file, e.g. recipes/dler.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.clip_high=0.28")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.policy_loss.clip_high=0.28")
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -139,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=cmd_recipes)
+
+    methods = commands.add_parser("methods", help="list every method a recipe can pick: registry entries with "
+                                                  "their parameters and defaults")
+    methods.set_defaults(handler=cmd_methods)
 
     reward = commands.add_parser("reward", help="work with reward functions")
     reward_commands = reward.add_subparsers(dest="reward_command", required=True)

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from efficient_rl.registry import did_you_mean
+from efficient_rl.plugins import PluginError, import_plugins
+from efficient_rl.registry import Bound, Registry, did_you_mean
 
 
 class ConfigError(ValueError):
@@ -96,61 +97,63 @@ class DifficultyTier:
 
 
 @dataclass
+class Choice:
+    """A registry entry a recipe picks: its name, and the parameters the recipe sets (the others
+    keep the entry's defaults). In YAML a bare name or a mapping with `name`:
+    `policy_loss: {name: ppo_clip, clip_high: 0.28}`; on the command line
+    `algorithm.policy_loss=gspo` (an entry with its defaults) or `algorithm.policy_loss.clip_high=0.28`.
+    `efficient-rl methods` lists every entry with its parameters and defaults."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_recipe(self):
+        return {"name": self.name, **self.params} if self.params else self.name
+
+
+def choice(name: str) -> Any:
+    return field(default_factory=lambda: Choice(name))
+
+
+@dataclass
 class AlgorithmSection:
-    # grpo | dler (group-mean + batch whitening, DLER Eq. 3) | tempo (GRPO + prefix-tree TD term, TEMPO)
-    advantage: str = "grpo"
-    norm_by_std: bool = True  # grpo, tempo: divide by the group std; false is Dr. GRPO
-    policy_loss: str = "ppo_clip"
-    clip_low: float = 0.2  # eps_low of PPO-clip
-    clip_high: float = 0.2  # eps_high; DAPO clip-higher and DLER use 0.28
-    clip_ratio_c: float | None = None  # dual-clip bound for A < 0 (DLER code: 10.0); null = off
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    # Each Choice names an entry of a registry (the loader checks the entry's parameters):
+    advantage: Choice = choice("grpo")  # grpo | dler | tempo (ADVANTAGES)
+    policy_loss: Choice = choice("ppo_clip")  # ppo_clip | gspo | gspo_token | cispo | ctpo | gmpo
+    loss_agg: Choice = choice("token-mean")  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm | balanced
     kl_coef: float = 0.0  # KL-to-reference loss weight (DLER: 0.0005); 0 loads no reference
-    kl_estimator: str = "low_var_kl"  # k1 | low_var_kl (k3) | mse (k2)
-    length_penalty: str = "none"  # none | truncation (DLER) | overlong (DAPO soft punishment)
+    kl_estimator: Choice = choice("low_var_kl")  # k1 | low_var_kl (k3) | mse (k2)
+    length_penalty: Choice = choice("none")  # none | truncation (DLER) | overlong (DAPO soft punishment)
     truncation_length: int | None = None  # cap in force for the penalty; null = max_response_length
-    truncation_mode: Literal["paper", "code"] = "paper"  # paper: reward 0 over the cap; code: x0.1
     # Difficulty-aware DLER (paper §3.5): a truncation length per prompt from its group's correctness
     # ratio, tiers in increasing min_correct from 0.0; the paper's: [{min_correct: 0.0, truncation_length:
     # 4000}, {min_correct: 0.5, truncation_length: 2000}]. Empty = truncation_length for every prompt.
     difficulty_tiers: list[DifficultyTier] = field(default_factory=list)
-    not_stopped_coef: float = 0.1  # truncation_mode=code: multiplier for responses cut by the cap
-    overlong_buffer: int = 4096  # DAPO L_cache
-    overlong_factor: float = 1.0  # DAPO penalty factor
-    dynamic_sampling: bool = False  # drop groups with zero reward spread and generate more
-    dynamic_sampling_metric: Literal["score", "reward", "accuracy"] = "score"  # DLER: pre-penalty score
+    dynamic_sampling: bool = False  # drop groups with zero spread of `dynamic_sampling_metric`, generate more
+    dynamic_sampling_metric: Choice = choice("score")  # score (DLER: pre-penalty) | reward | accuracy
     max_sampling_rounds: int = 4  # generation rounds per step at most (0 = no limit)
     # Engine/learner mismatch: "tis" weights each token's policy-gradient term by
-    # min(pi_learner / pi_engine, tis_cap) on the sampled token (truncated importance sampling).
-    rollout_correction: Literal["none", "tis"] = "none"
-    tis_cap: float = 2.0
+    # min(pi_learner / pi_engine, cap) on the sampled token (truncated importance sampling).
+    rollout_correction: Choice = choice("none")  # none | tis
     # policy_gradient: the RL loss above; distillation: on-policy distillation from distill.teacher
-    objective: Literal["policy_gradient", "distillation"] = "policy_gradient"
+    objective: Choice = choice("policy_gradient")
     # Token-level efficiency (D3S, "Beyond the 80/20 rule", TIP): which response tokens enter the
-    # loss; the learner runs its LM head on those only. all | high_entropy (top_fraction) |
-    # d3s_tokens (keep_fraction: from the D3S schedule) | random (ratio) | entropy_sampling (ratio, alpha)
-    # | tip_soft_or (rho) | tip_q3 (rho): TIP, with distillation
-    token_selection: str = "all"
-    token_selection_params: dict = field(default_factory=dict)  # the selector's keywords
+    # loss; the learner runs its LM head on those only. all | high_entropy | d3s_tokens | random |
+    # entropy_sampling | tip_soft_or | tip_q3 (TIP, with distillation)
+    token_selection: Choice = choice("all")
     # With a token selection: average the loss over the kept tokens, or over all response tokens.
     loss_denominator: Literal["kept", "all"] = "kept"
-    # D3S sample level: keep the rollouts with maximal advantage variance, N per prompt on average;
-    # N and the d3s_tokens fraction K move linearly from the first value to the second over training.
-    sample_selection: Literal["none", "d3s"] = "none"
-    d3s_scope: Literal["group", "batch"] = "batch"  # batch: D3S-Cross (across groups), the paper's best
-    d3s_rollouts: list[int] = field(default_factory=lambda: [4, 8])  # [N_init, N_final]
-    d3s_token_fraction: list[float] = field(default_factory=lambda: [0.2, 0.5])  # [K_init, K_final]
+    # Which rollouts a step learns from: none | d3s (D3S sample level: maximal advantage variance)
+    sample_selection: Choice = choice("none")
 
 
 @dataclass
 class DistillSection:
-    """On-policy distillation (algorithm.objective: distillation;
-    docs/algorithms.md#on-policy-distillation): the student samples, the teacher scores the same
-    tokens, the loss is a per-token divergence over the full vocabulary."""
+    """The teacher of on-policy distillation (algorithm.objective: {name: distillation, divergence,
+    beta}): the student samples, the teacher scores the same tokens, the loss is a per-token
+    divergence over the full vocabulary."""
 
     teacher: str | None = None  # model directory or lab:<preset>, with the student's tokenizer
-    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # OPD / TIP: reverse KL
-    beta: float = 0.5  # jsd: the student's weight in the mixture
     placement: Literal["embedded", "ray"] = "embedded"  # in each learner process, or one Ray actor
     chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
 
@@ -225,6 +228,9 @@ class CheckpointSection:
 class Recipe:
     steps: int = 100
     seed: int = 0
+    # Modules (dotted names or .py files) imported when the recipe loads: where a recipe's own
+    # methods register themselves (docs/extending.md).
+    imports: list[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     prompt: PromptSection = field(default_factory=PromptSection)
@@ -240,11 +246,23 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as a YAML mapping that loads back into the same recipe."""
+        return as_plain(self)
 
     def longest_sequence(self) -> int:
         """Prompt plus the longest response the run generates (training or evaluation), in tokens."""
         return self.rollout.max_prompt_length + max(self.rollout.max_response_length, self.eval.max_new_tokens)
+
+
+def as_plain(node):
+    """Dataclasses as mappings, a Choice in its recipe form."""
+    if isinstance(node, Choice):
+        return node.as_recipe()
+    if dataclasses.is_dataclass(node):
+        return {item.name: as_plain(getattr(node, item.name)) for item in dataclasses.fields(node)}
+    if isinstance(node, list):
+        return [as_plain(item) for item in node]
+    return node
 
 
 # ---------------------------------------------------------------- numbers
@@ -298,21 +316,11 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "reward.weight": (ANY, "negative for a penalty"),
     "scoring.workers": ("[0, inf)", "0 calls rewards in the trainer"),
     "scoring.timeout": ("(0, inf)", "seconds"),
-    "algorithm.clip_low": "[0, 1]",
-    "algorithm.clip_high": "[0, inf)",
-    "algorithm.clip_ratio_c": ("(1, inf)", "the dual-clip bound; null turns it off"),
     "algorithm.kl_coef": "[0, inf)",
     "algorithm.truncation_length": "[1, inf)",
     "algorithm.difficulty_tiers.min_correct": "[0, 1]",
     "algorithm.difficulty_tiers.truncation_length": "[1, inf)",
-    "algorithm.not_stopped_coef": "[0, 1]",
-    "algorithm.overlong_buffer": ("[1, inf)", "the penalty ramps over this many tokens"),
-    "algorithm.overlong_factor": "[0, inf)",
     "algorithm.max_sampling_rounds": ("[0, inf)", "0 means no limit"),
-    "algorithm.tis_cap": "(0, inf)",
-    "algorithm.d3s_rollouts": "[1, inf)",
-    "algorithm.d3s_token_fraction": "(0, 1]",
-    "distill.beta": ("(0, 1)", "at 0 or 1 the divergence is 0"),
     "distill.chunk_rows": "[1, inf)",
     "learner.lr": "(0, inf)",
     "learner.weight_decay": "[0, inf)",
@@ -380,8 +388,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     recipe = build(Recipe, raw, "", source=str(path))
     try:
         check_numbers(recipe)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        import_plugins(recipe.imports)
+    except (ConfigError, PluginError) as err:
+        raise ConfigError(f"{path}: {'imports: ' if isinstance(err, PluginError) else ''}{err}") from None
     if recipe.logging.name is None:
         recipe.logging.name = path.stem
     return recipe
@@ -407,10 +416,16 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mappings merged key by key. A Choice given by name alone in `base`
+    takes the parameters `update` sets for it; one that `update` names anew starts from the new
+    entry's defaults (the old entry's parameters mean nothing to it)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, str) and "name" not in value:
+            old = {"name": old}
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = deep_merge(old, value)
         else:
             merged[key] = value
     return merged
@@ -429,6 +444,8 @@ def apply_override(raw: dict, override: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
+        if isinstance(node.get(part), str):  # a Choice by name: its parameters are being set
+            node[part] = {"name": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
@@ -445,23 +462,43 @@ def yaml_number(value):
     return value
 
 
+def located(source: str, path: str) -> str:
+    """"recipe.yaml: algorithm.policy_loss.clip_high" (or just the path when there is no file)."""
+    return f"{source}: {path}" if source else path
+
+
 def build(cls, raw: Any, where: str, source: str):
     """Turn a raw mapping into dataclass `cls`, checking every key and type."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where or 'recipe'}: expected a mapping, got {describe(raw)}")
+        raise ConfigError(f"{located(source, where or 'recipe')}: expected a mapping, got {describe(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"{source}: {path}: unknown key{did_you_mean(str(key), names)}")
+            raise ConfigError(f"{located(source, path)}: unknown key{did_you_mean(str(key), names)}")
         values[key] = convert(hints[key], value, path, source)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{located(source, where)}: expected {', '.join(missing)} to be set")
     return cls(**values)
+
+
+def convert_choice(value, path: str, source: str) -> Choice:
+    if isinstance(value, str):
+        return Choice(value)
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return Choice(value["name"], {key: item for key, item in value.items() if key != "name"})
+    raise ConfigError(f"{located(source, path)}: expected a name, or a mapping with 'name' and the entry's "
+                      f"parameters, got {describe(value)}")
 
 
 def convert(kind, value, path: str, source: str):
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Choice:
+        return convert_choice(value, path, source)
     if dataclasses.is_dataclass(kind):
         return build(kind, value, path, source)
     if origin in (typing.Union, types.UnionType):
@@ -471,11 +508,11 @@ def convert(kind, value, path: str, source: str):
         return convert(inner, value, path, source)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{located(source, path)}: expected one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {path}: expected a list, got {describe(value)}")
+            raise ConfigError(f"{located(source, path)}: expected a list, got {describe(value)}")
         return [convert(args[0], item, f"{path}[{i}]", source) for i, item in enumerate(value)]
     checks = {
         bool: (lambda v: isinstance(v, bool), "true or false"),
@@ -484,10 +521,28 @@ def convert(kind, value, path: str, source: str):
         str: (lambda v: isinstance(v, str), "a string"),
         dict: (lambda v: isinstance(v, dict), "a mapping"),
     }
+    if kind is Any:
+        return value
     check, expected = checks[origin or kind]
     if not check(value):
-        raise ConfigError(f"{source}: {path}: expected {expected}, got {describe(value)}")
+        raise ConfigError(f"{located(source, path)}: expected {expected}, got {describe(value)}")
     return float(value) if kind is float else value
+
+
+def bind(picked: Choice, registry: Registry, where: str) -> Bound:
+    """The entry `picked` names, with its parameters checked: name, keys, types and ranges, each
+    error one line naming the field. The driver binds each entry once, with this."""
+    if picked.name not in registry:
+        raise ConfigError(f"{where}: unknown {registry.kind} {picked.name!r}{did_you_mean(picked.name, registry.names())}")
+    entry = registry.get(picked.name)
+    params = build(entry.params, picked.params, where, source="")
+    for name, rule in entry.ranges.items():
+        value = getattr(params, name)
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if item is not None:
+                path = f"{where}.{name}" + (f"[{index}]" if isinstance(value, list) else "")
+                check_number(path, item, Interval.parse(rule))
+    return entry.bind(params)
 
 
 def describe(value) -> str:

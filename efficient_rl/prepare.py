@@ -9,18 +9,21 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from efficient_rl.algos.advantages import ADVANTAGES
-from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from efficient_rl.algos.divergence import TOKEN_STATISTICS
+from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
+from efficient_rl.algos.sampling import FILTER_METRICS
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
-from efficient_rl.algos.token_selection import TOKEN_SELECTORS
+from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.checkpoint import check_run_name
-from efficient_rl.config import ConfigError, Recipe, check_numbers, one_line
+from efficient_rl.config import ConfigError, Recipe, bind, check_numbers, one_line
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
 from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.objective import OBJECTIVES
 from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.model_sources import check_reference, model_directory
 from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
-from efficient_rl.registry import did_you_mean
+from efficient_rl.registry import Bound, did_you_mean
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import ENGINES
 
@@ -46,16 +49,20 @@ class Setup:
         return self.prompt_ids[sample["question"]]
 
 
-REGISTRY_FIELDS = [
+# The recipe's picks of registry entries with parameters (each a config.Choice), and of plain names.
+CHOICE_FIELDS = [
     ("algorithm.advantage", ADVANTAGES),
     ("algorithm.policy_loss", POLICY_LOSSES),
     ("algorithm.loss_agg", AGGREGATIONS),
     ("algorithm.kl_estimator", KL_ESTIMATORS),
     ("algorithm.length_penalty", LENGTH_SHAPERS),
+    ("algorithm.dynamic_sampling_metric", FILTER_METRICS),
+    ("algorithm.rollout_correction", ROLLOUT_CORRECTIONS),
+    ("algorithm.objective", OBJECTIVES),
     ("algorithm.token_selection", TOKEN_SELECTORS),
-    ("rollout.engine", ENGINES),
-    ("learner.backend", LEARNERS),
+    ("algorithm.sample_selection", SAMPLE_SELECTORS),
 ]
+NAME_FIELDS = [("rollout.engine", ENGINES), ("learner.backend", LEARNERS)]
 
 
 def field_value(recipe: Recipe, dotted: str):
@@ -69,10 +76,11 @@ def check_recipe(recipe: Recipe) -> None:
     """Checks that need more than types: numbers in range, names in registries, consistent sizes."""
     check_numbers(recipe)  # load_recipe did too; a Recipe built in Python comes here unchecked
     check_run_name(recipe.logging.name)  # submit refuses a bad name before it writes a job directory
-    for dotted, registry in REGISTRY_FIELDS:
+    for dotted, registry in NAME_FIELDS:
         name = field_value(recipe, dotted)
         if name not in registry:
             raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
+    needs = recipe_needs(bind_choices(recipe))
     if (recipe.model.path is None) == (recipe.model.lab is None):
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
     if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
@@ -83,21 +91,47 @@ def check_recipe(recipe: Recipe) -> None:
     if cap is not None and not 1 <= cap <= recipe.rollout.max_response_length:
         raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length "
                           f"({recipe.rollout.max_response_length}), got {cap}")
-    check_difficulty_tiers(recipe)
-    check_selection(recipe)
+    check_difficulty_tiers(recipe, needs)
+    check_teacher_needs(recipe, needs)
     check_cluster(recipe)
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
 
 
-def check_difficulty_tiers(recipe: Recipe) -> None:
+def bind_choices(recipe: Recipe) -> dict[str, Bound]:
+    """Every entry the recipe picks, bound: unknown names, keys, types, ranges and the entries'
+    own checks fail here, at load, each in one line naming its field."""
+    bound = {}
+    for dotted, registry in CHOICE_FIELDS:
+        bound[dotted] = bind(field_value(recipe, dotted), registry, dotted)
+        check = bound[dotted].entry.check
+        problem = check(bound[dotted].params, recipe) if check else None
+        if problem:
+            raise ConfigError(f"{dotted}.{problem}")
+    return bound
+
+
+def recipe_needs(bound: dict[str, Bound]) -> dict[str, str]:
+    """What the picked entries need, each need with the field that needs it: their own needs, and
+    those of the token statistics the token selector reads (a teacher, for divergences)."""
+    needs = {}
+    for dotted, entry in bound.items():
+        for need in entry.needs:
+            needs.setdefault(need, dotted)
+            if need in TOKEN_STATISTICS:
+                for deeper in TOKEN_STATISTICS.get(need).needs:
+                    needs.setdefault(deeper, dotted)
+    return needs
+
+
+def check_difficulty_tiers(recipe: Recipe, needs: dict[str, str]) -> None:
     alg, limit = recipe.algorithm, recipe.rollout.max_response_length
     tiers = alg.difficulty_tiers
     if not tiers:
         return
-    if alg.length_penalty == "none" or alg.truncation_length is not None:
-        raise ConfigError("algorithm.difficulty_tiers: needs a length_penalty and replaces truncation_length "
-                          "(leave it null)")
+    if "length_cap" not in needs or alg.truncation_length is not None:
+        raise ConfigError("algorithm.difficulty_tiers: needs a length_penalty that uses the cap (truncation, "
+                          "overlong) and replaces truncation_length (leave it null)")
     bounds = [tier.min_correct for tier in tiers]
     if bounds[0] != 0.0 or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])) or bounds[-1] > 1.0:
         raise ConfigError(f"algorithm.difficulty_tiers: min_correct must start at 0.0 and increase up to at most "
@@ -108,26 +142,22 @@ def check_difficulty_tiers(recipe: Recipe) -> None:
                               f"max_response_length ({limit}), got {tier.truncation_length}")
 
 
-def check_selection(recipe: Recipe) -> None:
-    alg = recipe.algorithm
-    distilling = alg.objective == "distillation"
-    if alg.token_selection.startswith("tip_") and not distilling:
-        raise ConfigError(f"algorithm.token_selection: {alg.token_selection} ranks tokens by the divergence from a "
-                          f"teacher; set algorithm.objective: distillation and distill.teacher")
-    if distilling and recipe.distill.teacher is None:
-        raise ConfigError("distill.teacher: algorithm.objective distillation needs a teacher (a model directory "
-                          "or lab:<preset>)")
-    if distilling and recipe.learner.backend == "deepspeed" and recipe.learner.zero_stage == 3:
-        raise ConfigError("learner.zero_stage: distillation runs on ZeRO stages 0-2 (its selected-position LM head "
-                          "is not yet correct under ZeRO-3's weight gathering)")
-    if distilling and recipe.distill.placement == "ray" and recipe.cluster.backend != "ray":
+def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
+    """A teacher is loaded when distill.teacher is set, and only then: whatever needs one needs it
+    set, and one that nothing needs would be loaded for nothing."""
+    if "teacher" not in needs:
+        if recipe.distill.teacher is not None:
+            raise ConfigError("distill.teacher: set, but nothing in the recipe needs a teacher (algorithm.objective "
+                              "distillation, or a token selection by teacher statistics); leave it null")
+        return
+    user = f"{needs['teacher']} {field_value(recipe, needs['teacher']).name}"
+    if recipe.distill.teacher is None:
+        raise ConfigError(f"distill.teacher: {user} needs a teacher (a model directory or lab:<preset>)")
+    if recipe.learner.backend == "deepspeed" and recipe.learner.zero_stage == 3:
+        raise ConfigError(f"learner.zero_stage: {user} needs a teacher, which runs on ZeRO stages 0-2 (its "
+                          f"selected-position LM head is not yet correct under ZeRO-3's weight gathering)")
+    if recipe.distill.placement == "ray" and recipe.cluster.backend != "ray":
         raise ConfigError("distill.placement: a ray teacher needs cluster.backend: ray")
-    if alg.sample_selection == "d3s":
-        if len(alg.d3s_rollouts) != 2 or not all(1 <= n <= recipe.rollout.group_size for n in alg.d3s_rollouts):
-            raise ConfigError(f"algorithm.d3s_rollouts: expected [N_init, N_final] within 1..rollout.group_size "
-                              f"({recipe.rollout.group_size}), got {alg.d3s_rollouts}")
-    if len(alg.d3s_token_fraction) != 2:  # each in (0, 1]: NUMBER_RULES
-        raise ConfigError(f"algorithm.d3s_token_fraction: expected [K_init, K_final], got {alg.d3s_token_fraction}")
 
 
 def check_cluster(recipe: Recipe) -> None:
@@ -185,7 +215,7 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     if context is not None and longest > context:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
-    if recipe.algorithm.objective == "distillation":
+    if recipe.distill.teacher is not None:
         check_teacher(recipe, model.get_output_embeddings().weight.shape[0])
     return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
                  base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)

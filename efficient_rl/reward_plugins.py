@@ -14,12 +14,11 @@ No torch import here: reward workers load this module.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
+
+from efficient_rl import plugins
 
 BUILTIN_REWARDS = {
     "math": "efficient_rl.rewards.math:math_reward",
@@ -62,22 +61,17 @@ def from_entry_point(name: str):
 def load_file(path: Path):
     if not path.is_file():
         raise RewardLoadError(f"reward file {path} not found")
-    # One module name per file, so two files with the same stem do not clash.
-    name = f"efficient_rl_reward_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        raise RewardLoadError(f"importing {path} failed: {type(err).__name__}: {err}") from None
-    return module
+        return plugins.import_file(path, prefix="efficient_rl_reward")
+    except plugins.PluginError as err:
+        raise RewardLoadError(str(err)) from None
 
 
 def import_module(name: str):
     try:
-        return importlib.import_module(name)
-    except Exception as err:
-        raise RewardLoadError(f"cannot import {name} ({type(err).__name__}: {err})") from None
+        return plugins.import_module(name)
+    except plugins.PluginError as err:
+        raise RewardLoadError(str(err)) from None
 
 
 def is_batched(function) -> bool:

@@ -13,18 +13,19 @@ import torch
 from tqdm import tqdm
 
 from efficient_rl import stopping
-from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES, group_stats
+from efficient_rl.algos.advantages import ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.sampling import groups_with_spread
+from efficient_rl.algos.sampling import FILTER_METRICS, groups_with_spread
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, difficulty_caps, fixed_caps, over_cap, tier_metrics
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
-from efficient_rl.config import Recipe
+from efficient_rl.config import Recipe, bind
 from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.logging import MetricsLogger
 from efficient_rl.prepare import Setup, prepare
+from efficient_rl.registry import Bound
 from efficient_rl.reward import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.selection import Selection
@@ -40,10 +41,9 @@ class Stage:
 
     length_caps: Callable  # (correct, group_ids) -> [B] truncation length in force per rollout
     length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> DA-DLER tier metrics ({} without)
-    shape_rewards: Callable
-    advantages: Callable
-    advantage_metrics: Callable  # batch -> the estimator's diagnostics to log ({} for most)
-    filter_metric: str | None  # dynamic sampling on this batch field, or None
+    shape_rewards: Bound  # a LENGTH_SHAPERS entry
+    advantages: Bound  # an ADVANTAGES entry; its metrics are its diagnostics
+    filter_metric: Bound | None  # dynamic sampling on this FILTER_METRICS entry, or None
 
 
 def no_metrics(*_) -> dict[str, float]:
@@ -52,16 +52,6 @@ def no_metrics(*_) -> dict[str, float]:
 
 def resolve_stages(recipe: Recipe) -> Stage:
     alg = recipe.algorithm
-    shaper_params = {
-        "none": {},
-        "truncation": {"mode": alg.truncation_mode, "not_stopped_coef": alg.not_stopped_coef},
-        "overlong": {"buffer": alg.overlong_buffer, "factor": alg.overlong_factor},
-    }[alg.length_penalty]
-    advantage_params = {
-        "grpo": {"norm_by_std": alg.norm_by_std},
-        "tempo": {"norm_by_std": alg.norm_by_std},
-    }.get(alg.advantage, {})
-    advantage_metrics = ADVANTAGE_METRICS.get(alg.advantage) if alg.advantage in ADVANTAGE_METRICS else no_metrics
     if alg.difficulty_tiers:  # DA-DLER
         thresholds = [tier.min_correct for tier in alg.difficulty_tiers[1:]]
         length_caps = functools.partial(difficulty_caps, thresholds=thresholds,
@@ -73,11 +63,10 @@ def resolve_stages(recipe: Recipe) -> Stage:
     return Stage(
         length_caps=length_caps,
         length_metrics=length_metrics,
-        shape_rewards=functools.partial(LENGTH_SHAPERS.get(alg.length_penalty), **shaper_params),
-        advantages=functools.partial(ADVANTAGES.get(alg.advantage), **advantage_params),
-        advantage_metrics=advantage_metrics,
-        filter_metric={"score": "scores", "reward": "rewards", "accuracy": "accuracy"}[
-            alg.dynamic_sampling_metric] if alg.dynamic_sampling else None,
+        shape_rewards=bind(alg.length_penalty, LENGTH_SHAPERS, "algorithm.length_penalty"),
+        advantages=bind(alg.advantage, ADVANTAGES, "algorithm.advantage"),
+        filter_metric=bind(alg.dynamic_sampling_metric, FILTER_METRICS, "algorithm.dynamic_sampling_metric")
+        if alg.dynamic_sampling else None,
     )
 
 
@@ -183,11 +172,10 @@ class Trainer:
             learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
         else:
             batch.advantages = self.stages.advantages(batch)
-            advantage_metrics = self.stages.advantage_metrics(batch)
-            if self.selection.active:  # D3S samples, token selection (sets batch.loss_mask)
-                with timed(self.timings, "select"):
-                    batch, selection_metrics = self.selection(batch, self.learner, number)
-                advantage_metrics.update(selection_metrics)
+            advantage_metrics = self.stages.advantages.metrics(batch)
+            with timed(self.timings, "select"):  # sample and token selection (sets batch.loss_mask)
+                batch, selection_metrics = self.selection(batch, self.learner, number)
+            advantage_metrics.update(selection_metrics)
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
             with timed(self.timings, "sync"):
@@ -224,7 +212,7 @@ class Trainer:
             if self.stages.filter_metric is None:
                 kept.append(batch)
                 break
-            keep = groups_with_spread(getattr(batch, self.stages.filter_metric), batch.group_ids)
+            keep = groups_with_spread(self.stages.filter_metric(batch), batch.group_ids)
             kept.append(batch.select(keep.nonzero()[:, 0]))
             enough = sum(b.group_ids.unique().numel() for b in kept) >= wanted
             if enough or rounds == self.recipe.algorithm.max_sampling_rounds:

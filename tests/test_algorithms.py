@@ -9,7 +9,7 @@ import torch
 from efficient_rl.algos.advantages import dler_advantages, grpo_advantages, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import (
-    LossDenominators, kl_k1, kl_k3, kl_mse, ppo_clip_loss, seq_mean_token_mean, seq_mean_token_sum_norm,
+    LossDenominators, LossInputs, kl_k1, kl_k3, kl_mse, ppo_clip_loss, seq_mean_token_mean, seq_mean_token_sum_norm,
     token_mean,
 )
 from efficient_rl.algos.sampling import groups_with_spread
@@ -97,6 +97,13 @@ def test_dler_hand_computed_two_groups():
     assert adv[2, 0].item() == pytest.approx(0.125 * scale, rel=1e-5)
 
 
+def ppo(logp, old, adv, **params):
+    """ppo_clip_loss on tensors of any shape, every token a loss token."""
+    ones = torch.ones_like(adv)
+    return ppo_clip_loss(LossInputs(logp, old, adv, mask=ones, averaged_over=ones,
+                                    den=LossDenominators.of(ones.reshape(1, -1), 1)), **params)
+
+
 def ppo_reference(logp, old, adv, eps_low, eps_high, c):
     ratio = math.exp(logp - old)
     loss = max(-adv * ratio, -adv * min(max(ratio, 1 - eps_low), 1 + eps_high))
@@ -111,7 +118,7 @@ def test_ppo_clip_loss_elementwise_reference(c):
     logp = torch.randn(6, 5) * 0.8
     old = torch.randn(6, 5) * 0.8
     adv = torch.randn(6, 5)
-    out = ppo_clip_loss(logp, old, adv, eps_low=0.2, eps_high=0.28, clip_ratio_c=c)
+    out = ppo(logp, old, adv, clip_low=0.2, clip_high=0.28, clip_ratio_c=c)
     for i in range(6):
         for j in range(5):
             expected = ppo_reference(logp[i, j].item(), old[i, j].item(), adv[i, j].item(), 0.2, 0.28, c)
@@ -123,21 +130,21 @@ def test_clip_higher_asymmetry_and_gradients():
     old = torch.zeros(2)
     logp = torch.log(torch.tensor([1.25, 0.75])).requires_grad_()
     adv = torch.tensor([1.0, -1.0])
-    out = ppo_clip_loss(logp, old, adv, eps_low=0.2, eps_high=0.28, clip_ratio_c=None)
+    out = ppo(logp, old, adv, clip_low=0.2, clip_high=0.28, clip_ratio_c=None)
     out.loss.sum().backward()
     assert logp.grad[0].item() == pytest.approx(-1.25)  # positive advantage, ratio 1.25 < 1.28: live
     assert logp.grad[1].item() == 0.0  # negative advantage, ratio 0.75 < 0.8: clipped
-    assert out.clipped_low.tolist() == [False, True] and out.clipped_high.tolist() == [False, False]
-    symmetric = ppo_clip_loss(logp.detach(), old, adv, eps_low=0.2, eps_high=0.2, clip_ratio_c=None)
-    assert symmetric.clipped_high.tolist() == [True, False]
+    assert out.indicators["low"].tolist() == [False, True] and out.indicators["high"].tolist() == [False, False]
+    symmetric = ppo(logp.detach(), old, adv, clip_low=0.2, clip_high=0.2, clip_ratio_c=None)
+    assert symmetric.indicators["high"].tolist() == [True, False]
     assert symmetric.loss[0].item() == pytest.approx(-1.2)
 
 
 def test_dual_clip_caps_negative_advantage_loss():
-    out = ppo_clip_loss(torch.log(torch.tensor([20.0])), torch.zeros(1), torch.tensor([-2.0]),
-                        eps_low=0.2, eps_high=0.28, clip_ratio_c=10.0)
+    out = ppo(torch.log(torch.tensor([20.0])), torch.zeros(1), torch.tensor([-2.0]),
+              clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0)
     assert out.loss.item() == pytest.approx(20.0)  # min(-A * ratio = 40, -A * c = 20)
-    assert out.dual_clipped.item()
+    assert out.indicators["dual"].item()
 
 
 def test_kl_estimators_hand_values():
@@ -194,7 +201,9 @@ def test_dynamic_sampling_keeps_groups_with_spread():
 
 
 def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
-    from efficient_rl.learner.objective import ObjectiveSettings, policy_objective
+    from conftest import RECIPES
+    from efficient_rl.config import load_recipe
+    from efficient_rl.learner.objective import objective_settings, policy_gradient_loss
 
     torch.manual_seed(2)
     batch = make_batch(REWARDS, GROUPS, LENGTHS)
@@ -202,8 +211,10 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
     batch.rollout_logprobs = logprobs + torch.randn(logprobs.shape)  # the engine's numerics differ
     batch.advantages = torch.randn(len(REWARDS), 1) * batch.response_mask
     den = LossDenominators.of(batch.response_mask, norm_length=8)
-    plain, _ = policy_objective(logprobs, batch, ObjectiveSettings(), den)
-    corrected, _ = policy_objective(logprobs, batch, ObjectiveSettings(tis_cap=2.0), den)
+    plain_recipe = load_recipe(RECIPES / "grpo.yaml")
+    corrected_recipe = load_recipe(RECIPES / "grpo.yaml", ["algorithm.rollout_correction={name: tis, cap: 2.0}"])
+    plain, _ = policy_gradient_loss(logprobs, batch, objective_settings(plain_recipe), den)
+    corrected, _ = policy_gradient_loss(logprobs, batch, objective_settings(corrected_recipe), den)
     # At ratio 1 PPO-clip's token loss is -A; TIS multiplies it by min(p_learner / p_engine, 2).
     total, tokens = 0.0, 0.0
     for row in range(len(REWARDS)):

@@ -1,5 +1,6 @@
 """Recipes: every shipped one validates; bad input is one line naming the field, exit 2, nothing written."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -7,7 +8,8 @@ import sys
 import pytest
 
 from conftest import RECIPES, ROOT
-from efficient_rl.config import ConfigError, load_recipe
+from efficient_rl.algos.losses import POLICY_LOSSES
+from efficient_rl.config import Choice, ConfigError, bind, load_recipe
 from efficient_rl.prepare import check_recipe
 
 
@@ -33,24 +35,94 @@ def test_bad_difficulty_tiers_name_the_field(tiers, message):
 
 def test_methods_are_diffs_against_grpo():
     grpo, dler = load_recipe(RECIPES / "grpo.yaml"), load_recipe(RECIPES / "dler.yaml")
-    assert dler.algorithm.advantage == "dler" and grpo.algorithm.advantage == "grpo"
-    assert dler.algorithm.clip_high == 0.28 and dler.algorithm.clip_low == grpo.algorithm.clip_low
+    assert dler.algorithm.advantage.name == "dler" and grpo.algorithm.advantage.name == "grpo"
+    # dler.yaml sets two PPO-clip parameters; the third is grpo.yaml's, merged under the same entry.
+    assert dler.algorithm.policy_loss == Choice("ppo_clip", {"clip_low": 0.2, "clip_high": 0.28, "clip_ratio_c": 10.0})
     assert dler.learner == grpo.learner  # not repeated in dler.yaml, inherited
 
 
 def test_dotted_override_with_type_conversion():
-    recipe = load_recipe(RECIPES / "dler.yaml", ["algorithm.clip_high=0.3", "learner.lr=1", "rollout.top_p=0.9"])
-    assert recipe.algorithm.clip_high == 0.3
+    recipe = load_recipe(RECIPES / "dler.yaml", ["algorithm.policy_loss.clip_high=0.3", "learner.lr=1",
+                                                 "rollout.top_p=0.9"])
+    assert recipe.algorithm.policy_loss.params["clip_high"] == 0.3
     assert isinstance(recipe.learner.lr, float) and recipe.learner.lr == 1.0
+
+
+def test_an_entry_named_anew_starts_from_its_own_defaults():
+    """Naming another entry drops the parameters set for the old one (they mean nothing to it), in
+    a recipe file or on the command line; setting a parameter of an entry given by name keeps it."""
+    gspo = load_recipe(RECIPES / "dler.yaml", ["algorithm.policy_loss=gspo"])
+    assert gspo.algorithm.policy_loss == Choice("gspo")
+    by_key = load_recipe(RECIPES / "dler.yaml", ["algorithm.policy_loss={name: cispo, clip_high: 2.0}"])
+    assert by_key.algorithm.policy_loss == Choice("cispo", {"clip_high": 2.0})
+    tempo = load_recipe(RECIPES / "grpo.yaml", ["algorithm.advantage=tempo", "algorithm.advantage.norm_by_std=false"])
+    assert tempo.algorithm.advantage == Choice("tempo", {"norm_by_std": False})
+    bound = bind(gspo.algorithm.policy_loss, POLICY_LOSSES, "algorithm.policy_loss")
+    assert (bound.params.clip_low, bound.params.clip_high) == (3e-4, 4e-4)  # GSPO's own, not PPO's 0.2 / 0.28
+
+
+def test_a_recipe_round_trips_through_its_config_yaml(tmp_path):
+    """The run directory's config.yaml loads back into the same recipe (resume compares them)."""
+    import yaml
+
+    for path in RECIPES.glob("*.yaml"):
+        recipe = load_recipe(path)
+        saved = tmp_path / "config.yaml"
+        saved.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        assert load_recipe(saved) == recipe, path.name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.policy_loss.clip_hihg=0.3", "algorithm.policy_loss.clip_hihg: unknown key (did you mean 'clip_high'?)"),
+    ("algorithm.policy_loss.clip_high=.nan", "algorithm.policy_loss.clip_high: expected a finite number >= 0, got nan"),
+    ("algorithm.policy_loss.clip_ratio_c=0.5", "algorithm.policy_loss.clip_ratio_c: expected a finite number > 1"),
+    ("algorithm.policy_loss.clip_low=high", "algorithm.policy_loss.clip_low: expected a number, got str 'high'"),
+    ("algorithm.policy_loss=gspoo", "algorithm.policy_loss: unknown policy loss 'gspoo' (did you mean 'gspo'?)"),
+    ("algorithm.length_penalty={name: truncation, mode: sometimes}",
+     "algorithm.length_penalty.mode: expected one of 'paper', 'code'"),
+    ("algorithm.token_selection={name: high_entropy, top_fraction: 1.5}",
+     "algorithm.token_selection.top_fraction: expected a finite number in (0, 1]"),
+    ("algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 1.5]}",
+     "algorithm.token_selection.token_fraction[1]: expected a finite number in (0, 1]"),
+    ("algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2]}",
+     "algorithm.token_selection.token_fraction: expected [start, end], got [0.2]"),
+    ("algorithm.sample_selection={name: d3s, rollouts: [4, 9]}",
+     "algorithm.sample_selection.rollouts: expected [N_init, N_final] within 1..rollout.group_size (8)"),
+    ("algorithm.objective={name: distillation, beta: 1}", "algorithm.objective.beta: expected a finite number in (0, 1)"),
+    ("algorithm.token_selection=tip_soft_or", "distill.teacher: algorithm.token_selection tip_soft_or needs a teacher"),
+    ("algorithm.advantage=[grpo]", "algorithm.advantage: expected a name, or a mapping with 'name'"),
+    ("algorithm.difficulty_tiers=[{min_correct: 0.0, truncation_length: 8}]",
+     "algorithm.difficulty_tiers: needs a length_penalty that uses the cap"),
+])
+def test_entries_and_their_parameters_are_checked_before_anything_runs(override, message):
+    """Every registry entry a recipe picks is bound by check_recipe (train and submit call it first,
+    before any model loads): name, keys, types, ranges and the entry's own checks."""
+    with pytest.raises(ConfigError) as err:
+        check_recipe(load_recipe(RECIPES / "grpo.yaml", [override]))
+    assert message in str(err.value)
+
+
+def test_every_numeric_entry_parameter_has_a_declared_range():
+    """A numeric parameter of a registry entry without a range would go unchecked."""
+    import typing
+
+    from efficient_rl.prepare import CHOICE_FIELDS
+
+    for dotted, registry in CHOICE_FIELDS:
+        for entry in registry.entries():
+            for item in dataclasses.fields(entry.params):
+                kinds = set(typing.get_args(item.type)) | {item.type, typing.get_origin(item.type)}
+                if kinds & {int, float} or any(typing.get_args(k) in ((int,), (float,)) for k in kinds if k):
+                    assert item.name in entry.ranges, f"{registry.kind} {entry.name}: no range for {item.name}"
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("algorithm.clip_hihg=0.3", "algorithm.clip_hihg: unknown key (did you mean 'clip_high'?)"),
+        ("algorithm.clip_hihg=0.3", "algorithm.clip_hihg: unknown key"),
         ("rollout.group_size=eight", "rollout.group_size: expected an integer, got str 'eight'"),
         ("rollout.group_size=2.5", "rollout.group_size: expected an integer"),
-        ("algorithm.truncation_mode=sometimes", "algorithm.truncation_mode: expected one of 'paper', 'code'"),
+        ("algorithm.loss_denominator=sometimes", "algorithm.loss_denominator: expected one of 'kept', 'all'"),
         ("learner.betas=0.9", "learner.betas: expected a list"),
         ("reward=[{nme: math}]", "reward[0].nme: unknown key (did you mean 'name'?)"),
         ("nonsense=1", "nonsense: unknown key"),
@@ -85,7 +157,7 @@ def run_cli(*args, cwd):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["algorithm.clip_hihg=0.3"], "did you mean 'clip_high'"),
+        (["algorithm.policy_loss.clip_hihg=0.3"], "did you mean 'clip_high'"),
         (["model.lab=null", "model.path=/does/not/exist"], "model.path: /does/not/exist is not a model directory"),
         (["data.train=/does/not/exist.jsonl"], "data.train: data file /does/not/exist.jsonl not found"),
         (["data.train=EMPTY"], "data.train:"),
@@ -141,16 +213,12 @@ def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("algorithm.kl_coef=-0.1", "algorithm.kl_coef: expected a finite number >= 0, got -0.1"),
-    ("algorithm.clip_high=.nan", "algorithm.clip_high: expected a finite number >= 0, got nan"),
-    ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c: expected a finite number > 1"),
     ("learner.grad_clip=0", "learner.grad_clip: expected a finite number > 0"),
     ("learner.weight_decay=-.inf", "learner.weight_decay: expected a finite number >= 0, got -inf"),
     ("learner.zero_stage=4", "learner.zero_stage: expected an integer in [0, 3], got 4"),
     ("scoring.timeout=0", "scoring.timeout: expected a finite number > 0 (seconds), got 0.0"),
     ("cluster.rollout.workers=0", "cluster.rollout.workers: expected an integer >= 1, got 0"),
     ("eval.top_p=0", "eval.top_p: expected a finite number in (0, 1], got 0.0"),
-    ("algorithm.d3s_token_fraction=[0.2, 1.5]", "algorithm.d3s_token_fraction[1]: expected a finite number in (0, 1]"),
-    ("distill.beta=1", "distill.beta: expected a finite number in (0, 1)"),
     ("checkpoint.keep=0", "checkpoint.keep: expected an integer >= 1, got 0"),
 ])
 def test_numbers_out_of_range_are_refused_at_load_naming_the_field(override, message):
@@ -169,7 +237,7 @@ def test_every_numeric_field_has_a_declared_range():
 
     recipe = Recipe()
     recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
-    recipe.algorithm.truncation_length, recipe.algorithm.clip_ratio_c = 8, 2.0  # optional: None by default
+    recipe.algorithm.truncation_length = 8  # optional: None by default
     paths = [path for path, _ in numbers(recipe)]
     assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths
     for path in paths:

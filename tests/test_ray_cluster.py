@@ -179,14 +179,14 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5
                        ).float() * batch.response_mask
     learner = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir)
-    entropy = learner.token_entropy(batch)
+    entropy = learner.token_statistics(batch, ("entropy",))["entropy"]
     selected = learner.update(batch)
     for stage in (2, 3):
         ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"])
         placement = place(ds_recipe.cluster)
         group = start_learners(ds_recipe, setup, placement)
         try:
-            assert torch.allclose(group.token_entropy(batch), entropy, atol=1e-5)
+            assert torch.allclose(group.token_statistics(batch, ("entropy",))["entropy"], entropy, atol=1e-5)
             distributed = group.update(batch)
         finally:
             group.kill()

@@ -1,16 +1,25 @@
 """Selected-token compute: the LM head, log-softmax and loss on the kept positions only must give
 the loss and gradients of full compute followed by masking (TIP / D3S compute savings)."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.learner.objective import ObjectiveSettings, loss_masks, policy_objective
+from efficient_rl.config import load_recipe
+from efficient_rl.learner.objective import loss_masks, objective_settings, policy_gradient_loss
 from efficient_rl.modeling import response_logprobs, sequence_inputs
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
+
+
+def settings_of(*overrides, **fields):
+    """The objective settings of grpo.yaml with recipe overrides, then settings fields replaced."""
+    return dataclasses.replace(objective_settings(load_recipe(RECIPES / "grpo.yaml", list(overrides))), **fields)
 
 
 def tiny_model(tied: bool) -> Qwen2ForCausalLM:
@@ -44,7 +53,7 @@ def loss_and_gradients(model, batch, settings, selected_compute: bool):
     logprobs, entropy = response_logprobs(model, batch, temperature=0.7,
                                           selected=batch.loss_mask if selected_compute else None)
     _, averaged_over = loss_masks(batch, settings)
-    loss, _ = policy_objective(logprobs, batch, settings, LossDenominators.of(averaged_over, RESPONSE))
+    loss, _ = policy_gradient_loss(logprobs, batch, settings, LossDenominators.of(averaged_over, RESPONSE))
     loss.backward()
     kept = batch.loss_mask.bool()
     return loss.detach(), entropy.detach()[kept], {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -55,7 +64,7 @@ def loss_and_gradients(model, batch, settings, selected_compute: bool):
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
 def test_selected_compute_equals_full_compute_then_masking(tied, denominator, keep):
     model = tiny_model(tied)
-    settings = ObjectiveSettings(loss_denominator=denominator, clip_ratio_c=3.0)
+    settings = settings_of("algorithm.policy_loss.clip_ratio_c=3.0", loss_denominator=denominator)
     batch = random_batch(torch.Generator().manual_seed(int(keep * 10) + 100 * tied), keep)
     assert 0 < batch.loss_mask.sum() < batch.response_mask.sum()
     full_loss, full_entropy, full_grads = loss_and_gradients(model, batch, settings, selected_compute=False)
@@ -70,8 +79,8 @@ def test_selected_compute_equals_full_compute_then_masking(tied, denominator, ke
 def test_the_denominator_choice_scales_the_token_mean_loss():
     model = tiny_model(tied=True)
     batch = random_batch(torch.Generator().manual_seed(3), 0.5)
-    kept_loss, _, _ = loss_and_gradients(model, batch, ObjectiveSettings(loss_denominator="kept"), True)
-    all_loss, _, _ = loss_and_gradients(model, batch, ObjectiveSettings(loss_denominator="all"), True)
+    kept_loss, _, _ = loss_and_gradients(model, batch, settings_of(loss_denominator="kept"), True)
+    all_loss, _, _ = loss_and_gradients(model, batch, settings_of(loss_denominator="all"), True)
     ratio = batch.loss_mask.sum() / batch.response_mask.sum()
     assert all_loss.item() == pytest.approx(kept_loss.item() * ratio.item(), rel=1e-5)
 
@@ -81,10 +90,10 @@ def test_learner_token_entropy_matches_the_full_logits():
 
     model = tiny_model(tied=True)
     batch = random_batch(torch.Generator().manual_seed(5), 0.5)
-    learner = TorchLearner(model, ObjectiveSettings(temperature=0.7), OptimSettings(micro_batch_size=4))
+    learner = TorchLearner(model, settings_of(temperature=0.7), OptimSettings(micro_batch_size=4))
     with torch.no_grad():
         _, full = response_logprobs(model, batch, temperature=0.7)
-    entropy = learner.token_entropy(batch)
+    entropy = learner.token_statistics(batch, ("entropy",))["entropy"]
     assert entropy.shape == batch.response_mask.shape
     assert torch.allclose(entropy, full * batch.response_mask, atol=1e-5)
     assert (entropy[batch.response_mask == 0] == 0).all() and (entropy[batch.response_mask == 1] > 0).all()
@@ -98,15 +107,14 @@ def reverse_kl_reference(student_logits, teacher_logits):
 
 @pytest.mark.parametrize("keep", [0.4, 1.0])
 def test_distillation_loss_on_selected_tokens_equals_the_masked_full_reverse_kl(keep):
-    from efficient_rl.learner.objective import distillation_objective
     from efficient_rl.learner.teacher import Teacher
 
     student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
     teacher = Teacher(teacher_model, temperature=1.0, chunk_rows=3)
     batch = random_batch(torch.Generator().manual_seed(11), keep)
-    settings = ObjectiveSettings(distillation=True, temperature=1.0, chunk_rows=3)
+    settings = settings_of("algorithm.objective=distillation", temperature=1.0, chunk_rows=3)
     kept = batch.loss_mask
-    loss, stats = distillation_objective(student, batch, settings, LossDenominators.of(kept, RESPONSE), teacher)
+    loss, stats = settings.objective(student, batch, settings, LossDenominators.of(kept, RESPONSE), teacher)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
@@ -130,9 +138,10 @@ def test_distillation_updates_pull_the_student_to_the_teacher_and_stats_match_th
     student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
     batch = random_batch(torch.Generator().manual_seed(13), 1.0)
     batch.loss_mask = None
-    learner = TorchLearner(student, ObjectiveSettings(distillation=True, temperature=1.0, chunk_rows=4),
+    learner = TorchLearner(student, settings_of("algorithm.objective=distillation", temperature=1.0, chunk_rows=4),
                            OptimSettings(lr=1e-2, micro_batch_size=4), teacher=Teacher(teacher_model, 1.0, 4))
-    stats = learner.distill_stats(batch)
+    names = ("entropy", "reverse_kl", "forward_kl", "jsd")
+    stats = learner.token_statistics(batch, names)
     inputs = dict(zip(("input_ids", "attention_mask", "position_ids"), sequence_inputs(batch)))
     with torch.no_grad():
         s = student(**inputs, logits_to_keep=RESPONSE + 1).logits[:, :-1]
@@ -142,9 +151,13 @@ def test_distillation_updates_pull_the_student_to_the_teacher_and_stats_match_th
     assert torch.allclose(stats["forward_kl"], (reverse_kl_reference(t, s) * mask).float(), atol=1e-5)
     p = torch.softmax(s.double(), -1)
     assert torch.allclose(stats["entropy"], (-(p * p.log()).sum(-1) * mask).float(), atol=1e-5)
+    q = torch.softmax(t.double(), -1)
+    mixture = 0.5 * (p + q)
+    jsd = 0.5 * (p * (p / mixture).log()).sum(-1) + 0.5 * (q * (q / mixture).log()).sum(-1)
+    assert torch.allclose(stats["jsd"], (jsd * mask).float(), atol=1e-5)  # entropy_sampling's gamma term
 
     before = float((stats["reverse_kl"] * mask).sum() / mask.sum())
     losses = [learner.update(batch)["loss"] for _ in range(8)]
-    after = float((learner.distill_stats(batch)["reverse_kl"] * mask).sum() / mask.sum())
+    after = float((learner.token_statistics(batch, ("reverse_kl",))["reverse_kl"] * mask).sum() / mask.sum())
     assert losses[0] == pytest.approx(before, rel=1e-4)  # the loss is the mean reverse KL
     assert after < 0.5 * before

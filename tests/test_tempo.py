@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES
+from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.tempo import prefix_td, tempo_advantages, tempo_metrics
 
@@ -196,5 +196,5 @@ def test_no_branching_is_grpo_and_group_of_one_is_zero():
 
 
 def test_registered_by_name():
-    assert ADVANTAGES.get("tempo") is tempo_advantages
-    assert ADVANTAGE_METRICS.get("tempo") is tempo_metrics
+    assert ADVANTAGES.get("tempo").function is tempo_advantages
+    assert ADVANTAGES.get("tempo").metrics is tempo_metrics

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from efficient_rl.algos.token_selection import (
-    TOKEN_SELECTORS, TokenStats, d3s_sample_mask, d3s_schedule, floor_counts, max_variance_subset,
-    quadrant_shares,
+    SAMPLE_SELECTORS, TOKEN_SELECTORS, TokenStats, d3s_sample_mask, d3s_schedule, floor_counts, max_variance_subset,
+    quadrant_shares, select_d3s_tokens,
 )
 
 PAD_VALUE = 1e3  # padding carries huge statistics, so selecting it would show
@@ -32,20 +32,28 @@ def make_stats(lengths, seed=0, width=None):
     return TokenStats(
         mask=mask,
         advantages=torch.where(mask > 0, per_rollout[:, None], PAD_VALUE),
-        entropy=token_field(math.log(VOCAB)),
-        reverse_kl=token_field(3.0),
-        forward_kl=token_field(3.0),
-        jsd=token_field(math.log(2)),
+        statistics={"entropy": token_field(math.log(VOCAB)), "reverse_kl": token_field(3.0),
+                    "forward_kl": token_field(3.0), "jsd": token_field(math.log(2))},
         vocab_size=VOCAB,
-        group_ids=torch.arange(len(lengths)),
-        advantage_per_rollout=per_rollout,
     )
 
 
+STATISTICS = ("entropy", "reverse_kl", "forward_kl", "jsd")
+
+
 def with_fields(stats, **changes):
+    """A copy of `stats` with fields or statistics (by name; None drops one) replaced."""
     fields = dict(stats.__dict__)
+    statistics = dict(fields.pop("statistics"))
+    for name in STATISTICS:
+        if name in changes:
+            statistics[name] = changes.pop(name)
     fields.update(changes)
-    return TokenStats(**fields)
+    return TokenStats(**fields, statistics={name: value for name, value in statistics.items() if value is not None})
+
+
+def stat(stats, name):
+    return stats.statistics[name]
 
 
 def valid_positions(stats):
@@ -79,7 +87,7 @@ def run(name, stats, seed=None, **params):
 
 
 SELECTOR_PARAMS = {
-    "all": {}, "high_entropy": {}, "d3s_tokens": {"keep_fraction": 0.3}, "tip_soft_or": {}, "tip_q3": {},
+    "all": {}, "high_entropy": {}, "d3s_tokens": {}, "tip_soft_or": {}, "tip_q3": {},
     "entropy_sampling": {"gamma": 1.0}, "random": {},
 }
 
@@ -107,7 +115,7 @@ def test_all_is_the_mask():
 def test_missing_statistics_are_named():
     stats = TokenStats(mask=torch.ones(2, 3))
     for name in ("high_entropy", "d3s_tokens", "tip_soft_or", "tip_q3", "entropy_sampling"):
-        with pytest.raises(ValueError, match="needs TokenStats"):
+        with pytest.raises(ValueError, match="needs the (token statistic|advantages|vocabulary size)"):
             run(name, stats, **SELECTOR_PARAMS[name])
     no_vocab = with_fields(make_stats(LENGTHS), vocab_size=None)
     with pytest.raises(ValueError, match="vocab_size"):
@@ -128,7 +136,7 @@ def test_floor_counts_reads_decimal_fractions_exactly():
 
 def reference_high_entropy(stats, top_fraction):
     positions = valid_positions(stats)
-    entropy = stats.entropy.tolist()
+    entropy = stat(stats, "entropy").tolist()
     threshold = py_quantile([entropy[i][t] for i, t in positions], 1 - top_fraction)
     return {(i, t) for i, t in positions if entropy[i][t] >= threshold}
 
@@ -159,9 +167,9 @@ def test_high_entropy_edge_cases():
 
 def reference_d3s_tokens(stats, keep_fraction):
     positions = valid_positions(stats)
-    advantages, entropy = stats.advantage_per_rollout.tolist(), stats.entropy.tolist()
+    advantages, entropy = stats.advantages.tolist(), stat(stats, "entropy").tolist()
     width = stats.mask.shape[1]
-    ranked = sorted(positions, key=lambda p: (-abs(advantages[p[0]]) * entropy[p[0]][p[1]], p[0] * width + p[1]))
+    ranked = sorted(positions, key=lambda p: (-abs(advantages[p[0]][p[1]]) * entropy[p[0]][p[1]], p[0] * width + p[1]))
     count = max(exact_floor(keep_fraction, len(positions)), 1) if positions else 0
     return set(ranked[:count])
 
@@ -171,9 +179,17 @@ def test_d3s_tokens_matches_reference(keep_fraction):
     for seed in range(4):
         stats = make_stats(LENGTHS, seed)
         expected = reference_d3s_tokens(stats, keep_fraction)
-        assert selected(run("d3s_tokens", stats, keep_fraction=keep_fraction)) == expected
-        per_rollout_only = with_fields(stats, advantages=None)
-        assert selected(run("d3s_tokens", per_rollout_only, keep_fraction=keep_fraction)) == expected
+        assert selected(select_d3s_tokens(stats, keep_fraction=keep_fraction)) == expected
+
+
+def test_registered_d3s_tokens_follows_its_schedule():
+    """The entry reads K off its token_fraction endpoints at the run's progress (docs/algorithms.md#d3s-schedule)."""
+    for progress, fraction in ((0.0, 0.2), (0.5, 0.35), (1.0, 0.5), (1.7, 0.5)):
+        stats = with_fields(make_stats(LENGTHS, seed=3), progress=progress)
+        keep = run("d3s_tokens", stats, token_fraction=[0.2, 0.5])
+        assert selected(keep) == reference_d3s_tokens(stats, fraction)
+        entry = TOKEN_SELECTORS.get("d3s_tokens")
+        assert entry.metrics(stats, token_fraction=[0.2, 0.5]) == {"d3s/token_fraction": pytest.approx(fraction)}
 
 
 def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
@@ -182,14 +198,14 @@ def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
     # Keys drawn from a few exact values: many ties across rows and positions.
     per_rollout = torch.tensor([rng.choice([-1.0, 0.0, 1.0, 2.0]) for _ in LENGTHS])
     entropy = torch.tensor([[rng.choice([0.5, 1.0, 2.0]) for _ in range(stats.mask.shape[1])] for _ in LENGTHS])
-    stats = with_fields(stats, advantages=None, advantage_per_rollout=per_rollout,
+    stats = with_fields(stats, advantages=torch.where(stats.mask > 0, per_rollout[:, None], PAD_VALUE),
                         entropy=torch.where(stats.mask > 0, entropy, PAD_VALUE))
     for keep_fraction in (0.1, 0.25, 0.5, 0.8):
-        keep = run("d3s_tokens", stats, keep_fraction=keep_fraction)
+        keep = select_d3s_tokens(stats, keep_fraction=keep_fraction)
         assert selected(keep) == reference_d3s_tokens(stats, keep_fraction)
     # All keys 0 (zero advantages): at least one token, the first valid one.
-    zero = with_fields(stats, advantage_per_rollout=torch.zeros(len(LENGTHS)))
-    assert selected(run("d3s_tokens", zero, keep_fraction=0.01)) == {(0, 0)}
+    zero = with_fields(stats, advantages=torch.zeros_like(stats.mask))
+    assert selected(select_d3s_tokens(zero, keep_fraction=0.01)) == {(0, 0)}
 
 
 # --- TIP Soft-OR and Q3 (docs/algorithms.md#tip-selection-rules) --------------------------------
@@ -197,7 +213,7 @@ def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
 
 def reference_tip(stats, rule, rho, clip_quantile=0.98):
     positions = valid_positions(stats)
-    entropy, reverse, forward = stats.entropy.tolist(), stats.reverse_kl.tolist(), stats.forward_kl.tolist()
+    entropy, reverse, forward = stat(stats, "entropy").tolist(), stat(stats, "reverse_kl").tolist(), stat(stats, "forward_kl").tolist()
     h = {p: entropy[p[0]][p[1]] / math.log(stats.vocab_size) for p in positions}
     ceiling = py_quantile(list(h.values()), clip_quantile)
     h = py_min_max({p: min(v, ceiling) for p, v in h.items()})
@@ -286,7 +302,8 @@ def test_entropy_sampling_inclusion_probabilities_match_exact(gamma):
     # One rollout of 5 valid tokens (and padding); ratio 0.4 draws 2 of them.
     entropy = torch.tensor([[0.2, 1.0, 2.5, 0.6, 3.0, PAD_VALUE]])
     jsd = torch.tensor([[0.5, 0.1, 0.3, 0.6, 0.2, PAD_VALUE]])
-    stats = TokenStats(mask=torch.tensor([[1.0] * 5 + [0.0]]), entropy=entropy, jsd=jsd, vocab_size=VOCAB)
+    stats = TokenStats(mask=torch.tensor([[1.0] * 5 + [0.0]]), statistics={"entropy": entropy, "jsd": jsd},
+                       vocab_size=VOCAB)
     weights = [e * (j if gamma else 1.0) for e, j in zip(entropy[0, :5].tolist(), jsd[0, :5].tolist())]
     expected = exact_inclusion(weights, 2)
     generator = torch.Generator().manual_seed(0)
@@ -308,7 +325,7 @@ def test_entropy_sampling_zero_weights_only_fill_the_count():
     stats = make_stats([6, 4], seed=6)
     zero_entropy = {(0, 1), (0, 4), (1, 0), (1, 3)}  # 4 of the 10 valid tokens have weight 0
     # Tiny positive weights: a zero weight must lose to any positive one, whatever the scale.
-    entropy = stats.entropy * 1e-6
+    entropy = stat(stats, "entropy") * 1e-6
     for i, t in zero_entropy:
         entropy[i, t] = 0.0
     stats = with_fields(stats, entropy=entropy)
@@ -439,6 +456,18 @@ def test_d3s_batch_scope_drops_zero_advantage_groups_and_keeps_values():
     assert advantages.tolist() == [1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0]  # not re-normalised
     with pytest.raises(ValueError):
         d3s_sample_mask(advantages, group_ids, 2, scope="global")
+
+
+def test_registered_d3s_sample_selector_follows_its_schedule():
+    """N rollouts per prompt move from rollouts[0] to rollouts[1] with the progress, halves up."""
+    advantages = torch.randn(24, generator=torch.Generator().manual_seed(4))
+    group_ids = torch.arange(24) // 8
+    entry = SAMPLE_SELECTORS.get("d3s")
+    for progress, per_group in ((0.0, 2), (0.5, 5), (1.0, 8)):  # 2 -> 8: 5 at the midpoint
+        for scope in ("group", "batch"):
+            keep = entry(advantages, group_ids, progress=progress, scope=scope, rollouts=[2, 8])
+            assert keep.tolist() == d3s_sample_mask(advantages, group_ids, per_group, scope).tolist()
+    assert SAMPLE_SELECTORS.get("none")(advantages, group_ids, progress=0.3).all()
 
 
 def test_d3s_schedule_endpoints_midpoint_and_clamp():

@@ -87,7 +87,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
                                "logging.tensorboard=false", "logging.name=r"]
     train(common)
     with pytest.raises(ConfigError, match="algorithm differs"):
-        RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.clip_high=0.5"]), resume=True)
+        RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.policy_loss.clip_high=0.5"]), resume=True)
 
 
 def parity_reward(completion, sample):
@@ -198,15 +198,15 @@ def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_override
     """D3S and high-entropy recipes end to end: the learner trains on a selected share of tokens."""
     common = tiny_overrides + ["steps=2", "eval.before_training=false", "eval.after_training=false",
                                "logging.tensorboard=false"]
-    d3s, _ = train(common + ["logging.name=d3s", "algorithm.sample_selection=d3s", "algorithm.d3s_rollouts=[2, 4]",
-                             "algorithm.token_selection=d3s_tokens", "algorithm.d3s_token_fraction=[0.2, 0.6]"])
+    d3s, _ = train(common + ["logging.name=d3s", "algorithm.sample_selection={name: d3s, rollouts: [2, 4]}",
+                             "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 0.6]}"])
     rows = read_metrics(d3s.path)
     # Step 1 keeps 2 of 4 rollouts per prompt on average and 20% of their tokens; step 2 (the end) 4 and 60%.
-    assert [r["d3s/kept_rollouts"] for r in rows] == [8.0, 16.0]
+    assert [r["selection/kept_rollouts"] for r in rows] == [8.0, 16.0]
     assert [r["d3s/token_fraction"] for r in rows] == pytest.approx([0.2, 0.6])
     assert rows[0]["tokens/kept_fraction"] < 0.2 and 0.5 < rows[1]["tokens/kept_fraction"] <= 0.6
-    high, _ = train(common + ["logging.name=high", "algorithm.token_selection=high_entropy",
-                              "algorithm.token_selection_params={top_fraction: 0.25}", "algorithm.loss_denominator=all"])
+    high, _ = train(common + ["logging.name=high", "algorithm.token_selection={name: high_entropy, top_fraction: 0.25}",
+                              "algorithm.loss_denominator=all"])
     for row in read_metrics(high.path):
         assert 0.2 <= row["tokens/kept_fraction"] <= 0.35  # top 25% by entropy (ties at the threshold kept)
 
@@ -218,7 +218,7 @@ def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_ove
                                "rollout.max_response_length=24", "eval.max_new_tokens=32"]
     full, _ = run_recipe(load_recipe(RECIPES / "opd.yaml", common + ["logging.name=opd"]))
     for row in read_metrics(full.path):
-        assert row["distill/divergence"] > 0 and "tokens/kept_fraction" not in row
+        assert row["distill/divergence"] > 0 and row["tokens/kept_fraction"] == 1.0
     tip, _ = run_recipe(load_recipe(RECIPES / "tip_opd.yaml", common + ["logging.name=tip"]))
     for row in read_metrics(tip.path):
         assert 0.3 < row["tokens/kept_fraction"] <= 0.5  # floor(0.5 x length) per response

@@ -12,9 +12,9 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.registry import Registry
 
+# name -> fn(batch, **params) -> [B, R] per-token advantages. An entry's `metrics` (batch -> {name:
+# value}) are its diagnostics, logged every step.
 ADVANTAGES: Registry = Registry("advantage estimator")
-# Optional diagnostics of an estimator, batch -> {name: value}, logged every step (same names).
-ADVANTAGE_METRICS: Registry = Registry("advantage metrics")
 
 
 def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,7 +39,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     return (values - mean) * torch.rsqrt(var + eps)
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", ranges={"eps": "(0, inf)"}, source="GRPO (DeepSeekMath, arXiv 2402.03300); "
+                                                                   "norm_by_std=false is Dr. GRPO (arXiv 2503.20783)")
 def grpo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: A_i = (r_i - mean_group(r)) / (std_group(r) + eps), the same for every token of i.
 
@@ -52,7 +53,8 @@ def grpo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float
     return adv[:, None] * batch.response_mask
 
 
-@ADVANTAGES.register("dler")
+@ADVANTAGES.register("dler", ranges={"eps": "(0, inf)"}, source="DLER (arXiv 2510.15110) Eq. 3; verl's "
+                                                                   "reinforce_plus_plus_baseline")
 def dler_advantages(batch: RolloutBatch, *, eps: float = 1e-8) -> torch.Tensor:
     """DLER batch-wise normalisation (paper Eq. 3; verl's reinforce_plus_plus_baseline).
 

@@ -62,6 +62,34 @@ def generalised_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
     return beta * kl_student + (1.0 - beta) * kl_teacher
 
 
+# Per-token statistics token selectors rank by, by name (a selector's `needs`): name ->
+# fn(student_logp [n, V], teacher_logp [n, V] or None) -> [n]. An entry that needs "teacher" gets
+# the teacher's log-probabilities (on-policy distillation only). Adding a statistic is one entry
+# here: the learners compute whatever a recipe's selector names, in one pass.
+TOKEN_STATISTICS: Registry = Registry("token statistic")
+
+
+@TOKEN_STATISTICS.register("entropy", source="H = -sum_v p log p of the policy, in nats")
+def entropy_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor | None) -> torch.Tensor:
+    return -(student_logp.exp() * student_logp).sum(-1)
+
+
+@TOKEN_STATISTICS.register("reverse_kl", needs=("teacher",), source="KL(P_S || P_T): TIP's divergence axis")
+def reverse_kl_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    return reverse_kl(student_logp, teacher_logp, 0.0)
+
+
+@TOKEN_STATISTICS.register("forward_kl", needs=("teacher",), source="KL(P_T || P_S): TIP's Q3 ranking signal")
+def forward_kl_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    return forward_kl(student_logp, teacher_logp, 0.0)
+
+
+@TOKEN_STATISTICS.register("jsd", needs=("teacher",), source="symmetric JSD (beta 0.5), at most ln 2: "
+                                                              "the OPD repo's entropy_weighted_sample")
+def jsd_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    return generalised_jsd(student_logp, teacher_logp, 0.5)
+
+
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

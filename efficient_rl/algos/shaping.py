@@ -8,11 +8,14 @@ docs/algorithms.md#difficulty-aware-dler and docs/algorithms.md#dapo-overlong-sh
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from efficient_rl.registry import Registry
 
+# name -> fn(scores [B], lengths [B], truncated [B], length_cap [B], **params) -> [B] rewards. An
+# entry that reads length_cap needs "length_cap" (DA-DLER's per-prompt caps apply to it).
 LENGTH_SHAPERS: Registry = Registry("length penalty")
 
 
@@ -21,13 +24,14 @@ def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.T
     return truncated | (lengths > length_cap)
 
 
-@LENGTH_SHAPERS.register("none")
+@LENGTH_SHAPERS.register("none", source="no length shaping: the reward is the score")
 def no_length_penalty(scores, lengths, truncated, length_cap) -> torch.Tensor:
     return scores.clone()
 
 
-@LENGTH_SHAPERS.register("truncation")
-def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: str = "paper",
+@LENGTH_SHAPERS.register("truncation", needs=("length_cap",), ranges={"not_stopped_coef": "[0, 1]"},
+                         source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager")
+def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: Literal["paper", "code"] = "paper",
                        not_stopped_coef: float = 0.1) -> torch.Tensor:
     """DLER: a rollout over its truncation length gets reward 0 (mode="paper").
 
@@ -37,14 +41,11 @@ def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: str = "p
     below the generation limit (DA-DLER tiers) "did not stop by itself" means "not within the cap".
     """
     over = over_cap(lengths, truncated, length_cap)
-    if mode == "paper":
-        return torch.where(over, torch.zeros_like(scores), scores)
-    if mode == "code":
-        return torch.where(over, scores * not_stopped_coef, scores)
-    raise ValueError(f"truncation mode: expected 'paper' or 'code', got {mode!r}")
+    return torch.where(over, scores * (not_stopped_coef if mode == "code" else 0.0), scores)
 
 
-@LENGTH_SHAPERS.register("overlong")
+@LENGTH_SHAPERS.register("overlong", needs=("length_cap",), ranges={"buffer": "[1, inf)", "factor": "[0, inf)"},
+                         source="DAPO (arXiv 2503.14476) soft overlong punishment")
 def overlong_shaping(scores, lengths, truncated, length_cap, *, buffer: int = 4096,
                      factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment with L_max = the cap in force and L_cache = `buffer`.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from efficient_rl.algos.advantages import ADVANTAGE_METRICS, ADVANTAGES, group_stats
+from efficient_rl.algos.advantages import ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 
 
@@ -82,7 +82,22 @@ def batch_td(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix_td(batch.response_ids, batch.response_mask, batch.group_ids, batch.rewards)
 
 
-@ADVANTAGES.register("tempo")
+def tempo_metrics(batch: RolloutBatch, **params) -> dict[str, float]:
+    """How much of the batch TEMPO changes: branching tokens per response, share of tokens with TD != 0.
+
+    Long responses that diverge early leave few branching tokens, and TEMPO is GRPO there
+    (docs/algorithms.md#tempo-published-results, the reviewers' caveat).
+    """
+    td, branching = batch_td(batch)
+    running = batch.response_mask > 0
+    return {
+        "tempo/branching_tokens_per_response": float(branching.sum()) / max(len(batch), 1),
+        "tempo/td_nonzero_fraction": float(((td != 0) & running).sum()) / max(int(running.sum()), 1),
+    }
+
+
+@ADVANTAGES.register("tempo", metrics=tempo_metrics, ranges={"eps": "(0, inf)"},
+                    source="TEMPO / P2T (arXiv 2509.18314), official code compute_tempo_outcome_advantage")
 def tempo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """A_{i,t} = (r_i − mean_G(r) + TD_{i,t}) / (std_G(r) + eps), as the official code.
 
@@ -95,18 +110,3 @@ def tempo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: floa
     if norm_by_std:
         adv = adv / (std + eps)[:, None]
     return adv * batch.response_mask
-
-
-@ADVANTAGE_METRICS.register("tempo")
-def tempo_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """How much of the batch TEMPO changes: branching tokens per response, share of tokens with TD != 0.
-
-    Long responses that diverge early leave few branching tokens, and TEMPO is GRPO there
-    (docs/algorithms.md#tempo-published-results, the reviewers' caveat).
-    """
-    td, branching = batch_td(batch)
-    running = batch.response_mask > 0
-    return {
-        "tempo/branching_tokens_per_response": float(branching.sum()) / max(len(batch), 1),
-        "tempo/td_nonzero_fraction": float(((td != 0) & running).sum()) / max(int(running.sum()), 1),
-    }

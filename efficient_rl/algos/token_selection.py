@@ -19,37 +19,39 @@ is 28.999999999999996, taken as 29); see floor_counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from efficient_rl.registry import Registry
 
-# name -> fn(stats: TokenStats, *, generator: torch.Generator | None = None, **params) -> [B, R] bool
-TOKEN_SELECTORS: Registry = Registry("token selector")
+# name -> fn(stats: TokenStats, *, generator: torch.Generator | None, **params) -> [B, R] bool. An
+# entry needs the TOKEN_STATISTICS it reads (and "progress" when scheduled); its `metrics`,
+# fn(stats, **params) -> {name: value}, are logged each step.
+TOKEN_SELECTORS: Registry = Registry("token selector", provided=("generator",))
+# name -> fn(advantages [B], group_ids [B], *, progress: float, **params) -> [B] bool, the rollouts kept
+SAMPLE_SELECTORS: Registry = Registry("sample selector", provided=("progress",))
 
 QUADRANT_KEYS = ("tip/q1_share", "tip/q2_share", "tip/q3_share", "tip/q4_share")
 
 
 @dataclass
 class TokenStats:
-    """Per-token statistics a selector may read: [B, R] float tensors aligned with a right-padded
-    response batch, unless noted. A selector raises ValueError when one it needs is None."""
+    """What a token selector reads: [B, R] float tensors aligned with a right-padded response
+    batch. `statistics` holds the per-token statistics the selector's entry `needs`, by their
+    TOKEN_STATISTICS names (algos/divergence.py): the learner computes exactly those."""
 
     mask: torch.Tensor  # 1 on valid response tokens
     advantages: torch.Tensor | None = None  # A_{i,t}
-    entropy: torch.Tensor | None = None  # student entropy H_{i,t} in nats
-    reverse_kl: torch.Tensor | None = None  # KL(P_S || P_T) per token (TIP's δ, #tip-axes)
-    forward_kl: torch.Tensor | None = None  # KL(P_T || P_S) per token (TIP's Q3 ranking, #tip-selection-rules)
-    jsd: torch.Tensor | None = None  # JSD(P_S, P_T) in nats, beta = 0.5 (entropy_sampling's gamma term)
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "entropy": H_{i,t} in nats
     vocab_size: int | None = None  # |V|, for the normalised entropy h = H / ln|V|
-    group_ids: torch.Tensor | None = None  # [B] long, rollouts of one prompt share an id
-    advantage_per_rollout: torch.Tensor | None = None  # [B] A_i
+    progress: float = 0.0  # training progress p in [0, 1], for scheduled selectors (D³S)
 
     def require(self, name: str, selector: str) -> torch.Tensor:
-        value = getattr(self, name)
+        value = self.statistics.get(name)
         if value is None:
-            raise ValueError(f"token selector {selector!r} needs TokenStats.{name}")
+            raise ValueError(f"token selector {selector!r} needs the token statistic {name!r}")
         return value
 
 
@@ -143,7 +145,7 @@ def tip_entropy_axis(stats: TokenStats, valid: torch.Tensor, clip_quantile: floa
     `clip_quantile` over valid tokens so a few near-uniform positions do not squash everyone else
     toward 0, then min-max normalised over the valid tokens. Needs at least one valid token."""
     if stats.vocab_size is None or stats.vocab_size < 2:
-        raise ValueError(f"token selector {selector!r} needs TokenStats.vocab_size >= 2, got {stats.vocab_size}")
+        raise ValueError(f"token selector {selector!r} needs the vocabulary size (vocab_size >= 2), got {stats.vocab_size}")
     check_fraction("entropy_clip_quantile", clip_quantile)
     h = stats.require("entropy", selector).double() / math.log(stats.vocab_size)
     h = torch.minimum(h, valid_quantile(h, valid, clip_quantile))
@@ -153,13 +155,14 @@ def tip_entropy_axis(stats: TokenStats, valid: torch.Tensor, clip_quantile: floa
 # --- token selectors ---------------------------------------------------------------------------
 
 
-@TOKEN_SELECTORS.register("all")
+@TOKEN_SELECTORS.register("all", source="every token: plain GRPO, full-token OPD")
 def select_all(stats: TokenStats, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Every valid response token (plain GRPO / full-token OPD)."""
     return stats.mask > 0
 
 
-@TOKEN_SELECTORS.register("high_entropy")
+@TOKEN_SELECTORS.register("high_entropy", needs=("entropy",), ranges={"top_fraction": "(0, 1]"},
+                          source="Beyond the 80/20 rule (arXiv 2506.01939); TRL's top_entropy_quantile")
 def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None = None,
                         top_fraction: float = 0.2) -> torch.Tensor:
     """Beyond the 80/20 rule (#high-entropy-forking-tokens): tokens whose entropy reaches the
@@ -174,7 +177,6 @@ def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None 
     return (entropy >= valid_quantile(entropy, valid, 1.0 - top_fraction)) & valid
 
 
-@TOKEN_SELECTORS.register("d3s_tokens")
 def select_d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = None,
                       keep_fraction: float) -> torch.Tensor:
     """D³S token level (#d3s-token-level): the top `keep_fraction` (K) of valid tokens by |A_{i,t}|·H_{i,t}.
@@ -183,21 +185,25 @@ def select_d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = 
     entropy within a rollout and weighs rollouts by |A_i|. k = floor(K·N) of the N valid tokens,
     at least 1 when N > 0; ties go to the earlier flat position. K has no official default
     (#d3s-schedule), so it must be given (d3s_schedule's K). The mask should already exclude the rollouts
-    D³S's sample level dropped. Uses `advantages`, or `advantage_per_rollout` broadcast to tokens.
+    D³S's sample level dropped.
     """
     check_fraction("keep_fraction", keep_fraction, allow_zero=False)
     valid = stats.mask > 0
-    if stats.advantages is not None:
-        advantages = stats.advantages.double()
-    else:
-        advantages = stats.require("advantage_per_rollout", "d3s_tokens").double()[:, None].expand_as(valid)
-    key = advantages.abs() * stats.require("entropy", "d3s_tokens").double()
+    if stats.advantages is None:
+        raise ValueError("token selector 'd3s_tokens' needs the advantages")
+    key = stats.advantages.double().abs() * stats.require("entropy", "d3s_tokens").double()
     valid_tokens = int(valid.sum())
     count = max(floor_count(keep_fraction, valid_tokens), 1) if valid_tokens else 0
     return top_global(key, valid, count)
 
 
-@TOKEN_SELECTORS.register("tip_soft_or")
+def tip_quadrants(stats: TokenStats, **params) -> dict[str, float]:
+    return quadrant_shares(stats.require("entropy", "tip"), stats.require("reverse_kl", "tip"), stats.mask)
+
+
+@TOKEN_SELECTORS.register("tip_soft_or", needs=("entropy", "reverse_kl"), metrics=tip_quadrants,
+                          ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
+                          source="TIP (arXiv 2604.14084), Soft-OR; docs/algorithms.md#tip-selection-rules")
 def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.5,
                        entropy_clip_quantile: float = 0.98) -> torch.Tensor:
     """TIP Soft-OR (#tip-selection-rules): s = ĥ + δ̂ - ĥ·δ̂ = 1 - (1 - ĥ)(1 - δ̂), high when either
@@ -218,7 +224,9 @@ def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None =
     return top_per_row(score, valid, floor_counts(rho, valid.sum(1)))
 
 
-@TOKEN_SELECTORS.register("tip_q3")
+@TOKEN_SELECTORS.register("tip_q3", needs=("entropy", "forward_kl", "reverse_kl"), metrics=tip_quadrants,
+                          ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
+                          source="TIP (arXiv 2604.14084), the Q3 detector; docs/algorithms.md#tip-selection-rules")
 def select_tip_q3(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.2,
                   entropy_clip_quantile: float = 0.98) -> torch.Tensor:
     """TIP's Q3 detector (#tip-selection-rules): w = KL(P_T || P_S)·(1 - ĥ), overconfident-and-wrong tokens.
@@ -237,7 +245,13 @@ def select_tip_q3(stats: TokenStats, *, generator: torch.Generator | None = None
     return top_per_row(score, valid, floor_counts(rho, valid.sum(1)))
 
 
-@TOKEN_SELECTORS.register("entropy_sampling")
+def entropy_sampling_needs(params) -> tuple[str, ...]:
+    return ("entropy", "jsd") if params.gamma != 0 else ("entropy",)
+
+
+@TOKEN_SELECTORS.register("entropy_sampling", needs=entropy_sampling_needs,
+                          ranges={"ratio": "[0, 1]", "alpha": "[0, inf)", "gamma": "[0, inf)"},
+                          source="the OPD repo's entropy_weighted_sample (HJSang/OPSD_OnPolicyDistillation)")
 def select_entropy_sampling(stats: TokenStats, *, generator: torch.Generator | None = None, ratio: float = 0.5,
                             alpha: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
     """TIP's entropy-only rule as the OPD repo's entropy_weighted_sample (#tip-selection-rules): k =
@@ -266,7 +280,7 @@ def select_entropy_sampling(stats: TokenStats, *, generator: torch.Generator | N
     return sample_without_replacement(weights, valid, count, generator)
 
 
-@TOKEN_SELECTORS.register("random")
+@TOKEN_SELECTORS.register("random", ranges={"ratio": "[0, 1]"}, source="uniform baseline")
 def select_random(stats: TokenStats, *, generator: torch.Generator | None = None, ratio: float = 0.5) -> torch.Tensor:
     """Baseline: floor(N·ratio) of the batch's N valid tokens, uniformly without replacement."""
     check_fraction("ratio", ratio)
@@ -345,10 +359,55 @@ def d3s_schedule(progress: float, n_init: int, n_final: int, k_init: float, k_fi
     nearest integer, halves up (see round_half_up); K (token keep fraction) is returned as is. No
     official values of the four endpoints exist (#d3s).
     """
+    return round_half_up(linear_schedule(progress, n_init, n_final)), linear_schedule(progress, k_init, k_final)
+
+
+def linear_schedule(progress: float, start: float, end: float) -> float:
+    """(1 - p)·start + p·end, with p clamped to [0, 1]."""
     p = min(max(float(progress), 0.0), 1.0)
-    rollouts = (1.0 - p) * n_init + p * n_final
-    keep_fraction = (1.0 - p) * k_init + p * k_final
-    return round_half_up(rollouts), keep_fraction
+    return (1.0 - p) * start + p * end
+
+
+def d3s_token_fraction(stats: TokenStats, *, token_fraction: list[float]) -> dict[str, float]:
+    return {"d3s/token_fraction": linear_schedule(stats.progress, *token_fraction)}
+
+
+@TOKEN_SELECTORS.register("d3s_tokens", needs=("entropy",), metrics=d3s_token_fraction,
+                          ranges={"token_fraction": "(0, 1]"}, check=lambda params, recipe: two_endpoints(
+                              params.token_fraction, "token_fraction"),
+                          source="D³S (arXiv 2509.22115), token level on its schedule; docs/algorithms.md#d3s-token-level")
+def d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = None,
+               token_fraction: list[float] = [0.2, 0.5]) -> torch.Tensor:
+    """D³S's token level on its schedule: K moves linearly from token_fraction[0] to [1] over
+    training (no official endpoints exist; 0.2 -> 0.5 is this library's lab sweep's choice)."""
+    return select_d3s_tokens(stats, keep_fraction=linear_schedule(stats.progress, *token_fraction))
+
+
+def two_endpoints(values: list, name: str) -> str | None:
+    return None if len(values) == 2 else f"{name}: expected [start, end], got {values}"
+
+
+@SAMPLE_SELECTORS.register("none", source="every rollout")
+def keep_every_rollout(advantages: torch.Tensor, group_ids: torch.Tensor, *, progress: float) -> torch.Tensor:
+    return torch.ones(advantages.shape, dtype=torch.bool, device=advantages.device)
+
+
+def d3s_rollouts_fit(params, recipe) -> str | None:
+    group_size = recipe.rollout.group_size
+    if len(params.rollouts) != 2 or not all(1 <= n <= group_size for n in params.rollouts):
+        return f"rollouts: expected [N_init, N_final] within 1..rollout.group_size ({group_size}), got {params.rollouts}"
+    return None
+
+
+@SAMPLE_SELECTORS.register("d3s", ranges={"rollouts": "[1, inf)"}, check=d3s_rollouts_fit,
+                           source="D³S (arXiv 2509.22115), sample level (D³S-Cross) on its schedule; "
+                                  "docs/algorithms.md#d3s-sample-level")
+def d3s_samples(advantages: torch.Tensor, group_ids: torch.Tensor, *, progress: float,
+                scope: Literal["group", "batch"] = "batch", rollouts: list[int] = [4, 8]) -> torch.Tensor:
+    """D³S's sample level on its schedule: N rollouts per prompt on average, N moving linearly
+    from rollouts[0] to rollouts[1] over training; scope batch is D³S-Cross (the paper's best)."""
+    keep_per_group = round_half_up(linear_schedule(progress, *rollouts))
+    return d3s_sample_mask(advantages, group_ids, keep_per_group, scope)
 
 
 def round_half_up(value: float) -> int:

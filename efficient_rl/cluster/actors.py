@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from efficient_rl.cluster.teacher import teacher_client
+from efficient_rl.plugins import import_plugins
 
 
 class RolloutWorker:
@@ -85,6 +86,7 @@ class LearnerWorker:
         import efficient_rl.learner.deepspeed_learner  # noqa: F401  (registers the backend)
         from efficient_rl.learner.base import LEARNERS
 
+        import_plugins(recipe.imports)  # the recipe's own methods register themselves in this process too
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         self.learner = LEARNERS.get(recipe.learner.backend)(recipe, model_dir, base_model_dir,
@@ -93,11 +95,8 @@ class LearnerWorker:
     def update(self, batch):
         return self.learner.update(batch)
 
-    def token_entropy(self, batch):
-        return self.learner.token_entropy(batch)
-
-    def distill_stats(self, batch):
-        return self.learner.distill_stats(batch)
+    def token_statistics(self, batch, names):
+        return self.learner.token_statistics(batch, names)
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Object-store references to the weight buckets (rank 0; other ranks help gather)."""

@@ -124,15 +124,10 @@ class RayLearnerGroup:
 
         return self.call("update", ray.put(batch))[0]  # one copy in the object store for all ranks
 
-    def token_entropy(self, batch: RolloutBatch):
+    def token_statistics(self, batch: RolloutBatch, names: tuple[str, ...]):
         import ray
 
-        return self.call("token_entropy", ray.put(batch))[0]
-
-    def distill_stats(self, batch: RolloutBatch):
-        import ray
-
-        return self.call("distill_stats", ray.put(batch))[0]
+        return self.call("token_statistics", ray.put(batch), names)[0]
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """(object ref, size in bytes) of every weight bucket, from rank 0."""

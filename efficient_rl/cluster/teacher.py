@@ -18,8 +18,8 @@ def teacher_actor_name(recipe) -> str:
 
 
 def hosts_teacher(recipe) -> bool:
-    """The recipe distils from a teacher that runs as one Ray actor."""
-    return recipe.algorithm.objective == "distillation" and recipe.distill.placement == "ray"
+    """The recipe has a teacher (distill.teacher: whatever needs one) that runs as one Ray actor."""
+    return recipe.distill.teacher is not None and recipe.distill.placement == "ray"
 
 
 class RemoteTeacher:

@@ -15,11 +15,9 @@ class Learner(Protocol):
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Optimizer steps on one rollout batch (advantages filled in); returns step metrics."""
 
-    def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
-        """[B, R] entropy of the current policy at each response token (token selection's statistic)."""
-
-    def distill_stats(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """[B, R] entropy, reverse_kl, forward_kl against the distillation teacher (TIP's axes)."""
+    def token_statistics(self, batch: RolloutBatch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """[B, R] per-token statistics of the current policy by TOKEN_STATISTICS name (entropy,
+        divergences from the teacher...): what the token selector needs, in one call."""
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The full current weights (tied parameters once), for the rollout engines."""

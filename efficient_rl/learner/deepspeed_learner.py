@@ -21,7 +21,7 @@ import torch.distributed as dist
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import build_teacher
-from efficient_rl.learner.objective import objective_settings
+from efficient_rl.learner.objective import objective_settings, without_selected_compute
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
 from efficient_rl.modeling import load_model
 
@@ -71,7 +71,8 @@ class DeepSpeedLearner(TorchLearner):
         # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
         # and the LM head as separate submodules gave different gradients (tests/test_ray_cluster.py),
         # so under ZeRO-3 a token selection masks the full logits instead (same result, no saving).
-        self.selected_compute = recipe.learner.zero_stage != 3
+        if recipe.learner.zero_stage == 3:
+            self.objective = without_selected_compute(self.objective)
 
     @property
     def policy(self):

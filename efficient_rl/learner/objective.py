@@ -1,51 +1,73 @@
-"""The training objective shared by every learner backend: model outputs -> scalar loss + stats."""
+"""The training objective shared by every learner backend: model outputs -> scalar loss + stats.
+
+An objective is an entry of OBJECTIVES (algorithm.objective): `policy_gradient` (a policy loss
+from algos/losses.py, aggregated, plus the KL term) or `distillation` (a per-token divergence from
+a teacher). Each takes (model, micro-batch rows, settings, mini-batch denominators, teacher) and
+returns the micro-batch's loss, scaled so micro-batch losses add up to the mini-batch loss, and
+statistics summed over its loss tokens (sums add up across micro-batches and processes).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
-from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, LossDenominators
-from efficient_rl.modeling import output_head, response_hidden_states, scaled, scatter_selected
+from efficient_rl.algos.losses import (AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,
+                                       LossDenominators, LossInputs)
+from efficient_rl.config import bind
+from efficient_rl.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
+from efficient_rl.registry import Bound, Registry
+
+# name -> fn(model, rows, settings, den, teacher, **params) -> (loss, {statistic: sum over loss tokens}).
+# Needs: "old_logprobs" (the learner computes the pre-update log-probs when a batch takes several
+# optimizer steps), "teacher" (a distillation teacher).
+OBJECTIVES: Registry = Registry("objective")
 
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    policy_loss: str = "ppo_clip"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    clip_ratio_c: float | None = 10.0
-    loss_agg: str = "token-mean"
-    norm_length: int = 256  # constant of seq-mean-token-sum-norm
+    """The recipe's objective, its loss pieces bound once (entries with their parameters)."""
+
+    objective: Bound
+    policy_loss: Bound
+    aggregation: Bound
+    kl_estimator: Bound
+    rollout_correction: Bound
     kl_coef: float = 0.0
-    kl_estimator: str = "low_var_kl"
+    norm_length: int = 256  # constant of seq-mean-token-sum-norm
     temperature: float = 1.0  # logits are divided by the rollout temperature, as in the engine
-    tis_cap: float | None = None  # truncated importance sampling against the engine's log-probs
     # With a token selection (batch.loss_mask): "kept" averages the loss over the kept tokens,
     # "all" over every response token (unselected ones count as zero loss, as masking does).
     loss_denominator: str = "kept"
-    # algorithm.objective: distillation (docs/algorithms.md#on-policy-distillation): per-token divergence from a teacher
-    distillation: bool = False
-    divergence: str = "reverse_kl"
-    divergence_beta: float = 0.5
-    chunk_rows: int = 512
+    chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
+    selected_compute: bool = True  # the LM head runs on the loss tokens only
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return self.objective.needs
 
 
 def objective_settings(recipe) -> ObjectiveSettings:
     alg = recipe.algorithm
     return ObjectiveSettings(
-        policy_loss=alg.policy_loss, eps_low=alg.clip_low, eps_high=alg.clip_high,
-        clip_ratio_c=alg.clip_ratio_c, loss_agg=alg.loss_agg,
-        norm_length=recipe.rollout.max_response_length, kl_coef=alg.kl_coef,
-        kl_estimator=alg.kl_estimator, temperature=recipe.rollout.temperature,
-        tis_cap=alg.tis_cap if alg.rollout_correction == "tis" else None,
-        loss_denominator=alg.loss_denominator,
-        distillation=alg.objective == "distillation", divergence=recipe.distill.divergence,
-        divergence_beta=recipe.distill.beta, chunk_rows=recipe.distill.chunk_rows,
+        objective=bind(alg.objective, OBJECTIVES, "algorithm.objective"),
+        policy_loss=bind(alg.policy_loss, POLICY_LOSSES, "algorithm.policy_loss"),
+        aggregation=bind(alg.loss_agg, AGGREGATIONS, "algorithm.loss_agg"),
+        kl_estimator=bind(alg.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator"),
+        rollout_correction=bind(alg.rollout_correction, ROLLOUT_CORRECTIONS, "algorithm.rollout_correction"),
+        kl_coef=alg.kl_coef, norm_length=recipe.rollout.max_response_length,
+        temperature=recipe.rollout.temperature, loss_denominator=alg.loss_denominator,
+        chunk_rows=recipe.distill.chunk_rows,
     )
+
+
+def without_selected_compute(settings: ObjectiveSettings) -> ObjectiveSettings:
+    return dataclasses.replace(settings, selected_compute=False)
 
 
 def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,61 +76,81 @@ def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.T
     return selected, selected if settings.loss_denominator == "kept" else rows.response_mask
 
 
+def denominators(mini: RolloutBatch, settings: ObjectiveSettings) -> LossDenominators:
+    _, averaged_over = loss_masks(mini, settings)
+    return LossDenominators.of(averaged_over, settings.norm_length, mini.advantages)
+
+
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """[N, V] log-softmax over the vocabulary for N hidden states, at the sampling temperature."""
     return torch.log_softmax(scaled(head(hidden).float(), temperature), -1)
 
 
-def policy_objective(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
-                     den: LossDenominators) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch, already scaled so micro-batch losses sum to the mini-batch loss.
-
-    Returns the loss and statistics summed over loss tokens (sums add up across micro-batches).
-    """
-    selected, mask = loss_masks(rows, settings)
+def loss_inputs(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
+                den: LossDenominators) -> LossInputs:
+    selected, averaged_over = loss_masks(rows, settings)
     # One optimizer step per rollout batch: the rollout policy is the current one, so the old
     # log-probs are the current ones without gradient (ratio 1 with the right gradient).
     old = rows.old_logprobs if rows.old_logprobs is not None else logprobs.detach()
-    token = POLICY_LOSSES.get(settings.policy_loss)(
-        logprobs, old, rows.advantages,
-        eps_low=settings.eps_low, eps_high=settings.eps_high, clip_ratio_c=settings.clip_ratio_c,
-    )
-    token_loss = token.loss * selected
-    if settings.tis_cap is not None:
-        # The engine sampled from its own numerics, not the learner's: reweight each token by the
-        # (capped) learner / engine probability ratio, a constant in the gradient.
-        token_loss = token_loss * (old - rows.rollout_logprobs).exp().clamp(max=settings.tis_cap).detach()
-    aggregate = AGGREGATIONS.get(settings.loss_agg)
-    loss = aggregate(token_loss, mask, den)
-    stats = {
-        "clip_ratio/low": (token.clipped_low * selected).sum(),
-        "clip_ratio/high": (token.clipped_high * selected).sum(),
-        "clip_ratio/dual": (token.dual_clipped * selected).sum(),
-    }
+    return LossInputs(logprobs=logprobs, old_logprobs=old, advantages=rows.advantages, mask=selected,
+                      averaged_over=averaged_over, den=den, rollout_logprobs=rows.rollout_logprobs)
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
+                         den: LossDenominators) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss of one micro-batch from its log-probs: per token, times the rollout
+    correction's weights, aggregated; plus kl_coef times the aggregated KL to the reference."""
+    inputs = loss_inputs(logprobs, rows, settings, den)
+    token = settings.policy_loss(inputs)
+    token_loss = token.loss * inputs.mask * settings.rollout_correction(inputs)
+    loss = aggregate(token_loss, inputs, settings)
+    stats = {f"clip_ratio/{name}": (flags * inputs.mask).sum() for name, flags in token.indicators.items()}
     if settings.kl_coef > 0:
-        kl = KL_ESTIMATORS.get(settings.kl_estimator)(logprobs, rows.ref_logprobs) * selected
-        loss = loss + settings.kl_coef * aggregate(kl, mask, den)
+        kl = settings.kl_estimator(logprobs, rows.ref_logprobs) * inputs.mask
+        loss = loss + settings.kl_coef * aggregate(kl, inputs, settings)
         stats["kl"] = kl.detach().sum()
     return loss, stats
 
 
-def distillation_objective(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators,
-                           teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def aggregate(values: torch.Tensor, inputs: LossInputs, settings: ObjectiveSettings) -> torch.Tensor:
+    return settings.aggregation(values, inputs.averaged_over, inputs.den, inputs.advantages)
+
+
+@OBJECTIVES.register("policy_gradient", needs=("old_logprobs",), source="docs/algorithms.md#policy-losses")
+def policy_gradient(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators,
+                    teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The RL objective: with a token selection only the kept tokens reach the LM head."""
+    logprobs, entropy = response_logprobs(model, rows, settings.temperature,
+                                          selected=rows.loss_mask if settings.selected_compute else None)
+    loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
+    tokens, _ = loss_masks(rows, settings)
+    stats["entropy"] = (entropy.detach() * tokens).sum()
+    stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
+    return loss, stats
+
+
+@OBJECTIVES.register("distillation", needs=("teacher",), ranges={"beta": "(0, 1)"},
+                     source="on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025), "
+                            "docs/algorithms.md#on-policy-distillation")
+def distillation(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators, teacher, *,
+                 divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl",
+                 beta: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """On-policy distillation loss of one micro-batch: the per-token divergence between the
     student's and the teacher's distributions over the full vocabulary (reverse KL by default,
-    OPD Eq. 1), aggregated like the policy loss. Only the selected positions reach either LM
-    head, and they are processed `chunk_rows` at a time with recomputation in the backward, so
-    the student's [K, V] log-probabilities never exist whole."""
+    OPD Eq. 1; `beta` is the student's weight in jsd's mixture), aggregated like the policy loss.
+    Only the selected positions reach either LM head, and they are processed `chunk_rows` at a
+    time with recomputation in the backward, so the student's [K, V] log-probabilities never
+    exist whole."""
     selected, averaged_over = loss_masks(rows, settings)
     kept = selected.bool()
     teacher_logprobs = teacher.logprobs(rows, kept).to(rows.response_mask.device)  # [K, V], no gradient
-    head, divergence = output_head(model), DIVERGENCES.get(settings.divergence)
+    head, token_divergence_of = output_head(model), DIVERGENCES.get(divergence)
 
     def chunk_divergence(hidden: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
-        return divergence(head_logprobs(head, hidden, settings.temperature), teacher_chunk, settings.divergence_beta)
+        return token_divergence_of(head_logprobs(head, hidden, settings.temperature), teacher_chunk, beta)
 
     hidden = response_hidden_states(model, rows)[kept]
     token_divergence = scatter_selected(map_row_chunks(chunk_divergence, [hidden, teacher_logprobs],
                                                        settings.chunk_rows), kept)
-    loss = AGGREGATIONS.get(settings.loss_agg)(token_divergence, averaged_over, den)
+    loss = settings.aggregation(token_divergence, averaged_over, den, rows.advantages)
     return loss, {"distill/divergence": token_divergence.detach().sum()}

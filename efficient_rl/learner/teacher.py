@@ -47,7 +47,7 @@ def build_teacher(recipe: Recipe, device: str = "cpu", remote=None):
     """The recipe's teacher, or None when it does not distil: an embedded one is loaded here, on
     `device`; a `ray` one is `remote`, the actor's client the Ray layer built (anything with
     `vocab_size` and `logprobs(rows, selected)`, like Teacher)."""
-    if recipe.algorithm.objective != "distillation":
+    if recipe.distill.teacher is None:  # the recipe checks made sure nothing needs one
         return None
     if recipe.distill.placement == "embedded":
         return embedded_teacher(recipe, device)

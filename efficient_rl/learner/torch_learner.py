@@ -15,11 +15,11 @@ from typing import Iterator
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
+from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import (ObjectiveSettings, distillation_objective, head_logprobs, loss_masks,
-                                           objective_settings, policy_objective)
+from efficient_rl.learner.objective import (ObjectiveSettings, denominators, head_logprobs, loss_masks,
+                                           objective_settings)
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.modeling import load_model, output_head, response_hidden_states, response_logprobs
 from efficient_rl.weights import WeightBucket, plan_buckets
@@ -79,8 +79,6 @@ class TokenStats:
 
 class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
-    # Run the LM head on the selected tokens only (calls the model's body and head directly).
-    selected_compute = True
 
     def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None):
         self.model = model
@@ -98,7 +96,7 @@ class TorchLearner:
                  for start in range(0, len(batch), mini_size)]
         self.model.train()
         for mini in minis:  # both before any optimizer step: they are the pre-update policies
-            if self.optim.epochs * len(minis) > 1 and not self.objective.distillation:
+            if self.optim.epochs * len(minis) > 1 and "old_logprobs" in self.objective.needs:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
             if self.objective.kl_coef > 0:
                 mini.rows.ref_logprobs = self.logprobs(mini.rows, self.reference)
@@ -117,8 +115,7 @@ class TorchLearner:
         }
 
     def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
-        _, averaged_over = loss_masks(mini, self.objective)
-        return MiniBatch(rows=self.local_rows(mini), den=LossDenominators.of(averaged_over, self.objective.norm_length))
+        return MiniBatch(rows=self.local_rows(mini), den=denominators(mini, self.objective))
 
     def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStats) -> tuple[float, float]:
         total_loss = 0.0
@@ -132,16 +129,7 @@ class TorchLearner:
 
     def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
         """The loss and its per-token statistics (sums) over the tokens that enter the loss."""
-        if self.objective.distillation:
-            return distillation_objective(self.policy, rows, self.objective, den, self.teacher)
-        # With a token selection, only the kept tokens reach the LM head (and the statistics).
-        logprobs, entropy = response_logprobs(self.policy, rows, self.objective.temperature,
-                                              selected=rows.loss_mask if self.selected_compute else None)
-        loss, stats = policy_objective(logprobs, rows, self.objective, den)
-        tokens, _ = loss_masks(rows, self.objective)
-        stats["entropy"] = (entropy.detach() * tokens).sum()
-        stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
-        return loss, stats
+        return self.objective.objective(self.policy, rows, self.objective, den, self.teacher)
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
@@ -149,47 +137,33 @@ class TorchLearner:
         for start in range(0, len(batch), self.optim.micro_batch_size):
             rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
             logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
-                                            selected=rows.loss_mask if self.selected_compute else None)
+                                            selected=rows.loss_mask if self.objective.selected_compute else None)
             parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
         return torch.cat(parts) * batch.response_mask
 
     @torch.no_grad()
-    def distill_stats(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """[B, R] student entropy, KL(student || teacher) and KL(teacher || student) at every
-        response token (0 on padding): TIP's two axes and its Q3 ranking signal (§4.1, §4.3)."""
+    def token_statistics(self, batch: RolloutBatch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """[B, R] per-token statistics by TOKEN_STATISTICS name at every response token (0 on
+        padding), in one pass: the student's log-probabilities once, the teacher's once if any of
+        them needs it. The head runs on chunks of valid positions, so no [B, R, V] logits exist.
+        Every rank of a data-parallel group computes them for the whole batch (ZeRO-3 needs them
+        all in the forward anyway)."""
         head = output_head(self.policy)
-        reverse_kl, forward_kl = DIVERGENCES.get("reverse_kl"), DIVERGENCES.get("forward_kl")
+        entries = [TOKEN_STATISTICS.get(name) for name in names]
+        with_teacher = any("teacher" in entry.needs for entry in entries)
 
-        def statistics(hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        def statistics(hidden: torch.Tensor, teacher=None) -> torch.Tensor:
             student = head_logprobs(head, hidden, self.objective.temperature)
-            entropy = -(student.exp() * student).sum(-1)
-            return torch.stack([entropy, reverse_kl(student, teacher, 0.0), forward_kl(student, teacher, 0.0)], -1)
+            return torch.stack([entry(student, teacher) for entry in entries], -1)
 
         def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
-            teacher = self.teacher.logprobs(rows, valid).to(valid.device)
-            return map_row_chunks(statistics, [response_hidden_states(self.policy, rows)[valid], teacher],
-                                  self.objective.chunk_rows)
+            inputs = [response_hidden_states(self.policy, rows)[valid]]
+            if with_teacher:
+                inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
+            return map_row_chunks(statistics, inputs, self.objective.chunk_rows)
 
-        values = self._over_valid_tokens(batch, per_token, channels=3)
-        return {name: values[..., i] for i, name in enumerate(("entropy", "reverse_kl", "forward_kl"))}
-
-    @torch.no_grad()
-    def token_entropy(self, batch: RolloutBatch) -> torch.Tensor:
-        """[B, R] entropy of the current policy at every response token (0 on padding), the
-        statistic token selection ranks by. The head runs on chunks of valid positions, so no
-        [B, R, V] logits exist here either. Every rank of a data-parallel group computes it for
-        the whole batch (ZeRO-3 needs them all in the forward anyway)."""
-        head = output_head(self.policy)
-
-        def entropy_of(hidden: torch.Tensor) -> torch.Tensor:
-            logp = head_logprobs(head, hidden, self.objective.temperature)
-            return -(logp.exp() * logp).sum(-1)
-
-        def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
-            return map_row_chunks(entropy_of, [response_hidden_states(self.policy, rows)[valid]],
-                                  self.objective.chunk_rows)[:, None]
-
-        return self._over_valid_tokens(batch, per_token, channels=1)[..., 0]
+        values = self._over_valid_tokens(batch, per_token, channels=len(entries))
+        return {name: values[..., i] for i, name in enumerate(names)}
 
     def _over_valid_tokens(self, batch: RolloutBatch, per_token, channels: int) -> torch.Tensor:
         """[B, R, channels] from per_token(micro-batch rows, valid mask) -> [valid tokens, channels],
