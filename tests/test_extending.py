@@ -65,3 +65,25 @@ def test_without_its_module_the_name_is_one_line_of_error(tmp_path, tiny_overrid
         "expected one of: dler, grpo, tempo"]
     missing = train(tmp_path, tiny_overrides, "imports=[no_such_module_here]")
     assert missing.returncode == 2 and "imports: cannot import no_such_module_here" in missing.stderr
+
+
+def test_the_guides_examples_train_together_selected_by_recipe_keys(tmp_path, tiny_overrides):
+    """docs/extending.md's code blocks, as written, in one module: a loss, a length penalty, a
+    selector and the statistic it needs, all picked by recipe keys (a statistic is one function:
+    the learner computes it because the selector names it)."""
+    import re
+
+    from conftest import ROOT
+
+    guide = (ROOT / "docs" / "extending.md").read_text()
+    module = tmp_path / "guide_methods.py"
+    module.write_text("import torch\n\n" + "\n\n".join(re.findall(r"```python\n(.*?)```", guide, re.S)))
+    result = train(tmp_path, tiny_overrides, f"imports=[{module}]", "algorithm.policy_loss=reinforce",
+                   "algorithm.length_penalty={name: linear, alpha: 0.5}",
+                   "algorithm.token_selection={name: unsure, fraction: 0.5}", "algorithm.advantage=leave_one_out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "plugin" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0.4 < row["tokens/kept_fraction"] <= 0.5  # int(0.5 x valid tokens) of them
+        assert row["reward/mean"] < row["score/mean"]  # the linear length cost was charged
