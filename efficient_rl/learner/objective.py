@@ -10,7 +10,7 @@ statistics summed over its loss tokens (sums add up across micro-batches and pro
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,11 +33,12 @@ OBJECTIVES: Registry = Registry("objective")
 class ObjectiveSettings:
     """The recipe's objective, its loss pieces bound once (entries with their parameters)."""
 
-    objective: Bound
-    policy_loss: Bound
-    aggregation: Bound
-    kl_estimator: Bound
-    rollout_correction: Bound
+    # Each defaults to its registry's default entry with that entry's defaults, as a recipe does.
+    objective: Bound = field(default_factory=lambda: OBJECTIVES.get("policy_gradient").bind())
+    policy_loss: Bound = field(default_factory=lambda: POLICY_LOSSES.get("ppo_clip").bind())
+    aggregation: Bound = field(default_factory=lambda: AGGREGATIONS.get("token-mean").bind())
+    kl_estimator: Bound = field(default_factory=lambda: KL_ESTIMATORS.get("low_var_kl").bind())
+    rollout_correction: Bound = field(default_factory=lambda: ROLLOUT_CORRECTIONS.get("none").bind())
     kl_coef: float = 0.0
     norm_length: int = 256  # constant of seq-mean-token-sum-norm
     temperature: float = 1.0  # logits are divided by the rollout temperature, as in the engine
