@@ -31,6 +31,14 @@ class ConfigError(ValueError):
 class ModelSection:
     path: str | None = None  # a model directory, a .gguf file, a builtin (smollm2) or a Hugging Face hub id
     lab: str | None = None  # or a lab preset, built on first use and cached (efficient_rl.lab)
+    # The dtype every inference copy of a model runs in: the rollout engines (vLLM's `dtype`; the
+    # transformers engine generates under autocast), the KL reference and the distillation teacher.
+    # Weight syncs send it. The learner's own compute is learner.precision.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # The attention kernel of the transformers models (learner, reference, teacher): sdpa on CPU;
+    # flash_attention_2 on GPU where flash-attn is installed (not exercised here).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
 
 
 @dataclass
@@ -58,6 +66,21 @@ class PromptSection:
 
 
 @dataclass
+class VLLMSection:
+    """vLLM engine arguments (rollout.engine: vllm); each is vLLM's own name. Null: decided by the
+    device (efficient_rl/rollout/vllm_engine.py `engine_arguments`)."""
+
+    gpu_memory_utilization: float = 0.9  # GPU only: the share of GPU memory vLLM takes (vLLM's default)
+    tensor_parallel_size: int = 1  # GPUs one engine spans
+    max_num_seqs: int | None = None  # sequences scheduled at once; null: vLLM's default
+    enable_prefix_caching: bool = True  # a group's rollouts share their prompt's KV (vLLM's default)
+    # null: true on CPU (nothing to capture there, and compiling costs minutes on a few cores),
+    # false on GPU (CUDA graphs)
+    enforce_eager: bool | None = None
+    cpu_kv_cache_gb: float = 1.0  # CPU only: KV-cache space (vLLM's default asks too much of 24 GiB)
+
+
+@dataclass
 class RolloutSection:
     engine: str = "transformers"
     group_size: int = 8  # G, rollouts per prompt (DLER: 16, TEMPO: 7)
@@ -72,6 +95,7 @@ class RolloutSection:
     # Debug: after every weight sync, check the engine's greedy output (and its log-probs) on a probe
     # prompt against transformers' on the learner's weights (stale weights fail loudly). vllm only.
     verify_sync: bool = False
+    vllm: VLLMSection = field(default_factory=VLLMSection)
 
 
 @dataclass
@@ -166,12 +190,24 @@ class LearnerSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = all (one step per batch)
-    micro_batch_size: int = 32  # rollouts per forward/backward pass
+    micro_batch_size: int = 32  # rollouts per forward/backward pass (when micro_batch_tokens is 0)
+    # Micro-batches by a token budget instead: rows grouped by length so that each forward pass
+    # holds at most this many token positions, padding included (a longer sequence goes alone).
+    micro_batch_tokens: int = 0
+    # Several responses in one row (position ids restart per sequence, attention stays within
+    # each): almost no padding. With micro_batch_tokens 0 the rows of micro_batch_size are packed.
+    packing: bool = False
     epochs: int = 1  # PPO epochs over each rollout batch
+    # bf16: bf16 compute (autocast; DeepSpeed's bf16 section) on float32 master weights and
+    # optimizer state; the log-probs of the loss are float32 from the bf16 logits.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # The learning rate over training steps: constant | linear | cosine, each with warmup_steps
+    # (LR_SCHEDULES in efficient_rl/learner/schedules.py)
+    lr_schedule: Choice = choice("constant")
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # deepspeed backend only:
     zero_stage: int = 2  # ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # keep optimizer state (and its step) in CPU memory
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
 
 
 @dataclass
@@ -313,6 +349,10 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "rollout.temperature": ("(0, inf)", "the learner divides logits by it; greedy 0 is for eval.temperature only"),
     "rollout.top_p": "(0, 1]",
     "rollout.max_batch_size": "[1, inf)",
+    "rollout.vllm.gpu_memory_utilization": "(0, 1]",
+    "rollout.vllm.tensor_parallel_size": "[1, inf)",
+    "rollout.vllm.max_num_seqs": "[1, inf)",
+    "rollout.vllm.cpu_kv_cache_gb": ("(0, inf)", "GiB"),
     "reward.weight": (ANY, "negative for a penalty"),
     "scoring.workers": ("[0, inf)", "0 calls rewards in the trainer"),
     "scoring.timeout": ("(0, inf)", "seconds"),
@@ -328,6 +368,7 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "learner.grad_clip": ("(0, inf)", "gradients are clipped to this norm"),
     "learner.mini_batch_prompts": ("[0, inf)", "0 means the whole batch"),
     "learner.micro_batch_size": "[1, inf)",
+    "learner.micro_batch_tokens": ("[0, inf)", "0 means micro_batch_size rows"),
     "learner.epochs": "[1, inf)",
     "learner.zero_stage": "[0, 3]",
     **{f"cluster.{role}.{name}": rule for role in ("rollout", "learner") for name, rule in ROLE_RULES.items()},
@@ -478,12 +519,23 @@ def build(cls, raw: Any, where: str, source: str):
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"{located(source, path)}: unknown key{did_you_mean(str(key), names)}")
-        values[key] = convert(hints[key], value, path, source)
+        values[key] = convert(hints[key], with_default_name(cls, key, value) if hints[key] is Choice else value,
+                              path, source)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{located(source, where)}: expected {', '.join(missing)} to be set")
     return cls(**values)
+
+
+def with_default_name(cls, key: str, value):
+    """Parameters set for a Choice the recipe never names (`learner.lr_schedule.warmup_steps=10`)
+    are the default entry's."""
+    if isinstance(value, dict) and "name" not in value:
+        default = next(f for f in dataclasses.fields(cls) if f.name == key)
+        if default.default_factory is not dataclasses.MISSING:
+            return {"name": default.default_factory().name, **value}
+    return value
 
 
 def convert_choice(value, path: str, source: str) -> Choice:

@@ -7,6 +7,8 @@ rollout/ and learner/ never import each other (docs/extending.md#layers).
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,10 +16,28 @@ from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
 
+# model.dtype names (Hugging Face's and vLLM's) -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Attention kernels that take packed sequences as one row with restarting position ids and never
+# form the row's full query x key matrix (flash-attn varlen); the others (sdpa, eager) attend
+# through a mask over every pair of a row, so packed rows are kept as short as the longest sequence.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 
-def load_model(model_dir: Path) -> torch.nn.Module:
-    """A Hugging Face causal LM in float32: the policy, a KL reference, a teacher, a sync check."""
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A Hugging Face causal LM: the policy (float32 master weights), a KL reference, a teacher or
+    a sync check (those in model.dtype)."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
+# learner.precision names (DeepSpeed's and Accelerate's) -> the compute dtype of the learner
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def compute_in(dtype: torch.dtype, device_type: str):
+    """The context of forward passes over float32 weights that compute in `dtype`: autocast
+    (matmuls in bf16 from bf16 copies of the weights; softmax, norms and losses stay float32)."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,16 +49,22 @@ def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def response_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool = True,
-                      selected: torch.Tensor | None = None):
+                      selected: torch.Tensor | None = None, packed: bool = False):
     """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R].
 
     With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
     LM head, log-softmax and entropy only on the selected positions: [B, R, V] logits never exist,
     which is where a large vocabulary's memory and time go. Other positions are 0 (and carry no
     gradient), exactly what full compute followed by masking would give the loss.
+
+    `packed`: the sequences go through the body packed (`pack_rows`), and the head runs on the
+    response positions only (or the selected ones): the same values as the padded rows give.
+    Logits are float32 before the log-softmax whatever the compute dtype.
     """
+    if packed and selected is None:
+        selected = rows.response_mask > 0
     if selected is not None:
-        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool())
+        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
     # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
@@ -68,9 +94,12 @@ def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_
     return logprobs, entropy
 
 
-def response_hidden_states(model, rows: RolloutBatch) -> torch.Tensor:
-    """[B, R, H] final hidden states at the positions that predict each response token."""
+def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> torch.Tensor:
+    """[B, R, H] final hidden states at the positions that predict each response token (0 past
+    a row's response when `packed`)."""
     network = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
+    if packed:
+        return packed_hidden_states(network, rows)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
     hidden = network.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -78,9 +107,10 @@ def response_hidden_states(model, rows: RolloutBatch) -> torch.Tensor:
     return hidden[:, -(width + 1):-1]
 
 
-def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor):
+def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor,
+                      packed: bool = False):
     head = output_head(model)
-    hidden = response_hidden_states(model, rows)[selected]  # [K, H]: gathered before the head
+    hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
     logits = scaled(head(hidden).float(), temperature)
     picked_logprobs, picked_entropy = token_logprobs_and_entropy(logits, rows.response_ids[selected], with_entropy)
     return scatter_selected(picked_logprobs, selected), (
@@ -90,3 +120,94 @@ def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entrop
 def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """[K] values back into a [B, R] tensor of zeros at the selected positions (differentiable)."""
     return torch.zeros(selected.shape, dtype=values.dtype, device=values.device).masked_scatter(selected, values)
+
+
+# ---------------------------------------------------------------- packing
+@dataclass
+class PackedRows:
+    """Sequences (prompt + response, no padding) laid end to end in rows of one width.
+
+    Position ids restart at 0 for every sequence, and nothing else separates them: with no
+    attention mask, transformers reads the restarts as packed sequences and keeps attention
+    within each (a block-causal mask for sdpa and eager, cu_seqlens for flash-attn varlen;
+    masking_utils.find_packed_sequence_indices). A row's unused tail restarts at 0 too, so it is a
+    sequence of its own that no real token attends to.
+    """
+
+    input_ids: torch.Tensor  # [rows, width] long
+    position_ids: torch.Tensor  # [rows, width] long
+    # [N] index into the flattened [rows * width] of the position predicting each response token,
+    # in row-major order of the batch's response mask
+    sources: torch.Tensor
+    tokens: int  # real tokens (the rest of rows * width is padding)
+
+
+def sequence_lengths(rows: RolloutBatch) -> tuple[list[int], list[int]]:
+    """(prompt, response) lengths of each row, without padding."""
+    return rows.prompt_mask.sum(-1).tolist(), rows.response_mask.sum(-1).long().tolist()
+
+
+def pack_bins(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequence indices in rows of `width` tokens: first fit, longest first."""
+    bins, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+        if fit is None:
+            bins.append([])
+            room.append(width)
+            fit = len(bins) - 1
+        bins[fit].append(index)
+        room[fit] -= lengths[index]
+    return bins
+
+
+def packed_width(attn_implementation: str, lengths: list[int]) -> int:
+    return sum(lengths) if attn_implementation in VARLEN_ATTENTION else max(lengths)
+
+
+def pack_rows(rows: RolloutBatch, attn_implementation: str = "sdpa") -> PackedRows:
+    prompt_lengths, response_lengths = sequence_lengths(rows)
+    lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+    width = packed_width(attn_implementation, lengths)
+    bins = pack_bins(lengths, width)
+    input_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    position_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    start_of = {}  # sequence -> flat position of its first token
+    for row, members in enumerate(bins):
+        offset = 0
+        for index in members:
+            prompt = rows.prompt_ids[index][rows.prompt_mask[index] > 0]
+            sequence = torch.cat([prompt, rows.response_ids[index, : response_lengths[index]]])
+            input_ids[row, offset: offset + lengths[index]] = sequence
+            position_ids[row, offset: offset + lengths[index]] = torch.arange(lengths[index])
+            start_of[index] = row * width + offset
+            offset += lengths[index]
+        position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a sequence of its own
+    # Logits at position p predict token p + 1: response token t of a sequence with a prompt of
+    # P tokens is predicted at P - 1 + t.
+    sources = torch.cat([start_of[i] + prompt_lengths[i] - 1 + torch.arange(response_lengths[i])
+                         for i in range(len(lengths))])
+    return PackedRows(input_ids, position_ids, sources.long(), sum(lengths))
+
+
+def packed_hidden_states(network, rows: RolloutBatch) -> torch.Tensor:
+    device = rows.response_ids.device
+    packed = pack_rows(rows.to("cpu"), getattr(network.config, "_attn_implementation", "sdpa"))
+    # No cache: transformers looks for packed sequences only when there is none (a cache means
+    # generation), and one is made by default otherwise.
+    hidden = network.base_model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                                use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])[packed.sources.to(device)]
+    out = flat.new_zeros(*rows.response_ids.shape, hidden.shape[-1])
+    return out.masked_scatter((rows.response_mask > 0)[..., None], flat)
+
+
+def forward_positions(rows: RolloutBatch, packed: bool, attn_implementation: str = "sdpa") -> tuple[int, int]:
+    """(token positions one forward pass over `rows` computes, real tokens among them)."""
+    prompt_lengths, response_lengths = sequence_lengths(rows)
+    tokens = sum(prompt_lengths) + sum(response_lengths)
+    if not packed:
+        return len(rows) * (rows.prompt_ids.shape[1] + rows.response_ids.shape[1]), tokens
+    lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+    width = packed_width(attn_implementation, lengths)
+    return len(pack_bins(lengths, width)) * width, tokens

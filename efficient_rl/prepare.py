@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
@@ -15,11 +15,13 @@ from efficient_rl.algos.sampling import FILTER_METRICS
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.checkpoint import check_run_name
+from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config import ConfigError, Recipe, bind, check_numbers, one_line
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import OBJECTIVES
+from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.model_sources import check_reference, model_directory
 from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
@@ -36,7 +38,10 @@ import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only w
 
 @dataclass
 class Setup:
-    model: torch.nn.Module
+    # The policy in the driver's process: the embedded backend trains and generates with it. None
+    # under Ray, whose driver reads the model's config and tokenizer only (its actors load weights).
+    model: torch.nn.Module | None
+    vocab_size: int  # from the model's config: the sizes the driver needs without the weights
     tokenizer: PreTrainedTokenizerFast
     rewards: RewardRunner
     train_samples: list[dict]
@@ -61,6 +66,7 @@ CHOICE_FIELDS = [
     ("algorithm.objective", OBJECTIVES),
     ("algorithm.token_selection", TOKEN_SELECTORS),
     ("algorithm.sample_selection", SAMPLE_SELECTORS),
+    ("learner.lr_schedule", LR_SCHEDULES),
 ]
 NAME_FIELDS = [("rollout.engine", ENGINES), ("learner.backend", LEARNERS)]
 
@@ -94,6 +100,7 @@ def check_recipe(recipe: Recipe) -> None:
     check_difficulty_tiers(recipe, needs)
     check_teacher_needs(recipe, needs)
     check_cluster(recipe)
+    check_learner(recipe)
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
 
@@ -172,6 +179,20 @@ def check_cluster(recipe: Recipe) -> None:
         raise ConfigError("learner.backend: deepspeed runs as Ray actors; set cluster.backend: ray")
 
 
+def check_learner(recipe: Recipe) -> None:
+    learner = recipe.learner
+    if learner.backend != "deepspeed":
+        return
+    # ZeRO-3 gathers weights around the engine's whole forward; packing, like selected compute,
+    # calls the body and the LM head apart (see DeepSpeedLearner).
+    if learner.packing and learner.zero_stage == 3:
+        raise ConfigError("learner.packing: not under ZeRO-3 (zero_stage: 3), whose weight gathering needs the "
+                          "model called whole; use zero_stage 0-2 or packing: false")
+    if learner.precision == "bf16" and learner.zero_stage == 0:
+        raise ConfigError("learner.precision: bf16 on DeepSpeed needs zero_stage 1-3, which keep float32 master "
+                          "weights; stage 0 would update the bf16 weights themselves")
+
+
 def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     """Validate the recipe and load model, tokenizer, data and rewards.
 
@@ -209,24 +230,35 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
     check_lengths(recipe, prompt_ids, train, heldout)
-    model = load_model(source)
-    context = getattr(model.config, "max_position_embeddings", None)
+    config = read_config(source)
+    context = getattr(config, "max_position_embeddings", None)
     longest = recipe.longest_sequence()
     if context is not None and longest > context:
         raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
                           f"context of {context} tokens")
     if recipe.distill.teacher is not None:
-        check_teacher(recipe, model.get_output_embeddings().weight.shape[0])
-    return Setup(model=model, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
+        check_teacher(recipe, config.vocab_size)
+    holds_model = "driver_model" in CLUSTER_BACKENDS.get(recipe.cluster.backend).needs
+    model = load_model(source, recipe.model.attn_implementation) if holds_model else None
+    return Setup(model=model, vocab_size=config.vocab_size, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
                  base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)
 
 
-def load_model(source: Path):
+def load_model(source: Path, attn_implementation: str = "sdpa"):
+    """The policy in float32: the master weights, whatever learner.precision computes in."""
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
     except Exception as err:  # truncated or missing weights, an architecture transformers lacks, ...
         # the model is input like any other: one line naming it (safetensors' errors are no OSError)
         raise ConfigError(f"model: cannot load {source} ({type(err).__name__}: {one_line(err)})") from None
+
+
+def read_config(source: Path):
+    """The model's config.json: vocabulary size and context, without the weights."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as err:  # a broken config.json, a model type transformers lacks, ...
+        raise ConfigError(f"model: cannot read the config of {source} ({type(err).__name__}: {one_line(err)})") from None
 
 
 def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], train: list[dict], heldout: list[dict]) -> None:

@@ -99,7 +99,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
         self.recipe, self.setup, self.run = recipe, setup, run
         self.stages = resolve_stages(recipe)
-        self.selection = Selection(recipe, vocab_size=setup.model.get_output_embeddings().weight.shape[0])
+        self.selection = Selection(recipe, vocab_size=setup.vocab_size)
         self.components = CLUSTER_BACKENDS.get(recipe.cluster.backend)(recipe, setup)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)

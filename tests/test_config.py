@@ -238,6 +238,7 @@ def test_every_numeric_field_has_a_declared_range():
     recipe = Recipe()
     recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
     recipe.algorithm.truncation_length = 8  # optional: None by default
+    recipe.rollout.vllm.max_num_seqs = 64  # likewise
     paths = [path for path, _ in numbers(recipe)]
     assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths
     for path in paths:

@@ -96,10 +96,11 @@ def test_zero3_trains_with_verified_syncs_colocated(ray_cluster, tiny_overrides)
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
     assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
-    n_params = sum(p.numel() * 4 for p in setup.model.parameters())
+    assert setup.model is None  # the Ray driver holds no weights: count them in the files
+    weights = load_file(setup.base_model_dir / "model.safetensors")
     for row in rows:
-        assert row["sync/verified"] == 1.0 and row["sync/bytes"] == n_params
-        assert 1 < row["sync/buckets"] < len(list(setup.model.parameters()))  # bucketed, not per parameter
+        assert row["sync/verified"] == 1.0 and row["sync/bytes"] == sum(t.numel() * 4 for t in weights.values())
+        assert 1 < row["sync/buckets"] < len(weights)  # bucketed, not per parameter
     assert weight_change(run, setup) > 0.1
 
 

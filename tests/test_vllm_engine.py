@@ -109,3 +109,24 @@ def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
         assert row["sync/bytes"] > 0 and row["sync/verified"] == 1.0
         # After every sync the engine samples from the learner's weights: log-probs agree.
         assert row["rollout/logprob_diff"] < 1e-3
+
+
+def test_a_bf16_engine_greedy_matches_transformers_in_bf16_on_half_the_bytes(tiny_model_dir):
+    from efficient_rl.modeling import load_model
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    problems = generate_problems(ArithmeticTask(), "heldout", 4, seed=1)
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
+    engine = VLLMEngine(tiny_model_dir, tokenizer, max_model_len=128, seed=0, dtype="bfloat16")
+    master = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # a learner's float32 weights
+    metrics = engine.load_weights(list(master.named_parameters()))
+    assert metrics["sync/bytes"] == sum(t.numel() * 2 for t in master.parameters())  # sent as bf16
+    bf16 = load_model(tiny_model_dir, torch.bfloat16).eval()
+    assert greedy_rows(engine, prompts, problems) == greedy_rows(TransformersEngine(bf16, tokenizer), prompts, problems)
+    engine.verify_prompt = prompts[0]
+    assert engine.verify(bf16) < 0.1  # the tolerance's scale: a few bf16 steps of the logits
+    with torch.no_grad():
+        for parameter in bf16.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    with pytest.raises(SyncVerificationError):
+        engine.verify(bf16)

@@ -11,8 +11,6 @@ import os
 import socket
 from pathlib import Path
 
-import torch
-
 from efficient_rl.cluster.teacher import teacher_client
 from efficient_rl.plugins import import_plugins
 
@@ -22,11 +20,9 @@ class RolloutWorker:
         from efficient_rl.prompts import load_tokenizer
         from efficient_rl.rollout.vllm_engine import VLLMEngine
 
-        self.model_dir = model_dir
         self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), recipe.longest_sequence(), recipe.seed,
-                                 verify_prompt=verify_prompt)
+                                 verify_prompt=verify_prompt, dtype=recipe.model.dtype, options=recipe.rollout.vllm)
         self.incoming = []  # buckets of the weight update in progress
-        self.reference_model = None  # transformers on the received weights, for verify_sync
 
     def generate(self, prompts, samples, group_ids, settings, seeds):
         return self.engine.generate(prompts, samples, group_ids, settings, seeds=seeds)
@@ -38,20 +34,7 @@ class RolloutWorker:
         """Load the buckets received since the last call, as one update."""
         named = [pair for bucket in self.incoming for pair in bucket.unpack()]
         self.incoming = []
-        return self.engine.load_weights(named, verify_against=self._reference_on(named))
-
-    def _reference_on(self, named):
-        if self.engine.verify_prompt is None:
-            return None
-        if self.reference_model is None:
-            from efficient_rl.modeling import load_model
-
-            self.reference_model = load_model(self.model_dir).eval()
-        parameters = dict(self.reference_model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in named:
-                parameters[name].copy_(tensor)
-        return self.reference_model
+        return self.engine.load_weights(named)
 
     # GPU weight sync over NCCL (efficient_rl/cluster/nccl.py; not exercised on CPU)
     def join_weight_broadcast(self, host: str, port: int, rank: int, world_size: int, plan: list) -> None:

@@ -22,10 +22,14 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.objective import objective_settings, without_selected_compute
-from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
-from efficient_rl.modeling import load_model
+from efficient_rl.learner.torch_learner import (OptimSettings, TorchLearner, enable_gradient_checkpointing, load_policy,
+                                               load_reference, model_dtype, optim_settings)
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
+# learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO
+# (stage 1-3) keeps the float32 master partitions and optimizer state; stage 0 would step bf16
+# weights directly, which check_recipe refuses.
+PRECISION_CONFIG = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}}
 
 
 def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> dict:
@@ -42,6 +46,7 @@ def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> 
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,  # offload with the torch optimizer, no compiled CPU Adam
         "steps_per_print": 2**31 - 1,
+        **PRECISION_CONFIG[learner_section.precision],
     }
 
 
@@ -55,14 +60,16 @@ class DeepSpeedLearner(TorchLearner):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.objective, self.optim = objective_settings(recipe), optim_settings(recipe)
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
-        self.reference = load_model(base_model_dir).eval().to(self.device) if recipe.algorithm.kl_coef > 0 else None
+        reference = load_reference(recipe, base_model_dir)
+        self.reference = reference.to(self.device) if reference is not None else None
         self.teacher = build_teacher(recipe, self.device, remote=teacher)  # likewise unsharded (or a Ray actor's client)
         config = deepspeed_config(recipe.learner, self.optim, self.world_size)
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
-        model = load_model(model_dir)
+        self.sync_dtype = model_dtype(recipe)
+        model = load_policy(recipe, model_dir)
         if recipe.learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
         # A torch optimizer: DeepSpeed's own AdamW would JIT-compile FusedAdam first.
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.optim.lr, betas=self.optim.betas,
                                       weight_decay=self.optim.weight_decay)
@@ -77,6 +84,10 @@ class DeepSpeedLearner(TorchLearner):
     @property
     def policy(self):
         return self.engine
+
+    def compute(self):
+        """Nothing: with bf16 the engine's module is bf16 itself (PRECISION_CONFIG)."""
+        return contextlib.nullcontext()
 
     def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
         """This rank's contiguous slice. Every rank gets as many rows (ZeRO's collectives run once
@@ -103,6 +114,11 @@ class DeepSpeedLearner(TorchLearner):
         dist.all_reduce(sums)
         return dict(zip(names, sums.tolist()))
 
+    def agreed_count(self, count: int) -> int:
+        most = torch.tensor([count], dtype=torch.long, device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item())
+
     def gathered(self, params):
         import deepspeed
 
@@ -118,10 +134,12 @@ class DeepSpeedLearner(TorchLearner):
         named = self.named_weights()  # every rank takes part in the gather
         if self.rank == 0:
             self.model.save_pretrained(directory, state_dict={name: t.clone() for name, t in named})
-        self.engine.save_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+        self.engine.save_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG,
+                                    client_state={"schedule_step": self.schedule_step})
 
     def load_state(self, directory: Path) -> None:
-        self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+        _, client_state = self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+        self.schedule_step = (client_state or {}).get("schedule_step", 0)
 
 
 @LEARNERS.register("deepspeed")

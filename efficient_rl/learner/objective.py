@@ -47,6 +47,7 @@ class ObjectiveSettings:
     loss_denominator: str = "kept"
     chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
     selected_compute: bool = True  # the LM head runs on the loss tokens only
+    packing: bool = False  # sequences packed into rows for the forward passes (modeling.pack_rows)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -63,7 +64,7 @@ def objective_settings(recipe) -> ObjectiveSettings:
         rollout_correction=bind(alg.rollout_correction, ROLLOUT_CORRECTIONS, "algorithm.rollout_correction"),
         kl_coef=alg.kl_coef, norm_length=recipe.rollout.max_response_length,
         temperature=recipe.rollout.temperature, loss_denominator=alg.loss_denominator,
-        chunk_rows=recipe.distill.chunk_rows,
+        chunk_rows=recipe.distill.chunk_rows, packing=recipe.learner.packing,
     )
 
 
@@ -122,7 +123,8 @@ def policy_gradient(model, rows: RolloutBatch, settings: ObjectiveSettings, den:
                     teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The RL objective: with a token selection only the kept tokens reach the LM head."""
     logprobs, entropy = response_logprobs(model, rows, settings.temperature,
-                                          selected=rows.loss_mask if settings.selected_compute else None)
+                                          selected=rows.loss_mask if settings.selected_compute else None,
+                                          packed=settings.packing)
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)
     stats["entropy"] = (entropy.detach() * tokens).sum()
@@ -150,7 +152,7 @@ def distillation(model, rows: RolloutBatch, settings: ObjectiveSettings, den: Lo
     def chunk_divergence(hidden: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
         return token_divergence_of(head_logprobs(head, hidden, settings.temperature), teacher_chunk, beta)
 
-    hidden = response_hidden_states(model, rows)[kept]
+    hidden = response_hidden_states(model, rows, settings.packing)[kept]
     token_divergence = scatter_selected(map_row_chunks(chunk_divergence, [hidden, teacher_logprobs],
                                                        settings.chunk_rows), kept)
     loss = settings.aggregation(token_divergence, averaged_over, den, rows.advantages)

@@ -18,7 +18,7 @@ from efficient_rl.algos.divergence import map_row_chunks
 from efficient_rl.config import ConfigError, Recipe
 from efficient_rl.learner.objective import head_logprobs
 from efficient_rl.model_sources import model_directory
-from efficient_rl.modeling import load_model, output_head, response_hidden_states
+from efficient_rl.modeling import DTYPES, load_model, output_head, response_hidden_states
 
 
 class Teacher:
@@ -39,7 +39,10 @@ class Teacher:
 
 
 def embedded_teacher(recipe: Recipe, device: str = "cpu") -> Teacher:
-    model = load_model(model_directory(recipe.distill.teacher, "distill.teacher")).to(device)
+    """The teacher in model.dtype (an inference copy, like the rollout engines'); its
+    log-probabilities are float32 from its logits either way."""
+    model = load_model(model_directory(recipe.distill.teacher, "distill.teacher"), DTYPES[recipe.model.dtype],
+                       recipe.model.attn_implementation).to(device)
     return Teacher(model, recipe.rollout.temperature, recipe.distill.chunk_rows)
 
 

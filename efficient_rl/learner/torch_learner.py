@@ -8,7 +8,8 @@ trains on, backward, the optimizer step, and summing statistics over processes.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -17,14 +18,24 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
+from efficient_rl.config import bind
 from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.objective import (ObjectiveSettings, denominators, head_logprobs, loss_masks,
                                            objective_settings)
+from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
-from efficient_rl.modeling import load_model, output_head, response_hidden_states, response_logprobs
+from efficient_rl.modeling import (DTYPES, PRECISIONS, compute_in, forward_positions, load_model, output_head,
+                                   response_hidden_states, response_logprobs)
+from efficient_rl.registry import Bound
 from efficient_rl.weights import WeightBucket, plan_buckets
 
 OPTIMIZER_FILE = "optimizer.pt"
+LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
+
+
+def constant_schedule() -> Bound:
+    return LR_SCHEDULES.get("constant").bind()
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,11 @@ class OptimSettings:
     grad_clip: float = 1.0
     mini_batch_size: int = 0  # rollouts per optimizer step; 0 = the whole batch
     micro_batch_size: int = 32  # rollouts per forward/backward pass
+    micro_batch_tokens: int = 0  # token positions per forward/backward pass instead; 0 = by rows
     epochs: int = 1  # passes over each rollout batch
+    precision: str = "fp32"  # a PRECISIONS name: the compute of forward passes
+    schedule: Bound = field(default_factory=constant_schedule)  # an LR_SCHEDULES entry
+    total_steps: int = 1  # training steps of the run, the schedule's length
 
 
 def optim_settings(recipe) -> OptimSettings:
@@ -43,7 +58,9 @@ def optim_settings(recipe) -> OptimSettings:
     return OptimSettings(
         lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
         mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
-        micro_batch_size=lrn.micro_batch_size, epochs=lrn.epochs,
+        micro_batch_size=lrn.micro_batch_size, micro_batch_tokens=lrn.micro_batch_tokens, epochs=lrn.epochs,
+        precision=lrn.precision, schedule=bind(lrn.lr_schedule, LR_SCHEDULES, "learner.lr_schedule"),
+        total_steps=recipe.steps,
     )
 
 
@@ -79,18 +96,33 @@ class TokenStats:
 
 class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
+    schedule_step = 0  # updates done: where the learning-rate schedule stands
 
-    def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None):
+    def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None,
+                 sync_dtype: torch.dtype = torch.float32):
         self.model = model
         self.reference = reference  # frozen copy of the initial policy, only when KL is on
         self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
         self.objective = objective
         self.optim = optim
+        self.sync_dtype = sync_dtype  # the rollout engines' dtype (model.dtype): weights leave in it
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
 
+    def compute(self):
+        """The context of every forward pass: bf16 autocast on the float32 weights, or nothing."""
+        return compute_in(PRECISIONS[self.optim.precision], next(self.model.parameters()).device.type)
+
     # ------------------------------------------------------------ the update loop
     def update(self, batch: RolloutBatch) -> dict[str, float]:
+        lr = self.optim.lr * self.optim.schedule(self.schedule_step, self.optim.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        metrics = self._update(batch)
+        self.schedule_step += 1
+        return {**metrics, "lr": lr}
+
+    def _update(self, batch: RolloutBatch) -> dict[str, float]:
         mini_size = self.optim.mini_batch_size or len(batch)
         minis = [self._mini_batch(batch.select(range(start, min(start + mini_size, len(batch)))))
                  for start in range(0, len(batch), mini_size)]
@@ -101,16 +133,20 @@ class TorchLearner:
             if self.objective.kl_coef > 0:
                 mini.rows.ref_logprobs = self.logprobs(mini.rows, self.reference)
         token_stats, losses, grad_norms = TokenStats(), [], []
+        self.positions = {"positions": 0.0, "tokens": 0.0}  # of the training passes, for padding_fraction
         for _ in range(self.optim.epochs):
             for mini in minis:
                 loss, grad_norm = self._optimizer_step(mini, token_stats)
                 losses.append(loss)
                 grad_norms.append(grad_norm)
         losses = self.total({f"loss{i}": loss for i, loss in enumerate(losses)}).values()
+        positions = self.total(self.positions)
         return {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "optimizer_steps": float(len(grad_norms)),
+            # the share of the token positions the forward passes computed that were padding
+            "learner/padding_fraction": 1.0 - positions["tokens"] / max(positions["positions"], 1.0),
             **token_stats.means(self.total),
         }
 
@@ -119,27 +155,56 @@ class TorchLearner:
 
     def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStats) -> tuple[float, float]:
         total_loss = 0.0
-        for start in range(0, len(mini.rows), self.optim.micro_batch_size):
-            rows = mini.rows.select(range(start, min(start + self.optim.micro_batch_size, len(mini.rows))))
+        for indices, rows in self.micro_batches(mini.rows):
             loss, stats = self._micro_batch_loss(rows, mini.den)
             self.backward(loss)
             total_loss += loss.item()
             token_stats.add(stats, float(loss_masks(rows, self.objective)[0].sum()))
+            positions, tokens = forward_positions(rows, self.objective.packing, self.attn_implementation)
+            self.positions["positions"] += positions
+            self.positions["tokens"] += tokens if indices else 0.0  # a filler pass is all padding
         return total_loss, self.apply_gradients()
 
     def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
         """The loss and its per-token statistics (sums) over the tokens that enter the loss."""
-        return self.objective.objective(self.policy, rows, self.objective, den, self.teacher)
+        with self.compute():
+            return self.objective.objective(self.policy, rows, self.objective, den, self.teacher)
+
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.model.config, "_attn_implementation", "sdpa")
+
+    def micro_batches(self, batch: RolloutBatch) -> Iterator[tuple[list[int], RolloutBatch]]:
+        """(row indices, rows) of each micro-batch of `batch`, as many on every process of the
+        group: one with fewer passes makes up the difference with filler passes (indices [], one
+        row with its masks zeroed), since collectives run in every forward and backward."""
+        plan = plan_micro_batches(batch, self.optim.micro_batch_size, self.optim.micro_batch_tokens,
+                                  self.objective.packing)
+        for indices in plan:
+            yield indices, batch.select(indices)
+        for _ in range(self.agreed_count(len(plan)) - len(plan)):
+            yield [], filler_row(batch)
+
+    def over_micro_batches(self, batch: RolloutBatch, per_rows, channels: tuple[int, ...] = ()) -> torch.Tensor:
+        """[B, R, *channels] from per_rows(micro-batch rows) -> [rows, width, *channels], micro-batch
+        by micro-batch, each put back at its rows (widths differ: each micro-batch is trimmed)."""
+        out = torch.zeros(len(batch), batch.response_ids.shape[1], *channels)
+        for indices, rows in self.micro_batches(batch):
+            values = per_rows(rows).cpu()
+            if indices:
+                out[indices, : values.shape[1]] = values
+        return out
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(batch), self.optim.micro_batch_size):
-            rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
-            logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
-                                            selected=rows.loss_mask if self.objective.selected_compute else None)
-            parts.append(torch.nn.functional.pad(logprobs, (0, batch.response_ids.shape[1] - logprobs.shape[1])))
-        return torch.cat(parts) * batch.response_mask
+        def of_rows(rows: RolloutBatch) -> torch.Tensor:
+            with self.compute():
+                logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
+                                                selected=rows.loss_mask if self.objective.selected_compute else None,
+                                                packed=self.objective.packing)
+            return logprobs
+
+        return self.over_micro_batches(batch, of_rows).to(batch.response_mask.device) * batch.response_mask
 
     @torch.no_grad()
     def token_statistics(self, batch: RolloutBatch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -156,26 +221,19 @@ class TorchLearner:
             student = head_logprobs(head, hidden, self.objective.temperature)
             return torch.stack([entry(student, teacher) for entry in entries], -1)
 
-        def per_token(rows: RolloutBatch, valid: torch.Tensor) -> torch.Tensor:
-            inputs = [response_hidden_states(self.policy, rows)[valid]]
-            if with_teacher:
-                inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
-            return map_row_chunks(statistics, inputs, self.objective.chunk_rows)
-
-        values = self._over_valid_tokens(batch, per_token, channels=len(entries))
-        return {name: values[..., i] for i, name in enumerate(names)}
-
-    def _over_valid_tokens(self, batch: RolloutBatch, per_token, channels: int) -> torch.Tensor:
-        """[B, R, channels] from per_token(micro-batch rows, valid mask) -> [valid tokens, channels],
-        micro-batch by micro-batch; 0 on padding."""
-        parts = []
-        for start in range(0, len(batch), self.optim.micro_batch_size):
-            rows = batch.select(range(start, min(start + self.optim.micro_batch_size, len(batch))))
+        def per_token(rows: RolloutBatch) -> torch.Tensor:
+            """[rows, width, channels]: the statistics at every response token, 0 on padding."""
             valid = rows.response_mask.bool()
-            values = torch.zeros(*valid.shape, channels)
-            values[valid] = per_token(rows, valid).cpu()
-            parts.append(torch.nn.functional.pad(values, (0, 0, 0, batch.response_ids.shape[1] - valid.shape[1])))
-        return torch.cat(parts)
+            with self.compute():
+                inputs = [response_hidden_states(self.policy, rows, self.objective.packing)[valid]]
+                if with_teacher:
+                    inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
+                values = map_row_chunks(statistics, inputs, self.objective.chunk_rows)
+            return torch.zeros(*valid.shape, len(entries), dtype=values.dtype,
+                               device=values.device).masked_scatter(valid[..., None], values)
+
+        values = self.over_micro_batches(batch, per_token, channels=(len(entries),))
+        return {name: values[..., i] for i, name in enumerate(names)}
 
     # ------------------------------------------------------------ what a data-parallel learner changes
     @property
@@ -200,6 +258,10 @@ class TorchLearner:
         """Sums over the processes of the group: one process here."""
         return dict(values)
 
+    def agreed_count(self, count: int) -> int:
+        """The most micro-batches any process of the group has: one process here."""
+        return count
+
     def gathered(self, params: list[torch.nn.Parameter]):
         """A context in which `params` hold their full values (ZeRO-3 shards them)."""
         return contextlib.nullcontext()
@@ -211,34 +273,76 @@ class TorchLearner:
         return list(self.model.named_parameters())
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
-        """The full weights in buckets, on rank 0; every rank must run this (ZeRO-3 gathers)."""
+        """The full weights in buckets, in the engines' dtype, on rank 0; every rank must run this
+        (ZeRO-3 gathers)."""
         named = list(self.model.named_parameters())
-        for indices in plan_buckets([(full_shape(p).numel(), p.dtype) for _, p in named], bucket_bytes):
+        for indices in plan_buckets([(full_shape(p).numel(), self.sync_dtype) for _, p in named], bucket_bytes):
             with self.gathered([named[i][1] for i in indices]):
                 if self.rank == 0:
-                    yield WeightBucket.pack([named[i] for i in indices])
+                    yield WeightBucket.pack([(named[i][0], named[i][1].detach().to(self.sync_dtype)) for i in indices])
 
     def weight_plan(self, bucket_bytes: int) -> list[WeightBucket]:
         """Names, shapes and dtype of every bucket weight_buckets makes, without their data."""
         named = list(self.model.named_parameters())
-        plans = plan_buckets([(full_shape(p).numel(), p.dtype) for _, p in named], bucket_bytes)
+        plans = plan_buckets([(full_shape(p).numel(), self.sync_dtype) for _, p in named], bucket_bytes)
         return [WeightBucket([named[i][0] for i in indices], [tuple(full_shape(named[i][1])) for i in indices],
-                             named[indices[0]][1].dtype, payload=None) for indices in plans]
+                             self.sync_dtype, payload=None) for indices in plans]
 
     def save(self, directory: Path) -> None:
-        """Weights in Hugging Face format plus the optimizer state."""
+        """Weights in Hugging Face format plus the optimizer state and the schedule's position."""
         self.model.save_pretrained(directory)
         torch.save(self.optimizer.state_dict(), Path(directory) / OPTIMIZER_FILE)
+        (Path(directory) / LEARNER_STATE_FILE).write_text(json.dumps({"schedule_step": self.schedule_step}))
 
     def load_state(self, directory: Path) -> None:
         """Optimizer state from a checkpoint (the weights were loaded from it already)."""
         self.optimizer.load_state_dict(torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=False))
+        self.schedule_step = read_schedule_step(Path(directory))
+
+
+def read_schedule_step(directory: Path) -> int:
+    """Updates done at the checkpoint; 0 for a checkpoint written before schedules existed."""
+    path = directory / LEARNER_STATE_FILE
+    return json.loads(path.read_text())["schedule_step"] if path.is_file() else 0
+
+
+def filler_row(batch: RolloutBatch) -> RolloutBatch:
+    """One row of `batch` that contributes nothing: its response and loss masks are zero."""
+    row = batch.select([0])
+    row.response_mask = torch.zeros_like(row.response_mask)
+    if row.loss_mask is not None:
+        row.loss_mask = torch.zeros_like(row.loss_mask)
+    return row
+
+
+def model_dtype(recipe) -> torch.dtype:
+    return DTYPES[recipe.model.dtype]
+
+
+def load_policy(recipe, model_dir: Path) -> torch.nn.Module:
+    """The policy in float32 (the master weights, whatever the compute precision)."""
+    return load_model(model_dir, torch.float32, recipe.model.attn_implementation)
+
+
+def load_reference(recipe, base_model_dir: Path):
+    """The frozen KL reference in model.dtype, only when the recipe has a KL term."""
+    if recipe.algorithm.kl_coef <= 0:
+        return None
+    return load_model(base_model_dir, model_dtype(recipe), recipe.model.attn_implementation).eval()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant: the inputs (token ids) need no gradient for the recomputation to reach the weights.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @LEARNERS.register("torch")
 def torch_learner(recipe, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> TorchLearner:
     """`model` is the driver's own copy when embedded (the transformers engine generates with it);
     `teacher` the Ray-hosted teacher's client, when the Ray layer passes one (learner/teacher.py)."""
-    reference = load_model(base_model_dir).eval() if recipe.algorithm.kl_coef > 0 else None
-    return TorchLearner(model if model is not None else load_model(model_dir), objective_settings(recipe),
-                        optim_settings(recipe), reference=reference, teacher=build_teacher(recipe, remote=teacher))
+    policy = model if model is not None else load_policy(recipe, model_dir)
+    if recipe.learner.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    return TorchLearner(policy, objective_settings(recipe), optim_settings(recipe),
+                        reference=load_reference(recipe, base_model_dir),
+                        teacher=build_teacher(recipe, remote=teacher), sync_dtype=model_dtype(recipe))

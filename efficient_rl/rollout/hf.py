@@ -1,6 +1,7 @@
 """Embedded rollout engine on transformers `generate`.
 
-It shares the model object with the embedded learner, so a weight sync costs nothing. Log-probs
+It shares the model object with the embedded learner, so a weight sync costs nothing; with
+model.dtype bfloat16 it generates under bf16 autocast on those float32 weights. Log-probs
 are of the temperature-scaled distribution before top-p truncation, the same quantity the
 learner computes, so the engine/learner gap only measures numerical differences.
 """
@@ -11,6 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.modeling import DTYPES, compute_in
 from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
@@ -34,8 +36,9 @@ def response_mask_until_eos(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[
 
 
 class TransformersEngine:
-    def __init__(self, model, tokenizer, max_batch_size: int = 256):
+    def __init__(self, model, tokenizer, max_batch_size: int = 256, dtype: str = "float32"):
         self.model = model
+        self.dtype = DTYPES[dtype]  # the compute dtype of generation (model.dtype)
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.max_batch_size = max_batch_size
@@ -53,11 +56,12 @@ class TransformersEngine:
         prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=self._generation_config(settings),
-        )
+        with compute_in(self.dtype, prompt_ids.device.type):
+            out = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=self._generation_config(settings),
+            )
         self.model.train(was_training)
         response_ids = out.sequences[:, prompt_ids.shape[1]:]
         response_mask, no_eos = response_mask_until_eos(response_ids, self.stop_ids)
@@ -103,4 +107,4 @@ class TransformersEngine:
 
 @ENGINES.register("transformers")
 def transformers_engine(setup, recipe) -> TransformersEngine:
-    return TransformersEngine(setup.model, setup.tokenizer, recipe.rollout.max_batch_size)
+    return TransformersEngine(setup.model, setup.tokenizer, recipe.rollout.max_batch_size, recipe.model.dtype)

