@@ -69,10 +69,11 @@ def exit_status(recipe, summary: dict, checkpoint) -> int:
 def cmd_recipes(args) -> int:
     from efficient_rl.config import load_recipe
 
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):  # subfolders too: recipes/ablation/, ...
         recipe = load_recipe(path)
         alg = recipe.algorithm
-        print(f"{path.name:28s} advantage={alg.advantage.name} policy_loss={alg.policy_loss.name} "
+        print(f"{path.relative_to(RECIPES_DIR).as_posix():50s} advantage={alg.advantage.name} "
+              f"policy_loss={alg.policy_loss.name} "
               f"length_penalty={alg.length_penalty.name} token_selection={alg.token_selection.name}")
     return 0
 
@@ -80,8 +81,9 @@ def cmd_recipes(args) -> int:
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
     from efficient_rl.prepare import CHOICE_FIELDS
+    from efficient_rl.variables import PROMPT_VARIABLES
 
-    for dotted, registry in CHOICE_FIELDS:
+    for dotted, registry in CHOICE_FIELDS + [("prompt.variables.<name>", PROMPT_VARIABLES)]:
         print(f"{dotted} ({registry.kind})")
         for entry in registry.entries():
             params = ", ".join(f"{name}={value!r}" for name, value in entry.defaults().items())

@@ -62,7 +62,14 @@ class PromptSection:
     # template is required (an error without one). never: the plain text even if there is one.
     chat_template: Literal["auto", "always", "never"] = "auto"
     system_prompt: str | None = None  # a system turn before the question (chat templates only)
-    user_template: str = "{question}"  # the user turn: "{question}" stands for the question
+    # The user turn. A name in braces stands for that field of the sample: "{question}", any data
+    # column ("{level}"), or a variable below ("{target_length}"); a name no sample has is one line
+    # of error at load. Other braces ("\\boxed{}") are kept as they are.
+    user_template: str = "{question}"
+    # Fields drawn for every sample, each from a PROMPT_VARIABLES entry (efficient_rl/variables.py),
+    # reproducibly from the seed, once at load: L1's {target_length: {name: uniform_int, low: 100,
+    # high: 4000}}. Length penalties read them from the sample (docs/algorithms.md#prompt-variables).
+    variables: dict[str, Choice] = field(default_factory=dict)
 
 
 @dataclass
@@ -252,6 +259,10 @@ class EvalSection:
     max_new_tokens: int = 512  # generous cap so the starting model's long answers finish
     temperature: float = 0.6  # DLER evaluates at 0.6 / top-p 0.95
     top_p: float = 0.95
+    # The held-out problems once per value of a prompt variable the user template shows, e.g. L1's
+    # {target_length: [512, 1024, 2048, 3600]}: eval/target_length=512/pass@1, ..., and the
+    # eval/... figures over all of them together.
+    variables: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -298,6 +309,8 @@ def as_plain(node):
         return {item.name: as_plain(getattr(node, item.name)) for item in dataclasses.fields(node)}
     if isinstance(node, list):
         return [as_plain(item) for item in node]
+    if isinstance(node, dict):
+        return {key: as_plain(item) for key, item in node.items()}
     return node
 
 
@@ -566,6 +579,13 @@ def convert(kind, value, path: str, source: str):
         if not isinstance(value, list):
             raise ConfigError(f"{located(source, path)}: expected a list, got {describe(value)}")
         return [convert(args[0], item, f"{path}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:  # dict[str, X]: names to values of one kind
+        if not isinstance(value, dict):
+            raise ConfigError(f"{located(source, path)}: expected a mapping, got {describe(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{located(source, path)}: expected names as keys, got {describe(key)}")
+        return {key: convert(args[1], item, f"{path}.{key}", source) for key, item in value.items()}
     checks = {
         bool: (lambda v: isinstance(v, bool), "true or false"),
         int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),

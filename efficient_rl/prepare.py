@@ -24,10 +24,12 @@ from efficient_rl.learner.objective import OBJECTIVES
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.model_sources import check_reference, model_directory
-from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
+from efficient_rl.prompts import TokenizerError, encode_user, load_tokenizer
 from efficient_rl.registry import Bound, did_you_mean
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import ENGINES
+from efficient_rl.variables import (bind_variables, check_sample_fields, check_template, draw_variables, eval_variants,
+                                    render)
 
 # Importing the backends registers them.
 import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
@@ -48,10 +50,11 @@ class Setup:
     heldout_samples: list[dict]
     base_model_dir: Path  # the recipe's starting model (the KL reference), even when resuming
     model_dir: Path  # where `model` was loaded from: the base model, or a resumed run's checkpoint
-    prompt_ids: dict[str, list[int]]  # question -> prompt token ids, encoded once at load
+    prompt_ids: dict[str, list[int]]  # user turn -> prompt token ids, encoded once at load
+    user_template: str = "{question}"  # prompt.user_template: a sample's user turn
 
     def encode(self, sample: dict) -> list[int]:
-        return self.prompt_ids[sample["question"]]
+        return self.prompt_ids[render(self.user_template, sample)]
 
 
 # The recipe's picks of registry entries with parameters (each a config.Choice), and of plain names.
@@ -87,6 +90,7 @@ def check_recipe(recipe: Recipe) -> None:
         if name not in registry:
             raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
     needs = recipe_needs(bind_choices(recipe))
+    bind_variables(recipe)  # prompt.variables and eval.variables
     if (recipe.model.path is None) == (recipe.model.lab is None):
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
     if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
@@ -201,12 +205,21 @@ def prepare(recipe: Recipe, model_dir: Path | None = None) -> Setup:
     check_recipe(recipe)
     train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
     heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
+    train, heldout = with_variables(recipe, train, "train"), with_variables(recipe, heldout, "heldout")
+    check_sample_fields(recipe_needs(bind_choices(recipe)), train, "data.train")
     rewards = start_rewards(recipe, train[0])
     try:
         return load_model_and_prompts(recipe, model_dir, rewards, train, heldout)
     except BaseException:
         rewards.close()
         raise
+
+
+def with_variables(recipe: Recipe, samples: list[dict], split: str) -> list[dict]:
+    """The samples with prompt.variables drawn (variables.py), checked against the user template."""
+    samples = draw_variables(samples, bind_variables(recipe), recipe.seed, split)
+    check_template(recipe.prompt.user_template, samples, f"data.{split}")
+    return samples
 
 
 def start_rewards(recipe: Recipe, probe_sample: dict) -> RewardRunner:
@@ -226,10 +239,17 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     source = model_dir or base
     try:
         tokenizer = load_tokenizer(source)
-        prompt_ids = {s["question"]: encode_prompt(tokenizer, s["question"], recipe.prompt) for s in train + heldout}
+        # eval.variables' values are prompts too (efficient_rl/variables.py)
+        evaluated = [s for _, variant in eval_variants(heldout[: recipe.eval.num_problems], recipe.eval.variables)
+                     for s in variant] if recipe.eval.variables else []
+        prompt_ids = {}
+        for sample in train + heldout + evaluated:
+            user = render(recipe.prompt.user_template, sample)
+            if user not in prompt_ids:
+                prompt_ids[user] = encode_user(tokenizer, user, recipe.prompt)
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
-    check_lengths(recipe, prompt_ids, train, heldout)
+    check_lengths(recipe, prompt_ids, {"data.train": train, "data.heldout": heldout + evaluated})
     config = read_config(source)
     context = getattr(config, "max_position_embeddings", None)
     longest = recipe.longest_sequence()
@@ -241,7 +261,8 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     holds_model = "driver_model" in CLUSTER_BACKENDS.get(recipe.cluster.backend).needs
     model = load_model(source, recipe.model.attn_implementation) if holds_model else None
     return Setup(model=model, vocab_size=config.vocab_size, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
-                 base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids)
+                 base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids,
+                 user_template=recipe.prompt.user_template)
 
 
 def load_model(source: Path, attn_implementation: str = "sdpa"):
@@ -261,9 +282,9 @@ def read_config(source: Path):
         raise ConfigError(f"model: cannot read the config of {source} ({type(err).__name__}: {one_line(err)})") from None
 
 
-def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], train: list[dict], heldout: list[dict]) -> None:
-    for field_name, samples in (("data.train", train), ("data.heldout", heldout)):
-        longest = max(len(prompt_ids[s["question"]]) for s in samples)
+def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], splits: dict[str, list[dict]]) -> None:
+    for field_name, samples in splits.items():
+        longest = max(len(prompt_ids[render(recipe.prompt.user_template, s)]) for s in samples)
         if longest > recipe.rollout.max_prompt_length:
             raise ConfigError(f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "
                               f"longer than the cap of {recipe.rollout.max_prompt_length}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from efficient_rl.config import PromptSection
+from efficient_rl.config import ConfigError, PromptSection
+from efficient_rl.variables import render
 
 DEFAULT_PROMPT = PromptSection()
 
@@ -39,9 +40,23 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def encode_prompt(tokenizer, question: str, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
+    """The prompt ids of a bare question (a template that names other fields needs encode_sample)."""
+    try:
+        user = render(prompt.user_template, {"question": question})
+    except KeyError as err:
+        raise ConfigError(f"user template: {{{err.args[0]}}} names a sample field, but only {{question}} is "
+                          f"known here") from None
+    return encode_user(tokenizer, user, prompt)
+
+
+def encode_sample(tokenizer, sample: dict, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
+    """The prompt ids of a sample: the user template filled with its fields (variables.render)."""
+    return encode_user(tokenizer, render(prompt.user_template, sample), prompt)
+
+
+def encode_user(tokenizer, user: str, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
     """The prompt ids the model continues from. With a chat template: an optional system turn,
     the user turn and the assistant header; without one: the user text itself."""
-    user = prompt.user_template.replace("{question}", question)
     if uses_chat_template(tokenizer, prompt):
         messages = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
         messages.append({"role": "user", "content": user})

@@ -16,7 +16,8 @@ from efficient_rl import stopping
 from efficient_rl.algos.advantages import ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import FILTER_METRICS, groups_with_spread
-from efficient_rl.algos.shaping import LENGTH_SHAPERS, difficulty_caps, fixed_caps, over_cap, tier_metrics
+from efficient_rl.algos.shaping import (LENGTH_SHAPERS, ShapingInputs, difficulty_caps, fixed_caps, over_cap,
+                                        tier_metrics)
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config import Recipe, bind
@@ -29,6 +30,7 @@ from efficient_rl.registry import Bound
 from efficient_rl.reward import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.selection import Selection
+from efficient_rl.variables import eval_variants
 
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
@@ -167,7 +169,8 @@ class Trainer:
     def step(self, number: int) -> dict[str, float]:
         started = time.time()
         self.timings = dict.fromkeys(("generate", "reward", "select", "learn", "sync"), 0.0)
-        batch, rollout_metrics = self.collect_rollouts()  # generate, score, shape, filter
+        progress = (number - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
+        batch, rollout_metrics = self.collect_rollouts(progress)  # generate, score, shape, filter
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
             learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
         else:
@@ -194,18 +197,19 @@ class Trainer:
         }
 
     # ------------------------------------------------------------ stages
-    def collect_rollouts(self) -> tuple[RolloutBatch, dict[str, float]]:
+    def collect_rollouts(self, progress: float = 0.0) -> tuple[RolloutBatch, dict[str, float]]:
         """Generate and score rounds of prompts until enough groups carry signal.
 
         Without dynamic sampling this is one round. With it, groups whose filter metric has zero
         spread are dropped and a further round is generated, up to max_sampling_rounds.
+        `progress` is the training progress the length penalty sees.
         """
         wanted = self.recipe.rollout.prompts_per_step
         generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0}
         started = time.time()
         while True:
             rounds += 1
-            batch, result = self.generate_and_score(self.stream.take(wanted))
+            batch, result = self.generate_and_score(self.stream.take(wanted), progress)
             failures["errors"] += result.errors
             failures["timeouts"] += result.timeouts
             generated.append(batch)
@@ -220,6 +224,7 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
+        metrics.update(self.stages.shape_rewards.metrics(shaping_inputs(everything, progress)))
         metrics.update(self.stages.length_metrics(
             correctness(everything), everything.group_ids, everything.response_lengths,
             over_cap(everything.response_lengths, everything.truncated, everything.length_cap)))
@@ -234,7 +239,8 @@ class Trainer:
             })
         return train_batch, metrics
 
-    def generate_and_score(self, prompts: list[tuple[int, dict]]) -> tuple[RolloutBatch, RewardResult]:
+    def generate_and_score(self, prompts: list[tuple[int, dict]],
+                           progress: float = 0.0) -> tuple[RolloutBatch, RewardResult]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result."""
         with timed(self.timings, "generate"):
             batch = self.engine.generate(
@@ -247,8 +253,7 @@ class Trainer:
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
-        batch.rewards = self.stages.shape_rewards(batch.scores, batch.response_lengths, batch.truncated,
-                                                  batch.length_cap)
+        batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress))
         return batch, result
 
     def evaluate(self) -> dict[str, float]:
@@ -256,8 +261,26 @@ class Trainer:
         settings = SamplingSettings(n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens,
                                     temperature=ev.temperature, top_p=ev.top_p)
         samples = self.setup.heldout_samples[: ev.num_problems]
-        return evaluate(self.engine, self.setup.encode, self.setup.rewards, samples, settings,
-                        seed=self.recipe.seed)
+        if not ev.variables:
+            return evaluate(self.engine, self.setup.encode, self.setup.rewards, samples, settings,
+                            seed=self.recipe.seed)
+        # Once per value of eval.variables (L1's target lengths), in one generation call.
+        variants = eval_variants(samples, ev.variables)
+        metrics = evaluate(self.engine, self.setup.encode, self.setup.rewards,
+                           [s for _, variant in variants for s in variant], settings, seed=self.recipe.seed,
+                           labels=[label for label, variant in variants for _ in variant])
+        return {**metrics, **target_length_errors(metrics, ev.variables)}
+
+
+def target_length_errors(metrics: dict[str, float], variables: dict[str, list]) -> dict[str, float]:
+    """L1's length error at each target of a single numeric eval variable: (mean length - target) /
+    target, as eval/<name>=<value>/length_error (nothing for several variables or non-numbers)."""
+    if len(variables) != 1:
+        return {}
+    (name, values), = variables.items()
+    return {f"eval/{name}={value}/length_error": (metrics[f"eval/{name}={value}/length/mean"] - value) / value
+            for value in values if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
+
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], stage: str):
@@ -273,6 +296,13 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
     """The rows of the first `groups` distinct groups, in order."""
     _, first_seen = torch.unique_consecutive(batch.group_ids, return_inverse=True)
     return batch.select((first_seen < groups).nonzero()[:, 0])
+
+
+def shaping_inputs(batch: RolloutBatch, progress: float) -> ShapingInputs:
+    """What the length penalty reads of a scored batch whose caps are set."""
+    return ShapingInputs(scores=batch.scores, lengths=batch.response_lengths, truncated=batch.truncated,
+                         length_cap=batch.length_cap, correct=correctness(batch), group_ids=batch.group_ids,
+                         samples=batch.samples, progress=progress)
 
 
 def correctness(batch: RolloutBatch) -> torch.Tensor:

@@ -13,7 +13,9 @@ from efficient_rl.algos.losses import (
     token_mean,
 )
 from efficient_rl.algos.sampling import groups_with_spread
-from efficient_rl.algos.shaping import difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty
+from efficient_rl.algos.shaping import (
+    LENGTH_SHAPERS, ShapingInputs, difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty,
+)
 
 
 def make_batch(rewards, group_ids, lengths, width=None):
@@ -175,22 +177,31 @@ def test_micro_batch_losses_sum_to_the_mini_batch_loss():
         assert parts.item() == pytest.approx(whole.item())
 
 
+def shaping(scores, lengths, truncated=None, cap=None, correct=None):
+    """ShapingInputs for one group of rollouts (the DLER and DAPO shapers read no group)."""
+    rows = len(scores)
+    return ShapingInputs(
+        scores=torch.tensor(scores, dtype=torch.float), lengths=torch.tensor(lengths),
+        truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(rows, dtype=torch.bool),
+        length_cap=torch.tensor(cap) if cap is not None else torch.full((rows,), max(lengths)),
+        correct=torch.tensor(correct if correct is not None else scores, dtype=torch.float),
+        group_ids=torch.zeros(rows, dtype=torch.long))
+
+
 def test_truncation_penalty_paper_and_code_modes():
-    scores = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    lengths = torch.tensor([10, 12, 12, 30])
-    truncated = torch.tensor([False, True, False, True])
-    cap = torch.tensor([12, 12, 11, 12])
-    paper = truncation_penalty(scores, lengths, truncated, cap, mode="paper")
+    inputs = shaping([1.0, 1.0, 1.0, 0.0], [10, 12, 12, 30], truncated=[False, True, False, True], cap=[12, 12, 11, 12])
+    paper = truncation_penalty(inputs, mode="paper")
     assert paper.tolist() == [1.0, 0.0, 0.0, 0.0]  # row 2 is over its own (tighter) cap
-    code = truncation_penalty(scores, lengths, truncated, cap, mode="code", not_stopped_coef=0.1)
+    code = truncation_penalty(inputs, mode="code", not_stopped_coef=0.1)
     assert code.tolist() == pytest.approx([1.0, 0.1, 0.1, 0.0])  # row 2 did not stop within its cap
+    # Through the registry, as the trainer calls it: the bound entry's parameters are passed.
+    assert LENGTH_SHAPERS.get("truncation").bind()(inputs).tolist() == paper.tolist()
+    assert LENGTH_SHAPERS.get("none").bind()(inputs).tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_overlong_shaping_piecewise():
     # L_max = 20, L_cache = 4: no penalty up to 16, linear to -1 at 20.
-    lengths = torch.tensor([10, 16, 17, 18, 20])
-    shaped = overlong_shaping(torch.ones(5), lengths, torch.zeros(5, dtype=torch.bool),
-                              torch.full((5,), 20), buffer=4, factor=1.0)
+    shaped = overlong_shaping(shaping([1.0] * 5, [10, 16, 17, 18, 20], cap=[20] * 5), buffer=4, factor=1.0)
     assert shaped.tolist() == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.0])
 
 

@@ -13,7 +13,7 @@ from efficient_rl.config import Choice, ConfigError, bind, load_recipe
 from efficient_rl.prepare import check_recipe
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     check_recipe(recipe)
@@ -65,7 +65,7 @@ def test_a_recipe_round_trips_through_its_config_yaml(tmp_path):
     """The run directory's config.yaml loads back into the same recipe (resume compares them)."""
     import yaml
 
-    for path in RECIPES.glob("*.yaml"):
+    for path in RECIPES.rglob("*.yaml"):
         recipe = load_recipe(path)
         saved = tmp_path / "config.yaml"
         saved.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -194,8 +194,11 @@ def test_existing_run_directory_is_refused(tmp_path, tiny_overrides):
 def test_recipes_command_lists_every_recipe():
     result = run_cli("recipes", cwd=ROOT)
     assert result.returncode == 0
-    for path in RECIPES.glob("*.yaml"):
-        assert path.name in result.stdout
+    listed = sorted(line.split()[0] for line in result.stdout.splitlines())
+    assert listed == sorted(path.relative_to(RECIPES).as_posix() for path in RECIPES.rglob("*.yaml"))
+    assert "ablation/dler_ablation_0_truncation.yaml" in listed  # subfolders are shipped recipes too
+    stems = [path.stem for path in RECIPES.rglob("*.yaml")]
+    assert len(stems) == len(set(stems))  # a recipe's run directory is named by its stem
 
 
 def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):

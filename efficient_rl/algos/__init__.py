@@ -1,7 +1,8 @@
 """RL algorithm pieces as pure tensor functions behind registries."""
 
-# Importing the estimators that live outside advantages.py registers them, so every user of
-# ADVANTAGES (recipe checks, the trainer) sees them whichever algos module it imports first.
-from efficient_rl.algos import tempo
+# Importing the entries that live outside their registry's module registers them, so every user
+# of ADVANTAGES and LENGTH_SHAPERS (recipe checks, the trainer) sees them whichever algos module
+# it imports first.
+from efficient_rl.algos import length_rewards, tempo
 
-__all__ = ["tempo"]
+__all__ = ["length_rewards", "tempo"]

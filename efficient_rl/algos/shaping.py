@@ -1,22 +1,55 @@
-"""Length shaping of sequence rewards: DLER truncation penalty, difficulty-aware truncation
-lengths (DA-DLER) and DAPO overlong shaping.
+"""Length shaping of sequence rewards: the length penalty interface, DLER's truncation penalty,
+difficulty-aware truncation lengths (DA-DLER) and DAPO overlong shaping.
 
-References: docs/algorithms.md#dler-truncation (the paper's rule vs verl-dler's 0.1 multiplier),
-docs/algorithms.md#difficulty-aware-dler and docs/algorithms.md#dapo-overlong-shaping.
+A length penalty (LENGTH_SHAPERS entry) reads one `ShapingInputs` (the round's rollouts: scores,
+lengths, truncation, the cap in force, correctness, groups, samples and the training progress)
+and returns the [B] rewards. The efficient-reasoning penalties (L1, ThinkPrune, Kimi, Arora &
+Zanette, LASER, cosine) are in length_rewards.py, registered when efficient_rl.algos is imported.
+
+References: docs/algorithms.md#length-penalty-interface, docs/algorithms.md#dler-truncation (the
+paper's rule vs verl-dler's 0.1 multiplier), docs/algorithms.md#difficulty-aware-dler and
+docs/algorithms.md#dapo-overlong-shaping.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from efficient_rl.registry import Registry
 
-# name -> fn(scores [B], lengths [B], truncated [B], length_cap [B], **params) -> [B] rewards. An
-# entry that reads length_cap needs "length_cap" (DA-DLER's per-prompt caps apply to it).
+# name -> fn(inputs: ShapingInputs, **params) -> [B] rewards; its `metrics`, fn(inputs, **params)
+# -> {name: value}, are logged every step. An entry that reads inputs.length_cap needs
+# "length_cap" (DA-DLER's per-prompt caps apply to it); one that reads a sample field needs
+# "sample.<field>" (checked on every training sample at load).
 LENGTH_SHAPERS: Registry = Registry("length penalty")
+
+
+@dataclass
+class ShapingInputs:
+    """What a length penalty reads: [B] tensors over the rollouts of one generation round."""
+
+    scores: torch.Tensor  # float, the verifier's score before shaping
+    lengths: torch.Tensor  # long, response tokens (EOS included)
+    truncated: torch.Tensor  # bool, cut by the engine's generation limit
+    length_cap: torch.Tensor  # long, the truncation length in force (per prompt under DA-DLER)
+    correct: torch.Tensor  # float, 1.0 where the verifier accepted the answer
+    group_ids: torch.Tensor  # long, rollouts of one prompt share an id
+    samples: list[dict] = field(default_factory=list)  # the data sample each rollout answers
+    progress: float = 0.0  # training progress p in [0, 1]: (step - 1) / (steps - 1)
+
+    def over_cap(self) -> torch.Tensor:
+        return over_cap(self.lengths, self.truncated, self.length_cap)
+
+    def sample_values(self, name: str, entry: str) -> torch.Tensor:
+        """[B] float: each rollout's sample field `name` (a per-sample target length, ...)."""
+        try:
+            return torch.tensor([float(sample[name]) for sample in self.samples], dtype=torch.float64)
+        except KeyError:
+            raise ValueError(f"length penalty {entry!r} reads the sample field {name!r}, which a sample lacks") from None
 
 
 def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.Tensor) -> torch.Tensor:
@@ -25,13 +58,13 @@ def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.T
 
 
 @LENGTH_SHAPERS.register("none", source="no length shaping: the reward is the score")
-def no_length_penalty(scores, lengths, truncated, length_cap) -> torch.Tensor:
-    return scores.clone()
+def no_length_penalty(inputs: ShapingInputs) -> torch.Tensor:
+    return inputs.scores.clone()
 
 
 @LENGTH_SHAPERS.register("truncation", needs=("length_cap",), ranges={"not_stopped_coef": "[0, 1]"},
                          source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager")
-def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: Literal["paper", "code"] = "paper",
+def truncation_penalty(inputs: ShapingInputs, *, mode: Literal["paper", "code"] = "paper",
                        not_stopped_coef: float = 0.1) -> torch.Tensor:
     """DLER: a rollout over its truncation length gets reward 0 (mode="paper").
 
@@ -40,21 +73,20 @@ def truncation_penalty(scores, lengths, truncated, length_cap, *, mode: Literal[
     truncated response that still holds a correct answer keeps 0.1 of its reward. With a cap
     below the generation limit (DA-DLER tiers) "did not stop by itself" means "not within the cap".
     """
-    over = over_cap(lengths, truncated, length_cap)
-    return torch.where(over, scores * (not_stopped_coef if mode == "code" else 0.0), scores)
+    scores = inputs.scores
+    return torch.where(inputs.over_cap(), scores * (not_stopped_coef if mode == "code" else 0.0), scores)
 
 
 @LENGTH_SHAPERS.register("overlong", needs=("length_cap",), ranges={"buffer": "[1, inf)", "factor": "[0, inf)"},
                          source="DAPO (arXiv 2503.14476) soft overlong punishment")
-def overlong_shaping(scores, lengths, truncated, length_cap, *, buffer: int = 4096,
-                     factor: float = 1.0) -> torch.Tensor:
+def overlong_shaping(inputs: ShapingInputs, *, buffer: int = 4096, factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment with L_max = the cap in force and L_cache = `buffer`.
 
     0 up to L_max - L_cache, then a linear ramp down to -factor at L_max, and -factor beyond.
     """
-    expected = length_cap - buffer
-    penalty = -((lengths - expected).clamp(min=0).float() / buffer * factor).clamp(max=factor)
-    return scores + penalty
+    expected = inputs.length_cap - buffer
+    penalty = -((inputs.lengths - expected).clamp(min=0).float() / buffer * factor).clamp(max=factor)
+    return inputs.scores + penalty
 
 
 # ---------------------------------------------------------------- DA-DLER

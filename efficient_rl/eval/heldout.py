@@ -17,9 +17,11 @@ from efficient_rl.rollout.base import SamplingSettings
 
 
 def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], settings: SamplingSettings,
-             seed: int) -> dict[str, float]:
+             seed: int, labels: list[str] | None = None) -> dict[str, float]:
     """`settings.n` samples per problem; `encode` turns a sample into its prompt token ids.
-    Undefined values (no correct answer: no tokens per correct answer) are logged as NaN."""
+    Undefined values (no correct answer: no tokens per correct answer) are logged as NaN.
+    `labels` (one per sample: the eval.variables values it was prompted with) adds every label's
+    own figures as eval/<label>/<name>; the eval/<name> figures cover all samples."""
     prompts = [encode(s) for s in samples]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -31,6 +33,12 @@ def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], setting
     per_problem = [[] for _ in samples]
     for sample, problem in zip(scored, batch.group_ids.tolist()):
         per_problem[problem].append(sample)
-    metrics = {f"eval/{name}": value if math.isfinite(value) else math.nan
-               for name, value in evaluation_metrics(per_problem).items()}
+    metrics = named(evaluation_metrics(per_problem), "eval/")
+    for label in dict.fromkeys(labels or []):
+        metrics.update(named(evaluation_metrics([problem for problem, of in zip(per_problem, labels) if of == label]),
+                             f"eval/{label}/"))
     return {**metrics, "eval/reward_errors": float(result.errors), "eval/reward_timeouts": float(result.timeouts)}
+
+
+def named(figures: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{name}": value if math.isfinite(value) else math.nan for name, value in figures.items()}
