@@ -5,7 +5,9 @@
   <name>/
     config.yaml          the resolved recipe
     metrics.jsonl        one line per step
-    tensorboard/         event files
+    completions.jsonl    sampled rollouts of every logging.completions_every-th step, one line each
+    trackers.json        each experiment tracker's run id and last step (a resume continues them)
+    tensorboard/         event files (the tensorboard tracker); wandb/: the wandb tracker's files
     checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt,
                          checkpoint_manifest.json (every file's size, written last)
     summary.json         warm-start and final held-out figures, wall time

@@ -245,8 +245,15 @@ class ClusterSection:
 class LoggingSection:
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: the recipe file's stem
-    tensorboard: bool = True
+    # Experiment trackers (TRACKERS in efficient_rl/trackers.py, docs/trackers.md), each a name or
+    # {name: wandb, project: ..., mode: offline}: tensorboard | wandb | mlflow. The old
+    # `logging.tensorboard: true/false` still reads: it adds or removes tensorboard here.
+    trackers: list[Choice] = field(default_factory=lambda: [Choice("tensorboard")])
     progress: bool = True
+    # Every k steps (0 = never), this many of the step's rollouts (prompt, completion, score, reward
+    # after shaping, length, truncation) to completions.jsonl and to the trackers as a table.
+    completions_every: int = 10
+    completions_samples: int = 8
 
 
 @dataclass
@@ -387,6 +394,8 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     **{f"cluster.{role}.{name}": rule for role in ("rollout", "learner") for name, rule in ROLE_RULES.items()},
     "cluster.max_rollout_restarts": "[0, inf)",
     "cluster.sync_bucket_mb": ("[0, inf)", "0 sends a bucket per parameter"),
+    "logging.completions_every": ("[0, inf)", "0 means never"),
+    "logging.completions_samples": "[1, inf)",
     "eval.every": ("[0, inf)", "0 means never"),
     "eval.num_problems": "[1, inf)",
     "eval.samples_per_problem": "[1, inf)",
@@ -439,6 +448,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     raw = read_recipe_file(path)
     for override in overrides:
         apply_override(raw, override)
+    migrate_old_keys(raw, source=str(path))
     recipe = build(Recipe, raw, "", source=str(path))
     try:
         check_numbers(recipe)
@@ -448,6 +458,28 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if recipe.logging.name is None:
         recipe.logging.name = path.stem
     return recipe
+
+
+def migrate_old_keys(raw: dict, source: str = "") -> dict:
+    """Keys a recipe may still use, in their current form: `logging.tensorboard: false` removes
+    tensorboard from logging.trackers, `true` adds it (applied after the rest of the recipe)."""
+    section = raw.get("logging")
+    if not isinstance(section, dict) or "tensorboard" not in section:
+        return raw
+    enabled = section.pop("tensorboard")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{located(source, 'logging.tensorboard')}: expected true or false, got {describe(enabled)} "
+                          "(the trackers are now logging.trackers: [tensorboard, wandb, mlflow])")
+    trackers = section.get("trackers", as_plain(LoggingSection().trackers))
+    if not isinstance(trackers, list):
+        return raw  # build names the bad logging.trackers
+    names = [item.get("name") if isinstance(item, dict) else item for item in trackers]
+    if enabled and "tensorboard" not in names:
+        trackers = ["tensorboard", *trackers]
+    elif not enabled:
+        trackers = [item for item, name in zip(trackers, names) if name != "tensorboard"]
+    section["trackers"] = trackers
+    return raw
 
 
 def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:

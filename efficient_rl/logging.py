@@ -1,50 +1,94 @@
-"""Per-step metrics: metrics.jsonl, TensorBoard event files and a progress bar."""
+"""Per-step records: metrics.jsonl, completions.jsonl, the experiment trackers and a progress bar."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import random
 import sys
 
 from tqdm import tqdm
+
+from efficient_rl.trackers import Trackers
 
 PROGRESS_KEYS = {"reward/mean": "reward", "acc/mean": "acc", "response_length/mean": "len"}
 
 
 class MetricsLogger:
+    """Every step's metrics to metrics.jsonl and to the recipe's trackers (logging.trackers); on
+    the steps logging.completions_every picks, sampled completions to completions.jsonl and to the
+    trackers as a table. A context manager: leaving it closes the trackers, as failed on an error."""
+
     def __init__(self, run, recipe, first_step: int):
         self.path = run.path / "metrics.jsonl"
+        self.completions_path = run.path / "completions.jsonl"
         # A resumed run drops lines of steps after its checkpoint: each step is logged once.
-        kept = [line for line in read_lines(self.path) if line_step(line) < first_step]
-        rewrite(self.path, "".join(line + "\n" for line in kept))
-        self.writer = None
-        if recipe.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=first_step)
+        keep_steps_before(self.path, first_step)
+        if self.completions_path.exists():
+            keep_steps_before(self.completions_path, first_step)
+        self.trackers = Trackers(run.path, recipe, first_step)  # first: what they print at start precedes the bar
         self.progress = tqdm(total=recipe.steps, initial=first_step - 1, desc=recipe.logging.name,
                              unit="step", disable=not recipe.logging.progress, dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], completions: list[dict] = ()) -> None:
         with self.path.open("a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if not math.isnan(value):
-                    self.writer.add_scalar(name, value, step)
+        if completions:
+            with self.completions_path.open("a") as out:
+                out.write("".join(json.dumps(row) + "\n" for row in completions))
+        self.trackers.log(step, metrics, list(completions))
         self.progress.set_postfix({short: f"{metrics[key]:.3g}" for key, short in PROGRESS_KEYS.items()
                                    if key in metrics})
         self.progress.update(1)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close(failed)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
+
+
+def completions_due(step: int, logging) -> bool:
+    return bool(logging.completions_every) and step % logging.completions_every == 0
+
+
+def completion_sample(batch, step: int, count: int, seed: int, tokenizer) -> list[dict]:
+    """`count` rollouts of a step's generated batch (all its sampling rounds), picked by the seed
+    and the step alone (a resumed run picks the same), one record each. A record holds the
+    question and answer, so `efficient-rl reward check SPEC --data completions.jsonl` rescores it."""
+    rows = sorted(random.Random(seed * 1_000_003 + step).sample(range(len(batch)), min(count, len(batch))))
+    lengths, caps = batch.response_lengths.tolist(), batch.length_cap.tolist()
+    records = []
+    for row in rows:
+        sample = batch.samples[row]
+        records.append({
+            "step": step,
+            "group": int(batch.group_ids[row]),
+            "question": str(sample.get("question", "")),
+            "prompt": tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist()),
+            "completion": batch.completions[row],
+            "answer": str(sample.get("answer", "")),
+            "score": float(batch.scores[row]),
+            "reward": float(batch.rewards[row]),  # after length shaping
+            "correct": bool(batch.accuracy[row]) if batch.accuracy is not None else None,
+            "length": lengths[row],
+            "truncated": bool(batch.truncated[row]),  # stopped by the generation cap, not by EOS
+            "length_cap": caps[row],  # the truncation length in force for the length penalty
+        })
+    return records
+
+
+def keep_steps_before(path, first_step: int) -> None:
+    kept = [line for line in read_lines(path) if line_step(line) < first_step]
+    rewrite(path, "".join(line + "\n" for line in kept))
 
 
 def read_lines(path) -> list[str]:
-    """The lines of metrics.jsonl that are a step's record. A line cut short (a kill mid-write,
+    """The lines of metrics.jsonl (or completions.jsonl) that are a step's record. A line cut short (a kill mid-write,
     normally the last) is dropped with a one-line notice instead of stopping the resume."""
     if not path.exists():
         return []
@@ -63,7 +107,7 @@ def read_lines(path) -> list[str]:
 
 
 def line_step(line: str) -> int | None:
-    """The step of a metrics line, or None when the line is not a whole JSON record with one."""
+    """The step of a record line, or None when the line is not a whole JSON record with one."""
     try:
         record = json.loads(line)
     except ValueError:

@@ -28,6 +28,7 @@ from efficient_rl.prompts import TokenizerError, encode_user, load_tokenizer
 from efficient_rl.registry import Bound, did_you_mean
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import ENGINES
+from efficient_rl.trackers import check_trackers
 from efficient_rl.variables import (bind_variables, check_sample_fields, check_template, draw_variables, eval_variants,
                                     render)
 
@@ -90,6 +91,7 @@ def check_recipe(recipe: Recipe) -> None:
         if name not in registry:
             raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
     needs = recipe_needs(bind_choices(recipe))
+    check_trackers(recipe)  # names and parameters of logging.trackers
     bind_variables(recipe)  # prompt.variables and eval.variables
     if (recipe.model.path is None) == (recipe.model.lab is None):
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")

@@ -24,7 +24,7 @@ from efficient_rl.config import Recipe, bind
 from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
-from efficient_rl.logging import MetricsLogger
+from efficient_rl.logging import MetricsLogger, completion_sample, completions_due
 from efficient_rl.prepare import Setup, prepare
 from efficient_rl.registry import Bound
 from efficient_rl.reward import RewardResult
@@ -109,6 +109,8 @@ class Trainer:
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step
+        self.generated: RolloutBatch | None = None  # the step's rollouts, until their sample is taken
+        self.completions: list[dict] = []  # the step's sampled completions (logging.completions_every)
 
     def close(self) -> None:
         """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
@@ -131,14 +133,15 @@ class Trainer:
         if "warm_start" not in state and self.recipe.eval.before_training:
             state["warm_start"] = self.evaluate()
         metrics = {}
-        # closing: an exception ends the progress bar, instead of drawing it through the message
-        with contextlib.closing(MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1)) as logger, \
+        # An exception ends the progress bar (instead of drawing it through the message) and closes
+        # the trackers, their runs marked failed.
+        with MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1) as logger, \
                 stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step(step)
                 if self.recipe.eval.every and step % self.recipe.eval.every == 0:
                     metrics.update(self.evaluate())
-                logger.log(step, metrics)
+                logger.log(step, metrics, self.completions)
                 state["step"] = step
                 state["wall_seconds"] = earlier_seconds + time.time() - started
                 last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
@@ -171,6 +174,7 @@ class Trainer:
         self.timings = dict.fromkeys(("generate", "reward", "select", "learn", "sync"), 0.0)
         progress = (number - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
         batch, rollout_metrics = self.collect_rollouts(progress)  # generate, score, shape, filter
+        self.completions = self.sample_completions(number)  # and the rollouts are let go before the update
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
             learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
         else:
@@ -195,6 +199,13 @@ class Trainer:
             "tokens_per_second": rollout_metrics["rollout/tokens"] / elapsed,
             "data/consumed_prompts": float(self.stream.consumed),
         }
+
+    def sample_completions(self, step: int) -> list[dict]:
+        generated, self.generated = self.generated, None
+        if generated is None or not completions_due(step, self.recipe.logging):
+            return []
+        return completion_sample(generated, step, self.recipe.logging.completions_samples, self.recipe.seed,
+                                 self.setup.tokenizer)
 
     # ------------------------------------------------------------ stages
     def collect_rollouts(self, progress: float = 0.0) -> tuple[RolloutBatch, dict[str, float]]:
@@ -237,6 +248,7 @@ class Trainer:
                 "dynamic_sampling/kept_groups": float(train_batch.group_ids.unique().numel()),
                 "dynamic_sampling/generated_groups": float(everything.group_ids.unique().numel()),
             })
+        self.generated = everything  # the completions log samples from every round (sample_completions)
         return train_batch, metrics
 
     def generate_and_score(self, prompts: list[tuple[int, dict]],

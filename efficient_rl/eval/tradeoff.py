@@ -6,8 +6,9 @@ reuses every generation. Scores come from the same reward plugins training uses.
 
 out/
   generations/<model>@<budget>.jsonl   one line per question: its completions, lengths, truncation
-  eval.json                            every metric per (model, budget), frontiers, distances
-  report.md, tradeoff.png, lengths.png, report.html (self-contained)
+  eval.json                            every metric per (model, budget), frontiers, distances, and a
+                                       few graded completions per run
+  report.md, tradeoff.png, lengths.png, report.html (self-contained; both show the graded completions)
 `efficient-rl eval compare DIR...` puts the runs of several evaluations on one set of frontiers.
 """
 
@@ -34,6 +35,8 @@ from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
 CHUNK = 16  # questions generated (and cached) together
+REPORT_SAMPLES = 3  # graded completions per run in the report: the first sample of the first questions
+REPORT_CHARACTERS = 600  # of each completion shown there (generations/<run>.jsonl holds them whole)
 
 
 @dataclass
@@ -244,7 +247,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                 records = generate(model, questions, budget, out / "generations" / f"{name}.jsonl")
                 scored = score(records, rewards)
                 runs[name] = {"model": reference, "budget": budget, "samples": spec.samples,
-                              **evaluation_metrics(scored),
+                              **evaluation_metrics(scored), "graded": graded_samples(records, scored),
                               "lengths": {kind: [s.length for q in scored for s in q if s.correct == want]
                                            for kind, want in (("correct", True), ("incorrect", False))}}
                 per_question[name] = {r["question"]: [(s.correct, s.length) for s in q]
@@ -253,6 +256,14 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
     finally:
         rewards.close()
     return summarize(asdict(spec), runs, per_question)
+
+
+def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict]:
+    """The first sample of each of the first REPORT_SAMPLES questions, graded: the same questions
+    for every run of an evaluation, so the report sets their answers side by side."""
+    return [{"question": record["question"], "answer": record["answer"], "completion": record["completions"][0],
+             "correct": samples[0].correct, "length": samples[0].length, "truncated": samples[0].truncated}
+            for record, samples in zip(records[:REPORT_SAMPLES], scored[:REPORT_SAMPLES])]
 
 
 def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
@@ -318,11 +329,55 @@ def report_html(result: dict, out: Path) -> str:
         for title, name in (("Accuracy vs response length", "tradeoff.png"),
                             ("Response lengths, correct vs incorrect", "lengths.png")))
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;" \
-            "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+            "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}" \
+            "pre{white-space:pre-wrap;background:#f7f7f7;padding:6px}"
     header = html.escape(report_markdown(result).splitlines()[2])
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>efficient-rl eval</title>"
             f"<style>{style}</style></head><body><h1>Length / accuracy trade-off on {html.escape(result['spec']['data'])}"
-            f"</h1><p>{header}</p><table>{table}</table>{images}</body></html>\n")
+            f"</h1><p>{header}</p><table>{table}</table>{images}{graded_html(result)}</body></html>\n")
+
+
+def graded_html(result: dict) -> str:
+    runs = {name: run["graded"] for name, run in result["runs"].items() if run.get("graded")}
+    if not runs:
+        return ""
+    parts = [f"<h2>Graded completions</h2><p>{html.escape(GRADED_NOTE)}</p>"]
+    for name, graded in runs.items():
+        parts.append(f"<details><summary>{html.escape(name)}</summary>")
+        for item in graded:
+            parts.append(f"<p><b>{html.escape(grade(item))}</b>: {html.escape(item['question'])} "
+                         f"(reference: {html.escape(str(item['answer']))})</p>"
+                         f"<pre>{html.escape(shown(item['completion']))}</pre>")
+        parts.append("</details>")
+    return "".join(parts)
+
+
+GRADED_NOTE = (f"The first sample of each of the first {REPORT_SAMPLES} questions, for every run (cut at "
+               f"{REPORT_CHARACTERS} characters; generations/<run>.jsonl holds every completion whole).")
+
+
+def grade(item: dict) -> str:
+    return (f"{'correct' if item['correct'] else 'wrong'}, {item['length']} tokens"
+            + (", truncated" if item["truncated"] else ""))
+
+
+def shown(completion: str) -> str:
+    return completion if len(completion) <= REPORT_CHARACTERS else completion[:REPORT_CHARACTERS] + " [...]"
+
+
+def graded_markdown(result: dict) -> list[str]:
+    """The graded completions of every run; each completion as an indented block, so that no line
+    of it reads as a row of the table above (report_html reads that table back from the lines)."""
+    runs = {name: run["graded"] for name, run in result["runs"].items() if run.get("graded")}
+    if not runs:
+        return []
+    lines = ["", "## Graded completions", "", GRADED_NOTE]
+    for name, graded in runs.items():
+        lines += ["", f"### {name}"]
+        for item in graded:
+            lines += ["", f"**{grade(item)}**: {' '.join(item['question'].split())} (reference: {item['answer']})", ""]
+            lines += ["    " + line for line in shown(item["completion"]).splitlines() or [""]]
+    return lines
 
 
 def report_markdown(result: dict) -> str:
@@ -347,6 +402,7 @@ def report_markdown(result: dict) -> str:
               "are in eval.json. short-m@k votes among the first m of k samples to finish (shortest first).",
               "", "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
               "response any run produced per question (token complexity); see `tradeoff.png`."]
+    lines += graded_markdown(result)
     return "\n".join(lines) + "\n"
 
 
