@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from efficient_rl.config import ConfigError, Recipe
+from efficient_rl.config import ConfigError, Recipe, build, migrate_old_keys
 
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
@@ -517,7 +517,7 @@ class RunDir:
 
     def _check_resumable(self) -> None:
         self.resume_from = resume_checkpoint(self.path)
-        saved = read_saved_recipe(self.path / "config.yaml")
+        saved = saved_recipe(self.path / "config.yaml")
         current = self.recipe.to_dict()
         for section in current:
             if section != "steps" and saved.get(section) != current[section]:
@@ -602,6 +602,16 @@ def check_replaceable(path: Path) -> None:
     if not (path / "config.yaml").is_file() and any(path.iterdir()):
         raise ConfigError(f"{path}: not a run directory (no config.yaml); --overwrite replaces only a run "
                           "directory, remove it yourself")
+
+
+def saved_recipe(path: Path) -> dict:
+    """The run's config.yaml as a full recipe: fields added to recipes since the run started take
+    their defaults, so a newer library can still resume it (a field since removed or renamed is a
+    one-line error naming it)."""
+    try:
+        return build(Recipe, migrate_old_keys(read_saved_recipe(path), str(path)), "", source=str(path)).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"--resume: the run's recipe no longer loads: {err}") from None
 
 
 def read_saved_recipe(path: Path) -> dict:

@@ -81,9 +81,11 @@ def cmd_recipes(args) -> int:
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
     from efficient_rl.prepare import CHOICE_FIELDS
+    from efficient_rl.trackers import TRACKERS
     from efficient_rl.variables import PROMPT_VARIABLES
 
-    for dotted, registry in CHOICE_FIELDS + [("prompt.variables.<name>", PROMPT_VARIABLES)]:
+    listed = CHOICE_FIELDS + [("prompt.variables.<name>", PROMPT_VARIABLES), ("logging.trackers[]", TRACKERS)]
+    for dotted, registry in listed:
         print(f"{dotted} ({registry.kind})")
         for entry in registry.entries():
             params = ", ".join(f"{name}={value!r}" for name, value in entry.defaults().items())

@@ -85,9 +85,21 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
 
     common = tiny_overrides + ["steps=1", "eval.before_training=false", "eval.after_training=false",
                                "logging.tensorboard=false", "logging.name=r"]
-    train(common)
+    run, _ = train(common)
     with pytest.raises(ConfigError, match="algorithm differs"):
         RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.policy_loss.clip_high=0.5"]), resume=True)
+    run.close()
+    # A run saved before a field existed resumes: the field takes its default on both sides.
+    import yaml
+
+    saved = yaml.safe_load((run.path / "config.yaml").read_text())
+    del saved["imports"], saved["logging"]["completions_every"]
+    (run.path / "config.yaml").write_text(yaml.safe_dump(saved))
+    RunDir(load_recipe(RECIPES / "quickstart.yaml", common), resume=True).close()
+    saved["algorithm"]["clip_hihg"] = 0.3  # a field since renamed: one line naming it
+    (run.path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="recipe no longer loads: .*algorithm.clip_hihg: unknown key"):
+        RunDir(load_recipe(RECIPES / "quickstart.yaml", common), resume=True)
 
 
 def parity_reward(completion, sample):
