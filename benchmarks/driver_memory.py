@@ -1,0 +1,49 @@
+"""Peak RSS of the driver process during a short Ray run (cluster.backend: ray), by model size.
+
+Each run is `efficient-rl train` in a subprocess of its own, one step, no evaluation; its peak
+RSS (ru_maxrss of that process: the driver only, Ray's workers and actors are other processes)
+is printed as it exits. `--tree DIR` runs the code of another checkout (e.g. a git worktree of an
+earlier commit) for a before/after comparison.
+
+    .venv/bin/python benchmarks/driver_memory.py [--tree /tmp/before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = ["cluster.backend=ray", "rollout.engine=vllm", "steps=1", "eval.before_training=false",
+       "eval.after_training=false", "logging.progress=false", "checkpoint.every=0", "scoring.workers=0"]
+RUNS = {  # name -> (recipe, overrides)
+    "lab quickstart (0.6M parameters)": ("quickstart.yaml", ["rollout.prompts_per_step=4", "algorithm.dynamic_sampling=false"]),
+    "SmolLM2-135M": ("smollm2_dler_cpu.yaml", ["rollout.prompts_per_step=2", "algorithm.dynamic_sampling=false"]),
+}
+PEAK = ("import resource, sys\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('DRIVER_PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose code runs")
+    args = parser.parse_args()
+    for name, (recipe, overrides) in RUNS.items():
+        with tempfile.TemporaryDirectory(prefix="erl-driver-") as out:
+            result = subprocess.run(
+                [sys.executable, "-c", PEAK, "train", str(ROOT / "recipes" / recipe), *RAY, *overrides,
+                 f"logging.output_dir={out}", "--overwrite"],
+                cwd=args.tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(args.tree)})
+        peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KB")]
+        if result.returncode != 0 or not peak:
+            print(f"{name}: failed ({result.returncode}): {result.stderr[-800:]}")
+            continue
+        print(f"{name}: driver peak RSS {int(peak[0]) / 2**20:.2f} GiB ({args.tree})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

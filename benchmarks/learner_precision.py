@@ -1,0 +1,135 @@
+"""Learner step time and memory, float32 vs bf16 (learner.precision), side by side in one process.
+
+Two copies of one model, one per precision, take turns on the same batch, step after step; the
+first step of each is dropped as warm-up, the rest give a median. Memory is counted from the
+tensors themselves, not from the process (both learners share it): weights, gradients and AdamW
+state (float32 in both: bf16 computes on float32 master weights), and the activations: every
+tensor the autograd graph keeps for the backward of one micro-batch, counted once per storage
+and not counting the parameters themselves (under autocast the bf16 copies of the weights are
+kept for the backward, and count here). Also the bytes one weight sync sends in each dtype.
+
+    .venv/bin/python benchmarks/learner_precision.py --model qwen2-22m --steps 6
+    .venv/bin/python benchmarks/learner_precision.py --model smollm2 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
+from efficient_rl.config import Recipe  # noqa: E402
+from efficient_rl.learner.objective import objective_settings  # noqa: E402
+from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
+from efficient_rl.model_sources import model_directory  # noqa: E402
+from efficient_rl.modeling import PRECISIONS, load_model  # noqa: E402
+
+
+def qwen2_22m() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).float()
+
+
+MODELS = {"qwen2-22m": qwen2_22m, "smollm2": lambda: load_model(model_directory("smollm2", "model"))}
+
+
+def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(response // 4, response + 1, (rows,), generator=generator)
+    response_mask = (torch.arange(response)[None] < lengths[:, None]).float()
+    return RolloutBatch(
+        prompt_ids=torch.randint(0, vocab, (rows, prompt), generator=generator),
+        prompt_mask=torch.ones(rows, prompt, dtype=torch.long),
+        response_ids=torch.randint(0, vocab, (rows, response), generator=generator) * response_mask.long(),
+        response_mask=response_mask, rollout_logprobs=torch.zeros(rows, response),
+        truncated=torch.zeros(rows, dtype=torch.bool), group_ids=torch.arange(rows) // 4,
+        samples=[{}] * rows, completions=[""] * rows,
+        advantages=torch.randn(rows, 1, generator=generator) * response_mask,
+    ).trim_padding()
+
+
+def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> int:
+    """Bytes of the tensors kept for the backward of one micro-batch (parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    den = learner._mini_batch(rows).den
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = learner._micro_batch_loss(rows, den)
+    loss.backward()
+    learner.model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+def state_bytes(learner: TorchLearner) -> dict[str, int]:
+    weights = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    optimizer = sum(t.numel() * t.element_size() for state in learner.optimizer.state.values()
+                    for t in state.values() if isinstance(t, torch.Tensor))
+    return {"weights": weights, "gradients": weights, "optimizer": optimizer}  # gradients: float32, like the weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="qwen2-22m")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    args = parser.parse_args()
+    objective = objective_settings(Recipe())
+    learners = {}
+    for precision in PRECISIONS:
+        model = MODELS[args.model]()
+        learners[precision] = TorchLearner(model, objective, OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch,
+                                                                           precision=precision),
+                                           sync_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+    vocab = learners["fp32"].model.config.vocab_size
+    batch = make_batch(vocab, args.rows, args.prompt, args.response)
+    parameters = sum(p.numel() for p in learners["fp32"].model.parameters())
+    print(f"{args.model}: {parameters / 1e6:.1f}M parameters; batch {args.rows} rows, prompt {args.prompt}, "
+          f"responses {int(batch.response_lengths.min())}-{int(batch.response_lengths.max())} tokens "
+          f"({int(batch.response_mask.sum())} in all), micro-batches of {args.micro_batch}; torch threads "
+          f"{torch.get_num_threads()}")
+    times = {precision: [] for precision in learners}
+    for step in range(args.steps):
+        for precision, learner in learners.items():
+            started = time.perf_counter()
+            learner.update(batch)
+            times[precision].append(time.perf_counter() - started)
+    micro = batch.select(range(args.micro_batch))
+    memory = {precision: {**state_bytes(learner), "activations": activation_bytes(learner, micro)}
+              for precision, learner in learners.items()}
+    sync = {precision: sum(b.nbytes for b in learner.weight_plan(64 * 2**20)) for precision, learner in learners.items()}
+    mib = 2**20
+    print(f"{'':6s} {'median step':>12s} {'steps':>30s} {'weights':>9s} {'grads':>9s} {'adam':>9s} "
+          f"{'activations':>12s} {'sum':>9s} {'sync':>9s}")
+    for precision in learners:
+        m = memory[precision]
+        print(f"{precision:6s} {statistics.median(times[precision][1:]):11.3f}s "
+              f"{' '.join(f'{t:.2f}' for t in times[precision]):>30s} {m['weights'] / mib:8.1f}M "
+              f"{m['gradients'] / mib:8.1f}M {m['optimizer'] / mib:8.1f}M {m['activations'] / mib:11.1f}M "
+              f"{sum(m.values()) / mib:8.1f}M {sync[precision] / mib:8.1f}M")
+    ratio = lambda key: memory["bf16"][key] / memory["fp32"][key]  # noqa: E731
+    print(f"bf16 / fp32: step {statistics.median(times['bf16'][1:]) / statistics.median(times['fp32'][1:]):.2f}x, "
+          f"activations {ratio('activations'):.2f}x, sum {sum(memory['bf16'].values()) / sum(memory['fp32'].values()):.2f}x, "
+          f"sync bytes {sync['bf16'] / sync['fp32']:.2f}x  (MiB = 2^20 bytes; medians without the first step)")
+
+
+if __name__ == "__main__":
+    main()
