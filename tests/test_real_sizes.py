@@ -167,3 +167,18 @@ def test_the_ray_driver_reads_config_and_tokenizer_but_never_the_weights(tmp_pat
     assert setup.tokenizer is not None and setup.encode(setup.train_samples[0])
     with pytest.raises(ConfigError, match=f"model: cannot load {model_dir}"):
         prepare(load_recipe(RECIPES / "quickstart.yaml", common))
+
+
+def test_gradient_checkpointing_on_the_torch_learner_gives_the_same_gradients():
+    from efficient_rl.learner.torch_learner import enable_gradient_checkpointing
+
+    batch = spread_batch(seed=4)
+    _, plain, plain_gradients = one_update("fp32", batch)
+    learner = Observed(small_model(), settings_of(temperature=0.7), OptimSettings(lr=1e-3, micro_batch_size=4))
+    enable_gradient_checkpointing(learner.model)
+    learner.gradients = []
+    checkpointed = learner.update(batch)
+    assert learner.model.is_gradient_checkpointing
+    assert checkpointed["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    for name, gradient in plain_gradients.items():
+        assert torch.allclose(learner.gradients[0][name], gradient, atol=1e-6), name
