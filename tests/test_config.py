@@ -151,7 +151,7 @@ def test_semantic_checks_name_the_field(override, message):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "efficient_rl.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=1200)
 
 
 @pytest.mark.parametrize(

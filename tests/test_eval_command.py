@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *TINY_OVERRIDES,
          "steps=1", "eval.before_training=false", "eval.after_training=false", f"logging.output_dir={out}",
-         "logging.name=tiny"], capture_output=True, text=True, timeout=600)
+         "logging.name=tiny"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "tiny" / "checkpoints" / "step-00000001"
 
@@ -32,7 +32,7 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "eval", "lab:tiny", str(checkpoint), "--data", "lab:tiny",
          "--budgets", "8", "24", "--samples", "2", "--problems", "6", "--out", str(out)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((out / "eval.json").read_text())
     names = {"lab_tiny@8", "lab_tiny@24", "tiny_step-00000001@8", "tiny_step-00000001@24"}
@@ -53,7 +53,7 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     other = tmp_path / "eval-16"
     run(EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[16], samples=2, problems=6), other)
     merged = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "eval", "compare", str(out), str(other),
-                             "--out", str(tmp_path / "both")], capture_output=True, text=True, timeout=300)
+                             "--out", str(tmp_path / "both")], capture_output=True, text=True, timeout=1200)
     assert merged.returncode == 0, merged.stderr[-2000:]
     both = json.loads((tmp_path / "both" / "eval.json").read_text())
     assert set(both["runs"]) == names | {"lab_tiny@16"}

@@ -19,8 +19,8 @@ import pytest
 
 from conftest import RECIPES
 
-HANG_GUARD = 600  # seconds for a driver to exit
-LEFTOVER_GUARD = 60  # seconds for its session to empty once it has (the resource tracker leaves last)
+HANG_GUARD = 1200  # seconds for a driver to exit (generous: a busy machine is slow)
+LEFTOVER_GUARD = 120  # seconds for its session to empty once it has (the resource tracker leaves last)
 
 # Rewards that misbehave where a test needs it; written into each test's directory.
 REWARDS = '''

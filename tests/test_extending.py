@@ -45,7 +45,7 @@ def train(tmp_path, tiny_overrides, *keys):
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
          "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
          "logging.name=plugin", *keys],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=ROOT, timeout=1200)
 
 
 def test_a_run_selects_a_method_registered_by_its_own_module(tmp_path, tiny_overrides):

@@ -112,7 +112,7 @@ def test_eval_on_gsm8k_test100_writes_its_report(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "eval", "lab:tiny", "--data", "gsm8k:test100", "--problems", "4",
-         "--samples", "1", "--budgets", "16", "--out", str(out)], capture_output=True, text=True, timeout=300)
+         "--samples", "1", "--budgets", "16", "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("eval.json", "report.md", "report.html", "tradeoff.png", "lengths.png"):
         assert (out / name).is_file(), name

@@ -155,7 +155,7 @@ def test_convert_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_text("a note, not a model\n")
     result = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "convert", str(bad), "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"efficient-rl: error: {bad}: not a GGUF file"]
     assert not (tmp_path / "out").exists()

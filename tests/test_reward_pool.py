@@ -144,7 +144,7 @@ def test_recipe_load_rejects_a_bad_reward_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *TINY_OVERRIDES,
          f"logging.output_dir={tmp_path}", "reward=[{name: math}, {name: 'test_reward_pool:text_reward'}]"],
-        capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=300)
+        capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=1200)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "reward[1] (test_reward_pool:text_reward): probe call" in lines[0]
@@ -161,7 +161,7 @@ def test_training_with_a_reward_from_a_file_through_the_cli(tmp_path, tiny_overr
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
          "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.name=custom",
          "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "custom" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
@@ -193,7 +193,7 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     check = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{__name__}:hostile_reward",
              "--timeout", "2"]
     result = subprocess.run(check + ["--data", str(data)], capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__), timeout=300)
+                            cwd=os.path.dirname(__file__), timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     report = result.stdout
     assert "on 5 samples" in report and "samples/s" in report
@@ -202,5 +202,5 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     assert "errors 1  timeouts 1" in report and "verifier crashed" in report and "no answer within 2 s" in report
 
     missing = subprocess.run(check + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=300)
+                             cwd=os.path.dirname(__file__), timeout=1200)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nope.jsonl not found" in missing.stderr

@@ -20,7 +20,7 @@ from efficient_rl.config import load_recipe
 from efficient_rl.trainer import run_recipe
 
 QUIET = ["eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false"]
-HANG_GUARD = 300  # seconds; only so that a broken run fails instead of hanging the suite
+HANG_GUARD = 1200  # seconds; only so that a broken run fails instead of hanging the suite
 
 
 def overrides(output_dir, *extra):

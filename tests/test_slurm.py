@@ -128,16 +128,17 @@ exec {sys.executable} "$@"
 
 
 def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_model_dir):
-    # A 1-minute limit with the warning 30 s before it, far too short for 100,000 steps: each
+    # A 3-minute limit with the warning 150 s before it, far too short for 100,000 steps: each
     # attempt checkpoints at the warning; one requeue is allowed, then the job gives up. The
-    # first attempt's driver starts only after the warning came.
+    # first attempt's driver starts only after the warning came. The 150 s are the driver's to
+    # start, finish its step and checkpoint: ample on a busy machine too.
     run_dir, job_dir = tmp_path / "runs" / "limited", tmp_path / "runs" / "slurm" / "limited"
     result = cli("submit", str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
-                 "--time", "1", "--max-requeues", "1", "--site", str(late_driver_site(tmp_path, job_dir)),
-                 cwd=tmp_path)
+                 "--time", "3", "--warning", "150", "--max-requeues", "1",
+                 "--site", str(late_driver_site(tmp_path, job_dir)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
-    state = finished(job, timeout=400)
+    state = finished(job, timeout=900)
     log = (job_dir / f"{job}.out").read_text()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log[-3000:]  # not TIMEOUT
     assert log.count("time limit near") == 2 and "requeueing (restart 1 of at most 1)" in log

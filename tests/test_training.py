@@ -30,7 +30,7 @@ def test_cli_two_training_steps(tmp_path, tiny_overrides):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
          "steps=2", "logging.name=smoke", "eval.every=2", "eval.samples_per_problem=2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke"
@@ -173,7 +173,7 @@ def test_a_stop_file_written_before_the_start_stops_the_run_after_its_first_step
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
          "steps=50", "eval.before_training=false", "logging.tensorboard=false", "logging.name=early"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
         env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)})
     assert result.returncode == 75, result.stderr[-2000:]
     assert "a stop was requested" in result.stderr and "stopped after step 1 of 50" in result.stderr
@@ -196,7 +196,7 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
+    _, stderr = process.communicate(timeout=1200)
     assert process.returncode == 75, stderr[-2000:]  # stopped early, resumable
     assert "stopped after step" in stderr and "--resume" in stderr
     summary = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())

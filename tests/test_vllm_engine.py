@@ -100,7 +100,7 @@ def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
          "rollout.engine=vllm", "rollout.verify_sync=true", "steps=2", "eval.before_training=false",
          "logging.tensorboard=false",
          "logging.name=vllm"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "vllm" / "metrics.jsonl").read_text().splitlines()]
