@@ -517,11 +517,9 @@ class RunDir:
 
     def _check_resumable(self) -> None:
         self.resume_from = resume_checkpoint(self.path)
-        saved = saved_recipe(self.path / "config.yaml")
-        current = self.recipe.to_dict()
-        for section in current:
-            if section != "steps" and saved.get(section) != current[section]:
-                raise ConfigError(f"{self.path}: --resume with a different recipe ({section} differs from the run's config.yaml); only 'steps' may change")
+        section = changed_section(self.path, self.recipe)
+        if section is not None:
+            raise ConfigError(f"{self.path}: --resume with a different recipe ({section} differs from the run's config.yaml); only 'steps' may change")
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -589,6 +587,15 @@ class RunDir:
                 summary[stage] = {name: round(value, 4) for name, value in figures.items()}
         write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+def changed_section(path: Path, recipe: Recipe) -> str | None:
+    """The first section of `recipe` that differs from the run's config.yaml ('steps' may differ:
+    a resume can train further), or None."""
+    saved = saved_recipe(path / "config.yaml")
+    current = recipe.to_dict()
+    return next((section for section in current if section != "steps" and saved.get(section) != current[section]),
+                None)
 
 
 def check_replaceable(path: Path) -> None:

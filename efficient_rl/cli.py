@@ -1,4 +1,4 @@
-"""efficient-rl command line: train, submit, jobs, eval, merge, reward check, recipes, lab."""
+"""efficient-rl command line: train, submit, jobs, study, eval, merge, reward check, recipes, lab."""
 
 from __future__ import annotations
 
@@ -53,14 +53,20 @@ def what_resume_has(recipe) -> str:
     return f"continue with --resume (checkpoint in {checkpoint})"
 
 
-def exit_status(recipe, summary: dict, checkpoint) -> int:
-    """0 for a finished run; EXIT_STOPPED, saying what --resume still does, for one a stop request ended."""
+def what_is_left(recipe, summary: dict) -> str | None:
+    """What a run's summary.json says is still to do, or None for a finished run (a study reads it too)."""
     done, steps = summary["steps_completed"], recipe.steps
     if done < steps:
-        left = f"stopped after step {done} of {steps}; continue with --resume"
-    elif recipe.eval.after_training and "final" not in summary:
-        left = f"stopped after the last step ({steps}) without the final evaluation; --resume runs it"
-    else:
+        return f"stopped after step {done} of {steps}; continue with --resume"
+    if recipe.eval.after_training and "final" not in summary:
+        return f"stopped after the last step ({steps}) without the final evaluation; --resume runs it"
+    return None
+
+
+def exit_status(recipe, summary: dict, checkpoint) -> int:
+    """0 for a finished run; EXIT_STOPPED, saying what --resume still does, for one a stop request ended."""
+    left = what_is_left(recipe, summary)
+    if left is None:
         return 0
     print(f"{left} (checkpoint in {checkpoint})", file=sys.stderr)
     return stopping.EXIT_STOPPED
@@ -206,11 +212,13 @@ def parser() -> argparse.ArgumentParser:
     from efficient_rl.model_sources import add_parser as add_convert_parser
     from efficient_rl.slurm.jobs import add_parser as add_jobs_parser
     from efficient_rl.slurm.submit import add_parser as add_submit_parser
+    from efficient_rl.study.command import add_parser as add_study_parser
 
     add_merge_parser(commands)
     add_convert_parser(commands)
     add_submit_parser(commands)
     add_jobs_parser(commands)
+    add_study_parser(commands)
 
     lab = commands.add_parser("lab", help="build (or find in the cache) a lab model and print its path")
     lab.add_argument("preset", nargs="?", default="quickstart")
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags: `train R --resume a.b=1` and `train R a.b=1 --resume`.
     args, extra = root.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command not in ("train", "submit")):
+    if unknown or (extra and args.command not in ("train", "submit", "study", "sweep")):
         root.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides += extra

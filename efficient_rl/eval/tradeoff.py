@@ -41,7 +41,7 @@ REPORT_CHARACTERS = 600  # of each completion shown there (generations/<run>.jso
 
 @dataclass
 class EvalSpec:
-    models: list[str]  # model directories (checkpoints too) or "lab:<preset>"
+    models: list[str] = field(default_factory=list)  # model directories (checkpoints too) or "lab:<preset>"
     data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), "gsm8k:test100", a JSONL/Parquet file or hf:...
     split: str = "test"  # hf: datasets only
     engine: str = "transformers"  # transformers | vllm
@@ -74,12 +74,12 @@ def label(reference: str, budget: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"@{budget}"
 
 
-def load_questions(spec: EvalSpec) -> list[dict]:
+def load_questions(spec: EvalSpec, field_name: str = "--data") -> list[dict]:
     from efficient_rl.data import load_split
 
     data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key,
                        heldout_split=spec.split)
-    return load_split(spec.data, "heldout", data, spec.seed, "--data")[: spec.problems]
+    return load_split(spec.data, "heldout", data, spec.seed, field_name)[: spec.problems]
 
 
 def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) -> None:

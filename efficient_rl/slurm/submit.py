@@ -296,39 +296,74 @@ def submit(script: str, job_dir: Path, record: dict) -> str:
     return job_id
 
 
-def cmd_submit(args) -> int:
-    from efficient_rl.config import load_recipe
+@dataclass
+class SubmitOptions:
+    """What `submit` asks Slurm for besides the recipe: its command-line options, with their
+    defaults (the option parser and a study's `slurm:` section both read them from here)."""
 
-    recipe_path = Path(args.recipe)
-    recipe = load_recipe(recipe_path, args.overrides)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_node: int | None = None  # default: what the partition's nodes have
+    time: str = "1:00:00"
+    partition: str | None = None
+    account: str | None = None
+    site: str | None = None
+    job_name: str | None = None
+    max_requeues: int = 10
+    warning: int | None = None
+
+
+@dataclass
+class Submission:
+    """A job checked and rendered, not yet submitted."""
+
+    script: str
+    run_dir: Path
+    job_dir: Path
+    record: dict
+
+
+def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitOptions, mode: str = "",
+                       dry_run: bool = False, recipe: Recipe | None = None) -> Submission:
+    """Every check submit makes, then the script; nothing written. `mode`: "", "--resume" or
+    "--overwrite" for the first attempt."""
+    from efficient_rl.config import load_recipe
     from efficient_rl.prepare import check_recipe
 
+    recipe = recipe or load_recipe(recipe_path, overrides)
     check_recipe(recipe)  # what `train` would refuse, refused before the job queues
-    site = load_site(args.site)
+    site = load_site(options.site)
     request = JobRequest(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
-        time_limit=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
-        max_requeues=args.max_requeues, warning_seconds=args.warning,
-        first_attempt_mode="--resume" if args.resume else "--overwrite" if args.overwrite else "")
+        nodes=options.nodes, gpus_per_node=options.gpus_per_node, cpus_per_node=options.cpus_per_node,
+        time_limit=options.time, partition=options.partition, account=options.account, job_name=options.job_name,
+        max_requeues=options.max_requeues, warning_seconds=options.warning, first_attempt_mode=mode)
     check_counts(request)
     warning_seconds(request)  # checks --time and --warning
-    if not args.dry_run and shutil.which("sbatch") is None:
+    if not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("sbatch: not found on this machine; submit from a Slurm login node "
                           "(or try --dry-run to see the script)")
-    if args.dry_run:  # the script for the request as given: the cluster is not consulted
+    if dry_run:  # the script for the request as given: the cluster is not consulted
         cpus_per_node = request.cpus_per_node or max(1, math.ceil(recipe_needs(recipe)[0] / request.nodes))
     else:
         cpus_per_node = check_partition(request, query_partition(request.partition or site.partition))
     check_recipe_fits(recipe, request, cpus_per_node)
     run_dir = check_run_directory(recipe, request)
     job_dir = job_directory(run_dir)
-    script = job_script(recipe_path, args.overrides, recipe, request, site, cpus_per_node, run_dir, job_dir)
+    script = job_script(recipe_path, overrides, recipe, request, site, cpus_per_node, run_dir, job_dir)
+    return Submission(script, run_dir, job_dir, {"recipe": str(recipe_path), "overrides": overrides,
+                                                 "run_dir": str(run_dir), "nodes": request.nodes, "site": site.name})
+
+
+def cmd_submit(args) -> int:
+    options = SubmitOptions(**{name: getattr(args, name) for name in (f.name for f in fields(SubmitOptions))})
+    mode = "--resume" if args.resume else "--overwrite" if args.overwrite else ""
+    prepared = prepare_submission(Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run)
     if args.dry_run:
-        print(script, end="")
+        print(prepared.script, end="")
         return 0
-    job_id = submit(script, job_dir, {"recipe": str(recipe_path), "overrides": args.overrides,
-                                      "run_dir": str(run_dir), "nodes": request.nodes, "site": site.name})
-    print(f"submitted job {job_id}: run {run_dir}\n  log: {job_dir / f'{job_id}.out'}\n"
+    job_id = submit(prepared.script, prepared.job_dir, prepared.record)
+    run_dir = prepared.run_dir
+    print(f"submitted job {job_id}: run {run_dir}\n  log: {prepared.job_dir / f'{job_id}.out'}\n"
           f"  follow: efficient-rl jobs --runs {run_dir.parent} --follow {job_id}")
     return 0
 
@@ -338,16 +373,17 @@ def add_parser(commands) -> None:
                                                        "[key.path=value ...] --nodes N --time T")
     submit_parser.add_argument("recipe", help="recipe YAML file")
     submit_parser.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
-    submit_parser.add_argument("--nodes", type=int, default=1)
-    submit_parser.add_argument("--gpus-per-node", type=int, default=0)
+    defaults = SubmitOptions()
+    submit_parser.add_argument("--nodes", type=int, default=defaults.nodes)
+    submit_parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node)
     submit_parser.add_argument("--cpus-per-node", type=int, help="default: what the partition's nodes have")
-    submit_parser.add_argument("--time", default="1:00:00", help="time limit, Slurm's format (default 1:00:00)")
+    submit_parser.add_argument("--time", default=defaults.time, help=f"time limit, Slurm's format (default {defaults.time})")
     submit_parser.add_argument("--partition", help="default: the site profile's, else the cluster's default")
     submit_parser.add_argument("--account", help="default: the site profile's")
     submit_parser.add_argument("--site", help="site profile: a YAML file or a name in slurm/sites/ "
                                               "(default: $EFFICIENT_RL_SITE)")
     submit_parser.add_argument("--job-name", help="default: erl-<run name>")
-    submit_parser.add_argument("--max-requeues", type=int, default=10,
+    submit_parser.add_argument("--max-requeues", type=int, default=defaults.max_requeues,
                                help="restarts after time-limit checkpoints before the job gives up")
     submit_parser.add_argument("--warning", type=int, help="seconds before the time limit at which the run "
                                                            "checkpoints (default 300, at most half the limit)")
