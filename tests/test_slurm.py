@@ -157,6 +157,24 @@ def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_mode
     assert logged_steps(run_dir) == list(range(1, stops[1] + 4))
 
 
+def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tiny_model_dir):
+    study = RECIPES / "studies" / "tiny.yaml"
+    overrides = [f"output_dir={tmp_path}", "launcher=slurm", "slurm.site=local", "slurm.time=10"]
+    result = cli("study", "run", str(study), *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = tmp_path / "tiny" / "runs"
+    for name in ("grpo-s0", "dler-s0"):  # one job each, through submit's job directory
+        (submission,) = [json.loads(line) for line in (runs / "slurm" / name / "submissions.jsonl").read_text().splitlines()]
+        assert f"{name}: submitted job {submission['job_id']}" in result.stdout
+        assert "driver exited with status 0" in (runs / "slurm" / name / f"{submission['job_id']}.out").read_text()
+        assert logged_steps(runs / name) == [1, 2, 3, 4]
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert {run["state"] for run in report["runs"].values()} == {"done"}
+    assert {p["method"] for p in report["points"]} == {"grpo", "dler", "lab:tiny"}
+    status = cli("study", "status", str(study), *overrides, cwd=tmp_path)
+    assert status.stdout.count(" done ") == 2, status.stdout
+
+
 def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
     for nodes in (1, 4):  # a dry run renders the request as given, without asking the cluster
         result = cli("submit", str(RECIPES / "quickstart.yaml"), "cluster.backend=ray", "rollout.engine=vllm",

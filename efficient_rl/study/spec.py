@@ -118,6 +118,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> LoadedStudy:
     if isinstance(raw.get("eval"), dict) and "models" in raw["eval"]:
         raise ConfigError(f"{path}: eval.models: unknown key (the study evaluates its runs; "
                           "eval.baselines adds other models)")
+    minutes_as_time(raw)
     study = build(Study, raw, "", source=str(path))
     study.name = study.name if study.name is not None else path.stem
     try:
@@ -126,6 +127,14 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> LoadedStudy:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return LoadedStudy(path, study, planned)
+
+
+def minutes_as_time(raw: dict) -> None:
+    """slurm.time: a whole number is minutes, as for Slurm's --time (YAML and overrides read `30` as one)."""
+    slurm = raw.get("slurm")
+    if isinstance(slurm, dict) and isinstance(slurm.get("time"), (int, float)) and not isinstance(slurm["time"], bool) \
+            and float(slurm["time"]).is_integer():
+        slurm["time"] = str(int(slurm["time"]))
 
 
 def read_study_file(path: Path) -> dict:
