@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ def logged_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, tiny_model_dir):
+def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, capsys, tiny_model_dir):
     directory = tmp_path / "tiny"
     finished, stopped = directory / "runs" / "grpo-s0", directory / "runs" / "dler-s0"
     command = [sys.executable, "-m", "efficient_rl.cli", "sweep", "run", str(TINY_STUDY), f"output_dir={tmp_path}"]
@@ -74,6 +75,23 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, t
     assert "| grpo-s0_step-00000004@8" in markdown and "| dler-s0_step-00000004@24" in markdown
     assert (directory / "frontier.png").stat().st_size > 10_000
     assert (directory / "eval" / "report.html").is_file()  # the evaluation's own outputs, for every point
+
+    # Again with every kept checkpoint evaluated (checkpoint.keep 2: steps 3 and 4): nothing is trained.
+    assert main(["study", "run", str(TINY_STUDY), f"output_dir={tmp_path}", "eval.checkpoints=all"]) == 0
+    report = json.loads((directory / "report.json").read_text())
+    assert {(p["method"], p["step"]) for p in report["points"]} == {
+        ("lab:tiny", 0), ("grpo", 3), ("grpo", 4), ("dler", 3), ("dler", 4)}
+    assert {row["step"] for row in report["methods"] if row["method"] == "dler"} == {3, 4}
+    assert (directory / "logs" / "grpo-s0.log").read_text().count("=== study attempt") == 1
+
+    # A study file changed under a trained run is refused, not resumed or counted as done.
+    changed_study = tmp_path / "tiny.yaml"
+    raw = yaml.safe_load(TINY_STUDY.read_text())
+    raw["overrides"].append("learner.lr=0.5")
+    raw["runs"] = [{**run, "recipe": str(RECIPES / Path(run["recipe"]).name)} for run in raw["runs"]]
+    changed_study.write_text(yaml.safe_dump(raw))
+    assert main(["study", "run", str(changed_study), f"output_dir={tmp_path}"]) == 2
+    assert "runs[0] (grpo-s0): " in capsys.readouterr().err
 
 
 def good_study(tmp_path) -> dict:

@@ -48,7 +48,7 @@ def cmd_status(args) -> int:
 def cmd_run(args) -> int:
     from efficient_rl.checkpoint import write_atomically
     from efficient_rl.study.launchers import LAUNCHERS, StopRequests, say
-    from efficient_rl.study.progress import DONE, FAILED, states
+    from efficient_rl.study.progress import DONE, FAILED, run_state, states
     from efficient_rl.study.report import evaluate
 
     loaded = load_study(args.study, args.overrides)
@@ -57,7 +57,7 @@ def cmd_run(args) -> int:
     loaded.directory.mkdir(parents=True, exist_ok=True)
     write_atomically(loaded.directory / "study.yaml", study_as_yaml(loaded.study))
     with StopRequests() as stops:
-        todo = [item for item, state in zip(loaded.planned, states(loaded).values()) if state.state != DONE]
+        todo = [item for item in loaded.planned if run_state(item, loaded.directory).state != DONE]
         say(f"{len(loaded.planned) - len(todo)} of {len(loaded.planned)} runs done; training {len(todo)}")
         launcher.train(todo, loaded, stops)
         if stops.received:
