@@ -9,7 +9,8 @@
     trackers.json        each experiment tracker's run id and last step (a resume continues them)
     tensorboard/         event files (the tensorboard tracker); wandb/: the wandb tracker's files
     checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt,
-                         checkpoint_manifest.json (every file's size, written last)
+                         in_flight.pt (an overlapped pipeline's batches generated but not yet
+                         trained), checkpoint_manifest.json (every file's size, written last)
     summary.json         warm-start and final held-out figures, wall time
 """
 
@@ -41,6 +42,7 @@ CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
 STAGING_PREFIX = ".tmp-"
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+IN_FLIGHT_FILE = "in_flight.pt"  # only when there are such batches
 MAX_NAME_BYTES = 200  # a file name is at most 255 bytes; the lock and trash names add to it
 
 
@@ -529,8 +531,11 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
 
-    def save_checkpoint(self, step: int, setup, learner, stream, state: dict) -> Path:
-        """Write to a temporary directory, then rename: a checkpoint is whole or absent."""
+    def save_checkpoint(self, step: int, setup, learner, stream, state: dict, in_flight: list = ()) -> Path:
+        """Write to a temporary directory, then rename: a checkpoint is whole or absent.
+
+        `in_flight`: the batches of the next steps that were generated already (their prompts
+        are counted in stream.consumed); a resume trains them instead of generating them again."""
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
         staging = self.checkpoints / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step:08d}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -546,6 +551,8 @@ class RunDir:
             },
             staging / TRAINER_STATE_FILE,
         )
+        if in_flight:
+            torch.save(list(in_flight), staging / IN_FLIGHT_FILE)
         seal_checkpoint(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
@@ -558,8 +565,9 @@ class RunDir:
         for old in finished_checkpoints(self.path)[:-keep]:
             shutil.rmtree(old)
 
-    def restore(self, learner, stream) -> dict:
-        """Optimizer, data position and RNG from the resumed checkpoint (the model was loaded from it)."""
+    def restore(self, learner, stream) -> tuple[dict, list]:
+        """Optimizer, data position and RNG from the resumed checkpoint (the model was loaded from
+        it); returns the trainer state and the batches that were in flight (save_checkpoint)."""
         checkpoint = self.resume_from or resume_checkpoint(self.path)
         saved = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=False)
         learner.load_state(checkpoint)
@@ -567,7 +575,8 @@ class RunDir:
         torch.set_rng_state(saved["rng"]["torch"])
         random.setstate(saved["rng"]["python"])
         np.random.set_state(saved["rng"]["numpy"])
-        return saved["state"]
+        in_flight = checkpoint / IN_FLIGHT_FILE
+        return saved["state"], torch.load(in_flight, weights_only=False) if in_flight.exists() else []
 
     # ------------------------------------------------------------ results
     def write_summary(self, state: dict) -> dict:

@@ -239,6 +239,10 @@ class ClusterSection:
     # object_store: through Ray's object store (CPU, any layout). nccl: learner rank 0 broadcasts
     # each bucket to the engines' GPUs (not exercised on CPU machines; see docs/engines.md).
     weight_transport: Literal["object_store", "nccl"] = "object_store"
+    # How rollouts and learning take turns (PIPELINES, docs/pipeline.md): sync (generate, then
+    # learn) or {name: overlapped, max_staleness: 1} (the next batch is generated while the
+    # learner trains; a trained rollout lags at most max_staleness policy versions).
+    pipeline: Choice = choice("sync")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.checkpoint import check_run_name
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
+from efficient_rl.cluster.pipeline import PIPELINES
 from efficient_rl.config import ConfigError, Recipe, bind, check_numbers, one_line
 from efficient_rl.data import load_split
 from efficient_rl.lab.build import PRESETS, lab_model_dir
@@ -71,6 +72,7 @@ CHOICE_FIELDS = [
     ("algorithm.token_selection", TOKEN_SELECTORS),
     ("algorithm.sample_selection", SAMPLE_SELECTORS),
     ("learner.lr_schedule", LR_SCHEDULES),
+    ("cluster.pipeline", PIPELINES),
 ]
 NAME_FIELDS = [("rollout.engine", ENGINES), ("learner.backend", LEARNERS)]
 

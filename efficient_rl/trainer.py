@@ -20,6 +20,7 @@ from efficient_rl.algos.shaping import (LENGTH_SHAPERS, ShapingInputs, difficult
                                         tier_metrics)
 from efficient_rl.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
+from efficient_rl.cluster.pipeline import PIPELINES, Produced
 from efficient_rl.config import Recipe, bind
 from efficient_rl.data import PromptStream
 from efficient_rl.eval.heldout import evaluate
@@ -108,12 +109,15 @@ class Trainer:
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
-        self.timings: dict[str, float] = {}  # seconds per stage of the current step
-        self.generated: RolloutBatch | None = None  # the step's rollouts, until their sample is taken
+        # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
+        self.pipeline = bind(recipe.cluster.pipeline, PIPELINES, "cluster.pipeline")(
+            self.collect_rollouts, self.engine, recipe.steps)
+        self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side
         self.completions: list[dict] = []  # the step's sampled completions (logging.completions_every)
 
     def close(self) -> None:
         """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
+        self.pipeline.close()  # first: its producer thread uses the engine and the rewards
         self.components.close()
         self.setup.rewards.close()
 
@@ -126,12 +130,13 @@ class Trainer:
         evaluation cuts it short the same way; nothing is lost, the checkpoint is written already.
         """
         started = time.time()
-        state = self.run.restore(self.learner, self.stream) if self.run.resuming else {"step": 0}
+        state, in_flight = self.run.restore(self.learner, self.stream) if self.run.resuming else ({"step": 0}, [])
         earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
         if not self.run.resuming:
             torch.manual_seed(self.recipe.seed)
         if "warm_start" not in state and self.recipe.eval.before_training:
             state["warm_start"] = self.evaluate()
+        self.pipeline.start(state["step"] + 1, in_flight)  # after the restore: the stream and RNG are set
         metrics = {}
         # An exception ends the progress bar (instead of drawing it through the message) and closes
         # the trackers, their runs marked failed.
@@ -146,7 +151,9 @@ class Trainer:
                 state["wall_seconds"] = earlier_seconds + time.time() - started
                 last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
-                    self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state)
+                    with self.pipeline.paused():  # the stream and RNG stand right after the saved batches
+                        self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state,
+                                                 in_flight=self.pipeline.saved())
                 if last:
                     break
             stop_requested = stopping.requested()  # read before handled() forgets it
@@ -171,10 +178,11 @@ class Trainer:
 
     def step(self, number: int) -> dict[str, float]:
         started = time.time()
-        self.timings = dict.fromkeys(("generate", "reward", "select", "learn", "sync"), 0.0)
-        progress = (number - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
-        batch, rollout_metrics = self.collect_rollouts(progress)  # generate, score, shape, filter
-        self.completions = self.sample_completions(number)  # and the rollouts are let go before the update
+        self.timings = dict.fromkeys(("select", "learn", "sync"), 0.0)
+        produced = self.pipeline.batch(number)  # generated, scored, shaped, filtered: collect_rollouts
+        batch = produced.batch
+        self.completions = self.sample_completions(number, produced)  # the rollouts go before the update
+        produced.generated = None
         if len(batch) == 0:  # every group was filtered out: nothing carries a learning signal
             learner_metrics, sync_metrics, advantage_metrics = {"update_skipped": 1.0}, {}, {}
         else:
@@ -183,44 +191,49 @@ class Trainer:
             with timed(self.timings, "select"):  # sample and token selection (sets batch.loss_mask)
                 batch, selection_metrics = self.selection(batch, self.learner, number)
             advantage_metrics.update(selection_metrics)
+            advantage_metrics.update(staleness_metrics(batch, number))
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
             with timed(self.timings, "sync"):
-                sync_metrics = self.engine.sync_weights(self.learner)
+                sync_metrics = self.pipeline.publish(self.learner, number)
         elapsed = time.time() - started
         return {
-            **rollout_metrics,
+            **produced.metrics,
             **advantage_metrics,
             **learner_metrics,
             **sync_metrics,
             **self.engine.pop_metrics(),
+            **self.pipeline.report(),
             **{f"timing/{stage}": seconds for stage, seconds in self.timings.items()},
             "step_time": elapsed,
-            "tokens_per_second": rollout_metrics["rollout/tokens"] / elapsed,
-            "data/consumed_prompts": float(self.stream.consumed),
+            "tokens_per_second": produced.metrics["rollout/tokens"] / elapsed,
+            "data/first_prompt": float(produced.stream_start),
+            "data/consumed_prompts": float(produced.stream_end),
         }
 
-    def sample_completions(self, step: int) -> list[dict]:
-        generated, self.generated = self.generated, None
-        if generated is None or not completions_due(step, self.recipe.logging):
+    def sample_completions(self, step: int, produced: Produced) -> list[dict]:
+        if not completions_due(step, self.recipe.logging):
             return []
-        return completion_sample(generated, step, self.recipe.logging.completions_samples, self.recipe.seed,
+        return completion_sample(produced.generated, step, self.recipe.logging.completions_samples, self.recipe.seed,
                                  self.setup.tokenizer)
 
     # ------------------------------------------------------------ stages
-    def collect_rollouts(self, progress: float = 0.0) -> tuple[RolloutBatch, dict[str, float]]:
-        """Generate and score rounds of prompts until enough groups carry signal.
+    def collect_rollouts(self, step: int, generate: Callable) -> Produced:
+        """The batch of `step`: generate and score rounds of prompts until enough groups carry signal.
 
         Without dynamic sampling this is one round. With it, groups whose filter metric has zero
-        spread are dropped and a further round is generated, up to max_sampling_rounds.
-        `progress` is the training progress the length penalty sees.
+        spread are dropped and a further round is generated, up to max_sampling_rounds. The
+        pipeline calls this (on its producer thread when overlapped) and passes the `generate`
+        that stamps each rollout with its policy version.
         """
+        progress = (step - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
         wanted = self.recipe.rollout.prompts_per_step
         generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0}
-        started = time.time()
+        timings = {"generate": 0.0, "reward": 0.0}
+        started, stream_start = time.time(), self.stream.consumed
         while True:
             rounds += 1
-            batch, result = self.generate_and_score(self.stream.take(wanted), progress)
+            batch, result = self.generate_and_score(self.stream.take(wanted), progress, generate, timings)
             failures["errors"] += result.errors
             failures["timeouts"] += result.timeouts
             generated.append(batch)
@@ -242,23 +255,25 @@ class Trainer:
         # Failed reward calls: each scored 0 and counted, never silently a zero.
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
+        metrics.update({f"timing/{stage}": seconds for stage, seconds in timings.items()})
         if self.stages.filter_metric is not None:
             metrics.update({
                 "dynamic_sampling/rounds": float(rounds),
                 "dynamic_sampling/kept_groups": float(train_batch.group_ids.unique().numel()),
                 "dynamic_sampling/generated_groups": float(everything.group_ids.unique().numel()),
             })
-        self.generated = everything  # the completions log samples from every round (sample_completions)
-        return train_batch, metrics
+        # The completions log samples from every round (sample_completions).
+        return Produced(batch=train_batch, metrics=metrics, generated=everything, stream_start=stream_start,
+                        stream_end=self.stream.consumed)
 
-    def generate_and_score(self, prompts: list[tuple[int, dict]],
-                           progress: float = 0.0) -> tuple[RolloutBatch, RewardResult]:
+    def generate_and_score(self, prompts: list[tuple[int, dict]], progress: float, generate: Callable,
+                           timings: dict[str, float]) -> tuple[RolloutBatch, RewardResult]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result."""
-        with timed(self.timings, "generate"):
-            batch = self.engine.generate(
+        with timed(timings, "generate"):
+            batch = generate(
                 [self.setup.encode(sample) for _, sample in prompts],
                 [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
-        with timed(self.timings, "reward"):
+        with timed(timings, "reward"):
             result = self.setup.rewards.score(batch.completions, batch.samples)
         batch.scores, batch.accuracy = result.scores, result.accuracy
         batch.reward_metrics = result.reported_extras()  # NaN where a call failed: no zero in the mean
@@ -269,16 +284,20 @@ class Trainer:
         return batch, result
 
     def evaluate(self) -> dict[str, float]:
+        with self.pipeline.exclusive() as engine:  # the newest weights, nothing else generating
+            return self.evaluate_with(engine)
+
+    def evaluate_with(self, engine) -> dict[str, float]:
         ev = self.recipe.eval
         settings = SamplingSettings(n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens,
                                     temperature=ev.temperature, top_p=ev.top_p)
         samples = self.setup.heldout_samples[: ev.num_problems]
         if not ev.variables:
-            return evaluate(self.engine, self.setup.encode, self.setup.rewards, samples, settings,
+            return evaluate(engine, self.setup.encode, self.setup.rewards, samples, settings,
                             seed=self.recipe.seed)
         # Once per value of eval.variables (L1's target lengths), in one generation call.
         variants = eval_variants(samples, ev.variables)
-        metrics = evaluate(self.engine, self.setup.encode, self.setup.rewards,
+        metrics = evaluate(engine, self.setup.encode, self.setup.rewards,
                            [s for _, variant in variants for s in variant], settings, seed=self.recipe.seed,
                            labels=[label for label, variant in variants for _ in variant])
         return {**metrics, **target_length_errors(metrics, ev.variables)}
@@ -302,6 +321,12 @@ def timed(timings: dict[str, float], stage: str):
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.time() - started
+
+
+def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
+    """How many policy versions the trained rollouts lag: step t trains with version t - 1."""
+    staleness = (step - 1 - batch.policy_versions).float()
+    return {"pipeline/staleness/mean": float(staleness.mean()), "pipeline/staleness/max": float(staleness.max())}
 
 
 def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:

@@ -33,6 +33,7 @@ class RolloutBatch:
     loss_mask: torch.Tensor | None = None  # [B, R] tokens that enter the loss (token selection)
     old_logprobs: torch.Tensor | None = None  # [B, R] learner log-probs before the update
     ref_logprobs: torch.Tensor | None = None  # [B, R] reference-model log-probs (KL)
+    policy_versions: torch.Tensor | None = None  # [B] long, training steps behind the weights that sampled it
     reward_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:

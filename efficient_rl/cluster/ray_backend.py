@@ -158,7 +158,14 @@ class ObjectStoreTransport:
 
     def send(self, learner, workers: list) -> list:
         """Start loading the learner's weights into every worker; returns their futures."""
-        self.current = learner.weight_buckets(self.bucket_bytes)
+        return self.send_snapshot(self.snapshot(learner), workers)
+
+    def snapshot(self, learner) -> list:
+        """The learner's current weights in the object store: they stay as they are while it trains on."""
+        return learner.weight_buckets(self.bucket_bytes)
+
+    def send_snapshot(self, buckets: list, workers: list) -> list:
+        self.current = buckets
         self.sent_bytes, self.sent_buckets = sum(size for _, size in self.current), len(self.current)
         return [self.catch_up(worker) for worker in workers]
 
@@ -234,7 +241,22 @@ class RayRolloutGroup:
 
     def sync_weights(self, learner) -> dict[str, float]:
         started = time.time()
-        futures = self.transport.send(learner, self.workers)
+        return self._sync_metrics(started, self.transport.send(learner, self.workers))
+
+    # The overlapped pipeline (cluster/pipeline.py): a snapshot is taken after the update, loaded
+    # between generation requests. Object-store transport only (check_overlapped).
+    def own_weights(self) -> None:
+        pass  # the workers hold weights of their own
+
+    def snapshot(self, learner) -> list:
+        return self.transport.snapshot(learner)
+
+    def load_snapshot(self, buckets: list) -> dict[str, float]:
+        started = time.time()
+        return self._sync_metrics(started, self.transport.send_snapshot(buckets, self.workers))
+
+    def _sync_metrics(self, started: float, futures: list) -> dict[str, float]:
+        """Wait for every worker's load (restarting dead ones); the sync's metrics."""
         results = [self._result(index, future, self.transport.catch_up) for index, future in enumerate(futures)]
         metrics = {
             "sync/seconds": time.time() - started,  # gather + transfer + load, end to end

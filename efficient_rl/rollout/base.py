@@ -28,6 +28,18 @@ class RolloutEngine(Protocol):
     def pop_metrics(self) -> dict[str, float]:
         """Engine events since the last call (actor restarts), as step metrics."""
 
+    # The overlapped pipeline (efficient_rl/cluster/pipeline.py): the learner trains on while the
+    # engine generates, so the weights travel as a copy taken after the update and are loaded
+    # between generation requests.
+    def own_weights(self) -> None:
+        """Generate from weights of its own from now on, not the learner's module itself."""
+
+    def snapshot(self, learner) -> object:
+        """A copy of the learner's current weights that a later load_snapshot loads."""
+
+    def load_snapshot(self, snapshot) -> dict[str, float]:
+        """Load a snapshot (resetting any prefix cache); returns sync metrics."""
+
 
 # name -> factory(setup, recipe) returning a RolloutEngine
 ENGINES: Registry = Registry("rollout engine")

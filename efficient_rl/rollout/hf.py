@@ -8,6 +8,8 @@ learner computes, so the engine/learner gap only measures numerical differences.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import GenerationConfig
 
@@ -99,6 +101,19 @@ class TransformersEngine:
     def sync_weights(self, learner) -> dict[str, float]:
         # The embedded engine generates with the learner's own module: nothing to copy.
         assert learner.model is self.model, "the embedded engine must share the learner's model"
+        return {}
+
+    def own_weights(self) -> None:
+        self.model = copy.deepcopy(self.model)
+
+    def snapshot(self, learner) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in learner.named_weights()}
+
+    @torch.no_grad()
+    def load_snapshot(self, snapshot: dict[str, torch.Tensor]) -> dict[str, float]:
+        parameters = dict(self.model.named_parameters())  # the copy ties what the learner's module ties
+        for name, tensor in snapshot.items():
+            parameters[name].copy_(tensor)
         return {}
 
     def pop_metrics(self) -> dict[str, float]:

@@ -173,6 +173,15 @@ class VLLMEngine:
     def pop_metrics(self) -> dict[str, float]:
         return {}
 
+    def own_weights(self) -> None:
+        pass  # vLLM holds weights of its own
+
+    def snapshot(self, learner) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor.detach().to(DTYPES[self.dtype], copy=True)) for name, tensor in learner.named_weights()]
+
+    def load_snapshot(self, snapshot: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        return self.load_weights(snapshot)
+
     def load_weights(self, named_weights: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load full weights, in the engine's dtype (the learner sends them so: a cast here costs
         nothing then); with verify_sync on, check them against transformers on the same weights."""
