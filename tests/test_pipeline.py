@@ -112,7 +112,8 @@ def test_every_weight_update_resets_the_vllm_prefix_cache(tmp_path, tiny_overrid
     with the reset taken out: a gap of about a nat at the first load). A large learning rate makes
     every version differ from the last."""
     run, _ = train(tiny_overrides + QUIET + OVERLAPPED + [
-        "steps=4", "learner.lr=0.01", "rollout.engine=vllm", "rollout.verify_sync=true", "rollout.max_prompt_length=192", "cluster.pipeline.max_staleness=1",
+        "steps=4", "learner.lr=0.01", "rollout.engine=vllm", "rollout.verify_sync=true",
+        "rollout.max_prompt_length=192", "cluster.pipeline.max_staleness=1",
         f"prompt.user_template='{SHARED_PREFIX}{{question}}'", "reward=[{name: 'test_pipeline:parity_reward'}]",
         "logging.name=prefix"])
     rows = read_metrics(run.path)

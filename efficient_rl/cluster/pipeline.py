@@ -100,7 +100,8 @@ class SyncPipeline:
 
     def report(self) -> dict[str, float]:
         now = time.time()
-        self.clock.rollout_wait = max(now - self.clock.since - self.clock.rollout_busy, 0.0)  # it waits unless it generates
+        # In turn, the rollout side waits whenever it is not producing.
+        self.clock.rollout_wait = max(now - self.clock.since - self.clock.rollout_busy, 0.0)
         return self.clock.report(now)
 
     def saved(self) -> list[Produced]:
