@@ -9,14 +9,14 @@ export OMP_NUM_THREADS ?= 2
 .PHONY: quickstart test benchmark clean
 
 # The quickstart needs only the base install; the test suite also exercises the vLLM engine,
-# Ray and DeepSpeed, and the wandb and MLflow trackers.
+# Ray and DeepSpeed, the wandb and MLflow trackers, and LoRA (peft).
 $(BASE): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e ".[cpu]"
 	touch $(BASE)
 
 $(FULL): $(BASE)
-	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test,vllm,distributed,data,models,trackers]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test,vllm,distributed,data,models,trackers,lora]"
 	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(FULL)
 

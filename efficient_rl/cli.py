@@ -1,4 +1,4 @@
-"""efficient-rl command line: train, submit, jobs, study, eval, merge, reward check, recipes, lab."""
+"""efficient-rl command line: train, submit, jobs, study, eval, merge, export, reward check, recipes, lab."""
 
 from __future__ import annotations
 
@@ -208,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 
+    from efficient_rl.export import add_parser as add_export_parser
     from efficient_rl.merge import add_parser as add_merge_parser
     from efficient_rl.model_sources import add_parser as add_convert_parser
     from efficient_rl.slurm.jobs import add_parser as add_jobs_parser
@@ -215,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
     from efficient_rl.study.command import add_parser as add_study_parser
 
     add_merge_parser(commands)
+    add_export_parser(commands)
     add_convert_parser(commands)
     add_submit_parser(commands)
     add_jobs_parser(commands)

@@ -189,6 +189,23 @@ class DistillSection:
     chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
 
 
+# Every projection of a Llama/Qwen-style block, attention and MLP
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters through PEFT instead of full fine-tuning (docs/lora.md): each target
+    linear layer W computes W x + B A x * alpha / rank, and only A and B train."""
+
+    rank: int = 16
+    alpha: float = 32.0  # the update's scale is alpha / rank
+    dropout: float = 0.0  # on the adapters' input, in training only
+    # Leaf names of the model's linear layers, checked against the model at load. All of them by
+    # default: attention-only LoRA does worse ("LoRA Without Regret", docs/lora.md).
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
 @dataclass
 class LearnerSection:
     backend: str = "torch"
@@ -212,6 +229,9 @@ class LearnerSection:
     # (LR_SCHEDULES in efficient_rl/learner/schedules.py)
     lr_schedule: Choice = choice("constant")
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # LoRA adapters ({rank, alpha, dropout, target_modules}, LoraSection); null: full fine-tuning.
+    # LoRA wants a learning rate about 10x full fine-tuning's (docs/lora.md).
+    lora: LoraSection | None = None
     # deepspeed backend only:
     zero_stage: int = 2  # ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # keep optimizer state (and its step) in CPU memory
@@ -395,6 +415,9 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "learner.micro_batch_tokens": ("[0, inf)", "0 means micro_batch_size rows"),
     "learner.epochs": "[1, inf)",
     "learner.zero_stage": "[0, 3]",
+    "learner.lora.rank": "[1, inf)",
+    "learner.lora.alpha": ("(0, inf)", "the adapters' update is scaled by alpha / rank"),
+    "learner.lora.dropout": "[0, 1)",
     **{f"cluster.{role}.{name}": rule for role in ("rollout", "learner") for name, rule in ROLE_RULES.items()},
     "cluster.max_rollout_restarts": "[0, inf)",
     "cluster.sync_bucket_mb": ("[0, inf)", "0 sends a bucket per parameter"),

@@ -24,6 +24,7 @@ from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import OBJECTIVES
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import check_teacher
+from efficient_rl.lora import check_lora_targets, policy_weights_dir
 from efficient_rl.model_sources import check_reference, model_directory
 from efficient_rl.prompts import TokenizerError, encode_user, load_tokenizer
 from efficient_rl.registry import Bound, did_you_mean
@@ -51,7 +52,9 @@ class Setup:
     train_samples: list[dict]
     heldout_samples: list[dict]
     base_model_dir: Path  # the recipe's starting model (the KL reference), even when resuming
-    model_dir: Path  # where `model` was loaded from: the base model, or a resumed run's checkpoint
+    # where `model` was loaded from: the base model, or a resumed run's checkpoint (with LoRA
+    # `model` holds the base weights and the learner loads the checkpoint's adapter from here)
+    model_dir: Path
     prompt_ids: dict[str, list[int]]  # user turn -> prompt token ids, encoded once at load
     user_template: str = "{question}"  # prompt.user_template: a sample's user turn
 
@@ -191,6 +194,9 @@ def check_learner(recipe: Recipe) -> None:
     learner = recipe.learner
     if learner.backend != "deepspeed":
         return
+    if learner.lora is not None and learner.zero_stage == 3:
+        raise ConfigError("learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is "
+                          "not supported); the adapters are small enough for ZeRO-2")
     # ZeRO-3 gathers weights around the engine's whole forward; packing, like selected compute,
     # calls the body and the LM head apart (see DeepSpeedLearner).
     if learner.packing and learner.zero_stage == 3:
@@ -262,8 +268,11 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
                           f"context of {context} tokens")
     if recipe.distill.teacher is not None:
         check_teacher(recipe, config.vocab_size)
+    if recipe.learner.lora is not None:
+        check_lora_targets(config, recipe.learner.lora)
     holds_model = "driver_model" in CLUSTER_BACKENDS.get(recipe.cluster.backend).needs
-    model = load_model(source, recipe.model.attn_implementation) if holds_model else None
+    weights = policy_weights_dir(recipe, Path(source), base)  # a resumed LoRA run: the base, its adapter goes on top
+    model = load_model(weights, recipe.model.attn_implementation) if holds_model else None
     return Setup(model=model, vocab_size=config.vocab_size, tokenizer=tokenizer, rewards=rewards, train_samples=train, heldout_samples=heldout,
                  base_model_dir=base.resolve(), model_dir=Path(source).resolve(), prompt_ids=prompt_ids,
                  user_template=recipe.prompt.user_template)

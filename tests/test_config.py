@@ -236,12 +236,13 @@ def test_greedy_evaluation_is_a_temperature_of_zero():
 
 def test_every_numeric_field_has_a_declared_range():
     """A number added to a recipe section without a rule in NUMBER_RULES would go unchecked."""
-    from efficient_rl.config import NUMBER_RULES, DifficultyTier, Recipe, numbers, number_rule
+    from efficient_rl.config import NUMBER_RULES, DifficultyTier, LoraSection, Recipe, numbers, number_rule
 
     recipe = Recipe()
     recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
     recipe.algorithm.truncation_length = 8  # optional: None by default
     recipe.rollout.vllm.max_num_seqs = 64  # likewise
+    recipe.learner.lora = LoraSection()  # likewise
     paths = [path for path, _ in numbers(recipe)]
     assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths
     for path in paths:

@@ -22,8 +22,9 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.objective import objective_settings, without_selected_compute
-from efficient_rl.learner.torch_learner import (OptimSettings, TorchLearner, enable_gradient_checkpointing, load_policy,
-                                               load_reference, model_dtype, optim_settings)
+from efficient_rl.learner.torch_learner import (OptimSettings, TorchLearner, adamw, enable_gradient_checkpointing,
+                                               load_policy, load_reference, model_dtype, optim_settings, with_adapter)
+from efficient_rl.lora import save_adapter
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 # learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO
@@ -67,12 +68,12 @@ class DeepSpeedLearner(TorchLearner):
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
         self.sync_dtype = model_dtype(recipe)
-        model = load_policy(recipe, model_dir)
+        model = load_policy(recipe, model_dir, base_model_dir)
         if recipe.learner.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.adapter = with_adapter(recipe, model, model_dir)  # LoRA (ZeRO stages 0-2): before DeepSpeed wraps it
         # A torch optimizer: DeepSpeed's own AdamW would JIT-compile FusedAdam first.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.optim.lr, betas=self.optim.betas,
-                                      weight_decay=self.optim.weight_decay)
+        optimizer = adamw(model, self.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.model = self.engine.module
         # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
@@ -133,12 +134,17 @@ class DeepSpeedLearner(TorchLearner):
         """Rank 0 writes the gathered weights in Hugging Face format; every rank its ZeRO state."""
         named = self.named_weights()  # every rank takes part in the gather
         if self.rank == 0:
-            self.model.save_pretrained(directory, state_dict={name: t.clone() for name, t in named})
+            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in named})
+            if self.adapter is not None:
+                save_adapter(self.adapter, directory)
+        # With LoRA the frozen base weights stay out of DeepSpeed's state: the adapter is all that trains.
         self.engine.save_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG,
-                                    client_state={"schedule_step": self.schedule_step})
+                                    client_state={"schedule_step": self.schedule_step},
+                                    exclude_frozen_parameters=self.adapter is not None)
 
     def load_state(self, directory: Path) -> None:
-        _, client_state = self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG)
+        _, client_state = self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG,
+                                                      load_module_strict=self.adapter is None)
         self.schedule_step = (client_state or {}).get("schedule_step", 0)
 
 

@@ -25,6 +25,7 @@ from efficient_rl.learner.objective import (ObjectiveSettings, denominators, hea
                                            objective_settings)
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
+from efficient_rl.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
 from efficient_rl.modeling import (DTYPES, PRECISIONS, compute_in, forward_positions, load_model, output_head,
                                    response_hidden_states, response_logprobs)
 from efficient_rl.registry import Bound
@@ -99,15 +100,15 @@ class TorchLearner:
     schedule_step = 0  # updates done: where the learning-rate schedule stands
 
     def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None,
-                 sync_dtype: torch.dtype = torch.float32):
+                 sync_dtype: torch.dtype = torch.float32, adapter=None):
         self.model = model
-        self.reference = reference  # frozen copy of the initial policy, only when KL is on
+        self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
+        self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/lora.py)
         self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
         self.objective = objective
         self.optim = optim
         self.sync_dtype = sync_dtype  # the rollout engines' dtype (model.dtype): weights leave in it
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = adamw(model, optim)
 
     def compute(self):
         """The context of every forward pass: bf16 autocast on the float32 weights, or nothing."""
@@ -131,7 +132,7 @@ class TorchLearner:
             if self.optim.epochs * len(minis) > 1 and "old_logprobs" in self.objective.needs:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
             if self.objective.kl_coef > 0:
-                mini.rows.ref_logprobs = self.logprobs(mini.rows, self.reference)
+                mini.rows.ref_logprobs = self.reference_logprobs(mini.rows)
         token_stats, losses, grad_norms = TokenStats(), [], []
         self.positions = {"positions": 0.0, "tokens": 0.0}  # of the training passes, for padding_fraction
         for _ in range(self.optim.epochs):
@@ -206,6 +207,14 @@ class TorchLearner:
 
         return self.over_micro_batches(batch, of_rows).to(batch.response_mask.device) * batch.response_mask
 
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """Log-probs under the KL reference: the initial policy. With LoRA that is the policy with
+        its adapters switched off, so no second copy of the model is held."""
+        if self.adapter is None:
+            return self.logprobs(batch, self.reference)
+        with self.adapter.disable_adapter():
+            return self.logprobs(batch, self.policy)
+
     @torch.no_grad()
     def token_statistics(self, batch: RolloutBatch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """[B, R] per-token statistics by TOKEN_STATISTICS name at every response token (0 on
@@ -249,7 +258,7 @@ class TorchLearner:
 
     def apply_gradients(self) -> float:
         """Clip, step, clear; returns the gradient norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -269,28 +278,36 @@ class TorchLearner:
     # ------------------------------------------------------------ weights and checkpoints
 
     def named_weights(self):
-        """(name, tensor) of every parameter, tied ones once."""
-        return list(self.model.named_parameters())
+        """(name, tensor) of every parameter of the plain model, tied ones once: with LoRA the
+        target layers' weights merged, under the base model's names (efficient_rl/lora.py)."""
+        return [(weight.name, weight.value()) for weight in plain_weights(self.model)]
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
         """The full weights in buckets, in the engines' dtype, on rank 0; every rank must run this
         (ZeRO-3 gathers)."""
-        named = list(self.model.named_parameters())
-        for indices in plan_buckets([(full_shape(p).numel(), self.sync_dtype) for _, p in named], bucket_bytes):
-            with self.gathered([named[i][1] for i in indices]):
+        weights = plain_weights(self.model)
+        for indices in plan_buckets([(full_shape(w.base).numel(), self.sync_dtype) for w in weights], bucket_bytes):
+            with self.gathered([source for i in indices for source in weights[i].sources]):
                 if self.rank == 0:
-                    yield WeightBucket.pack([(named[i][0], named[i][1].detach().to(self.sync_dtype)) for i in indices])
+                    yield WeightBucket.pack([(weights[i].name, weights[i].value().detach().to(self.sync_dtype))
+                                             for i in indices])
 
     def weight_plan(self, bucket_bytes: int) -> list[WeightBucket]:
         """Names, shapes and dtype of every bucket weight_buckets makes, without their data."""
-        named = list(self.model.named_parameters())
-        plans = plan_buckets([(full_shape(p).numel(), self.sync_dtype) for _, p in named], bucket_bytes)
-        return [WeightBucket([named[i][0] for i in indices], [tuple(full_shape(named[i][1])) for i in indices],
+        weights = plain_weights(self.model)
+        plans = plan_buckets([(full_shape(w.base).numel(), self.sync_dtype) for w in weights], bucket_bytes)
+        return [WeightBucket([weights[i].name for i in indices], [tuple(full_shape(weights[i].base)) for i in indices],
                              self.sync_dtype, payload=None) for indices in plans]
 
     def save(self, directory: Path) -> None:
-        """Weights in Hugging Face format plus the optimizer state and the schedule's position."""
-        self.model.save_pretrained(directory)
+        """Weights in Hugging Face format plus the optimizer state and the schedule's position.
+        With LoRA: the merged weights (eval, merge and the engines read a checkpoint as a plain
+        model) and the adapter itself (what a resume loads, over the base model)."""
+        if self.adapter is None:
+            self.model.save_pretrained(directory)
+        else:
+            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in self.named_weights()})
+            save_adapter(self.adapter, directory)
         torch.save(self.optimizer.state_dict(), Path(directory) / OPTIMIZER_FILE)
         (Path(directory) / LEARNER_STATE_FILE).write_text(json.dumps({"schedule_step": self.schedule_step}))
 
@@ -319,14 +336,27 @@ def model_dtype(recipe) -> torch.dtype:
     return DTYPES[recipe.model.dtype]
 
 
-def load_policy(recipe, model_dir: Path) -> torch.nn.Module:
+def adamw(model, optim: OptimSettings) -> torch.optim.AdamW:
+    # Trainable parameters only: with LoRA the optimizer state is the adapters' alone.
+    return torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, betas=optim.betas,
+                             weight_decay=optim.weight_decay)
+
+
+def load_policy(recipe, model_dir: Path, base_model_dir: Path) -> torch.nn.Module:
     """The policy in float32 (the master weights, whatever the compute precision)."""
-    return load_model(model_dir, torch.float32, recipe.model.attn_implementation)
+    return load_model(policy_weights_dir(recipe, model_dir, base_model_dir), torch.float32,
+                      recipe.model.attn_implementation)
+
+
+def with_adapter(recipe, policy, model_dir: Path):
+    """learner.lora's adapters on `policy` (a resumed run's from its checkpoint), or None."""
+    return attach_lora(policy, recipe.learner.lora, model_dir, recipe.seed) if recipe.learner.lora is not None else None
 
 
 def load_reference(recipe, base_model_dir: Path):
-    """The frozen KL reference in model.dtype, only when the recipe has a KL term."""
-    if recipe.algorithm.kl_coef <= 0:
+    """The frozen KL reference in model.dtype, only when the recipe has a KL term and no LoRA
+    (whose reference is the policy with its adapters off)."""
+    if recipe.algorithm.kl_coef <= 0 or recipe.learner.lora is not None:
         return None
     return load_model(base_model_dir, model_dtype(recipe), recipe.model.attn_implementation).eval()
 
@@ -340,9 +370,10 @@ def enable_gradient_checkpointing(model) -> None:
 def torch_learner(recipe, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> TorchLearner:
     """`model` is the driver's own copy when embedded (the transformers engine generates with it);
     `teacher` the Ray-hosted teacher's client, when the Ray layer passes one (learner/teacher.py)."""
-    policy = model if model is not None else load_policy(recipe, model_dir)
+    policy = model if model is not None else load_policy(recipe, model_dir, base_model_dir)
     if recipe.learner.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    adapter = with_adapter(recipe, policy, model_dir)  # in place: `policy` stays the module everyone calls
     return TorchLearner(policy, objective_settings(recipe), optim_settings(recipe),
                         reference=load_reference(recipe, base_model_dir),
-                        teacher=build_teacher(recipe, remote=teacher), sync_dtype=model_dtype(recipe))
+                        teacher=build_teacher(recipe, remote=teacher), sync_dtype=model_dtype(recipe), adapter=adapter)

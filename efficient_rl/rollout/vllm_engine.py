@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.config import VLLMSection
+from efficient_rl.lora import plain_named_weights
 from efficient_rl.modeling import DTYPES, load_model, sequence_inputs
 from efficient_rl.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
@@ -258,5 +259,5 @@ def vllm_engine(setup, recipe) -> VLLMEngine:
     engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, recipe.longest_sequence(), recipe.seed,
                         verify_prompt=verification_prompt(setup, recipe), dtype=recipe.model.dtype,
                         options=recipe.rollout.vllm)
-    engine.load_weights(list(setup.model.named_parameters()))
+    engine.load_weights(plain_named_weights(setup.model))  # merged, when the learner put LoRA adapters on it
     return engine

@@ -1,0 +1,65 @@
+"""`efficient-rl export RUN_OR_CHECKPOINT OUT_DIR`: a run's checkpoint as a plain Hugging Face model
+directory (save_pretrained of the model and the tokenizer), without optimizer or trainer state.
+
+A run directory exports its latest usable checkpoint. A LoRA run's checkpoint holds the merged
+weights next to its adapter/ (learner/torch_learner.py `save`), so the export is the merged
+model: from_pretrained reads it with no PEFT installed, and every engine serves it as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from efficient_rl.config import ConfigError
+
+
+def checkpoint_of(source: Path) -> Path:
+    """The checkpoint `source` names: itself, or a run directory's latest usable one."""
+    from efficient_rl.checkpoint import TRAINER_STATE_FILE, checkpoint_problem, latest_checkpoint
+
+    if not source.is_dir():
+        raise ConfigError(f"export: {source}: no such directory (give a run directory or one of its checkpoints)")
+    if (source / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(source)
+        if checkpoint is None:
+            raise ConfigError(f"export: {source}: the run has no usable checkpoint in {source / 'checkpoints'}")
+        return checkpoint
+    if not (source / TRAINER_STATE_FILE).is_file():
+        raise ConfigError(f"export: {source}: neither a run directory (with checkpoints/) nor a checkpoint "
+                          f"(with {TRAINER_STATE_FILE})")
+    problem = checkpoint_problem(source)
+    if problem is not None:
+        raise ConfigError(f"export: damaged checkpoint: {problem}")
+    return source
+
+
+def export(source: Path, out: Path) -> Path:
+    """Write the model of `source`'s checkpoint to `out` (a new or empty directory); returns the checkpoint."""
+    import torch
+
+    from efficient_rl.modeling import load_model
+    from efficient_rl.prompts import load_tokenizer
+
+    checkpoint = checkpoint_of(source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export: {out}: exists and is not an empty directory")
+    model = load_model(checkpoint, torch.float32)  # the learner's float32 master weights, as saved
+    model.save_pretrained(out)
+    load_tokenizer(checkpoint).save_pretrained(out)
+    return checkpoint
+
+
+def cmd_export(args) -> int:
+    checkpoint = export(Path(args.source), Path(args.out))
+    print(f"exported {checkpoint} to {args.out}")
+    return 0
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    """`efficient-rl export`: add it to the CLI's subcommands."""
+    parser = commands.add_parser("export", help="a run's checkpoint (LoRA runs: merged) as a Hugging Face model directory")
+    parser.add_argument("source", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    parser.add_argument("out", help="output directory, new or empty")
+    parser.set_defaults(handler=cmd_export)
+    return parser
