@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.config import ConfigError, LoraSection, load_recipe
+from efficient_rl.config import DEFAULT_LORA_TARGETS, ConfigError, LoraSection, load_recipe
 from efficient_rl.learner.objective import objective_settings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
 from efficient_rl.lora import ADAPTER_DIR, attach_lora
@@ -226,6 +226,20 @@ def test_export_of_a_full_fine_tuning_checkpoint(tmp_path, tiny_overrides, tiny_
     assert not (checkpoint / ADAPTER_DIR).exists()
 
 
+def test_on_policy_distillation_trains_the_students_adapter(tmp_path, tiny_overrides):
+    """The teacher (lab:tiny) is its own model; the LoRA student (lab:tiny_student) learns from it."""
+    run, _ = run_recipe(load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + [
+        "model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=1", "eval.before_training=false",
+        "eval.after_training=false", "logging.tensorboard=false", "scoring.workers=0", "learner.lr=0.05",
+        f"learner.lora={{rank: {RANK}, alpha: {ALPHA}}}", "logging.name=opd"]))
+    (row,) = read_metrics(run.path)
+    assert row["distill/divergence"] > 0 and 0.3 < row["tokens/kept_fraction"] <= 0.5
+    adapter = load_file(run.path / "checkpoints" / "step-00000001" / ADAPTER_DIR / "adapter_model.safetensors")
+    targeted = {name.split(".lora_")[0].rsplit(".", 1)[1] for name in adapter}
+    assert targeted == set(DEFAULT_LORA_TARGETS)  # every projection by default
+    assert any(adapter[name].abs().max() > 0 for name in adapter if "lora_B" in name)
+
+
 # ---------------------------------------------------------------- bad fields
 @pytest.mark.parametrize("override, message", [
     ("learner.lora.rank=0", "learner.lora.rank: expected an integer >= 1, got 0"),
@@ -249,3 +263,56 @@ def test_bad_lora_fields_are_one_line_errors(tmp_path, tiny_overrides, override,
         run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+# ---------------------------------------------------------------- DeepSpeed
+def deepspeed_round_trip(model_dir: str, checkpoint: str) -> None:
+    """In a process of its own (a one-rank gloo group): a ZeRO-2 LoRA learner trains, saves, and a
+    second one resumed from the checkpoint takes the same next step."""
+    from pathlib import Path
+
+    from conftest import TINY_OVERRIDES
+    from efficient_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+    recipe = load_recipe(RECIPES / "quickstart.yaml", TINY_OVERRIDES + [
+        "learner.backend=deepspeed", "learner.zero_stage=2", "learner.lr=0.05", "learner.micro_batch_size=4",
+        "algorithm.kl_coef=0.1", f"learner.lora={{rank: {RANK}, alpha: {ALPHA}, target_modules: [q_proj, v_proj, down_proj]}}"])
+    first = DeepSpeedLearner(recipe, Path(model_dir), Path(model_dir))
+    batch = batch_for(first.model.config.vocab_size)
+    for _ in range(2):
+        metrics = first.update(batch)
+    assert first.reference is None and metrics["kl"] > 0
+    base = dict(load_model(model_dir).named_parameters())
+    for name, parameter in first.model.named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(parameter, base[name.replace(".base_layer", "")]), name
+    synced = dict(first.named_weights())
+    assert synced.keys() == base.keys()
+    module = "model.layers.1.mlp.down_proj"
+    assert torch.allclose(synced[f"{module}.weight"], by_hand(first, module), atol=1e-6)
+    assert not torch.equal(synced[f"{module}.weight"], base[f"{module}.weight"])
+    first.save(Path(checkpoint))
+    assert (Path(checkpoint) / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    resumed = DeepSpeedLearner(recipe, Path(checkpoint), Path(model_dir))
+    resumed.load_state(Path(checkpoint))
+    for (name, ours), (_, theirs) in zip(resumed.model.named_parameters(), first.model.named_parameters()):
+        assert torch.equal(ours, theirs), name
+    assert resumed.update(batch)["loss"] == first.update(batch)["loss"]
+
+
+def test_lora_on_a_deepspeed_zero2_rank_trains_saves_and_resumes(tmp_path, tiny_model_dir):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**__import__("os").environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    code = f"import test_lora; test_lora.deepspeed_round_trip({str(tiny_model_dir)!r}, {str(tmp_path / 'ckpt')!r})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
