@@ -112,6 +112,7 @@ def check_recipe(recipe: Recipe) -> None:
     check_teacher_needs(recipe, needs)
     check_cluster(recipe)
     check_learner(recipe)
+    check_lora(recipe)
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
 
@@ -190,13 +191,22 @@ def check_cluster(recipe: Recipe) -> None:
         raise ConfigError("learner.backend: deepspeed runs as Ray actors; set cluster.backend: ray")
 
 
+def check_lora(recipe: Recipe) -> None:
+    """What LoRA does not combine with (yet); its target modules are checked against the model later."""
+    if recipe.learner.lora is None:
+        return
+    if recipe.learner.backend == "deepspeed" and recipe.learner.zero_stage == 3:
+        raise ConfigError("learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is "
+                          "not supported); the adapters are small enough for ZeRO-2")
+    if recipe.cluster.pipeline.name == "overlapped" and recipe.rollout.engine == "transformers":
+        raise ConfigError("learner.lora: not with cluster.pipeline overlapped on the transformers engine (its own "
+                          "copy of the policy loads plain weights by name); use rollout.engine: vllm or pipeline: sync")
+
+
 def check_learner(recipe: Recipe) -> None:
     learner = recipe.learner
     if learner.backend != "deepspeed":
         return
-    if learner.lora is not None and learner.zero_stage == 3:
-        raise ConfigError("learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is "
-                          "not supported); the adapters are small enough for ZeRO-2")
     # ZeRO-3 gathers weights around the engine's whole forward; packing, like selected compute,
     # calls the body and the LM head apart (see DeepSpeedLearner).
     if learner.packing and learner.zero_stage == 3:

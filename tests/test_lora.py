@@ -256,9 +256,10 @@ def test_on_policy_distillation_trains_the_students_adapter(tmp_path, tiny_overr
     ("learner.lora.target_modules=[q_proj, qkv]", "learner.lora.target_modules: 'qkv' not a linear layer of the "
                                                   "model; valid names: down_proj, gate_proj, k_proj, o_proj, "
                                                   "q_proj, up_proj, v_proj"),
+    ("cluster.pipeline={name: overlapped, max_staleness: 0}", "learner.lora: not with cluster.pipeline overlapped on the transformers engine"),
 ])
 def test_bad_lora_fields_are_one_line_errors(tmp_path, tiny_overrides, override, message):
-    overrides = tiny_overrides + ["scoring.workers=0", "logging.name=bad", override]
+    overrides = tiny_overrides + ["scoring.workers=0", "logging.name=bad", "learner.lora.rank=4", override]
     with pytest.raises(ConfigError) as caught:
         run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
     assert message in str(caught.value) and "\n" not in str(caught.value)
