@@ -9,6 +9,8 @@ mean and range over seeds.
 
     .venv/bin/python benchmarks/quickstart_seeds.py [--seeds 0 1 2] [--out /tmp/erl/qs-seeds]
 
+Run again with the same --out after an interruption, it reuses the builds that finished.
+
 `--lab-seed 0` builds the shipped preset (seed 0) every time instead: what `make quickstart`
 builds, so the seeds then vary only the RL run and the held-out draw.
 """
@@ -28,7 +30,13 @@ QUIET = ["logging.progress=false", "--overwrite"]
 
 
 def build(lab_seed: int, cache: Path) -> Path:
-    """Build the quickstart preset with `lab_seed` in `cache`; returns the model directory."""
+    """Build the quickstart preset with `lab_seed` in `cache`; returns the model directory.
+
+    A finished build already in `cache` (an earlier, interrupted run of this script with the same
+    --out) is used as it is: a build is complete once its lab.json is written."""
+    finished = [model for model in cache.glob(f"quickstart-seed{lab_seed}-*") if (model / "lab.json").exists()]
+    if finished:
+        return finished[0]
     code = ("import dataclasses, sys; from pathlib import Path\n"
             "from efficient_rl.lab.build import PRESETS, build_lab\n"
             f"preset = dataclasses.replace(PRESETS['quickstart'], seed={lab_seed})\n"
