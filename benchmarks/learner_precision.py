@@ -57,15 +57,16 @@ def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0)
     ).trim_padding()
 
 
-def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> int:
-    """Bytes of the tensors kept for the backward of one micro-batch (parameters excluded)."""
+def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> tuple[int, int]:
+    """Bytes of the tensors kept for the backward of one micro-batch (parameters excluded), and
+    the float32 part of them."""
     parameters = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
-    kept: dict[int, int] = {}
+    kept: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, float32?)
 
     def pack(tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
+            kept[storage.data_ptr()] = (storage.nbytes(), tensor.dtype == torch.float32)
         return tensor
 
     den = learner._mini_batch(rows).den
@@ -73,7 +74,7 @@ def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> int:
         loss, _ = learner._micro_batch_loss(rows, den)
     loss.backward()
     learner.model.zero_grad(set_to_none=True)
-    return sum(kept.values())
+    return sum(size for size, _ in kept.values()), sum(size for size, f32 in kept.values() if f32)
 
 
 def state_bytes(learner: TorchLearner) -> dict[str, int]:
@@ -81,6 +82,22 @@ def state_bytes(learner: TorchLearner) -> dict[str, int]:
     optimizer = sum(t.numel() * t.element_size() for state in learner.optimizer.state.values()
                     for t in state.values() if isinstance(t, torch.Tensor))
     return {"weights": weights, "gradients": weights, "optimizer": optimizer}  # gradients: float32, like the weights
+
+
+def matmul_ratio(size: int = 1024, repeats: int = 5) -> float:
+    """Median time of a bf16 matmul over a float32 one of the same shape. Whether bf16 pays on a
+    CPU depends on it: with AVX-512 BF16 / AMX oneDNN multiplies bf16 natively; on AVX2 it
+    converts, and bf16 is slower than float32."""
+    medians = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        times = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+        medians[dtype] = statistics.median(times[1:])
+    return medians[torch.bfloat16] / medians[torch.float32]
 
 
 def main() -> None:
@@ -106,6 +123,8 @@ def main() -> None:
           f"responses {int(batch.response_lengths.min())}-{int(batch.response_lengths.max())} tokens "
           f"({int(batch.response_mask.sum())} in all), micro-batches of {args.micro_batch}; torch threads "
           f"{torch.get_num_threads()}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: a 1024 x 1024 matmul takes "
+          f"{matmul_ratio():.1f}x as long in bf16 as in float32")
     times = {precision: [] for precision in learners}
     for step in range(args.steps):
         for precision, learner in learners.items():
@@ -113,8 +132,10 @@ def main() -> None:
             learner.update(batch)
             times[precision].append(time.perf_counter() - started)
     micro = batch.select(range(args.micro_batch))
-    memory = {precision: {**state_bytes(learner), "activations": activation_bytes(learner, micro)}
-              for precision, learner in learners.items()}
+    memory, float32_activations = {}, {}
+    for precision, learner in learners.items():
+        activations, float32_activations[precision] = activation_bytes(learner, micro)
+        memory[precision] = {**state_bytes(learner), "activations": activations}
     sync = {precision: sum(b.nbytes for b in learner.weight_plan(64 * 2**20)) for precision, learner in learners.items()}
     mib = 2**20
     print(f"{'':6s} {'median step':>12s} {'steps':>30s} {'weights':>9s} {'grads':>9s} {'adam':>9s} "
@@ -129,6 +150,8 @@ def main() -> None:
     print(f"bf16 / fp32: step {statistics.median(times['bf16'][1:]) / statistics.median(times['fp32'][1:]):.2f}x, "
           f"activations {ratio('activations'):.2f}x, sum {sum(memory['bf16'].values()) / sum(memory['fp32'].values()):.2f}x, "
           f"sync bytes {sync['bf16'] / sync['fp32']:.2f}x  (MiB = 2^20 bytes; medians without the first step)")
+    print(f"float32 part of bf16's activations (norms and the residual stream under autocast, the "
+          f"log-softmax): {float32_activations['bf16'] / mib:.1f}M of {memory['bf16']['activations'] / mib:.1f}M")
 
 
 if __name__ == "__main__":
