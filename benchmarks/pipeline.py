@@ -8,11 +8,13 @@ after the other:
   overlapped  the next batch is generated while the learner trains, max_staleness 1 (with the
               TIS correction the off-policy mode requires)
 
-The first step of each is dropped (warm-up); figures are medians over the rest. The ceiling of
+The first step of each is dropped (warm-up); figures are medians over the rest. With
+`--repeats N` the configurations alternate N times and each figure is the median over the
+repeats: on a shared machine the load drifts, and alternating spreads it over both. The ceiling of
 the overlap is the sync step time over max(rollout, learn + sync), both from the sync run's own
 breakdown: no overlap can make a step shorter than its longer side.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py [--steps 12] [extra overrides...]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py [--steps 12] [--repeats 1] [overrides...]
 
 Extra arguments are recipe overrides applied to both configurations, e.g. `learner.epochs=4` for
 a configuration where learning costs about what generation does.
@@ -68,17 +70,24 @@ def ceiling(sync: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--config", choices=CONFIGS, help="internal: run one configuration, print JSON")
     args, extra = parser.parse_known_args()
     if args.config:
         print("RESULT " + json.dumps(run_config(args.config, args.steps, extra)))
         return
-    results = {}
-    for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--config", name, "--steps", str(args.steps), *extra],
-                             capture_output=True, text=True, check=True).stdout
-        results[name] = json.loads(out.split("RESULT ", 1)[1])
-    print(f"median over steps 2..{args.steps}{' with ' + ' '.join(extra) if extra else ''}")
+    runs = {name: [] for name in CONFIGS}
+    for _ in range(args.repeats):
+        for name in CONFIGS:
+            out = subprocess.run([sys.executable, __file__, "--config", name, "--steps", str(args.steps), *extra],
+                                 capture_output=True, text=True, check=True).stdout
+            runs[name].append(json.loads(out.split("RESULT ", 1)[1]))
+    results = {name: {key: statistics.median(run[key] for run in repeats) for key in repeats[0]}
+               for name, repeats in runs.items()}
+    for name, repeats in runs.items():
+        times = ", ".join(f"{run['step_time']:.3f}" for run in repeats)
+        print(f"{name}: step times of the repeats {times} s")
+    print(f"median over steps 2..{args.steps}, {args.repeats} repeat(s){' with ' + ' '.join(extra) if extra else ''}")
     header = ["step s", "steps/min", "rollout s", "learn s", "sync s", "learner wait", "rollout wait",
               "rollout util", "learner util", "staleness"]
     print(f"{'pipeline':12s}" + "".join(f"{h:>13s}" for h in header))
