@@ -638,3 +638,13 @@ def read_saved_recipe(path: Path) -> dict:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected the run's recipe, a mapping; got {type(saved).__name__}")
     return saved
+
+
+def what_is_left(recipe, summary: dict) -> str | None:
+    """What a run's summary.json says is still to do, or None for a finished run (a study reads it too)."""
+    done, steps = summary["steps_completed"], recipe.steps
+    if done < steps:
+        return f"stopped after step {done} of {steps}; continue with --resume"
+    if recipe.eval.after_training and "final" not in summary:
+        return f"stopped after the last step ({steps}) without the final evaluation; --resume runs it"
+    return None

@@ -11,6 +11,12 @@ from efficient_rl.errors import WorkerFailure
 from efficient_rl.config import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+STUDIES_DIR = RECIPES_DIR / "studies"  # study files (`efficient-rl study`), not recipes
+
+
+def shipped_recipes() -> list[Path]:
+    """Every recipe under recipes/, subfolders too (recipes/ablation/, ...), but not the studies."""
+    return sorted(path for path in RECIPES_DIR.rglob("*.yaml") if STUDIES_DIR not in path.parents)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 
@@ -53,18 +59,10 @@ def what_resume_has(recipe) -> str:
     return f"continue with --resume (checkpoint in {checkpoint})"
 
 
-def what_is_left(recipe, summary: dict) -> str | None:
-    """What a run's summary.json says is still to do, or None for a finished run (a study reads it too)."""
-    done, steps = summary["steps_completed"], recipe.steps
-    if done < steps:
-        return f"stopped after step {done} of {steps}; continue with --resume"
-    if recipe.eval.after_training and "final" not in summary:
-        return f"stopped after the last step ({steps}) without the final evaluation; --resume runs it"
-    return None
-
-
 def exit_status(recipe, summary: dict, checkpoint) -> int:
     """0 for a finished run; EXIT_STOPPED, saying what --resume still does, for one a stop request ended."""
+    from efficient_rl.checkpoint import what_is_left
+
     left = what_is_left(recipe, summary)
     if left is None:
         return 0
@@ -75,7 +73,7 @@ def exit_status(recipe, summary: dict, checkpoint) -> int:
 def cmd_recipes(args) -> int:
     from efficient_rl.config import load_recipe
 
-    for path in sorted(RECIPES_DIR.rglob("*.yaml")):  # subfolders too: recipes/ablation/, ...
+    for path in shipped_recipes():
         recipe = load_recipe(path)
         alg = recipe.algorithm
         print(f"{path.relative_to(RECIPES_DIR).as_posix():50s} advantage={alg.advantage.name} "

@@ -9,11 +9,12 @@ import pytest
 
 from conftest import RECIPES, ROOT
 from efficient_rl.algos.losses import POLICY_LOSSES
+from efficient_rl.cli import shipped_recipes
 from efficient_rl.config import Choice, ConfigError, bind, load_recipe
 from efficient_rl.prepare import check_recipe
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: p.relative_to(RECIPES).as_posix())
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     check_recipe(recipe)
@@ -65,7 +66,7 @@ def test_a_recipe_round_trips_through_its_config_yaml(tmp_path):
     """The run directory's config.yaml loads back into the same recipe (resume compares them)."""
     import yaml
 
-    for path in RECIPES.rglob("*.yaml"):
+    for path in shipped_recipes():
         recipe = load_recipe(path)
         saved = tmp_path / "config.yaml"
         saved.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -195,9 +196,9 @@ def test_recipes_command_lists_every_recipe():
     result = run_cli("recipes", cwd=ROOT)
     assert result.returncode == 0
     listed = sorted(line.split()[0] for line in result.stdout.splitlines())
-    assert listed == sorted(path.relative_to(RECIPES).as_posix() for path in RECIPES.rglob("*.yaml"))
+    assert listed == sorted(path.relative_to(RECIPES).as_posix() for path in shipped_recipes())
     assert "ablation/dler_ablation_0_truncation.yaml" in listed  # subfolders are shipped recipes too
-    stems = [path.stem for path in RECIPES.rglob("*.yaml")]
+    stems = [path.stem for path in shipped_recipes()]
     assert len(stems) == len(set(stems))  # a recipe's run directory is named by its stem
 
 

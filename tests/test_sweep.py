@@ -136,7 +136,7 @@ DELETE = object()
     ("eval.models", ["lab:tiny"], "eval.models: unknown key"),
     ("eval.checkpoints", "some", "eval.checkpoints: expected one of 'final', 'all', got 'some'"),
     ("eval.engine", "magic", "eval.engine: expected one of transformers, vllm"),
-    ("launcher", "kubernetes", "launcher: unknown launcher 'kubernetes'"),
+    ("launcher", "kubernetes", "launcher: expected one of 'local', 'slurm', got 'kubernetes'"),
     ("slurm.nodes", 0, "slurm.nodes: expected an integer >= 1, got 0"),
 ])
 def test_bad_study_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, dotted, value, message):
@@ -167,3 +167,14 @@ def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     assert status == 0 and f"= {trainings} trainings" in printed, printed
     assert len(printed.splitlines()) == 2 + trainings
     assert not (tmp_path / "out").exists()
+
+
+def test_every_launcher_a_study_may_name_can_launch_and_be_followed():
+    import typing
+
+    from efficient_rl.study.launchers import LAUNCHERS
+    from efficient_rl.study.progress import LAUNCH_ACTIVITY
+    from efficient_rl.study.spec import Study
+
+    names = set(typing.get_args(typing.get_type_hints(Study)["launcher"]))
+    assert names == set(LAUNCHERS) == set(LAUNCH_ACTIVITY) == {"local", "slurm"}

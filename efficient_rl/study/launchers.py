@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from efficient_rl.config import ConfigError
-from efficient_rl.study.progress import (QUEUED, TRAINING, finished, read_record, run_state, write_record)
+from efficient_rl.study.progress import finished, local_active, read_record, run_state, slurm_active, write_record
 from efficient_rl.study.spec import LoadedStudy, PlannedRun
 
 POLL_SECONDS = 2.0  # how often a study waiting on Slurm jobs asks for their state
@@ -70,17 +70,7 @@ class LocalLauncher:
     """One run after another, each `efficient-rl train RECIPE OVERRIDES --resume-if-checkpoint` in a
     subprocess (a crash or a leak stays in its run), output to logs/<run>.log."""
 
-    @staticmethod
-    def active(record: dict) -> str | None:
-        if "exit_code" in record or record.get("host") != socket.gethostname():
-            return None
-        try:
-            os.kill(record["pid"], 0)
-        except ProcessLookupError:
-            return None  # the study that ran it was killed, and the run with it
-        except PermissionError:
-            pass
-        return TRAINING
+    active = staticmethod(local_active)
 
     def check(self, loaded: LoadedStudy) -> None:
         for item in loaded.planned:
@@ -124,14 +114,7 @@ class SlurmLauncher:
     then waited for. A study stopped while it waits leaves its jobs running: `study run` again
     waits for them instead of submitting them twice."""
 
-    @staticmethod
-    def active(record: dict) -> str | None:
-        from efficient_rl.slurm.jobs import ACTIVE_STATES, slurm_state
-
-        if "outcome" in record:
-            return None
-        state = slurm_state(record["job_id"]).get("JobState", "gone")
-        return QUEUED if state == "PENDING" else TRAINING if state in ACTIVE_STATES else None
+    active = staticmethod(slurm_active)
 
     @staticmethod
     def submission(item: PlannedRun, loaded: LoadedStudy):

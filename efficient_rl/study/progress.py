@@ -5,11 +5,13 @@ and how that ended, and the launcher says whether that launch is still going."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficient_rl.checkpoint import latest_checkpoint, write_atomically
+from efficient_rl.checkpoint import latest_checkpoint, what_is_left, write_atomically
 from efficient_rl.study.spec import LoadedStudy, PlannedRun
 
 DONE, TRAINING, QUEUED, FAILED, PARTIAL, PENDING = "done", "training", "queued", "failed", "partial", "pending"
@@ -38,20 +40,43 @@ def write_record(study_dir: Path, name: str, record: dict) -> None:
 
 def finished(item: PlannedRun) -> bool:
     """The run's summary.json says it has nothing left to do (what `train` exits 0 for)."""
-    from efficient_rl.cli import what_is_left
-
     path = item.run_dir / "summary.json"
     return path.is_file() and what_is_left(item.recipe, json.loads(path.read_text())) is None
 
 
-def run_state(item: PlannedRun, study_dir: Path) -> RunState:
-    from efficient_rl.study.launchers import LAUNCHERS
+def local_active(record: dict) -> str | None:
+    """TRAINING while the `train` subprocess a local launch started still runs."""
+    if "exit_code" in record or record.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return None  # the study that ran it was killed, and the run with it
+    except PermissionError:
+        pass
+    return TRAINING
 
+
+def slurm_active(record: dict) -> str | None:
+    """QUEUED or TRAINING while the Slurm job a launch submitted is pending or running."""
+    from efficient_rl.slurm.jobs import ACTIVE_STATES, slurm_state
+
+    if "outcome" in record:
+        return None
+    state = slurm_state(record["job_id"]).get("JobState", "gone")
+    return QUEUED if state == "PENDING" else TRAINING if state in ACTIVE_STATES else None
+
+
+# launcher name (the study's `launcher:`) -> whether a launch it recorded is still going
+LAUNCH_ACTIVITY = {"local": local_active, "slurm": slurm_active}
+
+
+def run_state(item: PlannedRun, study_dir: Path) -> RunState:
     if finished(item):
         return RunState(DONE)
     record = read_record(study_dir, item.name)
     if record:
-        active = LAUNCHERS[record["launcher"]].active(record)
+        active = LAUNCH_ACTIVITY[record["launcher"]](record)
         if active:
             return RunState(active, record.get("job_id", f"pid {record.get('pid')}"))
         if record.get("error"):

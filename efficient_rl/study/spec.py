@@ -50,7 +50,7 @@ class Study:
     output_dir: str = "studies"  # the study's directory is <output_dir>/<name>
     overrides: list[str] = field(default_factory=list)  # for every run, before the run's own
     eval: StudyEval = field(default_factory=StudyEval)
-    launcher: str = "local"  # local | slurm (efficient_rl/study/launchers.py, LAUNCHERS)
+    launcher: Literal["local", "slurm"] = "local"  # LAUNCHERS in efficient_rl/study/launchers.py
     slurm: SubmitOptions = field(default_factory=SubmitOptions)  # launcher: slurm: what each job asks for
 
     @property
@@ -150,8 +150,6 @@ def read_study_file(path: Path) -> dict:
 
 
 def check_study(study: Study) -> None:
-    from efficient_rl.study.launchers import LAUNCHERS
-
     for dotted, value in numbers(study):
         check_number(dotted, value, Interval.parse(STUDY_NUMBER_RULES[re.sub(r"\[\d+\]", "", dotted)]))
     check_name("name", study.name)
@@ -163,8 +161,6 @@ def check_study(study: Study) -> None:
     for index, run in enumerate(study.runs):
         check_name(f"runs[{index}].method", run.method)
     repeated([run.method for run in study.runs], "runs", "method")
-    if study.launcher not in LAUNCHERS:
-        raise ConfigError(f"launcher: unknown launcher {study.launcher!r}{did_you_mean(study.launcher, LAUNCHERS)}")
     for where, items in [("overrides", study.overrides)] + [(f"runs[{i}].overrides", run.overrides)
                                                            for i, run in enumerate(study.runs)]:
         check_overrides(where, items)
