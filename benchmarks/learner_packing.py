@@ -15,13 +15,12 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_precision import qwen2_22m  # noqa: E402
+from learner_precision import qwen2_22m, side_by_side  # noqa: E402
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
 from efficient_rl.config import Recipe  # noqa: E402
 from efficient_rl.learner.objective import objective_settings  # noqa: E402
@@ -66,12 +65,7 @@ def main() -> None:
     print(f"{args.rows} rows, response lengths min {int(lengths.min())} median {int(lengths.median())} max "
           f"{int(lengths.max())}, {int(lengths.sum())} response tokens; rows mode: {args.micro_batch} rows per pass, "
           f"budget modes: {args.tokens} positions per pass; torch threads {torch.get_num_threads()}")
-    times, metrics = {name: [] for name in modes}, {}
-    for _ in range(args.steps):
-        for name, learner in learners.items():
-            started = time.perf_counter()
-            metrics[name] = learner.update(batch)
-            times[name].append(time.perf_counter() - started)
+    times, metrics = side_by_side(learners, batch, args.steps)
     rows_median = statistics.median(times["rows"][1:])
     for name in modes:
         median = statistics.median(times[name][1:])

@@ -84,6 +84,18 @@ def state_bytes(learner: TorchLearner) -> dict[str, int]:
     return {"weights": weights, "gradients": weights, "optimizer": optimizer}  # gradients: float32, like the weights
 
 
+def side_by_side(learners: dict[str, TorchLearner], batch: RolloutBatch, steps: int) -> tuple[dict, dict]:
+    """Each learner updates on `batch` in turn, `steps` times: (name -> seconds of each step,
+    name -> metrics of its last step). Taking turns spreads a shared machine's load over all."""
+    times, metrics = {name: [] for name in learners}, {}
+    for _ in range(steps):
+        for name, learner in learners.items():
+            started = time.perf_counter()
+            metrics[name] = learner.update(batch)
+            times[name].append(time.perf_counter() - started)
+    return times, metrics
+
+
 def matmul_ratio(size: int = 1024, repeats: int = 5) -> float:
     """Median time of a bf16 matmul over a float32 one of the same shape. Whether bf16 pays on a
     CPU depends on it: with AVX-512 BF16 / AMX oneDNN multiplies bf16 natively; on AVX2 it
@@ -125,12 +137,7 @@ def main() -> None:
           f"{torch.get_num_threads()}")
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: a 1024 x 1024 matmul takes "
           f"{matmul_ratio():.1f}x as long in bf16 as in float32")
-    times = {precision: [] for precision in learners}
-    for step in range(args.steps):
-        for precision, learner in learners.items():
-            started = time.perf_counter()
-            learner.update(batch)
-            times[precision].append(time.perf_counter() - started)
+    times, _ = side_by_side(learners, batch, args.steps)
     micro = batch.select(range(args.micro_batch))
     memory, float32_activations = {}, {}
     for precision, learner in learners.items():

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_precision import activation_bytes, make_batch  # noqa: E402
+from learner_precision import activation_bytes, make_batch, side_by_side  # noqa: E402
 
 from efficient_rl.config import LoraSection, Recipe  # noqa: E402
 from efficient_rl.learner.objective import objective_settings  # noqa: E402
@@ -63,12 +62,7 @@ def main() -> None:
     print(f"SmolLM2-135M: batch {args.rows} rows, prompt {args.prompt}, responses up to {args.response} tokens "
           f"({int(batch.response_mask.sum())} in all), micro-batches of {args.micro_batch}; torch threads "
           f"{torch.get_num_threads()}; LoRA on {', '.join(LoraSection().target_modules)}")
-    times = {name: [] for name in learners}
-    for _ in range(args.steps):
-        for name, learner in learners.items():
-            started = time.perf_counter()
-            learner.update(batch)
-            times[name].append(time.perf_counter() - started)
+    times, _ = side_by_side(learners, batch, args.steps)
     micro = batch.select(range(args.micro_batch))
     figures = {name: memory(learner, micro) for name, learner in learners.items()}
     trainable = {name: sum(p.numel() for p in trainable_parameters(learner.model)) for name, learner in learners.items()}
