@@ -11,7 +11,8 @@ from conftest import RECIPES
 
 HEAD = """
 import sys, ray
-ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=sys.argv[1])
+ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=sys.argv[1],
+         _system_config={"worker_niceness": 0})  # as docs/engines.md tells users to start theirs
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # serve until the test closes stdin
 """

@@ -200,3 +200,21 @@ def test_a_local_cluster_stays_on_the_loopback_address(ray_cluster):
     import ray
 
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_a_local_clusters_actors_run_at_the_drivers_priority(ray_cluster):
+    """Ray's default worker niceness (15) starves the actors beside any busy process."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def niceness(self) -> int:
+            return os.nice(0)
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.niceness.remote(), timeout=600) == os.nice(0)
+    finally:
+        ray.kill(probe)

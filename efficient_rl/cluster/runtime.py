@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# Ray starts its workers at niceness 15, below every ordinary process; here the actors are the run
+# itself, and on a shared machine niced actors starve (a 2-step run took 20 minutes beside two busy
+# processes). A run's own cluster gives them the driver's priority; so does the Slurm job's.
+RUN_CLUSTER_CONFIG = {"worker_niceness": 0}
+
+
 @dataclass
 class RaySession:
     owned: bool  # started by this run, so shut down by it
@@ -45,7 +51,7 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         return RaySession(owned=False, temp_dir=None)
     temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=max(1, math.ceil(cpus)), num_gpus=math.ceil(gpus), include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir))
+             _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir), _system_config=RUN_CLUSTER_CONFIG)
     return RaySession(owned=True, temp_dir=temp_dir)
 
 
