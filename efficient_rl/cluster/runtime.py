@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 # Ray starts its workers at niceness 15, below every ordinary process; here the actors are the run
-# itself, and on a shared machine niced actors starve (a 2-step run took 20 minutes beside two busy
-# processes). A run's own cluster gives them the driver's priority; so does the Slurm job's.
+# itself, and on a shared machine niced actors starve (a 2-step run failed after 18 minutes beside
+# two busy processes). A run's own cluster gives them the driver's priority; so does the Slurm job's.
 RUN_CLUSTER_CONFIG = {"worker_niceness": 0}
 
 
