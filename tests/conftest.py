@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,15 @@ def tiny_model_dir():
 @pytest.fixture
 def tiny_overrides(tmp_path, tiny_model_dir):
     return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}"]
+
+
+def wait_for(ready, process, why_it_ended, guard: float = 1200, pause: float = 0.2) -> None:
+    """Poll until ready() while `process` runs; fail with why_it_ended() (its output) if it ends
+    first. `guard` only turns a hang into an error (TimeoutError): no test asserts a duration."""
+    give_up = time.monotonic() + guard
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(why_it_ended())
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"still not ready after {guard} s: a hang")
+        time.sleep(pause)

@@ -9,11 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import RECIPES, TINY_OVERRIDES
+from conftest import RECIPES, TINY_OVERRIDES, wait_for
 from efficient_rl.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
 from efficient_rl.cli import main
 from efficient_rl.config import load_recipe
@@ -155,11 +154,9 @@ def test_a_second_start_of_a_running_run_refuses_and_touches_nothing(tmp_path, t
     run_dir = tmp_path / "runs" / "busy"
     with process_groups(tmp_path) as start:
         first = start(cli_command(tmp_path / "runs", "steps=100000", "logging.name=busy"))
-        deadline = time.time() + HANG_GUARD
-        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
-            assert first.poll() is None, first.communicate()[1][-2000:]  # it ended: its stderr says why
-            assert time.time() < deadline, "the first run logged no step"
-            time.sleep(0.2)
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), first,
+                 lambda: first.communicate()[1][-2000:], guard=HANG_GUARD)  # it ended: its stderr says why
         assert json.loads(lock_path(run_dir).read_text())["pid"] == first.pid
         config = (run_dir / "config.yaml").stat()
         seconds = [start(cli_command(tmp_path / "runs", "steps=100000", "logging.name=busy", *mode))

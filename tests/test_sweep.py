@@ -5,13 +5,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import RECIPES
+from conftest import RECIPES, wait_for
 from efficient_rl.cli import main
 
 TINY_STUDY = RECIPES / "studies" / "tiny.yaml"
@@ -32,11 +31,9 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     finished, stopped = directory / "runs" / "grpo-s0", directory / "runs" / "dler-s0"
     command = [sys.executable, "-m", "efficient_rl.cli", "sweep", "run", str(TINY_STUDY), f"output_dir={tmp_path}"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + HANG_GUARD
     # Stop the study (as Ctrl-C would) once the second run has its first checkpoint.
-    while not (stopped / "checkpoints" / "step-00000001").is_dir():
-        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
-        time.sleep(0.05)
+    wait_for((stopped / "checkpoints" / "step-00000001").is_dir, process, lambda: process.communicate()[0][-3000:],
+             guard=HANG_GUARD, pause=0.05)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=HANG_GUARD)[0]
     assert process.returncode == 75, output[-3000:]  # stopped, resumable
