@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from efficient_rl.algos.batch import RolloutBatch
 
@@ -27,6 +26,8 @@ VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A Hugging Face causal LM: the policy (float32 master weights), a KL reference, a teacher or
     a sync check (those in model.dtype)."""
+    from transformers import AutoModelForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
@@ -290,6 +290,8 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
 
 def load_model(source: Path, attn_implementation: str = "sdpa"):
     """The policy in float32: the master weights, whatever learner.precision computes in."""
+    from transformers import AutoModelForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
     except Exception as err:  # truncated or missing weights, an architecture transformers lacks, ...

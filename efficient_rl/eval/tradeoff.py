@@ -20,7 +20,7 @@ import html
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
+from efficient_rl.eval.spec import EvalSpec
 from efficient_rl.model_sources import model_directory
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
@@ -37,31 +38,6 @@ from efficient_rl.rollout.base import SamplingSettings
 CHUNK = 16  # questions generated (and cached) together
 REPORT_SAMPLES = 3  # graded completions per run in the report: the first sample of the first questions
 REPORT_CHARACTERS = 600  # of each completion shown there (generations/<run>.jsonl holds them whole)
-
-
-@dataclass
-class EvalSpec:
-    models: list[str] = field(default_factory=list)  # model directories (checkpoints too) or "lab:<preset>"
-    data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), "gsm8k:test100", a JSONL/Parquet file or hf:...
-    split: str = "test"  # hf: datasets only
-    engine: str = "transformers"  # transformers | vllm
-    budgets: list[int] = field(default_factory=lambda: [256])  # response token caps
-    samples: int = 4  # per question
-    problems: int = 200
-    temperature: float = 0.6
-    top_p: float = 0.95
-    reward: str = "math"
-    question_key: str = "question"
-    answer_key: str = "answer"
-    seed: int = 0
-    chat_template: str = "auto"  # as the recipe's prompt section: auto | always | never
-    system_prompt: str | None = None
-    user_template: str = "{question}"
-
-    def prompt(self):
-        from efficient_rl.config import PromptSection
-
-        return PromptSection(self.chat_template, self.system_prompt, self.user_template)
 
 
 def label(reference: str, budget: int) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from efficient_rl.cache import cache_root
 from efficient_rl.config import ConfigError
@@ -236,6 +235,8 @@ def warm_start_accuracy(model, tokenizer, problems: list[dict], check: WarmStart
 
 
 def new_model(shape: ModelShape, tokenizer, seed: int) -> Qwen2ForCausalLM:
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),

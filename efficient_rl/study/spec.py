@@ -16,7 +16,7 @@ import yaml
 
 from efficient_rl.config import (ConfigError, Interval, Recipe, apply_override, as_plain, build, check_number,
                                  load_recipe, numbers, one_line)
-from efficient_rl.eval.tradeoff import EvalSpec
+from efficient_rl.eval.spec import EvalSpec
 from efficient_rl.registry import did_you_mean
 from efficient_rl.slurm.submit import SubmitOptions
 
