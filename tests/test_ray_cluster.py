@@ -1,5 +1,6 @@
 """The Ray backend for real: a local Ray cluster, vLLM-CPU rollout actors, DeepSpeed gloo ranks."""
 
+import copy
 import json
 import os
 import signal
@@ -53,15 +54,14 @@ def run_to_end(trainer):
         trainer.close()
 
 
-def kill_after_first_step(trainer, pick_pid):
-    """SIGKILL a worker process once step 1 is done and checkpointed, as a crash would."""
+def kill_before_steps(trainer, victims):
+    """SIGKILL a worker process before the steps in `victims` ({step: a function giving its pid}),
+    that is once the step before is done and checkpointed, as a crash would."""
     step = trainer.step
-    calls = []
 
     def kill_then_step(number):
-        if len(calls) == 1:
-            os.kill(pick_pid(), signal.SIGKILL)
-        calls.append(1)
+        if number in victims:
+            os.kill(victims[number](), signal.SIGKILL)
         return step(number)
 
     trainer.step = kill_then_step
@@ -73,12 +73,20 @@ def weight_change(run, setup):
     return max(float((final[k] - start[k]).norm() / start[k].norm()) for k in start if start[k].norm() > 0)
 
 
-def test_zero2_trains_with_verified_syncs_and_survives_a_killed_rollout_worker(ray_cluster, tiny_overrides):
+def test_zero2_survives_a_killed_rollout_worker_and_resumes_after_a_dead_learner_rank(ray_cluster, tiny_overrides):
+    """One run meets both failures: a rollout worker killed before step 2 is restarted within the
+    step; a learner rank killed before step 3 stops the run, and --resume runs step 3."""
     import ray
 
-    run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
-        "learner.zero_stage=2", "rollout.verify_sync=true", "logging.name=zero2"])
-    kill_after_first_step(trainer, lambda: ray.get(trainer.engine.workers[0].pid.remote()))
+    overrides = tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
+        "learner.zero_stage=2", "rollout.verify_sync=true", "logging.name=zero2"]
+    run, setup, trainer = make_trainer(overrides)
+    kill_before_steps(trainer, {2: lambda: ray.get(trainer.engine.workers[0].pid.remote()),
+                                3: lambda: ray.get(trainer.learner.workers[1].pid.remote())})
+    with pytest.raises(WorkerFailure, match="learner rank 1 died.*--resume"):
+        run_to_end(trainer)
+    assert run.latest_checkpoint().name == "step-00000002"  # intact, and the one to resume from
+    run, _, trainer = make_trainer(overrides, resume=True)
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
     assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]  # each step once
@@ -122,21 +130,6 @@ def test_distillation_from_a_teacher_actor_with_tip_selection_on_deepspeed_ranks
         ray.get_actor(teacher_actor_name(recipe))
 
 
-def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_cluster, tiny_overrides):
-    import ray
-
-    overrides = tiny_overrides + RAY_OVERRIDES + ["learner.zero_stage=1", "logging.name=learner_death"]
-    run, _, trainer = make_trainer(overrides)
-    kill_after_first_step(trainer, lambda: ray.get(trainer.learner.workers[1].pid.remote()))
-    with pytest.raises(WorkerFailure, match="learner rank 1 died.*--resume"):
-        run_to_end(trainer)
-    assert run.latest_checkpoint().name == "step-00000001"  # intact, and the one to resume from
-    run, _, trainer = make_trainer(overrides, resume=True)
-    summary = run_to_end(trainer)
-    assert summary["steps_completed"] == 3
-    assert [r["step"] for r in read_metrics(run.path)] == [1, 2, 3]
-
-
 # ---------------------------------------------------------------- invariance
 def fixed_batch(recipe, setup):
     """Rollouts of five prompts with fixed, nonzero advantages."""
@@ -159,8 +152,17 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     setup = prepare(recipe)
     setup.rewards.close()  # the batch is scored by hand here
     batch = fixed_batch(recipe, setup)
-    single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir).update(batch)
-    assert single["optimizer_steps"] == 3.0 and single["grad_norm"] > 0
+    # Then a token selection on the updated weights: the head runs on the selected positions only
+    # (ZeRO-2) or on masked full logits (ZeRO-3, see DeepSpeedLearner).
+    selected_batch = copy.copy(batch)
+    selected_batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
+                                < 0.5).float() * batch.response_mask
+    single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir)
+    full = single.update(batch)
+    assert full["optimizer_steps"] == 3.0 and full["grad_norm"] > 0
+    entropy = single.token_statistics(selected_batch, ("entropy",))["entropy"]
+    selected = single.update(selected_batch)
+
     memory_savers = ["learner.offload_optimizer=true", "learner.gradient_checkpointing=true"]
     for stage, extra in ((2, []), (3, []), (2, memory_savers)):
         ds_recipe = load_recipe(RECIPES / "quickstart.yaml",
@@ -169,26 +171,12 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
         group = start_learners(ds_recipe, setup, placement)
         try:
             distributed = group.update(batch)
-        finally:
-            group.kill()
-            placement.remove()
-        for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):
-            assert distributed[key] == pytest.approx(single[key], rel=1e-4, abs=1e-7), (stage, extra, key)
-
-    # A token selection: the same update and the same entropy pass as one process, with the head on
-    # the selected positions only (ZeRO-2) and with masked full logits (ZeRO-3, see DeepSpeedLearner).
-    batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5
-                       ).float() * batch.response_mask
-    learner = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir)
-    entropy = learner.token_statistics(batch, ("entropy",))["entropy"]
-    selected = learner.update(batch)
-    for stage in (2, 3):
-        ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"])
-        placement = place(ds_recipe.cluster)
-        group = start_learners(ds_recipe, setup, placement)
-        try:
-            assert torch.allclose(group.token_statistics(batch, ("entropy",))["entropy"], entropy, atol=1e-5)
-            distributed = group.update(batch)
+            for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):
+                assert distributed[key] == pytest.approx(full[key], rel=1e-4, abs=1e-7), (stage, extra, key)
+            if extra:
+                continue  # the memory savers change nothing a selection depends on
+            assert torch.allclose(group.token_statistics(selected_batch, ("entropy",))["entropy"], entropy, atol=1e-5)
+            distributed = group.update(selected_batch)
         finally:
             group.kill()
             placement.remove()

@@ -128,13 +128,13 @@ exec {sys.executable} "$@"
 
 
 def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_model_dir):
-    # A 3-minute limit with the warning 150 s before it, far too short for 100,000 steps: each
+    # A 3-minute limit with the warning 170 s before it, far too short for 100,000 steps: each
     # attempt checkpoints at the warning; one requeue is allowed, then the job gives up. The
-    # first attempt's driver starts only after the warning came. The 150 s are the driver's to
+    # first attempt's driver starts only after the warning came. The 170 s are the driver's to
     # start, finish its step and checkpoint: ample on a busy machine too.
     run_dir, job_dir = tmp_path / "runs" / "limited", tmp_path / "runs" / "slurm" / "limited"
     result = cli("submit", str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
-                 "--time", "3", "--warning", "150", "--max-requeues", "1",
+                 "--time", "3", "--warning", "170", "--max-requeues", "1",
                  "--site", str(late_driver_site(tmp_path, job_dir)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
