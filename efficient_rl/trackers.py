@@ -181,11 +181,39 @@ class TensorBoardTracker:
         for name, value in metrics.items():
             if not math.isnan(value):
                 self.writer.add_scalar(name, value, step)
+        for name, counts in count_families(metrics).items():
+            self.add_histogram(name, counts, step)
         if completions:
             self.writer.add_text(COMPLETIONS_TABLE, markdown_table(completions), step)
 
+    def add_histogram(self, name: str, counts: dict[int, float], step: int) -> None:
+        """A histogram of integer values from their counts, one bucket per value."""
+        values = sorted(value for value, count in counts.items() if count > 0)
+        if not values:
+            return
+        total = sum(counts.values())
+        self.writer.add_histogram_raw(
+            name, min=values[0], max=values[-1], num=total, sum=sum(v * c for v, c in counts.items()),
+            sum_squares=sum(v * v * c for v, c in counts.items()),
+            bucket_limits=[value + 0.5 for value in sorted(counts)],  # bucket k holds (k - 0.5, k + 0.5]
+            bucket_counts=[counts[value] for value in sorted(counts)], global_step=step)
+
     def close(self, failed: bool) -> None:
         self.writer.close()
+
+
+COUNT_METRIC = re.compile(r"^(?P<family>.+)/count/(?P<value>\d+)$")
+
+
+def count_families(metrics: dict[str, float]) -> dict[str, dict[int, float]]:
+    """Metrics named <family>/count/<k> (how many items took the integer value k), by family:
+    pipeline/staleness/count/0, /1, ... are the step's rollouts at each policy lag."""
+    families: dict[str, dict[int, float]] = {}
+    for name, value in metrics.items():
+        match = COUNT_METRIC.match(name)
+        if match and not math.isnan(value):
+            families.setdefault(match["family"], {})[int(match["value"])] = value
+    return families
 
 
 def markdown_table(rows: list[dict]) -> str:

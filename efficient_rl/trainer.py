@@ -191,7 +191,7 @@ class Trainer:
             with timed(self.timings, "select"):  # sample and token selection (sets batch.loss_mask)
                 batch, selection_metrics = self.selection(batch, self.learner, number)
             advantage_metrics.update(selection_metrics)
-            advantage_metrics.update(staleness_metrics(batch, number))
+            advantage_metrics.update(staleness_metrics(batch, number, self.pipeline.max_staleness))
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
             with timed(self.timings, "sync"):
@@ -323,10 +323,13 @@ def timed(timings: dict[str, float], stage: str):
         timings[stage] = timings.get(stage, 0.0) + time.time() - started
 
 
-def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
-    """How many policy versions the trained rollouts lag: step t trains with version t - 1."""
-    staleness = (step - 1 - batch.policy_versions).float()
-    return {"pipeline/staleness/mean": float(staleness.mean()), "pipeline/staleness/max": float(staleness.max())}
+def staleness_metrics(batch: RolloutBatch, step: int, max_staleness: int) -> dict[str, float]:
+    """How many policy versions the trained rollouts lag (step t trains with version t - 1): mean,
+    max, and how many rollouts lag by each k in 0..max_staleness (a histogram in TensorBoard)."""
+    staleness = step - 1 - batch.policy_versions
+    counts = torch.bincount(staleness, minlength=max_staleness + 1).tolist()
+    return {"pipeline/staleness/mean": float(staleness.float().mean()), "pipeline/staleness/max": float(staleness.max()),
+            **{f"pipeline/staleness/count/{lag}": float(count) for lag, count in enumerate(counts)}}
 
 
 def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:

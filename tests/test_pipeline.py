@@ -69,10 +69,14 @@ def test_max_staleness_0_reproduces_sync_exactly(tmp_path, tiny_overrides):
 def test_max_staleness_1_trains_no_rollout_older_than_one_version(tmp_path, tiny_overrides):
     run, _ = train(tiny_overrides + QUIET + OVERLAPPED + [
         "steps=5", "cluster.pipeline.max_staleness=1", "reward=[{name: 'test_pipeline:parity_reward'}]",
-        "logging.name=stale"])
+        "logging.trackers=[tensorboard]", "logging.name=stale"])
     rows = read_metrics(run.path)
     assert_every_prompt_trained_once(rows, 4)
     assert all(0.0 <= row["pipeline/staleness/mean"] <= row["pipeline/staleness/max"] <= 1.0 for row in rows)
+    for row in rows:  # the counts per lag: every trained rollout (16 a step) once, and they give the mean
+        counts = [row["pipeline/staleness/count/0"], row["pipeline/staleness/count/1"]]
+        assert sum(counts) == 16 and counts[1] / 16 == pytest.approx(row["pipeline/staleness/mean"])
+    assert_staleness_histograms(run.path / "tensorboard", rows)
     assert rows[0]["pipeline/staleness/max"] == 0.0  # nothing older than the starting weights exists
     # The producer ran ahead: some batch came from the previous policy, and its behaviour
     # log-probs are that policy's, not the learner's (the TIS weights of the loss see the gap).
@@ -82,6 +86,21 @@ def test_max_staleness_1_trains_no_rollout_older_than_one_version(tmp_path, tiny
     assert all(row["rollout/logprob_diff"] < 1e-4 for row in fresh)
     for row in rows:
         assert 0.0 <= row["timing/rollout_utilisation"] <= 1.0 and 0.0 <= row["timing/learner_utilisation"] <= 1.0
+
+
+def assert_staleness_histograms(event_dir, rows):
+    """TensorBoard holds a histogram per step with a bucket per lag, as the logged counts say."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_dir), size_guidance={"histograms": 0})
+    events.Reload()
+    histograms = {event.step: event.histogram_value for event in events.Histograms("pipeline/staleness")}
+    assert sorted(histograms) == [row["step"] for row in rows]
+    for row in rows:
+        histogram = histograms[row["step"]]
+        assert list(histogram.bucket) == [row["pipeline/staleness/count/0"], row["pipeline/staleness/count/1"]]
+        assert list(histogram.bucket_limit) == [0.5, 1.5]
+        assert histogram.num == 16 and histogram.max == row["pipeline/staleness/max"]
 
 
 def test_a_driver_killed_mid_run_resumes_with_every_prompt_trained_once(tmp_path, tiny_overrides):

@@ -69,6 +69,8 @@ class SyncPipeline:
     """Today's loop: the batch of step t is generated when the driver asks for it, with the
     weights of version t - 1, loaded right after the previous update."""
 
+    max_staleness = 0  # every batch comes from the newest weights
+
     def __init__(self, produce: Callable, engine, last_step: int):
         self.produce, self.engine, self.last_step = produce, engine, last_step
         self.version = 0  # of the weights the engine holds
