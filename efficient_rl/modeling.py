@@ -26,7 +26,7 @@ VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A Hugging Face causal LM: the policy (float32 master weights), a KL reference, a teacher or
     a sync check (those in model.dtype)."""
-    from transformers import AutoModelForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+    from transformers import AutoModelForCausalLM  # here: slow to import, and no CLI check needs it
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
 

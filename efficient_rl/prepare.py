@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
@@ -47,7 +46,7 @@ class Setup:
     # under Ray, whose driver reads the model's config and tokenizer only (its actors load weights).
     model: torch.nn.Module | None
     vocab_size: int  # from the model's config: the sizes the driver needs without the weights
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerFast  # transformers'
     rewards: RewardRunner
     train_samples: list[dict]
     heldout_samples: list[dict]
@@ -290,7 +289,7 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
 
 def load_model(source: Path, attn_implementation: str = "sdpa"):
     """The policy in float32: the master weights, whatever learner.precision computes in."""
-    from transformers import AutoModelForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+    from transformers import AutoModelForCausalLM  # here: slow to import, and no CLI check needs it
 
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
@@ -301,6 +300,8 @@ def load_model(source: Path, attn_implementation: str = "sdpa"):
 
 def read_config(source: Path):
     """The model's config.json: vocabulary size and context, without the weights."""
+    from transformers import AutoConfig  # here: slow to import, and no CLI check needs it
+
     try:
         return AutoConfig.from_pretrained(source)
     except Exception as err:  # a broken config.json, a model type transformers lacks, ...

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
-
 from efficient_rl.config import ConfigError, PromptSection
 from efficient_rl.variables import render
 
@@ -23,7 +21,7 @@ def load_tokenizer(source: str | Path):
     AutoTokenizer may pick a model-specific class (Qwen2Tokenizer for a qwen2 config) that
     rebuilds the pre-tokenizer and splits text differently from the saved tokenizer.
     """
-    from transformers import AutoTokenizer  # here: importing the auto classes takes seconds, on every CLI command
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # here: slow to import, and no CLI check needs it
 
     source = Path(source)
     loader = PreTrainedTokenizerFast if (source / "tokenizer.json").is_file() else AutoTokenizer

@@ -235,7 +235,7 @@ def warm_start_accuracy(model, tokenizer, problems: list[dict], check: WarmStart
 
 
 def new_model(shape: ModelShape, tokenizer, seed: int) -> Qwen2ForCausalLM:
-    from transformers import Qwen2Config, Qwen2ForCausalLM  # here, not at the top: its model classes take seconds to import, which every CLI command would pay
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: slow to import, and no CLI check needs it
 
     torch.manual_seed(seed)
     config = Qwen2Config(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -20,6 +19,8 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
     """Train a byte-pair-encoding tokenizer on `corpus` and save it under `out_dir`."""
+    from transformers import PreTrainedTokenizerFast  # here: slow to import, and no CLI check needs it
+
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     # Pieces are a number, a word or a symbol, each with its leading space: " 16", " check", ".".
     # The lab's numbers are frequent enough to become single tokens, so one step of arithmetic

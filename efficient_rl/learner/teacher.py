@@ -11,7 +11,6 @@ positions reach the teacher's LM head.
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import map_row_chunks
@@ -62,6 +61,8 @@ def build_teacher(recipe: Recipe, device: str = "cpu", remote=None):
 
 def check_teacher(recipe: Recipe, student_vocab_size: int) -> None:
     """Distillation compares distributions token by token: the vocabularies must be the same."""
+    from transformers import AutoConfig  # here: slow to import, and no CLI check needs it
+
     teacher_vocab = AutoConfig.from_pretrained(model_directory(recipe.distill.teacher, "distill.teacher")).vocab_size
     if teacher_vocab != student_vocab_size:
         raise ConfigError(f"distill.teacher: a vocabulary of {teacher_vocab} tokens, the student's has "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GenerationConfig
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.modeling import DTYPES, compute_in
@@ -85,6 +84,8 @@ class TransformersEngine:
         ).trim_padding()
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
+        from transformers import GenerationConfig  # here: slow to import, and no CLI check needs it
+
         sample = settings.temperature > 0
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
