@@ -202,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--chat-template", default="auto", choices=["auto", "always", "never"],
                           help="prompts through the tokenizer's chat template: when it has one / required / never")
     evaluate.add_argument("--system-prompt", help="a system turn before each question (chat templates only)")
-    evaluate.add_argument("--user-template", default="{question}", help='the user turn; "{question}" is replaced')
+    evaluate.add_argument("--user-template", default="{question}",
+                          help='the user turn; "{question}" and "{budget}" (the token cap) are replaced')
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 

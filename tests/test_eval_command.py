@@ -136,3 +136,22 @@ def test_vllm_and_transformers_engines_generate_the_same_greedy_answers(tmp_path
     assert len(caches["vllm"]) == 8
     for ours, theirs in zip(caches["transformers"], caches["vllm"]):
         assert (ours["completions"], ours["lengths"]) == (theirs["completions"], theirs["lengths"])
+
+
+def test_the_user_template_may_show_each_budget(tiny_model_dir, tmp_path):
+    """How a method trained with a target length in its prompt (L1) is asked for the budget it is
+    evaluated at; any other field is one line of error before anything is generated."""
+    from efficient_rl.eval.tradeoff import ModelUnderTest, evaluate_models, load_questions
+
+    spec = EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[8, 24], problems=3, chat_template="never",
+                    user_template="{question} Think in {budget} tokens.")
+    questions = load_questions(spec)
+    model = ModelUnderTest("lab:tiny", tiny_model_dir, questions, spec)
+    for budget in (8, 24):
+        for question in questions:
+            shown = model.tokenizer.decode(model.prompts[budget][question["question"]]).strip()
+            assert shown == f"{question['question']} Think in {budget} tokens."
+    spec.user_template = "{question} Think in {target} tokens."
+    with pytest.raises(ConfigError, match=r"--user-template: \{target\} is not a field an evaluation knows"):
+        evaluate_models(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

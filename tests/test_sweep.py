@@ -81,13 +81,27 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     assert {row["step"] for row in report["methods"] if row["method"] == "dler"} == {3, 4}
     assert (directory / "logs" / "grpo-s0.log").read_text().count("=== study attempt") == 1
 
-    # A study file changed under a trained run is refused, not resumed or counted as done.
-    changed_study = tmp_path / "tiny.yaml"
+    # A method evaluated with a prompt of its own (as L1 is, with its target): its checkpoints get
+    # an evaluation of their own, nothing is trained, and the report sets every run on one frontier.
     raw = yaml.safe_load(TINY_STUDY.read_text())
-    raw["overrides"].append("learner.lr=0.5")
     raw["runs"] = [{**run, "recipe": str(RECIPES / Path(run["recipe"]).name)} for run in raw["runs"]]
-    changed_study.write_text(yaml.safe_dump(raw))
-    assert main(["study", "run", str(changed_study), f"output_dir={tmp_path}"]) == 2
+    raw["runs"][1]["eval_user_template"] = "{question} Think in {budget} tokens."
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["study", "run", str(tmp_path / "tiny.yaml"), f"output_dir={tmp_path}"]) == 0
+    own = json.loads((directory / "eval-dler" / "eval.json").read_text())
+    assert own["spec"]["user_template"] == "{question} Think in {budget} tokens."
+    assert {run["model"] for run in own["runs"].values()} == {str(stopped / "checkpoints" / "step-00000004")}
+    report = json.loads((directory / "report.json").read_text())
+    assert report["eval"]["run_user_templates"] == {"dler": "{question} Think in {budget} tokens."}
+    assert {(p["method"], p["budget"]) for p in report["points"]} == {
+        (method, budget) for method in ("grpo", "dler", "lab:tiny") for budget in (8, 24)}
+    assert set(report["pareto"]) <= {p["name"] for p in report["points"]}
+    assert (directory / "logs" / "dler-s0.log").read_text().count("=== study attempt") == 2
+
+    # A study file changed under a trained run is refused, not resumed or counted as done.
+    raw["overrides"].append("learner.lr=0.5")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["study", "run", str(tmp_path / "tiny.yaml"), f"output_dir={tmp_path}"]) == 2
     assert "runs[0] (grpo-s0): " in capsys.readouterr().err
 
 
@@ -121,6 +135,9 @@ DELETE = object()
     ("runs.0.recipe", "nope.yaml", "nope.yaml: recipe file not found"),
     ("runs.0.method", "a/b", "runs[0].method: expected a name of letters"),
     ("runs.0.overrides", ["seed=3"], "runs[0].overrides: 'seed=3': the study sets seed itself"),
+    ("runs.0.eval_user_template", "{question} {level}",
+     "runs[0].eval_user_template: {level} is not a field an evaluation knows"),
+    ("eval.user_template", "{level}", "eval.user_template: {level} is not a field an evaluation knows"),
     ("runs.0.overrides", ["algorithm.nope=1"], "algorithm.nope: unknown key"),
     ("runs.0.overrides", ["rollout.group_size=0"], "rollout.group_size: expected an integer >= 1, got 0"),
     ("runs", [{"method": "a", "recipe": str(RECIPES / "grpo.yaml")}, {"method": "a", "recipe": str(RECIPES / "dler.yaml")}],
@@ -157,7 +174,7 @@ def test_a_file_that_is_no_study_is_one_line(tmp_path, capsys):
     assert "study file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, trainings", [("dler_frontier", 30), ("tiny", 2)])
+@pytest.mark.parametrize("name, trainings", [("dler_frontier", 36), ("tiny", 2)])
 def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     status = main(["study", "check", str(RECIPES / "studies" / f"{name}.yaml"), f"output_dir={tmp_path / 'out'}"])
     printed = capsys.readouterr().out

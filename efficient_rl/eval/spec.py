@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from efficient_rl.config import ConfigError
+
+# The fields an evaluation's user template may show: the question, and the token budget of the
+# generation, so that a method trained with a target length in its prompt (L1) is asked for the
+# budget it is evaluated at: "{question} Think for {budget} tokens."
+PROMPT_FIELDS = ("question", "budget")
+
 
 @dataclass
 class EvalSpec:
@@ -23,9 +30,18 @@ class EvalSpec:
     seed: int = 0
     chat_template: str = "auto"  # as the recipe's prompt section: auto | always | never
     system_prompt: str | None = None
-    user_template: str = "{question}"
+    user_template: str = "{question}"  # the user turn; may show {budget} (PROMPT_FIELDS)
 
     def prompt(self):
         from efficient_rl.config import PromptSection
 
         return PromptSection(self.chat_template, self.system_prompt, self.user_template)
+
+
+def check_user_template(template: str, where: str) -> None:
+    from efficient_rl.variables import template_fields
+
+    unknown = [name for name in template_fields(template) if name not in PROMPT_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: {{{unknown[0]}}} is not a field an evaluation knows; its user template may show "
+                          f"{{question}} and {{budget}}")

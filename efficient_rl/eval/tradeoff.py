@@ -30,7 +30,7 @@ from efficient_rl.config import ConfigError, DataSection, RewardEntry
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
-from efficient_rl.eval.spec import EvalSpec
+from efficient_rl.eval.spec import EvalSpec, check_user_template
 from efficient_rl.model_sources import model_directory
 from efficient_rl.reward import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
@@ -136,17 +136,18 @@ class ModelUnderTest:
     def __init__(self, reference: str, directory: Path, questions: list[dict], spec: EvalSpec):
         from transformers import AutoConfig
 
-        from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer
+        from efficient_rl.prompts import TokenizerError, encode_sample, load_tokenizer
 
         self.directory, self.spec, self.engine = directory, spec, None
         self.tokenizer = load_tokenizer(directory)
-        try:
-            self.prompts = {q["question"]: encode_prompt(self.tokenizer, q["question"], spec.prompt())
-                            for q in questions}
+        try:  # per budget: the template may show it
+            self.prompts = {budget: {q["question"]: encode_sample(self.tokenizer, {"question": q["question"],
+                                                                                 "budget": budget}, spec.prompt())
+                                     for q in questions} for budget in spec.budgets}
         except TokenizerError as err:
             raise ConfigError(f"{reference}: {err}") from None
         context = AutoConfig.from_pretrained(directory).max_position_embeddings
-        longest = max(map(len, self.prompts.values()))
+        longest = max(len(ids) for prompts in self.prompts.values() for ids in prompts.values())
         if longest + max(spec.budgets) > context:
             raise ConfigError(f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget exceeds "
                               f"the context of {reference} ({context} tokens)")
@@ -160,7 +161,7 @@ class ModelUnderTest:
                                     top_p=self.spec.top_p)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a chunk's own stream, for both engines (vLLM's request seeds too)
-            return self.engine.generate([self.prompts[q["question"]] for q in chunk], chunk,
+            return self.engine.generate([self.prompts[budget][q["question"]] for q in chunk], chunk,
                                         list(range(len(chunk))), settings)
 
     def close(self) -> None:
@@ -207,6 +208,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
             raise ConfigError(f"--budgets: expected positive token caps, got {budget}")
     if spec.engine not in EVAL_ENGINES:
         raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
+    check_user_template(spec.user_template, "--user-template")
     directories = {reference: model_directory(reference, 'model') for reference in spec.models}
     questions = load_questions(spec)
     models = {reference: ModelUnderTest(reference, directory, questions, spec)

@@ -1,6 +1,7 @@
 """A study's evaluation and report: every finished run's final (or every kept) checkpoint, and the
 baselines, through `efficient-rl eval` with the study's settings into <study>/eval/ (its cache makes
-a re-run cheap), then one report over them: the Pareto and oracle frontiers of every point, each
+a re-run cheap; a method with a prompt of its own into <study>/eval-<method>/), then one report over
+them: the Pareto and oracle frontiers of every point, each
 method's mean and spread over seeds at each budget, a table of every point, and the runs that
 failed or are not done."""
 
@@ -25,6 +26,7 @@ class Evaluated:
     method: str
     seed: int | None  # None for a baseline
     step: int  # the checkpoint's training step (0 for a baseline)
+    own_prompt: str | None = None  # the run's eval_user_template; None: the study's eval.user_template
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -41,23 +43,22 @@ CHECKPOINT_CHOICES = {
 def models_to_evaluate(loaded: LoadedStudy, done: list[PlannedRun]) -> dict[str, Evaluated]:
     models = {baseline: Evaluated(baseline, None, 0) for baseline in loaded.study.eval.baselines}
     for item in done:
+        own_prompt = loaded.study.runs[item.index].eval_user_template
         for checkpoint in CHECKPOINT_CHOICES[loaded.study.eval.checkpoints](item.run_dir):
-            models[str(checkpoint)] = Evaluated(item.method, item.seed, checkpoint_step(checkpoint))
+            models[str(checkpoint)] = Evaluated(item.method, item.seed, checkpoint_step(checkpoint), own_prompt)
     return models
 
 
 def evaluate(loaded: LoadedStudy, states: dict[str, RunState]) -> dict:
     """Evaluate the finished runs (and the baselines) and write the report; returns report.json's content."""
-    from efficient_rl.eval.tradeoff import evaluate_models, label, write_outputs
+    from efficient_rl.eval.tradeoff import label
 
     done = [item for item in loaded.planned if states[item.name].state == DONE]
     models = models_to_evaluate(loaded, done)
     spec = eval_spec(loaded.study.eval, list(models))
     result = {"spec": spec.__dict__, "runs": {}, "pareto": [], "oracle_frontier": [(0.0, 0.0)]}
     if models:  # nothing finished and no baselines: a report of the runs' states alone
-        out = loaded.directory / "eval"
-        result = evaluate_models(spec, out)
-        write_outputs(result, out)
+        result = evaluate_by_prompt(loaded, models)
     points = [point(label(reference, budget), evaluated, budget, result)
               for reference, evaluated in models.items() for budget in spec.budgets]
     report = {"study": loaded.study.name, "eval": result["spec"],
@@ -68,6 +69,33 @@ def evaluate(loaded: LoadedStudy, states: dict[str, RunState]) -> dict:
               "oracle_frontier": result["oracle_frontier"]}
     write_report(report, loaded.directory)
     return report
+
+
+def evaluate_by_prompt(loaded: LoadedStudy, models: dict[str, Evaluated]) -> dict:
+    """One evaluation per prompt: the study's (and the baselines') into <study>/eval, each method
+    with an eval_user_template of its own into <study>/eval-<method>; with several, their runs on
+    one set of frontiers in <study>/eval."""
+    from efficient_rl.eval.tradeoff import evaluate_models, summarize, write_outputs
+
+    groups: dict[str | None, list[str]] = {}  # method with a prompt of its own (None: the study's) -> models
+    for reference, evaluated in models.items():
+        groups.setdefault(evaluated.method if evaluated.own_prompt else None, []).append(reference)
+    results = []
+    for method, references in groups.items():
+        spec = eval_spec(loaded.study.eval, references)
+        if method is not None:
+            spec.user_template = models[references[0]].own_prompt
+        out = loaded.directory / ("eval" if method is None else f"eval-{method}")
+        results.append(evaluate_models(spec, out))
+        write_outputs(results[-1], out)
+    if len(results) == 1:
+        return results[0]
+    own_prompts = {models[refs[0]].method: models[refs[0]].own_prompt for method, refs in groups.items() if method}
+    merged = summarize({**eval_spec(loaded.study.eval, list(models)).__dict__, "run_user_templates": own_prompts},
+                       {name: run for result in results for name, run in result["runs"].items()},
+                       {name: rows for result in results for name, rows in result["per_question"].items()})
+    write_outputs(merged, loaded.directory / "eval")
+    return merged
 
 
 def point(name: str, evaluated: Evaluated, budget: int, result: dict) -> dict:

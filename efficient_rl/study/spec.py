@@ -16,7 +16,7 @@ import yaml
 
 from efficient_rl.config import (ConfigError, Interval, Recipe, apply_override, as_plain, build, check_number,
                                  load_recipe, numbers, one_line)
-from efficient_rl.eval.spec import EvalSpec
+from efficient_rl.eval.spec import EvalSpec, check_user_template
 from efficient_rl.registry import did_you_mean
 from efficient_rl.slurm.submit import SubmitOptions
 
@@ -31,6 +31,9 @@ class StudyRun:
     method: str  # the name the report groups seeds under; run directories are <method>-s<seed>
     recipe: str  # a recipe file, relative to the study file
     overrides: list[str] = field(default_factory=list)  # dotted overrides, as for `train`
+    # The user turn its checkpoints are evaluated with, instead of eval.user_template: for a method
+    # trained with something in its prompt, e.g. L1's target, "{question} Think for {budget} tokens."
+    eval_user_template: str | None = None
 
 
 @dataclass
@@ -160,6 +163,8 @@ def check_study(study: Study) -> None:
     repeated(study.seeds, "seeds", "seed")
     for index, run in enumerate(study.runs):
         check_name(f"runs[{index}].method", run.method)
+        if run.eval_user_template is not None:
+            check_user_template(run.eval_user_template, f"runs[{index}].eval_user_template")
     repeated([run.method for run in study.runs], "runs", "method")
     for where, items in [("overrides", study.overrides)] + [(f"runs[{i}].overrides", run.overrides)
                                                            for i, run in enumerate(study.runs)]:
@@ -197,6 +202,7 @@ def check_eval(settings: StudyEval) -> None:
         raise ConfigError(f"eval.engine: expected one of {', '.join(EVAL_ENGINES)}, got {settings.engine!r}")
     if not settings.budgets:
         raise ConfigError("eval.budgets: expected at least one token budget")
+    check_user_template(settings.user_template, "eval.user_template")
     load_questions(settings, field_name="eval.data")  # a data source that cannot be read fails now, not after training
 
 
