@@ -174,7 +174,7 @@ def test_a_file_that_is_no_study_is_one_line(tmp_path, capsys):
     assert "study file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, trainings", [("dler_frontier", 36), ("tiny", 2)])
+@pytest.mark.parametrize("name, trainings", [("dler_frontier", 48), ("tiny", 2)])
 def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     status = main(["study", "check", str(RECIPES / "studies" / f"{name}.yaml"), f"output_dir={tmp_path / 'out'}"])
     printed = capsys.readouterr().out
