@@ -176,40 +176,64 @@ def report_markdown(report: dict) -> str:
 
 
 def plot_frontier(report: dict, path: Path) -> None:
+    """Every point and each method's mean over seeds, with the frontiers; beside it the same around
+    the trained runs alone, which a far-off baseline would otherwise squeeze into a corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     points = report["points"]
-    figure, axis = plt.subplots(figsize=(9, 5.5))
-    right = 1.1 * max([p["length/mean"] for p in points] + [1.0])
-    oracle = report["oracle_frontier"] + [(right, report["oracle_frontier"][-1][1])]  # flat past its reach
-    axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--",
-              label="oracle frontier (token complexity)")
-    pareto = sorted((p for p in points if p["pareto"]), key=lambda p: p["length/mean"])
-    axis.plot([p["length/mean"] for p in pareto], [p["pass@1"] for p in pareto], color="black", linewidth=0.8,
-              drawstyle="steps-post", label="Pareto frontier of all points")
-    colours, markers = plt.get_cmap("tab10").colors, "o^sDvP*X<>"
     methods = list(dict.fromkeys(p["method"] for p in points))
     budgets = sorted({p["budget"] for p in points})
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    style = {"colours": {m: palette[i % len(palette)] for i, m in enumerate(methods)},
+             "markers": {b: "o^sDvP*X<>"[i % 10] for i, b in enumerate(budgets)}}
+    figure, axes = plt.subplots(1, 2, figsize=(15, 6))
+    draw_points(axes[0], report, points, style)
+    axes[0].set_title(f"study {report['study']}: accuracy vs length (mean ± sd over seeds)")
+    trained = [p for p in points if p["seed"] is not None] or points
+    draw_points(axes[1], report, trained, style)
+    lengths, accuracies = [p["length/mean"] for p in trained], [p["pass@1"] for p in trained]
+    margin = 0.1 * (max(lengths) - min(lengths) + 1.0), 0.1 * (max(accuracies) - min(accuracies) + 0.05)
+    axes[1].set_xlim(min(lengths) - margin[0], max(lengths) + margin[0])
+    axes[1].set_ylim(min(accuracies) - margin[1], max(accuracies) + margin[1])
+    axes[1].set_title("the trained runs only")
+    handles = [Line2D([], [], color=style["colours"][m], marker="o", linestyle="none", label=m) for m in methods]
+    handles += [Line2D([], [], color="gray", marker=style["markers"][b], linestyle="none", label=f"budget {b}")
+                for b in budgets]
+    handles += [Line2D([], [], color="gray", linestyle="--", label="oracle frontier (token complexity)"),
+                Line2D([], [], color="black", linewidth=0.8, label="Pareto frontier of all points")]
+    axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def draw_points(axis, report: dict, points: list[dict], style: dict) -> None:
+    """Each point small; each method's mean at each budget (and step) large, with its sd both ways."""
+    right = 1.1 * max([p["length/mean"] for p in points] + [1.0])
+    oracle = report["oracle_frontier"] + [(right, report["oracle_frontier"][-1][1])]  # flat past its reach
+    axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--")
+    pareto = sorted((p for p in report["points"] if p["pareto"]), key=lambda p: p["length/mean"])
+    axis.plot([p["length/mean"] for p in pareto], [p["pass@1"] for p in pareto], color="black", linewidth=0.8,
+              drawstyle="steps-post")
+    shown = {p["method"] for p in points}
     for row in report["methods"]:
-        colour = colours[methods.index(row["method"]) % 10]
-        marker = markers[budgets.index(row["budget"]) % len(markers)]
+        if row["method"] not in shown:
+            continue
+        colour, marker = style["colours"][row["method"]], style["markers"][row["budget"]]
         members = [p for p in points if (p["method"], p["step"], p["budget"]) == (row["method"], row["step"], row["budget"])]
         axis.scatter([p["length/mean"] for p in members], [p["pass@1"] for p in members], color=colour, marker=marker,
                      s=14, alpha=0.45)
         axis.errorbar(row["length/mean"]["mean"], row["pass@1"]["mean"], xerr=row["length/mean"]["sd"] or 0,
                       yerr=row["pass@1"]["sd"] or 0, color=colour, marker=marker, markersize=8, capsize=3,
-                      linestyle="none", label=f"{row['method']} @{row['budget']}" + (
-                          f" step {row['step']}" if len({r['step'] for r in report['methods']
-                                                         if r['method'] == row['method']}) > 1 else ""))
+                      linestyle="none")
+        if len({r["step"] for r in report["methods"] if r["method"] == row["method"]}) > 1:  # eval.checkpoints: all
+            axis.annotate(f"step {row['step']}", (row["length/mean"]["mean"], row["pass@1"]["mean"]), fontsize=6,
+                          xytext=(4, 4), textcoords="offset points", color=colour)
     axis.set_xlabel("mean response length (tokens)")
     axis.set_ylabel("pass@1")
     axis.set_ylim(-0.02, 1.05)
     axis.set_xlim(0, right if math.isfinite(right) else None)
-    axis.set_title(f"study {report['study']}: accuracy vs length (mean ± sd over seeds)")
-    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
