@@ -1,9 +1,8 @@
 """A study's evaluation and report: every finished run's final (or every kept) checkpoint, and the
 baselines, through `efficient-rl eval` with the study's settings into <study>/eval/ (its cache makes
 a re-run cheap; a method with a prompt of its own into <study>/eval-<method>/), then one report over
-them: the Pareto and oracle frontiers of every point, each
-method's mean and spread over seeds at each budget, a table of every point, and the runs that
-failed or are not done."""
+them: the Pareto and oracle frontiers of every point, each method's mean and spread over seeds at
+each budget, a table of every point, and the runs that failed or are not done."""
 
 from __future__ import annotations
 
