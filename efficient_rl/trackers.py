@@ -188,15 +188,15 @@ class TensorBoardTracker:
 
     def add_histogram(self, name: str, counts: dict[int, float], step: int) -> None:
         """A histogram of integer values from their counts, one bucket per value."""
-        values = sorted(value for value, count in counts.items() if count > 0)
-        if not values:
+        values = sorted(counts)
+        taken = [value for value in values if counts[value] > 0]
+        if not taken:
             return
-        total = sum(counts.values())
         self.writer.add_histogram_raw(
-            name, min=values[0], max=values[-1], num=total, sum=sum(v * c for v, c in counts.items()),
-            sum_squares=sum(v * v * c for v, c in counts.items()),
-            bucket_limits=[value + 0.5 for value in sorted(counts)],  # bucket k holds (k - 0.5, k + 0.5]
-            bucket_counts=[counts[value] for value in sorted(counts)], global_step=step)
+            name, min=taken[0], max=taken[-1], num=sum(counts.values()), sum=sum(v * counts[v] for v in values),
+            sum_squares=sum(v * v * counts[v] for v in values),
+            bucket_limits=[value + 0.5 for value in values],  # bucket k holds (k - 0.5, k + 0.5]
+            bucket_counts=[counts[value] for value in values], global_step=step)
 
     def close(self, failed: bool) -> None:
         self.writer.close()

@@ -46,7 +46,7 @@ def tiny_overrides(tmp_path, tiny_model_dir):
 
 def wait_for(ready, process, why_it_ended, guard: float = 1200, pause: float = 0.2) -> None:
     """Poll until ready() while `process` runs; fail with why_it_ended() (its output) if it ends
-    first. `guard` only turns a hang into an error (TimeoutError): no test asserts a duration."""
+    first. `guard` only turns a hang into an error (TimeoutError), whatever the machine's speed."""
     give_up = time.monotonic() + guard
     while not ready():
         if process.poll() is not None:
