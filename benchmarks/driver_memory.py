@@ -2,8 +2,8 @@
 
 Each run is `efficient-rl train` in a subprocess of its own, one step, no evaluation; its peak
 RSS (ru_maxrss of that process: the driver only, Ray's workers and actors are other processes)
-is printed as it exits. `--tree DIR` runs the code of another checkout (e.g. a git worktree of an
-earlier commit) for a before/after comparison.
+is printed as it exits. `--tree DIR` runs the code and recipes of another checkout (e.g. a git
+worktree of an earlier commit) for a before/after comparison.
 
     .venv/bin/python benchmarks/driver_memory.py [--tree /tmp/before]
 """
@@ -35,7 +35,7 @@ def main() -> None:
     for name, (recipe, overrides) in RUNS.items():
         with tempfile.TemporaryDirectory(prefix="erl-driver-") as out:
             result = subprocess.run(
-                [sys.executable, "-c", PEAK, "train", str(ROOT / "recipes" / recipe), *RAY, *overrides,
+                [sys.executable, "-c", PEAK, "train", str(args.tree / "recipes" / recipe), *RAY, *overrides,
                  f"logging.output_dir={out}", "--overwrite"],
                 cwd=args.tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(args.tree)})
         peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KB")]
