@@ -2,11 +2,11 @@
 
 Two copies of one model, one per precision, take turns on the same batch, step after step; the
 first step of each is dropped as warm-up, the rest give a median. Memory is counted from the
-tensors themselves, not from the process (both learners share it): weights, gradients and AdamW
-state (float32 in both: bf16 computes on float32 master weights), and the activations: every
-tensor the autograd graph keeps for the backward of one micro-batch, counted once per storage
-and not counting the parameters themselves (under autocast the bf16 copies of the weights are
-kept for the backward, and count here). Also the bytes one weight sync sends in each dtype.
+tensors themselves, not from the process (both learners share it): weights (bf16: the float32
+masters and the bf16 copy the passes run on), gradients and AdamW state (float32 in both), and
+the activations: every tensor the autograd graph keeps for the backward of one micro-batch,
+counted once per storage and not counting the parameters themselves. Also the bytes one weight
+sync sends in each dtype.
 
     .venv/bin/python benchmarks/learner_precision.py --model qwen2-22m --steps 6
     .venv/bin/python benchmarks/learner_precision.py --model smollm2 --steps 6
@@ -60,7 +60,8 @@ def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0)
 def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> tuple[int, int]:
     """Bytes of the tensors kept for the backward of one micro-batch (parameters excluded), and
     the float32 part of them."""
-    parameters = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
+    parameters = {p.untyped_storage().data_ptr() for module in (learner.model, learner.policy)
+                  for p in module.parameters()}
     kept: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, float32?)
 
     def pack(tensor: torch.Tensor):
@@ -78,10 +79,11 @@ def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> tuple[int, in
 
 
 def state_bytes(learner: TorchLearner) -> dict[str, int]:
-    weights = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    masters = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    copy = 0 if learner.policy is learner.model else sum(p.numel() * p.element_size() for p in learner.policy.parameters())
     optimizer = sum(t.numel() * t.element_size() for state in learner.optimizer.state.values()
                     for t in state.values() if isinstance(t, torch.Tensor))
-    return {"weights": weights, "gradients": weights, "optimizer": optimizer}  # gradients: float32, like the weights
+    return {"weights": masters + copy, "gradients": masters, "optimizer": optimizer}  # gradients: float32, like the masters
 
 
 def side_by_side(learners: dict[str, TorchLearner], batch: RolloutBatch, steps: int) -> tuple[dict, dict]:
@@ -157,8 +159,8 @@ def main() -> None:
     print(f"bf16 / fp32: step {statistics.median(times['bf16'][1:]) / statistics.median(times['fp32'][1:]):.2f}x, "
           f"activations {ratio('activations'):.2f}x, sum {sum(memory['bf16'].values()) / sum(memory['fp32'].values()):.2f}x, "
           f"sync bytes {sync['bf16'] / sync['fp32']:.2f}x  (MiB = 2^20 bytes; medians without the first step)")
-    print(f"float32 part of bf16's activations (norms and the residual stream under autocast, the "
-          f"log-softmax): {float32_activations['bf16'] / mib:.1f}M of {memory['bf16']['activations'] / mib:.1f}M")
+    print(f"float32 part of bf16's activations (the RMSNorms' float32 inputs, small per-token values): "
+          f"{float32_activations['bf16'] / mib:.1f}M of {memory['bf16']['activations'] / mib:.1f}M")
 
 
 if __name__ == "__main__":

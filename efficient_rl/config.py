@@ -222,8 +222,8 @@ class LearnerSection:
     # each): almost no padding. With micro_batch_tokens 0 the rows of micro_batch_size are packed.
     packing: bool = False
     epochs: int = 1  # PPO epochs over each rollout batch
-    # bf16: bf16 compute (autocast; DeepSpeed's bf16 section) on float32 master weights and
-    # optimizer state; the log-probs of the loss are float32 from the bf16 logits.
+    # bf16: passes on a bf16 copy of the model (DeepSpeed: its bf16 section), gradients, master
+    # weights and optimizer state in float32; the log-probs of the loss are float32 from bf16 logits.
     precision: Literal["fp32", "bf16"] = "fp32"
     # The learning rate over training steps: constant | linear | cosine, each with warmup_steps
     # (LR_SCHEDULES in efficient_rl/learner/schedules.py)

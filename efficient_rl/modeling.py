@@ -70,8 +70,8 @@ def response_logprobs(model, rows: RolloutBatch, temperature: float, with_entrop
     width = rows.response_ids.shape[1]
     # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1].float()
-    return token_logprobs_and_entropy(scaled(logits, temperature), rows.response_ids, with_entropy)
+                   logits_to_keep=width + 1).logits[:, :-1]
+    return token_logprobs_and_entropy(logits, rows.response_ids, temperature, with_entropy)
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,15 +84,39 @@ def output_head(model) -> torch.nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
-    """log p(token) and the entropy of each row of `logits` ([..., V]; tokens [...])."""
-    logp_all = torch.log_softmax(logits, -1)
-    logprobs = logp_all.gather(-1, tokens[..., None])[..., 0]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():  # a statistic, not a loss term: no [.., V] tensors kept for backward
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    """log p(token) and the entropy of each row of `logits` / temperature ([..., V] in any dtype;
+    tokens [...]), both float32."""
+    logprobs, entropy = TokenLogprobs.apply(logits, tokens, temperature)
+    return logprobs, (entropy if with_entropy else None)
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log p(token) from logits / temperature, computed in float32 whatever the logits' dtype, and
+    the entropy beside it (a statistic: no gradient). The backward keeps the logits as they came
+    and the float32 log-normaliser only, and recomputes the softmax from them: log_softmax of a
+    float32 copy would keep a float32 [..., V] tensor, twice the bytes of bf16 logits, and the
+    vocabulary makes it one of the largest activations a learner holds."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+        scaled_logits = logits.float() / temperature  # temporaries, like logp_all: not kept
+        log_normaliser = torch.logsumexp(scaled_logits, -1)
+        logp_all = scaled_logits - log_normaliser[..., None]
+        picked = logp_all.gather(-1, tokens[..., None])[..., 0]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        ctx.save_for_backward(logits, tokens, log_normaliser)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked: torch.Tensor, _grad_entropy):
+        logits, tokens, log_normaliser = ctx.saved_tensors
+        # d log p(y) / d z_v = (1[v = y] - p_v) / temperature
+        probs = torch.exp(logits.float() / ctx.temperature - log_normaliser[..., None])
+        grad = (-grad_picked[..., None] * probs).scatter_add_(-1, tokens[..., None], grad_picked[..., None])
+        return (grad / ctx.temperature).to(logits.dtype), None, None
 
 
 def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> torch.Tensor:
@@ -112,8 +136,8 @@ def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entrop
                       packed: bool = False):
     head = output_head(model)
     hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
-    logits = scaled(head(hidden).float(), temperature)
-    picked_logprobs, picked_entropy = token_logprobs_and_entropy(logits, rows.response_ids[selected], with_entropy)
+    picked_logprobs, picked_entropy = token_logprobs_and_entropy(head(hidden), rows.response_ids[selected],
+                                                                 temperature, with_entropy)
     return scatter_selected(picked_logprobs, selected), (
         scatter_selected(picked_entropy, selected) if with_entropy else None)
 

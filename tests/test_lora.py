@@ -39,12 +39,13 @@ def batch_for(vocab: int, seed: int = 0) -> RolloutBatch:
     )
 
 
-def lora_learner(model_dir, kl_coef=0.1, targets=("q_proj", "v_proj", "down_proj")):
+def lora_learner(model_dir, kl_coef=0.1, targets=("q_proj", "v_proj", "down_proj"), precision="fp32"):
     model = load_model(model_dir)
     adapter = attach_lora(model, LoraSection(rank=RANK, alpha=ALPHA, target_modules=list(targets)))
     settings = dataclasses.replace(objective_settings(load_recipe(RECIPES / "grpo.yaml")), kl_coef=kl_coef,
                                    selected_compute=True)
-    return TorchLearner(model, settings, OptimSettings(lr=5e-2, micro_batch_size=4), adapter=adapter)
+    return TorchLearner(model, settings, OptimSettings(lr=5e-2, micro_batch_size=4, precision=precision),
+                        adapter=adapter)
 
 
 def by_hand(learner, module: str) -> torch.Tensor:
@@ -102,6 +103,28 @@ def test_the_kl_reference_is_the_base_model(trained):
     reference = learner.reference_logprobs(batch)
     assert torch.allclose(reference, expected * batch.response_mask, atol=1e-5)
     assert (policy - reference).abs()[selected].max() > 1e-3  # the adapters are on outside the context
+
+
+def test_a_bf16_lora_learner_steps_float32_adapters_and_its_reference_is_the_bf16_base(tiny_model_dir):
+    learner = lora_learner(tiny_model_dir, precision="bf16")
+    batch = batch_for(learner.model.config.vocab_size)
+    for _ in range(2):
+        learner.update(batch)
+    base = load_model(tiny_model_dir, torch.bfloat16).eval()
+    base_weights = dict(base.named_parameters())
+    computed = dict(learner.policy.named_parameters())
+    for name, master in learner.model.named_parameters():
+        assert master.dtype == torch.float32 and torch.equal(computed[name], master.detach().to(torch.bfloat16)), name
+        if ".lora_" not in name:  # the frozen base, in the copy as loaded in bf16
+            assert torch.equal(computed[name], base_weights[name.replace(".base_layer", "")]), name
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in computed.items() if ".lora_B." in n)
+    selected = batch.loss_mask.bool()
+    with torch.no_grad():
+        expected, _ = response_logprobs(base, batch, 1.0, with_entropy=False, selected=selected)
+        policy = learner.logprobs(batch, learner.policy)
+    reference = learner.reference_logprobs(batch)  # the bf16 copy with its adapters off
+    assert torch.equal(reference, expected * batch.response_mask)
+    assert (policy - reference).abs()[selected].max() > 1e-2
 
 
 def test_merged_weights_synced_to_vllm_greedy_match_transformers_on_the_adapted_model(trained, tiny_model_dir):

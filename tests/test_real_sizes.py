@@ -15,7 +15,7 @@ from test_selected_compute import VOCAB, settings_of
 from efficient_rl.config import ConfigError, load_recipe
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
-from efficient_rl.modeling import PRECISIONS, compute_in, response_logprobs
+from efficient_rl.modeling import response_logprobs, token_logprobs_and_entropy
 from efficient_rl.prepare import check_recipe, prepare
 
 # bfloat16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative, and a value
@@ -35,7 +35,7 @@ def small_model() -> Qwen2ForCausalLM:
 
 def one_update(precision: str, batch, **optim):
     learner = Observed(small_model(), settings_of(temperature=0.7),
-                       OptimSettings(lr=1e-3, micro_batch_size=4, precision=precision, **optim),
+                       OptimSettings(**{"lr": 1e-3, "micro_batch_size": 4, **optim}, precision=precision),
                        sync_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     learner.gradients = []
     return learner, learner.update(batch), learner.gradients[0]
@@ -56,15 +56,63 @@ def test_a_bf16_learner_matches_float32_within_bf16_rounding():
     # float32 master weights and optimizer state, whatever the compute
     assert all(p.dtype == torch.float32 for p in learner.model.parameters())
     assert all(state["exp_avg"].dtype == torch.float32 for state in learner.optimizer.state.values())
+    # the passes ran on a bf16 copy (rotary frequencies left float32), refreshed from the stepped masters
+    assert all(p.dtype == torch.bfloat16 for p in learner.policy.parameters())
+    assert all(b.dtype == torch.float32 for b in learner.policy.buffers() if b.is_floating_point())
+    for (name, master), computed in zip(learner.model.named_parameters(), learner.policy.parameters()):
+        assert torch.equal(computed, master.detach().to(torch.bfloat16)), name
+        assert computed.grad is None and master.grad is None  # all moved to the masters, then cleared
+    with torch.no_grad():
+        assert learner.policy(input_ids=batch.prompt_ids).logits.dtype == torch.bfloat16
+
+
+def test_bf16_gradients_are_summed_over_micro_batches_in_float32():
+    batch = spread_batch(seed=4).select(range(4))
+    # four micro-batches of one row give the one-pass gradient, up to bf16 rounding
+    _, _, whole = one_update("fp32", batch)
+    _, _, summed = one_update("bf16", batch, micro_batch_size=1)
+    for name, gradient in whole.items():
+        assert (summed[name] - gradient).norm() / gradient.norm() < BF16_GRADIENT_TOLERANCE, name
+    # the running sum is float32: 1 + 2^-9 is 1 in bf16 (8 significant bits), not in float32
+    learner = TorchLearner(small_model(), settings_of(), OptimSettings(precision="bf16"))
+    master, computed = next(pair for pair in learner.master_pairs if pair[0].dim() == 1)  # a norm's weight
+    for value in (1.0, 2**-9):
+        computed.grad = torch.full_like(computed, value)
+        learner.add_to_master_gradients()
+    assert master.grad.dtype == torch.float32 and computed.grad is None
+    assert torch.equal(master.grad, torch.full_like(master, 1 + 2**-9))
 
 
 def test_log_probs_entering_the_loss_are_float32_from_bf16_logits():
-    model, batch = small_model(), spread_batch(seed=2)
-    with torch.no_grad(), compute_in(PRECISIONS["bf16"], "cpu"):
+    model, batch = small_model().to(torch.bfloat16), spread_batch(seed=2)
+    with torch.no_grad():
         assert model(input_ids=batch.prompt_ids).logits.dtype == torch.bfloat16
         logprobs, entropy = response_logprobs(model, batch, 1.0)
         packed, _ = response_logprobs(model, batch, 1.0, packed=True)
     assert logprobs.dtype == entropy.dtype == packed.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_match_a_float64_log_softmax_and_keep_only_the_logits(dtype):
+    generator = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(4, 6, 50, generator=generator)).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 50, (4, 6), generator=generator)
+    weights = torch.randn(4, 6, generator=generator)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        logprobs, entropy = token_logprobs_and_entropy(logits, tokens, 0.7, with_entropy=True)
+    (logprobs * weights).sum().backward()
+    exact = logits.detach().double().requires_grad_()
+    log_p = torch.log_softmax(exact / 0.7, -1)
+    (log_p.gather(-1, tokens[..., None])[..., 0] * weights.double()).sum().backward()
+    assert logprobs.dtype == entropy.dtype == torch.float32 and not entropy.requires_grad
+    assert torch.allclose(logprobs.double(), log_p.gather(-1, tokens[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(entropy.double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5)
+    # the gradient in float32, then rounded once to the logits' dtype
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(logits.grad.double(), exact.grad.to(dtype).double(), atol=1e-6)
+    # what the backward keeps with the vocabulary's width: the logits themselves, nothing float32
+    assert [t.dtype for t in kept if t.shape[-1] == 50] == [dtype]
 
 
 def test_weight_buckets_travel_in_the_engines_dtype():

@@ -72,6 +72,7 @@ class DeepSpeedLearner(TorchLearner):
         if recipe.learner.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.adapter = with_adapter(recipe, model, model_dir)  # LoRA (ZeRO stages 0-2): before DeepSpeed wraps it
+        self.compute_adapter = self.adapter  # with bf16 the engine's module is bf16 itself (PRECISION_CONFIG)
         # A torch optimizer: DeepSpeed's own AdamW would JIT-compile FusedAdam first.
         optimizer = adamw(model, self.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -85,10 +86,6 @@ class DeepSpeedLearner(TorchLearner):
     @property
     def policy(self):
         return self.engine
-
-    def compute(self):
-        """Nothing: with bf16 the engine's module is bf16 itself (PRECISION_CONFIG)."""
-        return contextlib.nullcontext()
 
     def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
         """This rank's contiguous slice. Every rank gets as many rows (ZeRO's collectives run once

@@ -8,6 +8,7 @@ trains on, backward, the optimizer step, and summing statistics over processes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from efficient_rl.learner.objective import (ObjectiveSettings, denominators, hea
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
-from efficient_rl.modeling import (DTYPES, PRECISIONS, compute_in, forward_positions, load_model, output_head,
+from efficient_rl.modeling import (DTYPES, PRECISIONS, forward_positions, load_model, output_head,
                                    response_hidden_states, response_logprobs)
 from efficient_rl.registry import Bound
 from efficient_rl.weights import WeightBucket, plan_buckets
@@ -49,7 +50,7 @@ class OptimSettings:
     micro_batch_size: int = 32  # rollouts per forward/backward pass
     micro_batch_tokens: int = 0  # token positions per forward/backward pass instead; 0 = by rows
     epochs: int = 1  # passes over each rollout batch
-    precision: str = "fp32"  # a PRECISIONS name: the compute of forward passes
+    precision: str = "fp32"  # a PRECISIONS name: the dtype forward and backward passes compute in
     schedule: Bound = field(default_factory=constant_schedule)  # an LR_SCHEDULES entry
     total_steps: int = 1  # training steps of the run, the schedule's length
 
@@ -101,7 +102,7 @@ class TorchLearner:
 
     def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None,
                  sync_dtype: torch.dtype = torch.float32, adapter=None):
-        self.model = model
+        self.model = model  # float32: the master weights, which the optimizer steps and checkpoints hold
         self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
         self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/lora.py)
         self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
@@ -109,10 +110,10 @@ class TorchLearner:
         self.optim = optim
         self.sync_dtype = sync_dtype  # the rollout engines' dtype (model.dtype): weights leave in it
         self.optimizer = adamw(model, optim)
-
-    def compute(self):
-        """The context of every forward pass: bf16 autocast on the float32 weights, or nothing."""
-        return compute_in(PRECISIONS[self.optim.precision], next(self.model.parameters()).device.type)
+        # What forward and backward passes run on: the model itself, or in bf16 its bf16 copy (and
+        # the copy's adapters, which the KL reference switches off).
+        self.compute_model, self.compute_adapter = compute_copy(model, adapter, PRECISIONS[optim.precision])
+        self.master_pairs = list(zip(trainable_parameters(model), trainable_parameters(self.compute_model)))
 
     # ------------------------------------------------------------ the update loop
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -127,7 +128,7 @@ class TorchLearner:
         mini_size = self.optim.mini_batch_size or len(batch)
         minis = [self._mini_batch(batch.select(range(start, min(start + mini_size, len(batch)))))
                  for start in range(0, len(batch), mini_size)]
-        self.model.train()
+        self.policy.train()
         for mini in minis:  # both before any optimizer step: they are the pre-update policies
             if self.optim.epochs * len(minis) > 1 and "old_logprobs" in self.objective.needs:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
@@ -168,8 +169,7 @@ class TorchLearner:
 
     def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
         """The loss and its per-token statistics (sums) over the tokens that enter the loss."""
-        with self.compute():
-            return self.objective.objective(self.policy, rows, self.objective, den, self.teacher)
+        return self.objective.objective(self.policy, rows, self.objective, den, self.teacher)
 
     @property
     def attn_implementation(self) -> str:
@@ -199,10 +199,9 @@ class TorchLearner:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
         def of_rows(rows: RolloutBatch) -> torch.Tensor:
-            with self.compute():
-                logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
-                                                selected=rows.loss_mask if self.objective.selected_compute else None,
-                                                packed=self.objective.packing)
+            logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
+                                            selected=rows.loss_mask if self.objective.selected_compute else None,
+                                            packed=self.objective.packing)
             return logprobs
 
         return self.over_micro_batches(batch, of_rows).to(batch.response_mask.device) * batch.response_mask
@@ -210,9 +209,9 @@ class TorchLearner:
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Log-probs under the KL reference: the initial policy. With LoRA that is the policy with
         its adapters switched off, so no second copy of the model is held."""
-        if self.adapter is None:
+        if self.compute_adapter is None:
             return self.logprobs(batch, self.reference)
-        with self.adapter.disable_adapter():
+        with self.compute_adapter.disable_adapter():
             return self.logprobs(batch, self.policy)
 
     @torch.no_grad()
@@ -233,11 +232,10 @@ class TorchLearner:
         def per_token(rows: RolloutBatch) -> torch.Tensor:
             """[rows, width, channels]: the statistics at every response token, 0 on padding."""
             valid = rows.response_mask.bool()
-            with self.compute():
-                inputs = [response_hidden_states(self.policy, rows, self.objective.packing)[valid]]
-                if with_teacher:
-                    inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
-                values = map_row_chunks(statistics, inputs, self.objective.chunk_rows)
+            inputs = [response_hidden_states(self.policy, rows, self.objective.packing)[valid]]
+            if with_teacher:
+                inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
+            values = map_row_chunks(statistics, inputs, self.objective.chunk_rows)
             return torch.zeros(*valid.shape, len(entries), dtype=values.dtype,
                                device=values.device).masked_scatter(valid[..., None], values)
 
@@ -248,19 +246,34 @@ class TorchLearner:
     @property
     def policy(self):
         """What the forward pass calls."""
-        return self.model
+        return self.compute_model
 
     def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
         return mini
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.compute_model is not self.model:
+            self.add_to_master_gradients()
+
+    def add_to_master_gradients(self) -> None:
+        """A bf16 pass's gradients added into the float32 masters' and cleared: summed in bf16
+        over micro-batches, they would round at every pass."""
+        for master, computed in self.master_pairs:
+            if computed.grad is not None:
+                master.grad = computed.grad.float() if master.grad is None else master.grad.add_(computed.grad)
+                computed.grad = None
 
     def apply_gradients(self) -> float:
-        """Clip, step, clear; returns the gradient norm before clipping."""
+        """Clip, step, clear (and refresh a bf16 copy from the stepped masters); returns the
+        gradient norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for master, computed in self.master_pairs:
+                if computed is not master:
+                    computed.copy_(master)
         return float(grad_norm)
 
     def total(self, values: dict[str, float]) -> dict[str, float]:
@@ -330,6 +343,21 @@ def filler_row(batch: RolloutBatch) -> RolloutBatch:
     if row.loss_mask is not None:
         row.loss_mask = torch.zeros_like(row.loss_mask)
     return row
+
+
+def compute_copy(model, adapter, dtype: torch.dtype):
+    """(module, adapter) that forward and backward passes run on. float32: `model` and `adapter`
+    themselves. bf16: a copy whose parameters are bf16, as DeepSpeed's bf16 keeps its module: the
+    activations are bf16 too (autocast on float32 weights would keep the residual stream and the
+    norms' inputs in float32, and a bf16 copy of every weight for the backward). Buffers stay as loaded
+    (rotary frequencies are float32). The float32 masters take the gradients and the optimizer
+    step; the copy is refreshed from them after every step."""
+    if dtype == torch.float32:
+        return model, adapter
+    copied = copy.deepcopy(adapter if adapter is not None else model)
+    for parameter in copied.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return (copied.get_base_model(), copied) if adapter is not None else (copied, None)
 
 
 def model_dtype(recipe) -> torch.dtype:
