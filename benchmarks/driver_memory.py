@@ -12,37 +12,65 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 RAY = ["cluster.backend=ray", "rollout.engine=vllm", "steps=1", "eval.before_training=false",
        "eval.after_training=false", "logging.progress=false", "checkpoint.every=0", "scoring.workers=0"]
+SMALL = ["rollout.prompts_per_step=2", "algorithm.dynamic_sampling=false"]
 RUNS = {  # name -> (recipe, overrides)
     "lab quickstart (0.6M parameters)": ("quickstart.yaml", ["rollout.prompts_per_step=4", "algorithm.dynamic_sampling=false"]),
-    "SmolLM2-135M": ("smollm2_dler_cpu.yaml", ["rollout.prompts_per_step=2", "algorithm.dynamic_sampling=false"]),
+    "SmolLM2-135M": ("smollm2_dler_cpu.yaml", SMALL),
+    # The builtin SmolLM2 is stored in float32, so a float32 load can map the file's pages without
+    # touching them all. Released 1.5B-8B checkpoints are bf16: a float32 load converts every
+    # weight into new memory. The same model saved in bf16 shows what such a load costs.
+    "SmolLM2-135M stored in bf16": ("smollm2_dler_cpu.yaml", [*SMALL, "model.path={bf16_copy}"]),
 }
+
+
 PEAK = ("import resource, sys\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
         "print('DRIVER_PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
+
+
+def save_bf16_copy(directory: Path) -> None:
+    """The builtin SmolLM2 with its weights saved in bf16 (tokenizer, template and generation
+    config copied as they are)."""
+    from efficient_rl.model_sources import model_directory
+    from efficient_rl.modeling import load_model
+
+    source = model_directory("smollm2", "model")
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, directory / path.name)
+    load_model(source, torch.bfloat16).save_pretrained(directory)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose code runs")
     args = parser.parse_args()
-    for name, (recipe, overrides) in RUNS.items():
-        with tempfile.TemporaryDirectory(prefix="erl-driver-") as out:
-            result = subprocess.run(
-                [sys.executable, "-c", PEAK, "train", str(args.tree / "recipes" / recipe), *RAY, *overrides,
-                 f"logging.output_dir={out}", "--overwrite"],
-                cwd=args.tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(args.tree)})
-        peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KB")]
-        if result.returncode != 0 or not peak:
-            print(f"{name}: failed ({result.returncode}): {result.stderr[-800:]}")
-            continue
-        print(f"{name}: driver peak RSS {int(peak[0]) / 2**20:.2f} GiB ({args.tree})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="erl-bf16-") as bf16_copy:
+        save_bf16_copy(Path(bf16_copy))
+        for name, (recipe, overrides) in RUNS.items():
+            measure(name, args.tree / "recipes" / recipe, [o.format(bf16_copy=bf16_copy) for o in overrides], args.tree)
+
+
+def measure(name: str, recipe: Path, overrides: list[str], tree: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="erl-driver-") as out:
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK, "train", str(recipe), *RAY, *overrides, f"logging.output_dir={out}",
+             "--overwrite"], cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+    peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KB")]
+    if result.returncode != 0 or not peak:
+        print(f"{name}: failed ({result.returncode}): {result.stderr[-800:]}")
+        return
+    print(f"{name}: driver peak RSS {int(peak[0]) / 2**20:.2f} GiB ({tree})", flush=True)
 
 
 if __name__ == "__main__":
