@@ -15,7 +15,7 @@ from test_selected_compute import VOCAB, settings_of
 from efficient_rl.config import ConfigError, load_recipe
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
-from efficient_rl.modeling import response_logprobs, token_logprobs_and_entropy
+from efficient_rl.modeling import load_model, response_logprobs, token_logprobs_and_entropy
 from efficient_rl.prepare import check_recipe, prepare
 
 # bfloat16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative, and a value
@@ -81,6 +81,26 @@ def test_bf16_gradients_are_summed_over_micro_batches_in_float32():
         learner.add_to_master_gradients()
     assert master.grad.dtype == torch.float32 and computed.grad is None
     assert torch.equal(master.grad, torch.full_like(master, 1 + 2**-9))
+
+
+def test_a_bf16_checkpoint_holds_the_float32_masters_and_resumes_to_the_same_step(tmp_path):
+    batch = spread_batch(seed=6)
+
+    def bf16_learner(model):
+        return TorchLearner(model, settings_of(), OptimSettings(lr=1e-3, micro_batch_size=4, precision="bf16"))
+
+    straight = bf16_learner(small_model())
+    for _ in range(2):
+        straight.update(batch)
+    straight.save(tmp_path)
+    saved = load_model(tmp_path)  # as a resume loads it: the policy in float32
+    for name, master in straight.model.named_parameters():
+        assert torch.equal(dict(saved.named_parameters())[name], master), name
+    resumed = bf16_learner(saved)
+    resumed.load_state(tmp_path)
+    assert resumed.update(batch)["loss"] == straight.update(batch)["loss"]
+    for (name, master), again in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(again, master), name
 
 
 def test_log_probs_entering_the_loss_are_float32_from_bf16_logits():
