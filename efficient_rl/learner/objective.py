@@ -19,7 +19,7 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import (AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,
                                        LossDenominators, LossInputs)
-from efficient_rl.config import bind
+from efficient_rl.config import AlgorithmSection, DistillSection, LearnerSection, RolloutSection, bind
 from efficient_rl.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
 from efficient_rl.registry import Bound, Registry
 
@@ -39,15 +39,14 @@ class ObjectiveSettings:
     aggregation: Bound = field(default_factory=lambda: AGGREGATIONS.get("token-mean").bind())
     kl_estimator: Bound = field(default_factory=lambda: KL_ESTIMATORS.get("low_var_kl").bind())
     rollout_correction: Bound = field(default_factory=lambda: ROLLOUT_CORRECTIONS.get("none").bind())
-    kl_coef: float = 0.0
-    norm_length: int = 256  # constant of seq-mean-token-sum-norm
-    temperature: float = 1.0  # logits are divided by the rollout temperature, as in the engine
-    # With a token selection (batch.loss_mask): "kept" averages the loss over the kept tokens,
-    # "all" over every response token (unselected ones count as zero loss, as masking does).
-    loss_denominator: str = "kept"
-    chunk_rows: int = 512  # positions per chunk of vocabulary-sized work
+    # The rest default to the recipe's own defaults (config.py), where they are documented.
+    kl_coef: float = AlgorithmSection.kl_coef
+    norm_length: int = RolloutSection.max_response_length  # constant of seq-mean-token-sum-norm
+    temperature: float = RolloutSection.temperature  # logits are divided by it, as in the engine
+    loss_denominator: str = AlgorithmSection.loss_denominator
+    chunk_rows: int = DistillSection.chunk_rows
     selected_compute: bool = True  # the LM head runs on the loss tokens only
-    packing: bool = False  # sequences packed into rows for the forward passes (modeling.pack_rows)
+    packing: bool = LearnerSection.packing
 
     @property
     def needs(self) -> tuple[str, ...]:

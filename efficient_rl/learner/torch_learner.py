@@ -19,7 +19,7 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.config import bind
+from efficient_rl.config import LearnerSection, bind
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.objective import (ObjectiveSettings, denominators, head_logprobs, loss_masks,
@@ -42,15 +42,18 @@ def constant_schedule() -> Bound:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
+    """The learner section's optimisation settings. Defaults are the recipe's (LearnerSection),
+    where each is documented."""
+
+    lr: float = LearnerSection.lr
+    weight_decay: float = LearnerSection.weight_decay
+    betas: tuple[float, float] = tuple(LearnerSection().betas)
+    grad_clip: float = LearnerSection.grad_clip
     mini_batch_size: int = 0  # rollouts per optimizer step; 0 = the whole batch
-    micro_batch_size: int = 32  # rollouts per forward/backward pass
-    micro_batch_tokens: int = 0  # token positions per forward/backward pass instead; 0 = by rows
-    epochs: int = 1  # passes over each rollout batch
-    precision: str = "fp32"  # a PRECISIONS name: the dtype forward and backward passes compute in
+    micro_batch_size: int = LearnerSection.micro_batch_size
+    micro_batch_tokens: int = LearnerSection.micro_batch_tokens
+    epochs: int = LearnerSection.epochs
+    precision: str = LearnerSection.precision  # a PRECISIONS name
     schedule: Bound = field(default_factory=constant_schedule)  # an LR_SCHEDULES entry
     total_steps: int = 1  # training steps of the run, the schedule's length
 
