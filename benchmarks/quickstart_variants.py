@@ -52,9 +52,11 @@ def run(name: str, overrides: list[str], seed: int, out: Path) -> dict:
     run_dir = out / name
     started = time.time()
     if not (run_dir / "summary.json").is_file():
-        subprocess.run([sys.executable, "-m", "efficient_rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
-                        f"seed={seed}", f"logging.output_dir={out}", f"logging.name={name}", "--overwrite",
-                        *COMMON, *overrides], check=True, capture_output=True)
+        result = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+                                 f"seed={seed}", f"logging.output_dir={out}", f"logging.name={name}", "--overwrite",
+                                 *COMMON, *overrides], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"before": summary["warm_start"], "after": summary["final"], "wall": time.time() - started,
