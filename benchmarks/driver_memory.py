@@ -1,7 +1,7 @@
 """Peak RSS of the driver process during a short Ray run (cluster.backend: ray), by model size.
 
 Each run is `efficient-rl train` in a subprocess of its own, one step, no evaluation; its peak
-RSS (ru_maxrss of that process: the driver only, Ray's workers and actors are other processes)
+RSS (VmHWM of that process: the driver only, Ray's workers and actors are other processes)
 is printed as it exits. `--tree DIR` runs the code and recipes of another checkout (e.g. a git
 worktree of an earlier commit) for a before/after comparison.
 
@@ -34,8 +34,11 @@ RUNS = {  # name -> (recipe, overrides)
 }
 
 
-PEAK = ("import resource, sys\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
-        "print('DRIVER_PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
+# The peak is VmHWM, which starts afresh at exec. ru_maxrss would not do: Linux keeps it across
+# execve, so it would count this script's own memory (the bf16 copy was made here) at the fork.
+PEAK = ("import re, sys\nfrom pathlib import Path\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
+        "peak = re.search(r'VmHWM:\\s*(\\d+) kB', Path('/proc/self/status').read_text()).group(1)\n"
+        "print('DRIVER_PEAK_RSS_KB', peak, flush=True)\nsys.exit(code)\n")
 
 
 def save_bf16_copy(directory: Path) -> None:
