@@ -100,16 +100,19 @@ def test_zero2_survives_a_killed_rollout_worker_and_resumes_after_a_dead_learner
 def test_overlapped_over_ray_restarts_a_rollout_worker_killed_while_the_learner_trains(ray_cluster, tiny_overrides):
     """cluster.pipeline overlapped: the producer generates ahead while the learner ranks train; a
     rollout worker killed then is restarted with the weights the engine held, no step runs twice,
-    and no rollout lags more than max_staleness versions."""
+    and no rollout lags more than max_staleness versions. Four steps: the batch of step 4 waits
+    for version 2, published after the kill, so the producer meets the dead worker whatever the
+    timing (with three, it could have generated every batch before the kill)."""
     import ray
 
     run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
         "learner.zero_stage=2", "rollout.verify_sync=true", "cluster.pipeline.name=overlapped",
-        "cluster.pipeline.max_staleness=1", "algorithm.rollout_correction=tis", "logging.name=overlapped"])
+        "cluster.pipeline.max_staleness=1", "algorithm.rollout_correction=tis", "logging.name=overlapped",
+        "steps=4"])
     kill_before_steps(trainer, {2: lambda: ray.get(trainer.engine.workers[0].pid.remote())})
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
-    assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert summary["steps_completed"] == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sum(r["rollout/worker_restarts"] for r in rows) == 1.0
     assert rows[0]["pipeline/staleness/max"] == 0.0 and all(r["pipeline/staleness/max"] <= 1.0 for r in rows)
     loads = [r for r in rows if "sync/bytes" in r]  # the steps whose publish saw the producer load weights
