@@ -87,8 +87,7 @@ def output_head(model) -> torch.nn.Module:
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
     """log p(token) and the entropy of each row of `logits` / temperature ([..., V] in any dtype;
     tokens [...]), both float32."""
-    logprobs, entropy = TokenLogprobs.apply(logits, tokens, temperature)
-    return logprobs, (entropy if with_entropy else None)
+    return TokenLogprobs.apply(logits, tokens, temperature, with_entropy)
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -99,15 +98,16 @@ class TokenLogprobs(torch.autograd.Function):
     vocabulary makes it one of the largest activations a learner holds."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
         scaled_logits = logits.float() / temperature  # temporaries, like logp_all: not kept
         log_normaliser = torch.logsumexp(scaled_logits, -1)
         logp_all = scaled_logits - log_normaliser[..., None]
         picked = logp_all.gather(-1, tokens[..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         ctx.save_for_backward(logits, tokens, log_normaliser)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
     @staticmethod
@@ -116,7 +116,7 @@ class TokenLogprobs(torch.autograd.Function):
         # d log p(y) / d z_v = (1[v = y] - p_v) / temperature
         probs = torch.exp(logits.float() / ctx.temperature - log_normaliser[..., None])
         grad = (-grad_picked[..., None] * probs).scatter_add_(-1, tokens[..., None], grad_picked[..., None])
-        return (grad / ctx.temperature).to(logits.dtype), None, None
+        return (grad / ctx.temperature).to(logits.dtype), None, None, None
 
 
 def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> torch.Tensor:

@@ -273,11 +273,14 @@ class TorchLearner:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for master, computed in self.master_pairs:
-                if computed is not master:
-                    computed.copy_(master)
+        if self.compute_model is not self.model:
+            self.refresh_compute_copy()
         return float(grad_norm)
+
+    @torch.no_grad()
+    def refresh_compute_copy(self) -> None:
+        for master, computed in self.master_pairs:
+            computed.copy_(master)
 
     def total(self, values: dict[str, float]) -> dict[str, float]:
         """Sums over the processes of the group: one process here."""
@@ -352,9 +355,9 @@ def compute_copy(model, adapter, dtype: torch.dtype):
     """(module, adapter) that forward and backward passes run on. float32: `model` and `adapter`
     themselves. bf16: a copy whose parameters are bf16, as DeepSpeed's bf16 keeps its module: the
     activations are bf16 too (autocast on float32 weights would keep the residual stream and the
-    norms' inputs in float32, and a bf16 copy of every weight for the backward). Buffers stay as loaded
-    (rotary frequencies are float32). The float32 masters take the gradients and the optimizer
-    step; the copy is refreshed from them after every step."""
+    norms' inputs in float32, and a bf16 copy of every weight for the backward). Buffers stay as
+    loaded (rotary frequencies are float32). The float32 masters take the gradients and the
+    optimizer step; the copy is refreshed from them after every step."""
     if dtype == torch.float32:
         return model, adapter
     copied = copy.deepcopy(adapter if adapter is not None else model)
