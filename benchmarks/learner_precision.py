@@ -79,8 +79,11 @@ def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> tuple[int, in
 
 
 def state_bytes(learner: TorchLearner) -> dict[str, int]:
-    masters = sum(p.numel() * p.element_size() for p in learner.model.parameters())
-    copy = 0 if learner.policy is learner.model else sum(p.numel() * p.element_size() for p in learner.policy.parameters())
+    def nbytes(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    masters = nbytes(learner.model)
+    copy = 0 if learner.policy is learner.model else nbytes(learner.policy)
     optimizer = sum(t.numel() * t.element_size() for state in learner.optimizer.state.values()
                     for t in state.values() if isinstance(t, torch.Tensor))
     return {"weights": masters + copy, "gradients": masters, "optimizer": optimizer}  # gradients: float32, like the masters

@@ -26,7 +26,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +49,6 @@ def options(compare: str, lora_lrs: list[float]) -> dict[str, list[str]]:
 def run(name: str, overrides: list[str], seed: int, out: Path) -> dict:
     """Train (or read a finished run): the warm start's and the final evaluation, and more."""
     run_dir = out / name
-    started = time.time()
     if not (run_dir / "summary.json").is_file():
         result = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
                                  f"seed={seed}", f"logging.output_dir={out}", f"logging.name={name}", "--overwrite",
@@ -59,7 +57,7 @@ def run(name: str, overrides: list[str], seed: int, out: Path) -> dict:
             raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"before": summary["warm_start"], "after": summary["final"], "wall": time.time() - started,
+    return {"before": summary["warm_start"], "after": summary["final"],
             "logprob_diff": statistics.median(step.get("rollout/logprob_diff", 0.0) for step in steps),
             "step_time": statistics.median(step["step_time"] for step in steps[1:])}
 
