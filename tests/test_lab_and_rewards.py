@@ -94,6 +94,33 @@ def test_a_checked_build_is_cached_only_once_its_warm_start_passes(tmp_path):
     assert PRESETS["quickstart"].check is not None and PRESETS["quickstart"].check.target >= 0.97
 
 
+def test_a_lab_build_asked_for_twice_at_once_is_built_once(tmp_path):
+    """A second process asking for a model being built waits on the build's lock (seen waiting in
+    /proc/locks) and then reuses the model instead of building it again over the first."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from efficient_rl.lab.build import build_lock
+
+    env = {**os.environ, "EFFICIENT_RL_CACHE": str(tmp_path)}
+    target = tmp_path / "lab" / f"tiny-{PRESETS['tiny'].cache_key()}"
+    with build_lock(target):
+        second = subprocess.Popen([sys.executable, "-c", "from efficient_rl.lab.build import lab_model_dir; "
+                                   "print(lab_model_dir('tiny'))"], env=env, stdout=subprocess.PIPE, text=True)
+        give_up = time.monotonic() + 600  # a guard against a hang, not a duration
+        while not any(line.split()[1] == "->" and line.split()[5] == str(second.pid)
+                      for line in open("/proc/locks").read().splitlines() if len(line.split()) > 5):
+            assert second.poll() is None and time.monotonic() < give_up, "the second process never waited"
+            time.sleep(0.1)
+        build_lab(PRESETS["tiny"], target, log=lambda line: None)
+        built_at = (target / "lab.json").stat().st_mtime_ns
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0 and output.splitlines() == [str(target)]  # no "building" line: reused
+    assert (target / "lab.json").stat().st_mtime_ns == built_at
+
+
 def test_engine_logprobs_caps_and_stop_reasons(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

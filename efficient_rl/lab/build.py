@@ -13,7 +13,9 @@ gets there is an error, not a quietly weaker model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -138,8 +140,19 @@ def lab_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     preset = PRESETS[name]
     target = (cache_dir or default_cache_dir()) / f"{name}-{preset.cache_key()}"
     if not (target / "lab.json").exists():
-        build_lab(preset, target)
+        with build_lock(target):  # two processes asking at once: one builds, the other waits and reuses
+            if not (target / "lab.json").exists():
+                build_lab(preset, target)
     return target
+
+
+@contextlib.contextmanager
+def build_lock(target: Path):
+    """A blocking flock beside `target`; the kernel drops it if its holder dies mid-build."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def build_lab(preset: LabPreset, target: Path, log=print) -> None:
