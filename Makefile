@@ -33,7 +33,7 @@ $(GPU_RESOLVES): $(FULL)
 # The Slurm tests bring up a real local cluster (slurm/local-cluster.sh); its packages come first.
 test: $(FULL) $(GPU_RESOLVES)
 	slurm/local-cluster.sh install
-	$(VENV)/bin/python -m pytest tests --durations=40
+	$(VENV)/bin/python -m pytest tests -n 2 --durations=40
 
 benchmark: $(FULL)
 	$(VENV)/bin/python -m pip install --quiet -e ".[bench]"

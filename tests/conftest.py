@@ -32,6 +32,27 @@ TINY_OVERRIDES = [
 ]
 
 
+# `make test` runs the suite on two pytest-xdist workers: most tests wait on processes they start
+# (engines, Ray actors, Slurm jobs), so one worker leaves a core idle. The tests that bring up a
+# cluster form one unit of work, run one at a time on one worker: Ray's resources and the local
+# Slurm cluster (one per worker otherwise, on the same ports) are sized for one run. Every other
+# test is a unit of its own. xdist queues the largest unit first, so the cluster tests, the
+# longest chain of the suite, start at once. (A scheduler of our own rather than `xdist_group`
+# markers: xdist 3.8 renames grouped tests' node ids, which pytest 9 no longer lets it do.)
+CLUSTER_TEST_FILES = ("test_ray_cluster.py", "test_ray_address.py", "test_real_model.py", "test_slurm.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.split("::")[0].rsplit("/", 1)[-1] in CLUSTER_TEST_FILES else nodeid
+
+    return ClusterTestsTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     from efficient_rl.lab.build import lab_model_dir
