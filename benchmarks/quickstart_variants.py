@@ -17,12 +17,17 @@ is read instead of trained again, so seeds can be split over several calls (`--s
 
     .venv/bin/python benchmarks/quickstart_variants.py --compare precision [--seeds 0 1 2] [--options float32 bf16]
     .venv/bin/python benchmarks/quickstart_variants.py --compare lora --seeds 0 --lora-lrs 2e-4 1e-3 2e-3 4e-3
+    .venv/bin/python benchmarks/quickstart_variants.py --compare pipeline --set learner.lr=1e-4
+
+`--set` adds overrides to every option; they are part of the run names, so such runs are kept
+apart from the plain ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -73,14 +78,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lora-lrs", type=float, nargs="+", default=[2e-3], help="LoRA learning rates (--compare lora)")
     parser.add_argument("--options", nargs="+", help="run only these options of the comparison")
+    parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="overrides for every option")
     parser.add_argument("--out", type=Path, default=Path("/tmp/erl/qs-variants"))
     args = parser.parse_args()
     chosen = {name: overrides for name, overrides in options(args.compare, args.lora_lrs).items()
               if args.options is None or name in args.options}
+    tag = "".join("-" + re.sub(r"[^A-Za-z0-9.]+", "_", override) for override in args.set)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for option, overrides in chosen.items():
-            result = run(f"{args.compare}-{option}-seed{seed}", overrides, seed, args.out)
+            result = run(f"{args.compare}-{option}{tag}-seed{seed}", [*overrides, *args.set], seed, args.out)
             results.setdefault(option, []).append(result)
             print(f"seed {seed} {option:14s} accuracy {result['before']['accuracy']:.3f} -> "
                   f"{result['after']['accuracy']:.3f}, mean length {result['before']['mean_response_length']:.1f} -> "
