@@ -100,20 +100,20 @@ def test_a_lab_build_asked_for_twice_at_once_is_built_once(tmp_path):
     import os
     import subprocess
     import sys
-    import time
 
+    from conftest import wait_for
     from efficient_rl.lab.build import build_lock
+
+    def waiting_for_a_lock(pid: int) -> bool:  # /proc/locks marks a blocked request "->"
+        return any(fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
+                   for fields in map(str.split, open("/proc/locks").read().splitlines()))
 
     env = {**os.environ, "EFFICIENT_RL_CACHE": str(tmp_path)}
     target = tmp_path / "lab" / f"tiny-{PRESETS['tiny'].cache_key()}"
     with build_lock(target):
         second = subprocess.Popen([sys.executable, "-c", "from efficient_rl.lab.build import lab_model_dir; "
                                    "print(lab_model_dir('tiny'))"], env=env, stdout=subprocess.PIPE, text=True)
-        give_up = time.monotonic() + 600  # a guard against a hang, not a duration
-        while not any(line.split()[1] == "->" and line.split()[5] == str(second.pid)
-                      for line in open("/proc/locks").read().splitlines() if len(line.split()) > 5):
-            assert second.poll() is None and time.monotonic() < give_up, "the second process never waited"
-            time.sleep(0.1)
+        wait_for(lambda: waiting_for_a_lock(second.pid), second, lambda: "the second process ended without waiting")
         build_lab(PRESETS["tiny"], target, log=lambda line: None)
         built_at = (target / "lab.json").stat().st_mtime_ns
     output, _ = second.communicate(timeout=600)
