@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make quickstart` and `make test`.
 VENV := .venv
 PYTHON ?= python3
-CHECKSUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+CHECKSUM := $(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 BASE := $(VENV)/.installed-base-$(CHECKSUM)
 FULL := $(VENV)/.installed-full-$(CHECKSUM)
 export OMP_NUM_THREADS ?= 2

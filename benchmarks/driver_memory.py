@@ -44,8 +44,8 @@ PEAK = ("import re, sys\nfrom pathlib import Path\nfrom efficient_rl.cli import 
 def save_bf16_copy(directory: Path) -> None:
     """The builtin SmolLM2 with its weights saved in bf16 (tokenizer, template and generation
     config copied as they are)."""
-    from efficient_rl.model_sources import model_directory
-    from efficient_rl.modeling import load_model
+    from efficient_rl.models.sources import model_directory
+    from efficient_rl.models.modeling import load_model
 
     source = model_directory("smollm2", "model")
     for path in source.iterdir():

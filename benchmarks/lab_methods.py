@@ -36,8 +36,8 @@ EVAL_BUDGET, EVAL_PROBLEMS, EVAL_SAMPLES = 160, 100, 4
 
 def train(recipe_name: str, overrides: list[str]) -> Path:
     """Trains (or reuses a finished run of) one configuration; returns its run directory."""
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, LAB + overrides)
     run_dir = Path(recipe.logging.output_dir) / recipe.logging.name

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_precision import qwen2_22m, side_by_side  # noqa: E402
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
-from efficient_rl.config import Recipe  # noqa: E402
+from efficient_rl.config.schema import Recipe  # noqa: E402
 from efficient_rl.learner.objective import objective_settings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
 

@@ -25,11 +25,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
-from efficient_rl.config import Recipe  # noqa: E402
+from efficient_rl.config.schema import Recipe  # noqa: E402
 from efficient_rl.learner.objective import objective_settings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
-from efficient_rl.model_sources import model_directory  # noqa: E402
-from efficient_rl.modeling import PRECISIONS, load_model  # noqa: E402
+from efficient_rl.models.sources import model_directory  # noqa: E402
+from efficient_rl.models.modeling import PRECISIONS, load_model  # noqa: E402
 
 
 def qwen2_22m() -> torch.nn.Module:

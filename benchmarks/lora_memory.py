@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_precision import activation_bytes, make_batch, side_by_side  # noqa: E402
 
-from efficient_rl.config import LoraSection, Recipe  # noqa: E402
+from efficient_rl.config.schema import LoraSection, Recipe  # noqa: E402
 from efficient_rl.learner.objective import objective_settings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
-from efficient_rl.lora import attach_lora, trainable_parameters  # noqa: E402
-from efficient_rl.model_sources import model_directory  # noqa: E402
-from efficient_rl.modeling import load_model  # noqa: E402
+from efficient_rl.models.lora import attach_lora, trainable_parameters  # noqa: E402
+from efficient_rl.models.sources import model_directory  # noqa: E402
+from efficient_rl.models.modeling import load_model  # noqa: E402
 
 RANKS = {"full": None, "lora-16": 16, "lora-64": 64}  # alpha = 2 x rank: the same scale for both
 

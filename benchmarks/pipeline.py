@@ -48,8 +48,8 @@ FIGURES = ["step_time", "timing/rollout", "timing/learn", "timing/select", "timi
 
 def run_config(name: str, steps: int, extra: list[str]) -> dict:
     """Train in this process; returns the medians of FIGURES and the wall time including start-up."""
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     started = time.time()
     with tempfile.TemporaryDirectory() as out:

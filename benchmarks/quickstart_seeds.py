@@ -38,7 +38,7 @@ def build(lab_seed: int, cache: Path) -> Path:
     if finished:
         return finished[0]
     code = ("import dataclasses, sys; from pathlib import Path\n"
-            "from efficient_rl.lab.build import PRESETS, build_lab\n"
+            "from efficient_rl.lab.build import build_lab\nfrom efficient_rl.lab.presets import PRESETS\n"
             f"preset = dataclasses.replace(PRESETS['quickstart'], seed={lab_seed})\n"
             f"target = Path({str(cache)!r}) / f'quickstart-seed{lab_seed}-{{preset.cache_key()}}'\n"
             "build_lab(preset, target)\n")

@@ -28,11 +28,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from efficient_rl.config import PromptSection
-    from efficient_rl.lab.build import PRESETS
+    from efficient_rl.config.schema import PromptSection
+    from efficient_rl.lab.presets import PRESETS
     from efficient_rl.lab.tasks import generate_problems
-    from efficient_rl.model_sources import smollm2_model_dir
-    from efficient_rl.prompts import encode_prompt, load_tokenizer
+    from efficient_rl.models.sources import smollm2_model_dir
+    from efficient_rl.data.prompts import encode_prompt, load_tokenizer
     from efficient_rl.rollout.base import SamplingSettings
     from efficient_rl.rollout.hf import TransformersEngine
     from efficient_rl.rollout.vllm_engine import VLLMEngine

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 
-from efficient_rl.config import RewardEntry
+from efficient_rl.config.schema import RewardEntry
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
-from efficient_rl.reward import RewardRunner
+from efficient_rl.scoring.runner import RewardRunner
 
 COUNT = 1000
 PATHOLOGICAL = ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{" + "+".join(["\\frac{x^{2}}{y^{3}}"] * 1200) + "}"]

@@ -37,8 +37,8 @@ STAGES = ["timing/generate", "timing/reward", "timing/learn", "timing/sync", "st
 
 def run_config(name: str, steps: int) -> dict:
     """Train in this process; returns per-stage medians and the wall time including start-up."""
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     started = time.time()
     with tempfile.TemporaryDirectory() as out:

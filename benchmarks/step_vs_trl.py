@@ -26,8 +26,8 @@ PROMPTS, GROUP, CAP, LR = 16, 8, 48, 1e-4
 
 
 def run_ours(steps: int) -> list[float]:
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(ROOT / "recipes" / "grpo.yaml", [
@@ -47,9 +47,10 @@ def run_trl(steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from efficient_rl.lab.build import PRESETS, lab_model_dir
+    from efficient_rl.lab.build import lab_model_dir
+    from efficient_rl.lab.presets import PRESETS
     from efficient_rl.lab.tasks import generate_problems
-    from efficient_rl.prompts import load_tokenizer
+    from efficient_rl.data.prompts import load_tokenizer
     from efficient_rl.rewards.math import math_reward
 
     model_dir = lab_model_dir("quickstart")

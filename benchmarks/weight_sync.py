@@ -29,7 +29,7 @@ def make_model(directory: Path, hidden: int, layers: int, mlp: int, heads: int) 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from efficient_rl.lab.build import lab_model_dir
-    from efficient_rl.prompts import load_tokenizer
+    from efficient_rl.data.prompts import load_tokenizer
 
     tokenizer = load_tokenizer(lab_model_dir("quickstart"))
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
@@ -51,7 +51,7 @@ def main() -> None:
 
     from efficient_rl.cluster.ray_backend import ray_components
     from efficient_rl.cluster.runtime import start_ray
-    from efficient_rl.config import load_recipe
+    from efficient_rl.config.loading import load_recipe
 
     session = start_ray(None, cpus=2, gpus=0)  # one cluster for every size
     rows = []

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from efficient_rl import stopping
+from efficient_rl.driver import stopping
 from efficient_rl.errors import WorkerFailure
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STUDIES_DIR = RECIPES_DIR / "studies"  # study files (`efficient-rl study`), not recipes
@@ -26,17 +26,17 @@ def cmd_train(args) -> int:
 
 
 def train(args) -> int:
-    from efficient_rl.config import load_recipe
+    from efficient_rl.config.loading import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fast errors
     resume, overwrite = args.resume, args.overwrite
     if args.resume_if_checkpoint:
-        from efficient_rl.checkpoint import restart_mode
+        from efficient_rl.run.checkpoint import restart_mode
 
         resume, overwrite = restart_mode(recipe)
 
-    from efficient_rl.report import write_report
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.driver.report import write_report
+    from efficient_rl.driver.loop import run_recipe
 
     try:
         run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
@@ -51,7 +51,7 @@ def train(args) -> int:
 
 
 def what_resume_has(recipe) -> str:
-    from efficient_rl.checkpoint import latest_checkpoint
+    from efficient_rl.run.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(Path(recipe.logging.output_dir) / recipe.logging.name)
     if checkpoint is None:
@@ -61,7 +61,7 @@ def what_resume_has(recipe) -> str:
 
 def exit_status(recipe, summary: dict, checkpoint) -> int:
     """0 for a finished run; EXIT_STOPPED, saying what --resume still does, for one a stop request ended."""
-    from efficient_rl.checkpoint import what_is_left
+    from efficient_rl.run.checkpoint import what_is_left
 
     left = what_is_left(recipe, summary)
     if left is None:
@@ -71,7 +71,7 @@ def exit_status(recipe, summary: dict, checkpoint) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from efficient_rl.config import load_recipe
+    from efficient_rl.config.loading import load_recipe
 
     for path in shipped_recipes():
         recipe = load_recipe(path)
@@ -84,9 +84,9 @@ def cmd_recipes(args) -> int:
 
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
-    from efficient_rl.prepare import CHOICE_FIELDS
-    from efficient_rl.trackers import TRACKERS
-    from efficient_rl.variables import PROMPT_VARIABLES
+    from efficient_rl.driver.prepare import CHOICE_FIELDS
+    from efficient_rl.driver.trackers import TRACKERS
+    from efficient_rl.data.variables import PROMPT_VARIABLES
 
     listed = CHOICE_FIELDS + [("prompt.variables.<name>", PROMPT_VARIABLES), ("logging.trackers[]", TRACKERS)]
     for dotted, registry in listed:
@@ -101,7 +101,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_reward_check(args) -> int:
-    from efficient_rl.reward_check import check_reward
+    from efficient_rl.scoring.check import check_reward
 
     print(check_reward(args.spec, Path(args.data), args.completion_key, args.params, args.workers, args.timeout))
     return 0
@@ -113,7 +113,7 @@ EVAL_FLAG_RULES = {"--samples": "[1, inf)", "--problems": "[1, inf)", "--tempera
 
 
 def check_eval_flags(args) -> None:
-    from efficient_rl.config import Interval, check_number
+    from efficient_rl.config.rules import Interval, check_number
 
     for flag, interval in EVAL_FLAG_RULES.items():
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), Interval.parse(interval))
@@ -207,9 +207,9 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 
-    from efficient_rl.export import add_parser as add_export_parser
-    from efficient_rl.merge import add_parser as add_merge_parser
-    from efficient_rl.model_sources import add_parser as add_convert_parser
+    from efficient_rl.models.export import add_parser as add_export_parser
+    from efficient_rl.models.merge import add_parser as add_merge_parser
+    from efficient_rl.models.sources import add_parser as add_convert_parser
     from efficient_rl.slurm.jobs import add_parser as add_jobs_parser
     from efficient_rl.slurm.submit import add_parser as add_submit_parser
     from efficient_rl.study.command import add_parser as add_study_parser

@@ -1,5 +1,24 @@
-"""Errors that end a run with a one-line message (kept free of heavy imports: the CLI loads it first)."""
+"""The errors that end a command with a one-line message, and that line's form.
+
+Kept free of heavy imports: the CLI, the recipe loader and reward workers load it first.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad recipe or input; the CLI prints it as one line and exits with status 2."""
+
+
+class PluginError(ValueError):
+    """A module a recipe imports cannot be found or fails to import; the message names it."""
 
 
 class WorkerFailure(RuntimeError):
     """A worker died and the run cannot go on (its last checkpoint stays intact)."""
+
+
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """The error's message on one line (its type's name when it has none), cut at `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from efficient_rl.answers import last_boxed
+from efficient_rl.data.answers import last_boxed
 
 
 def tags_in_order(completion: str, tags: list[str]) -> bool:

@@ -9,7 +9,7 @@ import re
 
 # Answer extraction is the core's (data and evaluation read answers too); the names stay
 # importable from here for plugins written against this module.
-from efficient_rl.answers import as_number, extract_answer, final_answer, hash_answer, last_boxed, shorten  # noqa: F401
+from efficient_rl.data.answers import as_number, extract_answer, final_answer, hash_answer, last_boxed, shorten  # noqa: F401
 
 # Two plain words in a row ("see above"): prose, which math-verify would read as a product of
 # one-letter symbols (s*e*e*a*b*o*v*e) that matches only itself, so every response would score 0.

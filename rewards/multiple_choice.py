@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from efficient_rl.answers import last_boxed
+from efficient_rl.data.answers import last_boxed
 
 
 def answer_patterns(letters: str) -> list[re.Pattern]:

@@ -213,7 +213,7 @@ def test_dynamic_sampling_keeps_groups_with_spread():
 
 def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
     from conftest import RECIPES
-    from efficient_rl.config import load_recipe
+    from efficient_rl.config.loading import load_recipe
     from efficient_rl.learner.objective import objective_settings, policy_gradient_loss
 
     torch.manual_seed(2)
@@ -267,8 +267,8 @@ def test_difficulty_tier_metrics_by_hand():
 
 def test_difficulty_tiers_recipe_resolves_to_per_prompt_caps():
     from conftest import RECIPES
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import resolve_stages
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import resolve_stages
 
     stages = resolve_stages(load_recipe(RECIPES / "dler_difficulty_aware.yaml"))
     correct, groups = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])

@@ -6,10 +6,10 @@ import torch
 
 from efficient_rl.cluster.ray_backend import even_shares
 from efficient_rl.cluster.runtime import requested_resources
-from efficient_rl.config import ClusterSection, RoleResources
+from efficient_rl.config.schema import ClusterSection, RoleResources
 from efficient_rl.learner.objective import ObjectiveSettings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model
-from efficient_rl.weights import WeightBucket, plan_buckets
+from efficient_rl.models.weights import WeightBucket, plan_buckets
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -10,8 +10,11 @@ import pytest
 from conftest import RECIPES, ROOT
 from efficient_rl.algos.losses import POLICY_LOSSES
 from efficient_rl.cli import shipped_recipes
-from efficient_rl.config import Choice, ConfigError, bind, load_recipe
-from efficient_rl.prepare import check_recipe
+from efficient_rl.config.binding import bind
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.config.schema import Choice
+from efficient_rl.errors import ConfigError
+from efficient_rl.driver.prepare import check_recipe
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.relative_to(RECIPES).as_posix())
@@ -107,7 +110,7 @@ def test_every_numeric_entry_parameter_has_a_declared_range():
     """A numeric parameter of a registry entry without a range would go unchecked."""
     import typing
 
-    from efficient_rl.prepare import CHOICE_FIELDS
+    from efficient_rl.driver.prepare import CHOICE_FIELDS
 
     for dotted, registry in CHOICE_FIELDS:
         for entry in registry.entries():
@@ -203,8 +206,8 @@ def test_recipes_command_lists_every_recipe():
 
 
 def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):
-    from efficient_rl.config import DataSection
-    from efficient_rl.data import load_split
+    from efficient_rl.config.schema import DataSection
+    from efficient_rl.data.sources import load_split
 
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2"}\n')
@@ -237,7 +240,8 @@ def test_greedy_evaluation_is_a_temperature_of_zero():
 
 def test_every_numeric_field_has_a_declared_range():
     """A number added to a recipe section without a rule in NUMBER_RULES would go unchecked."""
-    from efficient_rl.config import NUMBER_RULES, DifficultyTier, LoraSection, Recipe, numbers, number_rule
+    from efficient_rl.config.rules import NUMBER_RULES, number_rule, numbers
+    from efficient_rl.config.schema import DifficultyTier, LoraSection, Recipe
 
     recipe = Recipe()
     recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
@@ -253,7 +257,7 @@ def test_every_numeric_field_has_a_declared_range():
 
 
 def test_a_recipe_built_in_python_is_checked_too():
-    from efficient_rl.config import Recipe
+    from efficient_rl.config.schema import Recipe
 
     recipe = Recipe()
     recipe.model.lab = "tiny"

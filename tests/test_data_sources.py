@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from efficient_rl.config import ConfigError, DataSection
-from efficient_rl.data import load_split
+from efficient_rl.config.schema import DataSection
+from efficient_rl.errors import ConfigError
+from efficient_rl.data.sources import load_split
 
 ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i), "level": i % 3} for i in range(5)]
 MAPPING = DataSection(question_key="problem", answer_key="solution")

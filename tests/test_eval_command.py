@@ -8,7 +8,7 @@ import pytest
 
 from conftest import RECIPES
 from test_training import EVAL_COMMAND_METRICS
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 from efficient_rl.eval.tradeoff import EvalSpec, run
 from efficient_rl.rollout.hf import TransformersEngine
 

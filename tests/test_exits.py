@@ -138,8 +138,8 @@ def test_a_program_that_raises_after_starting_reward_workers_exits(tmp_path):
     """The reproducer: multiprocessing's exit handler SIGTERMs its children and joins them, and
     reward workers ignore SIGTERM; the pool's finalizer must get to them first."""
     driver = python('''
-        from efficient_rl.config import RewardEntry
-        from efficient_rl.reward import RewardRunner
+        from efficient_rl.config.schema import RewardEntry
+        from efficient_rl.scoring.runner import RewardRunner
 
         runner = RewardRunner([RewardEntry(name="math")], workers=2, timeout=5.0)
         runner.check({"question": "1 + 1 =", "answer": "2"})
@@ -156,8 +156,8 @@ def test_killed_driver_takes_its_reward_workers_along_quietly(tmp_path):
     driver = python('''
         import os, signal, threading, time
         from pathlib import Path
-        from efficient_rl.config import RewardEntry
-        from efficient_rl.reward import RewardRunner
+        from efficient_rl.config.schema import RewardEntry
+        from efficient_rl.scoring.runner import RewardRunner
 
         runner = RewardRunner([RewardEntry(name="exit_rewards.py:hang")], workers=2, timeout=3600.0)
         runner.check({"question": "1 + 1 =", "answer": "2"})
@@ -188,7 +188,7 @@ def test_a_reward_that_fails_at_import_in_its_worker_is_one_line(run_dir, broken
 # rollout engine failing to start, the learner failing mid-step, the final evaluation failing.
 FAULTS = {
     "run directory": ("""
-        from efficient_rl.checkpoint import RunDir
+        from efficient_rl.run.checkpoint import RunDir
         def create(self):
             raise FileExistsError(17, "File exists", str(self.path))
         RunDir.create = create
@@ -206,10 +206,10 @@ FAULTS = {
         TorchLearner.update = update
         """, "RuntimeError: CUDA error: an illegal memory access was encountered"),
     "final evaluation": ("""
-        import efficient_rl.trainer
+        import efficient_rl.driver.loop
         def evaluate(*args, **kwargs):
             raise RuntimeError("the evaluation failed")
-        efficient_rl.trainer.evaluate = evaluate
+        efficient_rl.driver.loop.evaluate = evaluate
         """, "RuntimeError: the evaluation failed"),
 }
 
@@ -252,12 +252,12 @@ def test_ctrl_c_in_the_final_evaluation_cuts_it_short_and_resume_runs_it(run_dir
     cwd, overrides, run = run_dir
     interrupt_the_evaluation = """
         import os, signal
-        import efficient_rl.trainer
-        evaluate = efficient_rl.trainer.evaluate
+        import efficient_rl.driver.loop
+        evaluate = efficient_rl.driver.loop.evaluate
         def interrupted(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next line
             return evaluate(*args, **kwargs)
-        efficient_rl.trainer.evaluate = interrupted
+        efficient_rl.driver.loop.evaluate = interrupted
         """
     driver = train(cwd, overrides, interrupt_the_evaluation)
     assert driver.finish() == 75, driver.stderr[-3000:]
@@ -278,14 +278,14 @@ def fail(*args, **kwargs):
     raise RuntimeError("planted fault")
 
 
-@pytest.mark.parametrize("where", ["efficient_rl.checkpoint.RunDir.create",
+@pytest.mark.parametrize("where", ["efficient_rl.run.checkpoint.RunDir.create",
                                    "efficient_rl.learner.torch_learner.TorchLearner.update"])
 def test_run_recipe_closes_what_it_started_before_the_exception_leaves_it(run_dir, monkeypatch, where):
     """In the same process, with no exit handler to help: the cleanup scope of run_recipe itself."""
     import multiprocessing
 
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     cwd, overrides, _ = run_dir
     monkeypatch.chdir(cwd)
@@ -301,8 +301,8 @@ def test_reward_check_averages_a_metric_over_the_rows_that_reported_it():
     """Failed rows have no metric: counting them as 0 would halve a mean when half the calls fail."""
     import torch
 
-    from efficient_rl.reward import RewardResult
-    from efficient_rl.reward_check import format_report
+    from efficient_rl.scoring.runner import RewardResult
+    from efficient_rl.scoring.check import format_report
 
     result = RewardResult(scores=torch.tensor([1.0, 0.0, 1.0, 0.0]), accuracy=None,
                           extras={"words/count": [10.0, 0.0, 20.0, 0.0], "words/all": [1.0] * 4},

@@ -11,10 +11,11 @@ import zipfile
 
 import pytest
 
-from efficient_rl.cache import fetch_wheel
+from efficient_rl.data.cache import fetch_wheel
 from efficient_rl.cli import main
-from efficient_rl.config import ConfigError, DataSection
-from efficient_rl.data import load_split
+from efficient_rl.config.schema import DataSection
+from efficient_rl.errors import ConfigError
+from efficient_rl.data.sources import load_split
 from efficient_rl.rewards.math import extract_answer, math_reward
 
 SOLUTION_72 = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -62,7 +63,7 @@ def test_second_load_reads_the_jsonl_cache_without_the_wheel(wheel, tmp_path, mo
     assert len(cached.read_text().splitlines()) == 100
     written_at = cached.stat().st_mtime_ns
     # From now on the wheel is a missing file: opening it would fail.
-    monkeypatch.setattr("efficient_rl.data.fetch_wheel", lambda *args, **kwargs: tmp_path / "missing.whl")
+    monkeypatch.setattr("efficient_rl.data.sources.fetch_wheel", lambda *args, **kwargs: tmp_path / "missing.whl")
     assert load() == first
     assert cached.stat().st_mtime_ns == written_at
 

@@ -7,11 +7,12 @@ import statistics
 import pytest
 import torch
 
-from efficient_rl.config import RewardEntry
-from efficient_rl.lab.build import PRESETS, LabBuildError, WarmStartCheck, build_lab, lab_model_dir
+from efficient_rl.config.schema import RewardEntry
+from efficient_rl.lab.build import LabBuildError, build_lab, lab_model_dir
+from efficient_rl.lab.presets import PRESETS, WarmStartCheck
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
-from efficient_rl.prompts import encode_prompt, encode_response, load_tokenizer
-from efficient_rl.reward import RewardRunner
+from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
+from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rewards.math import extract_answer, math_reward
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine

@@ -63,7 +63,7 @@ def resolved_base(node: ast.ImportFrom, module: str, is_package: bool) -> str:
 
 def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     """Modules `module` imports anywhere in its file. `from pkg import name` counts as importing
-    pkg.name when that is a module of the library (`from efficient_rl import stopping`)."""
+    pkg.name when that is a module of the library (`from efficient_rl.driver import stopping`)."""
     targets = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -103,11 +103,47 @@ def core_imports_a_reward_plugin(module: str, target: str) -> bool:
     return inside(target, REWARD_PLUGINS) and not inside(module, REWARD_PLUGINS)
 
 
+# The folders from the bottom up: a module imports its own layer or those below it, never above.
+# A module listed on its own (lab.presets, lab.tasks) sits lower than the rest of its folder.
+LAYERS = (
+    ("efficient_rl.errors", "efficient_rl.registry"),  # the error types; the registry of methods
+    ("efficient_rl.config", ALGOS, "efficient_rl.run", "efficient_rl.lab.presets", "efficient_rl.lab.tasks"),
+    ("efficient_rl.data",),  # data sources, prompts, prompt variables, answers, the cache
+    ("efficient_rl.models", "efficient_rl.scoring", REWARD_PLUGINS),
+    (ROLLOUT, LEARNER),
+    ("efficient_rl.lab", "efficient_rl.eval"),  # the lab builds and evaluation both generate
+    (CLUSTER,),
+    ("efficient_rl.driver",),  # validate, build, the loop
+    ("efficient_rl.slurm", "efficient_rl.study", "efficient_rl.cli", "efficient_rl.__main__"),
+)
+# Imports that go up a layer on purpose, each with its reason.
+UPWARD_IMPORTS = {
+    # A `lab:<preset>` model reference resolves to the lab model, built on first use.
+    ("efficient_rl.models.sources", "efficient_rl.lab.build"),
+}
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of the most specific prefix `module` falls under (None: not the library's). The
+    package itself (its __init__) is the top: what it offers is the library's front door."""
+    if module == "efficient_rl":
+        return len(LAYERS) - 1
+    matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if inside(module, prefix)]
+    return max(matches)[1] if matches else None
+
+
+def imports_a_higher_layer(module: str, target: str) -> bool:
+    below, above = layer_of(module), layer_of(target)
+    return below is not None and above is not None and above > below and (module, target) not in UPWARD_IMPORTS
+
+
 RULES = {
     "algos imports only torch, the standard library and efficient_rl.registry": algos_import_beyond_torch,
     "rollout/ and learner/ never import each other or cluster/": rollout_learner_cross,
     "only cluster/ imports ray": ray_outside_cluster,
     "the core never imports a reward plugin": core_imports_a_reward_plugin,
+    "a module imports only its own layer or those below it": imports_a_higher_layer,
 }
 
 
@@ -168,9 +204,14 @@ def imports() -> dict[str, set[str]]:
     return import_map()
 
 
+def test_every_module_has_a_layer(imports):
+    unplaced = [module for module in imports if inside(module, "efficient_rl") and layer_of(module) is None]
+    assert unplaced == [], "modules in no layer of LAYERS:\n" + "\n".join(unplaced)
+
+
 def test_every_module_is_read(imports):
     # A checker that finds no files passes every rule: make sure it reads the real tree.
-    for expected in ("efficient_rl.algos.losses", "efficient_rl.cluster.ray_backend", "efficient_rl.trainer",
+    for expected in ("efficient_rl.algos.losses", "efficient_rl.cluster.ray_backend", "efficient_rl.driver.loop",
                      "efficient_rl.rewards.math", "efficient_rl.learner.torch_learner"):
         assert expected in imports
     assert "torch" in imports["efficient_rl.algos.losses"]
@@ -199,12 +240,12 @@ SYNTHETIC = {
     "efficient_rl.learner.objective": {"efficient_rl.cluster.weights", "efficient_rl.helper"},
     "efficient_rl.helper": {"ray"},
     "efficient_rl.cluster.weights": {"ray"},
-    "efficient_rl.data": {"efficient_rl.rewards.math"},
-    "efficient_rl.rewards.math": {"efficient_rl.answers"},
+    "efficient_rl.data.sources": {"efficient_rl.rewards.math"},
+    "efficient_rl.rewards.math": {"efficient_rl.data.answers"},
     "efficient_rl.a": {"efficient_rl.b"},
     "efficient_rl.b": {"efficient_rl.c"},
     "efficient_rl.c": {"efficient_rl.a"},
-    "efficient_rl.answers": set(),
+    "efficient_rl.data.answers": set(),
 }
 
 
@@ -214,7 +255,13 @@ def test_the_checker_catches_each_broken_rule():
     assert violations(SYNTHETIC, rules[1]) == ["efficient_rl.learner.objective imports efficient_rl.cluster.weights",
                                                "efficient_rl.rollout.hf imports efficient_rl.learner.objective"]
     assert violations(SYNTHETIC, rules[2]) == ["efficient_rl.helper imports ray"]
-    assert violations(SYNTHETIC, rules[3]) == ["efficient_rl.data imports efficient_rl.rewards.math"]
+    assert violations(SYNTHETIC, rules[3]) == ["efficient_rl.data.sources imports efficient_rl.rewards.math"]
+    assert violations({**SYNTHETIC, "efficient_rl.data.prompts": {"efficient_rl.lab.build"},
+                       "efficient_rl.models.sources": {"efficient_rl.lab.build", "efficient_rl.driver.loop"}},
+                      rules[4]) == ["efficient_rl.data.prompts imports efficient_rl.lab.build",
+                                    "efficient_rl.data.sources imports efficient_rl.rewards.math",
+                                    "efficient_rl.learner.objective imports efficient_rl.cluster.weights",
+                                    "efficient_rl.models.sources imports efficient_rl.driver.loop"]
     assert ray_reached_from(SYNTHETIC, (ROLLOUT, LEARNER)) == ["efficient_rl.learner.objective",
                                                                "efficient_rl.rollout.hf"]
     assert import_cycles(SYNTHETIC) == [["efficient_rl.a", "efficient_rl.b", "efficient_rl.c", "efficient_rl.a"]]

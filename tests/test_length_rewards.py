@@ -14,8 +14,9 @@ from efficient_rl.algos.length_rewards import (
     laser_d_targets, thinkprune, thinkprune_cap,
 )
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs
-from efficient_rl.config import ConfigError, load_recipe
-from efficient_rl.prepare import check_recipe
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.errors import ConfigError
+from efficient_rl.driver.prepare import check_recipe
 
 
 def inputs(lengths, correct, groups=None, scores=None, cap=48, truncated=None, targets=None, progress=0.0):
@@ -192,7 +193,7 @@ def test_every_new_entry_is_reachable_by_name_with_its_defaults():
 def test_l1_trains_two_steps_with_a_target_in_each_prompt(tmp_path, tiny_overrides):
     """The L1 recipe on the tiny lab model: targets drawn per sample reach the prompt and the
     reward, and the held-out set is evaluated once per listed target."""
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     overrides = tiny_overrides + [
         "steps=2", "eval.before_training=false", "eval.every=2", "eval.num_problems=4", "logging.tensorboard=false",

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 
 from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.config import DEFAULT_LORA_TARGETS, ConfigError, LoraSection, load_recipe
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.config.schema import DEFAULT_LORA_TARGETS, LoraSection
+from efficient_rl.errors import ConfigError
 from efficient_rl.learner.objective import objective_settings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
-from efficient_rl.lora import ADAPTER_DIR, attach_lora
-from efficient_rl.modeling import load_model, response_logprobs
-from efficient_rl.trainer import run_recipe
+from efficient_rl.models.lora import ADAPTER_DIR, attach_lora
+from efficient_rl.models.modeling import load_model, response_logprobs
+from efficient_rl.driver.loop import run_recipe
 
 RANK, ALPHA = 4, 12.0  # scale alpha / rank = 3
 ROWS, PROMPT, RESPONSE = 6, 5, 9
@@ -129,7 +131,7 @@ def test_a_bf16_lora_learner_steps_float32_adapters_and_its_reference_is_the_bf1
 
 def test_merged_weights_synced_to_vllm_greedy_match_transformers_on_the_adapted_model(trained, tiny_model_dir):
     from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
-    from efficient_rl.prompts import encode_prompt, load_tokenizer
+    from efficient_rl.data.prompts import encode_prompt, load_tokenizer
     from efficient_rl.rollout.base import SamplingSettings
     from efficient_rl.rollout.hf import TransformersEngine
     from efficient_rl.rollout.vllm_engine import VLLMEngine
@@ -237,7 +239,7 @@ def test_export_refuses_bad_paths_in_one_line(runs, tmp_path, capsys, source, ou
 
 
 def test_export_of_a_full_fine_tuning_checkpoint(tmp_path, tiny_overrides, tiny_model_dir):
-    from efficient_rl.export import export
+    from efficient_rl.models.export import export
 
     run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + [
         "steps=1", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",

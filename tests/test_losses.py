@@ -768,8 +768,8 @@ def test_every_loss_is_registered_with_its_documented_defaults():
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED_DEFAULTS))
 def test_two_training_steps_with_each_loss(name, tmp_path, tiny_overrides):
-    from efficient_rl.config import load_recipe
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     aggregation = "balanced" if name == "ppo_clip" else "seq-mean-token-mean" if name in ("gspo", "gmpo") \
         else "token-mean"

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from efficient_rl import merge
-from efficient_rl.config import ConfigError
-from efficient_rl.merge import add_parser, kth_largest
+from efficient_rl.models import merge
+from efficient_rl.errors import ConfigError
+from efficient_rl.models.merge import add_parser, kth_largest
 
 LAYER0 = "model.layers.0."
 

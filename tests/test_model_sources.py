@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM, GgufConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from conftest import RECIPES, TINY_OVERRIDES
-from efficient_rl.cache import cache_root
-from efficient_rl.config import ConfigError, load_recipe
-from efficient_rl.model_sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
-from efficient_rl.prepare import check_recipe, prepare
-from efficient_rl.prompts import encode_prompt, load_tokenizer
+from efficient_rl.data.cache import cache_root
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.errors import ConfigError
+from efficient_rl.models.sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
+from efficient_rl.driver.prepare import check_recipe, prepare
+from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import VLLMEngine

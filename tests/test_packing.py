@@ -13,7 +13,7 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.teacher import Teacher
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
-from efficient_rl.modeling import forward_positions, pack_rows, response_logprobs
+from efficient_rl.models.modeling import forward_positions, pack_rows, response_logprobs
 
 ROWS = 12
 

@@ -10,9 +10,10 @@ import time
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.config import ConfigError, load_recipe
-from efficient_rl.prepare import check_recipe
-from efficient_rl.trainer import run_recipe
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.errors import ConfigError
+from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.loop import run_recipe
 
 OVERLAPPED = ["cluster.pipeline.name=overlapped", "algorithm.rollout_correction=tis"]
 # Rewards in the driver's process: reward workers would cost start-up time for nothing here.

@@ -1,4 +1,4 @@
-"""Prompt variables (efficient_rl/variables.py): the user template shows any sample field, a
+"""Prompt variables (efficient_rl/data/variables.py): the user template shows any sample field, a
 missing one is one line of error at load, variables are drawn per sample reproducibly from the
 seed, and eval.variables gives the held-out problems once per value."""
 
@@ -7,9 +7,11 @@ import re
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.config import Choice, ConfigError, load_recipe
-from efficient_rl.prepare import bind_choices, check_recipe, recipe_needs
-from efficient_rl.variables import (
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.config.schema import Choice
+from efficient_rl.errors import ConfigError
+from efficient_rl.driver.prepare import bind_choices, check_recipe, recipe_needs
+from efficient_rl.data.variables import (
     PROMPT_VARIABLES, bind_variables, check_sample_fields, check_template, draw_variables, eval_variants, render,
     template_fields,
 )
@@ -112,8 +114,8 @@ def test_the_recipe_form_round_trips_and_every_numeric_parameter_has_a_range():
 
 
 def test_the_encoded_prompt_shows_the_samples_target(tiny_model_dir):
-    from efficient_rl.config import PromptSection
-    from efficient_rl.prompts import encode_prompt, encode_sample, load_tokenizer
+    from efficient_rl.config.schema import PromptSection
+    from efficient_rl.data.prompts import encode_prompt, encode_sample, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = PromptSection(chat_template="never", user_template="{question} Think in {target_length} tokens.")

@@ -7,8 +7,10 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM
 
-from efficient_rl.config import ConfigError, PromptSection, load_recipe
-from efficient_rl.prompts import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.config.schema import PromptSection
+from efficient_rl.errors import ConfigError
+from efficient_rl.data.prompts import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import VLLMEngine
@@ -55,7 +57,7 @@ def test_auto_falls_back_to_plain_text_and_always_is_refused(no_template_model, 
     with pytest.raises(TokenizerError, match="prompt.chat_template: always, but the tokenizer of .* has no chat template"):
         encode_prompt(tokenizer, "2+3", PromptSection(chat_template="always"))
 
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("model.lab")] + [
         "model.lab=null", f"model.path={no_template_model}", "prompt.chat_template=always",

@@ -10,15 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES
-from efficient_rl.checkpoint import RunDir
+from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.ray_backend import place, start_learners
 from efficient_rl.cluster.runtime import start_ray
-from efficient_rl.config import load_recipe
-from efficient_rl.prepare import prepare
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.prepare import prepare
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
-from efficient_rl.trainer import Trainer
+from efficient_rl.driver.loop import Trainer
 
 RAY_OVERRIDES = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed",
                  "cluster.learner.workers=2", "eval.before_training=false", "eval.after_training=false",
@@ -139,7 +139,7 @@ def test_distillation_from_a_teacher_actor_with_tip_selection_on_deepspeed_ranks
     import ray
 
     from efficient_rl.cluster.teacher import teacher_actor_name
-    from efficient_rl.trainer import run_recipe
+    from efficient_rl.driver.loop import run_recipe
 
     recipe = load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + RAY_OVERRIDES + [
         "model.lab=tiny_student", "distill.teacher=lab:tiny", "distill.placement=ray", "learner.zero_stage=2",

@@ -23,7 +23,7 @@ SMALL_RL = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from efficient_rl.model_sources import smollm2_model_dir
+    from efficient_rl.models.sources import smollm2_model_dir
 
     return smollm2_model_dir()
 
@@ -46,11 +46,11 @@ def test_eval_on_gsm8k_questions_writes_its_report(smollm2, tmp_path):
 
 
 def test_an_rl_step_through_ray_vllm_and_zero2_with_a_verified_sync(smollm2, tmp_path):
-    from efficient_rl.checkpoint import RunDir
+    from efficient_rl.run.checkpoint import RunDir
     from efficient_rl.cluster.runtime import start_ray
-    from efficient_rl.config import load_recipe
-    from efficient_rl.prepare import prepare
-    from efficient_rl.trainer import Trainer
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.prepare import prepare
+    from efficient_rl.driver.loop import Trainer
 
     recipe = load_recipe(RECIPES / "smollm2_dler_cpu.yaml", SMALL_RL + [
         "cluster.backend=ray", "learner.backend=deepspeed", "cluster.learner.workers=2", "learner.zero_stage=2",

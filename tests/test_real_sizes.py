@@ -12,11 +12,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from conftest import RECIPES, TINY_OVERRIDES
 from test_packing import Observed, spread_batch
 from test_selected_compute import VOCAB, settings_of
-from efficient_rl.config import ConfigError, load_recipe
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.errors import ConfigError
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
-from efficient_rl.modeling import load_model, response_logprobs, token_logprobs_and_entropy
-from efficient_rl.prepare import check_recipe, prepare
+from efficient_rl.models.modeling import load_model, response_logprobs, token_logprobs_and_entropy
+from efficient_rl.driver.prepare import check_recipe, prepare
 
 # bfloat16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative, and a value
 # in the backward has been through a handful of them (weights, activations, their products:

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from efficient_rl.config import ConfigError, RewardEntry
-from efficient_rl.reward import RewardRunner
+from efficient_rl.config.schema import RewardEntry
+from efficient_rl.errors import ConfigError
+from efficient_rl.scoring.runner import RewardRunner
 
 SAMPLE = {"question": "1 + 1 =", "answer": "2"}
 

@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from conftest import RECIPES, TINY_OVERRIDES, wait_for
-from efficient_rl.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
+from efficient_rl.run.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
 from efficient_rl.cli import main
-from efficient_rl.config import load_recipe
-from efficient_rl.trainer import run_recipe
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.loop import run_recipe
 
 QUIET = ["eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false"]
 HANG_GUARD = 1200  # seconds; only so that a broken run fails instead of hanging the suite
@@ -249,7 +249,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(base, capsys):
 
 
 def test_a_torn_middle_metrics_line_is_dropped_with_a_notice(tmp_path, capsys):
-    from efficient_rl.logging import read_lines
+    from efficient_rl.driver.metrics import read_lines
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_bytes(b'{"step": 1}\n{"step": 2, "x": \xe2\x82\n{"step": 3}\n[3]\n')

@@ -10,9 +10,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.config import load_recipe
+from efficient_rl.config.loading import load_recipe
 from efficient_rl.learner.objective import loss_masks, objective_settings, policy_gradient_loss
-from efficient_rl.modeling import response_logprobs, sequence_inputs
+from efficient_rl.models.modeling import response_logprobs, sequence_inputs
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 

@@ -250,8 +250,8 @@ def test_missing_sbatch_and_existing_run_directory_are_one_line_errors(tmp_path)
 
 
 def test_restart_mode_resumes_a_checkpoint_and_restarts_a_run_without_one(tmp_path):
-    from efficient_rl.checkpoint import restart_mode
-    from efficient_rl.config import load_recipe
+    from efficient_rl.run.checkpoint import restart_mode
+    from efficient_rl.config.loading import load_recipe
 
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"logging.output_dir={tmp_path}", "logging.name=r"])
     assert restart_mode(recipe) == (False, False)  # nothing there: a new run

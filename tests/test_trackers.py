@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.checkpoint import RunDir
-from efficient_rl.config import ConfigError, load_recipe
-from efficient_rl.prepare import check_recipe
-from efficient_rl.trackers import TRACKERS, mlflow_name
-from efficient_rl.trainer import run_recipe
+from efficient_rl.run.checkpoint import RunDir
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.errors import ConfigError
+from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.trackers import TRACKERS, mlflow_name
+from efficient_rl.driver.loop import run_recipe
 
 TIMING = ("step_time", "tokens_per_second", "timing/")
 COMPLETION_FIELDS = {"step", "group", "question", "prompt", "completion", "answer", "score", "reward", "correct", "length",

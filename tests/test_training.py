@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.checkpoint import RunDir
-from efficient_rl.config import load_recipe
-from efficient_rl.trainer import run_recipe
+from efficient_rl.run.checkpoint import RunDir
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.loop import run_recipe
 
 TIMING_KEYS = ("step_time", "tokens_per_second", "timing/")
 EVAL_COMMAND_METRICS = ("pass@1", "pass@1/ci_low", "pass@1/ci_high", "pass@2", "maj@2", "short-1@2", "length/mean",
@@ -81,7 +81,7 @@ def test_resume_runs_every_step_exactly_once(tmp_path, tiny_overrides):
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
     import pytest
 
-    from efficient_rl.config import ConfigError
+    from efficient_rl.errors import ConfigError
 
     common = tiny_overrides + ["steps=1", "eval.before_training=false", "eval.after_training=false",
                                "logging.tensorboard=false", "logging.name=r"]
@@ -239,7 +239,7 @@ def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_ove
 
 
 def test_distillation_teacher_must_share_the_vocabulary(tmp_path, tiny_overrides):
-    from efficient_rl.config import ConfigError
+    from efficient_rl.errors import ConfigError
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES
-from efficient_rl.modeling import response_logprobs
+from efficient_rl.models.modeling import response_logprobs
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
-from efficient_rl.prompts import encode_prompt, load_tokenizer
+from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine
@@ -127,7 +127,7 @@ def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
 
 
 def test_a_bf16_engine_greedy_matches_transformers_in_bf16_on_half_the_bytes(tiny_model_dir):
-    from efficient_rl.modeling import load_model
+    from efficient_rl.models.modeling import load_model
 
     tokenizer = load_tokenizer(tiny_model_dir)
     problems = generate_problems(ArithmeticTask(), "heldout", 4, seed=1)

@@ -12,12 +12,12 @@ import socket
 from pathlib import Path
 
 from efficient_rl.cluster.teacher import teacher_client
-from efficient_rl.plugins import import_plugins
+from efficient_rl.config.plugins import import_plugins
 
 
 class RolloutWorker:
     def __init__(self, recipe, model_dir: Path, verify_prompt: list[int] | None):
-        from efficient_rl.prompts import load_tokenizer
+        from efficient_rl.data.prompts import load_tokenizer
         from efficient_rl.rollout.vllm_engine import VLLMEngine
 
         self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), recipe.longest_sequence(), recipe.seed,

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from efficient_rl.weights import WeightBucket
+from efficient_rl.models.weights import WeightBucket
 
 
 class NcclBroadcast:

@@ -18,7 +18,7 @@ from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWor
 from efficient_rl.cluster.components import Components
 from efficient_rl.cluster.runtime import requested_resources, start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
-from efficient_rl.errors import WorkerFailure
+from efficient_rl.errors import WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
 
@@ -115,7 +115,7 @@ class RayLearnerGroup:
                     raise
                 rank = futures.index(done[0])
                 self.kill()
-                raise WorkerFailure(f"learner rank {rank} died during {method} ({one_line(err)}); the run "
+                raise WorkerFailure(f"learner rank {rank} died during {method} ({one_line(err, 200)}); the run "
                                     f"stopped, its last checkpoint is intact: continue it with --resume") from None
         return ray.get(futures)
 
@@ -290,11 +290,11 @@ class RayRolloutGroup:
         import ray
 
         if self.restarts >= self.max_restarts:
-            raise WorkerFailure(f"rollout worker {index} died ({one_line(err)}) and cluster.max_rollout_restarts="
+            raise WorkerFailure(f"rollout worker {index} died ({one_line(err, 200)}) and cluster.max_rollout_restarts="
                                 f"{self.max_restarts} restarts are used up (none with NCCL weight sync)") from None
         self.restarts += 1
         self.unreported_restarts += 1
-        tqdm.write(f"rollout worker {index} died ({one_line(err)}); restart {self.restarts} of at most "
+        tqdm.write(f"rollout worker {index} died ({one_line(err, 200)}); restart {self.restarts} of at most "
                    f"{self.max_restarts}, regenerating its share")
         worker = self.spawn(index)
         ray.get(self.transport.catch_up(worker))
@@ -309,11 +309,6 @@ def kill_all(actors: list) -> None:
 
     for actor in actors:
         ray.kill(actor)
-
-
-def one_line(err: Exception) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) < 200 else text[:200] + "..."
 
 
 # ---------------------------------------------------------------- assembly

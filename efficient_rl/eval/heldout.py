@@ -12,7 +12,7 @@ import math
 import torch
 
 from efficient_rl.eval.metrics import evaluation_metrics, sample_of
-from efficient_rl.reward import RewardRunner
+from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
-from efficient_rl.answers import extract_answer
+from efficient_rl.data.answers import extract_answer
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 # The fields an evaluation's user template may show: the question, and the token budget of the
 # generation, so that a method trained with a target length in its prompt (L1) is asked for the
@@ -33,13 +33,13 @@ class EvalSpec:
     user_template: str = "{question}"  # the user turn; may show {budget} (PROMPT_FIELDS)
 
     def prompt(self):
-        from efficient_rl.config import PromptSection
+        from efficient_rl.config.schema import PromptSection
 
         return PromptSection(self.chat_template, self.system_prompt, self.user_template)
 
 
 def check_user_template(template: str, where: str) -> None:
-    from efficient_rl.variables import template_fields
+    from efficient_rl.data.variables import template_fields
 
     unknown = [name for name in template_fields(template) if name not in PROMPT_FIELDS]
     if unknown:

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 
-from efficient_rl.answers import shorten  # a long GSM8K reference cut to its end, the answer
-from efficient_rl.config import ConfigError, DataSection, RewardEntry
+from efficient_rl.data.answers import shorten  # a long GSM8K reference cut to its end, the answer
+from efficient_rl.config.schema import DataSection, RewardEntry
+from efficient_rl.errors import ConfigError
 from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
                                         token_complexities)
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
 from efficient_rl.eval.spec import EvalSpec, check_user_template
-from efficient_rl.model_sources import model_directory
-from efficient_rl.reward import RewardRunner
+from efficient_rl.models.sources import model_directory
+from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
 
 CHUNK = 16  # questions generated (and cached) together
@@ -51,7 +52,7 @@ def label(reference: str, budget: int) -> str:
 
 
 def load_questions(spec: EvalSpec, field_name: str = "--data") -> list[dict]:
-    from efficient_rl.data import load_split
+    from efficient_rl.data.sources import load_split
 
     data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key,
                        heldout_split=spec.split)
@@ -136,7 +137,7 @@ class ModelUnderTest:
     def __init__(self, reference: str, directory: Path, questions: list[dict], spec: EvalSpec):
         from transformers import AutoConfig
 
-        from efficient_rl.prompts import TokenizerError, encode_sample, load_tokenizer
+        from efficient_rl.data.prompts import TokenizerError, encode_sample, load_tokenizer
 
         self.directory, self.spec, self.engine = directory, spec, None
         self.tokenizer = load_tokenizer(directory)

@@ -24,7 +24,7 @@ from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.objective import objective_settings, without_selected_compute
 from efficient_rl.learner.torch_learner import (OptimSettings, TorchLearner, adamw, enable_gradient_checkpointing,
                                                load_policy, load_reference, model_dtype, optim_settings, with_adapter)
-from efficient_rl.lora import save_adapter
+from efficient_rl.models.lora import save_adapter
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 # learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO

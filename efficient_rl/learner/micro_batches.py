@@ -15,7 +15,7 @@ add up to the same totals in any grouping. A sequence longer than the budget goe
 from __future__ import annotations
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.modeling import sequence_lengths
+from efficient_rl.models.modeling import sequence_lengths
 
 
 def plan_micro_batches(rows: RolloutBatch, micro_batch_size: int, micro_batch_tokens: int,

@@ -19,8 +19,9 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import (AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,
                                        LossDenominators, LossInputs)
-from efficient_rl.config import AlgorithmSection, DistillSection, LearnerSection, RolloutSection, bind
-from efficient_rl.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
+from efficient_rl.models.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
 from efficient_rl.registry import Bound, Registry
 
 # name -> fn(model, rows, settings, den, teacher, **params) -> (loss, {statistic: sum over loss tokens}).

@@ -14,10 +14,11 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import map_row_chunks
-from efficient_rl.config import ConfigError, Recipe
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError
 from efficient_rl.learner.objective import head_logprobs
-from efficient_rl.model_sources import model_directory
-from efficient_rl.modeling import DTYPES, load_model, output_head, response_hidden_states
+from efficient_rl.models.sources import model_directory
+from efficient_rl.models.modeling import DTYPES, load_model, output_head, response_hidden_states
 
 
 class Teacher:

@@ -19,18 +19,19 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.config import LearnerSection, bind
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import LearnerSection
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.objective import (ObjectiveSettings, denominators, head_logprobs, loss_masks,
                                            objective_settings)
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
-from efficient_rl.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
-from efficient_rl.modeling import (DTYPES, PRECISIONS, forward_positions, load_model, output_head,
+from efficient_rl.models.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
+from efficient_rl.models.modeling import (DTYPES, PRECISIONS, forward_positions, load_model, output_head,
                                    response_hidden_states, response_logprobs)
 from efficient_rl.registry import Bound
-from efficient_rl.weights import WeightBucket, plan_buckets
+from efficient_rl.models.weights import WeightBucket, plan_buckets
 
 OPTIMIZER_FILE = "optimizer.pt"
 LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
@@ -80,7 +81,7 @@ class MiniBatch:
     den: LossDenominators  # loss denominators of the whole mini-batch, across processes
 
 
-class TokenStats:
+class TokenStatSums:
     """Sums of per-token statistics over micro-batches, reported as means per token."""
 
     def __init__(self):
@@ -107,7 +108,7 @@ class TorchLearner:
                  sync_dtype: torch.dtype = torch.float32, adapter=None):
         self.model = model  # float32: the master weights, which the optimizer steps and checkpoints hold
         self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
-        self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/lora.py)
+        self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/models/lora.py)
         self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
         self.objective = objective
         self.optim = optim
@@ -137,7 +138,7 @@ class TorchLearner:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
             if self.objective.kl_coef > 0:
                 mini.rows.ref_logprobs = self.reference_logprobs(mini.rows)
-        token_stats, losses, grad_norms = TokenStats(), [], []
+        token_stats, losses, grad_norms = TokenStatSums(), [], []
         self.positions = {"positions": 0.0, "tokens": 0.0}  # of the training passes, for padding_fraction
         for _ in range(self.optim.epochs):
             for mini in minis:
@@ -158,7 +159,7 @@ class TorchLearner:
     def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
         return MiniBatch(rows=self.local_rows(mini), den=denominators(mini, self.objective))
 
-    def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStats) -> tuple[float, float]:
+    def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStatSums) -> tuple[float, float]:
         total_loss = 0.0
         for indices, rows in self.micro_batches(mini.rows):
             loss, stats = self._micro_batch_loss(rows, mini.den)
@@ -298,7 +299,7 @@ class TorchLearner:
 
     def named_weights(self):
         """(name, tensor) of every parameter of the plain model, tied ones once: with LoRA the
-        target layers' weights merged, under the base model's names (efficient_rl/lora.py)."""
+        target layers' weights merged, under the base model's names (efficient_rl/models/lora.py)."""
         return [(weight.name, weight.value()) for weight in plain_weights(self.model)]
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:

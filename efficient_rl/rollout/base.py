@@ -28,7 +28,7 @@ class RolloutEngine(Protocol):
     def pop_metrics(self) -> dict[str, float]:
         """Engine events since the last call (actor restarts), as step metrics."""
 
-    # The overlapped pipeline (efficient_rl/cluster/pipeline.py): the learner trains on while the
+    # The overlapped pipeline (efficient_rl/driver/pipeline.py): the learner trains on while the
     # engine generates, so the weights travel as a copy taken after the update and are loaded
     # between generation requests.
     def own_weights(self) -> None:

@@ -13,8 +13,8 @@ import copy
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.modeling import DTYPES, compute_in
-from efficient_rl.prompts import stop_token_ids
+from efficient_rl.models.modeling import DTYPES, compute_in
+from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
 

@@ -22,10 +22,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.config import VLLMSection
-from efficient_rl.lora import plain_named_weights
-from efficient_rl.modeling import DTYPES, load_model, sequence_inputs
-from efficient_rl.prompts import stop_token_ids
+from efficient_rl.config.schema import VLLMSection
+from efficient_rl.models.lora import plain_named_weights
+from efficient_rl.models.modeling import DTYPES, load_model, sequence_inputs
+from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 from efficient_rl.rollout.hf import left_pad
 

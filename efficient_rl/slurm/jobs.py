@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from efficient_rl.config import ConfigError, Recipe
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError
 
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 TEMPLATE = SLURM_DIR / "job.sbatch"
@@ -210,7 +211,7 @@ def check_recipe_fits(recipe: Recipe, request: JobRequest, cpus_per_node: int) -
 
 
 def check_run_directory(recipe: Recipe, request: JobRequest) -> Path:
-    from efficient_rl.checkpoint import latest_checkpoint
+    from efficient_rl.run.checkpoint import latest_checkpoint
 
     run_dir = (Path(recipe.logging.output_dir) / recipe.logging.name).resolve()
     if request.first_attempt_mode == "--resume" and latest_checkpoint(run_dir) is None:
@@ -327,8 +328,8 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
                        dry_run: bool = False, recipe: Recipe | None = None) -> Submission:
     """Every check submit makes, then the script; nothing written. `mode`: "", "--resume" or
     "--overwrite" for the first attempt."""
-    from efficient_rl.config import load_recipe
-    from efficient_rl.prepare import check_recipe
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.prepare import check_recipe
 
     recipe = recipe or load_recipe(recipe_path, overrides)
     check_recipe(recipe)  # what `train` would refuse, refused before the job queues

@@ -10,7 +10,7 @@ check   load and check the study (every run's recipe too) and print its plan; wr
 
 from __future__ import annotations
 
-from efficient_rl import stopping
+from efficient_rl.driver import stopping
 from efficient_rl.study.spec import LoadedStudy, load_study, study_as_yaml
 
 
@@ -46,7 +46,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from efficient_rl.checkpoint import write_atomically
+    from efficient_rl.run.checkpoint import write_atomically
     from efficient_rl.study.launchers import LAUNCHERS, StopRequests, say
     from efficient_rl.study.progress import DONE, FAILED, run_state, states
     from efficient_rl.study.report import evaluate

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 from efficient_rl.study.progress import finished, local_active, read_record, run_state, slurm_active, write_record
 from efficient_rl.study.spec import LoadedStudy, PlannedRun
 
@@ -118,7 +118,7 @@ class SlurmLauncher:
 
     @staticmethod
     def submission(item: PlannedRun, loaded: LoadedStudy):
-        from efficient_rl.checkpoint import restart_mode
+        from efficient_rl.run.checkpoint import restart_mode
         from efficient_rl.slurm.submit import prepare_submission
 
         resume, overwrite = restart_mode(item.recipe)  # a half-trained run resumes from its checkpoint

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficient_rl.checkpoint import latest_checkpoint, what_is_left, write_atomically
+from efficient_rl.run.checkpoint import latest_checkpoint, what_is_left, write_atomically
 from efficient_rl.study.spec import LoadedStudy, PlannedRun
 
 DONE, TRAINING, QUEUED, FAILED, PARTIAL, PENDING = "done", "training", "queued", "failed", "partial", "pending"

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficient_rl.checkpoint import finished_checkpoints, latest_checkpoint
+from efficient_rl.run.checkpoint import finished_checkpoints, latest_checkpoint
 from efficient_rl.study.progress import DONE, RunState
 from efficient_rl.study.spec import LoadedStudy, PlannedRun, eval_spec
 

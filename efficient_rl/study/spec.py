@@ -14,8 +14,10 @@ from typing import Literal
 
 import yaml
 
-from efficient_rl.config import (ConfigError, Interval, Recipe, apply_override, as_plain, build, check_number,
-                                 load_recipe, numbers, one_line)
+from efficient_rl.config.loading import apply_override, build, load_recipe
+from efficient_rl.config.rules import Interval, check_number, numbers
+from efficient_rl.config.schema import Recipe, as_plain
+from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.eval.spec import EvalSpec, check_user_template
 from efficient_rl.registry import did_you_mean
 from efficient_rl.slurm.submit import SubmitOptions
@@ -208,7 +210,7 @@ def check_eval(settings: StudyEval) -> None:
 
 def plan(study: Study, path: Path) -> list[PlannedRun]:
     """Every (run, seed), its recipe loaded and checked as `train` would check it."""
-    from efficient_rl.prepare import check_recipe
+    from efficient_rl.driver.prepare import check_recipe
 
     planned = []
     for index, run in enumerate(study.runs):
@@ -231,7 +233,7 @@ def plan(study: Study, path: Path) -> list[PlannedRun]:
 def check_same_recipe(item: PlannedRun) -> None:
     """A run trained before under another recipe is neither resumed nor counted as done: the
     study file changed under it."""
-    from efficient_rl.checkpoint import changed_section
+    from efficient_rl.run.checkpoint import changed_section
 
     if (item.run_dir / "config.yaml").is_file():
         section = changed_section(item.run_dir, item.recipe)

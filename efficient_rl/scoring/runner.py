@@ -2,7 +2,7 @@
 
 Every reward is resolved, its signature checked and a probe call made at recipe load, so a bad
 reward fails before any work, naming its entry. At run time calls go to a pool of spawned
-workers (efficient_rl/reward_pool.py) under a wall-clock timeout. A call that raises, times out,
+workers (efficient_rl/scoring/pool.py) under a wall-clock timeout. A call that raises, times out,
 crashes its worker or returns a non-number scores 0 *and* is counted (`reward/errors`,
 `reward/timeouts`), with the first messages kept for the log: an error is never silently a zero.
 """
@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from efficient_rl.config import ConfigError, RewardEntry
+from efficient_rl.config.schema import RewardEntry
+from efficient_rl.errors import ConfigError
 from efficient_rl.errors import WorkerFailure
-from efficient_rl.reward_plugins import RewardLoadError, check_signature, is_batched, load_reward
-from efficient_rl.reward_pool import Outcome, RewardCall, RewardPool, outcome_of
+from efficient_rl.scoring.plugins import RewardLoadError, check_signature, is_batched, load_reward
+from efficient_rl.scoring.pool import Outcome, RewardCall, RewardPool, outcome_of
 
 MAX_KEPT_ERRORS = 5
 

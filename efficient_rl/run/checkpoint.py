@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import yaml
 
-from efficient_rl.config import ConfigError, Recipe, build, migrate_old_keys
+from efficient_rl.config.loading import build, migrate_old_keys
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError, one_line
 
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
@@ -256,7 +258,7 @@ def read_manifest(checkpoint: Path) -> tuple[dict[str, int] | None, Problem | No
         files = json.loads(path.read_text())["files"]
         return {str(name): int(size) for name, size in files.items()}, None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return None, Problem(path, f"unreadable manifest ({one_line(err)})")
+        return None, Problem(path, f"unreadable manifest ({one_line(err, 200)})")
 
 
 def missing_required(checkpoint: Path) -> Problem | None:
@@ -298,7 +300,7 @@ def safetensors_problem(path: Path, size: int) -> Problem | None:
             header = json.loads(f.read(header_length))
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        return Problem(path, f"unreadable safetensors header ({one_line(err)})")
+        return Problem(path, f"unreadable safetensors header ({one_line(err, 200)})")
     expected = 8 + header_length + max(ends, default=0)
     if expected != size:
         return Problem(path, f"{size} bytes, its header describes {expected}")
@@ -310,7 +312,7 @@ def torch_file_problem(path: Path) -> Problem | None:
         # Zip-format files (every torch.save since 1.6) are mapped, not read: cheap for big states.
         torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # any unpickling or zip error means the file cannot be resumed from
-        return Problem(path, f"torch.load fails ({one_line(err)})")
+        return Problem(path, f"torch.load fails ({one_line(err, 200)})")
     return None
 
 
@@ -318,14 +320,8 @@ def json_problem(path: Path) -> Problem | None:
     try:
         json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        return Problem(path, f"not valid JSON ({one_line(err)})")
+        return Problem(path, f"not valid JSON ({one_line(err, 200)})")
     return None
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else type(err).__name__
-    return first[:200]
 
 
 # ---------------------------------------------------------------- which checkpoint
@@ -634,7 +630,7 @@ def read_saved_recipe(path: Path) -> dict:
     try:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: unreadable ({one_line(err)}); it is the recipe a resume is checked against") from None
+        raise ConfigError(f"{path}: unreadable ({one_line(err, 200)}); it is the recipe a resume is checked against") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected the run's recipe, a mapping; got {type(saved).__name__}")
     return saved

@@ -9,7 +9,7 @@ import sys
 
 from tqdm import tqdm
 
-from efficient_rl.trackers import Trackers
+from efficient_rl.driver.trackers import Trackers
 
 PROGRESS_KEYS = {"reward/mean": "reward", "acc/mean": "acc", "response_length/mean": "len"}
 

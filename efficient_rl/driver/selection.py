@@ -17,7 +17,8 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS, TokenStats
-from efficient_rl.config import Recipe, bind
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import Recipe
 
 
 class Selection:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from efficient_rl.errors import WorkerFailure
-from efficient_rl.reward_plugins import call_reward, load_reward
+from efficient_rl.scoring.plugins import call_reward, load_reward
 
 STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import its rewards
 CLOSE_GRACE = 2.0  # seconds idle workers get, all together, to leave on their own before they are killed

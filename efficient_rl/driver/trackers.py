@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from efficient_rl.config import ConfigError, Recipe, bind
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.registry import Registry
 
 TRACKERS: Registry = Registry("experiment tracker")
@@ -71,9 +73,8 @@ def report(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{type(err).__name__}: {text[:limit]}"
+def described(err: BaseException) -> str:
+    return f"{type(err).__name__}: {one_line(err, 300)}"
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Trackers:
 
     def failed(self, name: str, when: str, err: BaseException) -> None:
         hint = f" ({INSTALL_HINT})" if isinstance(err, ImportError) else ""
-        report(f"tracker {name} failed {when}, training goes on without it: {one_line(err)}{hint}")
+        report(f"tracker {name} failed {when}, training goes on without it: {described(err)}{hint}")
 
     def log(self, step: int, metrics: dict[str, float], completions: list[dict]) -> None:
         for item in list(self.open):
@@ -156,7 +157,7 @@ def read_state(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        report(f"{path}: unreadable ({one_line(err)}); trackers start new runs")
+        report(f"{path}: unreadable ({described(err)}); trackers start new runs")
         return {}
     return state if isinstance(state, dict) else {}
 

@@ -17,7 +17,9 @@ import random
 import re
 from typing import Any, Mapping
 
-from efficient_rl.config import ConfigError, Recipe, bind
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError
 from efficient_rl.registry import Bound, Registry
 
 # name -> fn(rng: random.Random, **params) -> the value of one sample

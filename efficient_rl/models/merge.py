@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -16,10 +16,11 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from efficient_rl.answers import hash_answer
-from efficient_rl.cache import cache_root, fetch_wheel, wheel_members
-from efficient_rl.config import ConfigError, DataSection
-from efficient_rl.lab.build import PRESETS
+from efficient_rl.data.answers import hash_answer
+from efficient_rl.data.cache import cache_root, fetch_wheel, wheel_members
+from efficient_rl.config.schema import DataSection
+from efficient_rl.errors import ConfigError
+from efficient_rl.lab.presets import PRESETS
 from efficient_rl.lab.tasks import generate_problems
 
 Rows = list[tuple[str, dict]]  # (where the row came from, for error messages; the row)

@@ -18,7 +18,7 @@ import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from efficient_rl import plugins
+from efficient_rl.config import plugins
 
 BUILTIN_REWARDS = {
     "math": "efficient_rl.rewards.math:math_reward",

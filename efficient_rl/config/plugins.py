@@ -16,9 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-
-class PluginError(ValueError):
-    """A module that cannot be found or fails to import; the message names it."""
+from efficient_rl.errors import PluginError
 
 
 def import_plugins(references: list[str]) -> None:

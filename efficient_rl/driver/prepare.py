@@ -13,24 +13,28 @@ from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from efficient_rl.algos.sampling import FILTER_METRICS
 from efficient_rl.algos.shaping import LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
-from efficient_rl.checkpoint import check_run_name
+from efficient_rl.run.checkpoint import check_run_name
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
-from efficient_rl.cluster.pipeline import PIPELINES
-from efficient_rl.config import ConfigError, Recipe, bind, check_numbers, one_line
-from efficient_rl.data import load_split
-from efficient_rl.lab.build import PRESETS, lab_model_dir
+from efficient_rl.driver.pipeline import PIPELINES
+from efficient_rl.config.binding import bind
+from efficient_rl.config.rules import check_numbers
+from efficient_rl.config.schema import Recipe
+from efficient_rl.errors import ConfigError, one_line
+from efficient_rl.data.sources import load_split
+from efficient_rl.lab.build import lab_model_dir
+from efficient_rl.lab.presets import PRESETS
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.objective import OBJECTIVES
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import check_teacher
-from efficient_rl.lora import check_lora_targets, policy_weights_dir
-from efficient_rl.model_sources import check_reference, model_directory
-from efficient_rl.prompts import TokenizerError, encode_user, load_tokenizer
+from efficient_rl.models.lora import check_lora_targets, policy_weights_dir
+from efficient_rl.models.sources import check_reference, model_directory
+from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer
 from efficient_rl.registry import Bound, did_you_mean
-from efficient_rl.reward import RewardRunner
+from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rollout.base import ENGINES
-from efficient_rl.trackers import check_trackers
-from efficient_rl.variables import (bind_variables, check_sample_fields, check_template, draw_variables, eval_variants,
+from efficient_rl.driver.trackers import check_trackers
+from efficient_rl.data.variables import (bind_variables, check_sample_fields, check_template, draw_variables, eval_variants,
                                     render)
 
 # Importing the backends registers them.
@@ -258,7 +262,7 @@ def load_model_and_prompts(recipe: Recipe, model_dir: Path | None, rewards: Rewa
     source = model_dir or base
     try:
         tokenizer = load_tokenizer(source)
-        # eval.variables' values are prompts too (efficient_rl/variables.py)
+        # eval.variables' values are prompts too (efficient_rl/data/variables.py)
         evaluated = [s for _, variant in eval_variants(heldout[: recipe.eval.num_problems], recipe.eval.variables)
                      for s in variant] if recipe.eval.variables else []
         prompt_ids = {}

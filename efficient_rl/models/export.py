@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 
 def checkpoint_of(source: Path) -> Path:
     """The checkpoint `source` names: itself, or a run directory's latest usable one."""
-    from efficient_rl.checkpoint import TRAINER_STATE_FILE, checkpoint_problem, latest_checkpoint
+    from efficient_rl.run.checkpoint import TRAINER_STATE_FILE, checkpoint_problem, latest_checkpoint
 
     if not source.is_dir():
         raise ConfigError(f"export: {source}: no such directory (give a run directory or one of its checkpoints)")
@@ -38,8 +38,8 @@ def export(source: Path, out: Path) -> Path:
     """Write the model of `source`'s checkpoint to `out` (a new or empty directory); returns the checkpoint."""
     import torch
 
-    from efficient_rl.modeling import load_model
-    from efficient_rl.prompts import load_tokenizer
+    from efficient_rl.models.modeling import load_model
+    from efficient_rl.data.prompts import load_tokenizer
 
     checkpoint = checkpoint_of(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -12,26 +12,27 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from efficient_rl import stopping
+from efficient_rl.driver import stopping
 from efficient_rl.algos.advantages import ADVANTAGES, group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.sampling import FILTER_METRICS, groups_with_spread
 from efficient_rl.algos.shaping import (LENGTH_SHAPERS, ShapingInputs, difficulty_caps, fixed_caps, over_cap,
                                         tier_metrics)
-from efficient_rl.checkpoint import RunDir
+from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
-from efficient_rl.cluster.pipeline import PIPELINES, Produced
-from efficient_rl.config import Recipe, bind
-from efficient_rl.data import PromptStream
+from efficient_rl.driver.pipeline import PIPELINES, Produced
+from efficient_rl.config.binding import bind
+from efficient_rl.config.schema import Recipe
+from efficient_rl.data.sources import PromptStream
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
-from efficient_rl.logging import MetricsLogger, completion_sample, completions_due
-from efficient_rl.prepare import Setup, prepare
+from efficient_rl.driver.metrics import MetricsLogger, completion_sample, completions_due
+from efficient_rl.driver.prepare import Setup, prepare
 from efficient_rl.registry import Bound
-from efficient_rl.reward import RewardResult
+from efficient_rl.scoring.runner import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
-from efficient_rl.selection import Selection
-from efficient_rl.variables import eval_variants
+from efficient_rl.driver.selection import Selection
+from efficient_rl.data.variables import eval_variants
 
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).

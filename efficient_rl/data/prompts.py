@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from efficient_rl.config import ConfigError, PromptSection
-from efficient_rl.variables import render
+from efficient_rl.config.schema import PromptSection
+from efficient_rl.errors import ConfigError
+from efficient_rl.data.variables import render
 
 DEFAULT_PROMPT = PromptSection()
 

@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from efficient_rl.config import ConfigError, LoraSection
+from efficient_rl.config.schema import LoraSection
+from efficient_rl.errors import ConfigError
 
 ADAPTER_DIR = "adapter"  # in a LoRA run's checkpoint: PEFT's adapter_config.json and adapter_model.safetensors
 ADAPTER_NAME = "default"  # PEFT's name for a model's one adapter

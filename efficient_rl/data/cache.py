@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from efficient_rl.config import ConfigError
+from efficient_rl.errors import ConfigError
 
 
 def cache_root() -> Path:

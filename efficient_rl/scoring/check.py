@@ -13,9 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from efficient_rl.config import ConfigError, RewardEntry
-from efficient_rl.data import json_rows
-from efficient_rl.reward import RewardRunner
+from efficient_rl.config.schema import RewardEntry
+from efficient_rl.errors import ConfigError
+from efficient_rl.data.sources import json_rows
+from efficient_rl.scoring.runner import RewardRunner
 
 
 def read_rows(path: Path, completion_key: str) -> list[dict]:

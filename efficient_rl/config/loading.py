@@ -1,0 +1,216 @@
+"""Recipes from YAML files (optionally inheriting from a base recipe) plus dotted overrides.
+
+A recipe file may start with `defaults: grpo.yaml` (a path relative to the file); its keys are then
+merged over that base, so a method reads as a small diff against GRPO. Every key is checked against
+the schema's dataclasses (config/schema.py), every number against config/rules.py; errors name the
+field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from efficient_rl.config.plugins import import_plugins
+from efficient_rl.config.rules import check_numbers
+from efficient_rl.config.schema import Choice, LoggingSection, Recipe, as_plain
+from efficient_rl.errors import ConfigError, PluginError, one_line
+from efficient_rl.registry import did_you_mean
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    raw = read_recipe_file(path)
+    for override in overrides:
+        apply_override(raw, override)
+    migrate_old_keys(raw, source=str(path))
+    recipe = build(Recipe, raw, "", source=str(path))
+    try:
+        check_numbers(recipe)
+        import_plugins(recipe.imports)
+    except (ConfigError, PluginError) as err:
+        raise ConfigError(f"{path}: {'imports: ' if isinstance(err, PluginError) else ''}{err}") from None
+    if recipe.logging.name is None:
+        recipe.logging.name = path.stem
+    return recipe
+
+
+def migrate_old_keys(raw: dict, source: str = "") -> dict:
+    """Keys a recipe may still use, in their current form: `logging.tensorboard: false` removes
+    tensorboard from logging.trackers, `true` adds it (applied after the rest of the recipe)."""
+    section = raw.get("logging")
+    if not isinstance(section, dict) or "tensorboard" not in section:
+        return raw
+    enabled = section.pop("tensorboard")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{located(source, 'logging.tensorboard')}: expected true or false, got {describe(enabled)} "
+                          "(the trackers are now logging.trackers: [tensorboard, wandb, mlflow])")
+    trackers = section.get("trackers", as_plain(LoggingSection().trackers))
+    if not isinstance(trackers, list):
+        return raw  # build names the bad logging.trackers
+    names = [item.get("name") if isinstance(item, dict) else item for item in trackers]
+    if enabled and "tensorboard" not in names:
+        trackers = ["tensorboard", *trackers]
+    elif not enabled:
+        trackers = [item for item, name in zip(trackers, names) if name != "tensorboard"]
+    section["trackers"] = trackers
+    return raw
+
+
+def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping merged over its `defaults:` chain."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'defaults' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe sections, got {type(raw).__name__}")
+    base_name = raw.pop("defaults", None)
+    if base_name is None:
+        return raw
+    base = read_recipe_file(path.parent / base_name, seen + (path.resolve(),))
+    return deep_merge(base, raw)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mappings merged key by key. A Choice given by name alone in `base`
+    takes the parameters `update` sets for it; one that `update` names anew starts from the new
+    entry's defaults (the old entry's parameters mean nothing to it)."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, str) and "name" not in value:
+            old = {"name": old}
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = deep_merge(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b.c=value` sets raw[a][b][c] to the YAML-parsed value."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    key, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    value = yaml_number(value)
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        if isinstance(node.get(part), str):  # a Choice by name: its parameters are being set
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = value
+
+
+def yaml_number(value):
+    """YAML 1.1 reads `2e-4` (no dot) as a string; on the command line it is meant as a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def located(source: str, path: str) -> str:
+    """"recipe.yaml: algorithm.policy_loss.clip_high" (or just the path when there is no file)."""
+    return f"{source}: {path}" if source else path
+
+
+def build(cls, raw: Any, where: str, source: str):
+    """Turn a raw mapping into dataclass `cls`, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{located(source, where or 'recipe')}: expected a mapping, got {describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{located(source, path)}: unknown key{did_you_mean(str(key), names)}")
+        values[key] = convert(hints[key], with_default_name(cls, key, value) if hints[key] is Choice else value,
+                              path, source)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{located(source, where)}: expected {', '.join(missing)} to be set")
+    return cls(**values)
+
+
+def with_default_name(cls, key: str, value):
+    """Parameters set for a Choice the recipe never names (`learner.lr_schedule.warmup_steps=10`)
+    are the default entry's."""
+    if isinstance(value, dict) and "name" not in value:
+        default = next(f for f in dataclasses.fields(cls) if f.name == key)
+        if default.default_factory is not dataclasses.MISSING:
+            return {"name": default.default_factory().name, **value}
+    return value
+
+
+def convert_choice(value, path: str, source: str) -> Choice:
+    if isinstance(value, str):
+        return Choice(value)
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return Choice(value["name"], {key: item for key, item in value.items() if key != "name"})
+    raise ConfigError(f"{located(source, path)}: expected a name, or a mapping with 'name' and the entry's "
+                      f"parameters, got {describe(value)}")
+
+
+def convert(kind, value, path: str, source: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Choice:
+        return convert_choice(value, path, source)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, path, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(inner, value, path, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{located(source, path)}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{located(source, path)}: expected a list, got {describe(value)}")
+        return [convert(args[0], item, f"{path}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:  # dict[str, X]: names to values of one kind
+        if not isinstance(value, dict):
+            raise ConfigError(f"{located(source, path)}: expected a mapping, got {describe(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(f"{located(source, path)}: expected names as keys, got {describe(key)}")
+        return {key: convert(args[1], item, f"{path}.{key}", source) for key, item in value.items()}
+    checks = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        str: (lambda v: isinstance(v, str), "a string"),
+        dict: (lambda v: isinstance(v, dict), "a mapping"),
+    }
+    if kind is Any:
+        return value
+    check, expected = checks[origin or kind]
+    if not check(value):
+        raise ConfigError(f"{located(source, path)}: expected {expected}, got {describe(value)}")
+    return float(value) if kind is float else value
+
+
+def describe(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
