@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAB = ["model.lab=mixed", "data.train=lab:mixed", "data.heldout=lab:mixed", "logging.tensorboard=false",
+LAB = ["model.lab=mixed", "data.train=lab:mixed", "data.heldout=lab:mixed", "logging.trackers=[]",
        "logging.progress=false", "learner.lr=2.0e-4", "algorithm.kl_coef=0.0"]
 DLER_CAP = 96  # generation limit and plain DLER's truncation length; DA-DLER cuts easy prompts at 48
 DA_TIERS = f"[{{min_correct: 0.0, truncation_length: {DLER_CAP}}}, {{min_correct: 0.5, truncation_length: 48}}]"

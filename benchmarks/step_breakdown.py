@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+COMMON = ["eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
           "logging.progress=false", "eval.every=0"]
 CONFIGS = {
     "embedded-transformers": [],

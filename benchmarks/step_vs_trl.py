@@ -34,7 +34,7 @@ def run_ours(steps: int) -> list[float]:
             f"steps={steps}", f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
             f"rollout.max_response_length={CAP}", "algorithm.policy_loss.clip_high=0.28", f"learner.lr={LR}",
             f"learner.micro_batch_size={PROMPTS * GROUP}", "eval.before_training=false",
-            "eval.after_training=false", "logging.tensorboard=false", "logging.progress=false",
+            "eval.after_training=false", "logging.trackers=[]", "logging.progress=false",
             f"logging.output_dir={out}",
         ])
         run, _ = run_recipe(recipe)

@@ -128,7 +128,7 @@ def last_line(text: str) -> str:
 def run_dir(tmp_path, tiny_overrides):
     """(working directory with the rewards file, overrides of a short run, its run directory)."""
     (tmp_path / "exit_rewards.py").write_text(REWARDS)
-    overrides = tiny_overrides + ["steps=1", "eval.before_training=false", "logging.tensorboard=false",
+    overrides = tiny_overrides + ["steps=1", "eval.before_training=false", "logging.trackers=[]",
                                   "logging.name=exits", "reward=[{name: exit_rewards.py:ok}]"]
     return tmp_path, overrides, tmp_path / "runs" / "exits"
 

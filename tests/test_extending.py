@@ -43,7 +43,7 @@ def train(tmp_path, tiny_overrides, *keys):
 
     return subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+         "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
          "logging.name=plugin", *keys],
         capture_output=True, text=True, cwd=ROOT, timeout=1200)
 

@@ -775,7 +775,7 @@ def test_two_training_steps_with_each_loss(name, tmp_path, tiny_overrides):
         else "token-mean"
     overrides = tiny_overrides + [
         "steps=2", f"logging.name={name}", "eval.before_training=false", "eval.after_training=false",
-        "logging.tensorboard=false", "scoring.workers=0",
+        "logging.trackers=[]", "scoring.workers=0",
         f"algorithm.policy_loss={name}", f"algorithm.loss_agg={aggregation}",
         # the tiny model never answers right: a length shaping gives rewards a spread, so advantages are not all 0
         "algorithm.length_penalty=overlong", "algorithm.length_penalty.buffer=20",

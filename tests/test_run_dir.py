@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import RECIPES, TINY_OVERRIDES, wait_for
 from efficient_rl.run.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
@@ -18,7 +19,7 @@ from efficient_rl.cli import main
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import run_recipe
 
-QUIET = ["eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false"]
+QUIET = ["eval.before_training=false", "eval.after_training=false", "logging.trackers=[]"]
 HANG_GUARD = 1200  # seconds; only so that a broken run fails instead of hanging the suite
 
 
@@ -233,6 +234,24 @@ def test_no_usable_checkpoint_stops_with_the_files_named(base, capsys):
         assert "step-00000003/optimizer.pt: " in stderr and "step-00000002/model.safetensors: " in stderr
         assert snapshot(run_dir) == before
     assert latest_checkpoint(run_dir) is None
+
+
+# ---------------------------------------------------------------- the saved recipe
+
+def test_a_saved_recipe_with_a_retired_key_is_refused_in_one_line(base, capsys):
+    run_dir = fresh_base(base)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["logging"]["tensorboard"] = False  # a run saved before logging.trackers
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = snapshot(run_dir)
+    for mode in ["--resume", "--resume-if-checkpoint"]:
+        code = main(["train", str(RECIPES / "quickstart.yaml"), *overrides(base[0], *BASE), mode])
+        stderr = capsys.readouterr().err
+        assert code == 2, stderr[-2000:]
+        assert error_lines(stderr) == stderr.strip().splitlines() and len(error_lines(stderr)) == 1, stderr
+        assert f"{run_dir / 'config.yaml'}: logging.tensorboard: retired key; " in stderr, stderr
+        assert "logging.trackers" in stderr.split("retired key; ")[1], stderr
+        assert snapshot(run_dir) == before
 
 
 # ---------------------------------------------------------------- metrics.jsonl

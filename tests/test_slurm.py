@@ -67,7 +67,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def quiet(tmp_path, steps: int) -> list[str]:
-    return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}", f"steps={steps}", "logging.tensorboard=false",
+    return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}", f"steps={steps}", "logging.trackers=[]",
                              "eval.before_training=false", "eval.after_training=false"]
 
 

@@ -64,7 +64,7 @@ def train(overrides, resume=False, stop_after_step=None):
 
 def test_resume_runs_every_step_exactly_once(tmp_path, tiny_overrides):
     common = tiny_overrides + ["steps=4", "eval.before_training=false", "eval.after_training=false",
-                               "logging.tensorboard=false",
+                               "logging.trackers=[]",
                                "algorithm.kl_coef=0.05"]  # the KL reference must survive a resume
     straight, _ = train(common + ["logging.name=straight"])
     interrupted, summary = train(common + ["logging.name=interrupted"], stop_after_step=2)
@@ -84,7 +84,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
     from efficient_rl.errors import ConfigError
 
     common = tiny_overrides + ["steps=1", "eval.before_training=false", "eval.after_training=false",
-                               "logging.tensorboard=false", "logging.name=r"]
+                               "logging.trackers=[]", "logging.name=r"]
     run, _ = train(common)
     with pytest.raises(ConfigError, match="algorithm differs"):
         RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.policy_loss.clip_high=0.5"]), resume=True)
@@ -109,7 +109,7 @@ def parity_reward(completion, sample):
 
 def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
         "reward=[{name: 'test_training:parity_reward'}]", "algorithm.dynamic_sampling=true",
         "algorithm.max_sampling_rounds=3", "algorithm.kl_coef=0.01", "learner.mini_batch_prompts=2",
         "logging.name=ds",
@@ -136,7 +136,7 @@ def flaky_reward(completion, sample):
 
 def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
         "reward=[{name: 'test_training:flaky_reward'}]", "logging.name=flaky",
     ]
     run, summary = train(overrides)
@@ -158,7 +158,7 @@ def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_over
     overrides = tiny_overrides + [
         "model.lab=null", f"model.path={tiny_model_dir}", f"data.train={data}", f"data.heldout={data}",
         "data.question_key=prompt_text", "data.answer_key=target", "steps=1", "eval.num_problems=4",
-        "logging.tensorboard=false", "logging.name=jsonl",
+        "logging.trackers=[]", "logging.name=jsonl",
     ]
     run, summary = train(overrides)
     assert summary["steps_completed"] == 1 and "final" in summary
@@ -172,7 +172,7 @@ def test_a_stop_file_written_before_the_start_stops_the_run_after_its_first_step
     stop_file.touch()
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=50", "eval.before_training=false", "logging.tensorboard=false", "logging.name=early"],
+         "steps=50", "eval.before_training=false", "logging.trackers=[]", "logging.name=early"],
         cwd=tmp_path, capture_output=True, text=True, timeout=1200,
         env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)})
     assert result.returncode == 75, result.stderr[-2000:]
@@ -188,7 +188,7 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
 
     process = subprocess.Popen(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=500", "eval.before_training=false", "logging.tensorboard=false", "logging.name=term"],
+         "steps=500", "eval.before_training=false", "logging.trackers=[]", "logging.name=term"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
@@ -209,7 +209,7 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
 def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_overrides):
     """D3S and high-entropy recipes end to end: the learner trains on a selected share of tokens."""
     common = tiny_overrides + ["steps=2", "eval.before_training=false", "eval.after_training=false",
-                               "logging.tensorboard=false"]
+                               "logging.trackers=[]"]
     d3s, _ = train(common + ["logging.name=d3s", "algorithm.sample_selection={name: d3s, rollouts: [2, 4]}",
                              "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 0.6]}"])
     rows = read_metrics(d3s.path)
@@ -226,7 +226,7 @@ def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_override
 def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_overrides):
     """lab:tiny teaches lab:tiny_student (same tokenizer): full-token OPD, then TIP Soft-OR at 50%."""
     common = tiny_overrides + ["model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=2",
-                               "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+                               "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
                                "rollout.max_response_length=24", "eval.max_new_tokens=32"]
     full, _ = run_recipe(load_recipe(RECIPES / "opd.yaml", common + ["logging.name=opd"]))
     for row in read_metrics(full.path):

@@ -113,7 +113,7 @@ def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
     result = subprocess.run(
         [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
          "rollout.engine=vllm", "rollout.verify_sync=true", "steps=2", "eval.before_training=false",
-         "logging.tensorboard=false",
+         "logging.trackers=[]",
          "logging.name=vllm"],
         capture_output=True, text=True, cwd=tmp_path, timeout=1200,
     )

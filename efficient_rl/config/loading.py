@@ -18,7 +18,7 @@ import yaml
 
 from efficient_rl.config.plugins import import_plugins
 from efficient_rl.config.rules import check_numbers
-from efficient_rl.config.schema import Choice, LoggingSection, Recipe, as_plain
+from efficient_rl.config.schema import Choice, Recipe
 from efficient_rl.errors import ConfigError, PluginError, one_line
 from efficient_rl.registry import did_you_mean
 
@@ -27,7 +27,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     raw = read_recipe_file(path)
     for override in overrides:
         apply_override(raw, override)
-    migrate_old_keys(raw, source=str(path))
+    refuse_retired_keys(raw, source=str(path))
     recipe = build(Recipe, raw, "", source=str(path))
     try:
         check_numbers(recipe)
@@ -39,26 +39,29 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def migrate_old_keys(raw: dict, source: str = "") -> dict:
-    """Keys a recipe may still use, in their current form: `logging.tensorboard: false` removes
-    tensorboard from logging.trackers, `true` adds it (applied after the rest of the recipe)."""
-    section = raw.get("logging")
-    if not isinstance(section, dict) or "tensorboard" not in section:
-        return raw
-    enabled = section.pop("tensorboard")
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{located(source, 'logging.tensorboard')}: expected true or false, got {describe(enabled)} "
-                          "(the trackers are now logging.trackers: [tensorboard, wandb, mlflow])")
-    trackers = section.get("trackers", as_plain(LoggingSection().trackers))
-    if not isinstance(trackers, list):
-        return raw  # build names the bad logging.trackers
-    names = [item.get("name") if isinstance(item, dict) else item for item in trackers]
-    if enabled and "tensorboard" not in names:
-        trackers = ["tensorboard", *trackers]
-    elif not enabled:
-        trackers = [item for item, name in zip(trackers, names) if name != "tensorboard"]
-    section["trackers"] = trackers
-    return raw
+# Recipe keys that no longer exist (dotted path -> what to write instead). A retired key is refused
+# rather than translated: a silent translation keeps the old spelling alive in every recipe that has it.
+RETIRED_KEYS = {
+    "logging.tensorboard": "list the trackers in logging.trackers, e.g. logging.trackers: [tensorboard] "
+                           "(or [] for none)",
+}
+
+
+def refuse_retired_keys(raw: dict, source: str = "") -> None:
+    """One line naming the first retired key the raw recipe sets and what to write instead."""
+    for path, instead in RETIRED_KEYS.items():
+        if sets_key(raw, path.split(".")):
+            raise ConfigError(f"{located(source, path)}: retired key; {instead}")
+
+
+def sets_key(raw, parts: list[str]) -> bool:
+    """Whether the nested mappings of `raw` hold the dotted path `parts` (a section that is not a
+    mapping holds nothing; build names it)."""
+    for part in parts:
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
 
 
 def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -254,8 +254,7 @@ class LoggingSection:
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: the recipe file's stem
     # Experiment trackers (TRACKERS in efficient_rl/driver/trackers.py, docs/trackers.md), each a name or
-    # {name: wandb, project: ..., mode: offline}: tensorboard | wandb | mlflow. The old
-    # `logging.tensorboard: true/false` still reads: it adds or removes tensorboard here.
+    # {name: wandb, project: ..., mode: offline}: tensorboard | wandb | mlflow.
     trackers: list[Choice] = field(default_factory=lambda: [Choice("tensorboard")])
     progress: bool = True
     # Every k steps (0 = never), this many of the step's rollouts (prompt, completion, score, reward

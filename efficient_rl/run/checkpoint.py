@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 
-from efficient_rl.config.loading import build, migrate_old_keys
+from efficient_rl.config.loading import build, refuse_retired_keys
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError, one_line
 
@@ -621,7 +621,9 @@ def saved_recipe(path: Path) -> dict:
     their defaults, so a newer library can still resume it (a field since removed or renamed is a
     one-line error naming it)."""
     try:
-        return build(Recipe, migrate_old_keys(read_saved_recipe(path), str(path)), "", source=str(path)).to_dict()
+        saved = read_saved_recipe(path)
+        refuse_retired_keys(saved, str(path))
+        return build(Recipe, saved, "", source=str(path)).to_dict()
     except ConfigError as err:
         raise ConfigError(f"--resume: the run's recipe no longer loads: {err}") from None
 
