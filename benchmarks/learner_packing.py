@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_precision import qwen2_22m, side_by_side  # noqa: E402
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
-from efficient_rl.config.schema import Recipe  # noqa: E402
-from efficient_rl.learner.objective import objective_settings  # noqa: E402
+from efficient_rl.learner.objective import ObjectiveSettings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = {  # name -> (micro_batch_tokens, packing)
         "rows": (0, False), "token budget": (args.tokens, False), "packing": (args.tokens, True)}
-    base = objective_settings(Recipe())
+    base = ObjectiveSettings()
     learners = {name: TorchLearner(qwen2_22m(), dataclasses.replace(base, packing=packing),
                                    OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch, micro_batch_tokens=tokens))
                 for name, (tokens, packing) in modes.items()}

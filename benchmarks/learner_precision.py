@@ -25,8 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
-from efficient_rl.config.schema import Recipe  # noqa: E402
-from efficient_rl.learner.objective import objective_settings  # noqa: E402
+from efficient_rl.learner.objective import ObjectiveSettings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
 from efficient_rl.models.sources import model_directory  # noqa: E402
 from efficient_rl.models.modeling import PRECISIONS, load_model  # noqa: E402
@@ -126,7 +125,7 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
     args = parser.parse_args()
-    objective = objective_settings(Recipe())
+    objective = ObjectiveSettings()
     learners = {}
     for precision in PRECISIONS:
         model = MODELS[args.model]()

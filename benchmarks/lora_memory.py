@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_precision import activation_bytes, make_batch, side_by_side  # noqa: E402
 
-from efficient_rl.config.schema import LoraSection, Recipe  # noqa: E402
-from efficient_rl.learner.objective import objective_settings  # noqa: E402
+from efficient_rl.config.schema import LoraSection  # noqa: E402
+from efficient_rl.learner.objective import ObjectiveSettings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
 from efficient_rl.models.lora import attach_lora, trainable_parameters  # noqa: E402
 from efficient_rl.models.sources import model_directory  # noqa: E402
@@ -35,7 +35,7 @@ RANKS = {"full": None, "lora-16": 16, "lora-64": 64}  # alpha = 2 x rank: the sa
 def build(rank: int | None, optim: OptimSettings) -> TorchLearner:
     model = load_model(model_directory("smollm2", "model"))
     adapter = attach_lora(model, LoraSection(rank=rank, alpha=2.0 * rank)) if rank else None
-    return TorchLearner(model, objective_settings(Recipe()), optim, adapter=adapter)
+    return TorchLearner(model, ObjectiveSettings(), optim, adapter=adapter)
 
 
 def nbytes(tensors) -> int:

@@ -52,6 +52,7 @@ def main() -> None:
     from efficient_rl.cluster.ray_backend import ray_components
     from efficient_rl.cluster.runtime import start_ray
     from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.validate import validate
 
     session = start_ray(None, cpus=2, gpus=0)  # one cluster for every size
     rows = []
@@ -62,7 +63,7 @@ def main() -> None:
             recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
                 f"model.path={directory}", "model.lab=null", "cluster.backend=ray", "rollout.engine=vllm",
                 "rollout.max_prompt_length=64", "rollout.max_response_length=64", "eval.max_new_tokens=64"])
-            parts = ray_components(recipe, SimpleNamespace(model_dir=directory, base_model_dir=directory))
+            parts = ray_components(validate(recipe), SimpleNamespace(model_dir=directory, base_model_dir=directory))
             try:
                 times = {mode: [] for mode in MODES}
                 loads, tensors = [], 0

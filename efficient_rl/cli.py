@@ -84,7 +84,7 @@ def cmd_recipes(args) -> int:
 
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
-    from efficient_rl.driver.prepare import CHOICE_FIELDS
+    from efficient_rl.driver.validate import CHOICE_FIELDS
     from efficient_rl.driver.trackers import TRACKERS
     from efficient_rl.data.variables import PROMPT_VARIABLES
 

@@ -18,6 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+# What an entry may need from the run, each with what provides it: the one vocabulary of `needs`
+# (a name outside it is refused when the recipe is checked, naming the entry). Besides these: the
+# name of a TOKEN_STATISTICS entry (a per-token statistic the learner computes), and
+# "sample.<field>" (a number every sample carries: a data column or a prompt variable).
+NEEDS = {
+    "driver_model": "the policy loaded in the driver's process (the embedded cluster backend)",
+    "length_cap": "the truncation length in force for each rollout",
+    "old_logprobs": "the pre-update log-probs, computed when a batch takes several optimizer steps",
+    "teacher": "a distillation teacher (distill.teacher)",
+}
+SAMPLE_FIELD_NEED = "sample."
+
+
 @dataclass(frozen=True)
 class Entry:
     kind: str  # what the registry holds, e.g. "advantage estimator": for messages

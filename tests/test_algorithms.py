@@ -16,6 +16,7 @@ from efficient_rl.algos.sampling import groups_with_spread
 from efficient_rl.algos.shaping import (
     LENGTH_SHAPERS, ShapingInputs, difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty,
 )
+from efficient_rl.driver.validate import validate
 
 
 def make_batch(rewards, group_ids, lengths, width=None):
@@ -224,8 +225,8 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
     den = LossDenominators.of(batch.response_mask, norm_length=8)
     plain_recipe = load_recipe(RECIPES / "grpo.yaml")
     corrected_recipe = load_recipe(RECIPES / "grpo.yaml", ["algorithm.rollout_correction={name: tis, cap: 2.0}"])
-    plain, _ = policy_gradient_loss(logprobs, batch, objective_settings(plain_recipe), den)
-    corrected, _ = policy_gradient_loss(logprobs, batch, objective_settings(corrected_recipe), den)
+    plain, _ = policy_gradient_loss(logprobs, batch, objective_settings(validate(plain_recipe)), den)
+    corrected, _ = policy_gradient_loss(logprobs, batch, objective_settings(validate(corrected_recipe)), den)
     # At ratio 1 PPO-clip's token loss is -A; TIS multiplies it by min(p_learner / p_engine, 2).
     total, tokens = 0.0, 0.0
     for row in range(len(REWARDS)):
@@ -270,9 +271,9 @@ def test_difficulty_tiers_recipe_resolves_to_per_prompt_caps():
     from efficient_rl.config.loading import load_recipe
     from efficient_rl.driver.loop import resolve_stages
 
-    stages = resolve_stages(load_recipe(RECIPES / "dler_difficulty_aware.yaml"))
+    stages = resolve_stages(validate(load_recipe(RECIPES / "dler_difficulty_aware.yaml")))
     correct, groups = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
     assert stages.length_caps(correct, groups).tolist() == [32, 32, 32, 32]  # ratios 1.0 and 0.5: easy
     assert stages.length_caps(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups).tolist() == [32, 32, 48, 48]
-    plain = resolve_stages(load_recipe(RECIPES / "dler.yaml"))
+    plain = resolve_stages(validate(load_recipe(RECIPES / "dler.yaml")))
     assert plain.length_caps(correct, groups).tolist() == [48] * 4

@@ -14,13 +14,13 @@ from efficient_rl.config.binding import bind
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import Choice
 from efficient_rl.errors import ConfigError
-from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.validate import validate
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
-    check_recipe(recipe)
+    validate(recipe)
     assert recipe.logging.name == path.stem
 
 
@@ -34,7 +34,7 @@ def test_every_shipped_recipe_validates(path):
 ])
 def test_bad_difficulty_tiers_name_the_field(tiers, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_recipe(load_recipe(RECIPES / "dler.yaml", [f"algorithm.difficulty_tiers={tiers}"]))
+        validate(load_recipe(RECIPES / "dler.yaml", [f"algorithm.difficulty_tiers={tiers}"]))
 
 
 def test_methods_are_diffs_against_grpo():
@@ -102,7 +102,7 @@ def test_entries_and_their_parameters_are_checked_before_anything_runs(override,
     """Every registry entry a recipe picks is bound by check_recipe (train and submit call it first,
     before any model loads): name, keys, types, ranges and the entry's own checks."""
     with pytest.raises(ConfigError) as err:
-        check_recipe(load_recipe(RECIPES / "grpo.yaml", [override]))
+        validate(load_recipe(RECIPES / "grpo.yaml", [override]))
     assert message in str(err.value)
 
 
@@ -110,7 +110,7 @@ def test_every_numeric_entry_parameter_has_a_declared_range():
     """A numeric parameter of a registry entry without a range would go unchecked."""
     import typing
 
-    from efficient_rl.driver.prepare import CHOICE_FIELDS
+    from efficient_rl.driver.validate import CHOICE_FIELDS
 
     for dotted, registry in CHOICE_FIELDS:
         for entry in registry.entries():
@@ -149,7 +149,7 @@ def test_bad_recipe_values_name_the_field(override, message):
 )
 def test_semantic_checks_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
-        check_recipe(load_recipe(RECIPES / "grpo.yaml", [override]))
+        validate(load_recipe(RECIPES / "grpo.yaml", [override]))
     assert message in str(err.value)
 
 
@@ -263,7 +263,7 @@ def test_a_recipe_built_in_python_is_checked_too():
     recipe.model.lab = "tiny"
     recipe.rollout.top_p = float("nan")
     with pytest.raises(ConfigError, match=r"^rollout.top_p: expected a finite number in \(0, 1\], got nan$"):
-        check_recipe(recipe)
+        validate(recipe)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -276,3 +276,47 @@ def test_the_checker_reads_relative_and_function_level_imports(tmp_path):
     known = {"efficient_rl.learner.base", "efficient_rl.cluster.actors"}
     found = imports_of("efficient_rl.learner.teacher", package / "learner" / "teacher.py", known)
     assert found == {"efficient_rl.learner.base", "efficient_rl.cluster.actors", "ray"}
+
+
+# ---------------------------------------------------------------- binding
+BINDER = "efficient_rl.config.binding"
+BINDS_ALLOWED_IN = {"efficient_rl.driver.validate"}  # the validation pass: every choice is bound there, once
+
+
+def binding_calls(path: Path) -> list[int]:
+    """Lines of `path` that call config.binding's `bind` (imported by any name, or as an attribute)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == BINDER for alias in node.names if alias.name == "bind"}
+    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if alias.name == BINDER}
+    modules |= {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "efficient_rl.config" for alias in node.names if alias.name == "binding"}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        called = node.func
+        if isinstance(called, ast.Name) and called.id in names:
+            lines.append(node.lineno)
+        elif isinstance(called, ast.Attribute) and called.attr == "bind" and \
+                ast.unparse(called.value) in modules | {BINDER}:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_validation_pass_binds_a_choice():
+    # The trainer, selection, the objective, learners, the pipeline and the trackers take bound
+    # entries from the plan (config/plan.py); binding a raw choice anywhere else binds it twice.
+    binders = {module: lines for module, path in module_files().items()
+               if (lines := binding_calls(path)) and module not in BINDS_ALLOWED_IN}
+    assert binders == {}, f"bind() outside driver/validate.py: {binders}"
+    assert binding_calls(module_files()["efficient_rl.driver.validate"]), "the checker finds no bind() at all"
+
+
+def test_the_binding_checker_sees_each_spelling(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from efficient_rl.config.binding import bind as b\nimport efficient_rl.config.binding\n"
+                      "from efficient_rl.config import binding\n\ndef f(x):\n    b(x)\n"
+                      "    efficient_rl.config.binding.bind(x)\n    binding.bind(x)\n    x.bind()\n")
+    assert binding_calls(source) == [6, 7, 8]

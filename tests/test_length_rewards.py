@@ -16,7 +16,7 @@ from efficient_rl.algos.length_rewards import (
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.errors import ConfigError
-from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.validate import validate
 
 
 def inputs(lengths, correct, groups=None, scores=None, cap=48, truncated=None, targets=None, progress=0.0):
@@ -80,7 +80,7 @@ def test_thinkprune_caps_tighten_in_equal_rounds():
 ])
 def test_thinkprune_caps_are_checked_at_load(caps, message):
     with pytest.raises(ConfigError) as err:
-        check_recipe(load_recipe(RECIPES / "length_penalties" / "thinkprune.yaml", [f"algorithm.length_penalty.caps={caps}"]))
+        validate(load_recipe(RECIPES / "length_penalties" / "thinkprune.yaml", [f"algorithm.length_penalty.caps={caps}"]))
     assert message in str(err.value)
 
 
@@ -196,7 +196,7 @@ def test_l1_trains_two_steps_with_a_target_in_each_prompt(tmp_path, tiny_overrid
     from efficient_rl.driver.loop import run_recipe
 
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.every=2", "eval.num_problems=4", "logging.tensorboard=false",
+        "steps=2", "eval.before_training=false", "eval.every=2", "eval.num_problems=4", "logging.trackers=[]",
         "prompt.variables.target_length.high=24", "eval.variables={target_length: [8, 16]}", "logging.name=l1"]
     run, summary = run_recipe(load_recipe(RECIPES / "length_penalties" / "l1_exact.yaml", overrides))
     assert summary["steps_completed"] == 2 and "final" in summary

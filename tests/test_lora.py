@@ -19,6 +19,7 @@ from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
 from efficient_rl.models.lora import ADAPTER_DIR, attach_lora
 from efficient_rl.models.modeling import load_model, response_logprobs
 from efficient_rl.driver.loop import run_recipe
+from efficient_rl.driver.validate import validate
 
 RANK, ALPHA = 4, 12.0  # scale alpha / rank = 3
 ROWS, PROMPT, RESPONSE = 6, 5, 9
@@ -44,7 +45,7 @@ def batch_for(vocab: int, seed: int = 0) -> RolloutBatch:
 def lora_learner(model_dir, kl_coef=0.1, targets=("q_proj", "v_proj", "down_proj"), precision="fp32"):
     model = load_model(model_dir)
     adapter = attach_lora(model, LoraSection(rank=RANK, alpha=ALPHA, target_modules=list(targets)))
-    settings = dataclasses.replace(objective_settings(load_recipe(RECIPES / "grpo.yaml")), kl_coef=kl_coef,
+    settings = dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml"))), kl_coef=kl_coef,
                                    selected_compute=True)
     return TorchLearner(model, settings, OptimSettings(lr=5e-2, micro_batch_size=4, precision=precision),
                         adapter=adapter)
@@ -158,7 +159,7 @@ def test_merged_weights_synced_to_vllm_greedy_match_transformers_on_the_adapted_
 # ---------------------------------------------------------------- end to end
 def lora_overrides(tiny_overrides, name):
     return tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
         "learner.lr=0.01", "algorithm.kl_coef=0.05",
         "reward=[{name: 'test_training:parity_reward'}]",  # spread even for the untrained model: a signal
         "scoring.workers=0",  # scored in the trainer: no worker processes to start for a tiny run
@@ -242,7 +243,7 @@ def test_export_of_a_full_fine_tuning_checkpoint(tmp_path, tiny_overrides, tiny_
     from efficient_rl.models.export import export
 
     run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + [
-        "steps=1", "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+        "steps=1", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
         "learner.lr=0.01", "logging.name=full"]))
     checkpoint = run.path / "checkpoints" / "step-00000001"
     assert export(checkpoint, tmp_path / "out") == checkpoint
@@ -255,7 +256,7 @@ def test_on_policy_distillation_trains_the_students_adapter(tmp_path, tiny_overr
     """The teacher (lab:tiny) is its own model; the LoRA student (lab:tiny_student) learns from it."""
     run, _ = run_recipe(load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + [
         "model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=1", "eval.before_training=false",
-        "eval.after_training=false", "logging.tensorboard=false", "scoring.workers=0", "learner.lr=0.05",
+        "eval.after_training=false", "logging.trackers=[]", "scoring.workers=0", "learner.lr=0.05",
         f"learner.lora={{rank: {RANK}, alpha: {ALPHA}}}", "logging.name=opd"]))
     (row,) = read_metrics(run.path)
     assert row["distill/divergence"] > 0 and 0.3 < row["tokens/kept_fraction"] <= 0.5

@@ -19,7 +19,8 @@ from efficient_rl.data.cache import cache_root
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.errors import ConfigError
 from efficient_rl.models.sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
-from efficient_rl.driver.prepare import check_recipe, prepare
+from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.validate import validate
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
@@ -196,8 +197,8 @@ def test_model_references_builtin_directory_gguf_and_hub(tmp_path, smollm2, caps
 def test_model_path_takes_a_gguf_file(tmp_path, tiny_conversions_removed):
     gguf_file = write_gguf(tmp_path / f"{TINY_STEM}.gguf")
     overrides = TINY_OVERRIDES + ["model.lab=null", f"model.path={gguf_file}", "scoring.workers=0"]
-    check_recipe(load_recipe(RECIPES / "quickstart.yaml", TINY_OVERRIDES + ["model.lab=null", "model.path=smollm2"]))
-    setup = prepare(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    validate(load_recipe(RECIPES / "quickstart.yaml", TINY_OVERRIDES + ["model.lab=null", "model.path=smollm2"]))
+    setup = build_setup(validate(load_recipe(RECIPES / "quickstart.yaml", overrides)))
     try:
         assert setup.base_model_dir == model_directory(str(gguf_file), "model.path").resolve()
         assert setup.model.config.model_type == "llama" and setup.tokenizer.eos_token == "<|im_end|>"

@@ -12,7 +12,7 @@ import pytest
 from conftest import RECIPES
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.errors import ConfigError
-from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.validate import validate
 from efficient_rl.driver.loop import run_recipe
 
 OVERLAPPED = ["cluster.pipeline.name=overlapped", "algorithm.rollout_correction=tis"]
@@ -150,4 +150,4 @@ def test_every_weight_update_resets_the_vllm_prefix_cache(tmp_path, tiny_overrid
 ])
 def test_bad_pipeline_settings_are_one_line_at_load(tiny_overrides, override, message):
     with pytest.raises(ConfigError, match=message):
-        check_recipe(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + OVERLAPPED + [override]))
+        validate(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + OVERLAPPED + [override]))

@@ -10,9 +10,9 @@ from conftest import RECIPES
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import Choice
 from efficient_rl.errors import ConfigError
-from efficient_rl.driver.prepare import bind_choices, check_recipe, recipe_needs
+from efficient_rl.driver.validate import validate
 from efficient_rl.data.variables import (
-    PROMPT_VARIABLES, bind_variables, check_sample_fields, check_template, draw_variables, eval_variants, render,
+    PROMPT_VARIABLES, check_sample_fields, check_template, draw_variables, eval_variants, render,
     template_fields,
 )
 
@@ -39,7 +39,7 @@ def test_a_missing_field_is_one_line_naming_it_and_the_sample():
 
 def bound(variables):
     recipe = load_recipe(L1, [f"prompt.variables={variables}"])
-    return bind_variables(recipe)
+    return validate(recipe).variables
 
 
 def test_targets_are_drawn_per_sample_reproducibly_from_the_seed():
@@ -78,20 +78,20 @@ def test_a_variable_may_not_shadow_a_data_column():
 ])
 def test_variables_are_checked_at_load_naming_the_field(override, message):
     with pytest.raises(ConfigError) as err:
-        check_recipe(load_recipe(L1, [override]))
+        validate(load_recipe(L1, [override]))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_penalty_that_reads_a_target_names_the_sample_that_lacks_it():
-    recipe = load_recipe(L1)
-    needs = recipe_needs(bind_choices(recipe))
+    plan = validate(load_recipe(L1))
+    needs = plan.needs
     assert needs["sample.target_length"] == "algorithm.length_penalty"
     with pytest.raises(ConfigError) as err:
         check_sample_fields(needs, SAMPLES[:2], "data.train")
     assert str(err.value) == ("algorithm.length_penalty: reads the number 'target_length' of every sample; data.train "
                               "sample 1 (id 'q0') has None; add it as a data column or with "
                               "prompt.variables.target_length")
-    check_sample_fields(needs, draw_variables(SAMPLES[:2], bind_variables(recipe), 0, "train"), "data.train")
+    check_sample_fields(needs, draw_variables(SAMPLES[:2], plan.variables, 0, "train"), "data.train")
 
 
 def test_eval_variants_set_each_listed_value():

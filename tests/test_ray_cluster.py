@@ -15,14 +15,15 @@ from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.ray_backend import place, start_learners
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.config.loading import load_recipe
-from efficient_rl.driver.prepare import prepare
+from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.validate import validate
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.driver.loop import Trainer
 
 RAY_OVERRIDES = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed",
                  "cluster.learner.workers=2", "eval.before_training=false", "eval.after_training=false",
-                 "logging.tensorboard=false", "steps=3", "checkpoint.every=1"]
+                 "logging.trackers=[]", "steps=3", "checkpoint.every=1"]
 # The tiny model never answers right, so rewards carry no signal. A large decoupled weight decay
 # still moves every weight each step (x0.9), so each verified sync checks genuinely new weights.
 MOVING_WEIGHTS = ["learner.lr=0.01", "learner.weight_decay=10.0"]
@@ -42,9 +43,10 @@ def read_metrics(run_dir):
 def make_trainer(overrides, resume=False):
     recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
     run = RunDir(recipe, resume=resume)
-    setup = prepare(recipe, model_dir=run.latest_checkpoint() if resume else None)
+    plan = validate(recipe)
+    setup = build_setup(plan, model_dir=run.latest_checkpoint() if resume else None)
     run.create()
-    return run, setup, Trainer(recipe, setup, run)
+    return run, setup, Trainer(plan, setup, run)
 
 
 def run_to_end(trainer):
@@ -172,7 +174,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
                                "learner.micro_batch_size=2",
                                "algorithm.kl_coef=0.01"]  # 3 optimizer steps, uneven shards, old and ref log-probs
     recipe = load_recipe(RECIPES / "quickstart.yaml", common)
-    setup = prepare(recipe)
+    setup = build_setup(validate(recipe))
     setup.rewards.close()  # the batch is scored by hand here
     batch = fixed_batch(recipe, setup)
     # Then a token selection on the updated weights: the head runs on the selected positions only
@@ -180,7 +182,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     selected_batch = copy.copy(batch)
     selected_batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
                                 < 0.5).float() * batch.response_mask
-    single = LEARNERS.get("torch")(recipe, setup.model_dir, setup.base_model_dir)
+    single = LEARNERS.get("torch")(validate(recipe), setup.model_dir, setup.base_model_dir)
     full = single.update(batch)
     assert full["optimizer_steps"] == 3.0 and full["grad_norm"] > 0
     entropy = single.token_statistics(selected_batch, ("entropy",))["entropy"]
@@ -191,7 +193,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
         ds_recipe = load_recipe(RECIPES / "quickstart.yaml",
                                 common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra)
         placement = place(ds_recipe.cluster)
-        group = start_learners(ds_recipe, setup, placement)
+        group = start_learners(validate(ds_recipe), setup, placement)
         try:
             distributed = group.update(batch)
             for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):

@@ -13,7 +13,7 @@ from conftest import RECIPES
 SMALL_RL = [
     "steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_response_length=24",
     "data.train_size=40", "data.heldout_size=4", "algorithm.dynamic_sampling=false",
-    "eval.before_training=false", "eval.after_training=false", "logging.tensorboard=false",
+    "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
     "logging.progress=false",
     # A large decoupled weight decay moves every weight, so the verified sync checks genuinely
     # new weights even where the rewards carry no signal.
@@ -49,7 +49,8 @@ def test_an_rl_step_through_ray_vllm_and_zero2_with_a_verified_sync(smollm2, tmp
     from efficient_rl.run.checkpoint import RunDir
     from efficient_rl.cluster.runtime import start_ray
     from efficient_rl.config.loading import load_recipe
-    from efficient_rl.driver.prepare import prepare
+    from efficient_rl.driver.build import build_setup
+    from efficient_rl.driver.validate import validate
     from efficient_rl.driver.loop import Trainer
 
     recipe = load_recipe(RECIPES / "smollm2_dler_cpu.yaml", SMALL_RL + [
@@ -58,9 +59,10 @@ def test_an_rl_step_through_ray_vllm_and_zero2_with_a_verified_sync(smollm2, tmp
     session = start_ray(None, cpus=3, gpus=0)
     try:
         run = RunDir(recipe)
-        setup = prepare(recipe)
+        plan = validate(recipe)
+        setup = build_setup(plan)
         run.create()
-        trainer = Trainer(recipe, setup, run)
+        trainer = Trainer(plan, setup, run)
         try:
             summary = trainer.train()
         finally:

@@ -17,7 +17,8 @@ from efficient_rl.errors import ConfigError
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
 from efficient_rl.models.modeling import load_model, response_logprobs, token_logprobs_and_entropy
-from efficient_rl.driver.prepare import check_recipe, prepare
+from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.validate import validate
 
 # bfloat16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative, and a value
 # in the backward has been through a handful of them (weights, activations, their products:
@@ -178,7 +179,7 @@ def test_the_learner_follows_its_schedule_across_a_resume(tmp_path):
     batch = spread_batch(seed=3)
 
     def learner():
-        return TorchLearner(small_model(), settings_of(), optim_settings(recipe))
+        return TorchLearner(small_model(), settings_of(), optim_settings(validate(recipe)))
 
     straight = learner()
     rates = [straight.update(batch)["lr"] for _ in range(6)]
@@ -204,7 +205,7 @@ def test_the_learner_follows_its_schedule_across_a_resume(tmp_path):
 ])
 def test_bad_precision_batching_and_schedule_keys_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
-        check_recipe(load_recipe(RECIPES / "grpo.yaml", [override]))
+        validate(load_recipe(RECIPES / "grpo.yaml", [override]))
     assert message in str(err.value)
 
 
@@ -215,7 +216,7 @@ def test_bad_precision_batching_and_schedule_keys_name_the_field(override, messa
 def test_deepspeed_refuses_what_it_cannot_do(overrides, message):
     ray = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed"]
     with pytest.raises(ConfigError, match=message):
-        check_recipe(load_recipe(RECIPES / "grpo.yaml", ray + overrides))
+        validate(load_recipe(RECIPES / "grpo.yaml", ray + overrides))
 
 
 # ---------------------------------------------------------------- a driver without weights
@@ -229,13 +230,13 @@ def test_the_ray_driver_reads_config_and_tokenizer_but_never_the_weights(tmp_pat
     common = [o for o in TINY_OVERRIDES if not o.startswith("model.")] + [f"model.path={model_dir}", "model.lab=null",
                                                                          "scoring.workers=0"]
     recipe = load_recipe(RECIPES / "quickstart.yaml", common + ["cluster.backend=ray", "rollout.engine=vllm"])
-    setup = prepare(recipe)
+    setup = build_setup(validate(recipe))
     setup.rewards.close()
     config = json.loads((model_dir / "config.json").read_text())
     assert setup.model is None and setup.vocab_size == config["vocab_size"]
     assert setup.tokenizer is not None and setup.encode(setup.train_samples[0])
     with pytest.raises(ConfigError, match=f"model: cannot load {model_dir}"):
-        prepare(load_recipe(RECIPES / "quickstart.yaml", common))
+        build_setup(validate(load_recipe(RECIPES / "quickstart.yaml", common)))
 
 
 def test_gradient_checkpointing_on_the_torch_learner_gives_the_same_gradients():

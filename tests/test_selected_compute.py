@@ -13,13 +13,14 @@ from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.learner.objective import loss_masks, objective_settings, policy_gradient_loss
 from efficient_rl.models.modeling import response_logprobs, sequence_inputs
+from efficient_rl.driver.validate import validate
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 
 
 def settings_of(*overrides, **fields):
     """The objective settings of grpo.yaml with recipe overrides, then settings fields replaced."""
-    return dataclasses.replace(objective_settings(load_recipe(RECIPES / "grpo.yaml", list(overrides))), **fields)
+    return dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml", list(overrides)))), **fields)
 
 
 def tiny_model(tied: bool) -> Qwen2ForCausalLM:

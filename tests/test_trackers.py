@@ -17,7 +17,7 @@ from conftest import RECIPES
 from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.errors import ConfigError
-from efficient_rl.driver.prepare import check_recipe
+from efficient_rl.driver.validate import validate
 from efficient_rl.driver.trackers import TRACKERS, mlflow_name
 from efficient_rl.driver.loop import run_recipe
 
@@ -236,18 +236,8 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
     assert_no_wandb_service_left()
 
 
-def test_tracker_keys_and_the_old_tensorboard_key():
-    def trackers(*overrides):
-        return load_recipe(RECIPES / "quickstart.yaml", list(overrides)).to_dict()["logging"]["trackers"]
-
-    assert trackers() == ["tensorboard"]
-    assert trackers("logging.tensorboard=false") == []
-    assert trackers("logging.trackers=[wandb]", "logging.tensorboard=true") == ["tensorboard", "wandb"]
-    assert trackers("logging.trackers=[tensorboard, {name: mlflow, experiment: x}]", "logging.tensorboard=false") == \
-           [{"name": "mlflow", "experiment": "x"}]
-    with pytest.raises(ConfigError, match=r"logging.tensorboard: expected true or false, got str 'maybe' "
-                                          r"\(the trackers are now logging.trackers"):
-        load_recipe(RECIPES / "quickstart.yaml", ["logging.tensorboard=maybe"])
+def test_tracker_keys():
+    assert load_recipe(RECIPES / "quickstart.yaml").to_dict()["logging"]["trackers"] == ["tensorboard"]
     for override, message in [
         ("logging.trackers=[wandbb]", "logging.trackers[0]: unknown experiment tracker 'wandbb' (did you mean 'wandb'?)"),
         ("logging.trackers=[{name: wandb, mode: live}]", "logging.trackers[0].mode: expected one of 'online', 'offline'"),
@@ -256,8 +246,21 @@ def test_tracker_keys_and_the_old_tensorboard_key():
         ("logging.completions_every=-1", "logging.completions_every: expected an integer >= 0"),
     ]:
         with pytest.raises(ConfigError) as err:
-            check_recipe(load_recipe(RECIPES / "quickstart.yaml", [override]))
+            validate(load_recipe(RECIPES / "quickstart.yaml", [override]))
         assert message in str(err.value)
+
+
+def test_the_retired_tensorboard_key_is_refused_in_one_line(tmp_path):
+    old_recipe = tmp_path / "old.yaml"
+    old_recipe.write_text(f"defaults: {RECIPES / 'quickstart.yaml'}\nlogging: {{tensorboard: false}}\n")
+    for path, overrides in [(RECIPES / "quickstart.yaml", ["logging.tensorboard=false"]),
+                            (RECIPES / "quickstart.yaml", ["logging.trackers=[]", "logging.tensorboard=true"]),
+                            (old_recipe, [])]:
+        with pytest.raises(ConfigError) as err:
+            load_recipe(path, overrides)
+        message = str(err.value)
+        assert message.startswith(f"{path}: logging.tensorboard: retired key; ") and "logging.trackers" in message
+        assert "\n" not in message
 
 
 def test_mlflow_names():

@@ -8,6 +8,7 @@ Inside an actor it is the same code as embedded: a VLLMEngine, or a learner from
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -63,17 +64,15 @@ class LearnerWorker:
             sock.bind(("", 0))
             return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
-    def setup(self, recipe, model_dir: Path, base_model_dir: Path, master: tuple[str, int]) -> None:
+    def setup(self, imports: list[str], pickled_plan: bytes, model_dir: Path, base_model_dir: Path,
+              master: tuple[str, int]) -> None:
         """Runs on every rank at once: torch.distributed joins them here. A Ray-hosted teacher
         reaches the learner as its client, so the learner never deals with Ray itself."""
-        import efficient_rl.learner.deepspeed_learner  # noqa: F401  (registers the backend)
-        from efficient_rl.learner.base import LEARNERS
-
-        import_plugins(recipe.imports)  # the recipe's own methods register themselves in this process too
+        import_plugins(imports)  # the recipe's own methods register themselves in this process too
+        plan = pickle.loads(pickled_plan)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        self.learner = LEARNERS.get(recipe.learner.backend)(recipe, model_dir, base_model_dir,
-                                                            teacher=teacher_client(recipe))
+        self.learner = plan["learner.backend"](plan, model_dir, base_model_dir, teacher=teacher_client(plan.recipe))
 
     def update(self, batch):
         return self.learner.update(batch)

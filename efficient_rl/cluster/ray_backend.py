@@ -312,10 +312,11 @@ def kill_all(actors: list) -> None:
 
 
 # ---------------------------------------------------------------- assembly
-def ray_components(recipe, setup):
+def ray_components(plan, setup):
     """Start (or join) Ray, place the actors, and return the learner and engine groups."""
     import ray
 
+    recipe = plan.recipe
     cluster = recipe.cluster
     session = start_ray(cluster.address, *requested_resources(cluster))
     closers = [session.close]
@@ -330,7 +331,7 @@ def ray_components(recipe, setup):
         if hosts_teacher(recipe):
             teacher = start_teacher(recipe)  # before the learners, which look it up by name
             closers.append(lambda: kill_all([teacher]))
-        learner = start_learners(recipe, setup, placement)
+        learner = start_learners(plan, setup, placement)
         closers.append(learner.kill)
         remote_rollout = ray.remote(RolloutWorker)
         probe = verification_prompt(setup, recipe)
@@ -361,14 +362,17 @@ def start_teacher(recipe):
     return teacher
 
 
-def start_learners(recipe, setup, placement: Placement) -> RayLearnerGroup:
+def start_learners(plan, setup, placement: Placement) -> RayLearnerGroup:
     import ray
 
-    world_size = recipe.cluster.learner.workers
+    world_size = plan.recipe.cluster.learner.workers
     remote_learner = ray.remote(LearnerWorker)
     workers = [remote_learner.options(max_restarts=0, **placement.options("learner", rank)).remote(rank, world_size)
                for rank in range(world_size)]
     group = RayLearnerGroup(workers)
     master = ray.get(workers[0].rendezvous_address.remote())
-    group.call("setup", recipe, setup.model_dir, setup.base_model_dir, master)
+    # The plan travels pickled: each rank imports the recipe's own modules (`imports:`) before it
+    # unpickles the entries they registered.
+    group.call("setup", plan.recipe.imports, ray.cloudpickle.dumps(plan), setup.model_dir, setup.base_model_dir,
+               master)
     return group

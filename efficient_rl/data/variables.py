@@ -17,7 +17,6 @@ import random
 import re
 from typing import Any, Mapping
 
-from efficient_rl.config.binding import bind
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
 from efficient_rl.registry import Bound, Registry
@@ -57,28 +56,6 @@ def template_fields(template: str) -> list[str]:
 def render(template: str, sample: Mapping[str, Any]) -> str:
     """The template with each "{name}" replaced by str(sample[name]); KeyError for a missing field."""
     return FIELD.sub(lambda match: str(sample[match.group(1)]), template)
-
-
-def bind_variables(recipe: Recipe) -> dict[str, Bound]:
-    """prompt.variables bound, each error one line naming the field; eval.variables checked."""
-    bound = {}
-    for name, picked in recipe.prompt.variables.items():
-        where = f"prompt.variables.{name}"
-        if not FIELD.fullmatch(f"{{{name}}}"):
-            raise ConfigError(f"{where}: expected a name of letters, digits and underscores, as the template writes it")
-        bound[name] = bind(picked, PROMPT_VARIABLES, where)
-        check = bound[name].entry.check
-        problem = check(bound[name].params, recipe) if check else None
-        if problem:
-            raise ConfigError(f"{where}.{problem}")
-    shown = template_fields(recipe.prompt.user_template)
-    for name, values in recipe.eval.variables.items():
-        if name not in shown:
-            raise ConfigError(f"eval.variables.{name}: prompt.user_template shows no {{{name}}}, so its values "
-                              f"would change no prompt")
-        if not values:
-            raise ConfigError(f"eval.variables.{name}: expected at least one value")
-    return bound
 
 
 def draw_variables(samples: list[dict], variables: dict[str, Bound], seed: int, split: str) -> list[dict]:

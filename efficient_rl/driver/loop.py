@@ -13,21 +13,21 @@ import torch
 from tqdm import tqdm
 
 from efficient_rl.driver import stopping
-from efficient_rl.algos.advantages import ADVANTAGES, group_stats
+from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.sampling import FILTER_METRICS, groups_with_spread
-from efficient_rl.algos.shaping import (LENGTH_SHAPERS, ShapingInputs, difficulty_caps, fixed_caps, over_cap,
+from efficient_rl.algos.sampling import groups_with_spread
+from efficient_rl.algos.shaping import (ShapingInputs, difficulty_caps, fixed_caps, over_cap,
                                         tier_metrics)
 from efficient_rl.run.checkpoint import RunDir
-from efficient_rl.cluster.backends import CLUSTER_BACKENDS
-from efficient_rl.driver.pipeline import PIPELINES, Produced
-from efficient_rl.config.binding import bind
+from efficient_rl.driver.pipeline import Produced
+from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.sources import PromptStream
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.driver.metrics import MetricsLogger, completion_sample, completions_due
-from efficient_rl.driver.prepare import Setup, prepare
+from efficient_rl.driver.build import Setup, build_setup
+from efficient_rl.driver.validate import validate
 from efficient_rl.registry import Bound
 from efficient_rl.scoring.runner import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
@@ -54,7 +54,8 @@ def no_metrics(*_) -> dict[str, float]:
     return {}
 
 
-def resolve_stages(recipe: Recipe) -> Stage:
+def resolve_stages(plan: Plan) -> Stage:
+    recipe = plan.recipe
     alg = recipe.algorithm
     if alg.difficulty_tiers:  # DA-DLER
         thresholds = [tier.min_correct for tier in alg.difficulty_tiers[1:]]
@@ -67,16 +68,15 @@ def resolve_stages(recipe: Recipe) -> Stage:
     return Stage(
         length_caps=length_caps,
         length_metrics=length_metrics,
-        shape_rewards=bind(alg.length_penalty, LENGTH_SHAPERS, "algorithm.length_penalty"),
-        advantages=bind(alg.advantage, ADVANTAGES, "algorithm.advantage"),
-        filter_metric=bind(alg.dynamic_sampling_metric, FILTER_METRICS, "algorithm.dynamic_sampling_metric")
-        if alg.dynamic_sampling else None,
+        shape_rewards=plan["algorithm.length_penalty"],
+        advantages=plan["algorithm.advantage"],
+        filter_metric=plan["algorithm.dynamic_sampling_metric"] if alg.dynamic_sampling else None,
     )
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                stop_after_step: int | None = None) -> tuple[RunDir, dict]:
-    """What `efficient-rl train` does: validate, create the run directory, train.
+    """What `efficient-rl train` does: validate, take the run directory, build, train.
 
     Whatever it started is closed on every way out, an exception anywhere included, newest first:
     the cluster components (Ray actors, vLLM engines, a teacher, a Ray cluster started for the
@@ -85,14 +85,15 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     process of the run is left: on an error here, or by the caller, who gets the run back still
     locked to write its report into (RunDir.close; the exit of the process releases it too).
     """
+    plan = validate(recipe)  # before anything is locked, started or written
     with contextlib.ExitStack() as on_error:
         run = RunDir(recipe, resume=resume, overwrite=overwrite)
         on_error.callback(run.close)
         with contextlib.ExitStack() as started:
-            setup = prepare(recipe, model_dir=run.resume_from)  # the checkpoint restore() reads, or None
+            setup = build_setup(plan, model_dir=run.resume_from)  # the checkpoint restore() reads, or None
             started.callback(setup.rewards.close)
             run.create()
-            trainer = Trainer(recipe, setup, run)
+            trainer = Trainer(plan, setup, run)
             started.callback(trainer.close)  # its components; the rewards again, a no-op
             summary = trainer.train(stop_after_step=stop_after_step)
         on_error.pop_all()  # it went well: the lock stays the caller's
@@ -100,19 +101,19 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, setup: Setup, run: RunDir):
-        self.recipe, self.setup, self.run = recipe, setup, run
-        self.stages = resolve_stages(recipe)
-        self.selection = Selection(recipe, vocab_size=setup.vocab_size)
-        self.components = CLUSTER_BACKENDS.get(recipe.cluster.backend)(recipe, setup)
+    def __init__(self, plan: Plan, setup: Setup, run: RunDir):
+        recipe = plan.recipe
+        self.plan, self.recipe, self.setup, self.run = plan, recipe, setup, run
+        self.stages = resolve_stages(plan)
+        self.selection = Selection(plan, vocab_size=setup.vocab_size)
+        self.components = plan["cluster.backend"](plan, setup)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = SamplingSettings(
             n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
-        self.pipeline = bind(recipe.cluster.pipeline, PIPELINES, "cluster.pipeline")(
-            self.collect_rollouts, self.engine, recipe.steps)
+        self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side
         self.completions: list[dict] = []  # the step's sampled completions (logging.completions_every)
 
@@ -141,7 +142,7 @@ class Trainer:
         metrics = {}
         # An exception ends the progress bar (instead of drawing it through the message) and closes
         # the trackers, their runs marked failed.
-        with MetricsLogger(self.run, self.recipe, first_step=state["step"] + 1) as logger, \
+        with MetricsLogger(self.run, self.plan, first_step=state["step"] + 1) as logger, \
                 stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step(step)

@@ -19,14 +19,15 @@ class MetricsLogger:
     the steps logging.completions_every picks, sampled completions to completions.jsonl and to the
     trackers as a table. A context manager: leaving it closes the trackers, as failed on an error."""
 
-    def __init__(self, run, recipe, first_step: int):
+    def __init__(self, run, plan, first_step: int):
+        recipe = plan.recipe
         self.path = run.path / "metrics.jsonl"
         self.completions_path = run.path / "completions.jsonl"
         # A resumed run drops lines of steps after its checkpoint: each step is logged once.
         keep_steps_before(self.path, first_step)
         if self.completions_path.exists():
             keep_steps_before(self.completions_path, first_step)
-        self.trackers = Trackers(run.path, recipe, first_step)  # first: what they print at start precedes the bar
+        self.trackers = Trackers(run.path, plan, first_step)  # first: what they print at start precedes the bar
         self.progress = tqdm(total=recipe.steps, initial=first_step - 1, desc=recipe.logging.name,
                              unit="step", disable=not recipe.logging.progress, dynamic_ncols=True)
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def before_after_table(summary: dict) -> str:
     rows = [("model", "held-out accuracy", "mean length", "p90 length")]
@@ -31,6 +26,11 @@ def before_after_table(summary: dict) -> str:
 
 def plot_training_curves(metrics_path: Path, summary: dict, out_path: Path) -> None:
     """Training-rollout length and accuracy per step, with the held-out evaluations as markers."""
+    import matplotlib  # here: importing it may start a font-cache process, which no bad recipe should
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [row["step"] for row in rows]
     during = [(row["step"], {"accuracy": row["eval/pass@1"],

@@ -16,16 +16,15 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
-from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS, TokenStats
-from efficient_rl.config.binding import bind
-from efficient_rl.config.schema import Recipe
+from efficient_rl.algos.token_selection import TokenStats
+from efficient_rl.config.plan import Plan
 
 
 class Selection:
-    def __init__(self, recipe: Recipe, vocab_size: int):
-        self.seed, self.steps, self.vocab_size = recipe.seed, recipe.steps, vocab_size
-        self.samples = bind(recipe.algorithm.sample_selection, SAMPLE_SELECTORS, "algorithm.sample_selection")
-        self.tokens = bind(recipe.algorithm.token_selection, TOKEN_SELECTORS, "algorithm.token_selection")
+    def __init__(self, plan: Plan, vocab_size: int):
+        self.seed, self.steps, self.vocab_size = plan.recipe.seed, plan.recipe.steps, vocab_size
+        self.samples = plan["algorithm.sample_selection"]
+        self.tokens = plan["algorithm.token_selection"]
         self.statistics = tuple(name for name in self.tokens.needs if name in TOKEN_STATISTICS)
 
     def __call__(self, batch: RolloutBatch, learner, step: int) -> tuple[RolloutBatch, dict[str, float]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from efficient_rl.config.binding import bind
+from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.registry import Registry
@@ -56,16 +56,6 @@ class Tracker(Protocol):
     def close(self, failed: bool) -> None: ...
 
 
-def check_trackers(recipe: Recipe) -> None:
-    """Each tracker's name and parameters (ConfigError in one line); called before anything runs."""
-    seen = set()
-    for index, picked in enumerate(recipe.logging.trackers):
-        bind(picked, TRACKERS, f"logging.trackers[{index}]")
-        if picked.name in seen:
-            raise ConfigError(f"logging.trackers[{index}]: {picked.name} is listed twice")
-        seen.add(picked.name)
-
-
 def report(message: str) -> None:
     """One line on stderr, above the progress bar."""
     from tqdm import tqdm
@@ -87,14 +77,14 @@ class Open:
 class Trackers:
     """The recipe's trackers for one run: opened together, each failure reported once."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, first_step: int):
+    def __init__(self, run_dir: Path, plan: Plan, first_step: int):
         self.path = run_dir / STATE_FILE
         self.state = read_state(self.path)
         self.open: list[Open] = []
+        recipe = plan.recipe
         config = recipe.to_dict()
-        for index, picked in enumerate(recipe.logging.trackers):
-            bound = bind(picked, TRACKERS, f"logging.trackers[{index}]")
-            saved = self.state.get(picked.name, {})
+        for bound in plan.trackers:
+            saved = self.state.get(bound.name, {})
             # Steps a tracker already took before a kill (after the checkpoint) are not sent again.
             start = max(first_step, saved.get("last_step", 0) + 1)
             context = TrackerContext(run_dir=run_dir, run_name=recipe.logging.name,
@@ -103,10 +93,10 @@ class Trackers:
             try:
                 tracker = bound(context)
             except Exception as err:  # a tracker never stops training
-                self.failed(picked.name, "to start", err)
+                self.failed(bound.name, "to start", err)
                 continue
-            self.open.append(Open(picked.name, tracker, start))
-            self.state[picked.name] = {"run_id": tracker.run_id, "last_step": start - 1}
+            self.open.append(Open(bound.name, tracker, start))
+            self.state[bound.name] = {"run_id": tracker.run_id, "last_step": start - 1}
         self.save()
 
     def failed(self, name: str, when: str, err: BaseException) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.teacher import build_teacher
@@ -29,7 +30,7 @@ from efficient_rl.models.lora import save_adapter
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 # learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO
 # (stage 1-3) keeps the float32 master partitions and optimizer state; stage 0 would step bf16
-# weights directly, which check_recipe refuses.
+# weights directly, which deepspeed_check refuses.
 PRECISION_CONFIG = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}}
 
 
@@ -52,14 +53,15 @@ def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> 
 
 
 class DeepSpeedLearner(TorchLearner):
-    def __init__(self, recipe, model_dir: Path, base_model_dir: Path, teacher=None):
+    def __init__(self, plan: Plan, model_dir: Path, base_model_dir: Path, teacher=None):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.objective, self.optim = objective_settings(recipe), optim_settings(recipe)
+        recipe = plan.recipe
+        self.objective, self.optim = objective_settings(plan), optim_settings(plan)
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
         reference = load_reference(recipe, base_model_dir)
         self.reference = reference.to(self.device) if reference is not None else None
@@ -145,6 +147,29 @@ class DeepSpeedLearner(TorchLearner):
         self.schedule_step = (client_state or {}).get("schedule_step", 0)
 
 
-@LEARNERS.register("deepspeed")
-def deepspeed_learner(recipe, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> DeepSpeedLearner:
-    return DeepSpeedLearner(recipe, model_dir, base_model_dir, teacher)
+def deepspeed_check(_, recipe) -> str | None:
+    """What the DeepSpeed learner does not run with (yet), each in the words of the field to change."""
+    learner = recipe.learner
+    zero3_refusals = {  # ZeRO-3 gathers weights around the engine's whole forward
+        # packing, like selected compute, calls the body and the LM head apart (see DeepSpeedLearner)
+        "learner.packing: not under ZeRO-3 (zero_stage: 3), whose weight gathering needs the model called whole; "
+        "use zero_stage 0-2 or packing: false": learner.packing,
+        "learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is not supported); "
+        "the adapters are small enough for ZeRO-2": learner.lora is not None,
+        f"learner.zero_stage: distill.teacher {recipe.distill.teacher} runs on ZeRO stages 0-2 (its "
+        "selected-position LM head is not yet correct under ZeRO-3's weight gathering)":
+            recipe.distill.teacher is not None,
+    }
+    if recipe.cluster.backend != "ray":
+        return "learner.backend: deepspeed runs as Ray actors; set cluster.backend: ray"
+    if learner.zero_stage == 3:
+        return next((message for message, refused in zero3_refusals.items() if refused), None)
+    if learner.precision == "bf16" and learner.zero_stage == 0:
+        return ("learner.precision: bf16 on DeepSpeed needs zero_stage 1-3, which keep float32 master weights; "
+                "stage 0 would update the bf16 weights themselves")
+    return None
+
+
+@LEARNERS.register("deepspeed", check=deepspeed_check)
+def deepspeed_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> DeepSpeedLearner:
+    return DeepSpeedLearner(plan, model_dir, base_model_dir, teacher)

@@ -15,11 +15,11 @@ from typing import Literal
 
 import torch
 
+from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
 from efficient_rl.algos.losses import (AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,
                                        LossDenominators, LossInputs)
-from efficient_rl.config.binding import bind
 from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
 from efficient_rl.models.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
 from efficient_rl.registry import Bound, Registry
@@ -54,14 +54,15 @@ class ObjectiveSettings:
         return self.objective.needs
 
 
-def objective_settings(recipe) -> ObjectiveSettings:
+def objective_settings(plan: Plan) -> ObjectiveSettings:
+    recipe = plan.recipe
     alg = recipe.algorithm
     return ObjectiveSettings(
-        objective=bind(alg.objective, OBJECTIVES, "algorithm.objective"),
-        policy_loss=bind(alg.policy_loss, POLICY_LOSSES, "algorithm.policy_loss"),
-        aggregation=bind(alg.loss_agg, AGGREGATIONS, "algorithm.loss_agg"),
-        kl_estimator=bind(alg.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator"),
-        rollout_correction=bind(alg.rollout_correction, ROLLOUT_CORRECTIONS, "algorithm.rollout_correction"),
+        objective=plan["algorithm.objective"],
+        policy_loss=plan["algorithm.policy_loss"],
+        aggregation=plan["algorithm.loss_agg"],
+        kl_estimator=plan["algorithm.kl_estimator"],
+        rollout_correction=plan["algorithm.rollout_correction"],
         kl_coef=alg.kl_coef, norm_length=recipe.rollout.max_response_length,
         temperature=recipe.rollout.temperature, loss_denominator=alg.loss_denominator,
         chunk_rows=recipe.distill.chunk_rows, packing=recipe.learner.packing,

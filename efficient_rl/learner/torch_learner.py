@@ -16,10 +16,10 @@ from typing import Iterator
 
 import torch
 
+from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
-from efficient_rl.config.binding import bind
 from efficient_rl.config.schema import LearnerSection
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
@@ -59,13 +59,14 @@ class OptimSettings:
     total_steps: int = 1  # training steps of the run, the schedule's length
 
 
-def optim_settings(recipe) -> OptimSettings:
+def optim_settings(plan: Plan) -> OptimSettings:
+    recipe = plan.recipe
     lrn = recipe.learner
     return OptimSettings(
         lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
         mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
         micro_batch_size=lrn.micro_batch_size, micro_batch_tokens=lrn.micro_batch_tokens, epochs=lrn.epochs,
-        precision=lrn.precision, schedule=bind(lrn.lr_schedule, LR_SCHEDULES, "learner.lr_schedule"),
+        precision=lrn.precision, schedule=plan["learner.lr_schedule"],
         total_steps=recipe.steps,
     )
 
@@ -401,14 +402,22 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-@LEARNERS.register("torch")
-def torch_learner(recipe, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> TorchLearner:
+def torch_check(_, recipe) -> str | None:
+    if recipe.cluster.backend == "ray" and recipe.cluster.learner.workers > 1:
+        return ("cluster.learner.workers: the torch learner is one process; use learner.backend: deepspeed for "
+                "data parallelism")
+    return None
+
+
+@LEARNERS.register("torch", check=torch_check)
+def torch_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None, teacher=None) -> TorchLearner:
     """`model` is the driver's own copy when embedded (the transformers engine generates with it);
     `teacher` the Ray-hosted teacher's client, when the Ray layer passes one (learner/teacher.py)."""
+    recipe = plan.recipe
     policy = model if model is not None else load_policy(recipe, model_dir, base_model_dir)
     if recipe.learner.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     adapter = with_adapter(recipe, policy, model_dir)  # in place: `policy` stays the module everyone calls
-    return TorchLearner(policy, objective_settings(recipe), optim_settings(recipe),
+    return TorchLearner(policy, objective_settings(plan), optim_settings(plan),
                         reference=load_reference(recipe, base_model_dir),
                         teacher=build_teacher(recipe, remote=teacher), sync_dtype=model_dtype(recipe), adapter=adapter)

@@ -121,6 +121,13 @@ class TransformersEngine:
         return {}
 
 
-@ENGINES.register("transformers")
+def transformers_check(_, recipe) -> str | None:
+    if recipe.learner.lora is not None and recipe.cluster.pipeline.name == "overlapped":
+        return ("learner.lora: not with cluster.pipeline overlapped on the transformers engine (its own copy of the "
+                "policy loads plain weights by name); use rollout.engine: vllm or pipeline: sync")
+    return None
+
+
+@ENGINES.register("transformers", check=transformers_check)
 def transformers_engine(setup, recipe) -> TransformersEngine:
     return TransformersEngine(setup.model, setup.tokenizer, recipe.rollout.max_batch_size, recipe.model.dtype)

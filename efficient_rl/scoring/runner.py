@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from efficient_rl.config.schema import RewardEntry
-from efficient_rl.errors import ConfigError
-from efficient_rl.errors import WorkerFailure
+from efficient_rl.errors import ConfigError, WorkerFailure
 from efficient_rl.scoring.plugins import RewardLoadError, check_signature, is_batched, load_reward
 from efficient_rl.scoring.pool import Outcome, RewardCall, RewardPool, outcome_of
 
@@ -77,19 +76,26 @@ def as_numbers(value) -> dict[str, float]:
     return numbers
 
 
+def resolve_rewards(entries: list[RewardEntry]) -> list:
+    """The reward functions, each imported and its parameters checked against its signature
+    (ConfigError in one line naming the entry). Starts nothing: the recipe's validation calls it."""
+    if not entries:
+        raise ConfigError("reward: expected at least one reward entry")
+    functions = []
+    for index, entry in enumerate(entries):
+        try:
+            function = load_reward(entry.name)
+            check_signature(function, entry.params)
+        except RewardLoadError as err:
+            raise ConfigError(f"reward[{index}] ({entry.name}): {err}") from None
+        functions.append(function)
+    return functions
+
+
 class RewardRunner:
     def __init__(self, entries: list[RewardEntry], workers: int = 0, timeout: float = 10.0):
-        if not entries:
-            raise ConfigError("reward: expected at least one reward entry")
         self.entries = entries
-        self.functions = []
-        for index, entry in enumerate(entries):
-            try:
-                function = load_reward(entry.name)
-                check_signature(function, entry.params)
-            except RewardLoadError as err:
-                raise ConfigError(f"reward[{index}] ({entry.name}): {err}") from None
-            self.functions.append(function)
+        self.functions = resolve_rewards(entries)
         # workers=0 calls rewards in this process: no timeout can be enforced there.
         self.pool = RewardPool([(e.name, e.params) for e in entries], workers, timeout) if workers > 0 else None
 

@@ -329,10 +329,10 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
     """Every check submit makes, then the script; nothing written. `mode`: "", "--resume" or
     "--overwrite" for the first attempt."""
     from efficient_rl.config.loading import load_recipe
-    from efficient_rl.driver.prepare import check_recipe
+    from efficient_rl.driver.validate import validate
 
     recipe = recipe or load_recipe(recipe_path, overrides)
-    check_recipe(recipe)  # what `train` would refuse, refused before the job queues
+    validate(recipe)  # what `train` would refuse, refused before the job queues
     site = load_site(options.site)
     request = JobRequest(
         nodes=options.nodes, gpus_per_node=options.gpus_per_node, cpus_per_node=options.cpus_per_node,

@@ -210,7 +210,7 @@ def check_eval(settings: StudyEval) -> None:
 
 def plan(study: Study, path: Path) -> list[PlannedRun]:
     """Every (run, seed), its recipe loaded and checked as `train` would check it."""
-    from efficient_rl.driver.prepare import check_recipe
+    from efficient_rl.driver.validate import validate
 
     planned = []
     for index, run in enumerate(study.runs):
@@ -221,7 +221,7 @@ def plan(study: Study, path: Path) -> list[PlannedRun]:
                 f"logging.name={run.method}-s{seed}"]
             try:
                 recipe = load_recipe(recipe_path, overrides)
-                check_recipe(recipe)
+                validate(recipe)
             except ConfigError as err:
                 raise ConfigError(f"runs[{index}] ({run.method}): {err}") from None
             planned.append(PlannedRun(index, run.method, seed, recipe_path, overrides, recipe))

@@ -1,0 +1,26 @@
+"""A recipe once checked: what every component is built from (driver/validate.py makes it).
+
+Every registry entry the recipe picks is bound here, once, to its checked parameters; the trainer,
+selection, the objective, the learners (in Ray actors too) and the pipeline read their entries
+from the plan and never bind a raw choice again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from efficient_rl.config.schema import Recipe
+from efficient_rl.registry import Bound
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    choices: Mapping[str, Bound]  # field path ("algorithm.advantage") -> its entry, bound
+    needs: Mapping[str, str]  # what the picked entries need (NEEDS in registry.py) -> the field that needs it
+    variables: Mapping[str, Bound]  # prompt.variables: name -> its PROMPT_VARIABLES entry, bound
+    trackers: tuple[Bound, ...]  # logging.trackers, in order
+
+    def __getitem__(self, dotted: str) -> Bound:
+        return self.choices[dotted]

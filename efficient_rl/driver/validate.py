@@ -1,0 +1,212 @@
+"""Check a recipe once and return its plan: the first thing `train`, `submit` and `study` do.
+
+Pure: it reads files (the recipe, a model's reference, reward modules) but starts no process,
+takes no lock, builds no lab model and writes nothing, so a bad recipe leaves nothing behind.
+Every registry entry the recipe picks is bound here and nowhere else (config/plan.py); every
+error is one line naming its field. What needs the data or the model (prompt lengths, the
+context, LoRA targets, a teacher's vocabulary) is checked by driver/build.py, still before any
+reward worker or model load.
+"""
+
+from __future__ import annotations
+
+from efficient_rl.algos.advantages import ADVANTAGES
+from efficient_rl.algos.divergence import TOKEN_STATISTICS
+from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
+from efficient_rl.algos.sampling import FILTER_METRICS
+from efficient_rl.algos.shaping import LENGTH_SHAPERS
+from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
+from efficient_rl.cluster.backends import CLUSTER_BACKENDS
+from efficient_rl.config.binding import bind
+from efficient_rl.config.plan import Plan
+from efficient_rl.config.rules import check_numbers
+from efficient_rl.config.schema import Recipe
+from efficient_rl.data.variables import FIELD, PROMPT_VARIABLES, template_fields
+from efficient_rl.driver.pipeline import PIPELINES
+from efficient_rl.driver.trackers import TRACKERS
+from efficient_rl.errors import ConfigError
+from efficient_rl.lab.presets import PRESETS
+from efficient_rl.learner.base import LEARNERS
+from efficient_rl.learner.objective import OBJECTIVES
+from efficient_rl.learner.schedules import LR_SCHEDULES
+from efficient_rl.models.sources import check_reference
+from efficient_rl.registry import NEEDS, SAMPLE_FIELD_NEED, Bound, did_you_mean
+from efficient_rl.rollout.base import ENGINES
+from efficient_rl.run.checkpoint import check_run_name
+from efficient_rl.scoring.runner import resolve_rewards
+
+# Importing the backends registers them (and their own checks).
+import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
+import efficient_rl.learner.torch_learner  # noqa: E402,F401
+import efficient_rl.rollout.hf  # noqa: E402,F401
+import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
+
+# The recipe's picks of registry entries with parameters (each a config Choice), and of plain
+# names. Each entry's `check` holds what it does not combine with (a backend's compatibility rules).
+CHOICE_FIELDS = [
+    ("algorithm.advantage", ADVANTAGES),
+    ("algorithm.policy_loss", POLICY_LOSSES),
+    ("algorithm.loss_agg", AGGREGATIONS),
+    ("algorithm.kl_estimator", KL_ESTIMATORS),
+    ("algorithm.length_penalty", LENGTH_SHAPERS),
+    ("algorithm.dynamic_sampling_metric", FILTER_METRICS),
+    ("algorithm.rollout_correction", ROLLOUT_CORRECTIONS),
+    ("algorithm.objective", OBJECTIVES),
+    ("algorithm.token_selection", TOKEN_SELECTORS),
+    ("algorithm.sample_selection", SAMPLE_SELECTORS),
+    ("learner.lr_schedule", LR_SCHEDULES),
+    ("cluster.pipeline", PIPELINES),
+]
+NAME_FIELDS = [("cluster.backend", CLUSTER_BACKENDS), ("rollout.engine", ENGINES), ("learner.backend", LEARNERS)]
+
+
+def field_value(recipe: Recipe, dotted: str):
+    value = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(recipe: Recipe) -> Plan:
+    """The recipe checked and its entries bound (ConfigError in one line at the first problem)."""
+    check_numbers(recipe)  # load_recipe did too; a Recipe built in Python comes here unchecked
+    check_run_name(recipe.logging.name)  # submit refuses a bad name before it writes a job directory
+    check_model(recipe)
+    choices = {**bind_names(recipe), **bind_choices(recipe)}
+    needs = recipe_needs(choices)
+    plan = Plan(recipe=recipe, choices=choices, needs=needs, variables=bind_variables(recipe),
+                trackers=bind_trackers(recipe))
+    check_caps(recipe, needs)
+    check_teacher_needs(recipe, needs)
+    resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
+    if len(recipe.learner.betas) != 2:
+        raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
+    return plan
+
+
+def check_model(recipe: Recipe) -> None:
+    if (recipe.model.path is None) == (recipe.model.lab is None):
+        raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
+    if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
+        raise ConfigError(f"model.lab: unknown lab preset {recipe.model.lab!r}{did_you_mean(recipe.model.lab, PRESETS)}")
+    if recipe.model.path is not None:  # checked without downloading or converting
+        check_reference(recipe.model.path, "model.path")
+
+
+def checked(bound: Bound, recipe: Recipe, prefix: str) -> Bound:
+    """`bound` once its entry's own check passes on the whole recipe."""
+    check = bound.entry.check
+    problem = check(bound.params, recipe) if check else None
+    if problem:
+        raise ConfigError(f"{prefix}{problem}")
+    return bound
+
+
+def bind_names(recipe: Recipe) -> dict[str, Bound]:
+    """The backends picked by name; each entry's check says what it does not run with, in a line
+    naming the field to change."""
+    bound = {}
+    for dotted, registry in NAME_FIELDS:
+        name = field_value(recipe, dotted)
+        if name not in registry:
+            raise ConfigError(f"{dotted}: unknown {registry.kind} {name!r}{did_you_mean(name, registry.names())}")
+        bound[dotted] = checked(registry.get(name).bind(), recipe, prefix="")
+    return bound
+
+
+def bind_choices(recipe: Recipe) -> dict[str, Bound]:
+    """Every entry the recipe picks, bound: unknown names, keys, types, ranges and the entries'
+    own checks fail here, each in one line naming its field."""
+    return {dotted: checked(bind(field_value(recipe, dotted), registry, dotted), recipe, prefix=f"{dotted}.")
+            for dotted, registry in CHOICE_FIELDS}
+
+
+def bind_variables(recipe: Recipe) -> dict[str, Bound]:
+    """prompt.variables bound, each error one line naming the field; eval.variables checked."""
+    bound = {}
+    for name, picked in recipe.prompt.variables.items():
+        where = f"prompt.variables.{name}"
+        if not FIELD.fullmatch(f"{{{name}}}"):
+            raise ConfigError(f"{where}: expected a name of letters, digits and underscores, as the template writes it")
+        bound[name] = checked(bind(picked, PROMPT_VARIABLES, where), recipe, prefix=f"{where}.")
+    shown = template_fields(recipe.prompt.user_template)
+    for name, values in recipe.eval.variables.items():
+        if name not in shown:
+            raise ConfigError(f"eval.variables.{name}: prompt.user_template shows no {{{name}}}, so its values "
+                              f"would change no prompt")
+        if not values:
+            raise ConfigError(f"eval.variables.{name}: expected at least one value")
+    return bound
+
+
+
+def bind_trackers(recipe: Recipe) -> tuple[Bound, ...]:
+    """Each tracker's name and parameters (ConfigError in one line), bound; part of the recipe's
+    validation (driver/validate.py), before anything runs."""
+    bound = []
+    for index, picked in enumerate(recipe.logging.trackers):
+        if picked.name in {tracker.name for tracker in bound}:
+            raise ConfigError(f"logging.trackers[{index}]: {picked.name} is listed twice")
+        bound.append(bind(picked, TRACKERS, f"logging.trackers[{index}]"))
+    return tuple(bound)
+
+
+
+def recipe_needs(bound: dict[str, Bound]) -> dict[str, str]:
+    """What the picked entries need, each need with the field that needs it: their own needs, and
+    those of the token statistics the token selector reads (a teacher, for divergences). A need
+    outside the vocabulary (registry.NEEDS) is refused: nothing would provide it."""
+    needs = {}
+    for dotted, entry in bound.items():
+        for need in entry.needs:
+            check_need(need, dotted, entry)
+            needs.setdefault(need, dotted)
+            if need in TOKEN_STATISTICS:
+                for deeper in TOKEN_STATISTICS.get(need).needs:
+                    needs.setdefault(deeper, dotted)
+    return needs
+
+
+def check_need(need: str, dotted: str, entry: Bound) -> None:
+    if need in NEEDS or need in TOKEN_STATISTICS or (need.startswith(SAMPLE_FIELD_NEED) and need != SAMPLE_FIELD_NEED):
+        return
+    known = [*NEEDS, *TOKEN_STATISTICS.names(), f"{SAMPLE_FIELD_NEED}<field>"]
+    raise ConfigError(f"{dotted}: {entry.entry.kind} {entry.name!r} needs {need!r}, which nothing provides"
+                      f"{did_you_mean(need, known)}")
+
+
+def check_caps(recipe: Recipe, needs: dict[str, str]) -> None:
+    """The truncation length in force: algorithm.truncation_length, or DA-DLER's tiers."""
+    alg, limit = recipe.algorithm, recipe.rollout.max_response_length
+    cap = alg.truncation_length
+    if cap is not None and not 1 <= cap <= limit:
+        raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length ({limit}), got {cap}")
+    tiers = alg.difficulty_tiers
+    if not tiers:
+        return
+    if "length_cap" not in needs or alg.truncation_length is not None:
+        raise ConfigError("algorithm.difficulty_tiers: needs a length_penalty that uses the cap (truncation, "
+                          "overlong) and replaces truncation_length (leave it null)")
+    bounds = [tier.min_correct for tier in tiers]
+    if bounds[0] != 0.0 or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])) or bounds[-1] > 1.0:
+        raise ConfigError(f"algorithm.difficulty_tiers: min_correct must start at 0.0 and increase up to at most "
+                          f"1.0, got {bounds}")
+    for index, tier in enumerate(tiers):
+        if not 1 <= tier.truncation_length <= limit:
+            raise ConfigError(f"algorithm.difficulty_tiers[{index}].truncation_length: expected 1..rollout."
+                              f"max_response_length ({limit}), got {tier.truncation_length}")
+
+
+def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
+    """A teacher is loaded when distill.teacher is set, and only then: whatever needs one needs it
+    set, and one that nothing needs would be loaded for nothing."""
+    if "teacher" not in needs:
+        if recipe.distill.teacher is not None:
+            raise ConfigError("distill.teacher: set, but nothing in the recipe needs a teacher (algorithm.objective "
+                              "distillation, or a token selection by teacher statistics); leave it null")
+        return
+    if recipe.distill.teacher is None:
+        user = f"{needs['teacher']} {field_value(recipe, needs['teacher']).name}"
+        raise ConfigError(f"distill.teacher: {user} needs a teacher (a model directory or lab:<preset>)")
+    if recipe.distill.placement == "ray" and recipe.cluster.backend != "ray":
+        raise ConfigError("distill.placement: a ray teacher needs cluster.backend: ray")
