@@ -302,9 +302,11 @@ def deepspeed_round_trip(model_dir: str, checkpoint: str) -> None:
     from efficient_rl.learner.deepspeed_learner import DeepSpeedLearner
 
     recipe = load_recipe(RECIPES / "quickstart.yaml", TINY_OVERRIDES + [
+        "cluster.backend=ray", "rollout.engine=vllm",  # where DeepSpeed ranks run; this one runs here, alone
         "learner.backend=deepspeed", "learner.zero_stage=2", "learner.lr=0.05", "learner.micro_batch_size=4",
         "algorithm.kl_coef=0.1", f"learner.lora={{rank: {RANK}, alpha: {ALPHA}, target_modules: [q_proj, v_proj, down_proj]}}"])
-    first = DeepSpeedLearner(recipe, Path(model_dir), Path(model_dir))
+    plan = validate(recipe)
+    first = DeepSpeedLearner(plan, Path(model_dir), Path(model_dir))
     batch = batch_for(first.model.config.vocab_size)
     for _ in range(2):
         metrics = first.update(batch)
@@ -320,7 +322,7 @@ def deepspeed_round_trip(model_dir: str, checkpoint: str) -> None:
     assert not torch.equal(synced[f"{module}.weight"], base[f"{module}.weight"])
     first.save(Path(checkpoint))
     assert (Path(checkpoint) / ADAPTER_DIR / "adapter_model.safetensors").is_file()
-    resumed = DeepSpeedLearner(recipe, Path(checkpoint), Path(model_dir))
+    resumed = DeepSpeedLearner(plan, Path(checkpoint), Path(model_dir))
     resumed.load_state(Path(checkpoint))
     for (name, ours), (_, theirs) in zip(resumed.model.named_parameters(), first.model.named_parameters()):
         assert torch.equal(ours, theirs), name

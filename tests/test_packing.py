@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from test_selected_compute import VOCAB, settings_of, tiny_model
+from test_selected_compute import DISTILLATION, VOCAB, settings_of, tiny_model
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.teacher import Teacher
@@ -98,10 +98,10 @@ def test_token_budget_and_packing_train_as_row_micro_batches(keep):
 def test_distillation_with_packing_trains_as_row_micro_batches():
     teacher = Teacher(tiny_model(tied=False), temperature=0.7, chunk_rows=5)
     batch = spread_batch(seed=2, keep=0.5)
-    rows = train("rows", batch, "algorithm.objective=distillation", teacher=teacher, chunk_rows=5)
+    rows = train("rows", batch, *DISTILLATION, teacher=teacher, chunk_rows=5)
     assert rows[0]["distill/divergence"] > 0
     for mode in ("token_budget", "packed_budget"):
-        assert_same_training(rows, train(mode, batch, "algorithm.objective=distillation", teacher=teacher,
+        assert_same_training(rows, train(mode, batch, *DISTILLATION, teacher=teacher,
                                          chunk_rows=5), mode)
 
 

@@ -18,6 +18,10 @@ from efficient_rl.driver.validate import validate
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 
 
+# The distillation objective; the teacher is named for the recipe's check and passed in by the test.
+DISTILLATION = ("algorithm.objective=distillation", "distill.teacher=lab:tiny")
+
+
 def settings_of(*overrides, **fields):
     """The objective settings of grpo.yaml with recipe overrides, then settings fields replaced."""
     return dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml", list(overrides)))), **fields)
@@ -113,7 +117,7 @@ def test_distillation_loss_on_selected_tokens_equals_the_masked_full_reverse_kl(
     student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
     teacher = Teacher(teacher_model, temperature=1.0, chunk_rows=3)
     batch = random_batch(torch.Generator().manual_seed(11), keep)
-    settings = settings_of("algorithm.objective=distillation", temperature=1.0, chunk_rows=3)
+    settings = settings_of(*DISTILLATION, temperature=1.0, chunk_rows=3)
     kept = batch.loss_mask
     loss, stats = settings.objective(student, batch, settings, LossDenominators.of(kept, RESPONSE), teacher)
     loss.backward()
@@ -139,7 +143,7 @@ def test_distillation_updates_pull_the_student_to_the_teacher_and_stats_match_th
     student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
     batch = random_batch(torch.Generator().manual_seed(13), 1.0)
     batch.loss_mask = None
-    learner = TorchLearner(student, settings_of("algorithm.objective=distillation", temperature=1.0, chunk_rows=4),
+    learner = TorchLearner(student, settings_of(*DISTILLATION, temperature=1.0, chunk_rows=4),
                            OptimSettings(lr=1e-2, micro_batch_size=4), teacher=Teacher(teacher_model, 1.0, 4))
     names = ("entropy", "reverse_kl", "forward_kl", "jsd")
     stats = learner.token_statistics(batch, names)
