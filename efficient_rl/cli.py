@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from efficient_rl.driver import stopping
-from efficient_rl.errors import WorkerFailure
-from efficient_rl.errors import ConfigError
+from efficient_rl.errors import ConfigError, WorkerFailure
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STUDIES_DIR = RECIPES_DIR / "studies"  # study files (`efficient-rl study`), not recipes
@@ -107,21 +107,13 @@ def cmd_reward_check(args) -> int:
     return 0
 
 
-# The eval command's numbers, checked like a recipe's (config.NUMBER_RULES): flag -> interval.
-EVAL_FLAG_RULES = {"--samples": "[1, inf)", "--problems": "[1, inf)", "--temperature": "[0, inf)",
-                   "--top-p": "(0, 1]", "--seed": "[0, inf)"}
-
-
-def check_eval_flags(args) -> None:
-    from efficient_rl.config.rules import Interval, check_number
-
-    for flag, interval in EVAL_FLAG_RULES.items():
-        check_number(flag, getattr(args, flag[2:].replace("-", "_")), Interval.parse(interval))
-
-
 def cmd_eval(args) -> int:
-    check_eval_flags(args)  # before the heavy imports: fast errors
-    from efficient_rl.eval.tradeoff import EvalSpec, compare, report_markdown, run, write_outputs
+    from efficient_rl.config.rules import as_flag, check_numbers
+    from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec
+
+    spec = EvalSpec(**{item.name: getattr(args, item.name) for item in dataclasses.fields(EvalSpec)})
+    check_numbers(spec, EVAL_NUMBER_RULES, named=as_flag)  # before the heavy imports: fast errors
+    from efficient_rl.eval.tradeoff import compare, report_markdown, run, write_outputs
 
     if args.models[0] == "compare":  # efficient-rl eval compare DIR... --out DIR
         if len(args.models) < 2:
@@ -129,12 +121,6 @@ def cmd_eval(args) -> int:
         result = compare([Path(directory) for directory in args.models[1:]])
         write_outputs(result, Path(args.out))
     else:
-        spec = EvalSpec(models=args.models, data=args.data, split=args.split, engine=args.engine,
-                        budgets=args.budgets, samples=args.samples, problems=args.problems,
-                        temperature=args.temperature, top_p=args.top_p, reward=args.reward,
-                        question_key=args.question_key, answer_key=args.answer_key, seed=args.seed,
-                        chat_template=args.chat_template, system_prompt=args.system_prompt,
-                        user_template=args.user_template)
         result = run(spec, Path(args.out))
     print(report_markdown(result))
     print(f"outputs: {args.out}/eval.json, report.md, report.html, tradeoff.png, lengths.png")
@@ -184,25 +170,28 @@ def parser() -> argparse.ArgumentParser:
                                                 "`eval compare DIR...` merges evaluations")
     evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>; "
                                                     "or `compare` and evaluation output directories")
-    evaluate.add_argument("--data", default="lab:quickstart",
+    from efficient_rl.eval.spec import EvalSpec
+
+    defaults = EvalSpec()
+    evaluate.add_argument("--data", default=defaults.data,
                           help="lab:<preset> (held-out split), gsm8k:test100, a JSONL or Parquet file, or "
                                "hf:<dataset>[:<config>] "
                                "(a Hugging Face hub id or local dataset directory)")
-    evaluate.add_argument("--split", default="test", help="split of an hf: dataset")
-    evaluate.add_argument("--question-key", default="question", help="column holding the question")
-    evaluate.add_argument("--answer-key", default="answer", help="column holding the reference answer")
-    evaluate.add_argument("--engine", default="transformers", help="transformers or vllm")
-    evaluate.add_argument("--budgets", type=int, nargs="+", default=[256], help="response token caps")
-    evaluate.add_argument("--samples", type=int, default=4, help="samples per question")
-    evaluate.add_argument("--problems", type=int, default=200, help="questions (the first N)")
-    evaluate.add_argument("--temperature", type=float, default=0.6)
-    evaluate.add_argument("--top-p", type=float, default=0.95)
-    evaluate.add_argument("--reward", default="math", help="the verifier: any reward reference")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--chat-template", default="auto", choices=["auto", "always", "never"],
+    evaluate.add_argument("--split", default=defaults.split, help="split of an hf: dataset")
+    evaluate.add_argument("--question-key", default=defaults.question_key, help="column holding the question")
+    evaluate.add_argument("--answer-key", default=defaults.answer_key, help="column holding the reference answer")
+    evaluate.add_argument("--engine", default=defaults.engine, help="transformers or vllm")
+    evaluate.add_argument("--budgets", type=int, nargs="+", default=defaults.budgets, help="response token caps")
+    evaluate.add_argument("--samples", type=int, default=defaults.samples, help="samples per question")
+    evaluate.add_argument("--problems", type=int, default=defaults.problems, help="questions (the first N)")
+    evaluate.add_argument("--temperature", type=float, default=defaults.temperature)
+    evaluate.add_argument("--top-p", type=float, default=defaults.top_p)
+    evaluate.add_argument("--reward", default=defaults.reward, help="the verifier: any reward reference")
+    evaluate.add_argument("--seed", type=int, default=defaults.seed)
+    evaluate.add_argument("--chat-template", default=defaults.chat_template, choices=["auto", "always", "never"],
                           help="prompts through the tokenizer's chat template: when it has one / required / never")
     evaluate.add_argument("--system-prompt", help="a system turn before each question (chat templates only)")
-    evaluate.add_argument("--user-template", default="{question}",
+    evaluate.add_argument("--user-template", default=defaults.user_template,
                           help='the user turn; "{question}" and "{budget}" (the token cap) are replaced')
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)

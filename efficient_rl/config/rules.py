@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from efficient_rl.errors import ConfigError
 
@@ -96,9 +97,9 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
 }
 
 
-def number_rule(dotted: str) -> tuple[Interval, str]:
-    """(interval, note) for a field path such as reward[1].weight."""
-    spec = NUMBER_RULES[re.sub(r"\[\d+\]", "", dotted)]
+def number_rule(dotted: str, rules: dict = NUMBER_RULES) -> tuple[Interval, str]:
+    """(interval, note) for a field path such as reward[1].weight (list items share their list's rule)."""
+    spec = rules[re.sub(r"\[\d+\]", "", dotted)]
     text, note = (spec, "") if isinstance(spec, str) else spec
     return Interval.parse(text), note
 
@@ -124,7 +125,13 @@ def check_number(dotted: str, value: float, interval: Interval, note: str = "") 
     raise ConfigError(f"{dotted}: expected {expected}, got {value!r}")
 
 
-def check_numbers(recipe: Recipe) -> None:
-    """Every number of the recipe against NUMBER_RULES."""
-    for dotted, value in numbers(recipe):
-        check_number(dotted, value, *number_rule(dotted))
+def check_numbers(node: Recipe, rules: dict = NUMBER_RULES, named: Callable[[str], str] = str) -> None:
+    """Every number of a recipe against NUMBER_RULES, or of another dataclass against its own rules
+    (an evaluation's, a Slurm request's); `named` gives a field path the name its error shows (a flag)."""
+    for dotted, value in numbers(node):
+        check_number(named(dotted), value, *number_rule(dotted, rules))
+
+
+def as_flag(dotted: str) -> str:
+    """A field path as the command-line flag that sets it: top_p -> --top-p."""
+    return "--" + dotted.replace("_", "-")

@@ -5,25 +5,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from efficient_rl.config.schema import EvalSection
 from efficient_rl.errors import ConfigError
 
 # The fields an evaluation's user template may show: the question, and the token budget of the
 # generation, so that a method trained with a target length in its prompt (L1) is asked for the
 # budget it is evaluated at: "{question} Think for {budget} tokens."
 PROMPT_FIELDS = ("question", "budget")
+# Where each number of an evaluation may lie (config/rules.py's notation), checked before anything
+# runs: as `eval` flags, and as a study's eval section.
+EVAL_NUMBER_RULES = {"budgets": "[1, inf)", "samples": "[1, inf)", "problems": "[1, inf)",
+                     "temperature": ("[0, inf)", "0 is greedy"), "top_p": "(0, 1]", "seed": "[0, inf)"}
 
 
 @dataclass
 class EvalSpec:
+    """`efficient-rl eval`'s settings and their defaults (its flags and a study's `eval:` section
+    read them from here). Sampling defaults are the recipe's held-out evaluation's."""
+
     models: list[str] = field(default_factory=list)  # model directories (checkpoints too) or "lab:<preset>"
     data: str = "lab:quickstart"  # "lab:<preset>" (its held-out split), "gsm8k:test100", a JSONL/Parquet file or hf:...
     split: str = "test"  # hf: datasets only
     engine: str = "transformers"  # transformers | vllm
     budgets: list[int] = field(default_factory=lambda: [256])  # response token caps
-    samples: int = 4  # per question
-    problems: int = 200
-    temperature: float = 0.6
-    top_p: float = 0.95
+    samples: int = 4  # per question: pass@1 over 4 samples, where a training run's evaluation draws 1
+    problems: int = EvalSection.num_problems
+    temperature: float = EvalSection.temperature
+    top_p: float = EvalSection.top_p
     reward: str = "math"
     question_key: str = "question"
     answer_key: str = "answer"

@@ -30,16 +30,22 @@ from efficient_rl.registry import Bound, Registry
 OBJECTIVES: Registry = Registry("objective")
 
 
+def recipe_default(registry: Registry, name: str):
+    """A default factory: the entry the recipe's AlgorithmSection.<name> picks by default, with the
+    entry's own defaults (the schema names the entry, the signature holds its defaults)."""
+    return lambda: registry.get(getattr(AlgorithmSection(), name).name).bind()
+
+
 @dataclass(frozen=True)
 class ObjectiveSettings:
     """The recipe's objective, its loss pieces bound once (entries with their parameters)."""
 
-    # Each defaults to its registry's default entry with that entry's defaults, as a recipe does.
-    objective: Bound = field(default_factory=lambda: OBJECTIVES.get("policy_gradient").bind())
-    policy_loss: Bound = field(default_factory=lambda: POLICY_LOSSES.get("ppo_clip").bind())
-    aggregation: Bound = field(default_factory=lambda: AGGREGATIONS.get("token-mean").bind())
-    kl_estimator: Bound = field(default_factory=lambda: KL_ESTIMATORS.get("low_var_kl").bind())
-    rollout_correction: Bound = field(default_factory=lambda: ROLLOUT_CORRECTIONS.get("none").bind())
+    # Each defaults to the recipe's default entry with that entry's defaults, as a recipe does.
+    objective: Bound = field(default_factory=recipe_default(OBJECTIVES, "objective"))
+    policy_loss: Bound = field(default_factory=recipe_default(POLICY_LOSSES, "policy_loss"))
+    aggregation: Bound = field(default_factory=recipe_default(AGGREGATIONS, "loss_agg"))
+    kl_estimator: Bound = field(default_factory=recipe_default(KL_ESTIMATORS, "kl_estimator"))
+    rollout_correction: Bound = field(default_factory=recipe_default(ROLLOUT_CORRECTIONS, "rollout_correction"))
     # The rest default to the recipe's own defaults (config.py), where they are documented.
     kl_coef: float = AlgorithmSection.kl_coef
     norm_length: int = RolloutSection.max_response_length  # constant of seq-mean-token-sum-norm

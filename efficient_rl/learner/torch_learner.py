@@ -37,8 +37,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
 
 
-def constant_schedule() -> Bound:
-    return LR_SCHEDULES.get("constant").bind()
+def default_schedule() -> Bound:
+    """The recipe's default learning-rate schedule (LearnerSection.lr_schedule), with its defaults."""
+    return LR_SCHEDULES.get(LearnerSection().lr_schedule.name).bind()
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class OptimSettings:
     micro_batch_tokens: int = LearnerSection.micro_batch_tokens
     epochs: int = LearnerSection.epochs
     precision: str = LearnerSection.precision  # a PRECISIONS name
-    schedule: Bound = field(default_factory=constant_schedule)  # an LR_SCHEDULES entry
+    schedule: Bound = field(default_factory=default_schedule)  # an LR_SCHEDULES entry
     total_steps: int = 1  # training steps of the run, the schedule's length
 
 

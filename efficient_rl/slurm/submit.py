@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from efficient_rl.config.rules import as_flag, check_numbers
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
 
@@ -314,6 +315,12 @@ class SubmitOptions:
     warning: int | None = None
 
 
+# Where each number of a Slurm request may lie (config/rules.py's notation): `submit`'s flags and
+# a study's slurm section.
+SUBMIT_NUMBER_RULES = {"nodes": "[1, inf)", "gpus_per_node": "[0, inf)", "cpus_per_node": "[1, inf)",
+                       "max_requeues": "[0, inf)", "warning": ("[1, inf)", "seconds")}
+
+
 @dataclass
 class Submission:
     """A job checked and rendered, not yet submitted."""
@@ -357,6 +364,7 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
 
 def cmd_submit(args) -> int:
     options = SubmitOptions(**{name: getattr(args, name) for name in (f.name for f in fields(SubmitOptions))})
+    check_numbers(options, SUBMIT_NUMBER_RULES, named=as_flag)
     mode = "--resume" if args.resume else "--overwrite" if args.overwrite else ""
     prepared = prepare_submission(Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run)
     if args.dry_run:

@@ -15,12 +15,12 @@ from typing import Literal
 import yaml
 
 from efficient_rl.config.loading import apply_override, build, load_recipe
-from efficient_rl.config.rules import Interval, check_number, numbers
+from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import Recipe, as_plain
 from efficient_rl.errors import ConfigError, one_line
-from efficient_rl.eval.spec import EvalSpec, check_user_template
+from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec, check_user_template
 from efficient_rl.registry import did_you_mean
-from efficient_rl.slurm.submit import SubmitOptions
+from efficient_rl.slurm.submit import SUBMIT_NUMBER_RULES, SubmitOptions
 
 # Method and study names become directory names (<method>-s<seed>, <output_dir>/<name>).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -65,17 +65,8 @@ class Study:
 
 STUDY_NUMBER_RULES = {
     "seeds": "[0, inf)",
-    "eval.budgets": "[1, inf)",
-    "eval.samples": "[1, inf)",
-    "eval.problems": "[1, inf)",
-    "eval.temperature": "[0, inf)",
-    "eval.top_p": "(0, 1]",
-    "eval.seed": "[0, inf)",
-    "slurm.nodes": "[1, inf)",
-    "slurm.gpus_per_node": "[0, inf)",
-    "slurm.cpus_per_node": "[1, inf)",
-    "slurm.max_requeues": "[0, inf)",
-    "slurm.warning": "[1, inf)",
+    **{f"eval.{name}": rule for name, rule in EVAL_NUMBER_RULES.items()},
+    **{f"slurm.{name}": rule for name, rule in SUBMIT_NUMBER_RULES.items()},
 }
 
 
@@ -155,8 +146,7 @@ def read_study_file(path: Path) -> dict:
 
 
 def check_study(study: Study) -> None:
-    for dotted, value in numbers(study):
-        check_number(dotted, value, Interval.parse(STUDY_NUMBER_RULES[re.sub(r"\[\d+\]", "", dotted)]))
+    check_numbers(study, STUDY_NUMBER_RULES)
     check_name("name", study.name)
     if not study.runs:
         raise ConfigError("runs: expected at least one run")
