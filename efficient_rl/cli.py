@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailure as err:
         print(f"efficient-rl: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `efficient-rl methods | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except KeyboardInterrupt:  # Ctrl-C in any other command (or in train's imports)
         # Everything the command started was closed on the way here; a traceback would only
         # show where the interrupt happened to land.

@@ -311,3 +311,14 @@ def test_reward_check_averages_a_metric_over_the_rows_that_reported_it():
     report = format_report("words", [{}] * 4, result, seconds=1.0).splitlines()
     assert "metric  words/count: mean 15.0000 over 2 of 4 samples (2 failed)" in report
     assert "metric  words/all: mean 1.0000" in report
+
+
+def test_a_listing_piped_into_head_ends_quietly():
+    # `efficient-rl methods | head -1`: the reader closes the pipe early; no traceback, exit 0.
+    listing = subprocess.Popen([sys.executable, "-m", "efficient_rl.cli", "methods"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    first = listing.stdout.readline()
+    listing.stdout.close()
+    stderr = listing.stderr.read()
+    assert listing.wait(timeout=HANG_GUARD) == 0 and first.startswith("algorithm."), stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
