@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from efficient_rl.cluster.components import Components
-from efficient_rl.learner.base import LEARNERS
 from efficient_rl.registry import Registry
-from efficient_rl.rollout.base import ENGINES
 
 # name -> factory(plan, setup) returning Components. Needs: "driver_model", the policy loaded in
 # the driver's process (setup.model); a backend without it gets setup.model None and loads its

@@ -125,7 +125,7 @@ def check_number(dotted: str, value: float, interval: Interval, note: str = "") 
     raise ConfigError(f"{dotted}: expected {expected}, got {value!r}")
 
 
-def check_numbers(node: Recipe, rules: dict = NUMBER_RULES, named: Callable[[str], str] = str) -> None:
+def check_numbers(node, rules: dict = NUMBER_RULES, named: Callable[[str], str] = str) -> None:
     """Every number of a recipe against NUMBER_RULES, or of another dataclass against its own rules
     (an evaluation's, a Slurm request's); `named` gives a field path the name its error shows (a flag)."""
     for dotted, value in numbers(node):

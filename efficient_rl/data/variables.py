@@ -17,7 +17,6 @@ import random
 import re
 from typing import Any, Mapping
 
-from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
 from efficient_rl.registry import Bound, Registry
 

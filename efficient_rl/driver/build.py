@@ -8,12 +8,13 @@ The plan comes from driver/validate.py: by now the recipe is known to be valid, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer
@@ -25,6 +26,9 @@ from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.models.lora import check_lora_targets, policy_weights_dir
 from efficient_rl.models.sources import model_directory
 from efficient_rl.scoring.runner import RewardRunner
+
+if TYPE_CHECKING:  # annotations only: transformers is slow to import
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass

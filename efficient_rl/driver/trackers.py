@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from efficient_rl.config.plan import Plan
-from efficient_rl.config.schema import Recipe
-from efficient_rl.errors import ConfigError, one_line
+from efficient_rl.errors import one_line
 from efficient_rl.registry import Registry
 
 TRACKERS: Registry = Registry("experiment tracker")

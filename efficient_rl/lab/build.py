@@ -13,15 +13,15 @@ gets there is an error, not a quietly weaker model.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,9 @@ from efficient_rl.lab.tokenizer import train_tokenizer
 from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
+
+if TYPE_CHECKING:  # annotations only: transformers is slow to import
+    from transformers import Qwen2ForCausalLM
 
 class LabBuildError(ConfigError):
     """A lab build that did not reach its preset's check: one line, like a recipe error."""

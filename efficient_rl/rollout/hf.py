@@ -8,6 +8,8 @@ learner computes, so the engine/learner gap only measures numerical differences.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 
 import torch
@@ -16,6 +18,9 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.models.modeling import DTYPES, compute_in
 from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
+
+if TYPE_CHECKING:  # annotations only: transformers is slow to import
+    from transformers import GenerationConfig
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

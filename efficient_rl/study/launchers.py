@@ -7,7 +7,6 @@ launched earlier is still going (`active`, from the run's status record).
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import socket

@@ -19,7 +19,6 @@ from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import Recipe, as_plain
 from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec, check_user_template
-from efficient_rl.registry import did_you_mean
 from efficient_rl.slurm.submit import SUBMIT_NUMBER_RULES, SubmitOptions
 
 # Method and study names become directory names (<method>-s<seed>, <output_dir>/<name>).
