@@ -4,8 +4,8 @@ An entry describes itself: its function, its typed parameters with their default
 function's keyword-only parameters, read from its signature: the signature is the one place
 for each default), the valid range of each numeric parameter, what it needs from the run
 (statistics such as token entropy, a teacher, the training progress...), a one-line source, and
-optional diagnostics. A recipe names an entry and sets its parameters; `efficient_rl.config`
-checks them when the recipe loads, and the driver binds each entry once (`Entry.bind`).
+optional diagnostics. A recipe names an entry and sets its parameters; the recipe's validation
+(driver/validate.py) checks them and binds each entry once, into the plan every component reads.
 """
 
 from __future__ import annotations
