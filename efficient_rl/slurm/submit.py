@@ -125,14 +125,6 @@ def warning_seconds(request: JobRequest) -> int:
     return request.warning_seconds
 
 
-def check_counts(request: JobRequest) -> None:
-    lowest = {"--nodes": (request.nodes, 1), "--gpus-per-node": (request.gpus_per_node, 0),
-              "--cpus-per-node": (request.cpus_per_node or 1, 1), "--max-requeues": (request.max_requeues, 0)}
-    for option, (value, minimum) in lowest.items():
-        if value < minimum:
-            raise ConfigError(f"{option} {value}: expected at least {minimum}")
-
-
 # ---------------------------------------------------------------- what the partition has
 @dataclass
 class Partition:
@@ -338,6 +330,7 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
     from efficient_rl.config.loading import load_recipe
     from efficient_rl.driver.validate import validate
 
+    check_numbers(options, SUBMIT_NUMBER_RULES, named=as_flag)
     recipe = recipe or load_recipe(recipe_path, overrides)
     validate(recipe)  # what `train` would refuse, refused before the job queues
     site = load_site(options.site)
@@ -345,7 +338,6 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
         nodes=options.nodes, gpus_per_node=options.gpus_per_node, cpus_per_node=options.cpus_per_node,
         time_limit=options.time, partition=options.partition, account=options.account, job_name=options.job_name,
         max_requeues=options.max_requeues, warning_seconds=options.warning, first_attempt_mode=mode)
-    check_counts(request)
     warning_seconds(request)  # checks --time and --warning
     if not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("sbatch: not found on this machine; submit from a Slurm login node "
@@ -364,7 +356,6 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
 
 def cmd_submit(args) -> int:
     options = SubmitOptions(**{name: getattr(args, name) for name in (f.name for f in fields(SubmitOptions))})
-    check_numbers(options, SUBMIT_NUMBER_RULES, named=as_flag)
     mode = "--resume" if args.resume else "--overwrite" if args.overwrite else ""
     prepared = prepare_submission(Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run)
     if args.dry_run:
