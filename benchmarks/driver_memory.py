@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RAY = ["cluster.backend=ray", "rollout.engine=vllm", "steps=1", "eval.before_training=false",
        "eval.after_training=false", "logging.progress=false", "checkpoint.every=0", "scoring.workers=0"]
-SMALL = ["rollout.prompts_per_step=2", "algorithm.dynamic_sampling=false"]
+SMALL = ["rollout.prompts_per_step=2", "algorithm.sampling=all"]
 RUNS = {  # name -> (recipe, overrides)
-    "lab quickstart (0.6M parameters)": ("quickstart.yaml", ["rollout.prompts_per_step=4", "algorithm.dynamic_sampling=false"]),
+    "lab quickstart (0.6M parameters)": ("quickstart.yaml", ["rollout.prompts_per_step=4", "algorithm.sampling=all"]),
     "SmolLM2-135M": ("smollm2_dler_cpu.yaml", SMALL),
     # The builtin SmolLM2 is stored in float32, so a float32 load can map the file's pages without
     # touching them all. Released 1.5B-8B checkpoints are bf16: a float32 load converts every

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAB = ["model.lab=mixed", "data.train=lab:mixed", "data.heldout=lab:mixed", "logging.trackers=[]",
        "logging.progress=false", "learner.lr=2.0e-4", "algorithm.kl_coef=0.0"]
 DLER_CAP = 96  # generation limit and plain DLER's truncation length; DA-DLER cuts easy prompts at 48
-DA_TIERS = f"[{{min_correct: 0.0, truncation_length: {DLER_CAP}}}, {{min_correct: 0.5, truncation_length: 48}}]"
+DA_CAPS = f"{{name: difficulty_aware, min_correct: [0.0, 0.5], truncation_lengths: [{DLER_CAP}, 48]}}"
 EVAL_BUDGET, EVAL_PROBLEMS, EVAL_SAMPLES = 160, 100, 4
 
 
@@ -60,7 +60,7 @@ def da_dler(seeds: list[int], steps: int, out: Path) -> dict:
         start = [f"model.path={final_checkpoint(base)}", "model.lab=null", f"seed={seed}", f"steps={steps}"]
         finals["dler"].append(train("dler.yaml", common + start + [f"logging.name=dler-s{seed}"]))
         finals["da-dler"].append(train("dler_difficulty_aware.yaml", common + start + [
-            f"logging.name=da-dler-s{seed}", f"algorithm.difficulty_tiers={DA_TIERS}"]))
+            f"logging.name=da-dler-s{seed}", f"algorithm.length_cap={DA_CAPS}"]))
     evaluation = evaluate(["lab:mixed"] + [str(final_checkpoint(d)) for runs in finals.values() for d in runs],
                           out / "eval-da-dler")
     per_question = evaluation["per_question"]

@@ -12,9 +12,9 @@ from efficient_rl.algos.losses import (
     LossDenominators, LossInputs, kl_k1, kl_k3, kl_mse, ppo_clip_loss, seq_mean_token_mean, seq_mean_token_sum_norm,
     token_mean,
 )
-from efficient_rl.algos.sampling import groups_with_spread
+from efficient_rl.algos.sampling import GROUP_SAMPLERS, groups_with_spread
 from efficient_rl.algos.shaping import (
-    LENGTH_SHAPERS, ShapingInputs, difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty,
+    LENGTH_CAPS, LENGTH_SHAPERS, ShapingInputs, difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty,
 )
 from efficient_rl.driver.validate import validate
 
@@ -212,6 +212,24 @@ def test_dynamic_sampling_keeps_groups_with_spread():
     assert groups_with_spread(values, groups).tolist() == [False, False, True, True, False, False, True]
 
 
+def test_group_samplers_keep_rows_and_bound_the_rounds():
+    """`all` keeps every row of one round; `dynamic` keeps the groups whose metric has spread
+    (here accuracy, where scores alone would keep group 2 too) over up to max_rounds rounds."""
+    batch = make_batch([0.0] * 6, [1, 1, 2, 2, 3, 3], [1] * 6)
+    batch.scores = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0, 1.0])
+    batch.accuracy = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    everything = GROUP_SAMPLERS.get("all").bind()()
+    assert everything.keep(batch).tolist() == [True] * 6 and everything.max_rounds == 1
+    assert everything.metrics(1, batch, batch) == {}
+    dynamic = GROUP_SAMPLERS.get("dynamic")
+    sampler = dynamic.bind(dynamic.params(metric="accuracy", max_rounds=3))()
+    assert sampler.keep(batch).tolist() == [False, False, False, False, True, True] and sampler.max_rounds == 3
+    assert sampler.metrics(2, batch.select([4, 5]), batch) == {
+        "dynamic_sampling/rounds": 2.0, "dynamic_sampling/kept_groups": 1.0, "dynamic_sampling/generated_groups": 3.0}
+    on_scores = dynamic.bind()()  # the defaults: the pre-penalty score, 4 rounds
+    assert on_scores.keep(batch).tolist() == [False, False, True, True, True, True] and on_scores.max_rounds == 4
+
+
 def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
     from conftest import RECIPES
     from efficient_rl.config.loading import load_recipe
@@ -242,14 +260,15 @@ def test_difficulty_aware_caps_from_hand_built_groups():
     """DA-DLER, paper setting: ratio >= 0.5 is easy (cap 2000), below is hard (cap 4000)."""
     correct = torch.tensor([1, 1, 0, 0,   1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 0, 0,   1, 1, 1, 0], dtype=torch.float)
     groups = torch.tensor([7, 7, 7, 7,   3, 3, 3, 3,   9, 9, 9, 9,   1, 1, 1, 1,   5, 5, 5, 5])
-    caps = difficulty_caps(correct, groups, thresholds=[0.5], lengths=[4000, 2000])
+    caps = difficulty_caps(correct, groups, max_response_length=4000)  # the entry's defaults: the paper's
     # ratios: 0.5 (exactly the threshold: easy), 0.25, 1.0, 0.0, 0.75
     assert caps.tolist() == [2000] * 4 + [4000] * 4 + [2000] * 4 + [4000] * 4 + [2000] * 4
-    three = difficulty_caps(correct, groups, thresholds=[0.3, 0.8], lengths=[300, 200, 100])
+    three = difficulty_caps(correct, groups, max_response_length=300, min_correct=[0.0, 0.3, 0.8],
+                            truncation_lengths=[300, 200, 100])
     assert three.tolist() == [200] * 4 + [300] * 4 + [100] * 4 + [300] * 4 + [200] * 4
     # Rows of a group need not be adjacent.
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(0))
-    assert difficulty_caps(correct[order], groups[order], [0.5], [4000, 2000]).tolist() == caps[order].tolist()
+    assert difficulty_caps(correct[order], groups[order], max_response_length=4000).tolist() == caps[order].tolist()
 
 
 def test_difficulty_tier_metrics_by_hand():
@@ -257,12 +276,12 @@ def test_difficulty_tier_metrics_by_hand():
     groups = torch.tensor([0, 0, 1, 1, 2, 2])  # ratios 1.0, 0.0, 0.5
     lengths = torch.tensor([10, 20, 30, 50, 40, 60])
     over = torch.tensor([False, True, False, False, True, True])
-    metrics = tier_metrics(correct, groups, lengths, over, thresholds=[0.5])
+    metrics = tier_metrics(correct, groups, lengths, over, min_correct=[0.0, 0.5])
     assert metrics["difficulty/tier0/prompt_share"] == pytest.approx(1 / 3)
     assert metrics["difficulty/tier0/response_length"] == 40 and metrics["difficulty/tier0/accuracy"] == 0
     assert metrics["difficulty/tier1/response_length"] == 32.5 and metrics["difficulty/tier1/accuracy"] == 0.75
     assert metrics["difficulty/tier1/over_cap"] == 0.75 and metrics["difficulty/tier0/over_cap"] == 0
-    empty = tier_metrics(correct, groups, lengths, over, thresholds=[0.5, 0.9, 0.95])
+    empty = tier_metrics(correct, groups, lengths, over, min_correct=[0.0, 0.5, 0.9, 0.95])
     assert math.isnan(empty["difficulty/tier2/response_length"]) and empty["difficulty/tier2/prompt_share"] == 0
 
 
@@ -277,3 +296,28 @@ def test_difficulty_tiers_recipe_resolves_to_per_prompt_caps():
     assert stages.length_caps(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups).tolist() == [32, 32, 48, 48]
     plain = resolve_stages(validate(load_recipe(RECIPES / "dler.yaml")))
     assert plain.length_caps(correct, groups).tolist() == [48] * 4
+
+
+def test_difficulty_aware_caps_a_small_batch_by_hand():
+    """Three tiers from a recipe, rows of a group interleaved; each cap worked out by hand, and the
+    truncation penalty zeroes exactly the rollouts over their own prompt's cap."""
+    from conftest import RECIPES
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import resolve_stages
+
+    tiers = "{name: difficulty_aware, min_correct: [0.0, 0.5, 1.0], truncation_lengths: [30, 20, 10]}"
+    stages = resolve_stages(validate(load_recipe(RECIPES / "dler_difficulty_aware.yaml",
+                                                 [f"algorithm.length_cap={tiers}"])))
+    groups = torch.tensor([4, 8, 6, 4, 8, 6])
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    # group 4: 1 of 2 right, ratio 0.5 -> tier 1 (20); group 8: 0 of 2 -> tier 0 (30); group 6: 2 of 2 -> tier 2 (10)
+    caps = stages.length_caps(correct, groups)
+    assert caps.tolist() == [20, 30, 10, 20, 30, 10]
+    lengths = torch.tensor([20, 31, 11, 5, 30, 10])  # over their caps: rows 1 (31 > 30) and 2 (11 > 10)
+    inputs = ShapingInputs(scores=correct, lengths=lengths, truncated=torch.zeros(6, dtype=torch.bool),
+                           length_cap=caps, correct=correct, group_ids=groups)
+    assert stages.shape_rewards(inputs).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    metrics = stages.length_metrics(correct, groups, lengths, inputs.over_cap())
+    assert metrics["difficulty/tier2/prompt_share"] == pytest.approx(1 / 3)
+    assert metrics["difficulty/tier2/over_cap"] == 0.5 and metrics["difficulty/tier0/response_length"] == 30.5
+    assert LENGTH_CAPS.get("fixed").bind()(correct, groups, max_response_length=48).tolist() == [48] * 6

@@ -25,16 +25,55 @@ def test_every_shipped_recipe_validates(path):
 
 
 @pytest.mark.parametrize("tiers, message", [
-    ("[{min_correct: 0.5, truncation_length: 32}]", "min_correct must start at 0.0 and increase"),
-    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 0.0, truncation_length: 32}]", "increase"),
-    ("[{min_correct: 0.0, truncation_length: 48}, {min_correct: 1.5, truncation_length: 32}]",
-     "algorithm.difficulty_tiers[1].min_correct: expected a finite number in [0, 1], got 1.5"),
-    ("[{min_correct: 0.0, truncation_length: 4000}]", "difficulty_tiers[0].truncation_length: expected 1..rollout"),
-    ("[{min_correct: 0.0, truncation_lenght: 4000}]", "difficulty_tiers[0].truncation_lenght: unknown key"),
+    ("min_correct: [0.5], truncation_lengths: [32]",
+     "algorithm.length_cap.min_correct: must start at 0.0 and increase up to at most 1.0, got [0.5]"),
+    ("min_correct: [0.0, 0.0], truncation_lengths: [48, 32]", "algorithm.length_cap.min_correct: must start"),
+    ("min_correct: [], truncation_lengths: []", "algorithm.length_cap.min_correct: must start at 0.0"),
+    ("min_correct: [0.0, 1.5], truncation_lengths: [48, 32]",
+     "algorithm.length_cap.min_correct[1]: expected a finite number in [0, 1], got 1.5"),
+    ("min_correct: [0.0], truncation_lengths: [4000]",
+     "algorithm.length_cap.truncation_lengths[0]: expected 1..rollout.max_response_length (48), got 4000"),
+    ("min_correct: [0.0, 0.5], truncation_lengths: [48, 0]",
+     "algorithm.length_cap.truncation_lengths[1]: expected an integer >= 1, got 0"),
+    ("min_correct: [0.0, 0.5], truncation_lengths: [48]",
+     "algorithm.length_cap.truncation_lengths: expected one per min_correct tier (2), got [48]"),
+    ("min_correct: [0.0], truncation_lenghts: [40]",
+     "algorithm.length_cap.truncation_lenghts: unknown key (did you mean 'truncation_lengths'?)"),
+    ("min_correct: 0.5", "algorithm.length_cap.min_correct: expected a list"),
 ])
-def test_bad_difficulty_tiers_name_the_field(tiers, message):
+def test_bad_difficulty_aware_caps_name_the_field(tiers, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(load_recipe(RECIPES / "dler.yaml", [f"algorithm.difficulty_tiers={tiers}"]))
+        validate(load_recipe(RECIPES / "dler.yaml", [f"algorithm.length_cap={{name: difficulty_aware, {tiers}}}"]))
+
+
+@pytest.mark.parametrize("sampling, message", [
+    ("{name: dynamic, metric: scroe}",
+     "algorithm.sampling.metric: unknown dynamic sampling metric 'scroe' (did you mean 'score'?)"),
+    ("{name: dynamic, metric: entropy}", "algorithm.sampling.metric: unknown dynamic sampling metric 'entropy'; "
+                                         "expected one of: accuracy, reward, score"),
+    ("{name: dynamic, max_rounds: -1}", "algorithm.sampling.max_rounds: expected an integer >= 0, got -1"),
+    ("{name: dynamic, max_round: 3}", "algorithm.sampling.max_round: unknown key (did you mean 'max_rounds'?)"),
+    ("{name: all, max_rounds: 3}", "algorithm.sampling.max_rounds: unknown key"),
+    ("dynamik", "algorithm.sampling: unknown group sampler 'dynamik' (did you mean 'dynamic'?)"),
+])
+def test_bad_group_samplers_name_the_field(sampling, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_recipe(RECIPES / "grpo.yaml", [f"algorithm.sampling={sampling}"]))
+
+
+@pytest.mark.parametrize("override, instead", [
+    ("algorithm.dynamic_sampling=true", "algorithm.sampling: dynamic (or all)"),
+    ("algorithm.dynamic_sampling_metric=accuracy", "algorithm.sampling: {name: dynamic, metric: ...}"),
+    ("algorithm.max_sampling_rounds=3", "algorithm.sampling: {name: dynamic, max_rounds: N}"),
+    ("algorithm.truncation_length=40", "algorithm.length_cap: {name: fixed, length: N}"),
+    ("algorithm.difficulty_tiers=[{min_correct: 0.0, truncation_length: 48}]",
+     "algorithm.length_cap: {name: difficulty_aware, min_correct: [...], truncation_lengths: [...]}"),
+])
+def test_retired_algorithm_keys_are_refused_naming_the_new_key(override, instead):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_recipe(RECIPES / "dler.yaml", [override])
+    assert str(err.value) == f"{RECIPES / 'dler.yaml'}: {key}: retired key; write {instead}"
 
 
 def test_methods_are_diffs_against_grpo():
@@ -95,8 +134,10 @@ def test_a_recipe_round_trips_through_its_config_yaml(tmp_path):
     ("algorithm.objective={name: distillation, beta: 1}", "algorithm.objective.beta: expected a finite number in (0, 1)"),
     ("algorithm.token_selection=tip_soft_or", "distill.teacher: algorithm.token_selection tip_soft_or needs a teacher"),
     ("algorithm.advantage=[grpo]", "algorithm.advantage: expected a name, or a mapping with 'name'"),
-    ("algorithm.difficulty_tiers=[{min_correct: 0.0, truncation_length: 8}]",
-     "algorithm.difficulty_tiers: needs a length_penalty that uses the cap"),
+    ("algorithm.length_cap={name: difficulty_aware, truncation_lengths: [200, 100]}",
+     "algorithm.length_cap: difficulty_aware needs a length_penalty that uses the cap (cosine, laser_d, overlong, "
+     "thinkprune, truncation); nothing in the recipe reads it"),
+    ("algorithm.length_cap.length=100", "algorithm.length_cap: fixed needs a length_penalty that uses the cap"),
 ])
 def test_entries_and_their_parameters_are_checked_before_anything_runs(override, message):
     """Every registry entry a recipe picks is bound by check_recipe (train and submit call it first,
@@ -144,7 +185,8 @@ def test_bad_recipe_values_name_the_field(override, message):
         ("algorithm.advantage=grpoo", "algorithm.advantage: unknown advantage estimator 'grpoo' (did you mean 'grpo'?)"),
         ("algorithm.loss_agg=token-sum", "algorithm.loss_agg: unknown loss aggregation"),
         ("rollout.max_response_length=0", "rollout.max_response_length: expected an integer >= 1, got 0"),
-        ("algorithm.truncation_length=999", "algorithm.truncation_length: expected 1..rollout.max_response_length"),
+        ("algorithm.length_cap.length=999",
+         "algorithm.length_cap.length: expected 1..rollout.max_response_length (256), got 999"),
     ],
 )
 def test_semantic_checks_name_the_field(override, message):
@@ -241,12 +283,10 @@ def test_greedy_evaluation_is_a_temperature_of_zero():
 def test_every_numeric_field_has_a_declared_range():
     """A number added to a recipe section without a rule in NUMBER_RULES would go unchecked."""
     from efficient_rl.config.rules import NUMBER_RULES, number_rule, numbers
-    from efficient_rl.config.schema import DifficultyTier, LoraSection, Recipe
+    from efficient_rl.config.schema import LoraSection, Recipe
 
     recipe = Recipe()
-    recipe.algorithm.difficulty_tiers = [DifficultyTier()]  # list items: empty by default
-    recipe.algorithm.truncation_length = 8  # optional: None by default
-    recipe.rollout.vllm.max_num_seqs = 64  # likewise
+    recipe.rollout.vllm.max_num_seqs = 64  # optional: None by default
     recipe.learner.lora = LoraSection()  # likewise
     paths = [path for path, _ in numbers(recipe)]
     assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths

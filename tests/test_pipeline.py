@@ -56,7 +56,7 @@ def assert_every_prompt_trained_once(rows, prompts_per_step):
 def test_max_staleness_0_reproduces_sync_exactly(tmp_path, tiny_overrides):
     """Dynamic sampling's refill rounds and a periodic evaluation included."""
     common = tiny_overrides + QUIET + ["steps=4", "eval.every=2", "reward=[{name: 'test_pipeline:parity_reward'}]",
-                                       "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=3",
+                                       "algorithm.sampling={name: dynamic, max_rounds: 3}",
                                        "algorithm.rollout_correction=tis"]
     sync, _ = train(common + ["logging.name=sync"])
     overlapped, _ = train(common + OVERLAPPED + ["cluster.pipeline.max_staleness=0", "logging.name=overlapped"])

@@ -12,7 +12,7 @@ from conftest import RECIPES
 
 SMALL_RL = [
     "steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_response_length=24",
-    "data.train_size=40", "data.heldout_size=4", "algorithm.dynamic_sampling=false",
+    "data.train_size=40", "data.heldout_size=4", "algorithm.sampling=all",
     "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
     "logging.progress=false",
     # A large decoupled weight decay moves every weight, so the verified sync checks genuinely

@@ -110,8 +110,8 @@ def parity_reward(completion, sample):
 def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
     overrides = tiny_overrides + [
         "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-        "reward=[{name: 'test_training:parity_reward'}]", "algorithm.dynamic_sampling=true",
-        "algorithm.max_sampling_rounds=3", "algorithm.kl_coef=0.01", "learner.mini_batch_prompts=2",
+        "reward=[{name: 'test_training:parity_reward'}]", "algorithm.sampling={name: dynamic, max_rounds: 3}",
+        "algorithm.kl_coef=0.01", "learner.mini_batch_prompts=2",
         "logging.name=ds",
     ]
     run, summary = train(overrides)

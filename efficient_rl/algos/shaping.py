@@ -1,10 +1,11 @@
 """Length shaping of sequence rewards: the length penalty interface, DLER's truncation penalty,
-difficulty-aware truncation lengths (DA-DLER) and DAPO overlong shaping.
+DAPO overlong shaping, and the truncation length in force (a fixed one, or DA-DLER's per prompt).
 
 A length penalty (LENGTH_SHAPERS entry) reads one `ShapingInputs` (the round's rollouts: scores,
 lengths, truncation, the cap in force, correctness, groups, samples and the training progress)
-and returns the [B] rewards. The efficient-reasoning penalties (L1, ThinkPrune, Kimi, Arora &
-Zanette, LASER, cosine) are in length_rewards.py, registered when efficient_rl.algos is imported.
+and returns the [B] rewards. The cap in force is a LENGTH_CAPS entry's. The efficient-reasoning
+penalties (L1, ThinkPrune, Kimi, Arora & Zanette, LASER, cosine) are in length_rewards.py,
+registered when efficient_rl.algos is imported.
 
 References: docs/algorithms.md#length-penalty-interface, docs/algorithms.md#dler-truncation (the
 paper's rule vs verl-dler's 0.1 multiplier), docs/algorithms.md#difficulty-aware-dler and
@@ -89,7 +90,31 @@ def overlong_shaping(inputs: ShapingInputs, *, buffer: int = 4096, factor: float
     return inputs.scores + penalty
 
 
-# ---------------------------------------------------------------- DA-DLER
+# ---------------------------------------------------------------- length caps
+# algorithm.length_cap: name -> fn(correct, group_ids, *, max_response_length, **params) -> [B] long,
+# the truncation length in force for each rollout (what a length penalty that needs "length_cap"
+# reads), given the rollouts' correctness and groups; the caller passes the generation limit. Its
+# `metrics`, fn(correct, group_ids, lengths, over_cap, **params) -> {name: value}, are logged every step.
+LENGTH_CAPS: Registry = Registry("length cap", provided=("max_response_length",))
+
+
+def within_limit(name: str, value: int, limit: int) -> str | None:
+    """A cap longer than the generation limit would never bind: the engine stops first."""
+    return None if 1 <= value <= limit else f"{name}: expected 1..rollout.max_response_length ({limit}), got {value}"
+
+
+def fixed_cap_check(params, recipe) -> str | None:
+    return None if params.length is None else within_limit("length", params.length, recipe.rollout.max_response_length)
+
+
+@LENGTH_CAPS.register("fixed", ranges={"length": "[1, inf)"}, check=fixed_cap_check,
+                      source="DLER (arXiv 2510.15110) §3.4: one truncation length for every rollout")
+def fixed_caps(correct: torch.Tensor, group_ids: torch.Tensor, *, max_response_length: int,
+               length: int | None = None) -> torch.Tensor:
+    """[B] the one truncation length of plain DLER for every rollout (null: the generation limit)."""
+    return torch.full((len(correct),), length or max_response_length, dtype=torch.long)
+
+
 def difficulty_tiers(correct: torch.Tensor, group_ids: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """[B] tier of each rollout's prompt: how many thresholds its group's correctness ratio
     reaches (ratio >= threshold), so with the paper's one threshold at 0.5 a prompt with half its
@@ -102,30 +127,41 @@ def difficulty_tiers(correct: torch.Tensor, group_ids: torch.Tensor, thresholds:
     return torch.bucketize(ratio, torch.tensor(thresholds, dtype=ratio.dtype), right=True)
 
 
-def difficulty_caps(correct: torch.Tensor, group_ids: torch.Tensor, thresholds: list[float],
-                    lengths: list[int]) -> torch.Tensor:
-    """[B] truncation length per rollout: lengths[tier] (paper: 4000 below ratio 0.5, 2000 above)."""
-    return torch.tensor(lengths, dtype=torch.long)[difficulty_tiers(correct, group_ids, thresholds)]
+def difficulty_check(params, recipe) -> str | None:
+    bounds, lengths, limit = params.min_correct, params.truncation_lengths, recipe.rollout.max_response_length
+    if not bounds or bounds[0] != 0.0 or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])):
+        return f"min_correct: must start at 0.0 and increase up to at most 1.0, got {bounds}"
+    if len(lengths) != len(bounds):
+        return f"truncation_lengths: expected one per min_correct tier ({len(bounds)}), got {lengths}"
+    problems = (within_limit(f"truncation_lengths[{index}]", length, limit) for index, length in enumerate(lengths))
+    return next((problem for problem in problems if problem), None)
 
 
-def fixed_caps(correct: torch.Tensor, group_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """[B] the one truncation length of plain DLER for every rollout."""
-    return torch.full((len(correct),), length, dtype=torch.long)
-
-
-def tier_metrics(correct: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, over: torch.Tensor,
-                 thresholds: list[float]) -> dict[str, float]:
+def tier_metrics(correct: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, over: torch.Tensor, *,
+                 min_correct: list[float], **_) -> dict[str, float]:
     """Per DA-DLER tier: its share of the prompts, and its rollouts' mean length, accuracy and
     share over the tier's cap (NaN for a tier without prompts this step)."""
-    tiers = difficulty_tiers(correct, group_ids, thresholds)
+    tiers = difficulty_tiers(correct, group_ids, min_correct[1:])
     metrics = {}
-    for tier in range(len(thresholds) + 1):
+    for tier in range(len(min_correct)):
         rows = tiers == tier
         metrics.update({f"difficulty/tier{tier}/prompt_share": float(rows.float().mean()),
                         f"difficulty/tier{tier}/response_length": mean_over(lengths, rows),
                         f"difficulty/tier{tier}/accuracy": mean_over(correct, rows),
                         f"difficulty/tier{tier}/over_cap": mean_over(over, rows)})
     return metrics
+
+
+@LENGTH_CAPS.register("difficulty_aware", ranges={"min_correct": "[0, 1]", "truncation_lengths": "[1, inf)"},
+                      check=difficulty_check, metrics=tier_metrics,
+                      source="DA-DLER (arXiv 2510.15110) §3.5: a truncation length per prompt by its group's accuracy")
+def difficulty_caps(correct: torch.Tensor, group_ids: torch.Tensor, *, max_response_length: int,
+                    min_correct: list[float] = [0.0, 0.5],  # noqa: B006
+                    truncation_lengths: list[int] = [4000, 2000]) -> torch.Tensor:  # noqa: B006
+    """[B] truncation_lengths[tier] per rollout, the tier of its prompt the last whose min_correct
+    its group's correctness ratio reaches (paper: 4000 below a ratio of 0.5, 2000 from it). The
+    generation limit is not read: the check keeps every length within it."""
+    return torch.tensor(truncation_lengths, dtype=torch.long)[difficulty_tiers(correct, group_ids, min_correct[1:])]
 
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> float:

@@ -44,6 +44,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 RETIRED_KEYS = {
     "logging.tensorboard": "list the trackers in logging.trackers, e.g. logging.trackers: [tensorboard] "
                            "(or [] for none)",
+    "algorithm.dynamic_sampling": "write algorithm.sampling: dynamic (or all)",
+    "algorithm.dynamic_sampling_metric": "write algorithm.sampling: {name: dynamic, metric: ...}",
+    "algorithm.max_sampling_rounds": "write algorithm.sampling: {name: dynamic, max_rounds: N}",
+    "algorithm.truncation_length": "write algorithm.length_cap: {name: fixed, length: N}",
+    "algorithm.difficulty_tiers": "write algorithm.length_cap: {name: difficulty_aware, min_correct: [...], "
+                                  "truncation_lengths: [...]}",
 }
 
 

@@ -103,15 +103,6 @@ class ScoringSection:
 
 
 @dataclass
-class DifficultyTier:
-    """DA-DLER: prompts whose group correctness ratio is at least `min_correct` (and below the
-    next tier's) get `truncation_length`."""
-
-    min_correct: float = 0.0
-    truncation_length: int = 256
-
-
-@dataclass
 class Choice:
     """A registry entry a recipe picks: its name, and the parameters the recipe sets (the others
     keep the entry's defaults). In YAML a bare name or a mapping with `name`:
@@ -139,14 +130,14 @@ class AlgorithmSection:
     kl_coef: float = 0.0  # KL-to-reference loss weight (DLER: 0.0005); 0 loads no reference
     kl_estimator: Choice = choice("low_var_kl")  # k1 | low_var_kl (k3) | mse (k2)
     length_penalty: Choice = choice("none")  # none | truncation (DLER) | overlong (DAPO soft punishment)
-    truncation_length: int | None = None  # cap in force for the penalty; null = max_response_length
-    # Difficulty-aware DLER (paper §3.5): a truncation length per prompt from its group's correctness
-    # ratio, tiers in increasing min_correct from 0.0; the paper's: [{min_correct: 0.0, truncation_length:
-    # 4000}, {min_correct: 0.5, truncation_length: 2000}]. Empty = truncation_length for every prompt.
-    difficulty_tiers: list[DifficultyTier] = field(default_factory=list)
-    dynamic_sampling: bool = False  # drop groups with zero spread of `dynamic_sampling_metric`, generate more
-    dynamic_sampling_metric: Choice = choice("score")  # score (DLER: pre-penalty) | reward | accuracy
-    max_sampling_rounds: int = 4  # generation rounds per step at most (0 = no limit)
+    # The truncation length in force for each rollout, which the cap-reading length penalties use
+    # (LENGTH_CAPS): fixed ({length: null} = rollout.max_response_length) | difficulty_aware (DA-DLER,
+    # paper §3.5: a length per prompt from its group's correctness ratio, {min_correct: [0.0, 0.5],
+    # truncation_lengths: [4000, 2000]})
+    length_cap: Choice = choice("fixed")
+    # Which generated groups a step trains on (GROUP_SAMPLERS): all (one round) | dynamic (drop the
+    # groups with zero spread of `metric`: score | reward | accuracy; generate more, up to max_rounds)
+    sampling: Choice = choice("all")
     # Engine/learner mismatch: "tis" weights each token's policy-gradient term by
     # min(pi_learner / pi_engine, cap) on the sampled token (truncated importance sampling).
     rollout_correction: Choice = choice("none")  # none | tis

@@ -7,7 +7,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -15,9 +15,7 @@ from tqdm import tqdm
 from efficient_rl.driver import stopping
 from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.sampling import groups_with_spread
-from efficient_rl.algos.shaping import (ShapingInputs, difficulty_caps, fixed_caps, over_cap,
-                                        tier_metrics)
+from efficient_rl.algos.shaping import ShapingInputs, over_cap
 from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.driver.pipeline import Produced
 from efficient_rl.config.plan import Plan
@@ -41,36 +39,23 @@ FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final
 
 @dataclass
 class Stage:
-    """The recipe's choices, resolved once: each is a function of the batch."""
+    """The recipe's choices, resolved once: functions of the batch (the sampler: an object of them)."""
 
     length_caps: Callable  # (correct, group_ids) -> [B] truncation length in force per rollout
-    length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> DA-DLER tier metrics ({} without)
+    length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> the LENGTH_CAPS entry's metrics
     shape_rewards: Bound  # a LENGTH_SHAPERS entry
     advantages: Bound  # an ADVANTAGES entry; its metrics are its diagnostics
-    filter_metric: Bound | None  # dynamic sampling on this FILTER_METRICS entry, or None
-
-
-def no_metrics(*_) -> dict[str, float]:
-    return {}
+    sampler: Any  # a GROUP_SAMPLERS entry, constructed: keep(batch), max_rounds, metrics(rounds, kept, generated)
 
 
 def resolve_stages(plan: Plan) -> Stage:
-    recipe = plan.recipe
-    alg = recipe.algorithm
-    if alg.difficulty_tiers:  # DA-DLER
-        thresholds = [tier.min_correct for tier in alg.difficulty_tiers[1:]]
-        length_caps = functools.partial(difficulty_caps, thresholds=thresholds,
-                                        lengths=[tier.truncation_length for tier in alg.difficulty_tiers])
-        length_metrics = functools.partial(tier_metrics, thresholds=thresholds)
-    else:
-        length_caps = functools.partial(fixed_caps, length=alg.truncation_length or recipe.rollout.max_response_length)
-        length_metrics = no_metrics
+    caps = plan["algorithm.length_cap"]
     return Stage(
-        length_caps=length_caps,
-        length_metrics=length_metrics,
+        length_caps=functools.partial(caps, max_response_length=plan.recipe.rollout.max_response_length),
+        length_metrics=caps.metrics,
         shape_rewards=plan["algorithm.length_penalty"],
         advantages=plan["algorithm.advantage"],
-        filter_metric=plan["algorithm.dynamic_sampling_metric"] if alg.dynamic_sampling else None,
+        sampler=plan["algorithm.sampling"](),
     )
 
 
@@ -221,15 +206,16 @@ class Trainer:
 
     # ------------------------------------------------------------ stages
     def collect_rollouts(self, step: int, generate: Callable) -> Produced:
-        """The batch of `step`: generate and score rounds of prompts until enough groups carry signal.
+        """The batch of `step`: generate and score rounds of prompts until enough groups are kept.
 
-        Without dynamic sampling this is one round. With it, groups whose filter metric has zero
-        spread are dropped and a further round is generated, up to max_sampling_rounds. The
-        pipeline calls this (on its producer thread when overlapped) and passes the `generate`
-        that stamps each rollout with its policy version.
+        The sampler (algorithm.sampling) says which rows of a round to keep and how many rounds a
+        step may take: all of one round, or (dynamic sampling) the groups with spread, over up to
+        max_rounds rounds. The pipeline calls this (on its producer thread when overlapped) and
+        passes the `generate` that stamps each rollout with its policy version.
         """
         progress = (step - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
         wanted = self.recipe.rollout.prompts_per_step
+        sampler = self.stages.sampler
         generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0}
         timings = {"generate": 0.0, "reward": 0.0}
         started, stream_start = time.time(), self.stream.consumed
@@ -239,13 +225,9 @@ class Trainer:
             failures["errors"] += result.errors
             failures["timeouts"] += result.timeouts
             generated.append(batch)
-            if self.stages.filter_metric is None:
-                kept.append(batch)
-                break
-            keep = groups_with_spread(self.stages.filter_metric(batch), batch.group_ids)
-            kept.append(batch.select(keep.nonzero()[:, 0]))
+            kept.append(batch.select(sampler.keep(batch).nonzero()[:, 0]))
             enough = sum(b.group_ids.unique().numel() for b in kept) >= wanted
-            if enough or rounds == self.recipe.algorithm.max_sampling_rounds:
+            if enough or rounds == sampler.max_rounds:  # max_rounds 0: no limit
                 break
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
@@ -258,12 +240,7 @@ class Trainer:
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         metrics.update({f"timing/{stage}": seconds for stage, seconds in timings.items()})
-        if self.stages.filter_metric is not None:
-            metrics.update({
-                "dynamic_sampling/rounds": float(rounds),
-                "dynamic_sampling/kept_groups": float(train_batch.group_ids.unique().numel()),
-                "dynamic_sampling/generated_groups": float(everything.group_ids.unique().numel()),
-            })
+        metrics.update(sampler.metrics(rounds, train_batch, everything))
         # The completions log samples from every round (sample_completions).
         return Produced(batch=train_batch, metrics=metrics, generated=everything, stream_start=stream_start,
                         stream_end=self.stream.consumed)

@@ -13,14 +13,14 @@ from __future__ import annotations
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
-from efficient_rl.algos.sampling import FILTER_METRICS
-from efficient_rl.algos.shaping import LENGTH_SHAPERS
+from efficient_rl.algos.sampling import GROUP_SAMPLERS
+from efficient_rl.algos.shaping import LENGTH_CAPS, LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config.binding import bind
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.rules import check_numbers
-from efficient_rl.config.schema import Recipe
+from efficient_rl.config.schema import AlgorithmSection, Recipe
 from efficient_rl.data.variables import FIELD, PROMPT_VARIABLES, template_fields
 from efficient_rl.driver.pipeline import PIPELINES
 from efficient_rl.driver.trackers import TRACKERS
@@ -49,7 +49,8 @@ CHOICE_FIELDS = [
     ("algorithm.loss_agg", AGGREGATIONS),
     ("algorithm.kl_estimator", KL_ESTIMATORS),
     ("algorithm.length_penalty", LENGTH_SHAPERS),
-    ("algorithm.dynamic_sampling_metric", FILTER_METRICS),
+    ("algorithm.length_cap", LENGTH_CAPS),
+    ("algorithm.sampling", GROUP_SAMPLERS),
     ("algorithm.rollout_correction", ROLLOUT_CORRECTIONS),
     ("algorithm.objective", OBJECTIVES),
     ("algorithm.token_selection", TOKEN_SELECTORS),
@@ -76,7 +77,7 @@ def validate(recipe: Recipe) -> Plan:
     needs = recipe_needs(choices)
     plan = Plan(recipe=recipe, choices=choices, needs=needs, variables=bind_variables(recipe),
                 trackers=bind_trackers(recipe))
-    check_caps(recipe, needs)
+    check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     if len(recipe.learner.betas) != 2:
@@ -175,26 +176,15 @@ def check_need(need: str, dotted: str, entry: Bound) -> None:
                       f"{did_you_mean(need, known)}")
 
 
-def check_caps(recipe: Recipe, needs: dict[str, str]) -> None:
-    """The truncation length in force: algorithm.truncation_length, or DA-DLER's tiers."""
-    alg, limit = recipe.algorithm, recipe.rollout.max_response_length
-    cap = alg.truncation_length
-    if cap is not None and not 1 <= cap <= limit:
-        raise ConfigError(f"algorithm.truncation_length: expected 1..rollout.max_response_length ({limit}), got {cap}")
-    tiers = alg.difficulty_tiers
-    if not tiers:
+def check_cap_is_read(cap: Bound, needs: dict[str, str]) -> None:
+    """A cap other than the default one changes nothing unless a length penalty reads it."""
+    default = AlgorithmSection().length_cap
+    if "length_cap" in needs or (cap.name == default.name and cap.params == cap.entry.params(**default.params)):
         return
-    if "length_cap" not in needs or alg.truncation_length is not None:
-        raise ConfigError("algorithm.difficulty_tiers: needs a length_penalty that uses the cap (truncation, "
-                          "overlong) and replaces truncation_length (leave it null)")
-    bounds = [tier.min_correct for tier in tiers]
-    if bounds[0] != 0.0 or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])) or bounds[-1] > 1.0:
-        raise ConfigError(f"algorithm.difficulty_tiers: min_correct must start at 0.0 and increase up to at most "
-                          f"1.0, got {bounds}")
-    for index, tier in enumerate(tiers):
-        if not 1 <= tier.truncation_length <= limit:
-            raise ConfigError(f"algorithm.difficulty_tiers[{index}].truncation_length: expected 1..rollout."
-                              f"max_response_length ({limit}), got {tier.truncation_length}")
+    readers = [entry.name for entry in LENGTH_SHAPERS.entries()
+               if not callable(entry.needs) and "length_cap" in entry.needs]  # those that always read it
+    raise ConfigError(f"algorithm.length_cap: {cap.name} needs a length_penalty that uses the cap "
+                      f"({', '.join(readers)}); nothing in the recipe reads it")
 
 
 def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
