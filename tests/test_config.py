@@ -308,7 +308,7 @@ def test_a_recipe_built_in_python_is_checked_too():
 
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "5"], "--top-p: expected a finite number in (0, 1], got 5.0"),
-    (["--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),
+    (["--temperature", "nan"], "--temperature: expected a finite number >= 0 (0 is greedy), got nan"),
     (["--samples", "0"], "--samples: expected an integer >= 1, got 0"),
 ])
 def test_eval_command_numbers_are_checked_like_a_recipes(tmp_path, flags, message):
