@@ -30,8 +30,11 @@ $(GPU_RESOLVES): $(FULL)
 	$(VENV)/bin/python tests/gpu_install.py
 	touch $(GPU_RESOLVES)
 
-# The Slurm tests bring up a real local cluster (slurm/local-cluster.sh); its packages come first.
+# Lint and format first (seconds); the Slurm tests bring up a real local cluster
+# (slurm/local-cluster.sh), whose packages come next.
 test: $(FULL) $(GPU_RESOLVES)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	slurm/local-cluster.sh install
 	$(VENV)/bin/python -m pytest tests -n 2 --durations=40
 

@@ -7,5 +7,7 @@ discovery cannot express.
 
 from setuptools import find_packages, setup
 
-setup(packages=[*find_packages(include=["efficient_rl", "efficient_rl.*"]), "efficient_rl.rewards"],
-      package_dir={"efficient_rl.rewards": "rewards"})
+setup(
+    packages=[*find_packages(include=["efficient_rl", "efficient_rl.*"]), "efficient_rl.rewards"],
+    package_dir={"efficient_rl.rewards": "rewards"},
+)

@@ -21,8 +21,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RAY = ["cluster.backend=ray", "rollout.engine=vllm", "steps=1", "eval.before_training=false",
-       "eval.after_training=false", "logging.progress=false", "checkpoint.every=0", "scoring.workers=0"]
+RAY = [
+    "cluster.backend=ray",
+    "rollout.engine=vllm",
+    "steps=1",
+    "eval.before_training=false",
+    "eval.after_training=false",
+    "logging.progress=false",
+    "checkpoint.every=0",
+    "scoring.workers=0",
+]
 SMALL = ["rollout.prompts_per_step=2", "algorithm.sampling=all"]
 RUNS = {  # name -> (recipe, overrides)
     "lab quickstart (0.6M parameters)": ("quickstart.yaml", ["rollout.prompts_per_step=4", "algorithm.sampling=all"]),
@@ -36,16 +44,18 @@ RUNS = {  # name -> (recipe, overrides)
 
 # The peak is VmHWM, which starts afresh at exec. ru_maxrss would not do: Linux keeps it across
 # execve, so it would count this script's own memory (the bf16 copy was made here) at the fork.
-PEAK = ("import re, sys\nfrom pathlib import Path\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
-        "peak = re.search(r'VmHWM:\\s*(\\d+) kB', Path('/proc/self/status').read_text()).group(1)\n"
-        "print('DRIVER_PEAK_RSS_KB', peak, flush=True)\nsys.exit(code)\n")
+PEAK = (
+    "import re, sys\nfrom pathlib import Path\nfrom efficient_rl.cli import main\ncode = main(sys.argv[1:])\n"
+    "peak = re.search(r'VmHWM:\\s*(\\d+) kB', Path('/proc/self/status').read_text()).group(1)\n"
+    "print('DRIVER_PEAK_RSS_KB', peak, flush=True)\nsys.exit(code)\n"
+)
 
 
 def save_bf16_copy(directory: Path) -> None:
     """The builtin SmolLM2 with its weights saved in bf16 (tokenizer, template and generation
     config copied as they are)."""
-    from efficient_rl.models.sources import model_directory
     from efficient_rl.models.modeling import load_model
+    from efficient_rl.models.sources import model_directory
 
     source = model_directory("smollm2", "model")
     for path in source.iterdir():
@@ -67,8 +77,22 @@ def main() -> None:
 def measure(name: str, recipe: Path, overrides: list[str], tree: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="erl-driver-") as out:
         result = subprocess.run(
-            [sys.executable, "-c", PEAK, "train", str(recipe), *RAY, *overrides, f"logging.output_dir={out}",
-             "--overwrite"], cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+            [
+                sys.executable,
+                "-c",
+                PEAK,
+                "train",
+                str(recipe),
+                *RAY,
+                *overrides,
+                f"logging.output_dir={out}",
+                "--overwrite",
+            ],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+        )
     peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KB")]
     if result.returncode != 0 or not peak:
         print(f"{name}: failed ({result.returncode}): {result.stderr[-800:]}")

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_precision import qwen2_22m, side_by_side  # noqa: E402
+
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
 from efficient_rl.learner.objective import ObjectiveSettings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
@@ -38,9 +39,12 @@ def spread_batch(rows: int, median: int, vocab: int, seed: int = 0) -> RolloutBa
         prompt_ids=torch.randint(0, vocab, (rows, prompt_width), generator=generator) * prompt_mask,
         prompt_mask=prompt_mask,
         response_ids=torch.randint(0, vocab, (rows, width), generator=generator) * response_mask.long(),
-        response_mask=response_mask, rollout_logprobs=torch.zeros(rows, width),
-        truncated=torch.zeros(rows, dtype=torch.bool), group_ids=torch.arange(rows) // 8,
-        samples=[{}] * rows, completions=[""] * rows,
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(rows, width),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.arange(rows) // 8,
+        samples=[{}] * rows,
+        completions=[""] * rows,
         advantages=torch.randn(rows, 1, generator=generator) * response_mask,
     )
 
@@ -54,23 +58,35 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="token positions per pass in the budget modes")
     args = parser.parse_args()
     modes = {  # name -> (micro_batch_tokens, packing)
-        "rows": (0, False), "token budget": (args.tokens, False), "packing": (args.tokens, True)}
+        "rows": (0, False),
+        "token budget": (args.tokens, False),
+        "packing": (args.tokens, True),
+    }
     base = ObjectiveSettings()
-    learners = {name: TorchLearner(qwen2_22m(), dataclasses.replace(base, packing=packing),
-                                   OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch, micro_batch_tokens=tokens))
-                for name, (tokens, packing) in modes.items()}
+    learners = {
+        name: TorchLearner(
+            qwen2_22m(),
+            dataclasses.replace(base, packing=packing),
+            OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch, micro_batch_tokens=tokens),
+        )
+        for name, (tokens, packing) in modes.items()
+    }
     batch = spread_batch(args.rows, args.median, learners["rows"].model.config.vocab_size)
     lengths = batch.response_lengths.float()
-    print(f"{args.rows} rows, response lengths min {int(lengths.min())} median {int(lengths.median())} max "
-          f"{int(lengths.max())}, {int(lengths.sum())} response tokens; rows mode: {args.micro_batch} rows per pass, "
-          f"budget modes: {args.tokens} positions per pass; torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.rows} rows, response lengths min {int(lengths.min())} median {int(lengths.median())} max "
+        f"{int(lengths.max())}, {int(lengths.sum())} response tokens; rows mode: {args.micro_batch} rows per pass, "
+        f"budget modes: {args.tokens} positions per pass; torch threads {torch.get_num_threads()}"
+    )
     times, metrics = side_by_side(learners, batch, args.steps)
     rows_median = statistics.median(times["rows"][1:])
     for name in modes:
         median = statistics.median(times[name][1:])
-        print(f"{name:13s} median step {median:6.3f} s ({' '.join(f'{t:.2f}' for t in times[name])}), "
-              f"padding fraction {metrics[name]['learner/padding_fraction']:.3f}, speed-up vs rows "
-              f"{rows_median / median:.2f}x, loss {metrics[name]['loss']:.6f}")
+        print(
+            f"{name:13s} median step {median:6.3f} s ({' '.join(f'{t:.2f}' for t in times[name])}), "
+            f"padding fraction {metrics[name]['learner/padding_fraction']:.3f}, speed-up vs rows "
+            f"{rows_median / median:.2f}x, loss {metrics[name]['loss']:.6f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,14 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from efficient_rl.algos.batch import RolloutBatch  # noqa: E402
 from efficient_rl.learner.objective import ObjectiveSettings  # noqa: E402
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner  # noqa: E402
-from efficient_rl.models.sources import model_directory  # noqa: E402
 from efficient_rl.models.modeling import PRECISIONS, load_model  # noqa: E402
+from efficient_rl.models.sources import model_directory  # noqa: E402
 
 
 def qwen2_22m() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(config).float()
 
 
@@ -49,9 +56,12 @@ def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0)
         prompt_ids=torch.randint(0, vocab, (rows, prompt), generator=generator),
         prompt_mask=torch.ones(rows, prompt, dtype=torch.long),
         response_ids=torch.randint(0, vocab, (rows, response), generator=generator) * response_mask.long(),
-        response_mask=response_mask, rollout_logprobs=torch.zeros(rows, response),
-        truncated=torch.zeros(rows, dtype=torch.bool), group_ids=torch.arange(rows) // 4,
-        samples=[{}] * rows, completions=[""] * rows,
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(rows, response),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.arange(rows) // 4,
+        samples=[{}] * rows,
+        completions=[""] * rows,
         advantages=torch.randn(rows, 1, generator=generator) * response_mask,
     ).trim_padding()
 
@@ -59,8 +69,9 @@ def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0)
 def activation_bytes(learner: TorchLearner, rows: RolloutBatch) -> tuple[int, int]:
     """Bytes of the tensors kept for the backward of one micro-batch (parameters excluded), and
     the float32 part of them."""
-    parameters = {p.untyped_storage().data_ptr() for module in (learner.model, learner.policy)
-                  for p in module.parameters()}
+    parameters = {
+        p.untyped_storage().data_ptr() for module in (learner.model, learner.policy) for p in module.parameters()
+    }
     kept: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, float32?)
 
     def pack(tensor: torch.Tensor):
@@ -83,9 +94,17 @@ def state_bytes(learner: TorchLearner) -> dict[str, int]:
 
     masters = nbytes(learner.model)
     copy = 0 if learner.policy is learner.model else nbytes(learner.policy)
-    optimizer = sum(t.numel() * t.element_size() for state in learner.optimizer.state.values()
-                    for t in state.values() if isinstance(t, torch.Tensor))
-    return {"weights": masters + copy, "gradients": masters, "optimizer": optimizer}  # gradients: float32, like the masters
+    optimizer = sum(
+        t.numel() * t.element_size()
+        for state in learner.optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    return {
+        "weights": masters + copy,
+        "gradients": masters,
+        "optimizer": optimizer,
+    }  # gradients: float32, like the masters
 
 
 def side_by_side(learners: dict[str, TorchLearner], batch: RolloutBatch, steps: int) -> tuple[dict, dict]:
@@ -129,40 +148,58 @@ def main() -> None:
     learners = {}
     for precision in PRECISIONS:
         model = MODELS[args.model]()
-        learners[precision] = TorchLearner(model, objective, OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch,
-                                                                           precision=precision),
-                                           sync_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+        learners[precision] = TorchLearner(
+            model,
+            objective,
+            OptimSettings(lr=1e-6, micro_batch_size=args.micro_batch, precision=precision),
+            sync_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[precision],
+        )
     vocab = learners["fp32"].model.config.vocab_size
     batch = make_batch(vocab, args.rows, args.prompt, args.response)
     parameters = sum(p.numel() for p in learners["fp32"].model.parameters())
-    print(f"{args.model}: {parameters / 1e6:.1f}M parameters; batch {args.rows} rows, prompt {args.prompt}, "
-          f"responses {int(batch.response_lengths.min())}-{int(batch.response_lengths.max())} tokens "
-          f"({int(batch.response_mask.sum())} in all), micro-batches of {args.micro_batch}; torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: a 1024 x 1024 matmul takes "
-          f"{matmul_ratio():.1f}x as long in bf16 as in float32")
+    print(
+        f"{args.model}: {parameters / 1e6:.1f}M parameters; batch {args.rows} rows, prompt {args.prompt}, "
+        f"responses {int(batch.response_lengths.min())}-{int(batch.response_lengths.max())} tokens "
+        f"({int(batch.response_mask.sum())} in all), micro-batches of {args.micro_batch}; torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}: a 1024 x 1024 matmul takes "
+        f"{matmul_ratio():.1f}x as long in bf16 as in float32"
+    )
     times, _ = side_by_side(learners, batch, args.steps)
     micro = batch.select(range(args.micro_batch))
     memory, float32_activations = {}, {}
     for precision, learner in learners.items():
         activations, float32_activations[precision] = activation_bytes(learner, micro)
         memory[precision] = {**state_bytes(learner), "activations": activations}
-    sync = {precision: sum(b.nbytes for b in learner.weight_plan(64 * 2**20)) for precision, learner in learners.items()}
+    sync = {
+        precision: sum(b.nbytes for b in learner.weight_plan(64 * 2**20)) for precision, learner in learners.items()
+    }
     mib = 2**20
-    print(f"{'':6s} {'median step':>12s} {'steps':>30s} {'weights':>9s} {'grads':>9s} {'adam':>9s} "
-          f"{'activations':>12s} {'sum':>9s} {'sync':>9s}")
+    print(
+        f"{'':6s} {'median step':>12s} {'steps':>30s} {'weights':>9s} {'grads':>9s} {'adam':>9s} "
+        f"{'activations':>12s} {'sum':>9s} {'sync':>9s}"
+    )
     for precision in learners:
         m = memory[precision]
-        print(f"{precision:6s} {statistics.median(times[precision][1:]):11.3f}s "
-              f"{' '.join(f'{t:.2f}' for t in times[precision]):>30s} {m['weights'] / mib:8.1f}M "
-              f"{m['gradients'] / mib:8.1f}M {m['optimizer'] / mib:8.1f}M {m['activations'] / mib:11.1f}M "
-              f"{sum(m.values()) / mib:8.1f}M {sync[precision] / mib:8.1f}M")
+        print(
+            f"{precision:6s} {statistics.median(times[precision][1:]):11.3f}s "
+            f"{' '.join(f'{t:.2f}' for t in times[precision]):>30s} {m['weights'] / mib:8.1f}M "
+            f"{m['gradients'] / mib:8.1f}M {m['optimizer'] / mib:8.1f}M {m['activations'] / mib:11.1f}M "
+            f"{sum(m.values()) / mib:8.1f}M {sync[precision] / mib:8.1f}M"
+        )
     ratio = lambda key: memory["bf16"][key] / memory["fp32"][key]  # noqa: E731
-    print(f"bf16 / fp32: step {statistics.median(times['bf16'][1:]) / statistics.median(times['fp32'][1:]):.2f}x, "
-          f"activations {ratio('activations'):.2f}x, sum {sum(memory['bf16'].values()) / sum(memory['fp32'].values()):.2f}x, "
-          f"sync bytes {sync['bf16'] / sync['fp32']:.2f}x  (MiB = 2^20 bytes; medians without the first step)")
-    print(f"float32 part of bf16's activations (the RMSNorms' float32 inputs, small per-token values): "
-          f"{float32_activations['bf16'] / mib:.1f}M of {memory['bf16']['activations'] / mib:.1f}M")
+    print(
+        f"bf16 / fp32: step {statistics.median(times['bf16'][1:]) / statistics.median(times['fp32'][1:]):.2f}x, "
+        f"activations {ratio('activations'):.2f}x, "
+        f"sum {sum(memory['bf16'].values()) / sum(memory['fp32'].values()):.2f}x, "
+        f"sync bytes {sync['bf16'] / sync['fp32']:.2f}x  (MiB = 2^20 bytes; medians without the first step)"
+    )
+    print(
+        f"float32 part of bf16's activations (the RMSNorms' float32 inputs, small per-token values): "
+        f"{float32_activations['bf16'] / mib:.1f}M of {memory['bf16']['activations'] / mib:.1f}M"
+    )
 
 
 if __name__ == "__main__":

@@ -32,18 +32,40 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-          "logging.progress=false", "eval.every=0", "cluster.backend=ray", "rollout.engine=vllm",
-          "learner.backend=torch", "cluster.rollout.workers=1", "cluster.rollout.cpus=1",
-          "cluster.learner.workers=1", "cluster.learner.cpus=1"]
+COMMON = [
+    "eval.before_training=false",
+    "eval.after_training=false",
+    "logging.trackers=[]",
+    "logging.progress=false",
+    "eval.every=0",
+    "cluster.backend=ray",
+    "rollout.engine=vllm",
+    "learner.backend=torch",
+    "cluster.rollout.workers=1",
+    "cluster.rollout.cpus=1",
+    "cluster.learner.workers=1",
+    "cluster.learner.cpus=1",
+]
 CONFIGS = {
     "sync": [],
-    "overlapped": ["cluster.pipeline.name=overlapped", "cluster.pipeline.max_staleness=1",
-                   "algorithm.rollout_correction=tis"],
+    "overlapped": [
+        "cluster.pipeline.name=overlapped",
+        "cluster.pipeline.max_staleness=1",
+        "algorithm.rollout_correction=tis",
+    ],
 }
-FIGURES = ["step_time", "timing/rollout", "timing/learn", "timing/select", "timing/sync", "timing/learner_wait",
-           "timing/rollout_wait", "timing/rollout_utilisation", "timing/learner_utilisation",
-           "pipeline/staleness/mean"]
+FIGURES = [
+    "step_time",
+    "timing/rollout",
+    "timing/learn",
+    "timing/select",
+    "timing/sync",
+    "timing/learner_wait",
+    "timing/rollout_wait",
+    "timing/rollout_utilisation",
+    "timing/learner_utilisation",
+    "pipeline/staleness/mean",
+]
 
 
 def run_config(name: str, steps: int, extra: list[str]) -> dict:
@@ -53,8 +75,10 @@ def run_config(name: str, steps: int, extra: list[str]) -> dict:
 
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
-        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                             COMMON + CONFIGS[name] + extra + [f"steps={steps}", f"logging.output_dir={out}"])
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            COMMON + CONFIGS[name] + extra + [f"steps={steps}", f"logging.output_dir={out}"],
+        )
         run, _ = run_recipe(recipe)
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()][1:]
     medians = {figure: statistics.median(row.get(figure, 0.0) for row in rows) for figure in FIGURES}
@@ -79,22 +103,47 @@ def main() -> None:
     runs = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:
-            out = subprocess.run([sys.executable, __file__, "--config", name, "--steps", str(args.steps), *extra],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--config", name, "--steps", str(args.steps), *extra],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             runs[name].append(json.loads(out.split("RESULT ", 1)[1]))
-    results = {name: {key: statistics.median(run[key] for run in repeats) for key in repeats[0]}
-               for name, repeats in runs.items()}
+    results = {
+        name: {key: statistics.median(run[key] for run in repeats) for key in repeats[0]}
+        for name, repeats in runs.items()
+    }
     for name, repeats in runs.items():
         times = ", ".join(f"{run['step_time']:.3f}" for run in repeats)
         print(f"{name}: step times of the repeats {times} s")
     print(f"median over steps 2..{args.steps}, {args.repeats} repeat(s){' with ' + ' '.join(extra) if extra else ''}")
-    header = ["step s", "steps/min", "rollout s", "learn s", "sync s", "learner wait", "rollout wait",
-              "rollout util", "learner util", "staleness"]
+    header = [
+        "step s",
+        "steps/min",
+        "rollout s",
+        "learn s",
+        "sync s",
+        "learner wait",
+        "rollout wait",
+        "rollout util",
+        "learner util",
+        "staleness",
+    ]
     print(f"{'pipeline':12s}" + "".join(f"{h:>13s}" for h in header))
     for name, f in results.items():
-        values = [f["step_time"], 60.0 / f["step_time"], f["timing/rollout"], f["timing/learn"] + f["timing/select"],
-                  f["timing/sync"], f["timing/learner_wait"], f["timing/rollout_wait"],
-                  f["timing/rollout_utilisation"], f["timing/learner_utilisation"], f["pipeline/staleness/mean"]]
+        values = [
+            f["step_time"],
+            60.0 / f["step_time"],
+            f["timing/rollout"],
+            f["timing/learn"] + f["timing/select"],
+            f["timing/sync"],
+            f["timing/learner_wait"],
+            f["timing/rollout_wait"],
+            f["timing/rollout_utilisation"],
+            f["timing/learner_utilisation"],
+            f["pipeline/staleness/mean"],
+        ]
         print(f"{name:12s}" + "".join(f"{v:13.3f}" for v in values))
     speedup = results["sync"]["step_time"] / results["overlapped"]["step_time"]
     bound = ceiling(results["sync"])

@@ -37,11 +37,13 @@ def build(lab_seed: int, cache: Path) -> Path:
     finished = [model for model in cache.glob(f"quickstart-seed{lab_seed}-*") if (model / "lab.json").exists()]
     if finished:
         return finished[0]
-    code = ("import dataclasses, sys; from pathlib import Path\n"
-            "from efficient_rl.lab.build import build_lab\nfrom efficient_rl.lab.presets import PRESETS\n"
-            f"preset = dataclasses.replace(PRESETS['quickstart'], seed={lab_seed})\n"
-            f"target = Path({str(cache)!r}) / f'quickstart-seed{lab_seed}-{{preset.cache_key()}}'\n"
-            "build_lab(preset, target)\n")
+    code = (
+        "import dataclasses, sys; from pathlib import Path\n"
+        "from efficient_rl.lab.build import build_lab\nfrom efficient_rl.lab.presets import PRESETS\n"
+        f"preset = dataclasses.replace(PRESETS['quickstart'], seed={lab_seed})\n"
+        f"target = Path({str(cache)!r}) / f'quickstart-seed{lab_seed}-{{preset.cache_key()}}'\n"
+        "build_lab(preset, target)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "EFFICIENT_RL_CACHE": str(cache)})
     return next(cache.glob(f"quickstart-seed{lab_seed}-*"))
 
@@ -51,41 +53,69 @@ def run_seed(seed: int, lab_seed: int, out: Path) -> dict:
     started = time.time()
     model = build(lab_seed, cache)
     built = time.time()
-    subprocess.run([sys.executable, "-m", "efficient_rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
-                    f"seed={seed}", "model.lab=null", f"model.path={model}", f"logging.output_dir={out}",
-                    f"logging.name=seed-{seed}", *QUIET],
-                   check=True, env={**os.environ, "EFFICIENT_RL_CACHE": str(cache)})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            f"seed={seed}",
+            "model.lab=null",
+            f"model.path={model}",
+            f"logging.output_dir={out}",
+            f"logging.name=seed-{seed}",
+            *QUIET,
+        ],
+        check=True,
+        env={**os.environ, "EFFICIENT_RL_CACHE": str(cache)},
+    )
     summary = json.loads((out / f"seed-{seed}" / "summary.json").read_text())
     lab = json.loads((model / "lab.json").read_text())
-    return {"seed": seed, "lab_seed": lab_seed, "check": lab.get("warm_start_check"),
-            "build_seconds": round(built - started), "train_seconds": round(time.time() - built),
-            "warm_start": summary["warm_start"], "final": summary["final"]}
+    return {
+        "seed": seed,
+        "lab_seed": lab_seed,
+        "check": lab.get("warm_start_check"),
+        "build_seconds": round(built - started),
+        "train_seconds": round(time.time() - built),
+        "warm_start": summary["warm_start"],
+        "final": summary["final"],
+    }
 
 
 def row_figures(row: dict) -> dict:
     before, after = row["warm_start"], row["final"]
     return {
-        "warm_accuracy": 100 * before["accuracy"], "final_accuracy": 100 * after["accuracy"],
+        "warm_accuracy": 100 * before["accuracy"],
+        "final_accuracy": 100 * after["accuracy"],
         "accuracy_change": 100 * (after["accuracy"] - before["accuracy"]),
-        "warm_length": before["mean_response_length"], "final_length": after["mean_response_length"],
+        "warm_length": before["mean_response_length"],
+        "final_length": after["mean_response_length"],
         "length_change": 100 * (after["mean_response_length"] / before["mean_response_length"] - 1),
     }
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| seed | lab seed | SFT steps | build check | warm-start acc | final acc | change | warm-start len "
-             "| final len | change |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | lab seed | SFT steps | build check | warm-start acc | final acc | change | warm-start len "
+        "| final len | change |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     figures = [row_figures(row) for row in rows]
     for row, f in zip(rows, figures):
         check = row["check"] or {}
-        lines.append(f"| {row['seed']} | {row['lab_seed']} | {check.get('sft_steps', '?')} | "
-                     f"{100 * check.get('accuracy', float('nan')):.1f}% | {f['warm_accuracy']:.1f}% | "
-                     f"{f['final_accuracy']:.1f}% | {f['accuracy_change']:+.1f} pts | {f['warm_length']:.1f} | "
-                     f"{f['final_length']:.1f} | {f['length_change']:+.1f}% |")
+        lines.append(
+            f"| {row['seed']} | {row['lab_seed']} | {check.get('sft_steps', '?')} | "
+            f"{100 * check.get('accuracy', float('nan')):.1f}% | {f['warm_accuracy']:.1f}% | "
+            f"{f['final_accuracy']:.1f}% | {f['accuracy_change']:+.1f} pts | {f['warm_length']:.1f} | "
+            f"{f['final_length']:.1f} | {f['length_change']:+.1f}% |"
+        )
     for name, unit in (("accuracy_change", " pts"), ("length_change", "%"), ("final_accuracy", "%")):
         values = [f[name] for f in figures]
-        lines.append(f"\n{name}: mean {sum(values) / len(values):+.1f}{unit}, range "
-                     f"{min(values):+.1f} .. {max(values):+.1f}{unit}")
+        lines.append(
+            f"\n{name}: mean {sum(values) / len(values):+.1f}{unit}, range "
+            f"{min(values):+.1f} .. {max(values):+.1f}{unit}"
+        )
     return "\n".join(lines)
 
 

@@ -29,10 +29,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from efficient_rl.config.schema import PromptSection
+    from efficient_rl.data.prompts import encode_prompt, load_tokenizer
     from efficient_rl.lab.presets import PRESETS
     from efficient_rl.lab.tasks import generate_problems
     from efficient_rl.models.sources import smollm2_model_dir
-    from efficient_rl.data.prompts import encode_prompt, load_tokenizer
     from efficient_rl.rollout.base import SamplingSettings
     from efficient_rl.rollout.hf import TransformersEngine
     from efficient_rl.rollout.vllm_engine import VLLMEngine
@@ -44,8 +44,9 @@ def main() -> None:
     prompts = [encode_prompt(tokenizer, p["question"], prompt) for p in problems]
     settings = SamplingSettings(n=1, max_new_tokens=args.tokens, temperature=1.0)
     engines = {
-        "transformers": TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                                           tokenizer),
+        "transformers": TransformersEngine(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokenizer
+        ),
         "vllm": VLLMEngine(model_dir, tokenizer, max_model_len=512, seed=0),
     }
     print(f"SmolLM2-135M-Instruct, {args.tokens}-token cap, temperature 1.0, median of {args.repeats}")

@@ -39,8 +39,10 @@ def completion_sets(problems: list[dict]) -> dict[str, list[str]]:
 def main() -> None:
     problems = generate_problems(ArithmeticTask(), "train", COUNT, seed=0)
     entries = [RewardEntry(name="math", params={"timeout": 1})]
-    print(f"{'completions':18s} {'mode':12s} {'rewards/s':>10s} {'seconds':>8s} {'correct':>8s} "
-          f"{'timeouts':>8s} {'errors':>7s}")
+    print(
+        f"{'completions':18s} {'mode':12s} {'rewards/s':>10s} {'seconds':>8s} {'correct':>8s} "
+        f"{'timeouts':>8s} {'errors':>7s}"
+    )
     for name, completions in completion_sets(problems).items():
         for mode, workers in (("sequential", 0), ("pool of 2", 2)):
             runner = RewardRunner(entries, workers=workers, timeout=30.0)
@@ -51,8 +53,10 @@ def main() -> None:
                 seconds = time.perf_counter() - started
             finally:
                 runner.close()
-            print(f"{name:18s} {mode:12s} {COUNT / seconds:10.0f} {seconds:8.2f} {int(result.scores.sum()):8d} "
-                  f"{result.timeouts:8d} {result.errors:7d}")
+            print(
+                f"{name:18s} {mode:12s} {COUNT / seconds:10.0f} {seconds:8.2f} {int(result.scores.sum()):8d} "
+                f"{result.timeouts:8d} {result.errors:7d}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,17 +37,28 @@ def measure(ratio: float, vocab: int, rows: int, length: int, steps: int) -> dic
     from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    learner = TorchLearner(Qwen2ForCausalLM(config), ObjectiveSettings(),
-                           OptimSettings(lr=1e-5, micro_batch_size=rows))
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    learner = TorchLearner(Qwen2ForCausalLM(config), ObjectiveSettings(), OptimSettings(lr=1e-5, micro_batch_size=rows))
     prompt = 32
     response_mask = torch.ones(rows, length)
     batch = RolloutBatch(
-        prompt_ids=torch.randint(0, vocab, (rows, prompt)), prompt_mask=torch.ones(rows, prompt, dtype=torch.long),
-        response_ids=torch.randint(0, vocab, (rows, length)), response_mask=response_mask,
-        rollout_logprobs=torch.zeros(rows, length), truncated=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.arange(rows) // 4, samples=[{}] * rows, completions=[""] * rows,
+        prompt_ids=torch.randint(0, vocab, (rows, prompt)),
+        prompt_mask=torch.ones(rows, prompt, dtype=torch.long),
+        response_ids=torch.randint(0, vocab, (rows, length)),
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(rows, length),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.arange(rows) // 4,
+        samples=[{}] * rows,
+        completions=[""] * rows,
         advantages=torch.randn(rows, length),
         loss_mask=None if ratio == 1.0 else (torch.rand(rows, length) < ratio).float(),
     )
@@ -74,18 +85,38 @@ def main() -> None:
         return
     results = []
     for ratio in RATIOS:
-        output = subprocess.run([sys.executable, __file__, "--ratio", str(ratio), "--vocab", str(args.vocab),
-                                 "--rows", str(args.rows), "--length", str(args.length), "--steps", str(args.steps)],
-                                capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--ratio",
+                str(ratio),
+                "--vocab",
+                str(args.vocab),
+                "--rows",
+                str(args.rows),
+                "--length",
+                str(args.length),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         results.append(json.loads(output.split("RESULT ", 1)[1]))
     full = results[0]
     print(f"vocab {args.vocab}, {args.rows} x {args.length} response tokens, median of {args.steps} updates")
-    print(f"{'keep':>6s} {'peak RSS MB':>12s} {'vs keep 1.0':>12s} {'update MB':>10s} {'vs keep 1.0':>12s} "
-          f"{'step s':>8s} {'vs keep 1.0':>12s}")
+    print(
+        f"{'keep':>6s} {'peak RSS MB':>12s} {'vs keep 1.0':>12s} {'update MB':>10s} {'vs keep 1.0':>12s} "
+        f"{'step s':>8s} {'vs keep 1.0':>12s}"
+    )
     for r in results:
-        print(f"{r['ratio']:6.1f} {r['peak_mb']:12.0f} {r['peak_mb'] / full['peak_mb'] - 1:+12.1%} "
-              f"{r['update_mb']:10.0f} {r['update_mb'] / full['update_mb'] - 1:+12.1%} "
-              f"{r['step_s']:8.2f} {r['step_s'] / full['step_s'] - 1:+12.1%}")
+        print(
+            f"{r['ratio']:6.1f} {r['peak_mb']:12.0f} {r['peak_mb'] / full['peak_mb'] - 1:+12.1%} "
+            f"{r['update_mb']:10.0f} {r['update_mb'] / full['update_mb'] - 1:+12.1%} "
+            f"{r['step_s']:8.2f} {r['step_s'] / full['step_s'] - 1:+12.1%}"
+        )
 
 
 if __name__ == "__main__":

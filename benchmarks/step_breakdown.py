@@ -24,13 +24,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-          "logging.progress=false", "eval.every=0"]
+COMMON = [
+    "eval.before_training=false",
+    "eval.after_training=false",
+    "logging.trackers=[]",
+    "logging.progress=false",
+    "eval.every=0",
+]
 CONFIGS = {
     "embedded-transformers": [],
     "embedded-vllm": ["rollout.engine=vllm"],
-    "ray": ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed", "learner.zero_stage=2",
-            "cluster.learner.workers=2"],
+    "ray": [
+        "cluster.backend=ray",
+        "rollout.engine=vllm",
+        "learner.backend=deepspeed",
+        "learner.zero_stage=2",
+        "cluster.learner.workers=2",
+    ],
 }
 STAGES = ["timing/generate", "timing/reward", "timing/learn", "timing/sync", "step_time"]
 
@@ -42,8 +52,10 @@ def run_config(name: str, steps: int) -> dict:
 
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
-        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                             COMMON + CONFIGS[name] + [f"steps={steps}", f"logging.output_dir={out}"])
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            COMMON + CONFIGS[name] + [f"steps={steps}", f"logging.output_dir={out}"],
+        )
         run, _ = run_recipe(recipe)
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()][1:]
     medians = {stage: statistics.median(row.get(stage, 0.0) for row in rows) for stage in STAGES}
@@ -60,8 +72,12 @@ def main() -> None:
         return
     results = {}
     for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--config", name, "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--config", name, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         results[name] = json.loads(out.split("RESULT ", 1)[1])
     print(f"median over steps 2..{args.steps}, seconds")
     print(f"{'configuration':24s}" + "".join(f"{s.split('/')[-1]:>10s}" for s in STAGES) + f"{'run wall':>10s}")

@@ -39,10 +39,16 @@ def branching_group(rows: int, length: int, seed: int) -> RolloutBatch:
     rewards = torch.randint(2, (rows,), generator=gen).float()
     rewards[:2] = torch.tensor([1.0, 0.0])  # both outcomes present: the group std is not 0
     return RolloutBatch(
-        prompt_ids=torch.ones(rows, 1, dtype=torch.long), prompt_mask=torch.ones(rows, 1, dtype=torch.long),
-        response_ids=responses, response_mask=torch.ones(rows, length), rollout_logprobs=torch.zeros(rows, length),
-        truncated=torch.zeros(rows, dtype=torch.bool), group_ids=torch.zeros(rows, dtype=torch.long),
-        samples=[{}] * rows, completions=[""] * rows, rewards=rewards,
+        prompt_ids=torch.ones(rows, 1, dtype=torch.long),
+        prompt_mask=torch.ones(rows, 1, dtype=torch.long),
+        response_ids=responses,
+        response_mask=torch.ones(rows, length),
+        rollout_logprobs=torch.zeros(rows, length),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.zeros(rows, dtype=torch.long),
+        samples=[{}] * rows,
+        completions=[""] * rows,
+        rewards=rewards,
     )
 
 
@@ -100,11 +106,14 @@ def main() -> None:
     max_diff = float((vectorised - loop.float()).abs().max())
     vectorised_s = median_seconds(lambda: tempo_advantages(batch), args.repeats)
     loop_s = median_seconds(lambda: loop_advantages(batch), args.repeats)
-    print(f"one group of {args.rows} responses x {args.length} tokens, median of {args.repeats}, "
-          f"{args.threads} thread(s)")
+    print(
+        f"one group of {args.rows} responses x {args.length} tokens, median of {args.repeats}, {args.threads} thread(s)"
+    )
     print(f"{'vectorised':>12s} {'loop':>12s} {'ratio':>8s}  same advantages")
-    print(f"{vectorised_s * 1e3:10.2f}ms {loop_s * 1e3:10.1f}ms {loop_s / vectorised_s:7.1f}x  "
-          f"{same} (max |diff| {max_diff:.1e})")
+    print(
+        f"{vectorised_s * 1e3:10.2f}ms {loop_s * 1e3:10.1f}ms {loop_s / vectorised_s:7.1f}x  "
+        f"{same} (max |diff| {max_diff:.1e})"
+    )
 
     print(f"\nvectorised, {args.rows} responses, median of {args.repeats}")
     print(f"{'tokens/response':>16s} {'time':>10s} {'per 1k tokens':>14s}")

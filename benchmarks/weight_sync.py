@@ -28,15 +28,23 @@ def make_model(directory: Path, hidden: int, layers: int, mlp: int, heads: int) 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from efficient_rl.lab.build import lab_model_dir
     from efficient_rl.data.prompts import load_tokenizer
+    from efficient_rl.lab.build import lab_model_dir
 
     tokenizer = load_tokenizer(lab_model_dir("quickstart"))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(directory)
@@ -60,9 +68,18 @@ def main() -> None:
         for hidden, layers, mlp, heads in SIZES:
             directory = Path(tempfile.mkdtemp(prefix="erl-sync-"))
             params = make_model(directory, hidden, layers, mlp, heads)
-            recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-                f"model.path={directory}", "model.lab=null", "cluster.backend=ray", "rollout.engine=vllm",
-                "rollout.max_prompt_length=64", "rollout.max_response_length=64", "eval.max_new_tokens=64"])
+            recipe = load_recipe(
+                ROOT / "recipes" / "quickstart.yaml",
+                [
+                    f"model.path={directory}",
+                    "model.lab=null",
+                    "cluster.backend=ray",
+                    "rollout.engine=vllm",
+                    "rollout.max_prompt_length=64",
+                    "rollout.max_response_length=64",
+                    "eval.max_new_tokens=64",
+                ],
+            )
             parts = ray_components(validate(recipe), SimpleNamespace(model_dir=directory, base_model_dir=directory))
             try:
                 times = {mode: [] for mode in MODES}
@@ -82,12 +99,18 @@ def main() -> None:
     finally:
         session.close()
     print(f"median of {args.rounds} syncs each, learner actor -> one vLLM-CPU actor")
-    print(f"{'parameters':>12s} {'MB':>8s} {'tensors':>8s} " + " ".join(f"{m:>18s}" for m in MODES)
-          + f" {'ratio':>7s} {'engine load':>12s}")
+    print(
+        f"{'parameters':>12s} {'MB':>8s} {'tensors':>8s} "
+        + " ".join(f"{m:>18s}" for m in MODES)
+        + f" {'ratio':>7s} {'engine load':>12s}"
+    )
     for params, nbytes, tensors, medians, load in rows:
         bucketed, per_param = medians.values()
-        print(f"{params:12,d} {nbytes / 2**20:8.1f} {tensors:8d} " + " ".join(f"{s:17.3f}s" for s in medians.values())
-              + f" {per_param / bucketed:6.2f}x {load:11.3f}s")
+        print(
+            f"{params:12,d} {nbytes / 2**20:8.1f} {tensors:8d} "
+            + " ".join(f"{s:17.3f}s" for s in medians.values())
+            + f" {per_param / bucketed:6.2f}x {load:11.3f}s"
+        )
 
 
 if __name__ == "__main__":

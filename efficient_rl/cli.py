@@ -18,6 +18,8 @@ STUDIES_DIR = RECIPES_DIR / "studies"  # study files (`efficient-rl study`), not
 def shipped_recipes() -> list[Path]:
     """Every recipe under recipes/, subfolders too (recipes/ablation/, ...), but not the studies."""
     return sorted(path for path in RECIPES_DIR.rglob("*.yaml") if STUDIES_DIR not in path.parents)
+
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 
@@ -36,8 +38,8 @@ def train(args) -> int:
 
         resume, overwrite = restart_mode(recipe)
 
-    from efficient_rl.driver.report import write_report
     from efficient_rl.driver.loop import run_recipe
+    from efficient_rl.driver.report import write_report
 
     try:
         run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
@@ -77,17 +79,19 @@ def cmd_recipes(args) -> int:
     for path in shipped_recipes():
         recipe = load_recipe(path)
         alg = recipe.algorithm
-        print(f"{path.relative_to(RECIPES_DIR).as_posix():50s} advantage={alg.advantage.name} "
-              f"policy_loss={alg.policy_loss.name} "
-              f"length_penalty={alg.length_penalty.name} token_selection={alg.token_selection.name}")
+        print(
+            f"{path.relative_to(RECIPES_DIR).as_posix():50s} advantage={alg.advantage.name} "
+            f"policy_loss={alg.policy_loss.name} "
+            f"length_penalty={alg.length_penalty.name} token_selection={alg.token_selection.name}"
+        )
     return 0
 
 
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
-    from efficient_rl.driver.validate import CHOICE_FIELDS
-    from efficient_rl.driver.trackers import TRACKERS
     from efficient_rl.data.variables import PROMPT_VARIABLES
+    from efficient_rl.driver.trackers import TRACKERS
+    from efficient_rl.driver.validate import CHOICE_FIELDS
 
     listed = CHOICE_FIELDS + [("prompt.variables.<name>", PROMPT_VARIABLES), ("logging.trackers[]", TRACKERS)]
     for dotted, registry in listed:
@@ -145,15 +149,19 @@ def parser() -> argparse.ArgumentParser:
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    mode.add_argument("--resume-if-checkpoint", action="store_true",
-                      help="resume if the run has a checkpoint, else start it (how a requeued Slurm job restarts)")
+    mode.add_argument(
+        "--resume-if-checkpoint",
+        action="store_true",
+        help="resume if the run has a checkpoint, else start it (how a requeued Slurm job restarts)",
+    )
     train.set_defaults(handler=cmd_train)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=cmd_recipes)
 
-    methods = commands.add_parser("methods", help="list every method a recipe can pick: registry entries with "
-                                                  "their parameters and defaults")
+    methods = commands.add_parser(
+        "methods", help="list every method a recipe can pick: registry entries with their parameters and defaults"
+    )
     methods.set_defaults(handler=cmd_methods)
 
     reward = commands.add_parser("reward", help="work with reward functions")
@@ -167,17 +175,24 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     check.set_defaults(handler=cmd_reward_check)
 
-    evaluate = commands.add_parser("eval", help="length/accuracy trade-offs of models x token budgets; "
-                                                "`eval compare DIR...` merges evaluations")
-    evaluate.add_argument("models", nargs="+", help="model or checkpoint directories, or lab:<preset>; "
-                                                    "or `compare` and evaluation output directories")
+    evaluate = commands.add_parser(
+        "eval", help="length/accuracy trade-offs of models x token budgets; `eval compare DIR...` merges evaluations"
+    )
+    evaluate.add_argument(
+        "models",
+        nargs="+",
+        help="model or checkpoint directories, or lab:<preset>; or `compare` and evaluation output directories",
+    )
     from efficient_rl.eval.spec import EvalSpec
 
     defaults = EvalSpec()
-    evaluate.add_argument("--data", default=defaults.data,
-                          help="lab:<preset> (held-out split), gsm8k:test100, a JSONL or Parquet file, or "
-                               "hf:<dataset>[:<config>] "
-                               "(a Hugging Face hub id or local dataset directory)")
+    evaluate.add_argument(
+        "--data",
+        default=defaults.data,
+        help="lab:<preset> (held-out split), gsm8k:test100, a JSONL or Parquet file, or "
+        "hf:<dataset>[:<config>] "
+        "(a Hugging Face hub id or local dataset directory)",
+    )
     evaluate.add_argument("--split", default=defaults.split, help="split of an hf: dataset")
     evaluate.add_argument("--question-key", default=defaults.question_key, help="column holding the question")
     evaluate.add_argument("--answer-key", default=defaults.answer_key, help="column holding the reference answer")
@@ -189,11 +204,18 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--top-p", type=float, default=defaults.top_p)
     evaluate.add_argument("--reward", default=defaults.reward, help="the verifier: any reward reference")
     evaluate.add_argument("--seed", type=int, default=defaults.seed)
-    evaluate.add_argument("--chat-template", default=defaults.chat_template, choices=["auto", "always", "never"],
-                          help="prompts through the tokenizer's chat template: when it has one / required / never")
+    evaluate.add_argument(
+        "--chat-template",
+        default=defaults.chat_template,
+        choices=["auto", "always", "never"],
+        help="prompts through the tokenizer's chat template: when it has one / required / never",
+    )
     evaluate.add_argument("--system-prompt", help="a system turn before each question (chat templates only)")
-    evaluate.add_argument("--user-template", default=defaults.user_template,
-                          help='the user turn; "{question}" and "{budget}" (the token cap) are replaced')
+    evaluate.add_argument(
+        "--user-template",
+        default=defaults.user_template,
+        help='the user turn; "{question}" and "{budget}" (the token cap) are replaced',
+    )
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -17,7 +17,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-
 # What an entry may need from the run, each with what provides it: the one vocabulary of `needs`
 # (a name outside it is refused when the recipe is checked, naming the entry). Besides these: the
 # name of a TOKEN_STATISTICS entry (a per-token statistic the learner computes), and
@@ -94,8 +93,16 @@ class Registry:
         self.provided = provided
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, needs: tuple[str, ...] | Callable = (), ranges: dict[str, str] | None = None,
-                 source: str = "", metrics: Callable | None = None, check: Callable | None = None) -> Callable:
+    def register(
+        self,
+        name: str,
+        *,
+        needs: tuple[str, ...] | Callable = (),
+        ranges: dict[str, str] | None = None,
+        source: str = "",
+        metrics: Callable | None = None,
+        check: Callable | None = None,
+    ) -> Callable:
         def add(function: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -103,8 +110,17 @@ class Registry:
             unknown = set(ranges or {}) - {item.name for item in dataclasses.fields(params)}
             if unknown:
                 raise ValueError(f"{self.kind} {name!r}: ranges for unknown parameters {sorted(unknown)}")
-            self._entries[name] = Entry(self.kind, name, function, params, needs if callable(needs) else tuple(needs),
-                                        dict(ranges or {}), source, metrics, check)
+            self._entries[name] = Entry(
+                self.kind,
+                name,
+                function,
+                params,
+                needs if callable(needs) else tuple(needs),
+                dict(ranges or {}),
+                source,
+                metrics,
+                check,
+            )
             return function
 
         return add
@@ -135,7 +151,9 @@ def params_of(function: Callable, name: str, provided: tuple[str, ...]) -> type:
         if parameter.default is inspect.Parameter.empty:
             fields.append((parameter.name, kind))
         elif isinstance(parameter.default, (list, dict)):  # a mutable default: one copy per instance
-            fields.append((parameter.name, kind, field(default_factory=lambda value=parameter.default: type(value)(value))))
+            fields.append(
+                (parameter.name, kind, field(default_factory=lambda value=parameter.default: type(value)(value)))
+            )
         else:
             fields.append((parameter.name, kind, field(default=parameter.default)))
     class_name = "".join(part.capitalize() for part in name.replace("-", "_").split("_")) + "Params"

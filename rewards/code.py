@@ -33,8 +33,9 @@ def run_tests(code: str, tests, limits: Limits) -> tuple[int, int, list[str], in
     return passed, len(tests), reasons, leftovers
 
 
-def code_reward(completion: str, sample: dict, timeout: float = 5.0, memory_mb: int = 512,
-                all_or_nothing: bool = False) -> dict:
+def code_reward(
+    completion: str, sample: dict, timeout: float = 5.0, memory_mb: int = 512, all_or_nothing: bool = False
+) -> dict:
     """Fraction of sample["tests"] passed (or 1/0 with all_or_nothing); accuracy = all passed."""
     code = extract_code(completion)
     if code is None:
@@ -42,6 +43,10 @@ def code_reward(completion: str, sample: dict, timeout: float = 5.0, memory_mb: 
     limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)), memory_mb=memory_mb)
     passed, total, reasons, leftovers = run_tests(code, sample["tests"], limits)
     fraction = passed / total if total else 0.0
-    return {"score": float(passed == total) if all_or_nothing else fraction, "accuracy": float(passed == total),
-            "has_code": 1.0, "timeouts": float(reasons.count("timeout")),
-            "leftovers": float(leftovers)}  # processes its runs left behind (killed): one that daemonizes
+    return {
+        "score": float(passed == total) if all_or_nothing else fraction,
+        "accuracy": float(passed == total),
+        "has_code": 1.0,
+        "timeouts": float(reasons.count("timeout")),
+        "leftovers": float(leftovers),
+    }  # processes its runs left behind (killed): one that daemonizes

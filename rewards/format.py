@@ -21,7 +21,6 @@ def format_reward(completion: str, sample: dict, tags: list[str] = (), require_b
     """1.0 if every tag of `tags` is present in order (e.g. ["think"]) and, with require_boxed,
     a closed \\boxed{...} answer comes after the last tag; else 0.0."""
     tags_ok = tags_in_order(completion, list(tags))
-    tail = completion[completion.rfind(f"</{tags[-1]}>"):] if tags and tags_ok else completion
+    tail = completion[completion.rfind(f"</{tags[-1]}>") :] if tags and tags_ok else completion
     boxed = last_boxed(tail) is not None
-    return {"score": float(tags_ok and (boxed or not require_boxed)), "tags_ok": float(tags_ok),
-            "boxed": float(boxed)}
+    return {"score": float(tags_ok and (boxed or not require_boxed)), "tags_ok": float(tags_ok), "boxed": float(boxed)}

@@ -55,8 +55,14 @@ def math_verify_equal(predicted: str, reference: str, timeout: int) -> bool:
         raise TimeoutError(f"math-verify took over {timeout} s") from None
 
 
-def math_reward(completion: str, sample: dict, fallback_last_number: bool = False, use_math_verify: bool = True,
-                timeout: int = 2, answer_pattern: str | None = None) -> dict:
+def math_reward(
+    completion: str,
+    sample: dict,
+    fallback_last_number: bool = False,
+    use_math_verify: bool = True,
+    timeout: int = 2,
+    answer_pattern: str | None = None,
+) -> dict:
     """1.0 if the extracted answer equals sample["answer"], else 0.0.
 
     The last-number fallback is off by default: with it, a response cut off mid-reasoning can be

@@ -93,6 +93,7 @@ class SandboxResult:
 @dataclass(frozen=True)
 class Plan:
     """What a forked supervisor needs: it gets this object by the fork itself, nothing is sent."""
+
     source: bytes
     limits: Limits
     isolated: bool
@@ -118,8 +119,9 @@ def run_uncontained(code: str, stdin: str = "", limits: Limits = Limits()) -> Sa
 
 def checked_arguments(code, stdin, limits) -> tuple[bytes, bytes]:
     if not isinstance(code, str) or not isinstance(stdin, str):
-        raise TypeError(f"run_python takes the program and its stdin as str, got {type(code).__name__} "
-                        f"and {type(stdin).__name__}")
+        raise TypeError(
+            f"run_python takes the program and its stdin as str, got {type(code).__name__} and {type(stdin).__name__}"
+        )
     if not isinstance(limits, Limits):
         raise TypeError(f"run_python's limits must be a sandbox Limits, got {type(limits).__name__}")
     return code.encode(), stdin.encode()
@@ -143,6 +145,7 @@ def interpreter() -> str:
 
 
 # ---- the caller's side ----------------------------------------------------------------------
+
 
 class Pipes:
     """stdin, stdout, stderr and the status pipe between the caller and the supervisor."""
@@ -226,8 +229,15 @@ def exchange(pid: int, pipes: Pipes, stdin: bytes, limits: Limits, started: floa
         pump(pid, pipes, stdin, limits, started, transcript, selector)
 
 
-def pump(pid: int, pipes: Pipes, stdin: bytes, limits: Limits, started: float, transcript: Transcript,
-         selector: selectors.BaseSelector) -> None:
+def pump(
+    pid: int,
+    pipes: Pipes,
+    stdin: bytes,
+    limits: Limits,
+    started: float,
+    transcript: Transcript,
+    selector: selectors.BaseSelector,
+) -> None:
     sinks = {pipes.stdout: transcript.stdout, pipes.stderr: transcript.stderr, pipes.status: transcript.status}
     for fd in sinks:
         selector.register(fd, selectors.EVENT_READ)
@@ -270,7 +280,7 @@ class Feeder:
 
     def feed(self) -> None:
         try:
-            self.offset += os.write(self.fd, self.data[self.offset:self.offset + 65536])
+            self.offset += os.write(self.fd, self.data[self.offset : self.offset + 65536])
         except BlockingIOError:
             return
         except BrokenPipeError:  # it exited, or closed its stdin: the rest is not wanted
@@ -332,15 +342,20 @@ def result_of(transcript: Transcript, plan: Plan, started: float) -> SandboxResu
     if reason is not None and returncode is None:
         returncode = -signal.SIGKILL  # what the stop did to it
     if reason is None:
-        reason = "ok" if returncode == 0 else (f"killed by signal {-returncode}" if returncode < 0
-                                              else f"exit code {returncode}")
-    stdout, stderr = (bytes(stream[:plan.limits.output_bytes]).decode(errors="replace")
-                      for stream in (transcript.stdout, transcript.stderr))
-    return SandboxResult(returncode, stdout, stderr, reason, contained=plan.isolated,
-                         leftover_processes=leftovers)
+        reason = (
+            "ok"
+            if returncode == 0
+            else (f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}")
+        )
+    stdout, stderr = (
+        bytes(stream[: plan.limits.output_bytes]).decode(errors="replace")
+        for stream in (transcript.stdout, transcript.stderr)
+    )
+    return SandboxResult(returncode, stdout, stderr, reason, contained=plan.isolated, leftover_processes=leftovers)
 
 
 # ---- the forked processes: supervisor, init, program --------------------------------------------
+
 
 def become_supervisor(plan: Plan, pipes: Pipes, caller: int):
     """The caller's forked child: wire the pipes, then supervise. Never returns into the caller's code."""
@@ -449,9 +464,14 @@ def run_program(plan: Plan) -> None:
 
 
 def set_limits(limits: Limits) -> None:
-    for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_mb << 20),
-                         (resource.RLIMIT_FSIZE, limits.file_mb << 20), (resource.RLIMIT_NOFILE, 64),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, limits.processes)):
+    for limit, value in (
+        (resource.RLIMIT_CPU, limits.cpu_seconds),
+        (resource.RLIMIT_AS, limits.memory_mb << 20),
+        (resource.RLIMIT_FSIZE, limits.file_mb << 20),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, limits.processes),
+    ):
         hard = resource.getrlimit(limit)[1]
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)  # already lower: as user nobody it could not be raised, nor need be
@@ -472,8 +492,9 @@ def prepare_namespace(limits: Limits) -> None:
     for directory in PRIVATE_DIRS:
         if os.path.isdir(directory):
             size = f"size={limits.file_mb * 4}m".encode()
-            checked(libc().mount(b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size),
-                    f"mount {directory}")
+            checked(
+                libc().mount(b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size), f"mount {directory}"
+            )
     os.makedirs(PROGRAM_DIR)
     os.chown(PROGRAM_DIR, NOBODY, NOBODY)
     os.chdir(PROGRAM_DIR)
@@ -483,8 +504,12 @@ def cap_sysv_ipc(memory_mb: int) -> None:
     """A fresh IPC namespace allows near-unlimited SysV memory (detached shm stays resident, queues and
     semaphores are kernel memory) that no rlimit counts: all segments together get the memory limit."""
     page = os.sysconf("SC_PAGE_SIZE")
-    for name, value in (("shmmax", memory_mb << 20), ("shmall", (memory_mb << 20) // page),
-                        ("msgmni", SYSV_QUEUES), ("sem", SYSV_SEMAPHORES)):
+    for name, value in (
+        ("shmmax", memory_mb << 20),
+        ("shmall", (memory_mb << 20) // page),
+        ("msgmni", SYSV_QUEUES),
+        ("sem", SYSV_SEMAPHORES),
+    ):
         with open(f"/proc/sys/kernel/{name}", "w") as setting:
             setting.write(f"{value}\n")
 
@@ -509,8 +534,11 @@ def count_leftovers() -> int:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] != 0:
             pass
-    return sum(1 for entry in os.listdir("/proc")
-               if entry.isdigit() and int(entry) != os.getpid() and process_state(entry) not in ("Z", "X", None))
+    return sum(
+        1
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) != os.getpid() and process_state(entry) not in ("Z", "X", None)
+    )
 
 
 def process_state(pid: str) -> str | None:

@@ -42,8 +42,24 @@ def flash_attn_requirements(requirement: str, work: Path) -> list[str]:
     (no build isolation: its setup imports torch) and without compiling its CUDA kernels."""
     report = work / "flash-attn.json"
     env = {**os.environ, "FLASH_ATTENTION_SKIP_CUDA_BUILD": "TRUE"}
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--no-deps",
-                    "--no-build-isolation", "--report", str(report), requirement], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-deps",
+            "--no-build-isolation",
+            "--report",
+            str(report),
+            requirement,
+        ],
+        check=True,
+        env=env,
+    )
     (install,) = json.loads(report.read_text())["install"]
     return install["metadata"].get("requires_dist", [])
 
@@ -52,25 +68,45 @@ class Unresolvable(Exception):
     pass
 
 
-def resolve(requirements: list[str], flash_name: str, flash_version: str, flash_requires: list[str],
-            work: Path) -> tuple[dict[str, str], str]:
+def resolve(
+    requirements: list[str], flash_name: str, flash_version: str, flash_requires: list[str], work: Path
+) -> tuple[dict[str, str], str]:
     """(name -> version, the lock file) of everything `requirements` resolve to, by uv, without
     installing anything."""
     config = work / "uv.toml"
-    config.write_text(f'[[dependency-metadata]]\nname = "{flash_name}"\nversion = "{flash_version}"\n'
-                      f"requires-dist = {json.dumps(flash_requires)}\n")
+    config.write_text(
+        f'[[dependency-metadata]]\nname = "{flash_name}"\nversion = "{flash_version}"\n'
+        f"requires-dist = {json.dumps(flash_requires)}\n"
+    )
     inputs = work / "requirements.in"
     inputs.write_text("\n".join(requirements) + "\n")
     lock = work / "requirements.txt"
     uv = Path(sys.executable).parent / "uv"
-    result = subprocess.run([str(uv), "pip", "compile", "--quiet", "--config-file", str(config), "--cache-dir",
-                             str(work / "cache"), *PLATFORM, "-o", str(lock), str(inputs)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "compile",
+            "--quiet",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(work / "cache"),
+            *PLATFORM,
+            "-o",
+            str(lock),
+            str(inputs),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise Unresolvable(" ".join(result.stderr.split())[-600:])
     text = lock.read_text()
-    return {re.sub(r"[-_.]+", "-", name).lower(): version
-            for name, version in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", text, re.M)}, text
+    return {
+        re.sub(r"[-_.]+", "-", name).lower(): version
+        for name, version in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", text, re.M)
+    }, text
 
 
 def problems(versions: dict[str, str], lock: str, gpu: list[str], flash: str) -> list[str]:
@@ -98,8 +134,9 @@ def main(also: list[str] = ()) -> int:
         work = Path(work)
         flash_requires = flash_attn_requirements(flash, work)
         try:
-            versions, lock = resolve([f"efficient-rl[gpu] @ {ROOT.as_uri()}", flash, *also], flash_name,
-                                     flash_version, flash_requires, work)
+            versions, lock = resolve(
+                [f"efficient-rl[gpu] @ {ROOT.as_uri()}", flash, *also], flash_name, flash_version, flash_requires, work
+            )
         except Unresolvable as err:
             print(f"gpu install: does not resolve: {err}", file=sys.stderr)
             return 1
@@ -107,9 +144,11 @@ def main(also: list[str] = ()) -> int:
     if found:
         print(f"gpu install: {'; '.join(found)}", file=sys.stderr)
         return 1
-    print(f"gpu install resolves: {len(versions)} packages, torch {versions['torch']}, vllm {versions['vllm']}, "
-          f"transformers {versions['transformers']}, deepspeed {versions['deepspeed']}, ray {versions['ray']}, "
-          f"flash-attn {versions[flash_name]} (requires {', '.join(flash_requires)})")
+    print(
+        f"gpu install resolves: {len(versions)} packages, torch {versions['torch']}, vllm {versions['vllm']}, "
+        f"transformers {versions['transformers']}, deepspeed {versions['deepspeed']}, ray {versions['ray']}, "
+        f"flash-attn {versions[flash_name]} (requires {', '.join(flash_requires)})"
+    )
     return 0
 
 

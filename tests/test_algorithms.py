@@ -6,15 +6,28 @@ import statistics
 import pytest
 import torch
 
-from efficient_rl.algos.advantages import dler_advantages, grpo_advantages, group_stats
+from efficient_rl.algos.advantages import dler_advantages, group_stats, grpo_advantages
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import (
-    LossDenominators, LossInputs, kl_k1, kl_k3, kl_mse, ppo_clip_loss, seq_mean_token_mean, seq_mean_token_sum_norm,
+    LossDenominators,
+    LossInputs,
+    kl_k1,
+    kl_k3,
+    kl_mse,
+    ppo_clip_loss,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
     token_mean,
 )
 from efficient_rl.algos.sampling import GROUP_SAMPLERS, groups_with_spread
 from efficient_rl.algos.shaping import (
-    LENGTH_CAPS, LENGTH_SHAPERS, ShapingInputs, difficulty_caps, overlong_shaping, tier_metrics, truncation_penalty,
+    LENGTH_CAPS,
+    LENGTH_SHAPERS,
+    ShapingInputs,
+    difficulty_caps,
+    overlong_shaping,
+    tier_metrics,
+    truncation_penalty,
 )
 from efficient_rl.driver.validate import validate
 
@@ -24,10 +37,15 @@ def make_batch(rewards, group_ids, lengths, width=None):
     rows = len(rewards)
     mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
     return RolloutBatch(
-        prompt_ids=torch.ones(rows, 2, dtype=torch.long), prompt_mask=torch.ones(rows, 2, dtype=torch.long),
-        response_ids=torch.ones(rows, width, dtype=torch.long), response_mask=mask,
-        rollout_logprobs=torch.zeros(rows, width), truncated=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.tensor(group_ids), samples=[{}] * rows, completions=[""] * rows,
+        prompt_ids=torch.ones(rows, 2, dtype=torch.long),
+        prompt_mask=torch.ones(rows, 2, dtype=torch.long),
+        response_ids=torch.ones(rows, width, dtype=torch.long),
+        response_mask=mask,
+        rollout_logprobs=torch.zeros(rows, width),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.tensor(group_ids),
+        samples=[{}] * rows,
+        completions=[""] * rows,
         rewards=torch.tensor(rewards, dtype=torch.float),
     )
 
@@ -83,7 +101,7 @@ def test_dler_whitening_is_token_weighted():
     for r in range(len(REWARDS)):
         expected = (centred[r] - mu) / math.sqrt(var + 1e-8)
         assert adv[r, : LENGTHS[r]].tolist() == pytest.approx([expected] * LENGTHS[r], abs=1e-5)
-        assert adv[r, LENGTHS[r]:].abs().sum().item() == 0.0
+        assert adv[r, LENGTHS[r] :].abs().sum().item() == 0.0
     # Token weighting matters: a long response shifts the batch mean toward its own value.
     per_sequence_mean = sum(centred) / len(centred)
     assert abs(mu - per_sequence_mean) > 1e-3
@@ -103,8 +121,10 @@ def test_dler_hand_computed_two_groups():
 def ppo(logp, old, adv, **params):
     """ppo_clip_loss on tensors of any shape, every token a loss token."""
     ones = torch.ones_like(adv)
-    return ppo_clip_loss(LossInputs(logp, old, adv, mask=ones, averaged_over=ones,
-                                    den=LossDenominators.of(ones.reshape(1, -1), 1)), **params)
+    return ppo_clip_loss(
+        LossInputs(logp, old, adv, mask=ones, averaged_over=ones, den=LossDenominators.of(ones.reshape(1, -1), 1)),
+        **params,
+    )
 
 
 def ppo_reference(logp, old, adv, eps_low, eps_high, c):
@@ -144,8 +164,14 @@ def test_clip_higher_asymmetry_and_gradients():
 
 
 def test_dual_clip_caps_negative_advantage_loss():
-    out = ppo(torch.log(torch.tensor([20.0])), torch.zeros(1), torch.tensor([-2.0]),
-              clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0)
+    out = ppo(
+        torch.log(torch.tensor([20.0])),
+        torch.zeros(1),
+        torch.tensor([-2.0]),
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_ratio_c=10.0,
+    )
     assert out.loss.item() == pytest.approx(20.0)  # min(-A * ratio = 40, -A * c = 20)
     assert out.indicators["dual"].item()
 
@@ -182,11 +208,13 @@ def shaping(scores, lengths, truncated=None, cap=None, correct=None):
     """ShapingInputs for one group of rollouts (the DLER and DAPO shapers read no group)."""
     rows = len(scores)
     return ShapingInputs(
-        scores=torch.tensor(scores, dtype=torch.float), lengths=torch.tensor(lengths),
+        scores=torch.tensor(scores, dtype=torch.float),
+        lengths=torch.tensor(lengths),
         truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(rows, dtype=torch.bool),
         length_cap=torch.tensor(cap) if cap is not None else torch.full((rows,), max(lengths)),
         correct=torch.tensor(correct if correct is not None else scores, dtype=torch.float),
-        group_ids=torch.zeros(rows, dtype=torch.long))
+        group_ids=torch.zeros(rows, dtype=torch.long),
+    )
 
 
 def test_truncation_penalty_paper_and_code_modes():
@@ -225,7 +253,10 @@ def test_group_samplers_keep_rows_and_bound_the_rounds():
     sampler = dynamic.bind(dynamic.params(metric="accuracy", max_rounds=3))()
     assert sampler.keep(batch).tolist() == [False, False, False, False, True, True] and sampler.max_rounds == 3
     assert sampler.metrics(2, batch.select([4, 5]), batch) == {
-        "dynamic_sampling/rounds": 2.0, "dynamic_sampling/kept_groups": 1.0, "dynamic_sampling/generated_groups": 3.0}
+        "dynamic_sampling/rounds": 2.0,
+        "dynamic_sampling/kept_groups": 1.0,
+        "dynamic_sampling/generated_groups": 3.0,
+    }
     on_scores = dynamic.bind()()  # the defaults: the pre-penalty score, 4 rounds
     assert on_scores.keep(batch).tolist() == [False, False, True, True, True, True] and on_scores.max_rounds == 4
 
@@ -258,13 +289,14 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
 
 def test_difficulty_aware_caps_from_hand_built_groups():
     """DA-DLER, paper setting: ratio >= 0.5 is easy (cap 2000), below is hard (cap 4000)."""
-    correct = torch.tensor([1, 1, 0, 0,   1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 0, 0,   1, 1, 1, 0], dtype=torch.float)
-    groups = torch.tensor([7, 7, 7, 7,   3, 3, 3, 3,   9, 9, 9, 9,   1, 1, 1, 1,   5, 5, 5, 5])
+    correct = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0], dtype=torch.float)
+    groups = torch.tensor([7, 7, 7, 7, 3, 3, 3, 3, 9, 9, 9, 9, 1, 1, 1, 1, 5, 5, 5, 5])
     caps = difficulty_caps(correct, groups, max_response_length=4000)  # the entry's defaults: the paper's
     # ratios: 0.5 (exactly the threshold: easy), 0.25, 1.0, 0.0, 0.75
     assert caps.tolist() == [2000] * 4 + [4000] * 4 + [2000] * 4 + [4000] * 4 + [2000] * 4
-    three = difficulty_caps(correct, groups, max_response_length=300, min_correct=[0.0, 0.3, 0.8],
-                            truncation_lengths=[300, 200, 100])
+    three = difficulty_caps(
+        correct, groups, max_response_length=300, min_correct=[0.0, 0.3, 0.8], truncation_lengths=[300, 200, 100]
+    )
     assert three.tolist() == [200] * 4 + [300] * 4 + [100] * 4 + [300] * 4 + [200] * 4
     # Rows of a group need not be adjacent.
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(0))
@@ -306,16 +338,23 @@ def test_difficulty_aware_caps_a_small_batch_by_hand():
     from efficient_rl.driver.loop import resolve_stages
 
     tiers = "{name: difficulty_aware, min_correct: [0.0, 0.5, 1.0], truncation_lengths: [30, 20, 10]}"
-    stages = resolve_stages(validate(load_recipe(RECIPES / "dler_difficulty_aware.yaml",
-                                                 [f"algorithm.length_cap={tiers}"])))
+    stages = resolve_stages(
+        validate(load_recipe(RECIPES / "dler_difficulty_aware.yaml", [f"algorithm.length_cap={tiers}"]))
+    )
     groups = torch.tensor([4, 8, 6, 4, 8, 6])
     correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
     # group 4: 1 of 2 right, ratio 0.5 -> tier 1 (20); group 8: 0 of 2 -> tier 0 (30); group 6: 2 of 2 -> tier 2 (10)
     caps = stages.length_caps(correct, groups)
     assert caps.tolist() == [20, 30, 10, 20, 30, 10]
     lengths = torch.tensor([20, 31, 11, 5, 30, 10])  # over their caps: rows 1 (31 > 30) and 2 (11 > 10)
-    inputs = ShapingInputs(scores=correct, lengths=lengths, truncated=torch.zeros(6, dtype=torch.bool),
-                           length_cap=caps, correct=correct, group_ids=groups)
+    inputs = ShapingInputs(
+        scores=correct,
+        lengths=lengths,
+        truncated=torch.zeros(6, dtype=torch.bool),
+        length_cap=caps,
+        correct=correct,
+        group_ids=groups,
+    )
     assert stages.shape_rewards(inputs).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     metrics = stages.length_metrics(correct, groups, lengths, inputs.over_cap())
     assert metrics["difficulty/tier2/prompt_share"] == pytest.approx(1 / 3)

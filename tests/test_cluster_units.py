@@ -29,8 +29,11 @@ def test_plan_buckets_starts_a_new_bucket_when_the_dtype_changes():
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_pack_unpack_round_trip_through_host_bytes(dtype):
     torch.manual_seed(0)
-    named = [("a", torch.randn(3, 4).to(dtype)), ("b.weight", torch.randn(5).to(dtype)),
-             ("c", torch.randn(2, 1, 2).to(dtype))]
+    named = [
+        ("a", torch.randn(3, 4).to(dtype)),
+        ("b.weight", torch.randn(5).to(dtype)),
+        ("c", torch.randn(2, 1, 2).to(dtype)),
+    ]
     bucket = WeightBucket.pack(named).on_host()
     assert isinstance(bucket.payload, np.ndarray) and bucket.nbytes == 21 * dtype.itemsize
     bucket.payload.setflags(write=False)  # as Ray's object store hands it over
@@ -59,8 +62,9 @@ def test_even_shares_cover_every_prompt_once():
 
 
 def test_requested_resources_split_and_colocated():
-    cluster = ClusterSection(rollout=RoleResources(workers=1, cpus=2, gpus=1),
-                             learner=RoleResources(workers=2, cpus=1, gpus=1))
+    cluster = ClusterSection(
+        rollout=RoleResources(workers=1, cpus=2, gpus=1), learner=RoleResources(workers=2, cpus=1, gpus=1)
+    )
     assert requested_resources(cluster) == (4, 3)
     cluster.placement = "colocate"  # two bundles of max(cpus), max(gpus), shared by the roles
     assert requested_resources(cluster) == (4, 2)

@@ -13,8 +13,8 @@ from efficient_rl.cli import shipped_recipes
 from efficient_rl.config.binding import bind
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import Choice
-from efficient_rl.errors import ConfigError
 from efficient_rl.driver.validate import validate
+from efficient_rl.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.relative_to(RECIPES).as_posix())
@@ -24,51 +24,79 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.logging.name == path.stem
 
 
-@pytest.mark.parametrize("tiers, message", [
-    ("min_correct: [0.5], truncation_lengths: [32]",
-     "algorithm.length_cap.min_correct: must start at 0.0 and increase up to at most 1.0, got [0.5]"),
-    ("min_correct: [0.0, 0.0], truncation_lengths: [48, 32]", "algorithm.length_cap.min_correct: must start"),
-    ("min_correct: [], truncation_lengths: []", "algorithm.length_cap.min_correct: must start at 0.0"),
-    ("min_correct: [0.0, 1.5], truncation_lengths: [48, 32]",
-     "algorithm.length_cap.min_correct[1]: expected a finite number in [0, 1], got 1.5"),
-    ("min_correct: [0.0], truncation_lengths: [4000]",
-     "algorithm.length_cap.truncation_lengths[0]: expected 1..rollout.max_response_length (48), got 4000"),
-    ("min_correct: [0.0, 0.5], truncation_lengths: [48, 0]",
-     "algorithm.length_cap.truncation_lengths[1]: expected an integer >= 1, got 0"),
-    ("min_correct: [0.0, 0.5], truncation_lengths: [48]",
-     "algorithm.length_cap.truncation_lengths: expected one per min_correct tier (2), got [48]"),
-    ("min_correct: [0.0], truncation_lenghts: [40]",
-     "algorithm.length_cap.truncation_lenghts: unknown key (did you mean 'truncation_lengths'?)"),
-    ("min_correct: 0.5", "algorithm.length_cap.min_correct: expected a list"),
-])
+@pytest.mark.parametrize(
+    "tiers, message",
+    [
+        (
+            "min_correct: [0.5], truncation_lengths: [32]",
+            "algorithm.length_cap.min_correct: must start at 0.0 and increase up to at most 1.0, got [0.5]",
+        ),
+        ("min_correct: [0.0, 0.0], truncation_lengths: [48, 32]", "algorithm.length_cap.min_correct: must start"),
+        ("min_correct: [], truncation_lengths: []", "algorithm.length_cap.min_correct: must start at 0.0"),
+        (
+            "min_correct: [0.0, 1.5], truncation_lengths: [48, 32]",
+            "algorithm.length_cap.min_correct[1]: expected a finite number in [0, 1], got 1.5",
+        ),
+        (
+            "min_correct: [0.0], truncation_lengths: [4000]",
+            "algorithm.length_cap.truncation_lengths[0]: expected 1..rollout.max_response_length (48), got 4000",
+        ),
+        (
+            "min_correct: [0.0, 0.5], truncation_lengths: [48, 0]",
+            "algorithm.length_cap.truncation_lengths[1]: expected an integer >= 1, got 0",
+        ),
+        (
+            "min_correct: [0.0, 0.5], truncation_lengths: [48]",
+            "algorithm.length_cap.truncation_lengths: expected one per min_correct tier (2), got [48]",
+        ),
+        (
+            "min_correct: [0.0], truncation_lenghts: [40]",
+            "algorithm.length_cap.truncation_lenghts: unknown key (did you mean 'truncation_lengths'?)",
+        ),
+        ("min_correct: 0.5", "algorithm.length_cap.min_correct: expected a list"),
+    ],
+)
 def test_bad_difficulty_aware_caps_name_the_field(tiers, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(load_recipe(RECIPES / "dler.yaml", [f"algorithm.length_cap={{name: difficulty_aware, {tiers}}}"]))
 
 
-@pytest.mark.parametrize("sampling, message", [
-    ("{name: dynamic, metric: scroe}",
-     "algorithm.sampling.metric: unknown dynamic sampling metric 'scroe' (did you mean 'score'?)"),
-    ("{name: dynamic, metric: entropy}", "algorithm.sampling.metric: unknown dynamic sampling metric 'entropy'; "
-                                         "expected one of: accuracy, reward, score"),
-    ("{name: dynamic, max_rounds: -1}", "algorithm.sampling.max_rounds: expected an integer >= 0, got -1"),
-    ("{name: dynamic, max_round: 3}", "algorithm.sampling.max_round: unknown key (did you mean 'max_rounds'?)"),
-    ("{name: all, max_rounds: 3}", "algorithm.sampling.max_rounds: unknown key"),
-    ("dynamik", "algorithm.sampling: unknown group sampler 'dynamik' (did you mean 'dynamic'?)"),
-])
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (
+            "{name: dynamic, metric: scroe}",
+            "algorithm.sampling.metric: unknown dynamic sampling metric 'scroe' (did you mean 'score'?)",
+        ),
+        (
+            "{name: dynamic, metric: entropy}",
+            "algorithm.sampling.metric: unknown dynamic sampling metric 'entropy'; "
+            "expected one of: accuracy, reward, score",
+        ),
+        ("{name: dynamic, max_rounds: -1}", "algorithm.sampling.max_rounds: expected an integer >= 0, got -1"),
+        ("{name: dynamic, max_round: 3}", "algorithm.sampling.max_round: unknown key (did you mean 'max_rounds'?)"),
+        ("{name: all, max_rounds: 3}", "algorithm.sampling.max_rounds: unknown key"),
+        ("dynamik", "algorithm.sampling: unknown group sampler 'dynamik' (did you mean 'dynamic'?)"),
+    ],
+)
 def test_bad_group_samplers_name_the_field(sampling, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(load_recipe(RECIPES / "grpo.yaml", [f"algorithm.sampling={sampling}"]))
 
 
-@pytest.mark.parametrize("override, instead", [
-    ("algorithm.dynamic_sampling=true", "algorithm.sampling: dynamic (or all)"),
-    ("algorithm.dynamic_sampling_metric=accuracy", "algorithm.sampling: {name: dynamic, metric: ...}"),
-    ("algorithm.max_sampling_rounds=3", "algorithm.sampling: {name: dynamic, max_rounds: N}"),
-    ("algorithm.truncation_length=40", "algorithm.length_cap: {name: fixed, length: N}"),
-    ("algorithm.difficulty_tiers=[{min_correct: 0.0, truncation_length: 48}]",
-     "algorithm.length_cap: {name: difficulty_aware, min_correct: [...], truncation_lengths: [...]}"),
-])
+@pytest.mark.parametrize(
+    "override, instead",
+    [
+        ("algorithm.dynamic_sampling=true", "algorithm.sampling: dynamic (or all)"),
+        ("algorithm.dynamic_sampling_metric=accuracy", "algorithm.sampling: {name: dynamic, metric: ...}"),
+        ("algorithm.max_sampling_rounds=3", "algorithm.sampling: {name: dynamic, max_rounds: N}"),
+        ("algorithm.truncation_length=40", "algorithm.length_cap: {name: fixed, length: N}"),
+        (
+            "algorithm.difficulty_tiers=[{min_correct: 0.0, truncation_length: 48}]",
+            "algorithm.length_cap: {name: difficulty_aware, min_correct: [...], truncation_lengths: [...]}",
+        ),
+    ],
+)
 def test_retired_algorithm_keys_are_refused_naming_the_new_key(override, instead):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as err:
@@ -85,8 +113,9 @@ def test_methods_are_diffs_against_grpo():
 
 
 def test_dotted_override_with_type_conversion():
-    recipe = load_recipe(RECIPES / "dler.yaml", ["algorithm.policy_loss.clip_high=0.3", "learner.lr=1",
-                                                 "rollout.top_p=0.9"])
+    recipe = load_recipe(
+        RECIPES / "dler.yaml", ["algorithm.policy_loss.clip_high=0.3", "learner.lr=1", "rollout.top_p=0.9"]
+    )
     assert recipe.algorithm.policy_loss.params["clip_high"] == 0.3
     assert isinstance(recipe.learner.lr, float) and recipe.learner.lr == 1.0
 
@@ -115,30 +144,57 @@ def test_a_recipe_round_trips_through_its_config_yaml(tmp_path):
         assert load_recipe(saved) == recipe, path.name
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algorithm.policy_loss.clip_hihg=0.3", "algorithm.policy_loss.clip_hihg: unknown key (did you mean 'clip_high'?)"),
-    ("algorithm.policy_loss.clip_high=.nan", "algorithm.policy_loss.clip_high: expected a finite number >= 0, got nan"),
-    ("algorithm.policy_loss.clip_ratio_c=0.5", "algorithm.policy_loss.clip_ratio_c: expected a finite number > 1"),
-    ("algorithm.policy_loss.clip_low=high", "algorithm.policy_loss.clip_low: expected a number, got str 'high'"),
-    ("algorithm.policy_loss=gspoo", "algorithm.policy_loss: unknown policy loss 'gspoo' (did you mean 'gspo'?)"),
-    ("algorithm.length_penalty={name: truncation, mode: sometimes}",
-     "algorithm.length_penalty.mode: expected one of 'paper', 'code'"),
-    ("algorithm.token_selection={name: high_entropy, top_fraction: 1.5}",
-     "algorithm.token_selection.top_fraction: expected a finite number in (0, 1]"),
-    ("algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 1.5]}",
-     "algorithm.token_selection.token_fraction[1]: expected a finite number in (0, 1]"),
-    ("algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2]}",
-     "algorithm.token_selection.token_fraction: expected [start, end], got [0.2]"),
-    ("algorithm.sample_selection={name: d3s, rollouts: [4, 9]}",
-     "algorithm.sample_selection.rollouts: expected [N_init, N_final] within 1..rollout.group_size (8)"),
-    ("algorithm.objective={name: distillation, beta: 1}", "algorithm.objective.beta: expected a finite number in (0, 1)"),
-    ("algorithm.token_selection=tip_soft_or", "distill.teacher: algorithm.token_selection tip_soft_or needs a teacher"),
-    ("algorithm.advantage=[grpo]", "algorithm.advantage: expected a name, or a mapping with 'name'"),
-    ("algorithm.length_cap={name: difficulty_aware, truncation_lengths: [200, 100]}",
-     "algorithm.length_cap: difficulty_aware needs a length_penalty that uses the cap (cosine, laser_d, overlong, "
-     "thinkprune, truncation); nothing in the recipe reads it"),
-    ("algorithm.length_cap.length=100", "algorithm.length_cap: fixed needs a length_penalty that uses the cap"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "algorithm.policy_loss.clip_hihg=0.3",
+            "algorithm.policy_loss.clip_hihg: unknown key (did you mean 'clip_high'?)",
+        ),
+        (
+            "algorithm.policy_loss.clip_high=.nan",
+            "algorithm.policy_loss.clip_high: expected a finite number >= 0, got nan",
+        ),
+        ("algorithm.policy_loss.clip_ratio_c=0.5", "algorithm.policy_loss.clip_ratio_c: expected a finite number > 1"),
+        ("algorithm.policy_loss.clip_low=high", "algorithm.policy_loss.clip_low: expected a number, got str 'high'"),
+        ("algorithm.policy_loss=gspoo", "algorithm.policy_loss: unknown policy loss 'gspoo' (did you mean 'gspo'?)"),
+        (
+            "algorithm.length_penalty={name: truncation, mode: sometimes}",
+            "algorithm.length_penalty.mode: expected one of 'paper', 'code'",
+        ),
+        (
+            "algorithm.token_selection={name: high_entropy, top_fraction: 1.5}",
+            "algorithm.token_selection.top_fraction: expected a finite number in (0, 1]",
+        ),
+        (
+            "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 1.5]}",
+            "algorithm.token_selection.token_fraction[1]: expected a finite number in (0, 1]",
+        ),
+        (
+            "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2]}",
+            "algorithm.token_selection.token_fraction: expected [start, end], got [0.2]",
+        ),
+        (
+            "algorithm.sample_selection={name: d3s, rollouts: [4, 9]}",
+            "algorithm.sample_selection.rollouts: expected [N_init, N_final] within 1..rollout.group_size (8)",
+        ),
+        (
+            "algorithm.objective={name: distillation, beta: 1}",
+            "algorithm.objective.beta: expected a finite number in (0, 1)",
+        ),
+        (
+            "algorithm.token_selection=tip_soft_or",
+            "distill.teacher: algorithm.token_selection tip_soft_or needs a teacher",
+        ),
+        ("algorithm.advantage=[grpo]", "algorithm.advantage: expected a name, or a mapping with 'name'"),
+        (
+            "algorithm.length_cap={name: difficulty_aware, truncation_lengths: [200, 100]}",
+            "algorithm.length_cap: difficulty_aware needs a length_penalty that uses the cap (cosine, laser_d, "
+            "overlong, thinkprune, truncation); nothing in the recipe reads it",
+        ),
+        ("algorithm.length_cap.length=100", "algorithm.length_cap: fixed needs a length_penalty that uses the cap"),
+    ],
+)
 def test_entries_and_their_parameters_are_checked_before_anything_runs(override, message):
     """Every registry entry a recipe picks is bound by check_recipe (train and submit call it first,
     before any model loads): name, keys, types, ranges and the entry's own checks."""
@@ -182,11 +238,16 @@ def test_bad_recipe_values_name_the_field(override, message):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("algorithm.advantage=grpoo", "algorithm.advantage: unknown advantage estimator 'grpoo' (did you mean 'grpo'?)"),
+        (
+            "algorithm.advantage=grpoo",
+            "algorithm.advantage: unknown advantage estimator 'grpoo' (did you mean 'grpo'?)",
+        ),
         ("algorithm.loss_agg=token-sum", "algorithm.loss_agg: unknown loss aggregation"),
         ("rollout.max_response_length=0", "rollout.max_response_length: expected an integer >= 1, got 0"),
-        ("algorithm.length_cap.length=999",
-         "algorithm.length_cap.length: expected 1..rollout.max_response_length (256), got 999"),
+        (
+            "algorithm.length_cap.length=999",
+            "algorithm.length_cap.length: expected 1..rollout.max_response_length (256), got 999",
+        ),
     ],
 )
 def test_semantic_checks_name_the_field(override, message):
@@ -196,8 +257,9 @@ def test_semantic_checks_name_the_field(override, message):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "efficient_rl.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=1200
+    )
 
 
 @pytest.mark.parametrize(
@@ -260,16 +322,19 @@ def test_jsonl_without_the_mapped_column_names_file_and_line(tmp_path):
         load_split(str(data), "train", DataSection(), seed=0, field_name="data.train")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algorithm.kl_coef=-0.1", "algorithm.kl_coef: expected a finite number >= 0, got -0.1"),
-    ("learner.grad_clip=0", "learner.grad_clip: expected a finite number > 0"),
-    ("learner.weight_decay=-.inf", "learner.weight_decay: expected a finite number >= 0, got -inf"),
-    ("learner.zero_stage=4", "learner.zero_stage: expected an integer in [0, 3], got 4"),
-    ("scoring.timeout=0", "scoring.timeout: expected a finite number > 0 (seconds), got 0.0"),
-    ("cluster.rollout.workers=0", "cluster.rollout.workers: expected an integer >= 1, got 0"),
-    ("eval.top_p=0", "eval.top_p: expected a finite number in (0, 1], got 0.0"),
-    ("checkpoint.keep=0", "checkpoint.keep: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.kl_coef=-0.1", "algorithm.kl_coef: expected a finite number >= 0, got -0.1"),
+        ("learner.grad_clip=0", "learner.grad_clip: expected a finite number > 0"),
+        ("learner.weight_decay=-.inf", "learner.weight_decay: expected a finite number >= 0, got -inf"),
+        ("learner.zero_stage=4", "learner.zero_stage: expected an integer in [0, 3], got 4"),
+        ("scoring.timeout=0", "scoring.timeout: expected a finite number > 0 (seconds), got 0.0"),
+        ("cluster.rollout.workers=0", "cluster.rollout.workers: expected an integer >= 1, got 0"),
+        ("eval.top_p=0", "eval.top_p: expected a finite number in (0, 1], got 0.0"),
+        ("checkpoint.keep=0", "checkpoint.keep: expected an integer >= 1, got 0"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_at_load_naming_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         load_recipe(RECIPES / "grpo.yaml", [override])
@@ -306,11 +371,14 @@ def test_a_recipe_built_in_python_is_checked_too():
         validate(recipe)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-p", "5"], "--top-p: expected a finite number in (0, 1], got 5.0"),
-    (["--temperature", "nan"], "--temperature: expected a finite number >= 0 (0 is greedy), got nan"),
-    (["--samples", "0"], "--samples: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "5"], "--top-p: expected a finite number in (0, 1], got 5.0"),
+        (["--temperature", "nan"], "--temperature: expected a finite number >= 0 (0 is greedy), got nan"),
+        (["--samples", "0"], "--samples: expected an integer >= 1, got 0"),
+    ],
+)
 def test_eval_command_numbers_are_checked_like_a_recipes(tmp_path, flags, message):
     result = run_cli("eval", "lab:tiny", "--out", str(tmp_path / "out"), *flags, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == f"efficient-rl: error: {message}"

@@ -8,16 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from efficient_rl.config.schema import DataSection
-from efficient_rl.errors import ConfigError
 from efficient_rl.data.sources import load_split
+from efficient_rl.errors import ConfigError
 
 ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i), "level": i % 3} for i in range(5)]
 MAPPING = DataSection(question_key="problem", answer_key="solution")
 
 
 def expected(prefix: str) -> list[dict]:
-    return [{**row, "id": f"{prefix}-{i}", "question": row["problem"], "answer": row["solution"]}
-            for i, row in enumerate(ROWS, 1)]
+    return [
+        {**row, "id": f"{prefix}-{i}", "question": row["problem"], "answer": row["solution"]}
+        for i, row in enumerate(ROWS, 1)
+    ]
 
 
 def write_parquet(path, rows):
@@ -41,8 +43,13 @@ def test_hugging_face_dataset_directory_picks_the_split(tmp_path):
     assert [s["answer"] for s in train] == ["0", "2", "4"] and [s["answer"] for s in heldout] == ["6", "8"]
     assert heldout[0]["level"] == 0 and heldout[0]["id"] == "tiny_math-1"
     with pytest.raises(ConfigError, match=r"data.heldout: hf:.*tiny_math split 'validation' could not be loaded"):
-        load_split(f"hf:{dataset}", "heldout", DataSection(**{**MAPPING.__dict__, "heldout_split": "validation"}),
-                   0, "data.heldout")
+        load_split(
+            f"hf:{dataset}",
+            "heldout",
+            DataSection(**{**MAPPING.__dict__, "heldout_split": "validation"}),
+            0,
+            "data.heldout",
+        )
 
 
 def test_missing_columns_and_unknown_files_are_one_line_errors(tmp_path):
@@ -59,6 +66,8 @@ def test_missing_columns_and_unknown_files_are_one_line_errors(tmp_path):
 
 
 def test_a_lab_split_larger_than_its_task_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"^data.train_size 5000: lab:easy the task has only 1816 distinct train problems"):
+    with pytest.raises(
+        ConfigError, match=r"^data.train_size 5000: lab:easy the task has only 1816 distinct train problems"
+    ):
         load_split("lab:easy", "train", DataSection(train_size=5000), 0, "data.train")
     assert len(load_split("lab:easy", "train", DataSection(train_size=1816), 0, "data.train")) == 1816  # all of them

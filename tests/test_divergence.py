@@ -47,8 +47,9 @@ def test_registry_lists_the_three_kinds():
     assert DIVERGENCES.names() == sorted(KINDS)
 
 
-@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2),
-                                       ("jsd", 0.9)])
+@pytest.mark.parametrize(
+    "kind,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("jsd", 0.9)]
+)
 def test_divergence_matches_python_reference(kind, beta):
     student, teacher = logits_pair(0)
     values = token_divergence(student, teacher, kind, beta=beta)

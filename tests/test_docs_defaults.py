@@ -22,6 +22,7 @@ UNKNOWN = object()
 
 def field_at(root):
     """A resolver of dotted field paths from `root` (UNKNOWN where there is no such field)."""
+
     def resolve(key: str):
         node = root
         for part in key.split("."):
@@ -29,6 +30,7 @@ def field_at(root):
                 return UNKNOWN
             node = getattr(node, part)
         return node
+
     return resolve
 
 
@@ -104,8 +106,11 @@ def test_every_listed_table_is_found_and_checked():
     assert checked == set(TABLES), f"tables not found, or with no literal default: {set(TABLES) - checked}"
 
 
-@pytest.mark.parametrize("doc, table, key, stated, actual", documented_defaults(),
-                         ids=lambda value: str(value) if isinstance(value, str) else None)
+@pytest.mark.parametrize(
+    "doc, table, key, stated, actual",
+    documented_defaults(),
+    ids=lambda value: str(value) if isinstance(value, str) else None,
+)
 def test_a_documented_default_is_the_code_default(doc, table, key, stated, actual):
     if isinstance(stated, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
         actual = float(actual)
@@ -116,7 +121,7 @@ def test_a_documented_default_is_the_code_default(doc, table, key, stated, actua
 
 def test_the_reader_catches_a_wrong_default():
     table = "| key | default | meaning |\n|---|---|---|\n| `learner.micro_batch_size` | 31 | rows |\n"
-    (header, body), = tables(table)
+    ((header, body),) = tables(table)
     assert literal(body[0][1]) == 31.0 != TABLES["learner.micro_batch_size"]("learner.micro_batch_size")
     assert literal("the cluster's default partition") is NOT_A_LITERAL
     assert literal("`auto`") == "auto" and literal("null (vLLM's)") is None
@@ -140,8 +145,15 @@ def entry_tables():
             entries = [row[0].strip("`") for row in body if row]
             registry = next((r for r in registries if all(name in r for name in entries)), None)
             if "defaults" in names and registry is not None:
-                rows += [(doc.name, registry, row[0].strip("`"), {float(n) for n in NUMBER.findall(row[names.index("defaults")])})
-                         for row in body]
+                rows += [
+                    (
+                        doc.name,
+                        registry,
+                        row[0].strip("`"),
+                        {float(n) for n in NUMBER.findall(row[names.index("defaults")])},
+                    )
+                    for row in body
+                ]
     return rows
 
 
@@ -149,6 +161,11 @@ def test_an_entry_table_states_each_numeric_default_of_its_entries():
     rows = entry_tables()
     assert {registry.kind for _, registry, *_ in rows} >= {"policy loss"}, "the policy loss table is not found"
     for doc, registry, name, stated in rows:
-        defaults = {float(value) for value in registry.get(name).defaults().values()
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        assert stated == defaults, f"{doc}: {registry.kind} {name!r} states {sorted(stated)}, its defaults are {sorted(defaults)}"
+        defaults = {
+            float(value)
+            for value in registry.get(name).defaults().values()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        assert stated == defaults, (
+            f"{doc}: {registry.kind} {name!r} states {sorted(stated)}, its defaults are {sorted(defaults)}"
+        )

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from test_training import EVAL_COMMAND_METRICS
 
 from conftest import RECIPES
-from test_training import EVAL_COMMAND_METRICS
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.tradeoff import EvalSpec, run
 from efficient_rl.rollout.hf import TransformersEngine
@@ -20,9 +20,23 @@ def checkpoint(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs")
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *TINY_OVERRIDES,
-         "steps=1", "eval.before_training=false", "eval.after_training=false", f"logging.output_dir={out}",
-         "logging.name=tiny"], capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *TINY_OVERRIDES,
+            "steps=1",
+            "eval.before_training=false",
+            "eval.after_training=false",
+            f"logging.output_dir={out}",
+            "logging.name=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "tiny" / "checkpoints" / "step-00000001"
 
@@ -30,9 +44,29 @@ def checkpoint(tmp_path_factory):
 def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_model_dir, checkpoint):
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "eval", "lab:tiny", str(checkpoint), "--data", "lab:tiny",
-         "--budgets", "8", "24", "--samples", "2", "--problems", "6", "--out", str(out)],
-        capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "eval",
+            "lab:tiny",
+            str(checkpoint),
+            "--data",
+            "lab:tiny",
+            "--budgets",
+            "8",
+            "24",
+            "--samples",
+            "2",
+            "--problems",
+            "6",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((out / "eval.json").read_text())
     names = {"lab_tiny@8", "lab_tiny@24", "tiny_step-00000001@8", "tiny_step-00000001@24"}
@@ -52,8 +86,22 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     # Another evaluation at a third budget, then both on one set of frontiers.
     other = tmp_path / "eval-16"
     run(EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[16], samples=2, problems=6), other)
-    merged = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "eval", "compare", str(out), str(other),
-                             "--out", str(tmp_path / "both")], capture_output=True, text=True, timeout=1200)
+    merged = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "eval",
+            "compare",
+            str(out),
+            str(other),
+            "--out",
+            str(tmp_path / "both"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert merged.returncode == 0, merged.stderr[-2000:]
     both = json.loads((tmp_path / "both" / "eval.json").read_text())
     assert set(both["runs"]) == names | {"lab_tiny@16"}
@@ -77,8 +125,9 @@ def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, t
         run(spec, tmp_path)
     first_chunk = cache.read_text()
     assert len(first_chunk.splitlines()) == 16
-    monkeypatch.setattr(TransformersEngine, "generate", lambda self, *a, **k: calls.append(len(a[0])) or
-                        generate(self, *a, **k))
+    monkeypatch.setattr(
+        TransformersEngine, "generate", lambda self, *a, **k: calls.append(len(a[0])) or generate(self, *a, **k)
+    )
     calls.clear()
     result = run(spec, tmp_path)
     assert calls == [16, 8]  # only the two missing chunks
@@ -94,12 +143,15 @@ def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, t
         run(EvalSpec(**{**spec.__dict__, "temperature": 1.0}), tmp_path)
 
 
-@pytest.mark.parametrize("models, budgets, message", [
-    (["/does/not/exist"], [8], "not a model directory"),
-    (["lab:nope"], [8], "unknown lab preset"),
-    (["lab:tiny"], [0], "expected positive token caps"),
-    (["lab:tiny"], [10_000], "exceeds the context of lab:tiny"),
-])
+@pytest.mark.parametrize(
+    "models, budgets, message",
+    [
+        (["/does/not/exist"], [8], "not a model directory"),
+        (["lab:nope"], [8], "unknown lab preset"),
+        (["lab:tiny"], [0], "expected positive token caps"),
+        (["lab:tiny"], [10_000], "exceeds the context of lab:tiny"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_model_dir, models, budgets, message):
     with pytest.raises(ConfigError, match=message):
         run(EvalSpec(models=models, data="lab:tiny", budgets=budgets, samples=1, problems=2), tmp_path)
@@ -113,10 +165,14 @@ def write_jsonl(path, rows):
 def test_answers_the_verifier_cannot_parse_and_unmapped_columns_stop_before_generating(tmp_path, tiny_model_dir):
     rows = [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "a": "\\frac{4"}]
     data = write_jsonl(tmp_path / "broken.jsonl", rows)
-    spec = EvalSpec(models=["lab:tiny"], data=data, question_key="q", answer_key="a", budgets=[8], samples=1,
-                    problems=2)
-    with pytest.raises(ConfigError, match=r"the reward `math` does not accept the reference answer '\\\\frac\{4' "
-                                          r"of question 'broken-2'"):
+    spec = EvalSpec(
+        models=["lab:tiny"], data=data, question_key="q", answer_key="a", budgets=[8], samples=1, problems=2
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"the reward `math` does not accept the reference answer '\\\\frac\{4' "
+        r"of question 'broken-2'",
+    ):
         run(spec, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"broken.jsonl:1: missing column 'answer'"):
         run(EvalSpec(**{**spec.__dict__, "answer_key": "answer"}), tmp_path / "out")
@@ -127,12 +183,15 @@ def test_vllm_and_transformers_engines_generate_the_same_greedy_answers(tmp_path
     """The eval on either engine: greedy decoding makes the two directly comparable."""
     caches = {}
     for engine in ("transformers", "vllm"):
-        spec = EvalSpec(models=["lab:tiny"], data="lab:tiny", engine=engine, budgets=[16], samples=1, problems=8,
-                        temperature=0.0)
+        spec = EvalSpec(
+            models=["lab:tiny"], data="lab:tiny", engine=engine, budgets=[16], samples=1, problems=8, temperature=0.0
+        )
         result = run(spec, tmp_path / engine)
         assert set(result["runs"]) == {"lab_tiny@16"}
-        caches[engine] = [json.loads(line) for line in
-                          (tmp_path / engine / "generations" / "lab_tiny@16.jsonl").read_text().splitlines()]
+        caches[engine] = [
+            json.loads(line)
+            for line in (tmp_path / engine / "generations" / "lab_tiny@16.jsonl").read_text().splitlines()
+        ]
     assert len(caches["vllm"]) == 8
     for ours, theirs in zip(caches["transformers"], caches["vllm"]):
         assert (ours["completions"], ours["lengths"]) == (theirs["completions"], theirs["lengths"])
@@ -143,8 +202,14 @@ def test_the_user_template_may_show_each_budget(tiny_model_dir, tmp_path):
     evaluated at; any other field is one line of error before anything is generated."""
     from efficient_rl.eval.tradeoff import ModelUnderTest, evaluate_models, load_questions
 
-    spec = EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[8, 24], problems=3, chat_template="never",
-                    user_template="{question} Think in {budget} tokens.")
+    spec = EvalSpec(
+        models=["lab:tiny"],
+        data="lab:tiny",
+        budgets=[8, 24],
+        problems=3,
+        chat_template="never",
+        user_template="{question} Think in {budget} tokens.",
+    )
     questions = load_questions(spec)
     model = ModelUnderTest("lab:tiny", tiny_model_dir, questions, spec)
     for budget in (8, 24):

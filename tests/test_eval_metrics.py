@@ -8,10 +8,16 @@ from collections import Counter
 
 import pytest
 
-from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_accuracy_at, oracle_frontier,
-                                        oracle_length_at, pareto_frontier, token_complexities)
-from efficient_rl.eval.metrics import (Sample, bootstrap_interval, maj_at_k, pass_at_k, short_m_at_k,
-                                       tradeoff_summary)
+from efficient_rl.eval.frontier import (
+    Point,
+    distance_from_oracle,
+    oracle_accuracy_at,
+    oracle_frontier,
+    oracle_length_at,
+    pareto_frontier,
+    token_complexities,
+)
+from efficient_rl.eval.metrics import Sample, bootstrap_interval, maj_at_k, pass_at_k, short_m_at_k, tradeoff_summary
 
 
 def random_question(rng, n):
@@ -96,8 +102,12 @@ def test_pareto_frontier_equals_brute_force_dominance(seed):
     points = [Point(f"r{i}", rng.randint(1, 10), rng.randint(0, 5) / 5) for i in range(12)]
 
     def dominated(p):
-        return any(q.mean_length <= p.mean_length and q.accuracy >= p.accuracy and
-                   (q.mean_length < p.mean_length or q.accuracy > p.accuracy) for q in points)
+        return any(
+            q.mean_length <= p.mean_length
+            and q.accuracy >= p.accuracy
+            and (q.mean_length < p.mean_length or q.accuracy > p.accuracy)
+            for q in points
+        )
 
     expected = {(p.mean_length, p.accuracy) for p in points if not dominated(p)}
     assert {(p.mean_length, p.accuracy) for p in pareto_frontier(points)} == expected

@@ -90,8 +90,15 @@ class Driver:
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         self.out, self.err = cwd / f"stdout-{time.monotonic_ns()}", cwd / f"stderr-{time.monotonic_ns()}"
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=err, text=True,
-                                            start_new_session=True, env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                args,
+                cwd=cwd,
+                stdout=out,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
 
     def finish(self) -> int:
         """Its exit status, after checking that it exited and its session emptied."""
@@ -128,8 +135,13 @@ def last_line(text: str) -> str:
 def run_dir(tmp_path, tiny_overrides):
     """(working directory with the rewards file, overrides of a short run, its run directory)."""
     (tmp_path / "exit_rewards.py").write_text(REWARDS)
-    overrides = tiny_overrides + ["steps=1", "eval.before_training=false", "logging.trackers=[]",
-                                  "logging.name=exits", "reward=[{name: exit_rewards.py:ok}]"]
+    overrides = tiny_overrides + [
+        "steps=1",
+        "eval.before_training=false",
+        "logging.trackers=[]",
+        "logging.name=exits",
+        "reward=[{name: exit_rewards.py:ok}]",
+    ]
     return tmp_path, overrides, tmp_path / "runs" / "exits"
 
 
@@ -137,14 +149,17 @@ def run_dir(tmp_path, tiny_overrides):
 def test_a_program_that_raises_after_starting_reward_workers_exits(tmp_path):
     """The reproducer: multiprocessing's exit handler SIGTERMs its children and joins them, and
     reward workers ignore SIGTERM; the pool's finalizer must get to them first."""
-    driver = python('''
+    driver = python(
+        """
         from efficient_rl.config.schema import RewardEntry
         from efficient_rl.scoring.runner import RewardRunner
 
         runner = RewardRunner([RewardEntry(name="math")], workers=2, timeout=5.0)
         runner.check({"question": "1 + 1 =", "answer": "2"})
         raise RuntimeError("after the rewards started")
-        ''', tmp_path)
+        """,
+        tmp_path,
+    )
     assert driver.finish() == 1
     assert last_line(driver.stderr) == "RuntimeError: after the rewards started"
 
@@ -153,7 +168,8 @@ def test_killed_driver_takes_its_reward_workers_along_quietly(tmp_path):
     """kill -9 of the driver while one worker is stuck in a reward and one waits: both leave at
     once, without the EOFError tracebacks that would read as the cause."""
     (tmp_path / "exit_rewards.py").write_text(REWARDS)
-    driver = python('''
+    driver = python(
+        """
         import os, signal, threading, time
         from pathlib import Path
         from efficient_rl.config.schema import RewardEntry
@@ -165,7 +181,9 @@ def test_killed_driver_takes_its_reward_workers_along_quietly(tmp_path):
         while not list(Path().glob("busy-*")):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
-        ''', tmp_path)
+        """,
+        tmp_path,
+    )
     assert driver.finish() == -signal.SIGKILL
     assert "Traceback" not in driver.stderr and "EOFError" not in driver.stderr, driver.stderr
 
@@ -187,30 +205,42 @@ def test_a_reward_that_fails_at_import_in_its_worker_is_one_line(run_dir, broken
 # second `train` of the same run between the check and its creation (the reported race), the
 # rollout engine failing to start, the learner failing mid-step, the final evaluation failing.
 FAULTS = {
-    "run directory": ("""
+    "run directory": (
+        """
         from efficient_rl.run.checkpoint import RunDir
         def create(self):
             raise FileExistsError(17, "File exists", str(self.path))
         RunDir.create = create
-        """, "FileExistsError"),
-    "engine start": ("""
+        """,
+        "FileExistsError",
+    ),
+    "engine start": (
+        """
         from efficient_rl.rollout.hf import TransformersEngine
         def start(self, *args, **kwargs):
             raise RuntimeError("the engine did not start")
         TransformersEngine.__init__ = start
-        """, "RuntimeError: the engine did not start"),
-    "learner step": ("""
+        """,
+        "RuntimeError: the engine did not start",
+    ),
+    "learner step": (
+        """
         from efficient_rl.learner.torch_learner import TorchLearner
         def update(self, batch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         TorchLearner.update = update
-        """, "RuntimeError: CUDA error: an illegal memory access was encountered"),
-    "final evaluation": ("""
+        """,
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    ),
+    "final evaluation": (
+        """
         import efficient_rl.driver.loop
         def evaluate(*args, **kwargs):
             raise RuntimeError("the evaluation failed")
         efficient_rl.driver.loop.evaluate = evaluate
-        """, "RuntimeError: the evaluation failed"),
+        """,
+        "RuntimeError: the evaluation failed",
+    ),
 }
 
 
@@ -242,8 +272,10 @@ def test_ctrl_c_twice_stops_at_once_in_one_line(run_dir):
     assert "Traceback" not in driver.stderr
     first, second = driver.stderr.strip().splitlines()[-2:]
     assert first == "SIGINT: stopping after this step and writing a checkpoint (Ctrl-C again: stop now)"
-    assert second.startswith("efficient-rl: interrupted; stopped at once, mid-step; continue with --resume "
-                             f"(checkpoint in {run / 'checkpoints' / 'step-'}")
+    assert second.startswith(
+        "efficient-rl: interrupted; stopped at once, mid-step; continue with --resume "
+        f"(checkpoint in {run / 'checkpoints' / 'step-'}"
+    )
 
 
 def test_ctrl_c_in_the_final_evaluation_cuts_it_short_and_resume_runs_it(run_dir):
@@ -264,7 +296,8 @@ def test_ctrl_c_in_the_final_evaluation_cuts_it_short_and_resume_runs_it(run_dir
     assert driver.stderr.strip().splitlines()[-2:] == [
         "SIGINT: every step is done and checkpointed; stopping the final evaluation (--resume runs it)",
         f"stopped after the last step (1) without the final evaluation; --resume runs it "
-        f"(checkpoint in {run / 'checkpoints' / 'step-00000001'})"]
+        f"(checkpoint in {run / 'checkpoints' / 'step-00000001'})",
+    ]
     assert "final" not in json.loads((run / "summary.json").read_text())
 
     resumed = train(cwd, overrides + ["--resume"])
@@ -278,8 +311,9 @@ def fail(*args, **kwargs):
     raise RuntimeError("planted fault")
 
 
-@pytest.mark.parametrize("where", ["efficient_rl.run.checkpoint.RunDir.create",
-                                   "efficient_rl.learner.torch_learner.TorchLearner.update"])
+@pytest.mark.parametrize(
+    "where", ["efficient_rl.run.checkpoint.RunDir.create", "efficient_rl.learner.torch_learner.TorchLearner.update"]
+)
 def test_run_recipe_closes_what_it_started_before_the_exception_leaves_it(run_dir, monkeypatch, where):
     """In the same process, with no exit handler to help: the cleanup scope of run_recipe itself."""
     import multiprocessing
@@ -301,13 +335,17 @@ def test_reward_check_averages_a_metric_over_the_rows_that_reported_it():
     """Failed rows have no metric: counting them as 0 would halve a mean when half the calls fail."""
     import torch
 
-    from efficient_rl.scoring.runner import RewardResult
     from efficient_rl.scoring.check import format_report
+    from efficient_rl.scoring.runner import RewardResult
 
-    result = RewardResult(scores=torch.tensor([1.0, 0.0, 1.0, 0.0]), accuracy=None,
-                          extras={"words/count": [10.0, 0.0, 20.0, 0.0], "words/all": [1.0] * 4},
-                          reported={"words/count": [0, 2], "words/all": [0, 1, 2, 3]}, errors=2,
-                          call_seconds=[0.01] * 4)
+    result = RewardResult(
+        scores=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        accuracy=None,
+        extras={"words/count": [10.0, 0.0, 20.0, 0.0], "words/all": [1.0] * 4},
+        reported={"words/count": [0, 2], "words/all": [0, 1, 2, 3]},
+        errors=2,
+        call_seconds=[0.01] * 4,
+    )
     report = format_report("words", [{}] * 4, result, seconds=1.0).splitlines()
     assert "metric  words/count: mean 15.0000 over 2 of 4 samples (2 failed)" in report
     assert "metric  words/all: mean 1.0000" in report
@@ -315,8 +353,9 @@ def test_reward_check_averages_a_metric_over_the_rows_that_reported_it():
 
 def test_a_listing_piped_into_head_ends_quietly():
     # `efficient-rl methods | head -1`: the reader closes the pipe early; no traceback, exit 0.
-    listing = subprocess.Popen([sys.executable, "-m", "efficient_rl.cli", "methods"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "efficient_rl.cli", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     first = listing.stdout.readline()
     listing.stdout.close()
     stderr = listing.stderr.read()

@@ -16,8 +16,12 @@ def baseline_metrics(batch, *, scale: float) -> dict[str, float]:
     return {"leave_one_out/scale": scale}
 
 
-@ADVANTAGES.register("leave_one_out", ranges={"scale": "(0, inf)"}, metrics=baseline_metrics,
-                     source="RLOO (Ahmadian et al. 2024, arXiv 2402.14740): the other rollouts' mean as baseline")
+@ADVANTAGES.register(
+    "leave_one_out",
+    ranges={"scale": "(0, inf)"},
+    metrics=baseline_metrics,
+    source="RLOO (Ahmadian et al. 2024, arXiv 2402.14740): the other rollouts' mean as baseline",
+)
 def leave_one_out(batch, *, scale: float = 1.0) -> torch.Tensor:
     """A_i = scale * (r_i - mean of the group's other rewards); 0 for a group of one."""
     mean, _, size = group_stats(batch.rewards, batch.group_ids)
@@ -42,15 +46,31 @@ def train(tmp_path, tiny_overrides, *keys):
     from conftest import RECIPES, ROOT
 
     return subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-         "logging.name=plugin", *keys],
-        capture_output=True, text=True, cwd=ROOT, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "steps=2",
+            "eval.before_training=false",
+            "eval.after_training=false",
+            "logging.trackers=[]",
+            "logging.name=plugin",
+            *keys,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
 
 
 def test_a_run_selects_a_method_registered_by_its_own_module(tmp_path, tiny_overrides):
-    result = train(tmp_path, tiny_overrides, f"imports=[{Path(__file__)}]",
-                   "algorithm.advantage={name: leave_one_out, scale: 2.0}")
+    result = train(
+        tmp_path, tiny_overrides, f"imports=[{Path(__file__)}]", "algorithm.advantage={name: leave_one_out, scale: 2.0}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "plugin" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
@@ -62,7 +82,8 @@ def test_without_its_module_the_name_is_one_line_of_error(tmp_path, tiny_overrid
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "efficient-rl: error: algorithm.advantage: unknown advantage estimator 'leave_one_out'; "
-        "expected one of: dler, grpo, tempo"]
+        "expected one of: dler, grpo, tempo"
+    ]
     missing = train(tmp_path, tiny_overrides, "imports=[no_such_module_here]")
     assert missing.returncode == 2 and "imports: cannot import no_such_module_here" in missing.stderr
 
@@ -78,9 +99,15 @@ def test_the_guides_examples_train_together_selected_by_recipe_keys(tmp_path, ti
     guide = (ROOT / "docs" / "extending.md").read_text()
     module = tmp_path / "guide_methods.py"
     module.write_text("import torch\n\n" + "\n\n".join(re.findall(r"```python\n(.*?)```", guide, re.S)))
-    result = train(tmp_path, tiny_overrides, f"imports=[{module}]", "algorithm.policy_loss=reinforce",
-                   "algorithm.length_penalty={name: linear, alpha: 0.5}",
-                   "algorithm.token_selection={name: unsure, fraction: 0.5}", "algorithm.advantage=leave_one_out")
+    result = train(
+        tmp_path,
+        tiny_overrides,
+        f"imports=[{module}]",
+        "algorithm.policy_loss=reinforce",
+        "algorithm.length_penalty={name: linear, alpha: 0.5}",
+        "algorithm.token_selection={name: unsure, fraction: 0.5}",
+        "algorithm.advantage=leave_one_out",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "plugin" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]

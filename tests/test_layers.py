@@ -25,8 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Package name -> the directory holding it; rewards/ installs as efficient_rl.rewards (pyproject).
 PACKAGE_DIRS = {"efficient_rl": ROOT / "efficient_rl", "efficient_rl.rewards": ROOT / "rewards"}
 
-ALGOS, ROLLOUT, LEARNER, CLUSTER = ("efficient_rl.algos", "efficient_rl.rollout", "efficient_rl.learner",
-                                   "efficient_rl.cluster")
+ALGOS, ROLLOUT, LEARNER, CLUSTER = (
+    "efficient_rl.algos",
+    "efficient_rl.rollout",
+    "efficient_rl.learner",
+    "efficient_rl.cluster",
+)
 REWARD_PLUGINS = "efficient_rl.rewards"
 ALGOS_MAY_IMPORT = ("torch", "efficient_rl.registry", ALGOS)
 
@@ -57,7 +61,7 @@ def resolved_base(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     if not node.level:
         return node.module
     anchor = module.split(".") if is_package else module.split(".")[:-1]
-    anchor = anchor[:len(anchor) - (node.level - 1)]
+    anchor = anchor[: len(anchor) - (node.level - 1)]
     return ".".join(anchor + ([node.module] if node.module else []))
 
 
@@ -128,8 +132,9 @@ def layer_of(module: str) -> int | None:
     package itself (its __init__) is the top: what it offers is the library's front door."""
     if module == "efficient_rl":
         return len(LAYERS) - 1
-    matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
-               if inside(module, prefix)]
+    matches = [
+        (len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes if inside(module, prefix)
+    ]
     return max(matches)[1] if matches else None
 
 
@@ -149,8 +154,12 @@ RULES = {
 
 def violations(imports: dict[str, set[str]], rule: str) -> list[str]:
     breaks = RULES[rule]
-    return [f"{module} imports {target}" for module, targets in sorted(imports.items())
-            for target in sorted(targets) if breaks(module, target)]
+    return [
+        f"{module} imports {target}"
+        for module, targets in sorted(imports.items())
+        for target in sorted(targets)
+        if breaks(module, target)
+    ]
 
 
 def reachable(imports: dict[str, set[str]], start: str) -> set[str]:
@@ -165,8 +174,12 @@ def reachable(imports: dict[str, set[str]], start: str) -> set[str]:
 
 
 def ray_reached_from(imports: dict[str, set[str]], packages: tuple[str, ...]) -> list[str]:
-    return sorted(module for module in imports if any(inside(module, p) for p in packages)
-                  and any(inside(target, "ray") for target in reachable(imports, module)))
+    return sorted(
+        module
+        for module in imports
+        if any(inside(module, p) for p in packages)
+        and any(inside(target, "ray") for target in reachable(imports, module))
+    )
 
 
 def shortest_cycle(imports: dict[str, set[str]], start: str) -> list[str] | None:
@@ -211,8 +224,13 @@ def test_every_module_has_a_layer(imports):
 
 def test_every_module_is_read(imports):
     # A checker that finds no files passes every rule: make sure it reads the real tree.
-    for expected in ("efficient_rl.algos.losses", "efficient_rl.cluster.ray_backend", "efficient_rl.driver.loop",
-                     "efficient_rl.rewards.math", "efficient_rl.learner.torch_learner"):
+    for expected in (
+        "efficient_rl.algos.losses",
+        "efficient_rl.cluster.ray_backend",
+        "efficient_rl.driver.loop",
+        "efficient_rl.rewards.math",
+        "efficient_rl.learner.torch_learner",
+    ):
         assert expected in imports
     assert "torch" in imports["efficient_rl.algos.losses"]
 
@@ -252,18 +270,29 @@ SYNTHETIC = {
 def test_the_checker_catches_each_broken_rule():
     rules = list(RULES)
     assert violations(SYNTHETIC, rules[0]) == ["efficient_rl.algos.losses imports efficient_rl.config"]
-    assert violations(SYNTHETIC, rules[1]) == ["efficient_rl.learner.objective imports efficient_rl.cluster.weights",
-                                               "efficient_rl.rollout.hf imports efficient_rl.learner.objective"]
+    assert violations(SYNTHETIC, rules[1]) == [
+        "efficient_rl.learner.objective imports efficient_rl.cluster.weights",
+        "efficient_rl.rollout.hf imports efficient_rl.learner.objective",
+    ]
     assert violations(SYNTHETIC, rules[2]) == ["efficient_rl.helper imports ray"]
     assert violations(SYNTHETIC, rules[3]) == ["efficient_rl.data.sources imports efficient_rl.rewards.math"]
-    assert violations({**SYNTHETIC, "efficient_rl.data.prompts": {"efficient_rl.lab.build"},
-                       "efficient_rl.models.sources": {"efficient_rl.lab.build", "efficient_rl.driver.loop"}},
-                      rules[4]) == ["efficient_rl.data.prompts imports efficient_rl.lab.build",
-                                    "efficient_rl.data.sources imports efficient_rl.rewards.math",
-                                    "efficient_rl.learner.objective imports efficient_rl.cluster.weights",
-                                    "efficient_rl.models.sources imports efficient_rl.driver.loop"]
-    assert ray_reached_from(SYNTHETIC, (ROLLOUT, LEARNER)) == ["efficient_rl.learner.objective",
-                                                               "efficient_rl.rollout.hf"]
+    assert violations(
+        {
+            **SYNTHETIC,
+            "efficient_rl.data.prompts": {"efficient_rl.lab.build"},
+            "efficient_rl.models.sources": {"efficient_rl.lab.build", "efficient_rl.driver.loop"},
+        },
+        rules[4],
+    ) == [
+        "efficient_rl.data.prompts imports efficient_rl.lab.build",
+        "efficient_rl.data.sources imports efficient_rl.rewards.math",
+        "efficient_rl.learner.objective imports efficient_rl.cluster.weights",
+        "efficient_rl.models.sources imports efficient_rl.driver.loop",
+    ]
+    assert ray_reached_from(SYNTHETIC, (ROLLOUT, LEARNER)) == [
+        "efficient_rl.learner.objective",
+        "efficient_rl.rollout.hf",
+    ]
     assert import_cycles(SYNTHETIC) == [["efficient_rl.a", "efficient_rl.b", "efficient_rl.c", "efficient_rl.a"]]
 
 
@@ -272,7 +301,8 @@ def test_the_checker_reads_relative_and_function_level_imports(tmp_path):
     (package / "learner").mkdir(parents=True)
     (package / "learner" / "__init__.py").write_text("")
     (package / "learner" / "teacher.py").write_text(
-        "from . import base\nfrom ..cluster import actors\n\ndef later():\n    import ray\n")
+        "from . import base\nfrom ..cluster import actors\n\ndef later():\n    import ray\n"
+    )
     known = {"efficient_rl.learner.base", "efficient_rl.cluster.actors"}
     found = imports_of("efficient_rl.learner.teacher", package / "learner" / "teacher.py", known)
     assert found == {"efficient_rl.learner.base", "efficient_rl.cluster.actors", "ray"}
@@ -286,12 +316,27 @@ BINDS_ALLOWED_IN = {"efficient_rl.driver.validate"}  # the validation pass: ever
 def binding_calls(path: Path) -> list[int]:
     """Lines of `path` that call config.binding's `bind` (imported by any name, or as an attribute)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-             and node.module == BINDER for alias in node.names if alias.name == "bind"}
-    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names if alias.name == BINDER}
-    modules |= {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "efficient_rl.config" for alias in node.names if alias.name == "binding"}
+    names = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == BINDER
+        for alias in node.names
+        if alias.name == "bind"
+    }
+    modules = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name == BINDER
+    }
+    modules |= {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "efficient_rl.config"
+        for alias in node.names
+        if alias.name == "binding"
+    }
     lines = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -299,8 +344,11 @@ def binding_calls(path: Path) -> list[int]:
         called = node.func
         if isinstance(called, ast.Name) and called.id in names:
             lines.append(node.lineno)
-        elif isinstance(called, ast.Attribute) and called.attr == "bind" and \
-                ast.unparse(called.value) in modules | {BINDER}:
+        elif (
+            isinstance(called, ast.Attribute)
+            and called.attr == "bind"
+            and ast.unparse(called.value) in modules | {BINDER}
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -308,15 +356,20 @@ def binding_calls(path: Path) -> list[int]:
 def test_only_the_validation_pass_binds_a_choice():
     # The trainer, selection, the objective, learners, the pipeline and the trackers take bound
     # entries from the plan (config/plan.py); binding a raw choice anywhere else binds it twice.
-    binders = {module: lines for module, path in module_files().items()
-               if (lines := binding_calls(path)) and module not in BINDS_ALLOWED_IN}
+    binders = {
+        module: lines
+        for module, path in module_files().items()
+        if (lines := binding_calls(path)) and module not in BINDS_ALLOWED_IN
+    }
     assert binders == {}, f"bind() outside driver/validate.py: {binders}"
     assert binding_calls(module_files()["efficient_rl.driver.validate"]), "the checker finds no bind() at all"
 
 
 def test_the_binding_checker_sees_each_spelling(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from efficient_rl.config.binding import bind as b\nimport efficient_rl.config.binding\n"
-                      "from efficient_rl.config import binding\n\ndef f(x):\n    b(x)\n"
-                      "    efficient_rl.config.binding.bind(x)\n    binding.bind(x)\n    x.bind()\n")
+    source.write_text(
+        "from efficient_rl.config.binding import bind as b\nimport efficient_rl.config.binding\n"
+        "from efficient_rl.config import binding\n\ndef f(x):\n    b(x)\n"
+        "    efficient_rl.config.binding.bind(x)\n    binding.bind(x)\n    x.bind()\n"
+    )
     assert binding_calls(source) == [6, 7, 8]

@@ -13,13 +13,13 @@ from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import DEFAULT_LORA_TARGETS, LoraSection
+from efficient_rl.driver.loop import run_recipe
+from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 from efficient_rl.learner.objective import objective_settings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner
 from efficient_rl.models.lora import ADAPTER_DIR, attach_lora
 from efficient_rl.models.modeling import load_model, response_logprobs
-from efficient_rl.driver.loop import run_recipe
-from efficient_rl.driver.validate import validate
 
 RANK, ALPHA = 4, 12.0  # scale alpha / rank = 3
 ROWS, PROMPT, RESPONSE = 6, 5, 9
@@ -33,9 +33,12 @@ def batch_for(vocab: int, seed: int = 0) -> RolloutBatch:
         prompt_ids=torch.randint(3, vocab, (ROWS, PROMPT), generator=generator),
         prompt_mask=torch.ones(ROWS, PROMPT, dtype=torch.long),
         response_ids=torch.randint(3, vocab, (ROWS, RESPONSE), generator=generator) * response_mask.long(),
-        response_mask=response_mask, rollout_logprobs=torch.zeros(ROWS, RESPONSE),
-        truncated=torch.zeros(ROWS, dtype=torch.bool), group_ids=torch.arange(ROWS) // 2,
-        samples=[{}] * ROWS, completions=[""] * ROWS,
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(ROWS, RESPONSE),
+        truncated=torch.zeros(ROWS, dtype=torch.bool),
+        group_ids=torch.arange(ROWS) // 2,
+        samples=[{}] * ROWS,
+        completions=[""] * ROWS,
         advantages=torch.randn(ROWS, RESPONSE, generator=generator) * response_mask,
         # a token selection: the learner's head runs on these positions only (selected compute)
         loss_mask=(torch.rand(ROWS, RESPONSE, generator=generator) < 0.6).float() * response_mask,
@@ -45,10 +48,12 @@ def batch_for(vocab: int, seed: int = 0) -> RolloutBatch:
 def lora_learner(model_dir, kl_coef=0.1, targets=("q_proj", "v_proj", "down_proj"), precision="fp32"):
     model = load_model(model_dir)
     adapter = attach_lora(model, LoraSection(rank=RANK, alpha=ALPHA, target_modules=list(targets)))
-    settings = dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml"))), kl_coef=kl_coef,
-                                   selected_compute=True)
-    return TorchLearner(model, settings, OptimSettings(lr=5e-2, micro_batch_size=4, precision=precision),
-                        adapter=adapter)
+    settings = dataclasses.replace(
+        objective_settings(validate(load_recipe(RECIPES / "grpo.yaml"))), kl_coef=kl_coef, selected_compute=True
+    )
+    return TorchLearner(
+        model, settings, OptimSettings(lr=5e-2, micro_batch_size=4, precision=precision), adapter=adapter
+    )
 
 
 def by_hand(learner, module: str) -> torch.Tensor:
@@ -72,15 +77,19 @@ def test_only_adapter_parameters_change_and_engines_get_the_merged_weights(train
     learner, base, _, metrics = trained
     base_weights = dict(base.named_parameters())
     assert learner.reference is None and metrics["kl"] > 0
-    changed = {name for name, p in learner.model.named_parameters()
-               if not torch.equal(p, base_weights.get(name.replace(".base_layer", ""), torch.zeros(0)))}
+    changed = {
+        name
+        for name, p in learner.model.named_parameters()
+        if not torch.equal(p, base_weights.get(name.replace(".base_layer", ""), torch.zeros(0)))
+    }
     assert changed and all(".lora_A." in name or ".lora_B." in name for name in changed)
     assert sum(".lora_B." in name for name in changed) == 3 * 2  # every target layer of both blocks
     # Optimizer state for the adapter parameters only.
     state = learner.optimizer.state_dict()["state"]
     assert len(state) == 2 * 3 * 2  # A and B of 3 target layers in 2 blocks
     assert sum(s["exp_avg"].numel() for s in state.values()) == sum(
-        p.numel() for n, p in learner.model.named_parameters() if ".lora_" in n)
+        p.numel() for n, p in learner.model.named_parameters() if ".lora_" in n
+    )
     synced = dict(learner.named_weights())
     assert synced.keys() == base_weights.keys()  # a plain model: the base model's names, tied weights once
     for name, tensor in synced.items():
@@ -92,7 +101,8 @@ def test_only_adapter_parameters_change_and_engines_get_the_merged_weights(train
             assert torch.equal(tensor, base_weights[name]), name
     buckets = [pair for bucket in learner.weight_buckets(1 << 12) for pair in bucket.unpack()]
     assert [name for name, _ in buckets] == list(synced) and all(
-        torch.equal(tensor, synced[name]) for name, tensor in buckets)
+        torch.equal(tensor, synced[name]) for name, tensor in buckets
+    )
     plan = [name for bucket in learner.weight_plan(1 << 12) for name in bucket.names]
     assert plan == list(synced)
 
@@ -131,8 +141,8 @@ def test_a_bf16_lora_learner_steps_float32_adapters_and_its_reference_is_the_bf1
 
 
 def test_merged_weights_synced_to_vllm_greedy_match_transformers_on_the_adapted_model(trained, tiny_model_dir):
-    from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
     from efficient_rl.data.prompts import encode_prompt, load_tokenizer
+    from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
     from efficient_rl.rollout.base import SamplingSettings
     from efficient_rl.rollout.hf import TransformersEngine
     from efficient_rl.rollout.vllm_engine import VLLMEngine
@@ -159,13 +169,18 @@ def test_merged_weights_synced_to_vllm_greedy_match_transformers_on_the_adapted_
 # ---------------------------------------------------------------- end to end
 def lora_overrides(tiny_overrides, name):
     return tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-        "learner.lr=0.01", "algorithm.kl_coef=0.05",
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "learner.lr=0.01",
+        "algorithm.kl_coef=0.05",
         "reward=[{name: 'test_training:parity_reward'}]",  # spread even for the untrained model: a signal
         "scoring.workers=0",  # scored in the trainer: no worker processes to start for a tiny run
         "algorithm.token_selection={name: high_entropy, top_fraction: 0.5}",  # selected-token compute
         f"learner.lora={{rank: {RANK}, alpha: {ALPHA}, target_modules: [q_proj, o_proj, up_proj]}}",
-        f"logging.name={name}"]
+        f"logging.name={name}",
+    ]
 
 
 def read_metrics(run_dir):
@@ -193,8 +208,10 @@ def test_lora_training_resumes_to_the_same_adapter(runs, tiny_model_dir):
         assert ours["kl"] == theirs["kl"] and ours["loss"] == theirs["loss"]
         assert 0 < ours["tokens/kept_fraction"] <= 0.6
     assert expected[1]["kl"] > 0  # the policy moved away from the base model
-    adapters = [load_file(run / "checkpoints" / "step-00000002" / ADAPTER_DIR / "adapter_model.safetensors")
-                for run in (straight, resumed)]
+    adapters = [
+        load_file(run / "checkpoints" / "step-00000002" / ADAPTER_DIR / "adapter_model.safetensors")
+        for run in (straight, resumed)
+    ]
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 3 * 2
     assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
     assert any(adapters[0][name].abs().max() > 0 for name in adapters[0] if "lora_B" in name)
@@ -213,8 +230,9 @@ def test_export_writes_the_merged_model(runs, tiny_model_dir, tmp_path):
     exported = load_model(out).eval()
     assert not list(out.glob("*.pt")) and (out / "tokenizer.json").is_file()
     # The trained policy: the base model with the run's adapter on top, unmerged (PEFT's own path).
-    policy = PeftModel.from_pretrained(load_model(tiny_model_dir),
-                                       straight / "checkpoints" / "step-00000002" / ADAPTER_DIR).eval()
+    policy = PeftModel.from_pretrained(
+        load_model(tiny_model_dir), straight / "checkpoints" / "step-00000002" / ADAPTER_DIR
+    ).eval()
     ids = torch.tensor([[5, 17, 30, 8, 99, 12, 41]])
     with torch.no_grad():
         expected, got, before = policy(ids).logits, exported(ids).logits, load_model(tiny_model_dir)(ids).logits
@@ -222,11 +240,14 @@ def test_export_writes_the_merged_model(runs, tiny_model_dir, tmp_path):
     assert (got - before).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("source, out, message", [
-    ("missing", "out", "export: {tmp}/missing: no such directory"),
-    ("empty", "out", "export: {tmp}/empty: neither a run directory (with checkpoints/) nor a checkpoint"),
-    ("run", "taken", "export: {tmp}/taken: exists and is not an empty directory"),
-])
+@pytest.mark.parametrize(
+    "source, out, message",
+    [
+        ("missing", "out", "export: {tmp}/missing: no such directory"),
+        ("empty", "out", "export: {tmp}/empty: neither a run directory (with checkpoints/) nor a checkpoint"),
+        ("run", "taken", "export: {tmp}/taken: exists and is not an empty directory"),
+    ],
+)
 def test_export_refuses_bad_paths_in_one_line(runs, tmp_path, capsys, source, out, message):
     from efficient_rl.cli import main
 
@@ -242,9 +263,20 @@ def test_export_refuses_bad_paths_in_one_line(runs, tmp_path, capsys, source, ou
 def test_export_of_a_full_fine_tuning_checkpoint(tmp_path, tiny_overrides, tiny_model_dir):
     from efficient_rl.models.export import export
 
-    run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + [
-        "steps=1", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-        "learner.lr=0.01", "logging.name=full"]))
+    run, _ = run_recipe(
+        load_recipe(
+            RECIPES / "quickstart.yaml",
+            tiny_overrides
+            + [
+                "steps=1",
+                "eval.before_training=false",
+                "eval.after_training=false",
+                "logging.trackers=[]",
+                "learner.lr=0.01",
+                "logging.name=full",
+            ],
+        )
+    )
     checkpoint = run.path / "checkpoints" / "step-00000001"
     assert export(checkpoint, tmp_path / "out") == checkpoint
     saved, exported = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
@@ -254,10 +286,24 @@ def test_export_of_a_full_fine_tuning_checkpoint(tmp_path, tiny_overrides, tiny_
 
 def test_on_policy_distillation_trains_the_students_adapter(tmp_path, tiny_overrides):
     """The teacher (lab:tiny) is its own model; the LoRA student (lab:tiny_student) learns from it."""
-    run, _ = run_recipe(load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + [
-        "model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=1", "eval.before_training=false",
-        "eval.after_training=false", "logging.trackers=[]", "scoring.workers=0", "learner.lr=0.05",
-        f"learner.lora={{rank: {RANK}, alpha: {ALPHA}}}", "logging.name=opd"]))
+    run, _ = run_recipe(
+        load_recipe(
+            RECIPES / "tip_opd.yaml",
+            tiny_overrides
+            + [
+                "model.lab=tiny_student",
+                "distill.teacher=lab:tiny",
+                "steps=1",
+                "eval.before_training=false",
+                "eval.after_training=false",
+                "logging.trackers=[]",
+                "scoring.workers=0",
+                "learner.lr=0.05",
+                f"learner.lora={{rank: {RANK}, alpha: {ALPHA}}}",
+                "logging.name=opd",
+            ],
+        )
+    )
     (row,) = read_metrics(run.path)
     assert row["distill/divergence"] > 0 and 0.3 < row["tokens/kept_fraction"] <= 0.5
     adapter = load_file(run.path / "checkpoints" / "step-00000001" / ADAPTER_DIR / "adapter_model.safetensors")
@@ -267,23 +313,35 @@ def test_on_policy_distillation_trains_the_students_adapter(tmp_path, tiny_overr
 
 
 # ---------------------------------------------------------------- bad fields
-@pytest.mark.parametrize("override, message", [
-    ("learner.lora.rank=0", "learner.lora.rank: expected an integer >= 1, got 0"),
-    ("learner.lora.rank=2.5", "learner.lora.rank: expected an integer, got float 2.5"),
-    ("learner.lora.alpha=0", "learner.lora.alpha: expected a finite number > 0"),
-    ("learner.lora.alpha=.inf", "learner.lora.alpha: expected a finite number > 0"),
-    ("learner.lora.dropout=1.0", "learner.lora.dropout: expected a finite number in [0, 1), got 1.0"),
-    ("learner.lora.dropout=-0.1", "learner.lora.dropout: expected a finite number in [0, 1), got -0.1"),
-    ("learner.lora.target_modules=q_proj", "learner.lora.target_modules: expected a list, got str 'q_proj'"),
-    ("learner.lora.rnak=4", "learner.lora.rnak: unknown key (did you mean 'rank'?)"),
-    ("learner.lora.target_modules=[]", "learner.lora.target_modules: expected a non-empty list of linear layer "
-                                       "names; the model has: down_proj, gate_proj, k_proj, o_proj, q_proj, "
-                                       "up_proj, v_proj"),
-    ("learner.lora.target_modules=[q_proj, qkv]", "learner.lora.target_modules: 'qkv' not a linear layer of the "
-                                                  "model; valid names: down_proj, gate_proj, k_proj, o_proj, "
-                                                  "q_proj, up_proj, v_proj"),
-    ("cluster.pipeline={name: overlapped, max_staleness: 0}", "learner.lora: not with cluster.pipeline overlapped on the transformers engine"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learner.lora.rank=0", "learner.lora.rank: expected an integer >= 1, got 0"),
+        ("learner.lora.rank=2.5", "learner.lora.rank: expected an integer, got float 2.5"),
+        ("learner.lora.alpha=0", "learner.lora.alpha: expected a finite number > 0"),
+        ("learner.lora.alpha=.inf", "learner.lora.alpha: expected a finite number > 0"),
+        ("learner.lora.dropout=1.0", "learner.lora.dropout: expected a finite number in [0, 1), got 1.0"),
+        ("learner.lora.dropout=-0.1", "learner.lora.dropout: expected a finite number in [0, 1), got -0.1"),
+        ("learner.lora.target_modules=q_proj", "learner.lora.target_modules: expected a list, got str 'q_proj'"),
+        ("learner.lora.rnak=4", "learner.lora.rnak: unknown key (did you mean 'rank'?)"),
+        (
+            "learner.lora.target_modules=[]",
+            "learner.lora.target_modules: expected a non-empty list of linear layer "
+            "names; the model has: down_proj, gate_proj, k_proj, o_proj, q_proj, "
+            "up_proj, v_proj",
+        ),
+        (
+            "learner.lora.target_modules=[q_proj, qkv]",
+            "learner.lora.target_modules: 'qkv' not a linear layer of the "
+            "model; valid names: down_proj, gate_proj, k_proj, o_proj, "
+            "q_proj, up_proj, v_proj",
+        ),
+        (
+            "cluster.pipeline={name: overlapped, max_staleness: 0}",
+            "learner.lora: not with cluster.pipeline overlapped on the transformers engine",
+        ),
+    ],
+)
 def test_bad_lora_fields_are_one_line_errors(tmp_path, tiny_overrides, override, message):
     overrides = tiny_overrides + ["scoring.workers=0", "logging.name=bad", "learner.lora.rank=4", override]
     with pytest.raises(ConfigError) as caught:
@@ -301,10 +359,20 @@ def deepspeed_round_trip(model_dir: str, checkpoint: str) -> None:
     from conftest import TINY_OVERRIDES
     from efficient_rl.learner.deepspeed_learner import DeepSpeedLearner
 
-    recipe = load_recipe(RECIPES / "quickstart.yaml", TINY_OVERRIDES + [
-        "cluster.backend=ray", "rollout.engine=vllm",  # where DeepSpeed ranks run; this one runs here, alone
-        "learner.backend=deepspeed", "learner.zero_stage=2", "learner.lr=0.05", "learner.micro_batch_size=4",
-        "algorithm.kl_coef=0.1", f"learner.lora={{rank: {RANK}, alpha: {ALPHA}, target_modules: [q_proj, v_proj, down_proj]}}"])
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        TINY_OVERRIDES
+        + [
+            "cluster.backend=ray",
+            "rollout.engine=vllm",  # where DeepSpeed ranks run; this one runs here, alone
+            "learner.backend=deepspeed",
+            "learner.zero_stage=2",
+            "learner.lr=0.05",
+            "learner.micro_batch_size=4",
+            "algorithm.kl_coef=0.1",
+            f"learner.lora={{rank: {RANK}, alpha: {ALPHA}, target_modules: [q_proj, v_proj, down_proj]}}",
+        ],
+    )
     plan = validate(recipe)
     first = DeepSpeedLearner(plan, Path(model_dir), Path(model_dir))
     batch = batch_for(first.model.config.vocab_size)
@@ -339,9 +407,16 @@ def test_lora_on_a_deepspeed_zero2_rank_trains_saves_and_resumes(tmp_path, tiny_
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**__import__("os").environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **__import__("os").environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     code = f"import test_lora; test_lora.deepspeed_round_trip({str(tiny_model_dir)!r}, {str(tmp_path / 'ckpt')!r})"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True,
-                            text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=1200
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -31,9 +31,21 @@ LOG_CAP = 10.0  # cap on log s_{i,t} (GSPO-token) and log r_t (CTPO)
 
 # ---------------------------------------------------------------- test batches (plain Python lists)
 
-def make_batch(seed: int, *, rows: int = 12, width: int = 10, token_sd: float = 0.3, row_sd: float = 0.0,
-               spike_prob: float = 0.0, spike_range: tuple[float, float] = (1.2, 2.5), extreme: bool = False,
-               row_advantages: bool = False, empty_row: bool = False, averaged: str = "kept") -> dict:
+
+def make_batch(
+    seed: int,
+    *,
+    rows: int = 12,
+    width: int = 10,
+    token_sd: float = 0.3,
+    row_sd: float = 0.0,
+    spike_prob: float = 0.0,
+    spike_range: tuple[float, float] = (1.2, 2.5),
+    extreme: bool = False,
+    row_advantages: bool = False,
+    empty_row: bool = False,
+    averaged: str = "kept",
+) -> dict:
     """A ragged micro-batch: right-padded rows of different lengths, loss masks with holes.
 
     Log-ratios are row_offset + N(0, token_sd), some replaced by spikes of random sign; `extreme`
@@ -84,8 +96,9 @@ def make_batch(seed: int, *, rows: int = 12, width: int = 10, token_sd: float = 
         for t in range(lengths[b], width):
             adv[b][t] = rng.gauss(0.0, 3.0)
     averaged_over = mask if averaged == "kept" else response
-    return dict(rows=rows, width=width, mask=mask, response=response, averaged_over=averaged_over,
-                old=old, logp=logp, adv=adv)
+    return dict(
+        rows=rows, width=width, mask=mask, response=response, averaged_over=averaged_over, old=old, logp=logp, adv=adv
+    )
 
 
 def tensors(batch: dict) -> LossInputs:
@@ -96,8 +109,14 @@ def tensors(batch: dict) -> LossInputs:
     advantages = t("adv")
     averaged_over = t("averaged_over")
     den = LossDenominators.of(averaged_over, NORM_LENGTH, advantages)
-    return LossInputs(logprobs=logprobs, old_logprobs=t("old"), advantages=advantages, mask=t("mask"),
-                      averaged_over=averaged_over, den=den)
+    return LossInputs(
+        logprobs=logprobs,
+        old_logprobs=t("old"),
+        advantages=advantages,
+        mask=t("mask"),
+        averaged_over=averaged_over,
+        den=den,
+    )
 
 
 def cells(batch: dict):
@@ -134,6 +153,7 @@ def blank(batch: dict, fill=0.0):
 # kind "token": deriv[b][t] = d loss_{b,t} / d logp_{b,t} (a token's loss has no other dependence
 # with gradient); kind "sequence": every loss token of row b carries the row's loss L_b and
 # deriv[b][t] = d L_b / d logp_{b,t}. Only loss tokens are filled.
+
 
 def ref_ppo_clip(batch, *, clip_low, clip_high, clip_ratio_c):
     value, deriv = blank(batch), blank(batch)
@@ -264,8 +284,14 @@ def ref_gmpo(batch, *, clip):
     return dict(value=value, deriv=deriv, kind="sequence", flags=flags)
 
 
-REFERENCES = {"ppo_clip": ref_ppo_clip, "gspo": ref_gspo, "gspo_token": ref_gspo_token, "cispo": ref_cispo,
-              "ctpo": ref_ctpo, "gmpo": ref_gmpo}
+REFERENCES = {
+    "ppo_clip": ref_ppo_clip,
+    "gspo": ref_gspo,
+    "gspo_token": ref_gspo_token,
+    "cispo": ref_cispo,
+    "ctpo": ref_ctpo,
+    "gmpo": ref_gmpo,
+}
 
 
 def vjp(batch, ref, cotangent):
@@ -285,6 +311,7 @@ def weighted_sum(batch, ref, cotangent, row=None) -> float:
 
 
 # ---------------------------------------------------------------- aggregation references
+
 
 def aggregation_weights(name: str, batch: dict) -> list[list[float]]:
     """c[b][t] with aggregated = sum_{b,t} c[b][t] * value[b][t]; every aggregation is linear."""
@@ -327,13 +354,19 @@ def masked_weights(batch, weights):
 
 # ---------------------------------------------------------------- helpers on the implementation side
 
+
 def as_tensor(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
 def close(got: torch.Tensor, expected, what: str, rtol: float = 1e-10, atol: float = 1e-12):
-    torch.testing.assert_close(got.detach(), expected if isinstance(expected, torch.Tensor) else as_tensor(expected),
-                               rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.detach(),
+        expected if isinstance(expected, torch.Tensor) else as_tensor(expected),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 # ppo_clip, gspo and gspo_token receive their clip bounds as Python floats, which the
@@ -423,6 +456,7 @@ def expected_sides(name, params) -> list[str]:
 
 # ---------------------------------------------------------------- 1. values and gradients per token
 
+
 @pytest.mark.parametrize("averaged", ["kept", "all"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -446,6 +480,7 @@ def test_policy_loss_matches_reference(case, seed, averaged):
 
 # ---------------------------------------------------------------- 1b. the hand-derived gradients themselves
 
+
 @pytest.mark.parametrize("seed", SEEDS[:2])
 @pytest.mark.parametrize("case", [case for case in CASES if case[0] in ("ppo_clip", "gspo", "gmpo")], ids=case_id)
 def test_reference_gradients_match_finite_differences(case, seed):
@@ -466,16 +501,26 @@ def test_reference_gradients_match_finite_differences(case, seed):
         down = weighted_sum(batch, REFERENCES[name](batch, **params), cotangent, row=b)
         batch["logp"][b][t] = original
         numeric = (up - down) / (2 * step)
-        assert math.isclose(numeric, analytic[b][t], rel_tol=1e-5, abs_tol=1e-6 * max(1.0, abs(up))), \
-            (name, b, t, numeric, analytic[b][t])
+        assert math.isclose(numeric, analytic[b][t], rel_tol=1e-5, abs_tol=1e-6 * max(1.0, abs(up))), (
+            name,
+            b,
+            t,
+            numeric,
+            analytic[b][t],
+        )
 
 
 # ---------------------------------------------------------------- 1c. aggregated scalars
 
-AGGREGATED = [(name, params, data, "seq-mean-token-mean" if name in ("gspo", "gmpo") else "token-mean")
-              for name, params, data in CASES]
-AGGREGATED += [("ppo_clip", dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0), {}, "balanced"),
-               ("gmpo", None, {}, "balanced"), ("cispo", None, {}, "seq-mean-token-sum-norm")]
+AGGREGATED = [
+    (name, params, data, "seq-mean-token-mean" if name in ("gspo", "gmpo") else "token-mean")
+    for name, params, data in CASES
+]
+AGGREGATED += [
+    ("ppo_clip", dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0), {}, "balanced"),
+    ("gmpo", None, {}, "balanced"),
+    ("cispo", None, {}, "seq-mean-token-sum-norm"),
+]
 
 
 @pytest.mark.parametrize("averaged", ["kept", "all"])
@@ -491,8 +536,9 @@ def test_aggregated_loss_and_gradient(case, seed, averaged):
     expected_grad = vjp(batch, ref, weights)
 
     inputs, token = run_loss(name, batch, params)
-    scalar = AGGREGATIONS.get(aggregation)(token.loss * inputs.mask, inputs.averaged_over, inputs.den,
-                                           inputs.advantages)
+    scalar = AGGREGATIONS.get(aggregation)(
+        token.loss * inputs.mask, inputs.averaged_over, inputs.den, inputs.advantages
+    )
     assert scalar.dim() == 0
     scalar.backward()
     close(scalar, torch.tensor(expected_value, dtype=torch.float64), f"{name} {aggregation} value", **tolerance(name))
@@ -520,11 +566,13 @@ def test_gspo_is_the_mean_of_sequence_losses(seed):
     grad = [[g / groups for g in line] for line in grad]
 
     inputs, token = run_loss("gspo", batch, params)
-    scalar = AGGREGATIONS.get("seq-mean-token-mean")(token.loss * inputs.mask, inputs.averaged_over, inputs.den,
-                                                     inputs.advantages)
+    scalar = AGGREGATIONS.get("seq-mean-token-mean")(
+        token.loss * inputs.mask, inputs.averaged_over, inputs.den, inputs.advantages
+    )
     scalar.backward()
-    close(scalar, torch.tensor(sum(losses) / groups, dtype=torch.float64), "gspo (1/G) sum_i loss_i",
-          **tolerance("gspo"))
+    close(
+        scalar, torch.tensor(sum(losses) / groups, dtype=torch.float64), "gspo (1/G) sum_i loss_i", **tolerance("gspo")
+    )
     close(inputs.logprobs.grad, grad, "gspo gradient", **tolerance("gspo"))
 
 
@@ -537,8 +585,9 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(seed):
     results = {}
     for name in ("gspo", "gspo_token"):
         inputs, token = run_loss(name, batch, params)
-        scalar = AGGREGATIONS.get("seq-mean-token-mean")(token.loss * inputs.mask, inputs.averaged_over,
-                                                         inputs.den, inputs.advantages)
+        scalar = AGGREGATIONS.get("seq-mean-token-mean")(
+            token.loss * inputs.mask, inputs.averaged_over, inputs.den, inputs.advantages
+        )
         scalar.backward()
         results[name] = (token.loss * inputs.mask, scalar, inputs.logprobs.grad)
         ref = REFERENCES[name](batch, **params)
@@ -550,6 +599,7 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(seed):
 
 
 # ---------------------------------------------------------------- 3. indicators
+
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -585,21 +635,29 @@ def test_clip_bounds_keep_float64_precision():
     logprobs = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.float64)
-    inputs = LossInputs(logprobs=logprobs, old_logprobs=old, advantages=advantages, mask=mask, averaged_over=mask,
-                        den=LossDenominators.of(mask, NORM_LENGTH, advantages))
+    inputs = LossInputs(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=advantages,
+        mask=mask,
+        averaged_over=mask,
+        den=LossDenominators.of(mask, NORM_LENGTH, advantages),
+    )
     token = POLICY_LOSSES.get("ppo_clip")(inputs, clip_low=0.2, clip_high=0.2, clip_ratio_c=None)
     assert token.loss.tolist() == [[-1.2, 0.8]]  # -A clip(rho): -1 * 1.2 and +1 * 0.8
 
 
 # ---------------------------------------------------------------- 2. balanced aggregation
 
+
 def balanced_batch(seed, *, rows=10, width=9, advantages="mixed", averaged="all"):
     batch = make_batch(seed, rows=rows, width=width, empty_row=True, averaged=averaged)
     rng = random.Random(seed + 77)
     batch["values"] = [[rng.uniform(-2.0, 2.0) for _ in range(width)] for _ in range(rows)]
     if advantages == "positive":
-        batch["adv"] = [[0.0 if rng.random() < 0.2 else rng.uniform(0.1, 2.0) for _ in range(width)]
-                        for _ in range(rows)]
+        batch["adv"] = [
+            [0.0 if rng.random() < 0.2 else rng.uniform(0.1, 2.0) for _ in range(width)] for _ in range(rows)
+        ]
     elif advantages == "zero":
         batch["adv"] = [[0.0] * width for _ in range(rows)]
     return batch
@@ -688,10 +746,12 @@ def test_balanced_micro_batches_add_up(seed, split):
     rows = list(range(batch["rows"]))
     if split == "random":
         random.Random(seed).shuffle(rows)
-        first, second = rows[: len(rows) // 2], rows[len(rows) // 2:]
+        first, second = rows[: len(rows) // 2], rows[len(rows) // 2 :]
     else:
+
         def has_negative(b):
             return any(batch["averaged_over"][b][t] and batch["adv"][b][t] < 0 for t in range(batch["width"]))
+
         first = [b for b in rows if not has_negative(b)]
         second = [b for b in rows if has_negative(b)]
         assert first and second
@@ -705,12 +765,18 @@ def test_balanced_micro_batches_add_up(seed, split):
         aggregate = AGGREGATIONS.get(name)
 
         def of(rows_):
-            return aggregate(as_tensor([batch["values"][b] for b in rows_]),
-                             as_tensor([batch["averaged_over"][b] for b in rows_]), den,
-                             as_tensor([batch["adv"][b] for b in rows_]))
+            return aggregate(
+                as_tensor([batch["values"][b] for b in rows_]),
+                as_tensor([batch["averaged_over"][b] for b in rows_]),
+                den,
+                as_tensor([batch["adv"][b] for b in rows_]),
+            )
 
-        expected = sum(w * v for line_w, line_v in zip(aggregation_weights(name, batch), batch["values"])
-                       for w, v in zip(line_w, line_v))
+        expected = sum(
+            w * v
+            for line_w, line_v in zip(aggregation_weights(name, batch), batch["values"])
+            for w, v in zip(line_w, line_v)
+        )
         close(of(first) + of(second), of(rows), f"{name} micro-batches")
         close(of(rows), torch.tensor(expected, dtype=torch.float64), f"{name} value")
 
@@ -771,16 +837,24 @@ def test_two_training_steps_with_each_loss(name, tmp_path, tiny_overrides):
     from efficient_rl.config.loading import load_recipe
     from efficient_rl.driver.loop import run_recipe
 
-    aggregation = "balanced" if name == "ppo_clip" else "seq-mean-token-mean" if name in ("gspo", "gmpo") \
-        else "token-mean"
+    aggregation = (
+        "balanced" if name == "ppo_clip" else "seq-mean-token-mean" if name in ("gspo", "gmpo") else "token-mean"
+    )
     overrides = tiny_overrides + [
-        "steps=2", f"logging.name={name}", "eval.before_training=false", "eval.after_training=false",
-        "logging.trackers=[]", "scoring.workers=0",
-        f"algorithm.policy_loss={name}", f"algorithm.loss_agg={aggregation}",
+        "steps=2",
+        f"logging.name={name}",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "scoring.workers=0",
+        f"algorithm.policy_loss={name}",
+        f"algorithm.loss_agg={aggregation}",
         # the tiny model never answers right: a length shaping gives rewards a spread, so advantages are not all 0
-        "algorithm.length_penalty=overlong", "algorithm.length_penalty.buffer=20",
+        "algorithm.length_penalty=overlong",
+        "algorithm.length_penalty.buffer=20",
         # two optimizer steps per rollout batch: the second one is off-policy, its ratios are not 1
-        "learner.mini_batch_prompts=2", "learner.micro_batch_size=4",
+        "learner.mini_batch_prompts=2",
+        "learner.micro_batch_size=4",
     ]
     recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
     assert recipe.algorithm.policy_loss.name == name and recipe.algorithm.policy_loss.params == {}

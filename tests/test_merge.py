@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from efficient_rl.models import merge
 from efficient_rl.errors import ConfigError
+from efficient_rl.models import merge
 from efficient_rl.models.merge import add_parser, kth_largest
 
 LAYER0 = "model.layers.0."
@@ -26,8 +26,15 @@ def merge_cli(*argv) -> None:
 
 
 def tiny_qwen(vocab_size=50) -> Qwen2ForCausalLM:
-    config = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=vocab_size, max_position_embeddings=64)
+    config = Qwen2Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -54,8 +61,10 @@ def reference(base_dir, tuned_dir, keep, scale, per_tensor):
     base, tuned = state_dict(base_dir), state_dict(tuned_dir)
     deltas = {name: tuned[name].float() - base[name].float() for name in tuned if tuned[name].is_floating_point()}
     if per_tensor:
-        thresholds = {name: delta.abs().flatten().sort(descending=True).values[keep_count(keep, delta.numel()) - 1]
-                      for name, delta in deltas.items()}
+        thresholds = {
+            name: delta.abs().flatten().sort(descending=True).values[keep_count(keep, delta.numel()) - 1]
+            for name, delta in deltas.items()
+        }
     else:
         everything = torch.cat([delta.abs().flatten() for delta in deltas.values()]).sort(descending=True).values
         thresholds = dict.fromkeys(deltas, everything[keep_count(keep, len(everything)) - 1])
@@ -141,8 +150,21 @@ def test_keep_all_at_scale_one_reproduces_the_tuned_model(models, tmp_path):
 
 def test_sharded_input_and_output_round_trip_through_from_pretrained(models, tmp_path):
     out = tmp_path / "merged"
-    merge_cli("--base", models / "base-sharded", "--tuned", models / "tuned", "--out", out,
-              "--per-tensor", "--keep", 0.3, "--scale", 0.5, "--max-shard-mb", 0.01)
+    merge_cli(
+        "--base",
+        models / "base-sharded",
+        "--tuned",
+        models / "tuned",
+        "--out",
+        out,
+        "--per-tensor",
+        "--keep",
+        0.3,
+        "--scale",
+        0.5,
+        "--max-shard-mb",
+        0.01,
+    )
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 2
     assert all(shard.stat().st_size <= 10 * 1024 + 4096 for shard in shards)  # data <= 10 KiB, + the header
@@ -156,8 +178,19 @@ def test_sharded_input_and_output_round_trip_through_from_pretrained(models, tmp
 
     # Sharded on both sides gives the same model as single files did.
     again = tmp_path / "again"
-    merge_cli("--base", models / "base-sharded", "--tuned", models / "tuned-sharded", "--out", again,
-              "--per-tensor", "--keep", 0.3, "--scale", 0.5)
+    merge_cli(
+        "--base",
+        models / "base-sharded",
+        "--tuned",
+        models / "tuned-sharded",
+        "--out",
+        again,
+        "--per-tensor",
+        "--keep",
+        0.3,
+        "--scale",
+        0.5,
+    )
     assert len(list(again.glob("*.safetensors"))) == 1
     assert all(torch.equal(state_dict(again)[name], state_dict(out)[name]) for name in expected)
 
@@ -166,16 +199,18 @@ def test_ties_zero_deltas_dtypes_and_non_float_tensors(tmp_path, models, capsys,
     """Hand-made deltas: all entries tied at the threshold are kept, zero deltas never count, the
     tuned dtype is kept, and integer tensors come from the tuned model unchanged."""
     monkeypatch.setattr(merge, "CHUNK", 3)  # blocks: 3 entries of a, one row of b
-    base = {"a": torch.zeros(8), "b": torch.ones(2, 1, 2), "step": torch.tensor([1, 2]),
-            "scalar": torch.tensor(0.25)}
-    tuned = {"a": torch.tensor([3.0, -2, 2, 2, 1, 0, 0, 0.5], dtype=torch.bfloat16), "b": torch.ones(2, 1, 2),
-             "step": torch.tensor([7, 9]), "scalar": torch.tensor(0.25)}
+    base = {"a": torch.zeros(8), "b": torch.ones(2, 1, 2), "step": torch.tensor([1, 2]), "scalar": torch.tensor(0.25)}
+    tuned = {
+        "a": torch.tensor([3.0, -2, 2, 2, 1, 0, 0, 0.5], dtype=torch.bfloat16),
+        "b": torch.ones(2, 1, 2),
+        "step": torch.tensor([7, 9]),
+        "scalar": torch.tensor(0.25),
+    }
     write_model(tmp_path / "base", base, models / "base")
     write_model(tmp_path / "tuned", tuned, models / "base")
 
     # Global: 13 float entries, k = 3, the 3rd largest |delta| is 2 and three entries equal it.
-    merge_cli("--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "global",
-              "--scale", 0.5)
+    merge_cli("--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "global", "--scale", 0.5)
     merged = state_dict(tmp_path / "global")
     assert merged["a"].dtype == torch.bfloat16
     assert merged["a"].tolist() == [1.5, -1, 1, 1, 0, 0, 0, 0]
@@ -185,8 +220,17 @@ def test_ties_zero_deltas_dtypes_and_non_float_tensors(tmp_path, models, capsys,
     assert "kept 4 of 13 delta entries" in printed and "|delta| >= 2" in printed and "copied 1 other" in printed
 
     # Per tensor: a keeps its top 2 of 8 (4 with ties); b and scalar do not move, so nothing is kept.
-    merge_cli("--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "per-tensor",
-              "--scale", 0.5, "--per-tensor")
+    merge_cli(
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--out",
+        tmp_path / "per-tensor",
+        "--scale",
+        0.5,
+        "--per-tensor",
+    )
     assert state_dict(tmp_path / "per-tensor")["a"].tolist() == [1.5, -1, 1, 1, 0, 0, 0, 0]
     assert "kept 4 of 13 delta entries" in capsys.readouterr().out
 
@@ -231,8 +275,17 @@ def test_a_failed_merge_leaves_no_output(models, tmp_path):
     tensors["model.norm.weight"][3] = float("nan")
     write_model(tmp_path / "broken", tensors, models / "tuned")
     out = tmp_path / "merged"
-    argv = ["--base", models / "base", "--tuned", tmp_path / "broken", "--out", out, "--per-tensor",
-            "--max-shard-mb", 0.005]
+    argv = [
+        "--base",
+        models / "base",
+        "--tuned",
+        tmp_path / "broken",
+        "--out",
+        out,
+        "--per-tensor",
+        "--max-shard-mb",
+        0.005,
+    ]
     with pytest.raises(ConfigError, match="tensor model.norm.weight: non-finite values"):
         merge_cli(*argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM, GgufConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from conftest import RECIPES, TINY_OVERRIDES
-from efficient_rl.data.cache import cache_root
 from efficient_rl.config.loading import load_recipe
-from efficient_rl.errors import ConfigError
-from efficient_rl.models.sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
+from efficient_rl.data.cache import cache_root
+from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.driver.build import build_setup
 from efficient_rl.driver.validate import validate
-from efficient_rl.data.prompts import encode_prompt, load_tokenizer
+from efficient_rl.errors import ConfigError
+from efficient_rl.models.sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import VLLMEngine
@@ -33,14 +33,22 @@ GREEDY = SamplingSettings(n=1, max_new_tokens=16, temperature=0.0)
 TINY_STEM = "test-tiny-llama"
 HIDDEN, FFN = 32, 64
 TOKENS = list(bytes_to_unicode().values()) + ["he", "lo", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TENSOR_SHAPES = {
-    "token_embd.weight": (len(TOKENS), HIDDEN), "output_norm.weight": (HIDDEN,),
-    "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
-    "blk.0.attn_q.weight": (HIDDEN, HIDDEN), "blk.0.attn_k.weight": (HIDDEN // 2, HIDDEN),
-    "blk.0.attn_v.weight": (HIDDEN // 2, HIDDEN), "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
-    "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN), "blk.0.ffn_down.weight": (HIDDEN, FFN),
+    "token_embd.weight": (len(TOKENS), HIDDEN),
+    "output_norm.weight": (HIDDEN,),
+    "blk.0.attn_norm.weight": (HIDDEN,),
+    "blk.0.ffn_norm.weight": (HIDDEN,),
+    "blk.0.attn_q.weight": (HIDDEN, HIDDEN),
+    "blk.0.attn_k.weight": (HIDDEN // 2, HIDDEN),
+    "blk.0.attn_v.weight": (HIDDEN // 2, HIDDEN),
+    "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
+    "blk.0.ffn_gate.weight": (FFN, HIDDEN),
+    "blk.0.ffn_up.weight": (FFN, HIDDEN),
+    "blk.0.ffn_down.weight": (HIDDEN, FFN),
 }
 
 
@@ -114,8 +122,11 @@ def test_smollm2_converts_to_a_plain_model_with_the_logits_of_the_gguf(smollm2_m
 
     gguf_file = builtin_gguf("smollm2")
     direct = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=gguf_file.name, dequantize=True)).eval()
+        gguf_file.parent,
+        gguf_file=gguf_file.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=gguf_file.name, dequantize=True),
+    ).eval()
     ids = torch.tensor([encode_prompt(tokenizer, QUESTIONS[0])])
     with torch.no_grad():
         gap = (model(ids).logits - direct(ids).logits).abs().max().item()
@@ -134,18 +145,24 @@ def test_transformers_and_vllm_generate_the_same_greedy_tokens(smollm2, smollm2_
         del engine
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("text", "not a GGUF file"),
-    ("architecture", "GGUF architecture 'notamodel' is not one transformers"),
-    ("quantization", "has tensors of quantization type Q8_1, which the gguf package cannot dequantize"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("text", "not a GGUF file"),
+        ("architecture", "GGUF architecture 'notamodel' is not one transformers"),
+        ("quantization", "has tensors of quantization type Q8_1, which the gguf package cannot dequantize"),
+    ],
+)
 def test_bad_gguf_files_are_one_line_errors_and_leave_nothing(tmp_path, kind, message):
     bad = tmp_path / f"{kind}.gguf"
     if kind == "text":
         bad.write_text("a note, not a model\n")
     else:
-        write_gguf(bad, architecture="notamodel" if kind == "architecture" else "llama",
-                   embedding_type=gguf.GGMLQuantizationType.Q8_1 if kind == "quantization" else None)
+        write_gguf(
+            bad,
+            architecture="notamodel" if kind == "architecture" else "llama",
+            embedding_type=gguf.GGMLQuantizationType.Q8_1 if kind == "quantization" else None,
+        )
     with pytest.raises(ConfigError) as err:
         convert_gguf(bad, tmp_path / "out")
     assert str(err.value).startswith(f"{bad}: ") and message in str(err.value)
@@ -156,15 +173,20 @@ def test_bad_gguf_files_are_one_line_errors_and_leave_nothing(tmp_path, kind, me
 def test_convert_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_text("a note, not a model\n")
-    result = subprocess.run([sys.executable, "-m", "efficient_rl.cli", "convert", str(bad), "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "convert", str(bad), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"efficient-rl: error: {bad}: not a GGUF file"]
     assert not (tmp_path / "out").exists()
 
 
-def test_model_references_builtin_directory_gguf_and_hub(tmp_path, smollm2, capsys, monkeypatch,
-                                                        tiny_conversions_removed):
+def test_model_references_builtin_directory_gguf_and_hub(
+    tmp_path, smollm2, capsys, monkeypatch, tiny_conversions_removed
+):
     assert model_directory("smollm2", "model.path") == smollm2
     assert model_directory(str(smollm2), "model.path") == smollm2
 
@@ -188,8 +210,10 @@ def test_model_references_builtin_directory_gguf_and_hub(tmp_path, smollm2, caps
         model_directory("HuggingFaceTB/SmolLM2-135M-Instruct", "model.path")
     assert str(err.value).startswith("model.path: HuggingFaceTB/SmolLM2-135M-Instruct ")
     assert "hub is unreachable" in str(err.value) and "\n" not in str(err.value)
-    for reference, message in [(str(tmp_path / "missing.gguf"), "no such GGUF file"),
-                               (str(tmp_path), "is not a model directory (no config.json)")]:
+    for reference, message in [
+        (str(tmp_path / "missing.gguf"), "no such GGUF file"),
+        (str(tmp_path), "is not a model directory (no config.json)"),
+    ]:
         with pytest.raises(ConfigError, match=f"^model.path: .*{re.escape(message)}"):
             model_directory(reference, "model.path")
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from test_selected_compute import DISTILLATION, VOCAB, settings_of, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from test_selected_compute import DISTILLATION, VOCAB, settings_of, tiny_model
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.teacher import Teacher
@@ -31,9 +31,12 @@ def spread_batch(seed: int, keep: float = 1.0) -> RolloutBatch:
         prompt_ids=torch.randint(1, VOCAB, (ROWS, prompt_width), generator=generator) * prompt_mask,
         prompt_mask=prompt_mask,
         response_ids=torch.randint(1, VOCAB, (ROWS, width), generator=generator) * response_mask.long(),
-        response_mask=response_mask, rollout_logprobs=-torch.rand(ROWS, width, generator=generator) * response_mask,
-        truncated=torch.zeros(ROWS, dtype=torch.bool), group_ids=torch.arange(ROWS) // 3,
-        samples=[{}] * ROWS, completions=[""] * ROWS,
+        response_mask=response_mask,
+        rollout_logprobs=-torch.rand(ROWS, width, generator=generator) * response_mask,
+        truncated=torch.zeros(ROWS, dtype=torch.bool),
+        group_ids=torch.arange(ROWS) // 3,
+        samples=[{}] * ROWS,
+        completions=[""] * ROWS,
         advantages=torch.randn(ROWS, width, generator=generator) * response_mask,
         loss_mask=kept if keep < 1.0 else None,
     )
@@ -101,8 +104,7 @@ def test_distillation_with_packing_trains_as_row_micro_batches():
     rows = train("rows", batch, *DISTILLATION, teacher=teacher, chunk_rows=5)
     assert rows[0]["distill/divergence"] > 0
     for mode in ("token_budget", "packed_budget"):
-        assert_same_training(rows, train(mode, batch, *DISTILLATION, teacher=teacher,
-                                         chunk_rows=5), mode)
+        assert_same_training(rows, train(mode, batch, *DISTILLATION, teacher=teacher, chunk_rows=5), mode)
 
 
 def test_token_statistics_are_the_same_in_every_grouping():
@@ -112,8 +114,12 @@ def test_token_statistics_are_the_same_in_every_grouping():
 
     def statistics(mode):
         size, tokens, packing = MODES[mode]
-        learner = TorchLearner(tiny_model(tied=True), settings_of(temperature=0.7, packing=packing),
-                               OptimSettings(micro_batch_size=size, micro_batch_tokens=tokens), teacher=teacher)
+        learner = TorchLearner(
+            tiny_model(tied=True),
+            settings_of(temperature=0.7, packing=packing),
+            OptimSettings(micro_batch_size=size, micro_batch_tokens=tokens),
+            teacher=teacher,
+        )
         return learner.token_statistics(batch, names)
 
     expected = statistics("rows")
@@ -151,8 +157,14 @@ def test_every_row_is_in_exactly_one_micro_batch(tokens, packing):
 
 def llama_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(config).float()
 
 

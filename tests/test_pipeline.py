@@ -11,9 +11,9 @@ import pytest
 
 from conftest import RECIPES
 from efficient_rl.config.loading import load_recipe
-from efficient_rl.errors import ConfigError
-from efficient_rl.driver.validate import validate
 from efficient_rl.driver.loop import run_recipe
+from efficient_rl.driver.validate import validate
+from efficient_rl.errors import ConfigError
 
 OVERLAPPED = ["cluster.pipeline.name=overlapped", "algorithm.rollout_correction=tis"]
 # Rewards in the driver's process: reward workers would cost start-up time for nothing here.
@@ -39,8 +39,11 @@ def read_metrics(run_dir):
 
 def deterministic(row):
     """Everything but wall times; NaN as a string so that rows compare equal."""
-    return {key: "nan" if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()
-            if not key.startswith(("timing/", "step_time", "tokens_per_second", "sync/"))}
+    return {
+        key: "nan" if isinstance(value, float) and math.isnan(value) else value
+        for key, value in row.items()
+        if not key.startswith(("timing/", "step_time", "tokens_per_second", "sync/"))
+    }
 
 
 def assert_every_prompt_trained_once(rows, prompts_per_step):
@@ -55,9 +58,17 @@ def assert_every_prompt_trained_once(rows, prompts_per_step):
 
 def test_max_staleness_0_reproduces_sync_exactly(tmp_path, tiny_overrides):
     """Dynamic sampling's refill rounds and a periodic evaluation included."""
-    common = tiny_overrides + QUIET + ["steps=4", "eval.every=2", "reward=[{name: 'test_pipeline:parity_reward'}]",
-                                       "algorithm.sampling={name: dynamic, max_rounds: 3}",
-                                       "algorithm.rollout_correction=tis"]
+    common = (
+        tiny_overrides
+        + QUIET
+        + [
+            "steps=4",
+            "eval.every=2",
+            "reward=[{name: 'test_pipeline:parity_reward'}]",
+            "algorithm.sampling={name: dynamic, max_rounds: 3}",
+            "algorithm.rollout_correction=tis",
+        ]
+    )
     sync, _ = train(common + ["logging.name=sync"])
     overlapped, _ = train(common + OVERLAPPED + ["cluster.pipeline.max_staleness=0", "logging.name=overlapped"])
     expected, got = read_metrics(sync.path), read_metrics(overlapped.path)
@@ -68,9 +79,18 @@ def test_max_staleness_0_reproduces_sync_exactly(tmp_path, tiny_overrides):
 
 
 def test_max_staleness_1_trains_no_rollout_older_than_one_version(tmp_path, tiny_overrides):
-    run, _ = train(tiny_overrides + QUIET + OVERLAPPED + [
-        "steps=5", "cluster.pipeline.max_staleness=1", "reward=[{name: 'test_pipeline:parity_reward'}]",
-        "logging.trackers=[tensorboard]", "logging.name=stale"])
+    run, _ = train(
+        tiny_overrides
+        + QUIET
+        + OVERLAPPED
+        + [
+            "steps=5",
+            "cluster.pipeline.max_staleness=1",
+            "reward=[{name: 'test_pipeline:parity_reward'}]",
+            "logging.trackers=[tensorboard]",
+            "logging.name=stale",
+        ]
+    )
     rows = read_metrics(run.path)
     assert_every_prompt_trained_once(rows, 4)
     assert all(0.0 <= row["pipeline/staleness/mean"] <= row["pipeline/staleness/max"] <= 1.0 for row in rows)
@@ -107,9 +127,20 @@ def assert_staleness_histograms(event_dir, rows):
 def test_a_driver_killed_mid_run_resumes_with_every_prompt_trained_once(tmp_path, tiny_overrides):
     """kill -9 while batches are in flight; the checkpoint holds them, the resume trains them."""
     steps = 8
-    command = [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-               *QUIET, *OVERLAPPED, "cluster.pipeline.max_staleness=2", f"steps={steps}", "checkpoint.every=1",
-               "logging.name=killed"]
+    command = [
+        sys.executable,
+        "-m",
+        "efficient_rl.cli",
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        *QUIET,
+        *OVERLAPPED,
+        "cluster.pipeline.max_staleness=2",
+        f"steps={steps}",
+        "checkpoint.every=1",
+        "logging.name=killed",
+    ]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
     deadline = time.time() + 1200  # a hang guard only
@@ -131,11 +162,22 @@ def test_every_weight_update_resets_the_vllm_prefix_cache(tmp_path, tiny_overrid
     give the learner's log-probs. Prefix-cached KV of older weights would fail the check (it does,
     with the reset taken out: a gap of about a nat at the first load). A large learning rate makes
     every version differ from the last."""
-    run, _ = train(tiny_overrides + QUIET + OVERLAPPED + [
-        "steps=4", "learner.lr=0.01", "rollout.engine=vllm", "rollout.verify_sync=true",
-        "rollout.max_prompt_length=192", "cluster.pipeline.max_staleness=1",
-        f"prompt.user_template='{SHARED_PREFIX}{{question}}'", "reward=[{name: 'test_pipeline:parity_reward'}]",
-        "logging.name=prefix"])
+    run, _ = train(
+        tiny_overrides
+        + QUIET
+        + OVERLAPPED
+        + [
+            "steps=4",
+            "learner.lr=0.01",
+            "rollout.engine=vllm",
+            "rollout.verify_sync=true",
+            "rollout.max_prompt_length=192",
+            "cluster.pipeline.max_staleness=1",
+            f"prompt.user_template='{SHARED_PREFIX}{{question}}'",
+            "reward=[{name: 'test_pipeline:parity_reward'}]",
+            "logging.name=prefix",
+        ]
+    )
     rows = read_metrics(run.path)
     loads = [row for row in rows if "sync/verified" in row]
     assert len(loads) >= 2 and all(row["sync/verified"] == 1.0 for row in loads)
@@ -143,11 +185,14 @@ def test_every_weight_update_resets_the_vllm_prefix_cache(tmp_path, tiny_overrid
     assert any(row["rollout/logprob_diff"] > 1e-2 for row in rows)  # the versions really differ
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cluster.pipeline.max_staleness=-1", "cluster.pipeline.max_staleness: expected"),
-    ("cluster.pipeline.name=overlaped", "cluster.pipeline: unknown pipeline 'overlaped'"),
-    ("algorithm.rollout_correction=none", "cluster.pipeline.max_staleness: 1 trains on rollouts of older"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.pipeline.max_staleness=-1", "cluster.pipeline.max_staleness: expected"),
+        ("cluster.pipeline.name=overlaped", "cluster.pipeline: unknown pipeline 'overlaped'"),
+        ("algorithm.rollout_correction=none", "cluster.pipeline.max_staleness: 1 trains on rollouts of older"),
+    ],
+)
 def test_bad_pipeline_settings_are_one_line_at_load(tiny_overrides, override, message):
     with pytest.raises(ConfigError, match=message):
         validate(load_recipe(RECIPES / "quickstart.yaml", tiny_overrides + OVERLAPPED + [override]))

@@ -7,14 +7,14 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM
 
+from conftest import RECIPES, TINY_OVERRIDES
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import PromptSection
-from efficient_rl.errors import ConfigError
 from efficient_rl.data.prompts import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids
+from efficient_rl.errors import ConfigError
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import VLLMEngine
-from conftest import RECIPES, TINY_OVERRIDES
 
 GREEDY = SamplingSettings(n=1, max_new_tokens=24, temperature=0.0)
 
@@ -27,10 +27,11 @@ def test_chat_prompt_has_system_turn_and_user_template(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = PromptSection(system_prompt="Be brief.", user_template="Q: {question} A?")
     # The lab's template, written out by hand: <|im_start|>role\ncontent<|im_end|>\n per turn.
-    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: 2+3 A?<|im_end|>\n"
-                "<|im_start|>assistant\n")
+    expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: 2+3 A?<|im_end|>\n<|im_start|>assistant\n"
     assert encode_prompt(tokenizer, "2+3", prompt) == ids_of(tokenizer, expected)
-    assert encode_prompt(tokenizer, "2+3") == ids_of(tokenizer, "<|im_start|>user\n2+3<|im_end|>\n<|im_start|>assistant\n")
+    assert encode_prompt(tokenizer, "2+3") == ids_of(
+        tokenizer, "<|im_start|>user\n2+3<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_never_gives_the_plain_user_text(tiny_model_dir):
@@ -54,14 +55,19 @@ def no_template_model(tmp_path, tiny_model_dir):
 def test_auto_falls_back_to_plain_text_and_always_is_refused(no_template_model, tmp_path):
     tokenizer = load_tokenizer(no_template_model)
     assert encode_prompt(tokenizer, "2+3") == tokenizer("2+3")["input_ids"]
-    with pytest.raises(TokenizerError, match="prompt.chat_template: always, but the tokenizer of .* has no chat template"):
+    with pytest.raises(
+        TokenizerError, match="prompt.chat_template: always, but the tokenizer of .* has no chat template"
+    ):
         encode_prompt(tokenizer, "2+3", PromptSection(chat_template="always"))
 
     from efficient_rl.driver.loop import run_recipe
 
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("model.lab")] + [
-        "model.lab=null", f"model.path={no_template_model}", "prompt.chat_template=always",
-        f"logging.output_dir={tmp_path / 'runs'}"]
+        "model.lab=null",
+        f"model.path={no_template_model}",
+        "prompt.chat_template=always",
+        f"logging.output_dir={tmp_path / 'runs'}",
+    ]
     with pytest.raises(ConfigError, match="^model: prompt.chat_template: always"):
         run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
     assert not (tmp_path / "runs").exists()
@@ -92,8 +98,10 @@ def test_generation_config_stop_tokens_end_responses_on_both_engines(extra_stop_
     model_dir, prompts, stop, stopped_length = extra_stop_model
     tokenizer = load_tokenizer(model_dir)
     assert stop_token_ids(tokenizer) == sorted({tokenizer.eos_token_id, stop})
-    engines = {"transformers": TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer),
-               "vllm": VLLMEngine(model_dir, tokenizer, max_model_len=128, seed=0)}
+    engines = {
+        "transformers": TransformersEngine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer),
+        "vllm": VLLMEngine(model_dir, tokenizer, max_model_len=128, seed=0),
+    }
     responses = {}
     for name, engine in engines.items():
         batch = engine.generate(prompts, [{}, {}], [0, 1], GREEDY)

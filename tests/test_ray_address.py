@@ -21,20 +21,42 @@ sys.stdin.read()  # serve until the test closes stdin
 def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_overrides):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="erl-head-")
-    head = subprocess.Popen([sys.executable, "-c", HEAD, temp_dir], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, temp_dir], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         address = head.stdout.readline().strip()
         result = subprocess.run(
-            [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-             "cluster.backend=ray", "rollout.engine=vllm", f"cluster.address={address}", "steps=2",
-             "eval.before_training=false", "eval.after_training=false", "logging.name=joined"],
-            capture_output=True, text=True, env=env, timeout=1200)
+            [
+                sys.executable,
+                "-m",
+                "efficient_rl.cli",
+                "train",
+                str(RECIPES / "quickstart.yaml"),
+                *tiny_overrides,
+                "cluster.backend=ray",
+                "rollout.engine=vllm",
+                f"cluster.address={address}",
+                "steps=2",
+                "eval.before_training=false",
+                "eval.after_training=false",
+                "logging.name=joined",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / "runs" / "joined" / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [1, 2] and all(row["sync/bytes"] > 0 for row in rows)
-        status = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "status",
-                                 f"--address={address}"], capture_output=True, text=True, env=env, timeout=600)
+        status = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "status", f"--address={address}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert head.poll() is None and status.returncode == 0, status.stderr[-2000:]  # still up
     finally:
         head.stdin.close()

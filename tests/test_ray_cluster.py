@@ -10,20 +10,28 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES
-from efficient_rl.run.checkpoint import RunDir
-from efficient_rl.errors import WorkerFailure
 from efficient_rl.cluster.ray_backend import place, start_learners
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.loop import Trainer
 from efficient_rl.driver.validate import validate
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
-from efficient_rl.driver.loop import Trainer
+from efficient_rl.run.checkpoint import RunDir
 
-RAY_OVERRIDES = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed",
-                 "cluster.learner.workers=2", "eval.before_training=false", "eval.after_training=false",
-                 "logging.trackers=[]", "steps=3", "checkpoint.every=1"]
+RAY_OVERRIDES = [
+    "cluster.backend=ray",
+    "rollout.engine=vllm",
+    "learner.backend=deepspeed",
+    "cluster.learner.workers=2",
+    "eval.before_training=false",
+    "eval.after_training=false",
+    "logging.trackers=[]",
+    "steps=3",
+    "checkpoint.every=1",
+]
 # The tiny model never answers right, so rewards carry no signal. A large decoupled weight decay
 # still moves every weight each step (x0.9), so each verified sync checks genuinely new weights.
 MOVING_WEIGHTS = ["learner.lr=0.01", "learner.weight_decay=10.0"]
@@ -80,11 +88,20 @@ def test_zero2_survives_a_killed_rollout_worker_and_resumes_after_a_dead_learner
     step; a learner rank killed before step 3 stops the run, and --resume runs step 3."""
     import ray
 
-    overrides = tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
-        "learner.zero_stage=2", "rollout.verify_sync=true", "logging.name=zero2"]
+    overrides = (
+        tiny_overrides
+        + RAY_OVERRIDES
+        + MOVING_WEIGHTS
+        + ["learner.zero_stage=2", "rollout.verify_sync=true", "logging.name=zero2"]
+    )
     run, setup, trainer = make_trainer(overrides)
-    kill_before_steps(trainer, {2: lambda: ray.get(trainer.engine.workers[0].pid.remote()),
-                                3: lambda: ray.get(trainer.learner.workers[1].pid.remote())})
+    kill_before_steps(
+        trainer,
+        {
+            2: lambda: ray.get(trainer.engine.workers[0].pid.remote()),
+            3: lambda: ray.get(trainer.learner.workers[1].pid.remote()),
+        },
+    )
     with pytest.raises(WorkerFailure, match="learner rank 1 died.*--resume"):
         run_to_end(trainer)
     assert run.latest_checkpoint().name == "step-00000002"  # intact, and the one to resume from
@@ -107,10 +124,20 @@ def test_overlapped_over_ray_restarts_a_rollout_worker_killed_while_the_learner_
     timing (with three, it could have generated every batch before the kill)."""
     import ray
 
-    run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
-        "learner.zero_stage=2", "rollout.verify_sync=true", "cluster.pipeline.name=overlapped",
-        "cluster.pipeline.max_staleness=1", "algorithm.rollout_correction=tis", "logging.name=overlapped",
-        "steps=4"])
+    run, setup, trainer = make_trainer(
+        tiny_overrides
+        + RAY_OVERRIDES
+        + MOVING_WEIGHTS
+        + [
+            "learner.zero_stage=2",
+            "rollout.verify_sync=true",
+            "cluster.pipeline.name=overlapped",
+            "cluster.pipeline.max_staleness=1",
+            "algorithm.rollout_correction=tis",
+            "logging.name=overlapped",
+            "steps=4",
+        ]
+    )
     kill_before_steps(trainer, {2: lambda: ray.get(trainer.engine.workers[0].pid.remote())})
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
@@ -123,9 +150,18 @@ def test_overlapped_over_ray_restarts_a_rollout_worker_killed_while_the_learner_
 
 
 def test_zero3_trains_with_verified_syncs_colocated(ray_cluster, tiny_overrides):
-    run, setup, trainer = make_trainer(tiny_overrides + RAY_OVERRIDES + MOVING_WEIGHTS + [
-        "learner.zero_stage=3", "rollout.verify_sync=true", "cluster.sync_bucket_mb=0.05",
-        "cluster.placement=colocate", "logging.name=zero3"])
+    run, setup, trainer = make_trainer(
+        tiny_overrides
+        + RAY_OVERRIDES
+        + MOVING_WEIGHTS
+        + [
+            "learner.zero_stage=3",
+            "rollout.verify_sync=true",
+            "cluster.sync_bucket_mb=0.05",
+            "cluster.placement=colocate",
+            "logging.name=zero3",
+        ]
+    )
     summary = run_to_end(trainer)
     rows = read_metrics(run.path)
     assert summary["steps_completed"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
@@ -143,9 +179,21 @@ def test_distillation_from_a_teacher_actor_with_tip_selection_on_deepspeed_ranks
     from efficient_rl.cluster.teacher import teacher_actor_name
     from efficient_rl.driver.loop import run_recipe
 
-    recipe = load_recipe(RECIPES / "tip_opd.yaml", tiny_overrides + RAY_OVERRIDES + [
-        "model.lab=tiny_student", "distill.teacher=lab:tiny", "distill.placement=ray", "learner.zero_stage=2",
-        "steps=2", "rollout.max_response_length=24", "eval.max_new_tokens=32", "logging.name=tip-ray"])
+    recipe = load_recipe(
+        RECIPES / "tip_opd.yaml",
+        tiny_overrides
+        + RAY_OVERRIDES
+        + [
+            "model.lab=tiny_student",
+            "distill.teacher=lab:tiny",
+            "distill.placement=ray",
+            "learner.zero_stage=2",
+            "steps=2",
+            "rollout.max_response_length=24",
+            "eval.max_new_tokens=32",
+            "logging.name=tip-ray",
+        ],
+    )
     run, summary = run_recipe(recipe)
     rows = read_metrics(run.path)
     assert summary["steps_completed"] == 2
@@ -161,8 +209,11 @@ def fixed_batch(recipe, setup):
     torch.manual_seed(0)
     prompts = setup.train_samples[:5]
     batch = TransformersEngine(setup.model, setup.tokenizer).generate(
-        [setup.encode(s) for s in prompts], prompts, list(range(5)),
-        SamplingSettings(n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length))
+        [setup.encode(s) for s in prompts],
+        prompts,
+        list(range(5)),
+        SamplingSettings(n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length),
+    )
     batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
     return batch
 
@@ -170,9 +221,13 @@ def fixed_batch(recipe, setup):
 def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster, tiny_overrides):
     from efficient_rl.learner.base import LEARNERS
 
-    common = tiny_overrides + ["rollout.group_size=3", "learner.lr=0.001", "learner.mini_batch_prompts=2",
-                               "learner.micro_batch_size=2",
-                               "algorithm.kl_coef=0.01"]  # 3 optimizer steps, uneven shards, old and ref log-probs
+    common = tiny_overrides + [
+        "rollout.group_size=3",
+        "learner.lr=0.001",
+        "learner.mini_batch_prompts=2",
+        "learner.micro_batch_size=2",
+        "algorithm.kl_coef=0.01",
+    ]  # 3 optimizer steps, uneven shards, old and ref log-probs
     recipe = load_recipe(RECIPES / "quickstart.yaml", common)
     setup = build_setup(validate(recipe))
     setup.rewards.close()  # the batch is scored by hand here
@@ -180,8 +235,9 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     # Then a token selection on the updated weights: the head runs on the selected positions only
     # (ZeRO-2) or on masked full logits (ZeRO-3, see DeepSpeedLearner).
     selected_batch = copy.copy(batch)
-    selected_batch.loss_mask = (torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
-                                < 0.5).float() * batch.response_mask
+    selected_batch.loss_mask = (
+        torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    ).float() * batch.response_mask
     single = LEARNERS.get("torch")(validate(recipe), setup.model_dir, setup.base_model_dir)
     full = single.update(batch)
     assert full["optimizer_steps"] == 3.0 and full["grad_norm"] > 0
@@ -190,8 +246,9 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
 
     memory_savers = ["learner.offload_optimizer=true", "learner.gradient_checkpointing=true"]
     for stage, extra in ((2, []), (3, []), (2, memory_savers)):
-        ds_recipe = load_recipe(RECIPES / "quickstart.yaml",
-                                common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra)
+        ds_recipe = load_recipe(
+            RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra
+        )
         placement = place(ds_recipe.cluster)
         group = start_learners(validate(ds_recipe), setup, placement)
         try:

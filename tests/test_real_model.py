@@ -11,13 +11,21 @@ import pytest
 from conftest import RECIPES
 
 SMALL_RL = [
-    "steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_response_length=24",
-    "data.train_size=40", "data.heldout_size=4", "algorithm.sampling=all",
-    "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
+    "steps=1",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_response_length=24",
+    "data.train_size=40",
+    "data.heldout_size=4",
+    "algorithm.sampling=all",
+    "eval.before_training=false",
+    "eval.after_training=false",
+    "logging.trackers=[]",
     "logging.progress=false",
     # A large decoupled weight decay moves every weight, so the verified sync checks genuinely
     # new weights even where the rewards carry no signal.
-    "learner.lr=1.0e-3", "learner.weight_decay=5.0",
+    "learner.lr=1.0e-3",
+    "learner.weight_decay=5.0",
 ]
 
 
@@ -31,10 +39,32 @@ def smollm2():
 def test_eval_on_gsm8k_questions_writes_its_report(smollm2, tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "eval", "smollm2", "--data", "gsm8k:test100", "--problems", "3",
-         "--samples", "1", "--budgets", "48", "--engine", "vllm", "--chat-template", "always",
-         "--user-template", "{question} Put the final answer in \\boxed{}.", "--out", str(out)],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "eval",
+            "smollm2",
+            "--data",
+            "gsm8k:test100",
+            "--problems",
+            "3",
+            "--samples",
+            "1",
+            "--budgets",
+            "48",
+            "--engine",
+            "vllm",
+            "--chat-template",
+            "always",
+            "--user-template",
+            "{question} Put the final answer in \\boxed{}.",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     (run,) = report["runs"].values()
@@ -46,16 +76,25 @@ def test_eval_on_gsm8k_questions_writes_its_report(smollm2, tmp_path):
 
 
 def test_an_rl_step_through_ray_vllm_and_zero2_with_a_verified_sync(smollm2, tmp_path):
-    from efficient_rl.run.checkpoint import RunDir
     from efficient_rl.cluster.runtime import start_ray
     from efficient_rl.config.loading import load_recipe
     from efficient_rl.driver.build import build_setup
-    from efficient_rl.driver.validate import validate
     from efficient_rl.driver.loop import Trainer
+    from efficient_rl.driver.validate import validate
+    from efficient_rl.run.checkpoint import RunDir
 
-    recipe = load_recipe(RECIPES / "smollm2_dler_cpu.yaml", SMALL_RL + [
-        "cluster.backend=ray", "learner.backend=deepspeed", "cluster.learner.workers=2", "learner.zero_stage=2",
-        "rollout.verify_sync=true", f"logging.output_dir={tmp_path / 'runs'}"])
+    recipe = load_recipe(
+        RECIPES / "smollm2_dler_cpu.yaml",
+        SMALL_RL
+        + [
+            "cluster.backend=ray",
+            "learner.backend=deepspeed",
+            "cluster.learner.workers=2",
+            "learner.zero_stage=2",
+            "rollout.verify_sync=true",
+            f"logging.output_dir={tmp_path / 'runs'}",
+        ],
+    )
     session = start_ray(None, cpus=3, gpus=0)
     try:
         run = RunDir(recipe)

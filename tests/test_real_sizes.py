@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 import torch
+from test_packing import Observed, spread_batch
+from test_selected_compute import VOCAB, settings_of
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import RECIPES, TINY_OVERRIDES
-from test_packing import Observed, spread_batch
-from test_selected_compute import VOCAB, settings_of
 from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, optim_settings
 from efficient_rl.models.modeling import load_model, response_logprobs, token_logprobs_and_entropy
-from efficient_rl.driver.build import build_setup
-from efficient_rl.driver.validate import validate
 
 # bfloat16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative, and a value
 # in the backward has been through a handful of them (weights, activations, their products:
@@ -30,15 +30,24 @@ BF16_LOSS_TOLERANCE = 2 * 2**-8
 
 def small_model() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return Qwen2ForCausalLM(config).float()
 
 
 def one_update(precision: str, batch, **optim):
-    learner = Observed(small_model(), settings_of(temperature=0.7),
-                       OptimSettings(**{"lr": 1e-3, "micro_batch_size": 4, **optim}, precision=precision),
-                       sync_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    learner = Observed(
+        small_model(),
+        settings_of(temperature=0.7),
+        OptimSettings(**{"lr": 1e-3, "micro_batch_size": 4, **optim}, precision=precision),
+        sync_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+    )
     learner.gradients = []
     return learner, learner.update(batch), learner.gradients[0]
 
@@ -158,8 +167,11 @@ def reference_factor(name: str, step: int, total: int, warmup: int, floor: float
     if step < warmup:
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    return {"constant": 1.0, "linear": 1 - (1 - floor) * t,
-            "cosine": floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2}[name]
+    return {
+        "constant": 1.0,
+        "linear": 1 - (1 - floor) * t,
+        "cosine": floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2,
+    }[name]
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
@@ -174,8 +186,10 @@ def test_schedules_follow_their_formulas(name):
 
 
 def test_the_learner_follows_its_schedule_across_a_resume(tmp_path):
-    recipe = load_recipe(RECIPES / "grpo.yaml", ["steps=6", "learner.lr=0.01", "learner.lr_schedule.name=cosine",
-                                                 "learner.lr_schedule.warmup_steps=2"])
+    recipe = load_recipe(
+        RECIPES / "grpo.yaml",
+        ["steps=6", "learner.lr=0.01", "learner.lr_schedule.name=cosine", "learner.lr_schedule.warmup_steps=2"],
+    )
     batch = spread_batch(seed=3)
 
     def learner():
@@ -194,25 +208,40 @@ def test_the_learner_follows_its_schedule_across_a_resume(tmp_path):
 
 
 # ---------------------------------------------------------------- the recipe keys
-@pytest.mark.parametrize("override, message", [
-    ("learner.precision=fp16", "learner.precision: expected one of 'fp32', 'bf16'"),
-    ("model.dtype=half", "model.dtype: expected one of 'float32', 'bfloat16'"),
-    ("learner.micro_batch_tokens=-5", "learner.micro_batch_tokens: expected an integer >= 0"),
-    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: expected a finite number in (0, 1]"),
-    ("learner.lr_schedule=cosin", "learner.lr_schedule: unknown learning-rate schedule 'cosin' (did you mean 'cosine'?)"),
-    ("learner.lr_schedule.warmup_steps=-1", "learner.lr_schedule.warmup_steps: expected an integer >= 0"),
-    ("learner.lr_schedule.min_lr_ratio=2", "learner.lr_schedule.min_lr_ratio: unknown key"),  # constant has none
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learner.precision=fp16", "learner.precision: expected one of 'fp32', 'bf16'"),
+        ("model.dtype=half", "model.dtype: expected one of 'float32', 'bfloat16'"),
+        ("learner.micro_batch_tokens=-5", "learner.micro_batch_tokens: expected an integer >= 0"),
+        (
+            "rollout.vllm.gpu_memory_utilization=1.5",
+            "rollout.vllm.gpu_memory_utilization: expected a finite number in (0, 1]",
+        ),
+        (
+            "learner.lr_schedule=cosin",
+            "learner.lr_schedule: unknown learning-rate schedule 'cosin' (did you mean 'cosine'?)",
+        ),
+        ("learner.lr_schedule.warmup_steps=-1", "learner.lr_schedule.warmup_steps: expected an integer >= 0"),
+        ("learner.lr_schedule.min_lr_ratio=2", "learner.lr_schedule.min_lr_ratio: unknown key"),  # constant has none
+    ],
+)
 def test_bad_precision_batching_and_schedule_keys_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         validate(load_recipe(RECIPES / "grpo.yaml", [override]))
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["learner.packing=true", "learner.zero_stage=3"], "learner.packing: not under ZeRO-3"),
-    (["learner.precision=bf16", "learner.zero_stage=0"], "learner.precision: bf16 on DeepSpeed needs zero_stage 1-3"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["learner.packing=true", "learner.zero_stage=3"], "learner.packing: not under ZeRO-3"),
+        (
+            ["learner.precision=bf16", "learner.zero_stage=0"],
+            "learner.precision: bf16 on DeepSpeed needs zero_stage 1-3",
+        ),
+    ],
+)
 def test_deepspeed_refuses_what_it_cannot_do(overrides, message):
     ray = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed"]
     with pytest.raises(ConfigError, match=message):
@@ -227,8 +256,11 @@ def test_the_ray_driver_reads_config_and_tokenizer_but_never_the_weights(tmp_pat
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     (model_dir / "model.safetensors").unlink()
-    common = [o for o in TINY_OVERRIDES if not o.startswith("model.")] + [f"model.path={model_dir}", "model.lab=null",
-                                                                         "scoring.workers=0"]
+    common = [o for o in TINY_OVERRIDES if not o.startswith("model.")] + [
+        f"model.path={model_dir}",
+        "model.lab=null",
+        "scoring.workers=0",
+    ]
     recipe = load_recipe(RECIPES / "quickstart.yaml", common + ["cluster.backend=ray", "rollout.engine=vllm"])
     setup = build_setup(validate(recipe))
     setup.rewards.close()

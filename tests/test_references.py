@@ -48,8 +48,7 @@ def tracked_texts() -> dict[str, str]:
 def heading_slug(title: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped (letters, digits, marks,
     underscores, hyphens and spaces stay), each space a hyphen."""
-    kept = "".join(ch for ch in title.strip().lower()
-                   if ch in "-_ " or unicodedata.category(ch)[0] in "LNM")
+    kept = "".join(ch for ch in title.strip().lower() if ch in "-_ " or unicodedata.category(ch)[0] in "LNM")
     return kept.replace(" ", "-")
 
 
@@ -70,15 +69,24 @@ def heading_anchors(markdown: str) -> set[str]:
 def cited_anchors(texts: dict[str, str]) -> list[tuple[str, str]]:
     """(file, anchor) for every link into docs/algorithms.md, its own in-page links included."""
     cited = [(name, anchor) for name, text in texts.items() for anchor in CITED_ANCHOR.findall(text)]
-    cited += [(name, anchor) for name, text in texts.items()
-              if name.endswith(CODE_SUFFIXES) and "docs/algorithms.md" in text for anchor in BARE_ANCHOR.findall(text)]
+    cited += [
+        (name, anchor)
+        for name, text in texts.items()
+        if name.endswith(CODE_SUFFIXES) and "docs/algorithms.md" in text
+        for anchor in BARE_ANCHOR.findall(text)
+    ]
     own = texts.get("docs/algorithms.md", "")
     return cited + [("docs/algorithms.md", anchor) for anchor in IN_PAGE_ANCHOR.findall(own)]
 
 
 def test_no_tracked_file_points_outside_the_repository():
-    mentions = [f"{name}: {needle}" for name, text in tracked_texts().items() if not name.startswith("tests/")
-                for needle in OUTSIDE_REFERENCES if needle in text]
+    mentions = [
+        f"{name}: {needle}"
+        for name, text in tracked_texts().items()
+        if not name.startswith("tests/")
+        for needle in OUTSIDE_REFERENCES
+        if needle in text
+    ]
     assert mentions == [], "cite docs/algorithms.md instead:\n" + "\n".join(mentions)
 
 
@@ -98,9 +106,14 @@ def test_slugs_follow_github():
 
 def test_the_checks_catch_a_bad_citation():
     link = "docs/algorithms.md#"
-    texts = {"efficient_rl/x.py": f"see {link}no-such-heading and {link}dler, then (#dler, #gone-too)\n# a comment",
-             "docs/algorithms.md": "## DLER\n[up](#dler) [gone](#missing)\n",
-             "docs/other.md": f"[{link}dler] and its own [section](#own-heading)"}
+    texts = {
+        "efficient_rl/x.py": f"see {link}no-such-heading and {link}dler, then (#dler, #gone-too)\n# a comment",
+        "docs/algorithms.md": "## DLER\n[up](#dler) [gone](#missing)\n",
+        "docs/other.md": f"[{link}dler] and its own [section](#own-heading)",
+    }
     anchors = heading_anchors(texts["docs/algorithms.md"])
     assert sorted((name, a) for name, a in cited_anchors(texts) if a not in anchors) == [
-        ("docs/algorithms.md", "missing"), ("efficient_rl/x.py", "gone-too"), ("efficient_rl/x.py", "no-such-heading")]
+        ("docs/algorithms.md", "missing"),
+        ("efficient_rl/x.py", "gone-too"),
+        ("efficient_rl/x.py", "no-such-heading"),
+    ]

@@ -48,8 +48,11 @@ def test_the_pool_counts_timeouts_crashes_and_errors_and_keeps_going():
         # four replacements, and the replacements serve the next batch.
         assert runner.pool.restarts == 4
         assert all(worker.process.is_alive() for worker in runner.pool.workers)
-        assert not any(process.is_alive() for process in first_workers if process not in
-                       [worker.process for worker in runner.pool.workers])
+        assert not any(
+            process.is_alive()
+            for process in first_workers
+            if process not in [worker.process for worker in runner.pool.workers]
+        )
         again = runner.score(["ok", "abcd"], [SAMPLE] * 2)
     finally:
         runner.close()
@@ -82,8 +85,9 @@ def test_workers_outlive_the_stop_signals_meant_for_the_driver():
 
 
 def test_batched_rewards_get_the_whole_list():
-    runner = RewardRunner([RewardEntry(name=f"{__name__}:batched_reward"), RewardEntry(name="math", weight=0.5)],
-                          workers=1, timeout=5.0)
+    runner = RewardRunner(
+        [RewardEntry(name=f"{__name__}:batched_reward"), RewardEntry(name="math", weight=0.5)], workers=1, timeout=5.0
+    )
     try:
         result = runner.score(["2", "3", "\\boxed{2}"], [SAMPLE] * 3)
     finally:
@@ -95,14 +99,22 @@ def test_references_resolve_from_a_file_a_module_and_an_entry_point(tmp_path, mo
     (tmp_path / "my_reward.py").write_text("def shout(completion, sample):\n    return float(completion.isupper())\n")
     plugin = tmp_path / "site"
     (plugin / "erl_plugin-1.0.dist-info").mkdir(parents=True)
-    (plugin / "erl_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: erl-plugin\nVersion: 1.0\n")
+    (plugin / "erl_plugin-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: erl-plugin\nVersion: 1.0\n"
+    )
     (plugin / "erl_plugin-1.0.dist-info" / "entry_points.txt").write_text(
-        "[efficient_rl.rewards]\nquiet = erl_plugin_mod:quiet\n")
-    (plugin / "erl_plugin_mod.py").write_text("def quiet(completion, sample):\n    return float(completion.islower())\n")
+        "[efficient_rl.rewards]\nquiet = erl_plugin_mod:quiet\n"
+    )
+    (plugin / "erl_plugin_mod.py").write_text(
+        "def quiet(completion, sample):\n    return float(completion.islower())\n"
+    )
     monkeypatch.syspath_prepend(str(plugin))  # spawned workers inherit sys.path
     monkeypatch.chdir(tmp_path)
-    entries = [RewardEntry(name="my_reward.py:shout"), RewardEntry(name="quiet", weight=10.0),
-               RewardEntry(name=f"{__name__}:two_params", weight=100.0, params={"scale": 2.0})]
+    entries = [
+        RewardEntry(name="my_reward.py:shout"),
+        RewardEntry(name="quiet", weight=10.0),
+        RewardEntry(name=f"{__name__}:two_params", weight=100.0, params={"scale": 2.0}),
+    ]
     runner = RewardRunner(entries, workers=2, timeout=10.0)
     try:
         runner.check(SAMPLE)
@@ -111,14 +123,17 @@ def test_references_resolve_from_a_file_a_module_and_an_entry_point(tmp_path, mo
         runner.close()
 
 
-@pytest.mark.parametrize("entry, message", [
-    (RewardEntry(name="no_such_reward"), r"reward\[0\] \(no_such_reward\): unknown reward 'no_such_reward'"),
-    (RewardEntry(name="no.such.module:fn"), r"reward\[0\] \(no.such.module:fn\): cannot import no.such.module"),
-    (RewardEntry(name="missing.py:fn"), r"reward\[0\] \(missing.py:fn\): reward file missing.py not found"),
-    (RewardEntry(name=f"{__name__}:nothing_here"), r"has no function 'nothing_here'"),
-    (RewardEntry(name=f"{__name__}:two_params"), r"two_params cannot be called as \(completion, sample\)"),
-    (RewardEntry(name=f"{__name__}:two_params", params={"scale": 1, "extra": 2}), r"cannot be called as"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (RewardEntry(name="no_such_reward"), r"reward\[0\] \(no_such_reward\): unknown reward 'no_such_reward'"),
+        (RewardEntry(name="no.such.module:fn"), r"reward\[0\] \(no.such.module:fn\): cannot import no.such.module"),
+        (RewardEntry(name="missing.py:fn"), r"reward\[0\] \(missing.py:fn\): reward file missing.py not found"),
+        (RewardEntry(name=f"{__name__}:nothing_here"), r"has no function 'nothing_here'"),
+        (RewardEntry(name=f"{__name__}:two_params"), r"two_params cannot be called as \(completion, sample\)"),
+        (RewardEntry(name=f"{__name__}:two_params", params={"scale": 1, "extra": 2}), r"cannot be called as"),
+    ],
+)
 def test_bad_rewards_fail_at_load_naming_the_entry(entry, message):
     with pytest.raises(ConfigError, match=message):
         RewardRunner([entry])
@@ -143,9 +158,21 @@ def test_recipe_load_rejects_a_bad_reward_in_one_line(tmp_path):
     from conftest import RECIPES, TINY_OVERRIDES
 
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *TINY_OVERRIDES,
-         f"logging.output_dir={tmp_path}", "reward=[{name: math}, {name: 'test_reward_pool:text_reward'}]"],
-        capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *TINY_OVERRIDES,
+            f"logging.output_dir={tmp_path}",
+            "reward=[{name: math}, {name: 'test_reward_pool:text_reward'}]",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+        timeout=1200,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "reward[1] (test_reward_pool:text_reward): probe call" in lines[0]
@@ -159,10 +186,24 @@ def test_training_with_a_reward_from_a_file_through_the_cli(tmp_path, tiny_overr
     from conftest import RECIPES, ROOT
 
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.name=custom",
-         "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]"],
-        capture_output=True, text=True, cwd=ROOT, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "steps=2",
+            "eval.before_training=false",
+            "eval.after_training=false",
+            "logging.name=custom",
+            "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "custom" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
@@ -191,10 +232,19 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     data = tmp_path / "samples.jsonl"
     completions = ["ok", "abcd", "raise", "hang", "abcdef"]
     data.write_text("".join(json.dumps({**SAMPLE, "completion": c}) + "\n" for c in completions))
-    check = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{__name__}:hostile_reward",
-             "--timeout", "2"]
-    result = subprocess.run(check + ["--data", str(data)], capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__), timeout=1200)
+    check = [
+        sys.executable,
+        "-m",
+        "efficient_rl.cli",
+        "reward",
+        "check",
+        f"{__name__}:hostile_reward",
+        "--timeout",
+        "2",
+    ]
+    result = subprocess.run(
+        check + ["--data", str(data)], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=1200
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = result.stdout
     assert "on 5 samples" in report and "samples/s" in report
@@ -202,6 +252,13 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     assert "metric  hostile_reward/chars: mean" in report and "call    p50" in report
     assert "errors 1  timeouts 1" in report and "verifier crashed" in report and "no answer within 2 s" in report
 
-    missing = subprocess.run(check + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=1200)
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nope.jsonl not found" in missing.stderr
+    missing = subprocess.run(
+        check + ["--data", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+        timeout=1200,
+    )
+    assert (
+        missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nope.jsonl not found" in missing.stderr
+    )

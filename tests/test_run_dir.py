@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from conftest import RECIPES, TINY_OVERRIDES, wait_for
-from efficient_rl.run.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
 from efficient_rl.cli import main
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import run_recipe
+from efficient_rl.run.checkpoint import checkpoint_problem, file_modes, latest_checkpoint, lock_path, restart_mode
 
 QUIET = ["eval.before_training=false", "eval.after_training=false", "logging.trackers=[]"]
 HANG_GUARD = 1200  # seconds; only so that a broken run fails instead of hanging the suite
@@ -34,8 +34,10 @@ def read_steps(run_dir):
 def snapshot(root):
     """Every path under root, each file's size and modification time: what "untouched" means here
     (a directory's own mtime is left out: taking and releasing the run lock beside it changes it)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
-            for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+        for p in root.rglob("*")
+    }
 
 
 def error_lines(stderr):
@@ -43,8 +45,15 @@ def error_lines(stderr):
 
 
 def cli_command(output_dir, *args):
-    return [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"),
-            *overrides(output_dir), *args]
+    return [
+        sys.executable,
+        "-m",
+        "efficient_rl.cli",
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *overrides(output_dir),
+        *args,
+    ]
 
 
 @contextlib.contextmanager
@@ -54,8 +63,11 @@ def process_groups(cwd):
     started = []
 
     def start(command):
-        started.append(subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True))
+        started.append(
+            subprocess.Popen(
+                command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
+        )
         return started[-1]
 
     try:
@@ -75,8 +87,9 @@ BASE = ["steps=4", "checkpoint.every=1", "checkpoint.keep=2", "logging.name=base
 def base(tmp_path_factory, tiny_model_dir):
     """(output directory, a pristine copy of the base run); each test puts the copy back in place."""
     root = tmp_path_factory.mktemp("base")
-    run, summary = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides(root / "runs", *BASE)),
-                              stop_after_step=3)
+    run, summary = run_recipe(
+        load_recipe(RECIPES / "quickstart.yaml", overrides(root / "runs", *BASE)), stop_after_step=3
+    )
     run.close()
     assert summary["steps_completed"] == 3
     shutil.copytree(run.path, root / "pristine", symlinks=True)
@@ -103,14 +116,16 @@ def resume_base(output_dir):
 
 # ---------------------------------------------------------------- run names
 
+
 @pytest.mark.parametrize("mode", ["--overwrite", "--resume-if-checkpoint"])
 def test_a_run_name_must_be_one_directory_name(tmp_path, base, capsys, mode):
     output_dir = tmp_path / "runs"
     shutil.copytree(base[1], output_dir / "sibling", symlinks=True)
     before = snapshot(tmp_path)
     for name in ["", ".", "..", "../runs", "a/b", str(output_dir / "sibling"), ".hidden"]:
-        code = main(["train", str(RECIPES / "quickstart.yaml"), *overrides(output_dir, "steps=1"),
-                     f"logging.name={name}", mode])
+        code = main(
+            ["train", str(RECIPES / "quickstart.yaml"), *overrides(output_dir, "steps=1"), f"logging.name={name}", mode]
+        )
         stderr = capsys.readouterr().err
         assert code == 2, (name, stderr[-2000:])
         assert error_lines(stderr) == stderr.strip().splitlines(), stderr  # one line, no traceback
@@ -127,14 +142,22 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, base, capsys):
     (output_dir / "file").write_text("mine")
     before = snapshot(tmp_path)
     for name, why in [("link", "symbolic link"), ("notes", "not a run directory"), ("file", "not a directory")]:
-        code = main(["train", str(RECIPES / "quickstart.yaml"), *overrides(output_dir, "steps=1"),
-                     f"logging.name={name}", "--overwrite"])
+        code = main(
+            [
+                "train",
+                str(RECIPES / "quickstart.yaml"),
+                *overrides(output_dir, "steps=1"),
+                f"logging.name={name}",
+                "--overwrite",
+            ]
+        )
         stderr = capsys.readouterr().err
         assert code == 2 and why in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
         assert snapshot(tmp_path) == before, name
 
 
 # ---------------------------------------------------------------- the run lock
+
 
 def test_two_identical_starts_one_trains_the_other_refuses(tmp_path, tiny_model_dir):
     command = cli_command(tmp_path / "runs", "steps=3", "logging.name=twin")
@@ -156,12 +179,18 @@ def test_a_second_start_of_a_running_run_refuses_and_touches_nothing(tmp_path, t
     with process_groups(tmp_path) as start:
         first = start(cli_command(tmp_path / "runs", "steps=100000", "logging.name=busy"))
         metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), first,
-                 lambda: first.communicate()[1][-2000:], guard=HANG_GUARD)  # it ended: its stderr says why
+        wait_for(
+            lambda: metrics.exists() and metrics.read_text().strip(),
+            first,
+            lambda: first.communicate()[1][-2000:],
+            guard=HANG_GUARD,
+        )  # it ended: its stderr says why
         assert json.loads(lock_path(run_dir).read_text())["pid"] == first.pid
         config = (run_dir / "config.yaml").stat()
-        seconds = [start(cli_command(tmp_path / "runs", "steps=100000", "logging.name=busy", *mode))
-                   for mode in ([], ["--overwrite"], ["--resume"], ["--resume-if-checkpoint"])]
+        seconds = [
+            start(cli_command(tmp_path / "runs", "steps=100000", "logging.name=busy", *mode))
+            for mode in ([], ["--overwrite"], ["--resume"], ["--resume-if-checkpoint"])
+        ]
         for second in seconds:
             _, stderr = second.communicate(timeout=HANG_GUARD)
             assert second.returncode == 2, stderr[-2000:]
@@ -185,15 +214,25 @@ def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path, tiny_model_dir):
     lock = lock_path(tmp_path / "runs" / "orphan")
     lock.parent.mkdir()
     # A process that took the lock and was killed with it held, as a SIGKILL or OOM kill leaves it.
-    holder = subprocess.run([sys.executable, "-c", (
-        "import fcntl, os, signal, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, b'{\"pid\": %d, \"host\": \"gone\", \"started\": \"then\"}' % os.getpid())\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"), str(lock)], timeout=HANG_GUARD)
+    holder = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, signal, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                'os.write(fd, b\'{"pid": %d, "host": "gone", "started": "then"}\' % os.getpid())\n'
+                "os.kill(os.getpid(), signal.SIGKILL)\n"
+            ),
+            str(lock),
+        ],
+        timeout=HANG_GUARD,
+    )
     assert holder.returncode == -signal.SIGKILL and lock.exists()
-    run, summary = run_recipe(load_recipe(RECIPES / "quickstart.yaml",
-                                          overrides(tmp_path / "runs", "steps=1", "logging.name=orphan")))
+    run, summary = run_recipe(
+        load_recipe(RECIPES / "quickstart.yaml", overrides(tmp_path / "runs", "steps=1", "logging.name=orphan"))
+    )
     assert summary["steps_completed"] == 1
     assert json.loads(lock.read_text())["pid"] == os.getpid()  # the new run holds it now
     run.close()
@@ -202,6 +241,7 @@ def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------- damaged checkpoints
+
 
 @pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors", "optimizer.pt"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(base, capsys, damaged):
@@ -238,6 +278,7 @@ def test_no_usable_checkpoint_stops_with_the_files_named(base, capsys):
 
 # ---------------------------------------------------------------- the saved recipe
 
+
 def test_a_saved_recipe_with_a_retired_key_is_refused_in_one_line(base, capsys):
     run_dir = fresh_base(base)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -255,6 +296,7 @@ def test_a_saved_recipe_with_a_retired_key_is_refused_in_one_line(base, capsys):
 
 
 # ---------------------------------------------------------------- metrics.jsonl
+
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(base, capsys):
     run_dir = fresh_base(base)
@@ -279,11 +321,13 @@ def test_a_torn_middle_metrics_line_is_dropped_with_a_notice(tmp_path, capsys):
 
 # ---------------------------------------------------------------- file modes
 
+
 def test_every_checkpoint_file_has_one_mode(base):
     file_mode, dir_mode = file_modes()
     for checkpoint in sorted((base[1] / "checkpoints").iterdir()):
         paths = [checkpoint, *checkpoint.rglob("*")]
         modes = {p.relative_to(base[1]): p.stat().st_mode & 0o777 for p in paths}
-        assert {path: mode for path, mode in modes.items() if mode != (dir_mode if (base[1] / path).is_dir()
-                                                                        else file_mode)} == {}
+        assert {
+            path: mode for path, mode in modes.items() if mode != (dir_mode if (base[1] / path).is_dir() else file_mode)
+        } == {}
         assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == file_mode

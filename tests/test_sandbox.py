@@ -38,20 +38,35 @@ def test_a_plain_program_runs_with_its_stdin():
     assert (result.reason, result.stdout, result.contained) == ("ok", "9\n", True)
 
 
-@pytest.mark.parametrize("name, program, reason, message", [
-    ("writing outside its directory", "open('/etc/PWNED', 'w').write('x')", "exit code 1", "Permission denied"),
-    ("writing into the project", "open({project!r} + '/PWNED', 'w').write('x')", "exit code 1",
-     "Error"),  # Permission denied, or No such file when the checkout lives under the private /tmp
-    ("deleting a host file", "import os; os.remove({marker!r})", "exit code 1", "No such file"),
-    ("opening a socket", "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)", "exit code 1",
-     "Network is unreachable"),
-    ("a fork bomb", "import os\nwhile True:\n    os.fork()", "exit code 1", "Resource temporarily unavailable"),
-    ("allocating 10 GB", "x = bytearray(10 * 2**30)", "exit code 1", "MemoryError"),
-    ("sleeping forever", "import time; time.sleep(3600)", "timeout", ""),
-    ("printing 1 GB", "import sys\nfor _ in range(1024): sys.stdout.write('x' * 2**20)", "output over cap", ""),
-    ("signalling its parent", "import os, signal; os.kill({parent}, signal.SIGKILL)", "exit code 1",
-     "No such process"),  # a pid namespace of its own: no host process has a pid in it
-])
+@pytest.mark.parametrize(
+    "name, program, reason, message",
+    [
+        ("writing outside its directory", "open('/etc/PWNED', 'w').write('x')", "exit code 1", "Permission denied"),
+        (
+            "writing into the project",
+            "open({project!r} + '/PWNED', 'w').write('x')",
+            "exit code 1",
+            "Error",
+        ),  # Permission denied, or No such file when the checkout lives under the private /tmp
+        ("deleting a host file", "import os; os.remove({marker!r})", "exit code 1", "No such file"),
+        (
+            "opening a socket",
+            "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)",
+            "exit code 1",
+            "Network is unreachable",
+        ),
+        ("a fork bomb", "import os\nwhile True:\n    os.fork()", "exit code 1", "Resource temporarily unavailable"),
+        ("allocating 10 GB", "x = bytearray(10 * 2**30)", "exit code 1", "MemoryError"),
+        ("sleeping forever", "import time; time.sleep(3600)", "timeout", ""),
+        ("printing 1 GB", "import sys\nfor _ in range(1024): sys.stdout.write('x' * 2**20)", "output over cap", ""),
+        (
+            "signalling its parent",
+            "import os, signal; os.kill({parent}, signal.SIGKILL)",
+            "exit code 1",
+            "No such process",
+        ),  # a pid namespace of its own: no host process has a pid in it
+    ],
+)
 def test_hostile_programs_are_contained(bait, name, program, reason, message):
     marker, port = bait
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +85,13 @@ TESTS = [{"input": "1 2", "output": "3"}, {"input": "10 -4", "output": "6"}, {"i
 
 def test_code_reward_scores_the_fraction_of_tests_passed():
     assert extract_code(SOLUTION) == "a, b = map(int, input().split())\nprint(a + b)\n"
-    assert code_reward(SOLUTION, {"tests": TESTS}) == {"score": 1.0, "accuracy": 1.0, "has_code": 1.0,
-                                                        "timeouts": 0.0, "leftovers": 0.0}
+    assert code_reward(SOLUTION, {"tests": TESTS}) == {
+        "score": 1.0,
+        "accuracy": 1.0,
+        "has_code": 1.0,
+        "timeouts": 0.0,
+        "leftovers": 0.0,
+    }
     off_by_one = SOLUTION.replace("a + b", "a + b + (a == 0)")
     assert code_reward(off_by_one, {"tests": TESTS})["score"] == pytest.approx(2 / 3)
     assert code_reward(off_by_one, {"tests": TESTS}, all_or_nothing=True)["score"] == 0.0
@@ -81,8 +101,13 @@ def test_code_reward_scores_the_fraction_of_tests_passed():
     assert code_reward(asserts, {"tests": "assert add(2, 2) == 4\nassert add(-1, 1) == 0"})["score"] == 1.0
     assert code_reward("no code here", {"tests": TESTS})["has_code"] == 0.0
     daemon = "```python\nimport os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint(3)\n```"
-    assert code_reward(daemon, {"tests": TESTS[:1]}) == {"score": 1.0, "accuracy": 1.0, "has_code": 1.0,
-                                                          "timeouts": 0.0, "leftovers": 1.0}
+    assert code_reward(daemon, {"tests": TESTS[:1]}) == {
+        "score": 1.0,
+        "accuracy": 1.0,
+        "has_code": 1.0,
+        "timeouts": 0.0,
+        "leftovers": 1.0,
+    }
 
 
 # ---- programs that try to outlive their run ------------------------------------------------------
@@ -124,8 +149,10 @@ def with_suppressed(function, *args):
 
 def sleeper(word: str, then: str = "") -> str:
     """Program text: exec a Python that runs `then` and sleeps a minute, with `word` in its argv."""
-    return (f"os.execv(sys.executable, [sys.executable, '-I', '-S', '-c', "
-            f"'import os, sys, time\\n{then}\\ntime.sleep(60)', {word!r}])")
+    return (
+        f"os.execv(sys.executable, [sys.executable, '-I', '-S', '-c', "
+        f"'import os, sys, time\\n{then}\\ntime.sleep(60)', {word!r}])"
+    )
 
 
 def test_a_grandchild_in_a_new_session_dies_with_the_program(marker):
@@ -171,9 +198,11 @@ print(children)
     assert first.reason == "ok", first.stderr[-500:]
     assert int(first.stdout) >= 1 and first.leftover_processes == int(first.stdout)
     assert processes_with(marker) == []
-    legitimate = ("import subprocess, sys\n"
-                  "print(subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True, text=True,"
-                  " check=True).stdout.strip())")
+    legitimate = (
+        "import subprocess, sys\n"
+        "print(subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True, text=True,"
+        " check=True).stdout.strip())"
+    )
     second = run_python(legitimate, limits=limits)
     assert (second.reason, second.stdout, second.leftover_processes) == ("ok", "1\n", 0), second.stderr[-500:]
 
@@ -225,8 +254,11 @@ def test_d_a_program_cannot_ptrace_another_run(marker):
     # Both runs are user nobody, and nothing restricts ptrace here (no Yama): before pid namespaces
     # run 2 attached to run 1's program by its host pid. Now run 1 has no pid in run 2's namespace.
     results = {}
-    first = threading.Thread(target=lambda: results.update(first=run_python(
-        f"import os, sys\n{sleeper(marker)}", limits=Limits(timeout=60.0))))
+    first = threading.Thread(
+        target=lambda: results.update(
+            first=run_python(f"import os, sys\n{sleeper(marker)}", limits=Limits(timeout=60.0))
+        )
+    )
     first.start()
     try:
         give_up = time.monotonic() + 30  # a hang guard

@@ -11,9 +11,9 @@ from conftest import RECIPES
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.validate import validate
 from efficient_rl.learner.objective import loss_masks, objective_settings, policy_gradient_loss
 from efficient_rl.models.modeling import response_logprobs, sequence_inputs
-from efficient_rl.driver.validate import validate
 
 VOCAB, PROMPT, RESPONSE, ROWS = 97, 5, 11, 6
 
@@ -24,13 +24,22 @@ DISTILLATION = ("algorithm.objective=distillation", "distill.teacher=lab:tiny")
 
 def settings_of(*overrides, **fields):
     """The objective settings of grpo.yaml with recipe overrides, then settings fields replaced."""
-    return dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml", list(overrides)))), **fields)
+    return dataclasses.replace(
+        objective_settings(validate(load_recipe(RECIPES / "grpo.yaml", list(overrides)))), **fields
+    )
 
 
 def tiny_model(tied: bool) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
     return Qwen2ForCausalLM(config).float()
 
 
@@ -44,9 +53,12 @@ def random_batch(generator: torch.Generator, keep: float) -> RolloutBatch:
         prompt_ids=torch.randint(0, VOCAB, (ROWS, PROMPT), generator=generator) * prompt_mask,
         prompt_mask=prompt_mask,
         response_ids=torch.randint(0, VOCAB, (ROWS, RESPONSE), generator=generator) * response_mask.long(),
-        response_mask=response_mask, rollout_logprobs=torch.zeros(ROWS, RESPONSE),
-        truncated=torch.zeros(ROWS, dtype=torch.bool), group_ids=torch.arange(ROWS) // 2,
-        samples=[{}] * ROWS, completions=[""] * ROWS,
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(ROWS, RESPONSE),
+        truncated=torch.zeros(ROWS, dtype=torch.bool),
+        group_ids=torch.arange(ROWS) // 2,
+        samples=[{}] * ROWS,
+        completions=[""] * ROWS,
         advantages=torch.randn(ROWS, RESPONSE, generator=generator) * response_mask,
         old_logprobs=-torch.rand(ROWS, RESPONSE, generator=generator) * 3,  # ratios away from 1: clipping acts
         loss_mask=kept,
@@ -55,8 +67,9 @@ def random_batch(generator: torch.Generator, keep: float) -> RolloutBatch:
 
 def loss_and_gradients(model, batch, settings, selected_compute: bool):
     model.zero_grad()
-    logprobs, entropy = response_logprobs(model, batch, temperature=0.7,
-                                          selected=batch.loss_mask if selected_compute else None)
+    logprobs, entropy = response_logprobs(
+        model, batch, temperature=0.7, selected=batch.loss_mask if selected_compute else None
+    )
     _, averaged_over = loss_masks(batch, settings)
     loss, _ = policy_gradient_loss(logprobs, batch, settings, LossDenominators.of(averaged_over, RESPONSE))
     loss.backward()
@@ -143,8 +156,12 @@ def test_distillation_updates_pull_the_student_to_the_teacher_and_stats_match_th
     student, teacher_model = tiny_model(tied=True), tiny_model(tied=False)
     batch = random_batch(torch.Generator().manual_seed(13), 1.0)
     batch.loss_mask = None
-    learner = TorchLearner(student, settings_of(*DISTILLATION, temperature=1.0, chunk_rows=4),
-                           OptimSettings(lr=1e-2, micro_batch_size=4), teacher=Teacher(teacher_model, 1.0, 4))
+    learner = TorchLearner(
+        student,
+        settings_of(*DISTILLATION, temperature=1.0, chunk_rows=4),
+        OptimSettings(lr=1e-2, micro_batch_size=4),
+        teacher=Teacher(teacher_model, 1.0, 4),
+    )
     names = ("entropy", "reverse_kl", "forward_kl", "jsd")
     stats = learner.token_statistics(batch, names)
     inputs = dict(zip(("input_ids", "attention_mask", "position_ids"), sequence_inputs(batch)))

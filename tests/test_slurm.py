@@ -33,8 +33,9 @@ def slurm(tmp_path_factory):
 
 
 def cli(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "efficient_rl.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def submit(tmp_path, *args) -> str:
@@ -67,13 +68,27 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def quiet(tmp_path, steps: int) -> list[str]:
-    return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}", f"steps={steps}", "logging.trackers=[]",
-                             "eval.before_training=false", "eval.after_training=false"]
+    return TINY_OVERRIDES + [
+        f"logging.output_dir={tmp_path / 'runs'}",
+        f"steps={steps}",
+        "logging.trackers=[]",
+        "eval.before_training=false",
+        "eval.after_training=false",
+    ]
 
 
 def test_quickstart_on_two_nodes_runs_ray_across_both(slurm, tmp_path, tiny_model_dir):
-    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 2), "cluster.backend=ray",
-                 "rollout.engine=vllm", "--nodes", "2", "--time", "10")
+    job = submit(
+        tmp_path,
+        str(RECIPES / "quickstart.yaml"),
+        *quiet(tmp_path, 2),
+        "cluster.backend=ray",
+        "rollout.engine=vllm",
+        "--nodes",
+        "2",
+        "--time",
+        "10",
+    )
     state = finished(job)
     job_dir = tmp_path / "runs" / "slurm" / "quickstart"
     log = (job_dir / f"{job}.out").read_text()
@@ -92,11 +107,13 @@ def test_quickstart_on_two_nodes_runs_ray_across_both(slurm, tmp_path, tiny_mode
 
 
 def test_requeue_mid_training_resumes_and_runs_every_step_once(slurm, tmp_path, tiny_model_dir):
-    job = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 40), "logging.name=requeued",
-                 "--time", "10")
+    job = submit(
+        tmp_path, str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 40), "logging.name=requeued", "--time", "10"
+    )
     run_dir = tmp_path / "runs" / "requeued"
-    wait_for(job, lambda s: (run_dir / "metrics.jsonl").is_file() and len(logged_steps(run_dir)) >= 3,
-             120, "third step")
+    wait_for(
+        job, lambda s: (run_dir / "metrics.jsonl").is_file() and len(logged_steps(run_dir)) >= 3, 120, "third step"
+    )
     steps_before = len(logged_steps(run_dir))
     subprocess.run(["scontrol", "requeue", job], check=True)
     state = finished(job)
@@ -133,9 +150,21 @@ def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_mode
     # first attempt's driver starts only after the warning came. The 170 s are the driver's to
     # start, finish its step and checkpoint: ample on a busy machine too.
     run_dir, job_dir = tmp_path / "runs" / "limited", tmp_path / "runs" / "slurm" / "limited"
-    result = cli("submit", str(RECIPES / "quickstart.yaml"), *quiet(tmp_path, 100_000), "logging.name=limited",
-                 "--time", "3", "--warning", "170", "--max-requeues", "1",
-                 "--site", str(late_driver_site(tmp_path, job_dir)), cwd=tmp_path)
+    result = cli(
+        "submit",
+        str(RECIPES / "quickstart.yaml"),
+        *quiet(tmp_path, 100_000),
+        "logging.name=limited",
+        "--time",
+        "3",
+        "--warning",
+        "170",
+        "--max-requeues",
+        "1",
+        "--site",
+        str(late_driver_site(tmp_path, job_dir)),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
     state = finished(job, timeout=900)
@@ -151,8 +180,9 @@ def test_time_limit_warning_checkpoints_then_requeues(slurm, tmp_path, tiny_mode
 
     # Resubmitted with --resume (and more time), it continues from that checkpoint to the end.
     overrides = [o for o in quiet(tmp_path, 100_000) if not o.startswith("steps=")] + [f"steps={stops[1] + 3}"]
-    again = submit(tmp_path, str(RECIPES / "quickstart.yaml"), *overrides, "logging.name=limited", "--resume",
-                   "--time", "10")
+    again = submit(
+        tmp_path, str(RECIPES / "quickstart.yaml"), *overrides, "logging.name=limited", "--resume", "--time", "10"
+    )
     assert finished(again)["JobState"] == "COMPLETED"
     assert logged_steps(run_dir) == list(range(1, stops[1] + 4))
 
@@ -164,7 +194,9 @@ def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tin
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = tmp_path / "tiny" / "runs"
     for name in ("grpo-s0", "dler-s0"):  # one job each, through submit's job directory
-        (submission,) = [json.loads(line) for line in (runs / "slurm" / name / "submissions.jsonl").read_text().splitlines()]
+        (submission,) = [
+            json.loads(line) for line in (runs / "slurm" / name / "submissions.jsonl").read_text().splitlines()
+        ]
         assert f"{name}: submitted job {submission['job_id']}" in result.stdout
         assert "driver exited with status 0" in (runs / "slurm" / name / f"{submission['job_id']}.out").read_text()
         assert logged_steps(runs / name) == [1, 2, 3, 4]
@@ -177,15 +209,37 @@ def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tin
 
 def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
     for nodes in (1, 4):  # a dry run renders the request as given, without asking the cluster
-        result = cli("submit", str(RECIPES / "quickstart.yaml"), "cluster.backend=ray", "rollout.engine=vllm",
-                     "--nodes", str(nodes), "--gpus-per-node", "2", "--cpus-per-node", "16", "--time", "2-00:30",
-                     "--partition", "gpu", "--account", "proj", "--dry-run", "--site", "example", cwd=tmp_path)
+        result = cli(
+            "submit",
+            str(RECIPES / "quickstart.yaml"),
+            "cluster.backend=ray",
+            "rollout.engine=vllm",
+            "--nodes",
+            str(nodes),
+            "--gpus-per-node",
+            "2",
+            "--cpus-per-node",
+            "16",
+            "--time",
+            "2-00:30",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--dry-run",
+            "--site",
+            "example",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         script = tmp_path / f"job-{nodes}.sbatch"
         script.write_text(result.stdout)
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-        options = dict(line[len("#SBATCH --"):].split("=", 1) for line in result.stdout.splitlines()
-                       if line.startswith("#SBATCH --") and "=" in line)
+        options = dict(
+            line[len("#SBATCH --") :].split("=", 1)
+            for line in result.stdout.splitlines()
+            if line.startswith("#SBATCH --") and "=" in line
+        )
         assert options["nodes"] == str(nodes) and options["gpus-per-node"] == "2"
         assert options["cpus-per-task"] == "16" and options["ntasks-per-node"] == "1"
         assert options["time"] == "2-00:30" and options["partition"] == "gpu" and options["account"] == "proj"
@@ -198,41 +252,83 @@ def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):
     """recipes/dler_r1_1p5b.yaml (DLER's own sizes, bf16, 16 GPUs) passes every check submit makes
     without a cluster: the recipe, its actors against 2 nodes x 8 GPUs, and the script."""
     recipe = RECIPES / "dler_r1_1p5b.yaml"
-    result = cli("submit", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64",
-                 "--time", "4:00:00", "--dry-run", "--site", "example", cwd=tmp_path)
+    result = cli(
+        "submit",
+        str(recipe),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-node",
+        "64",
+        "--time",
+        "4:00:00",
+        "--dry-run",
+        "--site",
+        "example",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     script = tmp_path / "dler.sbatch"
     script.write_text(result.stdout)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    options = dict(line[len("#SBATCH --"):].split("=", 1) for line in result.stdout.splitlines()
-                   if line.startswith("#SBATCH --") and "=" in line)
+    options = dict(
+        line[len("#SBATCH --") :].split("=", 1)
+        for line in result.stdout.splitlines()
+        if line.startswith("#SBATCH --") and "=" in line
+    )
     assert options["nodes"] == "2" and options["gpus-per-node"] == "8" and options["job-name"] == "erl-dler_r1_1p5b"
     assert str(recipe) in result.stdout and not (tmp_path / "runs").exists()
     # 16 colocated GPU bundles do not fit one node of 8
-    one_node = cli("submit", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--cpus-per-node", "64",
-                   "--dry-run", "--site", "example", cwd=tmp_path)
+    one_node = cli(
+        "submit",
+        str(recipe),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-node",
+        "64",
+        "--dry-run",
+        "--site",
+        "example",
+        cwd=tmp_path,
+    )
     assert one_node.returncode == 2 and "the recipe's actors need 96 CPUs and 16 GPUs" in one_node.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
-    (["--nodes", "0"], "--nodes: expected an integer >= 1, got 0"),
-    (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
-    (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
-    (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),
-    (["cluster.learner.gpus=1", "learner.backend=deepspeed"], "the recipe's actors need 2 CPUs and 1 GPUs"),
-    (["cluster.rollout.cpus=3", "--nodes", "2"], "one actor needs 3 CPUs"),
-    (["cluster.backend=embedded", "--nodes", "2"], "--nodes 2: the recipe runs in one process"),
-    (["--time", "soon"], "--time soon: expected minutes"),
-    (["--time", "1", "--warning", "90"], "--warning 90: expected seconds between 0 and the time limit (60 s)"),
-    (["rollout.engine=transformers"], "rollout.engine: the ray backend runs vLLM rollout workers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
+        (["--nodes", "0"], "--nodes: expected an integer >= 1, got 0"),
+        (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
+        (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
+        (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),
+        (["cluster.learner.gpus=1", "learner.backend=deepspeed"], "the recipe's actors need 2 CPUs and 1 GPUs"),
+        (["cluster.rollout.cpus=3", "--nodes", "2"], "one actor needs 3 CPUs"),
+        (["cluster.backend=embedded", "--nodes", "2"], "--nodes 2: the recipe runs in one process"),
+        (["--time", "soon"], "--time soon: expected minutes"),
+        (["--time", "1", "--warning", "90"], "--warning 90: expected seconds between 0 and the time limit (60 s)"),
+        (["rollout.engine=transformers"], "rollout.engine: the ray backend runs vLLM rollout workers"),
+    ],
+)
 def test_bad_requests_are_refused_before_submission(slurm, tmp_path, monkeypatch, capsys, args, message):
     from efficient_rl.cli import main
 
     monkeypatch.chdir(tmp_path)
-    status = main(["submit", str(RECIPES / "quickstart.yaml"), "cluster.backend=ray", "rollout.engine=vllm",
-                   f"logging.output_dir={tmp_path / 'runs'}", *args, "--site", "local"])
+    status = main(
+        [
+            "submit",
+            str(RECIPES / "quickstart.yaml"),
+            "cluster.backend=ray",
+            "rollout.engine=vllm",
+            f"logging.output_dir={tmp_path / 'runs'}",
+            *args,
+            "--site",
+            "local",
+        ]
+    )
     stderr = capsys.readouterr().err
     assert status == 2 and message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
@@ -250,8 +346,8 @@ def test_missing_sbatch_and_existing_run_directory_are_one_line_errors(tmp_path)
 
 
 def test_restart_mode_resumes_a_checkpoint_and_restarts_a_run_without_one(tmp_path):
-    from efficient_rl.run.checkpoint import restart_mode
     from efficient_rl.config.loading import load_recipe
+    from efficient_rl.run.checkpoint import restart_mode
 
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"logging.output_dir={tmp_path}", "logging.name=r"])
     assert restart_mode(recipe) == (False, False)  # nothing there: a new run

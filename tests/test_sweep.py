@@ -18,8 +18,13 @@ HANG_GUARD = 1200  # seconds: only turns a hang into a failure
 
 
 def study(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "efficient_rl.cli", "study", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=HANG_GUARD)
+    return subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "study", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
 
 
 def logged_steps(run_dir) -> list[int]:
@@ -32,8 +37,13 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     command = [sys.executable, "-m", "efficient_rl.cli", "sweep", "run", str(TINY_STUDY), f"output_dir={tmp_path}"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Stop the study (as Ctrl-C would) once the second run has its first checkpoint.
-    wait_for((stopped / "checkpoints" / "step-00000001").is_dir, process, lambda: process.communicate()[0][-3000:],
-             guard=HANG_GUARD, pause=0.05)
+    wait_for(
+        (stopped / "checkpoints" / "step-00000001").is_dir,
+        process,
+        lambda: process.communicate()[0][-3000:],
+        guard=HANG_GUARD,
+        pause=0.05,
+    )
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=HANG_GUARD)[0]
     assert process.returncode == 75, output[-3000:]  # stopped, resumable
@@ -52,7 +62,9 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "1 of 2 runs done; training 1" in resumed.stdout
     # The finished run was not trained again: not one of its files was rewritten, and its log holds one attempt.
-    assert {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()} == files_of_the_finished_run
+    assert {
+        path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()
+    } == files_of_the_finished_run
     assert (directory / "logs" / "grpo-s0.log").read_text().count("=== study attempt") == 1
     # The stopped one continued from its checkpoint: its first steps' lines are kept, every step ran once.
     assert (directory / "logs" / "dler-s0.log").read_text().count("=== study attempt") == 2
@@ -67,7 +79,9 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     assert report["pareto"] and set(report["pareto"]) <= {p["name"] for p in report["points"]}
     assert report["oracle_frontier"][0] == [0.0, 0.0]
     methods = {(row["method"], row["budget"]): row for row in report["methods"]}
-    assert methods[("grpo", 8)]["seeds"] == 1 and methods[("grpo", 8)]["pass@1"]["mean"] == points[("grpo", 8)]["pass@1"]
+    assert (
+        methods[("grpo", 8)]["seeds"] == 1 and methods[("grpo", 8)]["pass@1"]["mean"] == points[("grpo", 8)]["pass@1"]
+    )
     markdown = (directory / "report.md").read_text()
     assert "| grpo-s0_step-00000004@8" in markdown and "| dler-s0_step-00000004@24" in markdown
     assert (directory / "frontier.png").stat().st_size > 10_000
@@ -77,7 +91,12 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     assert main(["study", "run", str(TINY_STUDY), f"output_dir={tmp_path}", "eval.checkpoints=all"]) == 0
     report = json.loads((directory / "report.json").read_text())
     assert {(p["method"], p["step"]) for p in report["points"]} == {
-        ("lab:tiny", 0), ("grpo", 3), ("grpo", 4), ("dler", 3), ("dler", 4)}
+        ("lab:tiny", 0),
+        ("grpo", 3),
+        ("grpo", 4),
+        ("dler", 3),
+        ("dler", 4),
+    }
     assert {row["step"] for row in report["methods"] if row["method"] == "dler"} == {3, 4}
     assert (directory / "logs" / "grpo-s0.log").read_text().count("=== study attempt") == 1
 
@@ -94,7 +113,8 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     report = json.loads((directory / "report.json").read_text())
     assert report["eval"]["run_user_templates"] == {"dler": "{question} Think in {budget} tokens."}
     assert {(p["method"], p["budget"]) for p in report["points"]} == {
-        (method, budget) for method in ("grpo", "dler", "lab:tiny") for budget in (8, 24)}
+        (method, budget) for method in ("grpo", "dler", "lab:tiny") for budget in (8, 24)
+    }
     assert set(report["pareto"]) <= {p["name"] for p in report["points"]}
     assert (directory / "logs" / "dler-s0.log").read_text().count("=== study attempt") == 2
 
@@ -106,10 +126,13 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
 
 
 def good_study(tmp_path) -> dict:
-    return {"output_dir": str(tmp_path / "out"), "seeds": [0],
-            "overrides": ["model.lab=tiny", "data.train=lab:tiny", "data.heldout=lab:tiny"],
-            "runs": [{"method": "a", "recipe": str(RECIPES / "grpo.yaml")}],
-            "eval": {"data": "lab:tiny", "budgets": [8]}}
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "seeds": [0],
+        "overrides": ["model.lab=tiny", "data.train=lab:tiny", "data.heldout=lab:tiny"],
+        "runs": [{"method": "a", "recipe": str(RECIPES / "grpo.yaml")}],
+        "eval": {"data": "lab:tiny", "budgets": [8]},
+    }
 
 
 def changed(study: dict, dotted: str, value) -> dict:
@@ -128,31 +151,43 @@ def changed(study: dict, dotted: str, value) -> dict:
 DELETE = object()
 
 
-@pytest.mark.parametrize("dotted, value, message", [
-    ("seed", [1], "seed: unknown key (did you mean 'seeds'?)"),
-    ("runs", DELETE, "expected runs to be set"),
-    ("runs", [], "runs: expected at least one run"),
-    ("runs.0.recipe", "nope.yaml", "nope.yaml: recipe file not found"),
-    ("runs.0.method", "a/b", "runs[0].method: expected a name of letters"),
-    ("runs.0.overrides", ["seed=3"], "runs[0].overrides: 'seed=3': the study sets seed itself"),
-    ("runs.0.eval_user_template", "{question} {level}",
-     "runs[0].eval_user_template: {level} is not a field an evaluation knows"),
-    ("eval.user_template", "{level}", "eval.user_template: {level} is not a field an evaluation knows"),
-    ("runs.0.overrides", ["algorithm.nope=1"], "algorithm.nope: unknown key"),
-    ("runs.0.overrides", ["rollout.group_size=0"], "rollout.group_size: expected an integer >= 1, got 0"),
-    ("runs", [{"method": "a", "recipe": str(RECIPES / "grpo.yaml")}, {"method": "a", "recipe": str(RECIPES / "dler.yaml")}],
-     "runs: method 'a' appears twice"),
-    ("seeds", [0, 0], "seeds: seed 0 appears twice"),
-    ("seeds", [-1], "seeds[0]: expected an integer >= 0, got -1"),
-    ("eval.budgets", [0], "eval.budgets[0]: expected an integer >= 1, got 0"),
-    ("eval.samples", "four", "eval.samples: expected an integer, got str 'four'"),
-    ("eval.data", "lab:nope", "eval.data: unknown lab preset 'nope'"),
-    ("eval.models", ["lab:tiny"], "eval.models: unknown key"),
-    ("eval.checkpoints", "some", "eval.checkpoints: expected one of 'final', 'all', got 'some'"),
-    ("eval.engine", "magic", "eval.engine: expected one of transformers, vllm"),
-    ("launcher", "kubernetes", "launcher: expected one of 'local', 'slurm', got 'kubernetes'"),
-    ("slurm.nodes", 0, "slurm.nodes: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("seed", [1], "seed: unknown key (did you mean 'seeds'?)"),
+        ("runs", DELETE, "expected runs to be set"),
+        ("runs", [], "runs: expected at least one run"),
+        ("runs.0.recipe", "nope.yaml", "nope.yaml: recipe file not found"),
+        ("runs.0.method", "a/b", "runs[0].method: expected a name of letters"),
+        ("runs.0.overrides", ["seed=3"], "runs[0].overrides: 'seed=3': the study sets seed itself"),
+        (
+            "runs.0.eval_user_template",
+            "{question} {level}",
+            "runs[0].eval_user_template: {level} is not a field an evaluation knows",
+        ),
+        ("eval.user_template", "{level}", "eval.user_template: {level} is not a field an evaluation knows"),
+        ("runs.0.overrides", ["algorithm.nope=1"], "algorithm.nope: unknown key"),
+        ("runs.0.overrides", ["rollout.group_size=0"], "rollout.group_size: expected an integer >= 1, got 0"),
+        (
+            "runs",
+            [
+                {"method": "a", "recipe": str(RECIPES / "grpo.yaml")},
+                {"method": "a", "recipe": str(RECIPES / "dler.yaml")},
+            ],
+            "runs: method 'a' appears twice",
+        ),
+        ("seeds", [0, 0], "seeds: seed 0 appears twice"),
+        ("seeds", [-1], "seeds[0]: expected an integer >= 0, got -1"),
+        ("eval.budgets", [0], "eval.budgets[0]: expected an integer >= 1, got 0"),
+        ("eval.samples", "four", "eval.samples: expected an integer, got str 'four'"),
+        ("eval.data", "lab:nope", "eval.data: unknown lab preset 'nope'"),
+        ("eval.models", ["lab:tiny"], "eval.models: unknown key"),
+        ("eval.checkpoints", "some", "eval.checkpoints: expected one of 'final', 'all', got 'some'"),
+        ("eval.engine", "magic", "eval.engine: expected one of transformers, vllm"),
+        ("launcher", "kubernetes", "launcher: expected one of 'local', 'slurm', got 'kubernetes'"),
+        ("slurm.nodes", 0, "slurm.nodes: expected an integer >= 1, got 0"),
+    ],
+)
 def test_bad_study_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, dotted, value, message):
     study_file = tmp_path / "study.yaml"
     raw = changed(good_study(tmp_path), dotted, value)

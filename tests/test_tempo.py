@@ -27,15 +27,21 @@ def make_batch(responses, rewards, group_ids, pad_tokens=None):
         ids.append(list(response) + list(pad))
         mask.append([1.0] * len(response) + [0.0] * (width - len(response)))
     return RolloutBatch(
-        prompt_ids=torch.ones(rows, 2, dtype=torch.long), prompt_mask=torch.ones(rows, 2, dtype=torch.long),
-        response_ids=torch.tensor(ids), response_mask=torch.tensor(mask),
-        rollout_logprobs=torch.zeros(rows, width), truncated=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.tensor(group_ids), samples=[{}] * rows, completions=[""] * rows,
+        prompt_ids=torch.ones(rows, 2, dtype=torch.long),
+        prompt_mask=torch.ones(rows, 2, dtype=torch.long),
+        response_ids=torch.tensor(ids),
+        response_mask=torch.tensor(mask),
+        rollout_logprobs=torch.zeros(rows, width),
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        group_ids=torch.tensor(group_ids),
+        samples=[{}] * rows,
+        completions=[""] * rows,
         rewards=torch.tensor(rewards, dtype=torch.float),
     )
 
 
 # ---------------------------------------------------------------- brute-force reference
+
 
 def reference_tree(batch):
     """(td, branching) as nested lists, from explicit prefix sets per token."""
@@ -85,6 +91,7 @@ def reference_metrics(batch):
 
 
 # ---------------------------------------------------------------- random groups with shared prefixes
+
 
 def random_group(rng, size, vocab, max_len):
     """Responses that branch off earlier ones at random points, over a tiny vocabulary.
@@ -165,8 +172,12 @@ def test_random_batches_exercise_the_edge_cases():
 
 # Rewards 1, 0, 0: mean 1/3, unbiased std sqrt(1/3). Row 2's pad at t=2 is 7 (row 0's real token
 # there) and row 0's pad at t=3 is 9 (row 1's): finished rows must still not match.
-TINY = dict(responses=[[5, 6, 7], [5, 6, 8, 9], [5, 4]], rewards=[1.0, 0.0, 0.0], group_ids=[0, 0, 0],
-            pad_tokens=[[9], [], [7, 9]])
+TINY = dict(
+    responses=[[5, 6, 7], [5, 6, 8, 9], [5, 4]],
+    rewards=[1.0, 0.0, 0.0],
+    group_ids=[0, 0, 0],
+    pad_tokens=[[9], [], [7, 9]],
+)
 # t=1: P = {0,1,2}, V = 1/3; rows 0,1 take 6 -> B = {0,1}, V = 1/2; row 2 takes 4 -> B = {2}, V = 0.
 # t=2: row 2 has finished, P = {0,1}, V = 1/2; row 0 -> V = 1, row 1 -> V = 0. t=3: row 1 is alone.
 TINY_TD = [[0.0, 1 / 6, 1 / 2, 0.0], [0.0, 1 / 6, -1 / 2, 0.0], [0.0, -1 / 3, 0.0, 0.0]]
@@ -178,13 +189,13 @@ def test_hand_computed_tiny_group():
     batch = make_batch(**TINY)
     td, branching = prefix_td(batch.response_ids, batch.response_mask, batch.group_ids, batch.rewards)
     torch.testing.assert_close(td, torch.tensor(TINY_TD, dtype=torch.double))
-    assert branching.tolist() == [[False, True, True, False], [False, True, True, False],
-                                  [False, True, False, False]]
+    assert branching.tolist() == [[False, True, True, False], [False, True, True, False], [False, True, False, False]]
     torch.testing.assert_close(tempo_advantages(batch, norm_by_std=False), torch.tensor(TINY_DR_GRPO))
     scaled = torch.tensor(TINY_DR_GRPO) / (math.sqrt(1 / 3) + EPS)
     torch.testing.assert_close(tempo_advantages(batch), scaled)
     assert tempo_metrics(batch) == pytest.approx(
-        {"tempo/branching_tokens_per_response": 5 / 3, "tempo/td_nonzero_fraction": 5 / 9})
+        {"tempo/branching_tokens_per_response": 5 / 3, "tempo/td_nonzero_fraction": 5 / 9}
+    )
 
 
 def test_no_branching_is_grpo_and_group_of_one_is_zero():

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from efficient_rl.algos.token_selection import (
-    SAMPLE_SELECTORS, TOKEN_SELECTORS, TokenStats, d3s_sample_mask, d3s_schedule, floor_counts, max_variance_subset,
-    quadrant_shares, select_d3s_tokens,
+    SAMPLE_SELECTORS,
+    TOKEN_SELECTORS,
+    TokenStats,
+    d3s_sample_mask,
+    d3s_schedule,
+    floor_counts,
+    max_variance_subset,
+    quadrant_shares,
+    select_d3s_tokens,
 )
 
 PAD_VALUE = 1e3  # padding carries huge statistics, so selecting it would show
@@ -32,8 +39,12 @@ def make_stats(lengths, seed=0, width=None):
     return TokenStats(
         mask=mask,
         advantages=torch.where(mask > 0, per_rollout[:, None], PAD_VALUE),
-        statistics={"entropy": token_field(math.log(VOCAB)), "reverse_kl": token_field(3.0),
-                    "forward_kl": token_field(3.0), "jsd": token_field(math.log(2))},
+        statistics={
+            "entropy": token_field(math.log(VOCAB)),
+            "reverse_kl": token_field(3.0),
+            "forward_kl": token_field(3.0),
+            "jsd": token_field(math.log(2)),
+        },
         vocab_size=VOCAB,
     )
 
@@ -87,8 +98,13 @@ def run(name, stats, seed=None, **params):
 
 
 SELECTOR_PARAMS = {
-    "all": {}, "high_entropy": {}, "d3s_tokens": {}, "tip_soft_or": {}, "tip_q3": {},
-    "entropy_sampling": {"gamma": 1.0}, "random": {},
+    "all": {},
+    "high_entropy": {},
+    "d3s_tokens": {},
+    "tip_soft_or": {},
+    "tip_q3": {},
+    "entropy_sampling": {"gamma": 1.0},
+    "random": {},
 }
 
 
@@ -198,8 +214,11 @@ def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
     # Keys drawn from a few exact values: many ties across rows and positions.
     per_rollout = torch.tensor([rng.choice([-1.0, 0.0, 1.0, 2.0]) for _ in LENGTHS])
     entropy = torch.tensor([[rng.choice([0.5, 1.0, 2.0]) for _ in range(stats.mask.shape[1])] for _ in LENGTHS])
-    stats = with_fields(stats, advantages=torch.where(stats.mask > 0, per_rollout[:, None], PAD_VALUE),
-                        entropy=torch.where(stats.mask > 0, entropy, PAD_VALUE))
+    stats = with_fields(
+        stats,
+        advantages=torch.where(stats.mask > 0, per_rollout[:, None], PAD_VALUE),
+        entropy=torch.where(stats.mask > 0, entropy, PAD_VALUE),
+    )
     for keep_fraction in (0.1, 0.25, 0.5, 0.8):
         keep = select_d3s_tokens(stats, keep_fraction=keep_fraction)
         assert selected(keep) == reference_d3s_tokens(stats, keep_fraction)
@@ -213,7 +232,11 @@ def test_d3s_tokens_ties_go_to_the_earlier_flat_position():
 
 def reference_tip(stats, rule, rho, clip_quantile=0.98):
     positions = valid_positions(stats)
-    entropy, reverse, forward = stat(stats, "entropy").tolist(), stat(stats, "reverse_kl").tolist(), stat(stats, "forward_kl").tolist()
+    entropy, reverse, forward = (
+        stat(stats, "entropy").tolist(),
+        stat(stats, "reverse_kl").tolist(),
+        stat(stats, "forward_kl").tolist(),
+    )
     h = {p: entropy[p[0]][p[1]] / math.log(stats.vocab_size) for p in positions}
     ceiling = py_quantile(list(h.values()), clip_quantile)
     h = py_min_max({p: min(v, ceiling) for p, v in h.items()})
@@ -226,7 +249,7 @@ def reference_tip(stats, rule, rho, clip_quantile=0.98):
     for row in range(len(stats.mask)):
         row_positions = [p for p in positions if p[0] == row]
         ranked = sorted(row_positions, key=lambda p: (-score[p], p[1]))
-        kept |= set(ranked[:exact_floor(rho, len(row_positions))])
+        kept |= set(ranked[: exact_floor(rho, len(row_positions))])
     return kept
 
 
@@ -251,8 +274,11 @@ def test_tip_ties_and_constant_axes():
     # Constant entropy normalises to 0, so Soft-OR ranks by reverse KL alone; reverse KL with ties.
     rng = random.Random(3)
     reverse = torch.tensor([[rng.choice([0.0, 1.0, 2.0]) for _ in range(width)] for _ in LENGTHS])
-    tied = with_fields(stats, entropy=torch.where(stats.mask > 0, 1.3, PAD_VALUE),
-                       reverse_kl=torch.where(stats.mask > 0, reverse, PAD_VALUE))
+    tied = with_fields(
+        stats,
+        entropy=torch.where(stats.mask > 0, 1.3, PAD_VALUE),
+        reverse_kl=torch.where(stats.mask > 0, reverse, PAD_VALUE),
+    )
     assert selected(run("tip_soft_or", tied, rho=0.5)) == reference_tip(tied, "soft_or", 0.5)
     # Both axes constant: every score is 0 and each row keeps its first floor(rho * length) tokens.
     flat = with_fields(tied, reverse_kl=torch.where(stats.mask > 0, 0.4, PAD_VALUE))
@@ -285,8 +311,15 @@ def exact_inclusion(weights, count):
     return inclusion
 
 
-@pytest.mark.parametrize("name,params", [("entropy_sampling", {}), ("entropy_sampling", {"gamma": 1.0, "alpha": 2.0}),
-                                         ("random", {}), ("random", {"ratio": 0.29})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("entropy_sampling", {}),
+        ("entropy_sampling", {"gamma": 1.0, "alpha": 2.0}),
+        ("random", {}),
+        ("random", {"ratio": 0.29}),
+    ],
+)
 def test_sampling_count_subset_and_reproducibility(name, params):
     stats = make_stats(LENGTHS, seed=4)
     total = len(valid_positions(stats))
@@ -302,8 +335,9 @@ def test_entropy_sampling_inclusion_probabilities_match_exact(gamma):
     # One rollout of 5 valid tokens (and padding); ratio 0.4 draws 2 of them.
     entropy = torch.tensor([[0.2, 1.0, 2.5, 0.6, 3.0, PAD_VALUE]])
     jsd = torch.tensor([[0.5, 0.1, 0.3, 0.6, 0.2, PAD_VALUE]])
-    stats = TokenStats(mask=torch.tensor([[1.0] * 5 + [0.0]]), statistics={"entropy": entropy, "jsd": jsd},
-                       vocab_size=VOCAB)
+    stats = TokenStats(
+        mask=torch.tensor([[1.0] * 5 + [0.0]]), statistics={"entropy": entropy, "jsd": jsd}, vocab_size=VOCAB
+    )
     weights = [e * (j if gamma else 1.0) for e, j in zip(entropy[0, :5].tolist(), jsd[0, :5].tolist())]
     expected = exact_inclusion(weights, 2)
     generator = torch.Generator().manual_seed(0)
@@ -335,8 +369,9 @@ def test_entropy_sampling_zero_weights_only_fill_the_count():
         assert len(few) == 5 and few <= positive
         many = selected(run("entropy_sampling", stats, seed=seed, ratio=0.8))  # 8 > 6 positive tokens
         assert len(many) == 8 and positive <= many
-    fillers = [frozenset(selected(run("entropy_sampling", stats, seed=seed, ratio=0.8)) - positive)
-               for seed in range(40)]
+    fillers = [
+        frozenset(selected(run("entropy_sampling", stats, seed=seed, ratio=0.8)) - positive) for seed in range(40)
+    ]
     assert len(set(fillers)) > 1  # the zero-weight fill is random, not always the same tokens
     # alpha = 0: 0^0 = 1, every token weighs the same.
     for seed in range(5):
@@ -427,8 +462,9 @@ def test_d3s_sample_mask_group_scope_against_brute_force():
             kept = [values[j] for j in rows if keep[j]]
             assert len(kept) == min(keep_per_group, len(rows))
             if kept:
-                assert population_variance(kept) == pytest.approx(best_variance([values[j] for j in rows], len(kept)),
-                                                                   abs=1e-9)
+                assert population_variance(kept) == pytest.approx(
+                    best_variance([values[j] for j in rows], len(kept)), abs=1e-9
+                )
 
 
 def test_d3s_sample_mask_batch_scope_against_brute_force():
@@ -504,11 +540,8 @@ def test_quadrant_shares_by_hand():
     d = torch.tensor([[0.2, 0.8, 0.9, 9.0], [0.1, 0.6, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     shares = quadrant_shares(h, d, mask)
-    assert shares == pytest.approx({"tip/q1_share": 0.4, "tip/q2_share": 0.2, "tip/q3_share": 0.2,
-                                    "tip/q4_share": 0.2})
+    assert shares == pytest.approx({"tip/q1_share": 0.4, "tip/q2_share": 0.2, "tip/q3_share": 0.2, "tip/q4_share": 0.2})
     # An even count: the median is the mean of the two middle values (0.5 and 0.7 -> 0.6).
-    even = quadrant_shares(torch.tensor([[0.1, 0.5, 0.7, 0.9]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]),
-                           torch.ones(1, 4))
-    assert even == pytest.approx({"tip/q1_share": 0.0, "tip/q2_share": 0.5, "tip/q3_share": 0.5,
-                                  "tip/q4_share": 0.0})
+    even = quadrant_shares(torch.tensor([[0.1, 0.5, 0.7, 0.9]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]), torch.ones(1, 4))
+    assert even == pytest.approx({"tip/q1_share": 0.0, "tip/q2_share": 0.5, "tip/q3_share": 0.5, "tip/q4_share": 0.0})
     assert set(quadrant_shares(h, d, torch.zeros_like(mask)).values()) == {0.0}

@@ -14,16 +14,28 @@ from pathlib import Path
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.config.loading import load_recipe
-from efficient_rl.errors import ConfigError
-from efficient_rl.driver.validate import validate
-from efficient_rl.driver.trackers import TRACKERS, mlflow_name
 from efficient_rl.driver.loop import run_recipe
+from efficient_rl.driver.trackers import TRACKERS, mlflow_name
+from efficient_rl.driver.validate import validate
+from efficient_rl.errors import ConfigError
+from efficient_rl.run.checkpoint import RunDir
 
 TIMING = ("step_time", "tokens_per_second", "timing/")
-COMPLETION_FIELDS = {"step", "group", "question", "prompt", "completion", "answer", "score", "reward", "correct", "length",
-                     "truncated", "length_cap"}
+COMPLETION_FIELDS = {
+    "step",
+    "group",
+    "question",
+    "prompt",
+    "completion",
+    "answer",
+    "score",
+    "reward",
+    "correct",
+    "length",
+    "truncated",
+    "length_cap",
+}
 HANG_GUARD = 60  # seconds for wandb's service to leave once the run is closed
 
 
@@ -40,9 +52,15 @@ def same_rows(saved: dict, expected: list[dict]) -> bool:
     pandas writes MLflow's tables at that precision)."""
     rows = [dict(zip(saved["columns"], values)) for values in saved["data"]]
     return len(rows) == len(expected) and all(
-        row.keys() == want.keys() and all(
-            math.isclose(row[k], want[k], rel_tol=1e-9, abs_tol=1e-12) if isinstance(want[k], float) else row[k] == want[k]
-            for k in want) for row, want in zip(rows, expected))
+        row.keys() == want.keys()
+        and all(
+            math.isclose(row[k], want[k], rel_tol=1e-9, abs_tol=1e-12)
+            if isinstance(want[k], float)
+            else row[k] == want[k]
+            for k in want
+        )
+        for row, want in zip(rows, expected)
+    )
 
 
 # ---------------------------------------------------------------- reading what wandb wrote offline
@@ -58,8 +76,8 @@ def wandb_records(path: Path):
         if left_in_block < 7:  # a block's tail too short for a header is padding
             position += left_in_block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position: position + 7])
-        chunk = data[position + 7: position + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 0:
             continue
@@ -99,7 +117,11 @@ def wandb_core_children() -> list[int]:
             command = (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields.get("PPid", "0")) == os.getpid() and b"wandb-core" in command and not fields["State"].startswith("Z"):
+        if (
+            int(fields.get("PPid", "0")) == os.getpid()
+            and b"wandb-core" in command
+            and not fields["State"].startswith("Z")
+        ):
             found.append(int(status.parent.name))
     return found
 
@@ -113,16 +135,23 @@ def assert_no_wandb_service_left() -> None:
 
 # ---------------------------------------------------------------- the tests
 def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_a_resume_continues_their_runs(
-        tmp_path, tiny_overrides, monkeypatch):
+    tmp_path, tiny_overrides, monkeypatch
+):
     """A run that dies after logging step 2 but before checkpointing it, then --resume: every
     step reaches each tracker once, in the same tracker runs, with metrics.jsonl's values."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: <output_dir>/mlflow.db
     overrides = tiny_overrides + [
-        "steps=3", "eval.before_training=false", "eval.after_training=false", "checkpoint.every=1",
-        "logging.name=tracked", "logging.trackers=[{name: wandb, mode: offline, project: tests}, mlflow]",
-        "logging.completions_every=2", "logging.completions_samples=2"]
+        "steps=3",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "checkpoint.every=1",
+        "logging.name=tracked",
+        "logging.trackers=[{name: wandb, mode: offline, project: tests}, mlflow]",
+        "logging.completions_every=2",
+        "logging.completions_samples=2",
+    ]
     save = RunDir.save_checkpoint
 
     def dies_saving_step_2(self, step, *args, **kwargs):
@@ -145,8 +174,9 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_a_resume_continues_t
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # step 2 ran again, logged once
     logged = {1: rows[0], 2: first_attempt[1], 3: rows[2]}  # the trackers kept step 2's first figures
-    assert {k: v for k, v in logged[2].items() if not k.startswith(TIMING)} == \
-           {k: v for k, v in rows[1].items() if not k.startswith(TIMING)}  # and they match the re-run's
+    assert {k: v for k, v in logged[2].items() if not k.startswith(TIMING)} == {
+        k: v for k, v in rows[1].items() if not k.startswith(TIMING)
+    }  # and they match the re-run's
     completions = read_jsonl(run_dir / "completions.jsonl")
     assert [c["step"] for c in completions] == [2, 2]  # the re-run step's rows, once
     for row in completions:
@@ -170,8 +200,13 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds_and_a_resume_continues_t
     assert run.data.params["steps"] == "3" and run.data.params["logging.completions_samples"] == "2"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "completions")] == ["completions/step-00000002.json"]
     for step, expected in tables.items():
-        saved = json.loads(Path(client.download_artifacts(run.info.run_id, f"completions/step-{step:08d}.json",
-                                                           str(tmp_path / f"mlflow-{step}"))).read_text())
+        saved = json.loads(
+            Path(
+                client.download_artifacts(
+                    run.info.run_id, f"completions/step-{step:08d}.json", str(tmp_path / f"mlflow-{step}")
+                )
+            ).read_text()
+        )
         assert same_rows(saved, expected), (saved, expected)
 
     # wandb: two offline parts of one run id (steps 1-2, then 3), the same values, the tables.
@@ -218,17 +253,23 @@ def fails_to_log(context):
 
 def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny_overrides, capsys):
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.name=failing",
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.name=failing",
         "logging.trackers=[test_fails_to_start, test_not_installed, test_fails_to_log, tensorboard, "
-        "{name: wandb, mode: offline, project: 'bad/name'}]"]
+        "{name: wandb, mode: offline, project: 'bad/name'}]",
+    ]
     run, summary = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
     assert summary["steps_completed"] == 2
     assert [r["step"] for r in read_jsonl(run.path / "metrics.jsonl")] == [1, 2]
     lines = capsys.readouterr().err.splitlines()
-    for name, line in (("test_fails_to_start", "failed to start, training goes on without it: ConnectionError: no network"),
-                       ("test_not_installed", "failed to start, training goes on without it: ModuleNotFoundError"),
-                       ("test_fails_to_log", "failed at step 1, training goes on without it: ValueError: the tracking"),
-                       ("wandb", "failed to start, training goes on without it: UsageError: Invalid project name")):
+    for name, line in (
+        ("test_fails_to_start", "failed to start, training goes on without it: ConnectionError: no network"),
+        ("test_not_installed", "failed to start, training goes on without it: ModuleNotFoundError"),
+        ("test_fails_to_log", "failed at step 1, training goes on without it: ValueError: the tracking"),
+        ("wandb", "failed to start, training goes on without it: UsageError: Invalid project name"),
+    ):
         reported = [text for text in lines if text.startswith(f"tracker {name} ")]
         assert len(reported) == 1 and line in reported[0], lines
     assert "pip install 'efficient-rl[trackers]'" in next(t for t in lines if "test_not_installed" in t)
@@ -239,8 +280,14 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
 def test_tracker_keys():
     assert load_recipe(RECIPES / "quickstart.yaml").to_dict()["logging"]["trackers"] == ["tensorboard"]
     for override, message in [
-        ("logging.trackers=[wandbb]", "logging.trackers[0]: unknown experiment tracker 'wandbb' (did you mean 'wandb'?)"),
-        ("logging.trackers=[{name: wandb, mode: live}]", "logging.trackers[0].mode: expected one of 'online', 'offline'"),
+        (
+            "logging.trackers=[wandbb]",
+            "logging.trackers[0]: unknown experiment tracker 'wandbb' (did you mean 'wandb'?)",
+        ),
+        (
+            "logging.trackers=[{name: wandb, mode: live}]",
+            "logging.trackers[0].mode: expected one of 'online', 'offline'",
+        ),
         ("logging.trackers=[{name: mlflow, uri: x}]", "logging.trackers[0].uri: unknown key"),
         ("logging.trackers=[wandb, wandb]", "logging.trackers[1]: wandb is listed twice"),
         ("logging.completions_every=-1", "logging.completions_every: expected an integer >= 0"),
@@ -253,9 +300,11 @@ def test_tracker_keys():
 def test_the_retired_tensorboard_key_is_refused_in_one_line(tmp_path):
     old_recipe = tmp_path / "old.yaml"
     old_recipe.write_text(f"defaults: {RECIPES / 'quickstart.yaml'}\nlogging: {{tensorboard: false}}\n")
-    for path, overrides in [(RECIPES / "quickstart.yaml", ["logging.tensorboard=false"]),
-                            (RECIPES / "quickstart.yaml", ["logging.trackers=[]", "logging.tensorboard=true"]),
-                            (old_recipe, [])]:
+    for path, overrides in [
+        (RECIPES / "quickstart.yaml", ["logging.tensorboard=false"]),
+        (RECIPES / "quickstart.yaml", ["logging.trackers=[]", "logging.tensorboard=true"]),
+        (old_recipe, []),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_recipe(path, overrides)
         message = str(err.value)
@@ -276,7 +325,9 @@ def test_the_eval_report_shows_graded_completions_per_run(tmp_path, tiny_model_d
     report, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
     assert "## Graded completions" in report and "<h2>Graded completions</h2>" in page
     for name, graded in result["runs"].items():
-        assert len(graded["graded"]) == REPORT_SAMPLES and f"### {name}" in report and f"<summary>{name}</summary>" in page
+        assert (
+            len(graded["graded"]) == REPORT_SAMPLES and f"### {name}" in report and f"<summary>{name}</summary>" in page
+        )
         cached = read_jsonl(tmp_path / "generations" / f"{name}.jsonl")
         for item, record in zip(graded["graded"], cached):
             assert item["question"] == record["question"] and item["completion"] == record["completions"][0]

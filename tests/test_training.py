@@ -8,14 +8,26 @@ import sys
 import pytest
 
 from conftest import RECIPES
-from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import run_recipe
+from efficient_rl.run.checkpoint import RunDir
 
 TIMING_KEYS = ("step_time", "tokens_per_second", "timing/")
-EVAL_COMMAND_METRICS = ("pass@1", "pass@1/ci_low", "pass@1/ci_high", "pass@2", "maj@2", "short-1@2", "length/mean",
-                        "length/median", "length_correct/p90", "length_incorrect/max", "truncation_rate",
-                        "tokens_per_correct", "accuracy_per_1k_tokens")
+EVAL_COMMAND_METRICS = (
+    "pass@1",
+    "pass@1/ci_low",
+    "pass@1/ci_high",
+    "pass@2",
+    "maj@2",
+    "short-1@2",
+    "length/mean",
+    "length/median",
+    "length_correct/p90",
+    "length_incorrect/max",
+    "truncation_rate",
+    "tokens_per_correct",
+    "accuracy_per_1k_tokens",
+)
 
 
 def read_metrics(run_dir):
@@ -28,17 +40,43 @@ def deterministic(row):
 
 def test_cli_two_training_steps(tmp_path, tiny_overrides):
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=2", "logging.name=smoke", "eval.every=2", "eval.samples_per_problem=2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "steps=2",
+            "logging.name=smoke",
+            "eval.every=2",
+            "eval.samples_per_problem=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke"
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ["reward/mean", "acc/mean", "response_length/mean", "response_length/median", "response_length/p90",
-                "response_length/max", "response_length/clip_ratio", "frac_reward_zero_std", "clip_ratio/low",
-                "clip_ratio/high", "entropy", "grad_norm", "tokens_per_second", "step_time"]:
+    for key in [
+        "reward/mean",
+        "acc/mean",
+        "response_length/mean",
+        "response_length/median",
+        "response_length/p90",
+        "response_length/max",
+        "response_length/clip_ratio",
+        "frac_reward_zero_std",
+        "clip_ratio/low",
+        "clip_ratio/high",
+        "entropy",
+        "grad_norm",
+        "tokens_per_second",
+        "step_time",
+    ]:
         assert key in rows[0], key
     assert rows[0]["response_length/max"] <= 24
     # Eval during training: the names `efficient-rl eval` writes to eval.json, with an eval/ prefix.
@@ -58,14 +96,19 @@ def test_cli_two_training_steps(tmp_path, tiny_overrides):
 
 
 def train(overrides, resume=False, stop_after_step=None):
-    return run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), resume=resume,
-                      stop_after_step=stop_after_step)
+    return run_recipe(
+        load_recipe(RECIPES / "quickstart.yaml", overrides), resume=resume, stop_after_step=stop_after_step
+    )
 
 
 def test_resume_runs_every_step_exactly_once(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["steps=4", "eval.before_training=false", "eval.after_training=false",
-                               "logging.trackers=[]",
-                               "algorithm.kl_coef=0.05"]  # the KL reference must survive a resume
+    common = tiny_overrides + [
+        "steps=4",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "algorithm.kl_coef=0.05",
+    ]  # the KL reference must survive a resume
     straight, _ = train(common + ["logging.name=straight"])
     interrupted, summary = train(common + ["logging.name=interrupted"], stop_after_step=2)
     assert summary["steps_completed"] == 2
@@ -83,8 +126,13 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_overrides):
 
     from efficient_rl.errors import ConfigError
 
-    common = tiny_overrides + ["steps=1", "eval.before_training=false", "eval.after_training=false",
-                               "logging.trackers=[]", "logging.name=r"]
+    common = tiny_overrides + [
+        "steps=1",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "logging.name=r",
+    ]
     run, _ = train(common)
     with pytest.raises(ConfigError, match="algorithm differs"):
         RunDir(load_recipe(RECIPES / "quickstart.yaml", common + ["algorithm.policy_loss.clip_high=0.5"]), resume=True)
@@ -109,9 +157,14 @@ def parity_reward(completion, sample):
 
 def test_dynamic_sampling_kl_and_ppo_mini_batches(tmp_path, tiny_overrides):
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-        "reward=[{name: 'test_training:parity_reward'}]", "algorithm.sampling={name: dynamic, max_rounds: 3}",
-        "algorithm.kl_coef=0.01", "learner.mini_batch_prompts=2",
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "reward=[{name: 'test_training:parity_reward'}]",
+        "algorithm.sampling={name: dynamic, max_rounds: 3}",
+        "algorithm.kl_coef=0.01",
+        "learner.mini_batch_prompts=2",
         "logging.name=ds",
     ]
     run, summary = train(overrides)
@@ -136,8 +189,12 @@ def flaky_reward(completion, sample):
 
 def test_reward_errors_are_counted_in_step_metrics(tmp_path, tiny_overrides):
     overrides = tiny_overrides + [
-        "steps=2", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-        "reward=[{name: 'test_training:flaky_reward'}]", "logging.name=flaky",
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "reward=[{name: 'test_training:flaky_reward'}]",
+        "logging.name=flaky",
     ]
     run, summary = train(overrides)
     assert summary["steps_completed"] == 2  # training goes on
@@ -156,9 +213,16 @@ def test_model_directory_and_local_jsonl_with_column_mapping(tmp_path, tiny_over
     rows = [{"prompt_text": f"Compute {a} + {b}.", "target": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = tiny_overrides + [
-        "model.lab=null", f"model.path={tiny_model_dir}", f"data.train={data}", f"data.heldout={data}",
-        "data.question_key=prompt_text", "data.answer_key=target", "steps=1", "eval.num_problems=4",
-        "logging.trackers=[]", "logging.name=jsonl",
+        "model.lab=null",
+        f"model.path={tiny_model_dir}",
+        f"data.train={data}",
+        f"data.heldout={data}",
+        "data.question_key=prompt_text",
+        "data.answer_key=target",
+        "steps=1",
+        "eval.num_problems=4",
+        "logging.trackers=[]",
+        "logging.name=jsonl",
     ]
     run, summary = train(overrides)
     assert summary["steps_completed"] == 1 and "final" in summary
@@ -171,10 +235,24 @@ def test_a_stop_file_written_before_the_start_stops_the_run_after_its_first_step
     stop_file = tmp_path / "stop-request"
     stop_file.touch()
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=50", "eval.before_training=false", "logging.trackers=[]", "logging.name=early"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)})
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "steps=50",
+            "eval.before_training=false",
+            "logging.trackers=[]",
+            "logging.name=early",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)},
+    )
     assert result.returncode == 75, result.stderr[-2000:]
     assert "a stop was requested" in result.stderr and "stopped after step 1 of 50" in result.stderr
     run_dir = tmp_path / "runs" / "early"
@@ -187,9 +265,22 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
     import time
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "steps=500", "eval.before_training=false", "logging.trackers=[]", "logging.name=term"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "steps=500",
+            "eval.before_training=false",
+            "logging.trackers=[]",
+            "logging.name=term",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -208,26 +299,49 @@ def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(tmp_path, t
 
 def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_overrides):
     """D3S and high-entropy recipes end to end: the learner trains on a selected share of tokens."""
-    common = tiny_overrides + ["steps=2", "eval.before_training=false", "eval.after_training=false",
-                               "logging.trackers=[]"]
-    d3s, _ = train(common + ["logging.name=d3s", "algorithm.sample_selection={name: d3s, rollouts: [2, 4]}",
-                             "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 0.6]}"])
+    common = tiny_overrides + [
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+    ]
+    d3s, _ = train(
+        common
+        + [
+            "logging.name=d3s",
+            "algorithm.sample_selection={name: d3s, rollouts: [2, 4]}",
+            "algorithm.token_selection={name: d3s_tokens, token_fraction: [0.2, 0.6]}",
+        ]
+    )
     rows = read_metrics(d3s.path)
     # Step 1 keeps 2 of 4 rollouts per prompt on average and 20% of their tokens; step 2 (the end) 4 and 60%.
     assert [r["selection/kept_rollouts"] for r in rows] == [8.0, 16.0]
     assert [r["d3s/token_fraction"] for r in rows] == pytest.approx([0.2, 0.6])
     assert rows[0]["tokens/kept_fraction"] < 0.2 and 0.5 < rows[1]["tokens/kept_fraction"] <= 0.6
-    high, _ = train(common + ["logging.name=high", "algorithm.token_selection={name: high_entropy, top_fraction: 0.25}",
-                              "algorithm.loss_denominator=all"])
+    high, _ = train(
+        common
+        + [
+            "logging.name=high",
+            "algorithm.token_selection={name: high_entropy, top_fraction: 0.25}",
+            "algorithm.loss_denominator=all",
+        ]
+    )
     for row in read_metrics(high.path):
         assert 0.2 <= row["tokens/kept_fraction"] <= 0.35  # top 25% by entropy (ties at the threshold kept)
 
 
 def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_overrides):
     """lab:tiny teaches lab:tiny_student (same tokenizer): full-token OPD, then TIP Soft-OR at 50%."""
-    common = tiny_overrides + ["model.lab=tiny_student", "distill.teacher=lab:tiny", "steps=2",
-                               "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]",
-                               "rollout.max_response_length=24", "eval.max_new_tokens=32"]
+    common = tiny_overrides + [
+        "model.lab=tiny_student",
+        "distill.teacher=lab:tiny",
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "rollout.max_response_length=24",
+        "eval.max_new_tokens=32",
+    ]
     full, _ = run_recipe(load_recipe(RECIPES / "opd.yaml", common + ["logging.name=opd"]))
     for row in read_metrics(full.path):
         assert row["distill/divergence"] > 0 and row["tokens/kept_fraction"] == 1.0
@@ -239,15 +353,25 @@ def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_ove
 
 
 def test_distillation_teacher_must_share_the_vocabulary(tmp_path, tiny_overrides):
-    from efficient_rl.errors import ConfigError
-
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    other = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=1, num_key_value_heads=1))
+    from efficient_rl.errors import ConfigError
+
+    other = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+        )
+    )
     other.save_pretrained(tmp_path / "other_teacher")
-    recipe = load_recipe(RECIPES / "opd.yaml", tiny_overrides + ["model.lab=tiny_student",
-                                                                 f"distill.teacher={tmp_path / 'other_teacher'}"])
+    recipe = load_recipe(
+        RECIPES / "opd.yaml",
+        tiny_overrides + ["model.lab=tiny_student", f"distill.teacher={tmp_path / 'other_teacher'}"],
+    )
     with pytest.raises(ConfigError, match=r"distill.teacher: a vocabulary of 1000 tokens, the student's has \d+"):
         run_recipe(recipe)
     assert not (tmp_path / "runs" / "opd").exists()

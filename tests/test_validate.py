@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 
-
 from conftest import RECIPES
 
 # Runs each argv through the CLI's main() and prints, per argv: exit code, stderr, process starts.
@@ -67,25 +66,39 @@ BAD_RECIPES = {
     "tracker twice": (["logging.trackers=[tensorboard, tensorboard]"], "logging.trackers[1]: tensorboard is listed"),
     "reward file": (["reward=[{name: missing_reward.py:score}]"], "reward[0] (missing_reward.py:score): "),
     "cap beyond the limit": (["algorithm.length_cap.length=100000"], "algorithm.length_cap.length: expected 1.."),
-    "tiers without a cap": (["algorithm.length_penalty=none", "algorithm.length_cap={name: difficulty_aware, "
-                             "min_correct: [0.0], truncation_lengths: [10]}"],
-                            "algorithm.length_cap: difficulty_aware needs a length_penalty"),
+    "tiers without a cap": (
+        [
+            "algorithm.length_penalty=none",
+            "algorithm.length_cap={name: difficulty_aware, min_correct: [0.0], truncation_lengths: [10]}",
+        ],
+        "algorithm.length_cap: difficulty_aware needs a length_penalty",
+    ),
     "missing data": (["data.train=missing.jsonl"], "data.train"),
     "template field": (["prompt.user_template='{nope}'"], "data.train"),
-    "need nothing provides": (["imports=[needy.py]", "algorithm.advantage=needy"],
-                              "algorithm.advantage: advantage estimator 'needy' needs 'entropyy', which nothing "
-                              "provides (did you mean 'entropy'?)"),
+    "need nothing provides": (
+        ["imports=[needy.py]", "algorithm.advantage=needy"],
+        "algorithm.advantage: advantage estimator 'needy' needs 'entropyy', which nothing "
+        "provides (did you mean 'entropy'?)",
+    ),
 }
 
 
 def run_recipes(tmp_path, cases: dict[str, list[str]], extra: list[str]) -> dict[str, dict]:
     """Each case's overrides through `efficient-rl train` in the runner; its result by case."""
-    argvs = [["train", str(RECIPES / "quickstart.yaml"), f"logging.output_dir={tmp_path / 'runs'}", *extra,
-              *overrides] for overrides in cases.values()]
+    argvs = [
+        ["train", str(RECIPES / "quickstart.yaml"), f"logging.output_dir={tmp_path / 'runs'}", *extra, *overrides]
+        for overrides in cases.values()
+    ]
     env = {"PATH": "/usr/bin:/bin", "EFFICIENT_RL_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
     (tmp_path / "cache").mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argvs)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # a hang guard
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(argvs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # a hang guard
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(zip(cases, json.loads(done.stdout.splitlines()[-1])))
 
@@ -114,10 +127,12 @@ ON_DISK = ["model.lab=null", "data.train=lab:tiny", "data.heldout=lab:tiny", "st
 def test_a_prompt_check_on_the_model_comes_before_reward_workers(tmp_path, tiny_model_dir):
     # Prompt lengths need the tokenizer: with a model on disk they are checked before the reward
     # workers start (scoring.workers 2) and before the weights load.
-    results = run_recipes(tmp_path, {"prompt too long": ["rollout.max_prompt_length=2"]},
-                          extra=[*ON_DISK, f"model.path={tiny_model_dir}"])
-    assert_refused_in_one_line(results, {"prompt too long": "rollout.max_prompt_length: data.train has a prompt of"},
-                               tmp_path)
+    results = run_recipes(
+        tmp_path, {"prompt too long": ["rollout.max_prompt_length=2"]}, extra=[*ON_DISK, f"model.path={tiny_model_dir}"]
+    )
+    assert_refused_in_one_line(
+        results, {"prompt too long": "rollout.max_prompt_length: data.train has a prompt of"}, tmp_path
+    )
 
 
 def test_the_runner_sees_a_process_start(tmp_path, tiny_model_dir):

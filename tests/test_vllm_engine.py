@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES
-from efficient_rl.models.modeling import response_logprobs
-from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
+from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
+from efficient_rl.models.modeling import response_logprobs
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine
@@ -103,19 +103,34 @@ def test_seeded_requests_over_one_steps_token_budget(lab):
     prompt = next(p for p in prompts if 4096 % len(p))  # a step's budget then ends inside a prompt
     count = 4096 // len(prompt) + 40
     settings = SamplingSettings(n=1, max_new_tokens=2, temperature=1.0)
-    first, again = (engine.generate([prompt] * count, [problems[0]] * count, list(range(count)), settings,
-                                    seeds=list(range(count))) for _ in range(2))
+    first, again = (
+        engine.generate([prompt] * count, [problems[0]] * count, list(range(count)), settings, seeds=list(range(count)))
+        for _ in range(2)
+    )
     assert len(first) == count and int(first.response_lengths.max()) <= 2
     assert torch.equal(first.response_ids, again.response_ids)  # the seeds still decide the samples
 
 
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
     result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *tiny_overrides,
-         "rollout.engine=vllm", "rollout.verify_sync=true", "steps=2", "eval.before_training=false",
-         "logging.trackers=[]",
-         "logging.name=vllm"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(RECIPES / "quickstart.yaml"),
+            *tiny_overrides,
+            "rollout.engine=vllm",
+            "rollout.verify_sync=true",
+            "steps=2",
+            "eval.before_training=false",
+            "logging.trackers=[]",
+            "logging.name=vllm",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "vllm" / "metrics.jsonl").read_text().splitlines()]

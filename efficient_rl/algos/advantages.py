@@ -39,8 +39,11 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     return (values - mean) * torch.rsqrt(var + eps)
 
 
-@ADVANTAGES.register("grpo", ranges={"eps": "(0, inf)"}, source="GRPO (DeepSeekMath, arXiv 2402.03300); "
-                                                                   "norm_by_std=false is Dr. GRPO (arXiv 2503.20783)")
+@ADVANTAGES.register(
+    "grpo",
+    ranges={"eps": "(0, inf)"},
+    source="GRPO (DeepSeekMath, arXiv 2402.03300); norm_by_std=false is Dr. GRPO (arXiv 2503.20783)",
+)
 def grpo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: A_i = (r_i - mean_group(r)) / (std_group(r) + eps), the same for every token of i.
 
@@ -53,8 +56,9 @@ def grpo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float
     return adv[:, None] * batch.response_mask
 
 
-@ADVANTAGES.register("dler", ranges={"eps": "(0, inf)"}, source="DLER (arXiv 2510.15110) Eq. 3; verl's "
-                                                                   "reinforce_plus_plus_baseline")
+@ADVANTAGES.register(
+    "dler", ranges={"eps": "(0, inf)"}, source="DLER (arXiv 2510.15110) Eq. 3; verl's reinforce_plus_plus_baseline"
+)
 def dler_advantages(batch: RolloutBatch, *, eps: float = 1e-8) -> torch.Tensor:
     """DLER batch-wise normalisation (paper Eq. 3; verl's reinforce_plus_plus_baseline).
 

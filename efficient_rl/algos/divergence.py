@@ -54,9 +54,7 @@ def generalised_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
     """
     # log(0) = -inf is fine: logsumexp then returns the other term exactly, and its weight is 0.
     log_weights = torch.tensor([beta, 1.0 - beta], dtype=student_logp.dtype, device=student_logp.device).log()
-    log_mixture = torch.logsumexp(
-        torch.stack([student_logp + log_weights[0], teacher_logp + log_weights[1]]), dim=0
-    )
+    log_mixture = torch.logsumexp(torch.stack([student_logp + log_weights[0], teacher_logp + log_weights[1]]), dim=0)
     kl_student = (student_logp.exp() * (student_logp - log_mixture)).sum(-1)
     kl_teacher = (teacher_logp.exp() * (teacher_logp - log_mixture)).sum(-1)
     return beta * kl_student + (1.0 - beta) * kl_teacher
@@ -84,8 +82,9 @@ def forward_kl_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor)
     return forward_kl(student_logp, teacher_logp, 0.0)
 
 
-@TOKEN_STATISTICS.register("jsd", needs=("teacher",), source="symmetric JSD (beta 0.5), at most ln 2: "
-                                                              "the OPD repo's entropy_weighted_sample")
+@TOKEN_STATISTICS.register(
+    "jsd", needs=("teacher",), source="symmetric JSD (beta 0.5), at most ln 2: the OPD repo's entropy_weighted_sample"
+)
 def jsd_statistic(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     return generalised_jsd(student_logp, teacher_logp, 0.5)
 
@@ -109,8 +108,10 @@ def token_divergence(
     check_logits(student_logits, "student_logits")
     check_logits(teacher_logits, "teacher_logits")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: "
-                         f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits differ in shape: "
+            f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
     divergence = DIVERGENCES.get(kind)
 
     def chunk_divergence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ def map_row_chunks(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor],
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outputs = []
     for start in range(0, rows, chunk_rows):
-        chunk = [t[start:start + chunk_rows] for t in tensors]
+        chunk = [t[start : start + chunk_rows] for t in tensors]
         if needs_grad:
             outputs.append(checkpoint(fn, *chunk, use_reentrant=False))
         else:
@@ -162,4 +163,3 @@ def map_row_chunks(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor],
 def check_logits(logits: torch.Tensor, name: str) -> None:
     if logits.dim() != 2:
         raise ValueError(f"{name} must be [N, V], got shape {tuple(logits.shape)}")
-

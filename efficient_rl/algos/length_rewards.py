@@ -53,8 +53,13 @@ def l1_metrics(inputs: ShapingInputs, *, target_field: str, **_) -> dict[str, fl
     return {"l1/target_deviation": float(gap.abs().mean()), "l1/over_target": float((gap > 0).double().mean())}
 
 
-@LENGTH_SHAPERS.register("l1_exact", needs=sample_field_needs, ranges={"alpha": "[0, inf)"}, metrics=l1_metrics,
-                         source="L1 / LCPO (arXiv 2503.04697) Eq. 1, L1-Exact; docs/algorithms.md#l1-lcpo")
+@LENGTH_SHAPERS.register(
+    "l1_exact",
+    needs=sample_field_needs,
+    ranges={"alpha": "[0, inf)"},
+    metrics=l1_metrics,
+    source="L1 / LCPO (arXiv 2503.04697) Eq. 1, L1-Exact; docs/algorithms.md#l1-lcpo",
+)
 def l1_exact(inputs: ShapingInputs, *, alpha: float = 0.0003, target_field: str = "target_length") -> torch.Tensor:
     """r = score - alpha * |n_gold - n_y|, n_gold the sample's `target_field` (the score stands
     for the paper's correctness indicator)."""
@@ -62,11 +67,16 @@ def l1_exact(inputs: ShapingInputs, *, alpha: float = 0.0003, target_field: str 
     return (inputs.scores.double() - alpha * (target - inputs.lengths.double()).abs()).float()
 
 
-@LENGTH_SHAPERS.register("l1_max", needs=sample_field_needs, ranges={"alpha": "[0, inf)", "delta": "[0, 1]"},
-                         metrics=l1_metrics,
-                         source="L1 / LCPO (arXiv 2503.04697) Eq. 2, L1-Max; alpha from the official reward code")
-def l1_max(inputs: ShapingInputs, *, alpha: float = 0.001, delta: float = 0.5,
-           target_field: str = "target_length") -> torch.Tensor:
+@LENGTH_SHAPERS.register(
+    "l1_max",
+    needs=sample_field_needs,
+    ranges={"alpha": "[0, inf)", "delta": "[0, 1]"},
+    metrics=l1_metrics,
+    source="L1 / LCPO (arXiv 2503.04697) Eq. 2, L1-Max; alpha from the official reward code",
+)
+def l1_max(
+    inputs: ShapingInputs, *, alpha: float = 0.001, delta: float = 0.5, target_field: str = "target_length"
+) -> torch.Tensor:
     """r = score * clip(alpha * (n_gold - n_y) + delta, 0, 1): a soft budget, n_gold the sample's
     `target_field`; a wrong answer (score 0) gets 0 whatever its length."""
     target = inputs.sample_values(target_field, "l1_max")
@@ -98,9 +108,14 @@ def thinkprune_metrics(inputs: ShapingInputs, *, caps: list[int]) -> dict[str, f
     return {"thinkprune/cap": float(thinkprune_cap(inputs.progress, caps))}
 
 
-@LENGTH_SHAPERS.register("thinkprune", needs=("length_cap",), ranges={"caps": "[1, inf)"}, check=thinkprune_check,
-                         metrics=thinkprune_metrics,
-                         source="ThinkPrune (arXiv 2504.01296): truncation at tightening limits; caps from its scripts")
+@LENGTH_SHAPERS.register(
+    "thinkprune",
+    needs=("length_cap",),
+    ranges={"caps": "[1, inf)"},
+    check=thinkprune_check,
+    metrics=thinkprune_metrics,
+    source="ThinkPrune (arXiv 2504.01296): truncation at tightening limits; caps from its scripts",
+)
 def thinkprune(inputs: ShapingInputs, *, caps: list[int] = [4000, 3000, 2000]) -> torch.Tensor:  # noqa: B006
     """Reward 0 over the cap of the current round (and over the cap in force, if tighter); the
     run is split into len(caps) equal rounds by training progress."""
@@ -112,8 +127,11 @@ def thinkprune(inputs: ShapingInputs, *, caps: list[int] = [4000, 3000, 2000]) -
 # --- Kimi k1.5 -----------------------------------------------------------------------------------
 
 
-@LENGTH_SHAPERS.register("kimi", ranges={"weight": "[0, inf)", "warmup": "[0, 1]"},
-                         source="Kimi k1.5 (arXiv 2501.12599) §2.3.3; weight 0.4 from LASER's re-implementation")
+@LENGTH_SHAPERS.register(
+    "kimi",
+    ranges={"weight": "[0, inf)", "warmup": "[0, 1]"},
+    source="Kimi k1.5 (arXiv 2501.12599) §2.3.3; weight 0.4 from LASER's re-implementation",
+)
 def kimi_length_reward(inputs: ShapingInputs, *, weight: float = 0.4, warmup: float = 0.0) -> torch.Tensor:
     """r = score + weight * len_reward, with lambda = 0.5 - (len - min_len) / (max_len - min_len)
     over the group's rollouts (0 for all when max_len = min_len): lambda for a correct answer,
@@ -133,8 +151,11 @@ def kimi_length_reward(inputs: ShapingInputs, *, weight: float = 0.4, warmup: fl
 # --- Arora & Zanette -----------------------------------------------------------------------------
 
 
-@LENGTH_SHAPERS.register("arora_zanette", ranges={"alpha": "[0, 1)"},
-                         source="Arora & Zanette, Training language models to reason efficiently (arXiv 2502.04463)")
+@LENGTH_SHAPERS.register(
+    "arora_zanette",
+    ranges={"alpha": "[0, 1)"},
+    source="Arora & Zanette, Training language models to reason efficiently (arXiv 2502.04463)",
+)
 def arora_zanette(inputs: ShapingInputs, *, alpha: float = 0.1) -> torch.Tensor:
     """A correct answer gets score * (1 - alpha * sigmoid((len - mean) / std)), mean and
     (population) std over the lengths of the group's correct answers; z = 0 when they all have
@@ -154,8 +175,11 @@ def arora_zanette(inputs: ShapingInputs, *, alpha: float = 0.1) -> torch.Tensor:
 # --- LASER and LASER-D ---------------------------------------------------------------------------
 
 
-@LENGTH_SHAPERS.register("laser", ranges={"target": "[1, inf)", "alpha": "[0, inf)"},
-                         source="LASER (arXiv 2505.15612): step reward under a target; hkust-nlp/Laser defaults")
+@LENGTH_SHAPERS.register(
+    "laser",
+    ranges={"target": "[1, inf)", "alpha": "[0, inf)"},
+    source="LASER (arXiv 2505.15612): step reward under a target; hkust-nlp/Laser defaults",
+)
 def laser(inputs: ShapingInputs, *, target: int = 4096, alpha: float = 0.5) -> torch.Tensor:
     """r = score + alpha for a correct answer of at most `target` tokens, else the score."""
     bonus = (inputs.correct > 0) & (inputs.lengths <= target)
@@ -197,19 +221,23 @@ def laser_d_targets(inputs: ShapingInputs, min_target: int, step: int, expected_
     return torch.tensor(targets, dtype=torch.long)
 
 
-def laser_d_metrics(inputs: ShapingInputs, *, alpha: float, min_target: int, step: int,
-                    expected_correct: int) -> dict[str, float]:
+def laser_d_metrics(
+    inputs: ShapingInputs, *, alpha: float, min_target: int, step: int, expected_correct: int
+) -> dict[str, float]:
     targets = laser_d_targets(inputs, min_target, step, expected_correct)
     return {f"laser_d/target_{name}": float(value) for name, value in zip(BANDS, targets.tolist())}
 
 
-@LENGTH_SHAPERS.register("laser_d", needs=("length_cap",),
-                         ranges={"alpha": "[0, inf)", "min_target": "[1, inf)", "step": "[1, inf)",
-                                 "expected_correct": "[1, inf)"},
-                         metrics=laser_d_metrics,
-                         source="LASER-D (arXiv 2505.15612): targets per difficulty band; hkust-nlp/Laser's rule")
-def laser_d(inputs: ShapingInputs, *, alpha: float = 0.5, min_target: int = 4096, step: int = 1024,
-            expected_correct: int = 1) -> torch.Tensor:
+@LENGTH_SHAPERS.register(
+    "laser_d",
+    needs=("length_cap",),
+    ranges={"alpha": "[0, inf)", "min_target": "[1, inf)", "step": "[1, inf)", "expected_correct": "[1, inf)"},
+    metrics=laser_d_metrics,
+    source="LASER-D (arXiv 2505.15612): targets per difficulty band; hkust-nlp/Laser's rule",
+)
+def laser_d(
+    inputs: ShapingInputs, *, alpha: float = 0.5, min_target: int = 4096, step: int = 1024, expected_correct: int = 1
+) -> torch.Tensor:
     """LASER's step bonus with the target of the prompt's difficulty band (laser_d_targets),
     recomputed every round from the round's own rollouts."""
     band, _ = difficulty_bands(inputs)
@@ -221,12 +249,21 @@ def laser_d(inputs: ShapingInputs, *, alpha: float = 0.5, min_target: int = 4096
 # --- cosine length-scaled reward -----------------------------------------------------------------
 
 
-@LENGTH_SHAPERS.register("cosine", needs=("length_cap",),
-                         ranges={"correct_short": ANY, "correct_long": ANY, "wrong_short": ANY, "wrong_long": ANY,
-                                 "exceed": ANY},
-                         source="Yeo et al., Demystifying long CoT (arXiv 2502.03373); values from its run scripts")
-def cosine_length_reward(inputs: ShapingInputs, *, correct_short: float = 2.0, correct_long: float = 1.0,
-                         wrong_short: float = -10.0, wrong_long: float = 0.0, exceed: float = -10.0) -> torch.Tensor:
+@LENGTH_SHAPERS.register(
+    "cosine",
+    needs=("length_cap",),
+    ranges={"correct_short": ANY, "correct_long": ANY, "wrong_short": ANY, "wrong_long": ANY, "exceed": ANY},
+    source="Yeo et al., Demystifying long CoT (arXiv 2502.03373); values from its run scripts",
+)
+def cosine_length_reward(
+    inputs: ShapingInputs,
+    *,
+    correct_short: float = 2.0,
+    correct_long: float = 1.0,
+    wrong_short: float = -10.0,
+    wrong_long: float = 0.0,
+    exceed: float = -10.0,
+) -> torch.Tensor:
     """The reward moves along half a cosine from its value at length 0 (`*_short`) to its value
     at the cap in force (`*_long`), by correctness; `exceed` over the cap. It replaces the score."""
     fraction = (inputs.lengths.double() / inputs.length_cap.double()).clamp(max=1.0)

@@ -56,10 +56,18 @@ class LossDenominators:
         signs = {}
         if advantages is not None:
             positive, negative = mask * (advantages > 0), mask * (advantages < 0)
-            signs = dict(positive_tokens=count_tokens(positive), negative_tokens=count_tokens(negative),
-                         positive_sequences=count_sequences(positive), negative_sequences=count_sequences(negative))
-        return LossDenominators(tokens=count_tokens(mask), sequences=max(count_sequences(mask), 1.0),
-                                norm_length=float(norm_length), **signs)
+            signs = dict(
+                positive_tokens=count_tokens(positive),
+                negative_tokens=count_tokens(negative),
+                positive_sequences=count_sequences(positive),
+                negative_sequences=count_sequences(negative),
+            )
+        return LossDenominators(
+            tokens=count_tokens(mask),
+            sequences=max(count_sequences(mask), 1.0),
+            norm_length=float(norm_length),
+            **signs,
+        )
 
 
 @dataclass
@@ -93,8 +101,13 @@ class TokenLoss:
     indicators: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, R] bool
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, low: torch.Tensor | float,
-                      high: torch.Tensor | float, dual_bound: torch.Tensor | float | None) -> TokenLoss:
+def clipped_surrogate(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    low: torch.Tensor | float,
+    high: torch.Tensor | float,
+    dual_bound: torch.Tensor | float | None,
+) -> TokenLoss:
     """-min(ratio * A, clip(ratio, low, high) * A), and for A < 0 at most -A * dual_bound.
 
     The PPO-clip surrogate with the ratio's bounds given directly (1 - eps, 1 + eps for PPO-clip,
@@ -108,17 +121,22 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, low: torch.
         capped = -advantages * dual_bound
         dual = (advantages < 0) & (loss > capped)
         loss = torch.where(advantages < 0, torch.minimum(loss, capped), loss)
-    return TokenLoss(loss, {"low": (ratio < low) & (advantages < 0), "high": (ratio > high) & (advantages > 0),
-                            "dual": dual})
+    return TokenLoss(
+        loss, {"low": (ratio < low) & (advantages < 0), "high": (ratio > high) & (advantages > 0), "dual": dual}
+    )
 
 
 # ---------------------------------------------------------------- policy losses
 
-@POLICY_LOSSES.register("ppo_clip", ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)", "clip_ratio_c": "(1, inf)"},
-                        source="PPO-clip (Schulman et al. 2017); clip-higher from DAPO (arXiv 2503.14476); "
-                               "dual clip (Ye et al. 2020)")
-def ppo_clip_loss(inputs: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                  clip_ratio_c: float | None = None) -> TokenLoss:
+
+@POLICY_LOSSES.register(
+    "ppo_clip",
+    ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)", "clip_ratio_c": "(1, inf)"},
+    source="PPO-clip (Schulman et al. 2017); clip-higher from DAPO (arXiv 2503.14476); dual clip (Ye et al. 2020)",
+)
+def ppo_clip_loss(
+    inputs: LossInputs, *, clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float | None = None
+) -> TokenLoss:
     """Token ratio rho = pi / pi_old, clipped to [1 - clip_low, 1 + clip_high].
 
     clip_high > clip_low is DAPO's clip-higher (0.28). clip_ratio_c > 1 is the dual clip (DLER's
@@ -128,8 +146,11 @@ def ppo_clip_loss(inputs: LossInputs, *, clip_low: float = 0.2, clip_high: float
     return clipped_surrogate(ratio, inputs.advantages, 1.0 - clip_low, 1.0 + clip_high, clip_ratio_c)
 
 
-@POLICY_LOSSES.register("gspo", ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
-                        source="GSPO (arXiv 2507.18071); eps 3e-4 / 4e-4 per TRL's docs, citing its v2 §5.1")
+@POLICY_LOSSES.register(
+    "gspo",
+    ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
+    source="GSPO (arXiv 2507.18071); eps 3e-4 / 4e-4 per TRL's docs, citing its v2 §5.1",
+)
 def gspo_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> TokenLoss:
     """Sequence-level ratio s_i = exp(mean_t log rho_{i,t}), the geometric mean of the token
     ratios, clipped per sequence; A_i is the sequence's mean token advantage. Each loss token of
@@ -141,8 +162,11 @@ def gspo_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: float = 
     return clipped_surrogate(s, adv, 1.0 - clip_low, 1.0 + clip_high, None)
 
 
-@POLICY_LOSSES.register("gspo_token", ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
-                        source="GSPO-token (arXiv 2507.18071), as verl-dler's compute_policy_loss_gspo")
+@POLICY_LOSSES.register(
+    "gspo_token",
+    ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
+    source="GSPO-token (arXiv 2507.18071), as verl-dler's compute_policy_loss_gspo",
+)
 def gspo_token_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> TokenLoss:
     """s_{i,t} = sg[s_i] * pi(o_t) / sg[pi(o_t)]: the value of GSPO's sequence ratio with the
     gradient of the token's own log-prob, so token advantages A_{i,t} may differ along a
@@ -154,8 +178,11 @@ def gspo_token_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: fl
     return clipped_surrogate(torch.exp(log_s_token), inputs.advantages, 1.0 - clip_low, 1.0 + clip_high, None)
 
 
-@POLICY_LOSSES.register("cispo", ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
-                        source="CISPO, MiniMax-M1 (arXiv 2506.13585) Eq. 4-5")
+@POLICY_LOSSES.register(
+    "cispo",
+    ranges={"clip_low": "[0, 1]", "clip_high": "[0, inf)"},
+    source="CISPO, MiniMax-M1 (arXiv 2506.13585) Eq. 4-5",
+)
 def cispo_loss(inputs: LossInputs, *, clip_low: float = 1.0, clip_high: float = 0.28) -> TokenLoss:
     """-sg[clip(rho, 1 - clip_low, 1 + clip_high)] * A * log pi: the clipped importance weight
     is a constant, so every token keeps its gradient (PPO-clip drops the clipped ones).
@@ -163,16 +190,19 @@ def cispo_loss(inputs: LossInputs, *, clip_low: float = 1.0, clip_high: float = 
     """
     ratio = torch.exp(inputs.log_ratio())
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()
-    return TokenLoss(-weight * inputs.advantages * inputs.logprobs,
-                     {"low": ratio < 1.0 - clip_low, "high": ratio > 1.0 + clip_high})
+    return TokenLoss(
+        -weight * inputs.advantages * inputs.logprobs, {"low": ratio < 1.0 - clip_low, "high": ratio > 1.0 + clip_high}
+    )
 
 
-@POLICY_LOSSES.register("ctpo", ranges={"c_low": "[0, inf)", "c_high": "[0, inf)", "power": "(-inf, inf)",
-                                         "c_dual": "[0, inf)"},
-                        source="CTPO-LA (arXiv 2605.07331) and its code core_algos.py "
-                               "_compute_policy_loss_cum_token_la_impl")
-def ctpo_loss(inputs: LossInputs, *, c_low: float = 0.025, c_high: float = 0.05, power: float = 0.5,
-              c_dual: float | None = 0.05) -> TokenLoss:
+@POLICY_LOSSES.register(
+    "ctpo",
+    ranges={"c_low": "[0, inf)", "c_high": "[0, inf)", "power": "(-inf, inf)", "c_dual": "[0, inf)"},
+    source="CTPO-LA (arXiv 2605.07331) and its code core_algos.py _compute_policy_loss_cum_token_la_impl",
+)
+def ctpo_loss(
+    inputs: LossInputs, *, c_low: float = 0.025, c_high: float = 0.05, power: float = 0.5, c_dual: float | None = 0.05
+) -> TokenLoss:
     """Cumulative token ratio R_{i,t} = prod_{k<=t} rho_{i,k} (the prefix's importance weight),
     with the gradient of the token's own log-prob: log r_t = sg[log R_t] + log pi_t - sg[log pi_t],
     clamped at 10. Clipped in log space to [-c_low t^p, c_high t^p] at 1-indexed response
@@ -183,12 +213,14 @@ def ctpo_loss(inputs: LossInputs, *, c_low: float = 0.025, c_high: float = 0.05,
     log_r = (cumulative + inputs.logprobs - inputs.logprobs.detach()).clamp(max=10.0)
     position = torch.arange(1, log_r.shape[-1] + 1, dtype=log_r.dtype, device=log_r.device).pow(power)
     dual = None if c_dual is None else torch.exp(c_dual * position)
-    return clipped_surrogate(torch.exp(log_r), inputs.advantages, torch.exp(-c_low * position),
-                             torch.exp(c_high * position), dual)
+    return clipped_surrogate(
+        torch.exp(log_r), inputs.advantages, torch.exp(-c_low * position), torch.exp(c_high * position), dual
+    )
 
 
-@POLICY_LOSSES.register("gmpo", ranges={"clip": "(0, inf)"},
-                        source="GMPO (arXiv 2507.20673), clip range (e^-0.4, e^0.4)")
+@POLICY_LOSSES.register(
+    "gmpo", ranges={"clip": "(0, inf)"}, source="GMPO (arXiv 2507.20673), clip range (e^-0.4, e^0.4)"
+)
 def gmpo_loss(inputs: LossInputs, *, clip: float = 0.4) -> TokenLoss:
     """Geometric-mean policy optimisation: the sequence objective A_i * prod_t clipped(rho_t)^(1/|o_i|),
     each token's log-ratio clipped in log space to [-clip, clip] on the side the advantage's sign
@@ -206,14 +238,18 @@ def gmpo_loss(inputs: LossInputs, *, clip: float = 0.4) -> TokenLoss:
 
 # ---------------------------------------------------------------- rollout corrections
 
+
 @ROLLOUT_CORRECTIONS.register("none")
 def no_correction(inputs: LossInputs) -> torch.Tensor:
     return torch.ones_like(inputs.old_logprobs)
 
 
-@ROLLOUT_CORRECTIONS.register("tis", ranges={"cap": "(0, inf)"},
-                              source="truncated importance sampling (Yao et al. 2025, 'Your efficient RL framework "
-                                     "secretly brings you off-policy RL training')")
+@ROLLOUT_CORRECTIONS.register(
+    "tis",
+    ranges={"cap": "(0, inf)"},
+    source="truncated importance sampling (Yao et al. 2025, 'Your efficient RL framework "
+    "secretly brings you off-policy RL training')",
+)
 def truncated_importance_sampling(inputs: LossInputs, *, cap: float = 2.0) -> torch.Tensor:
     """min(pi_learner / pi_engine, cap) per token, a constant: the engine sampled with its own
     numerics, not the learner's."""
@@ -221,6 +257,7 @@ def truncated_importance_sampling(inputs: LossInputs, *, cap: float = 2.0) -> to
 
 
 # ---------------------------------------------------------------- KL estimators
+
 
 @KL_ESTIMATORS.register("k1", source="Schulman, 'Approximating KL divergence' (2020)")
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -243,6 +280,7 @@ def kl_mse(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- aggregations
 
+
 @AGGREGATIONS.register("token-mean", source="DAPO (arXiv 2503.14476) token-level loss")
 def token_mean(values: torch.Tensor, mask: torch.Tensor, den: LossDenominators, advantages=None) -> torch.Tensor:
     """Every token weighs the same (DAPO): sum of token losses / number of tokens."""
@@ -250,16 +288,18 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor, den: LossDenominators, 
 
 
 @AGGREGATIONS.register("seq-mean-token-mean", source="GRPO (DeepSeekMath, arXiv 2402.03300)")
-def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor, den: LossDenominators,
-                        advantages=None) -> torch.Tensor:
+def seq_mean_token_mean(
+    values: torch.Tensor, mask: torch.Tensor, den: LossDenominators, advantages=None
+) -> torch.Tensor:
     """Every sequence weighs the same (original GRPO): mean over sequences of the token mean."""
     per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return per_sequence.sum() / den.sequences
 
 
 @AGGREGATIONS.register("seq-mean-token-sum-norm", source="Dr. GRPO (arXiv 2503.20783)")
-def seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, den: LossDenominators,
-                            advantages=None) -> torch.Tensor:
+def seq_mean_token_sum_norm(
+    values: torch.Tensor, mask: torch.Tensor, den: LossDenominators, advantages=None
+) -> torch.Tensor:
     """Dr. GRPO: token sums divided by a constant length, averaged over sequences.
 
     verl omits the mean over sequences (it divides a micro-batch's sum by the length only); that

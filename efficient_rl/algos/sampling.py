@@ -69,13 +69,19 @@ class AllGroups:
 
 def known_filter_metric(params, recipe) -> str | None:
     if params.metric not in FILTER_METRICS:
-        return (f"metric: unknown {FILTER_METRICS.kind} {params.metric!r}"
-                f"{did_you_mean(params.metric, FILTER_METRICS.names())}")
+        return (
+            f"metric: unknown {FILTER_METRICS.kind} {params.metric!r}"
+            f"{did_you_mean(params.metric, FILTER_METRICS.names())}"
+        )
     return None
 
 
-@GROUP_SAMPLERS.register("dynamic", ranges={"max_rounds": "[0, inf)"}, check=known_filter_metric,
-                         source="DAPO (arXiv 2503.14476) dynamic sampling; DLER's code filters on the score")
+@GROUP_SAMPLERS.register(
+    "dynamic",
+    ranges={"max_rounds": "[0, inf)"},
+    check=known_filter_metric,
+    source="DAPO (arXiv 2503.14476) dynamic sampling; DLER's code filters on the score",
+)
 @dataclass(frozen=True, kw_only=True)
 class DynamicSampling:
     """Drop the groups whose `metric` (a FILTER_METRICS name: score | reward | accuracy) has zero
@@ -89,5 +95,8 @@ class DynamicSampling:
         return groups_with_spread(FILTER_METRICS.get(self.metric)(batch), batch.group_ids)
 
     def metrics(self, rounds: int, kept: RolloutBatch, generated: RolloutBatch) -> dict[str, float]:
-        return {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/kept_groups": group_count(kept),
-                "dynamic_sampling/generated_groups": group_count(generated)}
+        return {
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/kept_groups": group_count(kept),
+            "dynamic_sampling/generated_groups": group_count(generated),
+        }

@@ -50,7 +50,9 @@ class ShapingInputs:
         try:
             return torch.tensor([float(sample[name]) for sample in self.samples], dtype=torch.float64)
         except KeyError:
-            raise ValueError(f"length penalty {entry!r} reads the sample field {name!r}, which a sample lacks") from None
+            raise ValueError(
+                f"length penalty {entry!r} reads the sample field {name!r}, which a sample lacks"
+            ) from None
 
 
 def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.Tensor) -> torch.Tensor:
@@ -63,10 +65,15 @@ def no_length_penalty(inputs: ShapingInputs) -> torch.Tensor:
     return inputs.scores.clone()
 
 
-@LENGTH_SHAPERS.register("truncation", needs=("length_cap",), ranges={"not_stopped_coef": "[0, 1]"},
-                         source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager")
-def truncation_penalty(inputs: ShapingInputs, *, mode: Literal["paper", "code"] = "paper",
-                       not_stopped_coef: float = 0.1) -> torch.Tensor:
+@LENGTH_SHAPERS.register(
+    "truncation",
+    needs=("length_cap",),
+    ranges={"not_stopped_coef": "[0, 1]"},
+    source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager",
+)
+def truncation_penalty(
+    inputs: ShapingInputs, *, mode: Literal["paper", "code"] = "paper", not_stopped_coef: float = 0.1
+) -> torch.Tensor:
     """DLER: a rollout over its truncation length gets reward 0 (mode="paper").
 
     mode="code" is the official verl-dler behaviour: the reward of any rollout that did not stop
@@ -78,8 +85,12 @@ def truncation_penalty(inputs: ShapingInputs, *, mode: Literal["paper", "code"] 
     return torch.where(inputs.over_cap(), scores * (not_stopped_coef if mode == "code" else 0.0), scores)
 
 
-@LENGTH_SHAPERS.register("overlong", needs=("length_cap",), ranges={"buffer": "[1, inf)", "factor": "[0, inf)"},
-                         source="DAPO (arXiv 2503.14476) soft overlong punishment")
+@LENGTH_SHAPERS.register(
+    "overlong",
+    needs=("length_cap",),
+    ranges={"buffer": "[1, inf)", "factor": "[0, inf)"},
+    source="DAPO (arXiv 2503.14476) soft overlong punishment",
+)
 def overlong_shaping(inputs: ShapingInputs, *, buffer: int = 4096, factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment with L_max = the cap in force and L_cache = `buffer`.
 
@@ -107,10 +118,15 @@ def fixed_cap_check(params, recipe) -> str | None:
     return None if params.length is None else within_limit("length", params.length, recipe.rollout.max_response_length)
 
 
-@LENGTH_CAPS.register("fixed", ranges={"length": "[1, inf)"}, check=fixed_cap_check,
-                      source="DLER (arXiv 2510.15110) §3.4: one truncation length for every rollout")
-def fixed_caps(correct: torch.Tensor, group_ids: torch.Tensor, *, max_response_length: int,
-               length: int | None = None) -> torch.Tensor:
+@LENGTH_CAPS.register(
+    "fixed",
+    ranges={"length": "[1, inf)"},
+    check=fixed_cap_check,
+    source="DLER (arXiv 2510.15110) §3.4: one truncation length for every rollout",
+)
+def fixed_caps(
+    correct: torch.Tensor, group_ids: torch.Tensor, *, max_response_length: int, length: int | None = None
+) -> torch.Tensor:
     """[B] the one truncation length of plain DLER for every rollout (null: the generation limit)."""
     return torch.full((len(correct),), length or max_response_length, dtype=torch.long)
 
@@ -137,27 +153,47 @@ def difficulty_check(params, recipe) -> str | None:
     return next((problem for problem in problems if problem), None)
 
 
-def tier_metrics(correct: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, over: torch.Tensor, *,
-                 min_correct: list[float], **_) -> dict[str, float]:
+def tier_metrics(
+    correct: torch.Tensor,
+    group_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    over: torch.Tensor,
+    *,
+    min_correct: list[float],
+    **_,
+) -> dict[str, float]:
     """Per DA-DLER tier: its share of the prompts, and its rollouts' mean length, accuracy and
     share over the tier's cap (NaN for a tier without prompts this step)."""
     tiers = difficulty_tiers(correct, group_ids, min_correct[1:])
     metrics = {}
     for tier in range(len(min_correct)):
         rows = tiers == tier
-        metrics.update({f"difficulty/tier{tier}/prompt_share": float(rows.float().mean()),
-                        f"difficulty/tier{tier}/response_length": mean_over(lengths, rows),
-                        f"difficulty/tier{tier}/accuracy": mean_over(correct, rows),
-                        f"difficulty/tier{tier}/over_cap": mean_over(over, rows)})
+        metrics.update(
+            {
+                f"difficulty/tier{tier}/prompt_share": float(rows.float().mean()),
+                f"difficulty/tier{tier}/response_length": mean_over(lengths, rows),
+                f"difficulty/tier{tier}/accuracy": mean_over(correct, rows),
+                f"difficulty/tier{tier}/over_cap": mean_over(over, rows),
+            }
+        )
     return metrics
 
 
-@LENGTH_CAPS.register("difficulty_aware", ranges={"min_correct": "[0, 1]", "truncation_lengths": "[1, inf)"},
-                      check=difficulty_check, metrics=tier_metrics,
-                      source="DA-DLER (arXiv 2510.15110) §3.5: a truncation length per prompt by its group's accuracy")
-def difficulty_caps(correct: torch.Tensor, group_ids: torch.Tensor, *, max_response_length: int,
-                    min_correct: list[float] = [0.0, 0.5],  # noqa: B006
-                    truncation_lengths: list[int] = [4000, 2000]) -> torch.Tensor:  # noqa: B006
+@LENGTH_CAPS.register(
+    "difficulty_aware",
+    ranges={"min_correct": "[0, 1]", "truncation_lengths": "[1, inf)"},
+    check=difficulty_check,
+    metrics=tier_metrics,
+    source="DA-DLER (arXiv 2510.15110) §3.5: a truncation length per prompt by its group's accuracy",
+)
+def difficulty_caps(
+    correct: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    max_response_length: int,
+    min_correct: list[float] = [0.0, 0.5],  # noqa: B006
+    truncation_lengths: list[int] = [4000, 2000],
+) -> torch.Tensor:  # noqa: B006
     """[B] truncation_lengths[tier] per rollout, the tier of its prompt the last whose min_correct
     its group's correctness ratio reaches (paper: 4000 below a ratio of 0.5, 2000 from it). The
     generation limit is not read: the check keeps every length within it."""

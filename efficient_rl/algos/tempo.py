@@ -48,8 +48,9 @@ def node_sums(values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     return totals.index_select(0, flat).view(rows, width)  # index_select: faster than totals[flat]
 
 
-def prefix_td(response_ids: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
-              rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_td(
+    response_ids: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TEMPO's TD term V(s_{t+1}) − V(s_t) [B, R] (float64) and the branching tokens [B, R] (bool).
 
     A token branches when it splits its prefix's rollouts (|B_{i,t}| < |P_{i,t}|); every other
@@ -96,8 +97,12 @@ def tempo_metrics(batch: RolloutBatch, **params) -> dict[str, float]:
     }
 
 
-@ADVANTAGES.register("tempo", metrics=tempo_metrics, ranges={"eps": "(0, inf)"},
-                    source="TEMPO / P2T (arXiv 2509.18314), official code compute_tempo_outcome_advantage")
+@ADVANTAGES.register(
+    "tempo",
+    metrics=tempo_metrics,
+    ranges={"eps": "(0, inf)"},
+    source="TEMPO / P2T (arXiv 2509.18314), official code compute_tempo_outcome_advantage",
+)
 def tempo_advantages(batch: RolloutBatch, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """A_{i,t} = (r_i − mean_G(r) + TD_{i,t}) / (std_G(r) + eps), as the official code.
 

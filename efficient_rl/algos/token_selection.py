@@ -117,8 +117,9 @@ def top_global(score: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Te
     return flat.view_as(valid)
 
 
-def sample_without_replacement(weights: torch.Tensor, valid: torch.Tensor, count: int,
-                               generator: torch.Generator | None) -> torch.Tensor:
+def sample_without_replacement(
+    weights: torch.Tensor, valid: torch.Tensor, count: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """[B, R] bool: `count` valid entries drawn one after another without replacement, each draw
     with probability proportional to its weight among the entries not yet drawn.
 
@@ -145,7 +146,9 @@ def tip_entropy_axis(stats: TokenStats, valid: torch.Tensor, clip_quantile: floa
     `clip_quantile` over valid tokens so a few near-uniform positions do not squash everyone else
     toward 0, then min-max normalised over the valid tokens. Needs at least one valid token."""
     if stats.vocab_size is None or stats.vocab_size < 2:
-        raise ValueError(f"token selector {selector!r} needs the vocabulary size (vocab_size >= 2), got {stats.vocab_size}")
+        raise ValueError(
+            f"token selector {selector!r} needs the vocabulary size (vocab_size >= 2), got {stats.vocab_size}"
+        )
     check_fraction("entropy_clip_quantile", clip_quantile)
     h = stats.require("entropy", selector).double() / math.log(stats.vocab_size)
     h = torch.minimum(h, valid_quantile(h, valid, clip_quantile))
@@ -161,10 +164,15 @@ def select_all(stats: TokenStats, *, generator: torch.Generator | None = None) -
     return stats.mask > 0
 
 
-@TOKEN_SELECTORS.register("high_entropy", needs=("entropy",), ranges={"top_fraction": "(0, 1]"},
-                          source="Beyond the 80/20 rule (arXiv 2506.01939); TRL's top_entropy_quantile")
-def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None = None,
-                        top_fraction: float = 0.2) -> torch.Tensor:
+@TOKEN_SELECTORS.register(
+    "high_entropy",
+    needs=("entropy",),
+    ranges={"top_fraction": "(0, 1]"},
+    source="Beyond the 80/20 rule (arXiv 2506.01939); TRL's top_entropy_quantile",
+)
+def select_high_entropy(
+    stats: TokenStats, *, generator: torch.Generator | None = None, top_fraction: float = 0.2
+) -> torch.Tensor:
     """Beyond the 80/20 rule (#high-entropy-forking-tokens): tokens whose entropy reaches the
     batch's top-`top_fraction` threshold, τ = quantile(H over valid tokens, 1 - top_fraction) with
     linear interpolation, kept when H >= τ (as TRL's top_entropy_quantile). Ties at τ are all kept,
@@ -177,8 +185,9 @@ def select_high_entropy(stats: TokenStats, *, generator: torch.Generator | None 
     return (entropy >= valid_quantile(entropy, valid, 1.0 - top_fraction)) & valid
 
 
-def select_d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = None,
-                      keep_fraction: float) -> torch.Tensor:
+def select_d3s_tokens(
+    stats: TokenStats, *, generator: torch.Generator | None = None, keep_fraction: float
+) -> torch.Tensor:
     """D³S token level (#d3s-token-level): the top `keep_fraction` (K) of valid tokens by |A_{i,t}|·H_{i,t}.
 
     Batch-global, our reading of #d3s-token-level: with outcome advantages the key ranks tokens by
@@ -201,11 +210,20 @@ def tip_quadrants(stats: TokenStats, **params) -> dict[str, float]:
     return quadrant_shares(stats.require("entropy", "tip"), stats.require("reverse_kl", "tip"), stats.mask)
 
 
-@TOKEN_SELECTORS.register("tip_soft_or", needs=("entropy", "reverse_kl"), metrics=tip_quadrants,
-                          ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
-                          source="TIP (arXiv 2604.14084), Soft-OR; docs/algorithms.md#tip-selection-rules")
-def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.5,
-                       entropy_clip_quantile: float = 0.98) -> torch.Tensor:
+@TOKEN_SELECTORS.register(
+    "tip_soft_or",
+    needs=("entropy", "reverse_kl"),
+    metrics=tip_quadrants,
+    ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
+    source="TIP (arXiv 2604.14084), Soft-OR; docs/algorithms.md#tip-selection-rules",
+)
+def select_tip_soft_or(
+    stats: TokenStats,
+    *,
+    generator: torch.Generator | None = None,
+    rho: float = 0.5,
+    entropy_clip_quantile: float = 0.98,
+) -> torch.Tensor:
     """TIP Soft-OR (#tip-selection-rules): s = ĥ + δ̂ - ĥ·δ̂ = 1 - (1 - ĥ)(1 - δ̂), high when either
     the student is uncertain or it disagrees with the teacher; keeps floor(rho·|o_i|) tokens per
     rollout.
@@ -224,11 +242,20 @@ def select_tip_soft_or(stats: TokenStats, *, generator: torch.Generator | None =
     return top_per_row(score, valid, floor_counts(rho, valid.sum(1)))
 
 
-@TOKEN_SELECTORS.register("tip_q3", needs=("entropy", "forward_kl", "reverse_kl"), metrics=tip_quadrants,
-                          ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
-                          source="TIP (arXiv 2604.14084), the Q3 detector; docs/algorithms.md#tip-selection-rules")
-def select_tip_q3(stats: TokenStats, *, generator: torch.Generator | None = None, rho: float = 0.2,
-                  entropy_clip_quantile: float = 0.98) -> torch.Tensor:
+@TOKEN_SELECTORS.register(
+    "tip_q3",
+    needs=("entropy", "forward_kl", "reverse_kl"),
+    metrics=tip_quadrants,
+    ranges={"rho": "[0, 1]", "entropy_clip_quantile": "[0, 1]"},
+    source="TIP (arXiv 2604.14084), the Q3 detector; docs/algorithms.md#tip-selection-rules",
+)
+def select_tip_q3(
+    stats: TokenStats,
+    *,
+    generator: torch.Generator | None = None,
+    rho: float = 0.2,
+    entropy_clip_quantile: float = 0.98,
+) -> torch.Tensor:
     """TIP's Q3 detector (#tip-selection-rules): w = KL(P_T || P_S)·(1 - ĥ), overconfident-and-wrong tokens.
 
     Forward KL ranks here because it penalises teacher mass a confident student misses; the loss
@@ -249,11 +276,20 @@ def entropy_sampling_needs(params) -> tuple[str, ...]:
     return ("entropy", "jsd") if params.gamma != 0 else ("entropy",)
 
 
-@TOKEN_SELECTORS.register("entropy_sampling", needs=entropy_sampling_needs,
-                          ranges={"ratio": "[0, 1]", "alpha": "[0, inf)", "gamma": "[0, inf)"},
-                          source="the OPD repo's entropy_weighted_sample (HJSang/OPSD_OnPolicyDistillation)")
-def select_entropy_sampling(stats: TokenStats, *, generator: torch.Generator | None = None, ratio: float = 0.5,
-                            alpha: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
+@TOKEN_SELECTORS.register(
+    "entropy_sampling",
+    needs=entropy_sampling_needs,
+    ranges={"ratio": "[0, 1]", "alpha": "[0, inf)", "gamma": "[0, inf)"},
+    source="the OPD repo's entropy_weighted_sample (HJSang/OPSD_OnPolicyDistillation)",
+)
+def select_entropy_sampling(
+    stats: TokenStats,
+    *,
+    generator: torch.Generator | None = None,
+    ratio: float = 0.5,
+    alpha: float = 1.0,
+    gamma: float = 0.0,
+) -> torch.Tensor:
     """TIP's entropy-only rule as the OPD repo's entropy_weighted_sample (#tip-selection-rules): k =
     floor(N·ratio) of the batch's N valid tokens, drawn without replacement with probability ∝
     h^alpha · (JSD / ln 2)^gamma; gamma = 0 is pure entropy and then `jsd` is not needed.
@@ -272,10 +308,10 @@ def select_entropy_sampling(stats: TokenStats, *, generator: torch.Generator | N
     h = stats.require("entropy", "entropy_sampling").double().clamp(min=0.0)
     if stats.vocab_size is not None and stats.vocab_size >= 2:
         h = h / math.log(stats.vocab_size)
-    weights = h ** alpha
+    weights = h**alpha
     if gamma != 0:
         jsd = stats.require("jsd", "entropy_sampling").double().clamp(min=0.0) / math.log(2.0)
-        weights = weights * jsd ** gamma
+        weights = weights * jsd**gamma
     count = floor_count(ratio, int(valid.sum()))
     return sample_without_replacement(weights, valid, count, generator)
 
@@ -310,18 +346,19 @@ def max_variance_subset(values: torch.Tensor, size: int) -> torch.Tensor:
     ordered = values.double()[order]
     ordered = ordered - ordered.mean()  # centring keeps E[x²] - E[x]² free of cancellation
     zero = ordered.new_zeros(1)
-    low_sum, low_squares = (torch.cat([zero, x.cumsum(0)]) for x in (ordered, ordered ** 2))
-    high_sum, high_squares = (torch.cat([zero, x.flip(0).cumsum(0)]) for x in (ordered, ordered ** 2))
+    low_sum, low_squares = (torch.cat([zero, x.cumsum(0)]) for x in (ordered, ordered**2))
+    high_sum, high_squares = (torch.cat([zero, x.flip(0).cumsum(0)]) for x in (ordered, ordered**2))
     top = torch.arange(size + 1, device=values.device)  # k largest values + (size - k) smallest
     mean = (high_sum[top] + low_sum[size - top]) / size
-    variance = (high_squares[top] + low_squares[size - top]) / size - mean ** 2
+    variance = (high_squares[top] + low_squares[size - top]) / size - mean**2
     best_variance = variance.max()
     best = int(torch.nonzero(variance >= best_variance - 1e-12 * (1.0 + best_variance.abs()))[0])
-    return torch.cat([order[:size - best], order[count - best:]]).sort().values
+    return torch.cat([order[: size - best], order[count - best :]]).sort().values
 
 
-def d3s_sample_mask(advantages: torch.Tensor, group_ids: torch.Tensor, keep_per_group: int,
-                    scope: str = "group") -> torch.Tensor:
+def d3s_sample_mask(
+    advantages: torch.Tensor, group_ids: torch.Tensor, keep_per_group: int, scope: str = "group"
+) -> torch.Tensor:
     """D³S sample level (#d3s-sample-level): [B] bool, the rollouts that stay in the batch.
 
     advantages: [B] per-rollout advantages, computed from all G rollouts of each group BEFORE this
@@ -372,12 +409,17 @@ def d3s_token_fraction(stats: TokenStats, *, token_fraction: list[float]) -> dic
     return {"d3s/token_fraction": linear_schedule(stats.progress, *token_fraction)}
 
 
-@TOKEN_SELECTORS.register("d3s_tokens", needs=("entropy",), metrics=d3s_token_fraction,
-                          ranges={"token_fraction": "(0, 1]"}, check=lambda params, recipe: two_endpoints(
-                              params.token_fraction, "token_fraction"),
-                          source="D³S (arXiv 2509.22115), token level on its schedule; docs/algorithms.md#d3s-token-level")
-def d3s_tokens(stats: TokenStats, *, generator: torch.Generator | None = None,
-               token_fraction: list[float] = [0.2, 0.5]) -> torch.Tensor:
+@TOKEN_SELECTORS.register(
+    "d3s_tokens",
+    needs=("entropy",),
+    metrics=d3s_token_fraction,
+    ranges={"token_fraction": "(0, 1]"},
+    check=lambda params, recipe: two_endpoints(params.token_fraction, "token_fraction"),
+    source="D³S (arXiv 2509.22115), token level on its schedule; docs/algorithms.md#d3s-token-level",
+)
+def d3s_tokens(
+    stats: TokenStats, *, generator: torch.Generator | None = None, token_fraction: list[float] = [0.2, 0.5]
+) -> torch.Tensor:
     """D³S's token level on its schedule: K moves linearly from token_fraction[0] to [1] over
     training (no official endpoints exist; 0.2 -> 0.5 is this library's lab sweep's choice)."""
     return select_d3s_tokens(stats, keep_fraction=linear_schedule(stats.progress, *token_fraction))
@@ -395,15 +437,26 @@ def keep_every_rollout(advantages: torch.Tensor, group_ids: torch.Tensor, *, pro
 def d3s_rollouts_fit(params, recipe) -> str | None:
     group_size = recipe.rollout.group_size
     if len(params.rollouts) != 2 or not all(1 <= n <= group_size for n in params.rollouts):
-        return f"rollouts: expected [N_init, N_final] within 1..rollout.group_size ({group_size}), got {params.rollouts}"
+        return (
+            f"rollouts: expected [N_init, N_final] within 1..rollout.group_size ({group_size}), got {params.rollouts}"
+        )
     return None
 
 
-@SAMPLE_SELECTORS.register("d3s", ranges={"rollouts": "[1, inf)"}, check=d3s_rollouts_fit,
-                           source="D³S (arXiv 2509.22115), sample level (D³S-Cross) on its schedule; "
-                                  "docs/algorithms.md#d3s-sample-level")
-def d3s_samples(advantages: torch.Tensor, group_ids: torch.Tensor, *, progress: float,
-                scope: Literal["group", "batch"] = "batch", rollouts: list[int] = [4, 8]) -> torch.Tensor:
+@SAMPLE_SELECTORS.register(
+    "d3s",
+    ranges={"rollouts": "[1, inf)"},
+    check=d3s_rollouts_fit,
+    source="D³S (arXiv 2509.22115), sample level (D³S-Cross) on its schedule; docs/algorithms.md#d3s-sample-level",
+)
+def d3s_samples(
+    advantages: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    progress: float,
+    scope: Literal["group", "batch"] = "batch",
+    rollouts: list[int] = [4, 8],
+) -> torch.Tensor:
     """D³S's sample level on its schedule: N rollouts per prompt on average, N moving linearly
     from rollouts[0] to rollouts[1] over training; scope batch is D³S-Cross (the paper's best)."""
     keep_per_group = round_half_up(linear_schedule(progress, *rollouts))

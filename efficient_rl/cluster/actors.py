@@ -21,8 +21,15 @@ class RolloutWorker:
         from efficient_rl.data.prompts import load_tokenizer
         from efficient_rl.rollout.vllm_engine import VLLMEngine
 
-        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), recipe.longest_sequence(), recipe.seed,
-                                 verify_prompt=verify_prompt, dtype=recipe.model.dtype, options=recipe.rollout.vllm)
+        self.engine = VLLMEngine(
+            model_dir,
+            load_tokenizer(model_dir),
+            recipe.longest_sequence(),
+            recipe.seed,
+            verify_prompt=verify_prompt,
+            dtype=recipe.model.dtype,
+            options=recipe.rollout.vllm,
+        )
         self.incoming = []  # buckets of the weight update in progress
 
     def generate(self, prompts, samples, group_ids, settings, seeds):
@@ -64,14 +71,20 @@ class LearnerWorker:
             sock.bind(("", 0))
             return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
-    def setup(self, imports: list[str], pickled_plan: bytes, model_dir: Path, base_model_dir: Path,
-              master: tuple[str, int]) -> None:
+    def setup(
+        self, imports: list[str], pickled_plan: bytes, model_dir: Path, base_model_dir: Path, master: tuple[str, int]
+    ) -> None:
         """Runs on every rank at once: torch.distributed joins them here. A Ray-hosted teacher
         reaches the learner as its client, so the learner never deals with Ray itself."""
         import_plugins(imports)  # the recipe's own methods register themselves in this process too
         plan = pickle.loads(pickled_plan)
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+        )
         self.learner = plan["learner.backend"](plan, model_dir, base_model_dir, teacher=teacher_client(plan.recipe))
 
     def update(self, batch):

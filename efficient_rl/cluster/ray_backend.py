@@ -53,7 +53,8 @@ class Placement:
             "num_cpus": cpus,
             "num_gpus": bundle.get("GPU", 0.0) * self.share,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                self.groups[role], placement_group_bundle_index=index),
+                self.groups[role], placement_group_bundle_index=index
+            ),
             # One torch thread per reserved core, not one per core of the machine.
             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
         }
@@ -81,8 +82,10 @@ def place(cluster) -> Placement:
         placement = Placement({"rollout": group, "learner": group}, {"rollout": shared, "learner": shared}, 0.5)
     else:
         bundles = {"rollout": bundle(rollout.cpus, rollout.gpus), "learner": bundle(learner.cpus, learner.gpus)}
-        groups = {"rollout": placement_group([bundles["rollout"]] * rollout.workers, strategy="PACK"),
-                  "learner": placement_group([bundles["learner"]] * learner.workers, strategy="PACK")}
+        groups = {
+            "rollout": placement_group([bundles["rollout"]] * rollout.workers, strategy="PACK"),
+            "learner": placement_group([bundles["learner"]] * learner.workers, strategy="PACK"),
+        }
         placement = Placement(groups, bundles, 1.0)
     for group in placement.groups.values():
         ray.get(group.ready())
@@ -115,8 +118,10 @@ class RayLearnerGroup:
                     raise
                 rank = futures.index(done[0])
                 self.kill()
-                raise WorkerFailure(f"learner rank {rank} died during {method} ({one_line(err, 200)}); the run "
-                                    f"stopped, its last checkpoint is intact: continue it with --resume") from None
+                raise WorkerFailure(
+                    f"learner rank {rank} died during {method} ({one_line(err, 200)}); the run "
+                    f"stopped, its last checkpoint is intact: continue it with --resume"
+                ) from None
         return ray.get(futures)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -194,8 +199,10 @@ class NcclTransport:
         self.sent_bytes, self.sent_buckets = sum(bucket.nbytes for bucket in plan), len(plan)
         host, port = ray.get(learner.workers[0].rendezvous_address.remote())
         world_size = 1 + len(workers)
-        joins = [worker.join_weight_broadcast.remote(host, port, 1 + index, world_size, plan)
-                 for index, worker in enumerate(workers)]
+        joins = [
+            worker.join_weight_broadcast.remote(host, port, 1 + index, world_size, plan)
+            for index, worker in enumerate(workers)
+        ]
         learner.call("join_weight_broadcast", host, port, world_size)
         ray.get(joins)
 
@@ -225,18 +232,26 @@ class RayRolloutGroup:
         self.max_restarts = max_restarts if transport.restartable else 0
         self.restarts, self.unreported_restarts = 0, 0
 
-    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
-                 settings: SamplingSettings) -> RolloutBatch:
+    def generate(
+        self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
+    ) -> RolloutBatch:
         seeds = request_seeds(len(prompts))  # drawn here, in the driver: resumes sample the same tokens
         shares = even_shares(len(prompts), len(self.workers))
 
         def submit(worker, share):
-            return worker.generate.remote([prompts[i] for i in share], [samples[i] for i in share],
-                                          [group_ids[i] for i in share], settings, [seeds[i] for i in share])
+            return worker.generate.remote(
+                [prompts[i] for i in share],
+                [samples[i] for i in share],
+                [group_ids[i] for i in share],
+                settings,
+                [seeds[i] for i in share],
+            )
 
         jobs = [(index, share, submit(self.workers[index], share)) for index, share in enumerate(shares) if share]
-        parts = [self._result(index, future, lambda worker, share=share: submit(worker, share))
-                 for index, share, future in jobs]
+        parts = [
+            self._result(index, future, lambda worker, share=share: submit(worker, share))
+            for index, share, future in jobs
+        ]
         return RolloutBatch.concat(parts)
 
     def sync_weights(self, learner) -> dict[str, float]:
@@ -290,12 +305,16 @@ class RayRolloutGroup:
         import ray
 
         if self.restarts >= self.max_restarts:
-            raise WorkerFailure(f"rollout worker {index} died ({one_line(err, 200)}) and cluster.max_rollout_restarts="
-                                f"{self.max_restarts} restarts are used up (none with NCCL weight sync)") from None
+            raise WorkerFailure(
+                f"rollout worker {index} died ({one_line(err, 200)}) and cluster.max_rollout_restarts="
+                f"{self.max_restarts} restarts are used up (none with NCCL weight sync)"
+            ) from None
         self.restarts += 1
         self.unreported_restarts += 1
-        tqdm.write(f"rollout worker {index} died ({one_line(err, 200)}); restart {self.restarts} of at most "
-                   f"{self.max_restarts}, regenerating its share")
+        tqdm.write(
+            f"rollout worker {index} died ({one_line(err, 200)}); restart {self.restarts} of at most "
+            f"{self.max_restarts}, regenerating its share"
+        )
         worker = self.spawn(index)
         ray.get(self.transport.catch_up(worker))
         self.workers[index] = worker
@@ -356,8 +375,9 @@ def start_teacher(recipe):
     only while the learner ranks that call it wait for its answer."""
     import ray
 
-    teacher = ray.remote(TeacherWorker).options(name=teacher_actor_name(recipe), num_cpus=0,
-                                                max_restarts=0).remote(recipe)
+    teacher = (
+        ray.remote(TeacherWorker).options(name=teacher_actor_name(recipe), num_cpus=0, max_restarts=0).remote(recipe)
+    )
     ray.get(teacher.vocab_size.remote())  # loaded before anyone asks
     return teacher
 
@@ -367,12 +387,13 @@ def start_learners(plan, setup, placement: Placement) -> RayLearnerGroup:
 
     world_size = plan.recipe.cluster.learner.workers
     remote_learner = ray.remote(LearnerWorker)
-    workers = [remote_learner.options(max_restarts=0, **placement.options("learner", rank)).remote(rank, world_size)
-               for rank in range(world_size)]
+    workers = [
+        remote_learner.options(max_restarts=0, **placement.options("learner", rank)).remote(rank, world_size)
+        for rank in range(world_size)
+    ]
     group = RayLearnerGroup(workers)
     master = ray.get(workers[0].rendezvous_address.remote())
     # The plan travels pickled: each rank imports the recipe's own modules (`imports:`) before it
     # unpickles the entries they registered.
-    group.call("setup", plan.recipe.imports, ray.cloudpickle.dumps(plan), setup.model_dir, setup.base_model_dir,
-               master)
+    group.call("setup", plan.recipe.imports, ray.cloudpickle.dumps(plan), setup.model_dir, setup.base_model_dir, master)
     return group

@@ -33,8 +33,12 @@ def cluster_view() -> dict:
 
     alive = [node for node in ray.nodes() if node["Alive"]]
     resources = ray.cluster_resources()
-    return {"nodes": len(alive), "node_addresses": sorted(n["NodeManagerAddress"] for n in alive),
-            "cpus": resources.get("CPU", 0.0), "gpus": resources.get("GPU", 0.0)}
+    return {
+        "nodes": len(alive),
+        "node_addresses": sorted(n["NodeManagerAddress"] for n in alive),
+        "cpus": resources.get("CPU", 0.0),
+        "gpus": resources.get("GPU", 0.0),
+    }
 
 
 def missing(view: dict, nodes: int, cpus: float, gpus: float) -> str:
@@ -54,7 +58,7 @@ def wait_for_cluster(address: str, nodes: int, cpus: float, gpus: float, timeout
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
-        while (lacking := missing(view := cluster_view(), nodes, cpus, gpus)):
+        while lacking := missing(view := cluster_view(), nodes, cpus, gpus):
             if time.time() > deadline:
                 raise TimeoutError(f"Ray cluster at {address} incomplete after {timeout:g} s: {lacking}")
             time.sleep(0.5)
@@ -77,8 +81,11 @@ def main() -> int:
     except TimeoutError as err:
         print(f"ray_ready: {err}", file=sys.stderr)
         return 1
-    print(f"[efficient-rl] Ray cluster ready after {view['seconds']} s: {view['nodes']} nodes, "
-          f"{view['cpus']:g} CPUs, {view['gpus']:g} GPUs", flush=True)
+    print(
+        f"[efficient-rl] Ray cluster ready after {view['seconds']} s: {view['nodes']} nodes, "
+        f"{view['cpus']:g} CPUs, {view['gpus']:g} GPUs",
+        flush=True,
+    )
     if args.record:
         Path(args.record).write_text(json.dumps(view, indent=1))
     return 0

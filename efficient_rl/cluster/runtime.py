@@ -15,7 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # Ray starts its workers at niceness 15, below every ordinary process; here the actors are the run
 # itself, and on a shared machine niced actors starve (a 2-step run failed after 18 minutes beside
 # two busy processes). A run's own cluster gives them the driver's priority; so does the Slurm job's.
@@ -50,8 +49,14 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         ray.init(address=address)
         return RaySession(owned=False, temp_dir=None)
     temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=max(1, math.ceil(cpus)), num_gpus=math.ceil(gpus), include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir), _system_config=RUN_CLUSTER_CONFIG)
+    ray.init(
+        num_cpus=max(1, math.ceil(cpus)),
+        num_gpus=math.ceil(gpus),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(temp_dir),
+        _system_config=RUN_CLUSTER_CONFIG,
+    )
     return RaySession(owned=True, temp_dir=temp_dir)
 
 
@@ -61,5 +66,7 @@ def requested_resources(cluster) -> tuple[float, float]:
     if cluster.placement == "colocate":
         count = max(rollout.workers, learner.workers)
         return count * max(rollout.cpus, learner.cpus), count * max(rollout.gpus, learner.gpus)
-    return (rollout.workers * rollout.cpus + learner.workers * learner.cpus,
-            rollout.workers * rollout.gpus + learner.workers * learner.gpus)
+    return (
+        rollout.workers * rollout.cpus + learner.workers * learner.cpus,
+        rollout.workers * rollout.gpus + learner.workers * learner.gpus,
+    )

@@ -13,7 +13,9 @@ def bind(picked: Choice, registry: Registry, where: str) -> Bound:
     """The entry `picked` names, with its parameters checked: name, keys, types and ranges, each
     error one line naming the field. The driver binds each entry once, with this."""
     if picked.name not in registry:
-        raise ConfigError(f"{where}: unknown {registry.kind} {picked.name!r}{did_you_mean(picked.name, registry.names())}")
+        raise ConfigError(
+            f"{where}: unknown {registry.kind} {picked.name!r}{did_you_mean(picked.name, registry.names())}"
+        )
     entry = registry.get(picked.name)
     params = build(entry.params, picked.params, where, source="")
     for name, rule in entry.ranges.items():

@@ -22,6 +22,7 @@ from efficient_rl.config.schema import Choice, Recipe
 from efficient_rl.errors import ConfigError, PluginError, one_line
 from efficient_rl.registry import did_you_mean
 
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     raw = read_recipe_file(path)
@@ -43,13 +44,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 # rather than translated: a silent translation keeps the old spelling alive in every recipe that has it.
 RETIRED_KEYS = {
     "logging.tensorboard": "list the trackers in logging.trackers, e.g. logging.trackers: [tensorboard] "
-                           "(or [] for none)",
+    "(or [] for none)",
     "algorithm.dynamic_sampling": "write algorithm.sampling: dynamic (or all)",
     "algorithm.dynamic_sampling_metric": "write algorithm.sampling: {name: dynamic, metric: ...}",
     "algorithm.max_sampling_rounds": "write algorithm.sampling: {name: dynamic, max_rounds: N}",
     "algorithm.truncation_length": "write algorithm.length_cap: {name: fixed, length: N}",
     "algorithm.difficulty_tiers": "write algorithm.length_cap: {name: difficulty_aware, min_correct: [...], "
-                                  "truncation_lengths: [...]}",
+    "truncation_lengths: [...]}",
 }
 
 
@@ -137,7 +138,7 @@ def yaml_number(value):
 
 
 def located(source: str, path: str) -> str:
-    """"recipe.yaml: algorithm.policy_loss.clip_high" (or just the path when there is no file)."""
+    """ "recipe.yaml: algorithm.policy_loss.clip_high" (or just the path when there is no file)."""
     return f"{source}: {path}" if source else path
 
 
@@ -152,10 +153,14 @@ def build(cls, raw: Any, where: str, source: str):
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"{located(source, path)}: unknown key{did_you_mean(str(key), names)}")
-        values[key] = convert(hints[key], with_default_name(cls, key, value) if hints[key] is Choice else value,
-                              path, source)
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        values[key] = convert(
+            hints[key], with_default_name(cls, key, value) if hints[key] is Choice else value, path, source
+        )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{located(source, where)}: expected {', '.join(missing)} to be set")
     return cls(**values)
@@ -176,8 +181,10 @@ def convert_choice(value, path: str, source: str) -> Choice:
         return Choice(value)
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return Choice(value["name"], {key: item for key, item in value.items() if key != "name"})
-    raise ConfigError(f"{located(source, path)}: expected a name, or a mapping with 'name' and the entry's "
-                      f"parameters, got {describe(value)}")
+    raise ConfigError(
+        f"{located(source, path)}: expected a name, or a mapping with 'name' and the entry's "
+        f"parameters, got {describe(value)}"
+    )
 
 
 def convert(kind, value, path: str, source: str):

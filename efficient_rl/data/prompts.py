@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from efficient_rl.config.schema import PromptSection
-from efficient_rl.errors import ConfigError
 from efficient_rl.data.variables import render
+from efficient_rl.errors import ConfigError
 
 DEFAULT_PROMPT = PromptSection()
 
@@ -45,8 +45,9 @@ def encode_prompt(tokenizer, question: str, prompt: PromptSection = DEFAULT_PROM
     try:
         user = render(prompt.user_template, {"question": question})
     except KeyError as err:
-        raise ConfigError(f"user template: {{{err.args[0]}}} names a sample field, but only {{question}} is "
-                          f"known here") from None
+        raise ConfigError(
+            f"user template: {{{err.args[0]}}} names a sample field, but only {{question}} is known here"
+        ) from None
     return encode_user(tokenizer, user, prompt)
 
 
@@ -68,8 +69,10 @@ def encode_user(tokenizer, user: str, prompt: PromptSection = DEFAULT_PROMPT) ->
 
 def uses_chat_template(tokenizer, prompt: PromptSection) -> bool:
     if prompt.chat_template == "always" and not has_chat_template(tokenizer):
-        raise TokenizerError(f"prompt.chat_template: always, but the tokenizer of {tokenizer.name_or_path} has no "
-                             f"chat template (set prompt.chat_template: auto or never)")
+        raise TokenizerError(
+            f"prompt.chat_template: always, but the tokenizer of {tokenizer.name_or_path} has no "
+            f"chat template (set prompt.chat_template: auto or never)"
+        )
     return prompt.chat_template != "never" and has_chat_template(tokenizer)
 
 

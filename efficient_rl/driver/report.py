@@ -11,13 +11,20 @@ def before_after_table(summary: dict) -> str:
     for stage, label in (("warm_start", "warm start"), ("final", "final")):
         if stage in summary:
             s = summary[stage]
-            rows.append((label, f"{100 * s['accuracy']:.1f}%", f"{s['mean_response_length']:.1f}",
-                         f"{s['p90_response_length']:.1f}"))
+            rows.append(
+                (
+                    label,
+                    f"{100 * s['accuracy']:.1f}%",
+                    f"{s['mean_response_length']:.1f}",
+                    f"{s['p90_response_length']:.1f}",
+                )
+            )
     if "warm_start" in summary and "final" in summary:
         before, after = summary["warm_start"], summary["final"]
         change = after["mean_response_length"] / max(before["mean_response_length"], 1e-9) - 1
-        rows.append(("change", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts",
-                     f"{100 * change:+.1f}%", ""))
+        rows.append(
+            ("change", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts", f"{100 * change:+.1f}%", "")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -33,22 +40,39 @@ def plot_training_curves(metrics_path: Path, summary: dict, out_path: Path) -> N
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [row["step"] for row in rows]
-    during = [(row["step"], {"accuracy": row["eval/pass@1"],
-                             "mean_response_length": row["eval/length/mean"]})
-              for row in rows if "eval/pass@1" in row]
-    heldout = ([(0, summary["warm_start"])] if "warm_start" in summary else []) + during + (
-        [(summary["steps_completed"], summary["final"])] if "final" in summary else [])
+    during = [
+        (row["step"], {"accuracy": row["eval/pass@1"], "mean_response_length": row["eval/length/mean"]})
+        for row in rows
+        if "eval/pass@1" in row
+    ]
+    heldout = (
+        ([(0, summary["warm_start"])] if "warm_start" in summary else [])
+        + during
+        + ([(summary["steps_completed"], summary["final"])] if "final" in summary else [])
+    )
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     panels = [
         (top, "response_length/mean", "mean_response_length", "mean response length (tokens)", "tab:blue"),
         (bottom, "acc/mean", "accuracy", "accuracy (fraction correct)", "tab:green"),
     ]
     for axis, metric, summary_key, label, color in panels:
-        axis.plot(steps, [row[metric] for row in rows], color=color, marker="o", markersize=3,
-                  label="training rollouts (under the truncation cap)")
+        axis.plot(
+            steps,
+            [row[metric] for row in rows],
+            color=color,
+            marker="o",
+            markersize=3,
+            label="training rollouts (under the truncation cap)",
+        )
         if heldout:
-            axis.plot([s for s, _ in heldout], [h[summary_key] for _, h in heldout], color="black",
-                      marker="D", linestyle="--", label="held-out evaluation (eval.every)")
+            axis.plot(
+                [s for s, _ in heldout],
+                [h[summary_key] for _, h in heldout],
+                color="black",
+                marker="D",
+                linestyle="--",
+                label="held-out evaluation (eval.every)",
+            )
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

@@ -34,8 +34,9 @@ class Selection:
         metrics = {"selection/kept_rollouts": float(keep.sum())}
         if not keep.all():
             batch = batch.select(keep.nonzero()[:, 0])
-        stats = TokenStats(mask=batch.response_mask, advantages=batch.advantages, vocab_size=self.vocab_size,
-                           progress=progress)
+        stats = TokenStats(
+            mask=batch.response_mask, advantages=batch.advantages, vocab_size=self.vocab_size, progress=progress
+        )
         if self.statistics:
             stats.statistics = learner.token_statistics(batch, self.statistics)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

@@ -65,8 +65,11 @@ def install() -> None:
 
 def requested() -> bool:
     if not _received and stop_file_written():
-        print(f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; {_phases[-1].promise}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; {_phases[-1].promise}",
+            file=sys.stderr,
+            flush=True,
+        )
         _received.append(FROM_STOP_FILE)
     return bool(_received)
 

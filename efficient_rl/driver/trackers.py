@@ -86,9 +86,14 @@ class Trackers:
             saved = self.state.get(bound.name, {})
             # Steps a tracker already took before a kill (after the checkpoint) are not sent again.
             start = max(first_step, saved.get("last_step", 0) + 1)
-            context = TrackerContext(run_dir=run_dir, run_name=recipe.logging.name,
-                                     output_dir=Path(recipe.logging.output_dir), config=config,
-                                     run_id=saved.get("run_id"), first_step=start)
+            context = TrackerContext(
+                run_dir=run_dir,
+                run_name=recipe.logging.name,
+                output_dir=Path(recipe.logging.output_dir),
+                config=config,
+                run_id=saved.get("run_id"),
+                first_step=start,
+            )
             try:
                 tracker = bound(context)
             except Exception as err:  # a tracker never stops training
@@ -153,6 +158,7 @@ def read_state(path: Path) -> dict:
 
 # ---------------------------------------------------------------- tensorboard
 
+
 @TRACKERS.register("tensorboard", source="TensorBoard event files in <run>/tensorboard (torch.utils.tensorboard)")
 def tensorboard(context: TrackerContext) -> Tracker:
     return TensorBoardTracker(context)
@@ -183,10 +189,16 @@ class TensorBoardTracker:
         if not taken:
             return
         self.writer.add_histogram_raw(
-            name, min=taken[0], max=taken[-1], num=sum(counts.values()), sum=sum(v * counts[v] for v in values),
+            name,
+            min=taken[0],
+            max=taken[-1],
+            num=sum(counts.values()),
+            sum=sum(v * counts[v] for v in values),
             sum_squares=sum(v * v * counts[v] for v in values),
             bucket_limits=[value + 0.5 for value in values],  # bucket k holds (k - 0.5, k + 0.5]
-            bucket_counts=[counts[value] for value in values], global_step=step)
+            bucket_counts=[counts[value] for value in values],
+            global_step=step,
+        )
 
     def close(self, failed: bool) -> None:
         self.writer.close()
@@ -220,16 +232,25 @@ def markdown_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------- wandb
 
+
 @TRACKERS.register("wandb", source="Weights & Biases: wandb.init, Run.log, wandb.Table")
-def wandb_tracker(context: TrackerContext, *, project: str = "efficient-rl", entity: str | None = None,
-                  mode: Literal["online", "offline"] | None = None, group: str | None = None,
-                  tags: list[str] = [], system_metrics: bool = False) -> Tracker:
+def wandb_tracker(
+    context: TrackerContext,
+    *,
+    project: str = "efficient-rl",
+    entity: str | None = None,
+    mode: Literal["online", "offline"] | None = None,
+    group: str | None = None,
+    tags: list[str] = [],
+    system_metrics: bool = False,
+) -> Tracker:
     """mode null: wandb's own choice ($WANDB_MODE, `wandb offline`, else online). Offline runs are
     written to <run>/wandb/offline-run-*; `wandb sync` uploads them later, a resumed run's parts
     into the one run. system_metrics: wandb's CPU/GPU sampling and machine metadata (off: wandb
     then probes nothing on the machine or its network)."""
-    return WandbTracker(context, project=project, entity=entity, mode=mode, group=group, tags=tags,
-                        system_metrics=system_metrics)
+    return WandbTracker(
+        context, project=project, entity=entity, mode=mode, group=group, tags=tags, system_metrics=system_metrics
+    )
 
 
 class WandbTracker:
@@ -247,12 +268,20 @@ class WandbTracker:
         )
         try:
             self.run = wandb.init(
-                project=project, entity=entity, name=context.run_name, group=group, tags=tags or None,
-                dir=str(context.run_dir), mode=mode, config=context.config, id=context.run_id,
+                project=project,
+                entity=entity,
+                name=context.run_name,
+                group=group,
+                tags=tags or None,
+                dir=str(context.run_dir),
+                mode=mode,
+                config=context.config,
+                id=context.run_id,
                 resume="allow" if context.run_id else None,
                 allow_val_change=True,  # `steps` may change on a resume
                 reinit="create_new",  # never log into a wandb run someone else started in this process
-                settings=settings)
+                settings=settings,
+            )
         except BaseException:
             self.stop_service()  # init may have started it before it failed
             raise
@@ -263,7 +292,8 @@ class WandbTracker:
         if completions:
             columns = list(completions[0])
             record[COMPLETIONS_TABLE] = self.wandb.Table(
-                columns=columns, data=[[row[c] for c in columns] for row in completions])
+                columns=columns, data=[[row[c] for c in columns] for row in completions]
+            )
         self.run.log(record, step=step)
 
     def close(self, failed: bool) -> None:
@@ -287,8 +317,9 @@ def mlflow_name(name: str) -> str:
 
 
 @TRACKERS.register("mlflow", source="MLflow Tracking: MlflowClient.log_batch, log_table, log_dict")
-def mlflow_tracker(context: TrackerContext, *, tracking_uri: str | None = None,
-                   experiment: str = "efficient-rl") -> Tracker:
+def mlflow_tracker(
+    context: TrackerContext, *, tracking_uri: str | None = None, experiment: str = "efficient-rl"
+) -> Tracker:
     """tracking_uri null: $MLFLOW_TRACKING_URI, else a SQLite store shared by the output
     directory's runs, <output_dir>/mlflow.db (artifacts beside it in <output_dir>/mlflow-artifacts):
     `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db` shows them."""
@@ -313,13 +344,14 @@ class MlflowTracker:
             return
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.create_experiment(experiment, artifacts)
-        self.run_id = self.client.create_run(experiment_id, run_name=context.run_name,
-                                             tags={"efficient_rl.run_dir": str(context.run_dir.resolve())}).info.run_id
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=context.run_name, tags={"efficient_rl.run_dir": str(context.run_dir.resolve())}
+        ).info.run_id
         from mlflow.entities import Param
 
         params = [Param(mlflow_name(key), value) for key, value in flat_params(context.config).items()]
         for start in range(0, len(params), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, params=params[start: start + MLFLOW_BATCH])
+            self.client.log_batch(self.run_id, params=params[start : start + MLFLOW_BATCH])
         self.client.log_dict(self.run_id, context.config, "config.yaml")  # the recipe whole, as YAML
 
     def create_experiment(self, name: str, artifacts: str | None) -> str:
@@ -337,7 +369,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(mlflow_name(name), value, now, step) for name, value in metrics.items()]
         for start in range(0, len(batch), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start: start + MLFLOW_BATCH])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + MLFLOW_BATCH])
         if completions:
             # One artifact per step: a resumed run writing a step again replaces it, never appends.
             columns = {c: [row[c] for row in completions] for c in completions[0]}

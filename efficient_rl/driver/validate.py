@@ -10,6 +10,11 @@ reward worker or model load.
 
 from __future__ import annotations
 
+# Importing the backends registers them (and their own checks).
+import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
+import efficient_rl.learner.torch_learner  # noqa: E402,F401
+import efficient_rl.rollout.hf  # noqa: E402,F401
+import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
 from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
@@ -34,12 +39,6 @@ from efficient_rl.registry import NEEDS, SAMPLE_FIELD_NEED, Bound, did_you_mean
 from efficient_rl.rollout.base import ENGINES
 from efficient_rl.run.checkpoint import check_run_name
 from efficient_rl.scoring.runner import resolve_rewards
-
-# Importing the backends registers them (and their own checks).
-import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
-import efficient_rl.learner.torch_learner  # noqa: E402,F401
-import efficient_rl.rollout.hf  # noqa: E402,F401
-import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
 
 # The recipe's picks of registry entries with parameters (each a config Choice), and of plain
 # names. Each entry's `check` holds what it does not combine with (a backend's compatibility rules).
@@ -75,8 +74,9 @@ def validate(recipe: Recipe) -> Plan:
     check_model(recipe)
     choices = {**bind_names(recipe), **bind_choices(recipe)}
     needs = recipe_needs(choices)
-    plan = Plan(recipe=recipe, choices=choices, needs=needs, variables=bind_variables(recipe),
-                trackers=bind_trackers(recipe))
+    plan = Plan(
+        recipe=recipe, choices=choices, needs=needs, variables=bind_variables(recipe), trackers=bind_trackers(recipe)
+    )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
@@ -89,7 +89,9 @@ def check_model(recipe: Recipe) -> None:
     if (recipe.model.path is None) == (recipe.model.lab is None):
         raise ConfigError("model: set exactly one of model.path (a model directory) or model.lab (a lab preset)")
     if recipe.model.lab is not None and recipe.model.lab not in PRESETS:
-        raise ConfigError(f"model.lab: unknown lab preset {recipe.model.lab!r}{did_you_mean(recipe.model.lab, PRESETS)}")
+        raise ConfigError(
+            f"model.lab: unknown lab preset {recipe.model.lab!r}{did_you_mean(recipe.model.lab, PRESETS)}"
+        )
     if recipe.model.path is not None:  # checked without downloading or converting
         check_reference(recipe.model.path, "model.path")
 
@@ -118,8 +120,10 @@ def bind_names(recipe: Recipe) -> dict[str, Bound]:
 def bind_choices(recipe: Recipe) -> dict[str, Bound]:
     """Every entry the recipe picks, bound: unknown names, keys, types, ranges and the entries'
     own checks fail here, each in one line naming its field."""
-    return {dotted: checked(bind(field_value(recipe, dotted), registry, dotted), recipe, prefix=f"{dotted}.")
-            for dotted, registry in CHOICE_FIELDS}
+    return {
+        dotted: checked(bind(field_value(recipe, dotted), registry, dotted), recipe, prefix=f"{dotted}.")
+        for dotted, registry in CHOICE_FIELDS
+    }
 
 
 def bind_variables(recipe: Recipe) -> dict[str, Bound]:
@@ -133,12 +137,12 @@ def bind_variables(recipe: Recipe) -> dict[str, Bound]:
     shown = template_fields(recipe.prompt.user_template)
     for name, values in recipe.eval.variables.items():
         if name not in shown:
-            raise ConfigError(f"eval.variables.{name}: prompt.user_template shows no {{{name}}}, so its values "
-                              f"would change no prompt")
+            raise ConfigError(
+                f"eval.variables.{name}: prompt.user_template shows no {{{name}}}, so its values would change no prompt"
+            )
         if not values:
             raise ConfigError(f"eval.variables.{name}: expected at least one value")
     return bound
-
 
 
 def bind_trackers(recipe: Recipe) -> tuple[Bound, ...]:
@@ -150,7 +154,6 @@ def bind_trackers(recipe: Recipe) -> tuple[Bound, ...]:
             raise ConfigError(f"logging.trackers[{index}]: {picked.name} is listed twice")
         bound.append(bind(picked, TRACKERS, f"logging.trackers[{index}]"))
     return tuple(bound)
-
 
 
 def recipe_needs(bound: dict[str, Bound]) -> dict[str, str]:
@@ -172,8 +175,9 @@ def check_need(need: str, dotted: str, entry: Bound) -> None:
     if need in NEEDS or need in TOKEN_STATISTICS or (need.startswith(SAMPLE_FIELD_NEED) and need != SAMPLE_FIELD_NEED):
         return
     known = [*NEEDS, *TOKEN_STATISTICS.names(), f"{SAMPLE_FIELD_NEED}<field>"]
-    raise ConfigError(f"{dotted}: {entry.entry.kind} {entry.name!r} needs {need!r}, which nothing provides"
-                      f"{did_you_mean(need, known)}")
+    raise ConfigError(
+        f"{dotted}: {entry.entry.kind} {entry.name!r} needs {need!r}, which nothing provides{did_you_mean(need, known)}"
+    )
 
 
 def check_cap_is_read(cap: Bound, needs: dict[str, str]) -> None:
@@ -181,10 +185,13 @@ def check_cap_is_read(cap: Bound, needs: dict[str, str]) -> None:
     default = AlgorithmSection().length_cap
     if "length_cap" in needs or (cap.name == default.name and cap.params == cap.entry.params(**default.params)):
         return
-    readers = [entry.name for entry in LENGTH_SHAPERS.entries()
-               if not callable(entry.needs) and "length_cap" in entry.needs]  # those that always read it
-    raise ConfigError(f"algorithm.length_cap: {cap.name} needs a length_penalty that uses the cap "
-                      f"({', '.join(readers)}); nothing in the recipe reads it")
+    readers = [
+        entry.name for entry in LENGTH_SHAPERS.entries() if not callable(entry.needs) and "length_cap" in entry.needs
+    ]  # those that always read it
+    raise ConfigError(
+        f"algorithm.length_cap: {cap.name} needs a length_penalty that uses the cap "
+        f"({', '.join(readers)}); nothing in the recipe reads it"
+    )
 
 
 def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
@@ -192,8 +199,10 @@ def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
     set, and one that nothing needs would be loaded for nothing."""
     if "teacher" not in needs:
         if recipe.distill.teacher is not None:
-            raise ConfigError("distill.teacher: set, but nothing in the recipe needs a teacher (algorithm.objective "
-                              "distillation, or a token selection by teacher statistics); leave it null")
+            raise ConfigError(
+                "distill.teacher: set, but nothing in the recipe needs a teacher (algorithm.objective "
+                "distillation, or a token selection by teacher statistics); leave it null"
+            )
         return
     if recipe.distill.teacher is None:
         user = f"{needs['teacher']} {field_value(recipe, needs['teacher']).name}"

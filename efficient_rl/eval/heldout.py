@@ -12,12 +12,19 @@ import math
 import torch
 
 from efficient_rl.eval.metrics import evaluation_metrics, sample_of
-from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.scoring.runner import RewardRunner
 
 
-def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], settings: SamplingSettings,
-             seed: int, labels: list[str] | None = None) -> dict[str, float]:
+def evaluate(
+    engine,
+    encode,
+    rewards: RewardRunner,
+    samples: list[dict],
+    settings: SamplingSettings,
+    seed: int,
+    labels: list[str] | None = None,
+) -> dict[str, float]:
     """`settings.n` samples per problem; `encode` turns a sample into its prompt token ids.
     Undefined values (no correct answer: no tokens per correct answer) are logged as NaN.
     `labels` (one per sample: the eval.variables values it was prompted with) adds every label's
@@ -28,15 +35,21 @@ def evaluate(engine, encode, rewards: RewardRunner, samples: list[dict], setting
         batch = engine.generate(prompts, samples, list(range(len(samples))), settings)
     result = rewards.score(batch.completions, batch.samples)
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
-    scored = [sample_of(*row) for row in zip(batch.completions, correct, batch.response_lengths.tolist(),
-                                             batch.truncated.tolist())]
+    scored = [
+        sample_of(*row)
+        for row in zip(batch.completions, correct, batch.response_lengths.tolist(), batch.truncated.tolist())
+    ]
     per_problem = [[] for _ in samples]
     for sample, problem in zip(scored, batch.group_ids.tolist()):
         per_problem[problem].append(sample)
     metrics = named(evaluation_metrics(per_problem), "eval/")
     for label in dict.fromkeys(labels or []):
-        metrics.update(named(evaluation_metrics([problem for problem, of in zip(per_problem, labels) if of == label]),
-                             f"eval/{label}/"))
+        metrics.update(
+            named(
+                evaluation_metrics([problem for problem, of in zip(per_problem, labels) if of == label]),
+                f"eval/{label}/",
+            )
+        )
     return {**metrics, "eval/reward_errors": float(result.errors), "eval/reward_timeouts": float(result.timeouts)}
 
 

@@ -58,8 +58,9 @@ def maj_at_k(samples: list[Sample], k: int) -> float:
                         key = (items + t, ties + tied)
                         grown[key] = grown.get(key, 0) + w * math.comb(abstain if count is None else count, t)
                 ways = grown
-            expected += sum(w / (ties + 1) * math.comb(votes[answer], x)
-                            for (items, ties), w in ways.items() if items == k - x)
+            expected += sum(
+                w / (ties + 1) * math.comb(votes[answer], x) for (items, ties), w in ways.items() if items == k - x
+            )
     return expected / math.comb(n, k)
 
 
@@ -128,8 +129,9 @@ def check_k(n: int, k: int) -> None:
         raise ValueError(f"@k metrics need 1 <= k <= n samples per question, got k={k}, n={n}")
 
 
-def bootstrap_interval(values: list, statistic: Callable[[list], float], resamples: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: list, statistic: Callable[[list], float], resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap over `values` (one per question): the central `level` interval."""
     rng = random.Random(seed)
     estimates = sorted(statistic([values[rng.randrange(len(values))] for _ in values]) for _ in range(resamples))
@@ -144,7 +146,7 @@ def sample_of(completion: str, correct: bool, length: int, truncated: bool) -> S
 
 def k_values(n: int) -> list[int]:
     """1, 2, 4, ... up to n, and n itself."""
-    return sorted({1, n} | {2 ** i for i in range(1, n.bit_length()) if 2 ** i <= n})
+    return sorted({1, n} | {2**i for i in range(1, n.bit_length()) if 2**i <= n})
 
 
 def evaluation_metrics(questions: list[list[Sample]]) -> dict[str, float]:

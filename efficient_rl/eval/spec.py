@@ -14,8 +14,14 @@ from efficient_rl.errors import ConfigError
 PROMPT_FIELDS = ("question", "budget")
 # Where each number of an evaluation may lie (config/rules.py's notation), checked before anything
 # runs: as `eval` flags, and as a study's eval section.
-EVAL_NUMBER_RULES = {"budgets": "[1, inf)", "samples": "[1, inf)", "problems": "[1, inf)",
-                     "temperature": ("[0, inf)", "0 is greedy"), "top_p": "(0, 1]", "seed": "[0, inf)"}
+EVAL_NUMBER_RULES = {
+    "budgets": "[1, inf)",
+    "samples": "[1, inf)",
+    "problems": "[1, inf)",
+    "temperature": ("[0, inf)", "0 is greedy"),
+    "top_p": "(0, 1]",
+    "seed": "[0, inf)",
+}
 
 
 @dataclass
@@ -51,5 +57,7 @@ def check_user_template(template: str, where: str) -> None:
 
     unknown = [name for name in template_fields(template) if name not in PROMPT_FIELDS]
     if unknown:
-        raise ConfigError(f"{where}: {{{unknown[0]}}} is not a field an evaluation knows; its user template may show "
-                          f"{{question}} and {{budget}}")
+        raise ConfigError(
+            f"{where}: {{{unknown[0]}}} is not a field an evaluation knows; its user template may show "
+            f"{{question}} and {{budget}}"
+        )

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from efficient_rl.data.answers import shorten  # a long GSM8K reference cut to its end, the answer
 from efficient_rl.config.schema import DataSection, RewardEntry
+from efficient_rl.data.answers import shorten  # a long GSM8K reference cut to its end, the answer
 from efficient_rl.errors import ConfigError
-from efficient_rl.eval.frontier import (Point, distance_from_oracle, oracle_frontier, pareto_frontier,
-                                        token_complexities)
+from efficient_rl.eval.frontier import Point, distance_from_oracle, oracle_frontier, pareto_frontier, token_complexities
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
 from efficient_rl.eval.spec import EvalSpec, check_user_template
 from efficient_rl.models.sources import model_directory
-from efficient_rl.scoring.runner import RewardRunner
 from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.scoring.runner import RewardRunner
 
 CHUNK = 16  # questions generated (and cached) together
 REPORT_SAMPLES = 3  # graded completions per run in the report: the first sample of the first questions
@@ -54,8 +53,9 @@ def label(reference: str, budget: int) -> str:
 def load_questions(spec: EvalSpec, field_name: str = "--data") -> list[dict]:
     from efficient_rl.data.sources import load_split
 
-    data = DataSection(heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key,
-                       heldout_split=spec.split)
+    data = DataSection(
+        heldout_size=spec.problems, question_key=spec.question_key, answer_key=spec.answer_key, heldout_split=spec.split
+    )
     return load_split(spec.data, "heldout", data, spec.seed, field_name)[: spec.problems]
 
 
@@ -67,10 +67,12 @@ def check_answers(questions: list[dict], rewards: RewardRunner, spec: EvalSpec) 
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
     for row, (question, completion, ok) in enumerate(zip(questions, completions, correct), 1):
         if not ok:
-            raise ConfigError(f"--data {spec.data}: the reward `{spec.reward}` does not accept the reference answer "
-                              f"{shorten(question['answer'], limit=80)!r} of question {question['id']!r} (row {row}) as "
-                              f"correct{reward_complaint(rewards, completion, question)}; is --answer-key "
-                              f"{spec.answer_key!r} the answer column, in a form it can parse?")
+            raise ConfigError(
+                f"--data {spec.data}: the reward `{spec.reward}` does not accept the reference answer "
+                f"{shorten(question['answer'], limit=80)!r} of question {question['id']!r} (row {row}) as "
+                f"correct{reward_complaint(rewards, completion, question)}; is --answer-key "
+                f"{spec.answer_key!r} the answer column, in a form it can parse?"
+            )
 
 
 def reward_complaint(rewards: RewardRunner, completion: str, question: dict) -> str:
@@ -80,8 +82,20 @@ def reward_complaint(rewards: RewardRunner, completion: str, question: dict) -> 
     return f" ({messages[0]})" if messages else ""
 
 
-GENERATION_SETTINGS = ("data", "split", "engine", "samples", "temperature", "top_p", "seed", "question_key",
-                       "answer_key", "chat_template", "system_prompt", "user_template")
+GENERATION_SETTINGS = (
+    "data",
+    "split",
+    "engine",
+    "samples",
+    "temperature",
+    "top_p",
+    "seed",
+    "question_key",
+    "answer_key",
+    "chat_template",
+    "system_prompt",
+    "user_template",
+)
 
 
 def check_cache(spec: EvalSpec, out: Path) -> None:
@@ -91,8 +105,10 @@ def check_cache(spec: EvalSpec, out: Path) -> None:
         saved = json.loads(saved_path.read_text())
         changed = [k for k in GENERATION_SETTINGS if saved.get(k) != current[k]]
         if changed:
-            raise ConfigError(f"--out {out}: its cached generations used {changed[0]}={saved.get(changed[0])!r}, "
-                              f"not {current[changed[0]]!r}; choose another --out")
+            raise ConfigError(
+                f"--out {out}: its cached generations used {changed[0]}={saved.get(changed[0])!r}, "
+                f"not {current[changed[0]]!r}; choose another --out"
+            )
     else:
         saved_path.write_text(json.dumps(current, indent=1))
 
@@ -142,28 +158,39 @@ class ModelUnderTest:
         self.directory, self.spec, self.engine = directory, spec, None
         self.tokenizer = load_tokenizer(directory)
         try:  # per budget: the template may show it
-            self.prompts = {budget: {q["question"]: encode_sample(self.tokenizer, {"question": q["question"],
-                                                                                 "budget": budget}, spec.prompt())
-                                     for q in questions} for budget in spec.budgets}
+            self.prompts = {
+                budget: {
+                    q["question"]: encode_sample(
+                        self.tokenizer, {"question": q["question"], "budget": budget}, spec.prompt()
+                    )
+                    for q in questions
+                }
+                for budget in spec.budgets
+            }
         except TokenizerError as err:
             raise ConfigError(f"{reference}: {err}") from None
         context = AutoConfig.from_pretrained(directory).max_position_embeddings
         longest = max(len(ids) for prompts in self.prompts.values() for ids in prompts.values())
         if longest + max(spec.budgets) > context:
-            raise ConfigError(f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget exceeds "
-                              f"the context of {reference} ({context} tokens)")
+            raise ConfigError(
+                f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget exceeds "
+                f"the context of {reference} ({context} tokens)"
+            )
         self.max_model_len = longest + max(spec.budgets)
 
     def generate(self, chunk: list[dict], budget: int, seed: int):
         if self.engine is None:
-            self.engine = EVAL_ENGINES[self.spec.engine](self.directory, self.tokenizer, self.max_model_len,
-                                                         self.spec.seed)
-        settings = SamplingSettings(n=self.spec.samples, max_new_tokens=budget, temperature=self.spec.temperature,
-                                    top_p=self.spec.top_p)
+            self.engine = EVAL_ENGINES[self.spec.engine](
+                self.directory, self.tokenizer, self.max_model_len, self.spec.seed
+            )
+        settings = SamplingSettings(
+            n=self.spec.samples, max_new_tokens=budget, temperature=self.spec.temperature, top_p=self.spec.top_p
+        )
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a chunk's own stream, for both engines (vLLM's request seeds too)
-            return self.engine.generate([self.prompts[budget][q["question"]] for q in chunk], chunk,
-                                        list(range(len(chunk))), settings)
+            return self.engine.generate(
+                [self.prompts[budget][q["question"]] for q in chunk], chunk, list(range(len(chunk))), settings
+            )
 
     def close(self) -> None:
         self.engine = None  # an in-process vLLM engine frees its memory when collected
@@ -175,7 +202,7 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
     and appended one chunk at a time."""
     done, spec = cached_generations(path), model.spec
     for start in range(0, len(questions), CHUNK):
-        chunk = questions[start: start + CHUNK]
+        chunk = questions[start : start + CHUNK]
         if all(q["question"] in done for q in chunk):
             continue
         batch = model.generate(chunk, budget, seed=spec.seed * 1_000_003 + budget * 1009 + start)
@@ -183,9 +210,13 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
         with path.open("a") as cache:
             for i, question in enumerate(chunk):
                 rows = range(i * spec.samples, (i + 1) * spec.samples)
-                record = {"question": question["question"], "answer": question["answer"],
-                          "completions": [batch.completions[r] for r in rows],
-                          "lengths": [lengths[r] for r in rows], "truncated": [truncated[r] for r in rows]}
+                record = {
+                    "question": question["question"],
+                    "answer": question["answer"],
+                    "completions": [batch.completions[r] for r in rows],
+                    "lengths": [lengths[r] for r in rows],
+                    "truncated": [truncated[r] for r in rows],
+                }
                 cache.write(json.dumps(record) + "\n")
                 done[question["question"]] = record
     return [done[q["question"]] for q in questions]
@@ -196,10 +227,17 @@ def score(records: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
     samples = [{"question": r["question"], "answer": r["answer"]} for r in records for _ in r["completions"]]
     result = rewards.score(completions, samples)
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
-    flat = [sample_of(*scored) for scored in zip(completions, correct, [n for r in records for n in r["lengths"]],
-                                                 [t for r in records for t in r["truncated"]])]
+    flat = [
+        sample_of(*scored)
+        for scored in zip(
+            completions,
+            correct,
+            [n for r in records for n in r["lengths"]],
+            [t for r in records for t in r["truncated"]],
+        )
+    ]
     size = len(records[0]["completions"])
-    return [flat[i: i + size] for i in range(0, len(flat), size)]
+    return [flat[i : i + size] for i in range(0, len(flat), size)]
 
 
 def evaluate_models(spec: EvalSpec, out: Path) -> dict:
@@ -210,10 +248,11 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
     if spec.engine not in EVAL_ENGINES:
         raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
     check_user_template(spec.user_template, "--user-template")
-    directories = {reference: model_directory(reference, 'model') for reference in spec.models}
+    directories = {reference: model_directory(reference, "model") for reference in spec.models}
     questions = load_questions(spec)
-    models = {reference: ModelUnderTest(reference, directory, questions, spec)
-              for reference, directory in directories.items()}
+    models = {
+        reference: ModelUnderTest(reference, directory, questions, spec) for reference, directory in directories.items()
+    }
     rewards = RewardRunner([RewardEntry(name=spec.reward)], workers=2, timeout=10.0)
     runs, per_question = {}, {}
     try:
@@ -225,12 +264,20 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                 name = label(reference, budget)
                 records = generate(model, questions, budget, out / "generations" / f"{name}.jsonl")
                 scored = score(records, rewards)
-                runs[name] = {"model": reference, "budget": budget, "samples": spec.samples,
-                              **evaluation_metrics(scored), "graded": graded_samples(records, scored),
-                              "lengths": {kind: [s.length for q in scored for s in q if s.correct == want]
-                                           for kind, want in (("correct", True), ("incorrect", False))}}
-                per_question[name] = {r["question"]: [(s.correct, s.length) for s in q]
-                                      for r, q in zip(records, scored)}
+                runs[name] = {
+                    "model": reference,
+                    "budget": budget,
+                    "samples": spec.samples,
+                    **evaluation_metrics(scored),
+                    "graded": graded_samples(records, scored),
+                    "lengths": {
+                        kind: [s.length for q in scored for s in q if s.correct == want]
+                        for kind, want in (("correct", True), ("incorrect", False))
+                    },
+                }
+                per_question[name] = {
+                    r["question"]: [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
+                }
             model.close()
     finally:
         rewards.close()
@@ -240,9 +287,17 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
 def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict]:
     """The first sample of each of the first REPORT_SAMPLES questions, graded: the same questions
     for every run of an evaluation, so the report sets their answers side by side."""
-    return [{"question": record["question"], "answer": record["answer"], "completion": record["completions"][0],
-             "correct": samples[0].correct, "length": samples[0].length, "truncated": samples[0].truncated}
-            for record, samples in zip(records[:REPORT_SAMPLES], scored[:REPORT_SAMPLES])]
+    return [
+        {
+            "question": record["question"],
+            "answer": record["answer"],
+            "completion": record["completions"][0],
+            "correct": samples[0].correct,
+            "length": samples[0].length,
+            "truncated": samples[0].truncated,
+        }
+        for record, samples in zip(records[:REPORT_SAMPLES], scored[:REPORT_SAMPLES])
+    ]
 
 
 def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
@@ -251,8 +306,13 @@ def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) 
     oracle = oracle_frontier(token_complexities(list(per_question.values())))
     for point in points:
         runs[point.name]["oracle"] = distance_from_oracle(point, oracle)
-    return {"spec": spec, "runs": runs, "pareto": [p.name for p in pareto_frontier(points)],
-            "oracle_frontier": oracle, "per_question": per_question}
+    return {
+        "spec": spec,
+        "runs": runs,
+        "pareto": [p.name for p in pareto_frontier(points)],
+        "oracle_frontier": oracle,
+        "per_question": per_question,
+    }
 
 
 def compare(directories: list[Path]) -> dict:
@@ -300,20 +360,31 @@ def report_html(result: dict, out: Path) -> str:
     """One self-contained page: the table and both plots embedded."""
     rows = [line for line in report_markdown(result).splitlines() if line.startswith("|")]
     cells = [[html.escape(cell.strip()) for cell in row.strip("|").split("|")] for row in rows]
-    table = "<tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
+    table = (
+        "<tr>"
+        + "".join(f"<th>{c}</th>" for c in cells[0])
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
+    )
     images = "".join(
         f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,'
         f'{base64.b64encode((out / name).read_bytes()).decode()}">'
-        for title, name in (("Accuracy vs response length", "tradeoff.png"),
-                            ("Response lengths, correct vs incorrect", "lengths.png")))
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;" \
-            "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}" \
-            "pre{white-space:pre-wrap;background:#f7f7f7;padding:6px}"
+        for title, name in (
+            ("Accuracy vs response length", "tradeoff.png"),
+            ("Response lengths, correct vs incorrect", "lengths.png"),
+        )
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+        "pre{white-space:pre-wrap;background:#f7f7f7;padding:6px}"
+    )
     header = html.escape(report_markdown(result).splitlines()[2])
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>efficient-rl eval</title>"
-            f"<style>{style}</style></head><body><h1>Length / accuracy trade-off on {html.escape(result['spec']['data'])}"
-            f"</h1><p>{header}</p><table>{table}</table>{images}{graded_html(result)}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>efficient-rl eval</title>"
+        f"<style>{style}</style></head><body><h1>Length / accuracy trade-off on {html.escape(result['spec']['data'])}"
+        f"</h1><p>{header}</p><table>{table}</table>{images}{graded_html(result)}</body></html>\n"
+    )
 
 
 def graded_html(result: dict) -> str:
@@ -324,20 +395,25 @@ def graded_html(result: dict) -> str:
     for name, graded in runs.items():
         parts.append(f"<details><summary>{html.escape(name)}</summary>")
         for item in graded:
-            parts.append(f"<p><b>{html.escape(grade(item))}</b>: {html.escape(item['question'])} "
-                         f"(reference: {html.escape(str(item['answer']))})</p>"
-                         f"<pre>{html.escape(shown(item['completion']))}</pre>")
+            parts.append(
+                f"<p><b>{html.escape(grade(item))}</b>: {html.escape(item['question'])} "
+                f"(reference: {html.escape(str(item['answer']))})</p>"
+                f"<pre>{html.escape(shown(item['completion']))}</pre>"
+            )
         parts.append("</details>")
     return "".join(parts)
 
 
-GRADED_NOTE = (f"The first sample of each of the first {REPORT_SAMPLES} questions, for every run (cut at "
-               f"{REPORT_CHARACTERS} characters; generations/<run>.jsonl holds every completion whole).")
+GRADED_NOTE = (
+    f"The first sample of each of the first {REPORT_SAMPLES} questions, for every run (cut at "
+    f"{REPORT_CHARACTERS} characters; generations/<run>.jsonl holds every completion whole)."
+)
 
 
 def grade(item: dict) -> str:
-    return (f"{'correct' if item['correct'] else 'wrong'}, {item['length']} tokens"
-            + (", truncated" if item["truncated"] else ""))
+    return f"{'correct' if item['correct'] else 'wrong'}, {item['length']} tokens" + (
+        ", truncated" if item["truncated"] else ""
+    )
 
 
 def shown(completion: str) -> str:
@@ -362,12 +438,16 @@ def graded_markdown(result: dict) -> list[str]:
 def report_markdown(result: dict) -> str:
     spec = result["spec"]
     questions = len(next(iter(result["per_question"].values())))  # --problems caps it; the data may hold fewer
-    lines = [f"# Length / accuracy trade-off on {spec['data']}", "",
-             f"{questions} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
-             f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.", "",
-             "| run | pass@1 (95% CI) | pass@n | maj@n | short-1@n | short-3@n | mean length | p90 | truncated "
-             "| tokens / correct | acc / 1k tokens | vs oracle: accuracy gap, length x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Length / accuracy trade-off on {spec['data']}",
+        "",
+        f"{questions} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
+        f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.",
+        "",
+        "| run | pass@1 (95% CI) | pass@n | maj@n | short-1@n | short-3@n | mean length | p90 | truncated "
+        "| tokens / correct | acc / 1k tokens | vs oracle: accuracy gap, length x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, run in result["runs"].items():
         n = run["samples"]
         pareto = " (Pareto)" if name in result["pareto"] else ""
@@ -376,11 +456,16 @@ def report_markdown(result: dict) -> str:
             f"| {run[f'pass@{n}']:.3f} | {run[f'maj@{n}']:.3f} | {run[f'short-1@{n}']:.3f} "
             f"| {optional(run.get(f'short-3@{n}'))} | {run['length/mean']:.1f} | {run['length/p90']:.0f} "
             f"| {run['truncation_rate']:.3f} | {run['tokens_per_correct']:.1f} | {run['accuracy_per_1k_tokens']:.2f} "
-            f"| {run['oracle']['accuracy_gap']:+.3f}, {run['oracle']['length_ratio']:.2f}x |")
-    lines += ["", f"n = {spec['samples']} samples per question; pass@k, maj@k and short-m@k for every k = 1, 2, 4 ... n "
-              "are in eval.json. short-m@k votes among the first m of k samples to finish (shortest first).",
-              "", "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
-              "response any run produced per question (token complexity); see `tradeoff.png`."]
+            f"| {run['oracle']['accuracy_gap']:+.3f}, {run['oracle']['length_ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"n = {spec['samples']} samples per question; pass@k, maj@k and short-m@k for every k = 1, 2, 4 ... n "
+        "are in eval.json. short-m@k votes among the first m of k samples to finish (shortest first).",
+        "",
+        "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
+        "response any run produced per question (token complexity); see `tradeoff.png`.",
+    ]
     lines += graded_markdown(result)
     return "\n".join(lines) + "\n"
 
@@ -399,20 +484,39 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     runs = result["runs"]
     right = 1.1 * max(run["length/mean"] for run in runs.values())
     oracle = result["oracle_frontier"] + [(right, result["oracle_frontier"][-1][1])]  # flat past its reach
-    axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--",
-              label="oracle frontier (token complexity)")
+    axis.plot(
+        [p[0] for p in oracle],
+        [p[1] for p in oracle],
+        color="gray",
+        linestyle="--",
+        label="oracle frontier (token complexity)",
+    )
     pareto = [runs[name] for name in result["pareto"]]
-    axis.plot([r["length/mean"] for r in pareto], [r["pass@1"] for r in pareto], color="black", linewidth=0.8,
-              drawstyle="steps-post", marker="s", markersize=12, markerfacecolor="none",
-              label="Pareto frontier of the runs")
+    axis.plot(
+        [r["length/mean"] for r in pareto],
+        [r["pass@1"] for r in pareto],
+        color="black",
+        linewidth=0.8,
+        drawstyle="steps-post",
+        marker="s",
+        markersize=12,
+        markerfacecolor="none",
+        label="Pareto frontier of the runs",
+    )
     # Runs are told apart by colour and marker in the legend, not by text next to the points:
     # checkpoints of one run often sit too close together for labels to stay readable.
     colours, markers = plt.get_cmap("tab10").colors, "o^vDPX*<>h"
     for index, (name, run) in enumerate(runs.items()):
-        axis.errorbar(run["length/mean"], run["pass@1"], yerr=[[run["pass@1"] - run["pass@1/ci_low"]],
-                                                               [run["pass@1/ci_high"] - run["pass@1"]]],
-                      color=colours[index % 10], marker=markers[index // 10 % len(markers)], capsize=3,
-                      linestyle="none", label=name)
+        axis.errorbar(
+            run["length/mean"],
+            run["pass@1"],
+            yerr=[[run["pass@1"] - run["pass@1/ci_low"]], [run["pass@1/ci_high"] - run["pass@1"]]],
+            color=colours[index % 10],
+            marker=markers[index // 10 % len(markers)],
+            capsize=3,
+            linestyle="none",
+            label=name,
+        )
     axis.set_xlabel("mean response length (tokens)")
     axis.set_ylabel("pass@1 (95% bootstrap CI)")
     axis.set_ylim(-0.02, 1.05)
@@ -435,8 +539,13 @@ def plot_lengths(out: Path, result: dict, path: Path) -> None:
     figure, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
     for axis, name in zip(axes[:, 0], names):
         lengths = result["runs"][name]["lengths"]
-        axis.hist([lengths["correct"], lengths["incorrect"]], bins=30, stacked=True,
-                  color=["tab:green", "tab:red"], label=["correct", "incorrect"])
+        axis.hist(
+            [lengths["correct"], lengths["incorrect"]],
+            bins=30,
+            stacked=True,
+            color=["tab:green", "tab:red"],
+            label=["correct", "incorrect"],
+        )
         axis.set_title(name, fontsize=9)
         axis.set_ylabel("responses")
         axis.legend(fontsize=8)

@@ -13,8 +13,6 @@ gets there is an error, not a quietly weaker model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import dataclasses
 import fcntl
@@ -23,21 +21,23 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from efficient_rl.data.cache import cache_root
+from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.errors import ConfigError
-from efficient_rl.lab.sft import supervised_finetune
 from efficient_rl.lab.presets import PRESETS, LabPreset, ModelShape, WarmStartCheck
+from efficient_rl.lab.sft import supervised_finetune
 from efficient_rl.lab.tasks import boxed_answer, generate_problems, warm_start_traces
 from efficient_rl.lab.tokenizer import train_tokenizer
-from efficient_rl.data.prompts import encode_prompt, encode_response, load_tokenizer
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
 
 if TYPE_CHECKING:  # annotations only: transformers is slow to import
     from transformers import Qwen2ForCausalLM
+
 
 class LabBuildError(ConfigError):
     """A lab build that did not reach its preset's check: one line, like a recipe error."""
@@ -100,12 +100,17 @@ def build_into(preset: LabPreset, target: Path, staging: Path, log) -> dict:
         tokenizer.save_pretrained(staging)
     else:
         tokenizer = train_tokenizer(corpus, preset.vocab_size, staging)
-    examples = [(encode_prompt(tokenizer, t["question"]), encode_response(tokenizer, t["response"]))
-                for t in traces]
+    examples = [(encode_prompt(tokenizer, t["question"]), encode_response(tokenizer, t["response"])) for t in traces]
     model = new_model(preset.model, tokenizer, preset.seed)
     losses = supervised_finetune(
-        model, examples, pad_id=tokenizer.pad_token_id, steps=preset.sft_steps,
-        batch_size=preset.sft_batch_size, lr=preset.sft_lr, seed=preset.seed, log=log,
+        model,
+        examples,
+        pad_id=tokenizer.pad_token_id,
+        steps=preset.sft_steps,
+        batch_size=preset.sft_batch_size,
+        lr=preset.sft_lr,
+        seed=preset.seed,
+        log=log,
     )
     checks = check_warm_start(preset, target.name, model, tokenizer, examples, losses, log)
     model.save_pretrained(staging)
@@ -119,8 +124,7 @@ def build_into(preset: LabPreset, target: Path, staging: Path, log) -> dict:
     return info
 
 
-def check_warm_start(preset: LabPreset, name: str, model, tokenizer, examples, losses: list[float],
-                     log) -> list[dict]:
+def check_warm_start(preset: LabPreset, name: str, model, tokenizer, examples, losses: list[float], log) -> list[dict]:
     """Fine-tune further rounds until the preset's check passes; the accuracy after each round.
 
     `losses` grows by each further round's losses. Raises LabBuildError if the last round still
@@ -134,29 +138,41 @@ def check_warm_start(preset: LabPreset, name: str, model, tokenizer, examples, l
     for extra_round in range(check.extra_rounds + 1):
         if extra_round:
             losses += supervised_finetune(
-                model, examples, pad_id=tokenizer.pad_token_id, steps=check.round_steps,
-                batch_size=preset.sft_batch_size, lr=preset.sft_lr / 2, seed=preset.seed + extra_round, log=log)
+                model,
+                examples,
+                pad_id=tokenizer.pad_token_id,
+                steps=check.round_steps,
+                batch_size=preset.sft_batch_size,
+                lr=preset.sft_lr / 2,
+                seed=preset.seed + extra_round,
+                log=log,
+            )
         accuracy = warm_start_accuracy(model, tokenizer, problems, check, seed=preset.seed)
         results.append({"sft_steps": len(losses), "accuracy": accuracy})
-        log(f"warm-start check after {len(losses)} SFT steps: {accuracy:.1%} held-out accuracy "
-            f"(target {check.target:.0%})")
+        log(
+            f"warm-start check after {len(losses)} SFT steps: {accuracy:.1%} held-out accuracy "
+            f"(target {check.target:.0%})"
+        )
         if accuracy >= check.target:
             return results
     raise LabBuildError(
         f"lab preset {name}: the warm start reached {accuracy:.1%} held-out accuracy after {len(losses)} "
         f"fine-tuning steps, below its target of {check.target:.0%}; nothing was cached (rebuild to retry, or "
-        f"report the machine: a build is expected to pass)")
+        f"report the machine: a build is expected to pass)"
+    )
 
 
 def warm_start_accuracy(model, tokenizer, problems: list[dict], check: WarmStartCheck, seed: int) -> float:
     """Share of `problems` whose one sampled answer (the check's settings) is right."""
     engine = TransformersEngine(model, tokenizer)
-    settings = SamplingSettings(n=1, max_new_tokens=check.max_new_tokens, temperature=check.temperature,
-                                top_p=check.top_p)
+    settings = SamplingSettings(
+        n=1, max_new_tokens=check.max_new_tokens, temperature=check.temperature, top_p=check.top_p
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        batch = engine.generate([encode_prompt(tokenizer, p["question"]) for p in problems], problems,
-                                list(range(len(problems))), settings)
+        batch = engine.generate(
+            [encode_prompt(tokenizer, p["question"]) for p in problems], problems, list(range(len(problems))), settings
+        )
     right = [boxed_answer(text) == sample["answer"] for text, sample in zip(batch.completions, batch.samples)]
     return sum(right) / len(right)
 

@@ -78,8 +78,9 @@ class LabPreset:
 # 1 to 5 operations: easy and hard questions in one task.
 MIXED_TASK = ArithmeticTask(min_ops=1, max_ops=5, max_rechecks=10)
 # Head size 32: vLLM's CPU attention has no kernel for 16.
-TINY_SHAPE = ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=1)
+TINY_SHAPE = ModelShape(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+)
 
 PRESETS: dict[str, LabPreset] = {
     # The quickstart's model: accurate (>= 97% held-out, checked) and wordy (~3x the shortest solution).
@@ -91,14 +92,24 @@ PRESETS: dict[str, LabPreset] = {
     "tiny": LabPreset(model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16),
     # On-policy distillation (recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
     # briefly on the same task with the same tokenizer; `mixed` is its teacher.
-    "student": LabPreset(task=MIXED_TASK, model=dataclasses.replace(TINY_SHAPE, intermediate_size=192),
-                         sft_steps=1500, tokenizer_from="mixed"),
+    "student": LabPreset(
+        task=MIXED_TASK,
+        model=dataclasses.replace(TINY_SHAPE, intermediate_size=192),
+        sft_steps=1500,
+        tokenizer_from="mixed",
+    ),
     # One or two operations: the task a small real model (SmolLM2-135M-Instruct,
     # recipes/smollm2_dler_cpu.yaml) gets some right, as data.train=lab:easy. Its own lab model is
     # a tiny one, built only if a recipe asks for model.lab=easy.
-    "easy": LabPreset(task=ArithmeticTask(min_ops=1, max_ops=2), model=TINY_SHAPE, sft_examples=500, sft_steps=30,
-                      sft_batch_size=16),
+    "easy": LabPreset(
+        task=ArithmeticTask(min_ops=1, max_ops=2), model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16
+    ),
     # The tests' distillation pair: lab:tiny teaches it.
-    "tiny_student": LabPreset(model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1), sft_examples=500,
-                              sft_steps=10, sft_batch_size=16, tokenizer_from="tiny"),
+    "tiny_student": LabPreset(
+        model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1),
+        sft_examples=500,
+        sft_steps=10,
+        sft_batch_size=16,
+        tokenizer_from="tiny",
+    ),
 }

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -41,9 +40,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> PreTra
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS
-    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
     wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(out_dir)
     wrapped.padding_side = "left"

@@ -18,13 +18,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.config.plan import Plan
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.objective import objective_settings, without_selected_compute
-from efficient_rl.learner.torch_learner import (OptimSettings, TorchLearner, adamw, enable_gradient_checkpointing,
-                                               load_policy, load_reference, model_dtype, optim_settings, with_adapter)
+from efficient_rl.learner.teacher import build_teacher
+from efficient_rl.learner.torch_learner import (
+    OptimSettings,
+    TorchLearner,
+    adamw,
+    enable_gradient_checkpointing,
+    load_policy,
+    load_reference,
+    model_dtype,
+    optim_settings,
+    with_adapter,
+)
 from efficient_rl.models.lora import save_adapter
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
@@ -57,7 +66,9 @@ class DeepSpeedLearner(TorchLearner):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         recipe = plan.recipe
@@ -65,7 +76,9 @@ class DeepSpeedLearner(TorchLearner):
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
         reference = load_reference(recipe, base_model_dir)
         self.reference = reference.to(self.device) if reference is not None else None
-        self.teacher = build_teacher(recipe, self.device, remote=teacher)  # likewise unsharded (or a Ray actor's client)
+        self.teacher = build_teacher(
+            recipe, self.device, remote=teacher
+        )  # likewise unsharded (or a Ray actor's client)
         config = deepspeed_config(recipe.learner, self.optim, self.world_size)
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
@@ -137,13 +150,17 @@ class DeepSpeedLearner(TorchLearner):
             if self.adapter is not None:
                 save_adapter(self.adapter, directory)
         # With LoRA the frozen base weights stay out of DeepSpeed's state: the adapter is all that trains.
-        self.engine.save_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG,
-                                    client_state={"schedule_step": self.schedule_step},
-                                    exclude_frozen_parameters=self.adapter is not None)
+        self.engine.save_checkpoint(
+            str(Path(directory) / STATE_DIR),
+            tag=STATE_TAG,
+            client_state={"schedule_step": self.schedule_step},
+            exclude_frozen_parameters=self.adapter is not None,
+        )
 
     def load_state(self, directory: Path) -> None:
-        _, client_state = self.engine.load_checkpoint(str(Path(directory) / STATE_DIR), tag=STATE_TAG,
-                                                      load_module_strict=self.adapter is None)
+        _, client_state = self.engine.load_checkpoint(
+            str(Path(directory) / STATE_DIR), tag=STATE_TAG, load_module_strict=self.adapter is None
+        )
         self.schedule_step = (client_state or {}).get("schedule_step", 0)
 
 
@@ -157,16 +174,18 @@ def deepspeed_check(_, recipe) -> str | None:
         "learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is not supported); "
         "the adapters are small enough for ZeRO-2": learner.lora is not None,
         f"learner.zero_stage: distill.teacher {recipe.distill.teacher} runs on ZeRO stages 0-2 (its "
-        "selected-position LM head is not yet correct under ZeRO-3's weight gathering)":
-            recipe.distill.teacher is not None,
+        "selected-position LM head is not yet correct under ZeRO-3's weight gathering)": recipe.distill.teacher
+        is not None,
     }
     if recipe.cluster.backend != "ray":
         return "learner.backend: deepspeed runs as Ray actors; set cluster.backend: ray"
     if learner.zero_stage == 3:
         return next((message for message, refused in zero3_refusals.items() if refused), None)
     if learner.precision == "bf16" and learner.zero_stage == 0:
-        return ("learner.precision: bf16 on DeepSpeed needs zero_stage 1-3, which keep float32 master weights; "
-                "stage 0 would update the bf16 weights themselves")
+        return (
+            "learner.precision: bf16 on DeepSpeed needs zero_stage 1-3, which keep float32 master weights; "
+            "stage 0 would update the bf16 weights themselves"
+        )
     return None
 
 

@@ -18,12 +18,15 @@ from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.models.modeling import sequence_lengths
 
 
-def plan_micro_batches(rows: RolloutBatch, micro_batch_size: int, micro_batch_tokens: int,
-                       packed: bool) -> list[list[int]]:
+def plan_micro_batches(
+    rows: RolloutBatch, micro_batch_size: int, micro_batch_tokens: int, packed: bool
+) -> list[list[int]]:
     """Row indices of each micro-batch."""
     if micro_batch_tokens <= 0:
-        return [list(range(start, min(start + micro_batch_size, len(rows))))
-                for start in range(0, len(rows), micro_batch_size)]
+        return [
+            list(range(start, min(start + micro_batch_size, len(rows))))
+            for start in range(0, len(rows), micro_batch_size)
+        ]
     prompt_lengths, response_lengths = sequence_lengths(rows)
     plan = packed_budget if packed else padded_budget
     return plan(prompt_lengths, response_lengths, micro_batch_tokens)

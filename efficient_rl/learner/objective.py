@@ -15,13 +15,25 @@ from typing import Literal
 
 import torch
 
-from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import DIVERGENCES, map_row_chunks
-from efficient_rl.algos.losses import (AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,
-                                       LossDenominators, LossInputs)
+from efficient_rl.algos.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
+    LossDenominators,
+    LossInputs,
+)
+from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
-from efficient_rl.models.modeling import output_head, response_hidden_states, response_logprobs, scaled, scatter_selected
+from efficient_rl.models.modeling import (
+    output_head,
+    response_hidden_states,
+    response_logprobs,
+    scaled,
+    scatter_selected,
+)
 from efficient_rl.registry import Bound, Registry
 
 # name -> fn(model, rows, settings, den, teacher, **params) -> (loss, {statistic: sum over loss tokens}).
@@ -69,9 +81,12 @@ def objective_settings(plan: Plan) -> ObjectiveSettings:
         aggregation=plan["algorithm.loss_agg"],
         kl_estimator=plan["algorithm.kl_estimator"],
         rollout_correction=plan["algorithm.rollout_correction"],
-        kl_coef=alg.kl_coef, norm_length=recipe.rollout.max_response_length,
-        temperature=recipe.rollout.temperature, loss_denominator=alg.loss_denominator,
-        chunk_rows=recipe.distill.chunk_rows, packing=recipe.learner.packing,
+        kl_coef=alg.kl_coef,
+        norm_length=recipe.rollout.max_response_length,
+        temperature=recipe.rollout.temperature,
+        loss_denominator=alg.loss_denominator,
+        chunk_rows=recipe.distill.chunk_rows,
+        packing=recipe.learner.packing,
     )
 
 
@@ -95,18 +110,27 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, temperature: floa
     return torch.log_softmax(scaled(head(hidden).float(), temperature), -1)
 
 
-def loss_inputs(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
-                den: LossDenominators) -> LossInputs:
+def loss_inputs(
+    logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators
+) -> LossInputs:
     selected, averaged_over = loss_masks(rows, settings)
     # One optimizer step per rollout batch: the rollout policy is the current one, so the old
     # log-probs are the current ones without gradient (ratio 1 with the right gradient).
     old = rows.old_logprobs if rows.old_logprobs is not None else logprobs.detach()
-    return LossInputs(logprobs=logprobs, old_logprobs=old, advantages=rows.advantages, mask=selected,
-                      averaged_over=averaged_over, den=den, rollout_logprobs=rows.rollout_logprobs)
+    return LossInputs(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=rows.advantages,
+        mask=selected,
+        averaged_over=averaged_over,
+        den=den,
+        rollout_logprobs=rows.rollout_logprobs,
+    )
 
 
-def policy_gradient_loss(logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings,
-                         den: LossDenominators) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_gradient_loss(
+    logprobs: torch.Tensor, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss of one micro-batch from its log-probs: per token, times the rollout
     correction's weights, aggregated; plus kl_coef times the aggregated KL to the reference."""
     inputs = loss_inputs(logprobs, rows, settings, den)
@@ -126,12 +150,17 @@ def aggregate(values: torch.Tensor, inputs: LossInputs, settings: ObjectiveSetti
 
 
 @OBJECTIVES.register("policy_gradient", needs=("old_logprobs",), source="docs/algorithms.md#policy-losses")
-def policy_gradient(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators,
-                    teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_gradient(
+    model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators, teacher
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The RL objective: with a token selection only the kept tokens reach the LM head."""
-    logprobs, entropy = response_logprobs(model, rows, settings.temperature,
-                                          selected=rows.loss_mask if settings.selected_compute else None,
-                                          packed=settings.packing)
+    logprobs, entropy = response_logprobs(
+        model,
+        rows,
+        settings.temperature,
+        selected=rows.loss_mask if settings.selected_compute else None,
+        packed=settings.packing,
+    )
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)
     stats["entropy"] = (entropy.detach() * tokens).sum()
@@ -139,12 +168,23 @@ def policy_gradient(model, rows: RolloutBatch, settings: ObjectiveSettings, den:
     return loss, stats
 
 
-@OBJECTIVES.register("distillation", needs=("teacher",), ranges={"beta": "(0, 1)"},
-                     source="on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025), "
-                            "docs/algorithms.md#on-policy-distillation")
-def distillation(model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators, teacher, *,
-                 divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl",
-                 beta: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+@OBJECTIVES.register(
+    "distillation",
+    needs=("teacher",),
+    ranges={"beta": "(0, 1)"},
+    source="on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025), "
+    "docs/algorithms.md#on-policy-distillation",
+)
+def distillation(
+    model,
+    rows: RolloutBatch,
+    settings: ObjectiveSettings,
+    den: LossDenominators,
+    teacher,
+    *,
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl",
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """On-policy distillation loss of one micro-batch: the per-token divergence between the
     student's and the teacher's distributions over the full vocabulary (reverse KL by default,
     OPD Eq. 1; `beta` is the student's weight in jsd's mixture), aggregated like the policy loss.
@@ -160,7 +200,8 @@ def distillation(model, rows: RolloutBatch, settings: ObjectiveSettings, den: Lo
         return token_divergence_of(head_logprobs(head, hidden, settings.temperature), teacher_chunk, beta)
 
     hidden = response_hidden_states(model, rows, settings.packing)[kept]
-    token_divergence = scatter_selected(map_row_chunks(chunk_divergence, [hidden, teacher_logprobs],
-                                                       settings.chunk_rows), kept)
+    token_divergence = scatter_selected(
+        map_row_chunks(chunk_divergence, [hidden, teacher_logprobs], settings.chunk_rows), kept
+    )
     loss = settings.aggregation(token_divergence, averaged_over, den, rows.advantages)
     return loss, {"distill/divergence": token_divergence.detach().sum()}

@@ -17,8 +17,8 @@ from efficient_rl.algos.divergence import map_row_chunks
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
 from efficient_rl.learner.objective import head_logprobs
-from efficient_rl.models.sources import model_directory
 from efficient_rl.models.modeling import DTYPES, load_model, output_head, response_hidden_states
+from efficient_rl.models.sources import model_directory
 
 
 class Teacher:
@@ -41,8 +41,11 @@ class Teacher:
 def embedded_teacher(recipe: Recipe, device: str = "cpu") -> Teacher:
     """The teacher in model.dtype (an inference copy, like the rollout engines'); its
     log-probabilities are float32 from its logits either way."""
-    model = load_model(model_directory(recipe.distill.teacher, "distill.teacher"), DTYPES[recipe.model.dtype],
-                       recipe.model.attn_implementation).to(device)
+    model = load_model(
+        model_directory(recipe.distill.teacher, "distill.teacher"),
+        DTYPES[recipe.model.dtype],
+        recipe.model.attn_implementation,
+    ).to(device)
     return Teacher(model, recipe.rollout.temperature, recipe.distill.chunk_rows)
 
 
@@ -55,8 +58,10 @@ def build_teacher(recipe: Recipe, device: str = "cpu", remote=None):
     if recipe.distill.placement == "embedded":
         return embedded_teacher(recipe, device)
     if remote is None:
-        raise ConfigError("distill.placement: ray: the teacher actor's client comes from cluster.backend: ray, "
-                          "and this learner was started without one")
+        raise ConfigError(
+            "distill.placement: ray: the teacher actor's client comes from cluster.backend: ray, "
+            "and this learner was started without one"
+        )
     return remote
 
 
@@ -66,5 +71,7 @@ def check_teacher(recipe: Recipe, student_vocab_size: int) -> None:
 
     teacher_vocab = AutoConfig.from_pretrained(model_directory(recipe.distill.teacher, "distill.teacher")).vocab_size
     if teacher_vocab != student_vocab_size:
-        raise ConfigError(f"distill.teacher: a vocabulary of {teacher_vocab} tokens, the student's has "
-                          f"{student_vocab_size}; on-policy distillation needs the student's tokenizer")
+        raise ConfigError(
+            f"distill.teacher: a vocabulary of {teacher_vocab} tokens, the student's has "
+            f"{student_vocab_size}; on-policy distillation needs the student's tokenizer"
+        )

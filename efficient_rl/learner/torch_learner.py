@@ -16,22 +16,34 @@ from typing import Iterator
 
 import torch
 
-from efficient_rl.config.plan import Plan
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
+from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import LearnerSection
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
-from efficient_rl.learner.objective import (ObjectiveSettings, denominators, head_logprobs, loss_masks,
-                                           objective_settings)
+from efficient_rl.learner.objective import (
+    ObjectiveSettings,
+    denominators,
+    head_logprobs,
+    loss_masks,
+    objective_settings,
+)
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.models.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
-from efficient_rl.models.modeling import (DTYPES, PRECISIONS, forward_positions, load_model, output_head,
-                                   response_hidden_states, response_logprobs)
-from efficient_rl.registry import Bound
+from efficient_rl.models.modeling import (
+    DTYPES,
+    PRECISIONS,
+    forward_positions,
+    load_model,
+    output_head,
+    response_hidden_states,
+    response_logprobs,
+)
 from efficient_rl.models.weights import WeightBucket, plan_buckets
+from efficient_rl.registry import Bound
 
 OPTIMIZER_FILE = "optimizer.pt"
 LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
@@ -64,10 +76,16 @@ def optim_settings(plan: Plan) -> OptimSettings:
     recipe = plan.recipe
     lrn = recipe.learner
     return OptimSettings(
-        lr=lrn.lr, weight_decay=lrn.weight_decay, betas=tuple(lrn.betas), grad_clip=lrn.grad_clip,
+        lr=lrn.lr,
+        weight_decay=lrn.weight_decay,
+        betas=tuple(lrn.betas),
+        grad_clip=lrn.grad_clip,
         mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
-        micro_batch_size=lrn.micro_batch_size, micro_batch_tokens=lrn.micro_batch_tokens, epochs=lrn.epochs,
-        precision=lrn.precision, schedule=plan["learner.lr_schedule"],
+        micro_batch_size=lrn.micro_batch_size,
+        micro_batch_tokens=lrn.micro_batch_tokens,
+        epochs=lrn.epochs,
+        precision=lrn.precision,
+        schedule=plan["learner.lr_schedule"],
         total_steps=recipe.steps,
     )
 
@@ -106,8 +124,16 @@ class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
     schedule_step = 0  # updates done: where the learning-rate schedule stands
 
-    def __init__(self, model, objective: ObjectiveSettings, optim: OptimSettings, reference=None, teacher=None,
-                 sync_dtype: torch.dtype = torch.float32, adapter=None):
+    def __init__(
+        self,
+        model,
+        objective: ObjectiveSettings,
+        optim: OptimSettings,
+        reference=None,
+        teacher=None,
+        sync_dtype: torch.dtype = torch.float32,
+        adapter=None,
+    ):
         self.model = model  # float32: the master weights, which the optimizer steps and checkpoints hold
         self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
         self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/models/lora.py)
@@ -132,8 +158,10 @@ class TorchLearner:
 
     def _update(self, batch: RolloutBatch) -> dict[str, float]:
         mini_size = self.optim.mini_batch_size or len(batch)
-        minis = [self._mini_batch(batch.select(range(start, min(start + mini_size, len(batch)))))
-                 for start in range(0, len(batch), mini_size)]
+        minis = [
+            self._mini_batch(batch.select(range(start, min(start + mini_size, len(batch)))))
+            for start in range(0, len(batch), mini_size)
+        ]
         self.policy.train()
         for mini in minis:  # both before any optimizer step: they are the pre-update policies
             if self.optim.epochs * len(minis) > 1 and "old_logprobs" in self.objective.needs:
@@ -185,8 +213,9 @@ class TorchLearner:
         """(row indices, rows) of each micro-batch of `batch`, as many on every process of the
         group: one with fewer passes makes up the difference with filler passes (indices [], one
         row with its masks zeroed), since collectives run in every forward and backward."""
-        plan = plan_micro_batches(batch, self.optim.micro_batch_size, self.optim.micro_batch_tokens,
-                                  self.objective.packing)
+        plan = plan_micro_batches(
+            batch, self.optim.micro_batch_size, self.optim.micro_batch_tokens, self.objective.packing
+        )
         for indices in plan:
             yield indices, batch.select(indices)
         for _ in range(self.agreed_count(len(plan)) - len(plan)):
@@ -205,9 +234,14 @@ class TorchLearner:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
         def of_rows(rows: RolloutBatch) -> torch.Tensor:
-            logprobs, _ = response_logprobs(model, rows, self.objective.temperature, with_entropy=False,
-                                            selected=rows.loss_mask if self.objective.selected_compute else None,
-                                            packed=self.objective.packing)
+            logprobs, _ = response_logprobs(
+                model,
+                rows,
+                self.objective.temperature,
+                with_entropy=False,
+                selected=rows.loss_mask if self.objective.selected_compute else None,
+                packed=self.objective.packing,
+            )
             return logprobs
 
         return self.over_micro_batches(batch, of_rows).to(batch.response_mask.device) * batch.response_mask
@@ -242,8 +276,9 @@ class TorchLearner:
             if with_teacher:
                 inputs.append(self.teacher.logprobs(rows, valid).to(valid.device))
             values = map_row_chunks(statistics, inputs, self.objective.chunk_rows)
-            return torch.zeros(*valid.shape, len(entries), dtype=values.dtype,
-                               device=values.device).masked_scatter(valid[..., None], values)
+            return torch.zeros(*valid.shape, len(entries), dtype=values.dtype, device=values.device).masked_scatter(
+                valid[..., None], values
+            )
 
         values = self.over_micro_batches(batch, per_token, channels=(len(entries),))
         return {name: values[..., i] for i, name in enumerate(names)}
@@ -311,15 +346,23 @@ class TorchLearner:
         for indices in plan_buckets([(full_shape(w.base).numel(), self.sync_dtype) for w in weights], bucket_bytes):
             with self.gathered([source for i in indices for source in weights[i].sources]):
                 if self.rank == 0:
-                    yield WeightBucket.pack([(weights[i].name, weights[i].value().detach().to(self.sync_dtype))
-                                             for i in indices])
+                    yield WeightBucket.pack(
+                        [(weights[i].name, weights[i].value().detach().to(self.sync_dtype)) for i in indices]
+                    )
 
     def weight_plan(self, bucket_bytes: int) -> list[WeightBucket]:
         """Names, shapes and dtype of every bucket weight_buckets makes, without their data."""
         weights = plain_weights(self.model)
         plans = plan_buckets([(full_shape(w.base).numel(), self.sync_dtype) for w in weights], bucket_bytes)
-        return [WeightBucket([weights[i].name for i in indices], [tuple(full_shape(weights[i].base)) for i in indices],
-                             self.sync_dtype, payload=None) for indices in plans]
+        return [
+            WeightBucket(
+                [weights[i].name for i in indices],
+                [tuple(full_shape(weights[i].base)) for i in indices],
+                self.sync_dtype,
+                payload=None,
+            )
+            for indices in plans
+        ]
 
     def save(self, directory: Path) -> None:
         """Weights in Hugging Face format plus the optimizer state and the schedule's position.
@@ -328,7 +371,9 @@ class TorchLearner:
         if self.adapter is None:
             self.model.save_pretrained(directory)
         else:
-            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in self.named_weights()})
+            self.model.save_pretrained(
+                directory, state_dict={name: t.detach().clone() for name, t in self.named_weights()}
+            )
             save_adapter(self.adapter, directory)
         torch.save(self.optimizer.state_dict(), Path(directory) / OPTIMIZER_FILE)
         (Path(directory) / LEARNER_STATE_FILE).write_text(json.dumps({"schedule_step": self.schedule_step}))
@@ -375,14 +420,16 @@ def model_dtype(recipe) -> torch.dtype:
 
 def adamw(model, optim: OptimSettings) -> torch.optim.AdamW:
     # Trainable parameters only: with LoRA the optimizer state is the adapters' alone.
-    return torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, betas=optim.betas,
-                             weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(
+        trainable_parameters(model), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
 
 
 def load_policy(recipe, model_dir: Path, base_model_dir: Path) -> torch.nn.Module:
     """The policy in float32 (the master weights, whatever the compute precision)."""
-    return load_model(policy_weights_dir(recipe, model_dir, base_model_dir), torch.float32,
-                      recipe.model.attn_implementation)
+    return load_model(
+        policy_weights_dir(recipe, model_dir, base_model_dir), torch.float32, recipe.model.attn_implementation
+    )
 
 
 def with_adapter(recipe, policy, model_dir: Path):
@@ -405,8 +452,10 @@ def enable_gradient_checkpointing(model) -> None:
 
 def torch_check(_, recipe) -> str | None:
     if recipe.cluster.backend == "ray" and recipe.cluster.learner.workers > 1:
-        return ("cluster.learner.workers: the torch learner is one process; use learner.backend: deepspeed for "
-                "data parallelism")
+        return (
+            "cluster.learner.workers: the torch learner is one process; use learner.backend: deepspeed for "
+            "data parallelism"
+        )
     return None
 
 
@@ -419,6 +468,12 @@ def torch_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None,
     if recipe.learner.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     adapter = with_adapter(recipe, policy, model_dir)  # in place: `policy` stays the module everyone calls
-    return TorchLearner(policy, objective_settings(plan), optim_settings(plan),
-                        reference=load_reference(recipe, base_model_dir),
-                        teacher=build_teacher(recipe, remote=teacher), sync_dtype=model_dtype(recipe), adapter=adapter)
+    return TorchLearner(
+        policy,
+        objective_settings(plan),
+        optim_settings(plan),
+        reference=load_reference(recipe, base_model_dir),
+        teacher=build_teacher(recipe, remote=teacher),
+        sync_dtype=model_dtype(recipe),
+        adapter=adapter,
+    )

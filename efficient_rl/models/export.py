@@ -26,8 +26,10 @@ def checkpoint_of(source: Path) -> Path:
             raise ConfigError(f"export: {source}: the run has no usable checkpoint in {source / 'checkpoints'}")
         return checkpoint
     if not (source / TRAINER_STATE_FILE).is_file():
-        raise ConfigError(f"export: {source}: neither a run directory (with checkpoints/) nor a checkpoint "
-                          f"(with {TRAINER_STATE_FILE})")
+        raise ConfigError(
+            f"export: {source}: neither a run directory (with checkpoints/) nor a checkpoint "
+            f"(with {TRAINER_STATE_FILE})"
+        )
     problem = checkpoint_problem(source)
     if problem is not None:
         raise ConfigError(f"export: damaged checkpoint: {problem}")
@@ -38,8 +40,8 @@ def export(source: Path, out: Path) -> Path:
     """Write the model of `source`'s checkpoint to `out` (a new or empty directory); returns the checkpoint."""
     import torch
 
-    from efficient_rl.models.modeling import load_model
     from efficient_rl.data.prompts import load_tokenizer
+    from efficient_rl.models.modeling import load_model
 
     checkpoint = checkpoint_of(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -58,7 +60,9 @@ def cmd_export(args) -> int:
 
 def add_parser(commands) -> argparse.ArgumentParser:
     """`efficient-rl export`: add it to the CLI's subcommands."""
-    parser = commands.add_parser("export", help="a run's checkpoint (LoRA runs: merged) as a Hugging Face model directory")
+    parser = commands.add_parser(
+        "export", help="a run's checkpoint (LoRA runs: merged) as a Hugging Face model directory"
+    )
     parser.add_argument("source", help="a run directory (its latest checkpoint) or a checkpoint directory")
     parser.add_argument("out", help="output directory, new or empty")
     parser.set_defaults(handler=cmd_export)

@@ -34,18 +34,26 @@ def linear_layer_names(model) -> list[str]:
     """Leaf names of the linear layers LoRA can target. The output head is left out: most small
     models tie it to the input embedding, and the selected-token compute calls it on its own."""
     head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
 
 
 def check_target_modules(model, targets: list[str]) -> None:
     valid = linear_layer_names(model)
     if not targets:
-        raise ConfigError(f"{FIELD}: expected a non-empty list of linear layer names; the model has: {', '.join(valid)}")
+        raise ConfigError(
+            f"{FIELD}: expected a non-empty list of linear layer names; the model has: {', '.join(valid)}"
+        )
     unknown = [name for name in targets if name not in valid]
     if unknown:
-        raise ConfigError(f"{FIELD}: {', '.join(map(repr, unknown))} not a linear layer of the model; "
-                          f"valid names: {', '.join(valid)}")
+        raise ConfigError(
+            f"{FIELD}: {', '.join(map(repr, unknown))} not a linear layer of the model; valid names: {', '.join(valid)}"
+        )
 
 
 def check_lora_targets(config, lora: LoraSection) -> None:
@@ -74,8 +82,9 @@ def attach_lora(model, lora: LoraSection, checkpoint: Path | None = None, seed: 
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, lora.target_modules)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules))
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
     # A starts random (B at zero): drawn from `seed`, so that a run (and every data-parallel rank)
     # starts from the same adapter, whatever the process drew before; the global RNG is left alone.
     with torch.random.fork_rng(devices=[]):
@@ -150,9 +159,13 @@ def plain_weights(model) -> list[PlainWeight]:
                 weights.append(PlainWeight(name, (parameter,)))
         elif leaf == "weight":
             layer = layers[owner]
-            weights.append(PlainWeight(f"{owner}.weight", (parameter, layer.lora_A[ADAPTER_NAME].weight,
-                                                           layer.lora_B[ADAPTER_NAME].weight),
-                                       merge=lambda layer=layer: merged_weight(layer)))
+            weights.append(
+                PlainWeight(
+                    f"{owner}.weight",
+                    (parameter, layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight),
+                    merge=lambda layer=layer: merged_weight(layer),
+                )
+            )
         else:  # the base layer's bias: unchanged
             weights.append(PlainWeight(f"{owner}.{leaf}", (parameter,)))
     return weights

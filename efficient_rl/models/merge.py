@@ -47,13 +47,35 @@ DEFAULT_MAX_SHARD_MB = 5000.0  # 5 GB shards, the size most Hugging Face models 
 
 INDEX_FILE = "model.safetensors.index.json"
 # Copied from the tuned model; a run checkpoint's optimizer and trainer state are left behind.
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.tiktoken")
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.tiktoken",
+)
 
 # Bytes per element of each safetensors dtype code. fp8 and smaller codes are missing on purpose:
 # quantized weights come with scales, and adding their raw deltas would be wrong.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # torch names
 
 BINS = 1 << 16  # the radix select splits a float32 bit pattern into two 16-bit halves
@@ -119,8 +141,10 @@ class Weights:
                     piece = handle.get_slice(name)  # the header only, no data is read
                     info = TensorInfo(piece.get_dtype(), tuple(piece.get_shape()), file)
                     if info.dtype not in DTYPE_BYTES:
-                        raise ConfigError(f"{argument}: tensor {name} in {file} has dtype {info.dtype}, which "
-                                          "merge does not handle (dequantize fp8/quantized weights first)")
+                        raise ConfigError(
+                            f"{argument}: tensor {name} in {file} has dtype {info.dtype}, which "
+                            "merge does not handle (dequantize fp8/quantized weights first)"
+                        )
                     self.tensors[name] = info
             self._stack = stack.pop_all()
 
@@ -135,7 +159,7 @@ class Weights:
         rows = max(1, CHUNK // max(1, math.prod(info.shape[1:])))
         piece = handle.get_slice(name)
         for start in range(0, info.shape[0], rows):
-            yield piece[start:start + rows]
+            yield piece[start : start + rows]
 
     def close(self) -> None:
         self._stack.close()
@@ -160,11 +184,15 @@ def check_same_tensors(base: Weights, tuned: Weights) -> None:
     for name in sorted(tuned.tensors):
         ours, theirs = base.tensors[name], tuned.tensors[name]
         if ours.shape != theirs.shape:
-            raise ConfigError(f"tensor {name}: shape {list(ours.shape)} in {ours.file} (--base) but "
-                              f"{list(theirs.shape)} in {theirs.file} (--tuned)")
+            raise ConfigError(
+                f"tensor {name}: shape {list(ours.shape)} in {ours.file} (--base) but "
+                f"{list(theirs.shape)} in {theirs.file} (--tuned)"
+            )
         if ours.is_float != theirs.is_float:
-            raise ConfigError(f"tensor {name}: dtype {ours.dtype} in {ours.file} (--base) but "
-                              f"{theirs.dtype} in {theirs.file} (--tuned)")
+            raise ConfigError(
+                f"tensor {name}: dtype {ours.dtype} in {ours.file} (--base) but "
+                f"{theirs.dtype} in {theirs.file} (--tuned)"
+            )
     if not tuned.tensors:
         raise ConfigError(f"--tuned: {tuned.directory} holds no tensors")
 
@@ -186,7 +214,7 @@ def _bit_patterns(magnitudes: Callable[[], Iterable[torch.Tensor]]) -> Iterator[
     for values in magnitudes():
         bits = values.reshape(-1).numpy().view(np.int32)  # no copy
         for start in range(0, len(bits), CHUNK):
-            yield bits[start:start + CHUNK]
+            yield bits[start : start + CHUNK]
 
 
 def _bin_of_rank(histogram: np.ndarray, rank: int) -> tuple[int, int]:
@@ -221,8 +249,9 @@ def kth_largest(magnitudes: Callable[[], Iterable[torch.Tensor]], k: int) -> flo
     return float(np.array([high_bits << 16 | low_bits], dtype=np.int32).view(np.float32)[0])
 
 
-def merge_block(base: torch.Tensor, tuned: torch.Tensor, magnitude: torch.Tensor, threshold: float,
-                scale: float) -> tuple[torch.Tensor, int]:
+def merge_block(
+    base: torch.Tensor, tuned: torch.Tensor, magnitude: torch.Tensor, threshold: float, scale: float
+) -> tuple[torch.Tensor, int]:
     """float32 base + scale * delta where |delta| (`magnitude`) >= threshold, base elsewhere; and the
     kept count. Ties: every entry equal to the threshold is kept, so ties at the threshold can keep a
     few more than k entries. Zero deltas are never counted as kept (adding them changes nothing)."""
@@ -253,8 +282,9 @@ def shard_name(index: int, count: int) -> str:
     return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def write_shard(path: Path, names: list[str], infos: dict[str, TensorInfo],
-                produce: Callable[[str], Iterable[torch.Tensor]]) -> None:
+def write_shard(
+    path: Path, names: list[str], infos: dict[str, TensorInfo], produce: Callable[[str], Iterable[torch.Tensor]]
+) -> None:
     """A safetensors file written block by block. Shapes and dtypes are known in advance, so the
     header goes first and each tensor's blocks (`produce(name)`, in row order) follow as they are
     made: neither the shard nor one tensor has to sit in memory whole (safetensors' own save_file
@@ -327,8 +357,9 @@ class MergeSummary:
         return "\n".join(lines)
 
 
-def check_arguments(base: Path, tuned: Path, out: Path, keep: float, scale: float, selection: str,
-                    max_shard_mb: float, overwrite: bool) -> None:
+def check_arguments(
+    base: Path, tuned: Path, out: Path, keep: float, scale: float, selection: str, max_shard_mb: float, overwrite: bool
+) -> None:
     if not 0 < keep <= 1:  # also refuses NaN
         raise ConfigError(f"--keep must be a fraction in (0, 1], got {keep}")
     if not math.isfinite(scale):
@@ -349,9 +380,16 @@ def check_arguments(base: Path, tuned: Path, out: Path, keep: float, scale: floa
         raise ConfigError(f"--out: {out} exists and is not empty; pass --overwrite to replace it")
 
 
-def merge_models(base: Path | str, tuned: Path | str, out: Path | str, keep: float = DEFAULT_KEEP,
-                 scale: float = DEFAULT_SCALE, selection: str = DEFAULT_SELECTION,
-                 max_shard_mb: float = DEFAULT_MAX_SHARD_MB, overwrite: bool = False) -> MergeSummary:
+def merge_models(
+    base: Path | str,
+    tuned: Path | str,
+    out: Path | str,
+    keep: float = DEFAULT_KEEP,
+    scale: float = DEFAULT_SCALE,
+    selection: str = DEFAULT_SELECTION,
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB,
+    overwrite: bool = False,
+) -> MergeSummary:
     """Write base + scale * TopK_keep(tuned - base) to `out` as a Hugging Face model directory.
 
     Everything is checked before anything is written; the model is written to a temporary sibling
@@ -378,8 +416,9 @@ def merge_models(base: Path | str, tuned: Path | str, out: Path | str, keep: flo
     return summary
 
 
-def _write_merged(base: Weights, tuned: Weights, staging: Path, keep: float, scale: float, selection: str,
-                  max_shard_mb: float) -> MergeSummary:
+def _write_merged(
+    base: Weights, tuned: Weights, staging: Path, keep: float, scale: float, selection: str, max_shard_mb: float
+) -> MergeSummary:
     import torch
 
     summary = MergeSummary(out=staging, selection=selection, keep=keep, scale=scale)
@@ -393,8 +432,10 @@ def _write_merged(base: Weights, tuned: Weights, staging: Path, keep: float, sca
             base32, tuned32 = base_block.to(torch.float32), tuned_block.to(torch.float32)
             magnitude = (tuned32 - base32).abs()
             if not torch.isfinite(magnitude).all():  # a NaN or inf would poison the ranking
-                raise ConfigError(f"tensor {name}: non-finite values in {base.tensors[name].file} (--base) "
-                                  f"or {tuned.tensors[name].file} (--tuned)")
+                raise ConfigError(
+                    f"tensor {name}: non-finite values in {base.tensors[name].file} (--base) "
+                    f"or {tuned.tensors[name].file} (--tuned)"
+                )
             yield base32, tuned32, magnitude
 
     def magnitudes(names: list[str]) -> Callable[[], Iterator[torch.Tensor]]:
@@ -447,8 +488,16 @@ def _publish(staging: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------ command line
 def cmd_merge(args) -> int:
-    summary = merge_models(args.base, args.tuned, args.out, keep=args.keep, scale=args.scale,
-                           selection=args.selection, max_shard_mb=args.max_shard_mb, overwrite=args.overwrite)
+    summary = merge_models(
+        args.base,
+        args.tuned,
+        args.out,
+        keep=args.keep,
+        scale=args.scale,
+        selection=args.selection,
+        max_shard_mb=args.max_shard_mb,
+        overwrite=args.overwrite,
+    )
     print(summary.describe())
     return 0
 
@@ -456,21 +505,41 @@ def cmd_merge(args) -> int:
 def add_parser(commands) -> argparse.ArgumentParser:
     """`efficient-rl merge`: add it to the CLI's subcommands (an argparse subparsers object)."""
     merge = commands.add_parser(
-        "merge", help="DLER update-selective merge: base + scale * top-keep fraction of (tuned - base)")
+        "merge", help="DLER update-selective merge: base + scale * top-keep fraction of (tuned - base)"
+    )
     merge.add_argument("--base", required=True, help="the model before RL: a Hugging Face model directory")
     merge.add_argument("--tuned", required=True, help="the RL-tuned model or a run checkpoint directory")
     merge.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
-    merge.add_argument("--keep", type=float, default=DEFAULT_KEEP,
-                       help=f"fraction of delta entries kept, largest magnitude first (default {DEFAULT_KEEP})")
-    merge.add_argument("--scale", type=float, default=DEFAULT_SCALE,
-                       help=f"factor on the kept deltas (default {DEFAULT_SCALE})")
+    merge.add_argument(
+        "--keep",
+        type=float,
+        default=DEFAULT_KEEP,
+        help=f"fraction of delta entries kept, largest magnitude first (default {DEFAULT_KEEP})",
+    )
+    merge.add_argument(
+        "--scale", type=float, default=DEFAULT_SCALE, help=f"factor on the kept deltas (default {DEFAULT_SCALE})"
+    )
     scope = merge.add_mutually_exclusive_group()
-    scope.add_argument("--global", dest="selection", action="store_const", const="global",
-                       help="rank all floating-point delta entries of the model together (default; TIES)")
-    scope.add_argument("--per-tensor", dest="selection", action="store_const", const="per-tensor",
-                       help="each tensor keeps its own top fraction (mergekit)")
-    merge.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_MB,
-                       help=f"output shard size limit in MiB (default {DEFAULT_MAX_SHARD_MB:g})")
+    scope.add_argument(
+        "--global",
+        dest="selection",
+        action="store_const",
+        const="global",
+        help="rank all floating-point delta entries of the model together (default; TIES)",
+    )
+    scope.add_argument(
+        "--per-tensor",
+        dest="selection",
+        action="store_const",
+        const="per-tensor",
+        help="each tensor keeps its own top fraction (mergekit)",
+    )
+    merge.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=DEFAULT_MAX_SHARD_MB,
+        help=f"output shard size limit in MiB (default {DEFAULT_MAX_SHARD_MB:g})",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     merge.set_defaults(handler=cmd_merge, selection=DEFAULT_SELECTION)
     return merge

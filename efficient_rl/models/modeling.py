@@ -23,7 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def load_model(
+    model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
     """A Hugging Face causal LM: the policy (float32 master weights), a KL reference, a teacher or
     a sync check (those in model.dtype)."""
     from transformers import AutoModelForCausalLM  # here: slow to import, and no CLI check needs it
@@ -49,8 +51,14 @@ def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, tor
     return input_ids, attention_mask, position_ids
 
 
-def response_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool = True,
-                      selected: torch.Tensor | None = None, packed: bool = False):
+def response_logprobs(
+    model,
+    rows: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = True,
+    selected: torch.Tensor | None = None,
+    packed: bool = False,
+):
     """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R].
 
     With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
@@ -69,8 +77,9 @@ def response_logprobs(model, rows: RolloutBatch, temperature: float, with_entrop
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
     # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1
+    ).logits[:, :-1]
     return token_logprobs_and_entropy(logits, rows.response_ids, temperature, with_entropy)
 
 
@@ -127,19 +136,23 @@ def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> t
         return packed_hidden_states(network, rows)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
-    hidden = network.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids).last_hidden_state
-    return hidden[:, -(width + 1):-1]
+    hidden = network.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    return hidden[:, -(width + 1) : -1]
 
 
-def selected_logprobs(model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor,
-                      packed: bool = False):
+def selected_logprobs(
+    model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor, packed: bool = False
+):
     head = output_head(model)
     hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
-    picked_logprobs, picked_entropy = token_logprobs_and_entropy(head(hidden), rows.response_ids[selected],
-                                                                 temperature, with_entropy)
+    picked_logprobs, picked_entropy = token_logprobs_and_entropy(
+        head(hidden), rows.response_ids[selected], temperature, with_entropy
+    )
     return scatter_selected(picked_logprobs, selected), (
-        scatter_selected(picked_entropy, selected) if with_entropy else None)
+        scatter_selected(picked_entropy, selected) if with_entropy else None
+    )
 
 
 def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -203,15 +216,16 @@ def pack_rows(rows: RolloutBatch, attn_implementation: str = "sdpa") -> PackedRo
         for index in members:
             prompt = rows.prompt_ids[index][rows.prompt_mask[index] > 0]
             sequence = torch.cat([prompt, rows.response_ids[index, : response_lengths[index]]])
-            input_ids[row, offset: offset + lengths[index]] = sequence
-            position_ids[row, offset: offset + lengths[index]] = torch.arange(lengths[index])
+            input_ids[row, offset : offset + lengths[index]] = sequence
+            position_ids[row, offset : offset + lengths[index]] = torch.arange(lengths[index])
             start_of[index] = row * width + offset
             offset += lengths[index]
         position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a sequence of its own
     # Logits at position p predict token p + 1: response token t of a sequence with a prompt of
     # P tokens is predicted at P - 1 + t.
-    sources = torch.cat([start_of[i] + prompt_lengths[i] - 1 + torch.arange(response_lengths[i])
-                         for i in range(len(lengths))])
+    sources = torch.cat(
+        [start_of[i] + prompt_lengths[i] - 1 + torch.arange(response_lengths[i]) for i in range(len(lengths))]
+    )
     return PackedRows(input_ids, position_ids, sources.long(), sum(lengths))
 
 
@@ -220,8 +234,9 @@ def packed_hidden_states(network, rows: RolloutBatch) -> torch.Tensor:
     packed = pack_rows(rows.to("cpu"), getattr(network.config, "_attn_implementation", "sdpa"))
     # No cache: transformers looks for packed sequences only when there is none (a cache means
     # generation), and one is made by default otherwise.
-    hidden = network.base_model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                                use_cache=False).last_hidden_state
+    hidden = network.base_model(
+        input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device), use_cache=False
+    ).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])[packed.sources.to(device)]
     out = flat.new_zeros(*rows.response_ids.shape, hidden.shape[-1])
     return out.masked_scatter((rows.response_mask > 0)[..., None], flat)

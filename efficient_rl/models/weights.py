@@ -28,8 +28,12 @@ class WeightBucket:
     @classmethod
     def pack(cls, named: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
         flat = torch.cat([tensor.detach().reshape(-1) for _, tensor in named])
-        return cls(names=[name for name, _ in named], shapes=[tuple(t.shape) for _, t in named],
-                   dtype=flat.dtype, payload=flat.view(torch.uint8))
+        return cls(
+            names=[name for name, _ in named],
+            shapes=[tuple(t.shape) for _, t in named],
+            dtype=flat.dtype,
+            payload=flat.view(torch.uint8),
+        )
 
     def on_host(self) -> "WeightBucket":
         return dataclasses.replace(self, payload=self.payload.cpu().numpy())

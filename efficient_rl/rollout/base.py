@@ -18,8 +18,9 @@ class SamplingSettings:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
-                 settings: SamplingSettings) -> RolloutBatch:
+    def generate(
+        self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
+    ) -> RolloutBatch:
         """`settings.n` rollouts for every prompt, rows grouped by prompt in input order."""
 
     def sync_weights(self, learner) -> dict[str, float]:

@@ -8,15 +8,14 @@ learner computes, so the engine/learner gap only measures numerical differences.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.models.modeling import DTYPES, compute_in
 from efficient_rl.data.prompts import stop_token_ids
+from efficient_rl.models.modeling import DTYPES, compute_in
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
 if TYPE_CHECKING:  # annotations only: transformers is slow to import
@@ -29,8 +28,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
     return ids, mask
 
 
@@ -49,10 +48,12 @@ class TransformersEngine:
         self.stop_ids = stop_token_ids(tokenizer)
         self.max_batch_size = max_batch_size
 
-    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
-                 settings: SamplingSettings) -> RolloutBatch:
-        rows = [(prompt, sample, gid) for prompt, sample, gid in zip(prompts, samples, group_ids)
-                for _ in range(settings.n)]
+    def generate(
+        self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
+    ) -> RolloutBatch:
+        rows = [
+            (prompt, sample, gid) for prompt, sample, gid in zip(prompts, samples, group_ids) for _ in range(settings.n)
+        ]
         chunks = [rows[i : i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
         return RolloutBatch.concat([self._generate_chunk(chunk, settings) for chunk in chunks])
 
@@ -69,7 +70,7 @@ class TransformersEngine:
                 generation_config=self._generation_config(settings),
             )
         self.model.train(was_training)
-        response_ids = out.sequences[:, prompt_ids.shape[1]:]
+        response_ids = out.sequences[:, prompt_ids.shape[1] :]
         response_mask, no_eos = response_mask_until_eos(response_ids, self.stop_ids)
         logits = torch.stack(out.logits, dim=1).float()  # raw logits of every generated step
         temperature = settings.temperature if settings.temperature > 0 else 1.0
@@ -84,8 +85,9 @@ class TransformersEngine:
             truncated=no_eos & (lengths >= settings.max_new_tokens),
             group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long),
             samples=[r[1] for r in rows],
-            completions=tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id),
-                                         skip_special_tokens=True),
+            completions=tok.batch_decode(
+                response_ids.masked_fill(response_mask == 0, tok.pad_token_id), skip_special_tokens=True
+            ),
         ).trim_padding()
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
@@ -128,8 +130,10 @@ class TransformersEngine:
 
 def transformers_check(_, recipe) -> str | None:
     if recipe.learner.lora is not None and recipe.cluster.pipeline.name == "overlapped":
-        return ("learner.lora: not with cluster.pipeline overlapped on the transformers engine (its own copy of the "
-                "policy loads plain weights by name); use rollout.engine: vllm or pipeline: sync")
+        return (
+            "learner.lora: not with cluster.pipeline overlapped on the transformers engine (its own copy of the "
+            "policy loads plain weights by name); use rollout.engine: vllm or pipeline: sync"
+        )
     return None
 
 

@@ -23,9 +23,9 @@ from safetensors.torch import save as save_safetensors
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.config.schema import VLLMSection
+from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.models.lora import plain_named_weights
 from efficient_rl.models.modeling import DTYPES, load_model, sequence_inputs
-from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 from efficient_rl.rollout.hf import left_pad
 
@@ -63,7 +63,8 @@ VERIFY_LOGPROB_TOLERANCE = {
 def engine_arguments(options: VLLMSection, dtype: str, device_type: str) -> dict:
     """vLLM's LLM(...) arguments from rollout.vllm, for the device it runs on."""
     arguments = dict(
-        dtype=dtype, tensor_parallel_size=options.tensor_parallel_size,
+        dtype=dtype,
+        tensor_parallel_size=options.tensor_parallel_size,
         enable_prefix_caching=options.enable_prefix_caching,
         enforce_eager=options.enforce_eager if options.enforce_eager is not None else EAGER_BY_DEFAULT[device_type],
         # in this process with one worker; several (tensor parallel) need processes of their own
@@ -84,8 +85,10 @@ DEVICE_ARGUMENTS = {
     # generator through an offset CPU generators do not have, and the whole generate call fails
     # ("CPU Generator does not use offset"). Unchunked, a prompt that does not fit waits for the
     # next step.
-    "cpu": lambda options: {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gb * 2**30),
-                            "enable_chunked_prefill": False},
+    "cpu": lambda options: {
+        "kv_cache_memory_bytes": int(options.cpu_kv_cache_gb * 2**30),
+        "enable_chunked_prefill": False,
+    },
 }
 
 
@@ -116,8 +119,16 @@ def request_seeds(count: int) -> list[int]:
 
 
 class VLLMEngine:
-    def __init__(self, model_dir, tokenizer, max_model_len: int, seed: int,
-                 verify_prompt: list[int] | None = None, dtype: str = "float32", options: VLLMSection | None = None):
+    def __init__(
+        self,
+        model_dir,
+        tokenizer,
+        max_model_len: int,
+        seed: int,
+        verify_prompt: list[int] | None = None,
+        dtype: str = "float32",
+        options: VLLMSection | None = None,
+    ):
         from vllm import LLM
 
         self.model_dir, self.dtype = model_dir, dtype
@@ -128,27 +139,47 @@ class VLLMEngine:
         arguments = engine_arguments(options or VLLMSection(), dtype, device_type())
         self.in_process = arguments["distributed_executor_backend"] == "uni"
         self.llm = LLM(
-            model=str(model_dir), skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed,
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            max_model_len=max_model_len,
+            seed=seed,
             # After temperature like the learner's (and after top-p, which training leaves at 1.0).
-            logprobs_mode="processed_logprobs", **arguments,
+            logprobs_mode="processed_logprobs",
+            **arguments,
         )
 
-    def generate(self, prompts: list[list[int]], samples: list[dict], group_ids: list[int],
-                 settings: SamplingSettings, seeds: list[int] | None = None) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        samples: list[dict],
+        group_ids: list[int],
+        settings: SamplingSettings,
+        seeds: list[int] | None = None,
+    ) -> RolloutBatch:
         from vllm import SamplingParams
 
         requests = [{"prompt_token_ids": prompt} for prompt in prompts]
         # Per-request seeds drawn from torch's generator: a resumed run samples the same tokens.
         seeds = seeds if seeds is not None else request_seeds(len(prompts))
-        params = [SamplingParams(
-            n=settings.n, temperature=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 1.0,
-            max_tokens=settings.max_new_tokens, logprobs=0, detokenize=False,
-            seed=seed, stop_token_ids=self.stop_ids,
-        ) for seed in seeds]
+        params = [
+            SamplingParams(
+                n=settings.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p if settings.temperature > 0 else 1.0,
+                max_tokens=settings.max_new_tokens,
+                logprobs=0,
+                detokenize=False,
+                seed=seed,
+                stop_token_ids=self.stop_ids,
+            )
+            for seed in seeds
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        rows = [(prompt, sample, gid, completion)
-                for prompt, sample, gid, output in zip(prompts, samples, group_ids, outputs)
-                for completion in output.outputs]
+        rows = [
+            (prompt, sample, gid, completion)
+            for prompt, sample, gid, output in zip(prompts, samples, group_ids, outputs)
+            for completion in output.outputs
+        ]
         return self._to_batch(rows)
 
     def _to_batch(self, rows) -> RolloutBatch:
@@ -163,10 +194,14 @@ class VLLMEngine:
             response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             response_mask[row, : len(tokens)] = 1.0
             logprobs[row, : len(tokens)] = torch.tensor(
-                [step[token].logprob for step, token in zip(completion.logprobs, tokens)])
+                [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            )
         return RolloutBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-            response_mask=response_mask, rollout_logprobs=logprobs,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            rollout_logprobs=logprobs,
             truncated=torch.tensor([r[3].finish_reason == "length" for r in rows]),
             group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long),
             samples=[r[1] for r in rows],
@@ -237,11 +272,14 @@ class VLLMEngine:
             raise SyncVerificationError(
                 f"weight sync verification failed: the engine's greedy probe output {tokens[valid].tolist()} is "
                 f"not transformers' greedy answer (at position {position} transformers prefers token "
-                f"{int(logp[position].argmax())}, by {behind:.2e} nats)")
+                f"{int(logp[position].argmax())}, by {behind:.2e} nats)"
+            )
         gap = float(((chosen - ours.rollout_logprobs[0]).abs() * valid).max())
         if gap > tolerance:
-            raise SyncVerificationError(f"weight sync verification failed: the engine's log-probs on the probe "
-                                        f"differ from transformers' by up to {gap:.2e}")
+            raise SyncVerificationError(
+                f"weight sync verification failed: the engine's log-probs on the probe "
+                f"differ from transformers' by up to {gap:.2e}"
+            )
         return gap
 
 
@@ -249,8 +287,9 @@ def teacher_forced_logits(model, rows: RolloutBatch) -> torch.Tensor:
     """[B, R, V] logits at the positions predicting each response token."""
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 logits_to_keep=width + 1).logits[:, :-1]
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1
+    ).logits[:, :-1]
 
 
 def verification_prompt(setup, recipe) -> list[int] | None:
@@ -261,8 +300,14 @@ def verification_prompt(setup, recipe) -> list[int] | None:
 @ENGINES.register("vllm")
 def vllm_engine(setup, recipe) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
-    engine = VLLMEngine(setup.base_model_dir, setup.tokenizer, recipe.longest_sequence(), recipe.seed,
-                        verify_prompt=verification_prompt(setup, recipe), dtype=recipe.model.dtype,
-                        options=recipe.rollout.vllm)
+    engine = VLLMEngine(
+        setup.base_model_dir,
+        setup.tokenizer,
+        recipe.longest_sequence(),
+        recipe.seed,
+        verify_prompt=verification_prompt(setup, recipe),
+        dtype=recipe.model.dtype,
+        options=recipe.rollout.vllm,
+    )
     engine.load_weights(plain_named_weights(setup.model))  # merged, when the learner put LoRA adapters on it
     return engine

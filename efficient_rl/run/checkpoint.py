@@ -54,6 +54,7 @@ def notice(message: str) -> None:
 
 # ---------------------------------------------------------------- run names
 
+
 def check_run_name(name) -> None:
     """A run name is one ordinary path component: it can only ever name its own directory.
 
@@ -79,6 +80,7 @@ def lock_path(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the run lock
+
 
 @dataclasses.dataclass
 class RunLock:
@@ -147,8 +149,10 @@ def open_and_lock(path: Path, run: Path) -> int:
             os.close(fd)
             raise ConfigError(f"{run}: in use by {holder}; wait for it or stop it") from None
         except OSError as err:  # e.g. Lustre mounted without -o flock: training must still be possible
-            notice(f"{path}: the file system does not support locks ({err.strerror}); "
-                   "running without the run lock, so start this run only once")
+            notice(
+                f"{path}: the file system does not support locks ({err.strerror}); "
+                "running without the run lock, so start this run only once"
+            )
             return fd
         if same_file(fd, path):
             return fd
@@ -166,8 +170,12 @@ def same_file(fd: int, path: Path) -> bool:
 
 def write_holder(fd: int) -> None:
     """Who holds the lock, for the refusal a second run prints (the flock itself is the lock)."""
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv)}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -216,6 +224,7 @@ os.register_at_fork(after_in_child=forget_inherited_locks)
 
 # ---------------------------------------------------------------- checkpoint validation
 
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     file: Path
@@ -240,8 +249,11 @@ def checkpoint_problem(checkpoint: Path) -> Problem | None:
     problem = missing_required(checkpoint)
     if problem is not None:
         return problem
-    names = sorted(manifest) if manifest is not None else [
-        str(p.relative_to(checkpoint)) for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+    names = (
+        sorted(manifest)
+        if manifest is not None
+        else [str(p.relative_to(checkpoint)) for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+    )
     for name in names:
         problem = file_problem(checkpoint / name, manifest.get(name) if manifest is not None else None)
         if problem is not None:
@@ -326,6 +338,7 @@ def json_problem(path: Path) -> Problem | None:
 
 # ---------------------------------------------------------------- which checkpoint
 
+
 def finished_checkpoints(path: Path) -> list[Path]:
     """Every renamed (so fully written, then maybe damaged) checkpoint, oldest first."""
     directory = path / "checkpoints"
@@ -353,12 +366,15 @@ def resume_checkpoint(path: Path, notify=notice) -> Path:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             for skipped in problems:
-                notify(f"{skipped}; resuming from the earlier {checkpoint.name} instead "
-                       "(the damaged checkpoint is removed, its steps run again)")
+                notify(
+                    f"{skipped}; resuming from the earlier {checkpoint.name} instead "
+                    "(the damaged checkpoint is removed, its steps run again)"
+                )
             return checkpoint
         problems.append(problem)
-    raise ConfigError(f"{path}: no checkpoint can be resumed: {'; '.join(map(str, problems))}; "
-                      "start the run over with --overwrite")
+    raise ConfigError(
+        f"{path}: no checkpoint can be resumed: {'; '.join(map(str, problems))}; start the run over with --overwrite"
+    )
 
 
 def restart_mode(recipe: Recipe) -> tuple[bool, bool]:
@@ -376,6 +392,7 @@ def restart_mode(recipe: Recipe) -> tuple[bool, bool]:
 
 
 # ---------------------------------------------------------------- writing
+
 
 def file_modes() -> tuple[int, int]:
     """(file, directory) modes for everything a checkpoint holds: what the umask gives new files,
@@ -441,6 +458,7 @@ def remove_tree(path: Path) -> None:
 
 # ---------------------------------------------------------------- the run directory
 
+
 class RunDir:
     """A run directory, held under the run lock from construction to close().
 
@@ -478,8 +496,9 @@ class RunDir:
             self._check_resumable()
         elif os.path.lexists(self.path):
             if not self.overwrite:
-                raise ConfigError(f"{self.path}: run directory exists; pass --resume to continue it or "
-                                  "--overwrite to replace it")
+                raise ConfigError(
+                    f"{self.path}: run directory exists; pass --resume to continue it or --overwrite to replace it"
+                )
             check_replaceable(self.path)
 
     # ------------------------------------------------------------ creation
@@ -517,7 +536,10 @@ class RunDir:
         self.resume_from = resume_checkpoint(self.path)
         section = changed_section(self.path, self.recipe)
         if section is not None:
-            raise ConfigError(f"{self.path}: --resume with a different recipe ({section} differs from the run's config.yaml); only 'steps' may change")
+            raise ConfigError(
+                f"{self.path}: --resume with a different recipe ({section} differs from the run's config.yaml); "
+                "only 'steps' may change"
+            )
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -542,8 +564,7 @@ class RunDir:
             {
                 "state": state,
                 "prompts_consumed": stream.consumed,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": np.random.get_state()},
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             },
             staging / TRAINER_STATE_FILE,
         )
@@ -599,21 +620,23 @@ def changed_section(path: Path, recipe: Recipe) -> str | None:
     a resume can train further), or None."""
     saved = saved_recipe(path / "config.yaml")
     current = recipe.to_dict()
-    return next((section for section in current if section != "steps" and saved.get(section) != current[section]),
-                None)
+    return next((section for section in current if section != "steps" and saved.get(section) != current[section]), None)
 
 
 def check_replaceable(path: Path) -> None:
     """--overwrite deletes a run directory and nothing else: not a link's target, not a file,
     not a directory that never was a run (no config.yaml; an empty one is a killed start)."""
     if path.is_symlink():
-        raise ConfigError(f"{path}: is a symbolic link; --overwrite replaces only a run directory, "
-                          "remove the link yourself")
+        raise ConfigError(
+            f"{path}: is a symbolic link; --overwrite replaces only a run directory, remove the link yourself"
+        )
     if not path.is_dir():
         raise ConfigError(f"{path}: exists and is not a directory; --overwrite replaces only a run directory")
     if not (path / "config.yaml").is_file() and any(path.iterdir()):
-        raise ConfigError(f"{path}: not a run directory (no config.yaml); --overwrite replaces only a run "
-                          "directory, remove it yourself")
+        raise ConfigError(
+            f"{path}: not a run directory (no config.yaml); --overwrite replaces only a run "
+            "directory, remove it yourself"
+        )
 
 
 def saved_recipe(path: Path) -> dict:
@@ -632,7 +655,9 @@ def read_saved_recipe(path: Path) -> dict:
     try:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: unreadable ({one_line(err, 200)}); it is the recipe a resume is checked against") from None
+        raise ConfigError(
+            f"{path}: unreadable ({one_line(err, 200)}); it is the recipe a resume is checked against"
+        ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected the run's recipe, a mapping; got {type(saved).__name__}")
     return saved

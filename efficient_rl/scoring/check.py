@@ -14,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 from efficient_rl.config.schema import RewardEntry
-from efficient_rl.errors import ConfigError
 from efficient_rl.data.sources import json_rows
+from efficient_rl.errors import ConfigError
 from efficient_rl.scoring.runner import RewardRunner
 
 
@@ -40,8 +40,14 @@ def parse_params(text: str) -> dict:
     return params
 
 
-def check_reward(spec: str, data: Path, completion_key: str = "completion", params: str = "{}",
-                 workers: int = 2, timeout: float = 10.0) -> str:
+def check_reward(
+    spec: str,
+    data: Path,
+    completion_key: str = "completion",
+    params: str = "{}",
+    workers: int = 2,
+    timeout: float = 10.0,
+) -> str:
     """The report, as text."""
     if workers < 0 or not timeout > 0:
         raise ConfigError("expected --workers >= 0 and --timeout > 0")

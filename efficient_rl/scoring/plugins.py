@@ -52,9 +52,11 @@ def from_entry_point(name: str):
     found = [point for point in entry_points(group=ENTRY_POINT_GROUP) if point.name == name]
     if not found:
         installed = sorted(point.name for point in entry_points(group=ENTRY_POINT_GROUP))
-        raise RewardLoadError(f"unknown reward {name!r}; built-in: {', '.join(sorted(BUILTIN_REWARDS))}"
-                              f"{'; installed: ' + ', '.join(installed) if installed else ''}; "
-                              "or give path/to/file.py:function or package.module:function")
+        raise RewardLoadError(
+            f"unknown reward {name!r}; built-in: {', '.join(sorted(BUILTIN_REWARDS))}"
+            f"{'; installed: ' + ', '.join(installed) if installed else ''}; "
+            "or give path/to/file.py:function or package.module:function"
+        )
     return found[0].load()
 
 
@@ -84,8 +86,10 @@ def check_signature(function, params: dict) -> None:
         inspect.signature(function).bind("completion", {}, **params)
     except TypeError as err:
         expected = "(completions, samples" if is_batched(function) else "(completion, sample"
-        raise RewardLoadError(f"{getattr(function, '__name__', function)} cannot be called as "
-                              f"{expected}{''.join(f', {k}=...' for k in params)}): {err}") from None
+        raise RewardLoadError(
+            f"{getattr(function, '__name__', function)} cannot be called as "
+            f"{expected}{''.join(f', {k}=...' for k in params)}): {err}"
+        ) from None
     except ValueError:
         pass  # builtins without an inspectable signature: the probe call decides
 

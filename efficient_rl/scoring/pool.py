@@ -123,14 +123,18 @@ class Worker:
     def check_ready(self) -> None:
         """Wait for the worker's "ready" (it resolves the rewards first)."""
         if not self.connection.poll(max(0.0, self.started + STARTUP_TIMEOUT - time.monotonic())):
-            raise WorkerFailure(f"a reward worker did not start within {STARTUP_TIMEOUT:g} s (a reward that hangs "
-                                "at import?); run the rewards in this process (scoring.workers=0) to see why")
+            raise WorkerFailure(
+                f"a reward worker did not start within {STARTUP_TIMEOUT:g} s (a reward that hangs "
+                "at import?); run the rewards in this process (scoring.workers=0) to see why"
+            )
         try:
             status, detail = self.connection.recv()
         except (EOFError, OSError):
             self.process.join(timeout=CLOSE_GRACE)  # it closed its end: it is exiting (then its exit code is known)
-            raise WorkerFailure(f"a reward worker failed to start (exit code {self.process.exitcode}); "
-                                "run the rewards in this process (scoring.workers=0) to see why") from None
+            raise WorkerFailure(
+                f"a reward worker failed to start (exit code {self.process.exitcode}); "
+                "run the rewards in this process (scoring.workers=0) to see why"
+            ) from None
         if status == "failed":
             raise WorkerFailure(f"a reward worker could not load the rewards: {detail}")
         self.ready = True

@@ -112,8 +112,9 @@ class RewardRunner:
                     raise ValueError(outcome.message)
                 as_numbers(outcome.values[0])
             except ValueError as err:
-                raise ConfigError(f"reward[{index}] ({entry.name}): probe call on a training sample failed: "
-                                  f"{err}") from None
+                raise ConfigError(
+                    f"reward[{index}] ({entry.name}): probe call on a training sample failed: {err}"
+                ) from None
 
     def score(self, completions: list[str], samples: list[dict]) -> RewardResult:
         planned = self._plan(completions, samples)
@@ -131,8 +132,10 @@ class RewardRunner:
             if is_batched(function):
                 planned.append((0, RewardCall(index, completions, samples)))
             else:
-                planned += [(row, RewardCall(index, [completion], [sample]))
-                            for row, (completion, sample) in enumerate(zip(completions, samples))]
+                planned += [
+                    (row, RewardCall(index, [completion], [sample]))
+                    for row, (completion, sample) in enumerate(zip(completions, samples))
+                ]
         return planned
 
     @staticmethod

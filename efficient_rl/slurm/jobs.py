@@ -19,8 +19,20 @@ import yaml
 
 from efficient_rl.errors import ConfigError
 
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 SHOWN_METRICS = ("acc/mean", "response_length/mean", "eval/pass@1", "eval/length/mean")
 
 
@@ -63,8 +75,10 @@ def job_line(submission: dict) -> str:
     progress = run_progress(Path(submission["run_dir"]))
     step = f"{progress['step']}/{progress['steps'] if progress['steps'] is not None else '?'}"
     metrics = " ".join(f"{k}={v:.3g}" for k, v in progress["metrics"].items())
-    return (f"{submission['job_id']:>8s}  {Path(submission['run_dir']).name:20s} "
-            f"{state.get('JobState', 'gone'):11s} {state.get('Restarts', '-'):>8s} {step:>9s}  {metrics}")
+    return (
+        f"{submission['job_id']:>8s}  {Path(submission['run_dir']).name:20s} "
+        f"{state.get('JobState', 'gone'):11s} {state.get('Restarts', '-'):>8s} {step:>9s}  {metrics}"
+    )
 
 
 def follow(job_id: str, log: Path, poll_seconds: float = 1.0, out=sys.stdout) -> str:

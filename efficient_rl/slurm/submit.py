@@ -121,7 +121,9 @@ def warning_seconds(request: JobRequest) -> int:
     if request.warning_seconds is None:
         return min(DEFAULT_WARNING_SECONDS, limit // 2)
     if not 0 < request.warning_seconds < limit:
-        raise ConfigError(f"--warning {request.warning_seconds}: expected seconds between 0 and the time limit ({limit} s)")
+        raise ConfigError(
+            f"--warning {request.warning_seconds}: expected seconds between 0 and the time limit ({limit} s)"
+        )
     return request.warning_seconds
 
 
@@ -140,16 +142,19 @@ def gpus_in(gres: str) -> int:
 
 def query_partition(name: str | None) -> Partition:
     """The partition's nodes from sinfo; the default partition (marked '*') when name is None."""
-    result = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N|%P|%c|%G"],
-                            capture_output=True, text=True)
+    result = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N|%P|%c|%G"], capture_output=True, text=True)
     if result.returncode != 0:
-        raise ConfigError(f"sinfo failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        raise ConfigError(
+            f"sinfo failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+        )
     rows = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 3]
     partitions = sorted({p.rstrip("*") for _, p, _, _ in rows})
     if name is None:
         defaults = sorted({p.rstrip("*") for _, p, _, _ in rows if p.endswith("*")})
         if not defaults:
-            raise ConfigError(f"--partition: the cluster has no default partition; choose one of {', '.join(partitions)}")
+            raise ConfigError(
+                f"--partition: the cluster has no default partition; choose one of {', '.join(partitions)}"
+            )
         name = defaults[0]
     nodes = {node: (int(cpus), gpus_in(gres)) for node, p, cpus, gres in rows if p.rstrip("*") == name}
     if not nodes:
@@ -164,14 +169,18 @@ def check_partition(request: JobRequest, partition: Partition) -> int:
         raise ConfigError(f"--nodes {request.nodes}: partition {partition.name} has {count} nodes")
     with_gpus = sum(g >= request.gpus_per_node for g in partition.node_gpus)
     if with_gpus < request.nodes:
-        raise ConfigError(f"--gpus-per-node {request.gpus_per_node}: partition {partition.name} has "
-                          f"{with_gpus} nodes with that many GPUs (most: {max(partition.node_gpus)}), "
-                          f"{request.nodes} asked for")
+        raise ConfigError(
+            f"--gpus-per-node {request.gpus_per_node}: partition {partition.name} has "
+            f"{with_gpus} nodes with that many GPUs (most: {max(partition.node_gpus)}), "
+            f"{request.nodes} asked for"
+        )
     cpus = request.cpus_per_node or min(partition.node_cpus)
     with_cpus = sum(c >= cpus for c in partition.node_cpus)
     if with_cpus < request.nodes:
-        raise ConfigError(f"--cpus-per-node {cpus}: partition {partition.name} has {with_cpus} nodes with that "
-                          f"many CPUs (most: {max(partition.node_cpus)}), {request.nodes} asked for")
+        raise ConfigError(
+            f"--cpus-per-node {cpus}: partition {partition.name} has {with_cpus} nodes with that "
+            f"many CPUs (most: {max(partition.node_cpus)}), {request.nodes} asked for"
+        )
     return cpus
 
 
@@ -189,18 +198,24 @@ def recipe_needs(recipe: Recipe) -> tuple[float, float, float, float]:
 def check_recipe_fits(recipe: Recipe, request: JobRequest, cpus_per_node: int) -> None:
     if recipe.cluster.backend != "ray":
         if request.nodes > 1:
-            raise ConfigError(f"--nodes {request.nodes}: the recipe runs in one process (cluster.backend="
-                              f"{recipe.cluster.backend}); ask for --nodes 1 or set cluster.backend=ray")
+            raise ConfigError(
+                f"--nodes {request.nodes}: the recipe runs in one process (cluster.backend="
+                f"{recipe.cluster.backend}); ask for --nodes 1 or set cluster.backend=ray"
+            )
         return
     cpus, gpus, actor_cpus, actor_gpus = recipe_needs(recipe)
     have_cpus, have_gpus = request.nodes * cpus_per_node, request.nodes * request.gpus_per_node
     if cpus > have_cpus or gpus > have_gpus:
-        raise ConfigError(f"the recipe's actors need {cpus:g} CPUs and {gpus:g} GPUs (cluster.rollout, "
-                          f"cluster.learner); {request.nodes} nodes x {cpus_per_node} CPUs x "
-                          f"{request.gpus_per_node} GPUs give {have_cpus} and {have_gpus}")
+        raise ConfigError(
+            f"the recipe's actors need {cpus:g} CPUs and {gpus:g} GPUs (cluster.rollout, "
+            f"cluster.learner); {request.nodes} nodes x {cpus_per_node} CPUs x "
+            f"{request.gpus_per_node} GPUs give {have_cpus} and {have_gpus}"
+        )
     if actor_cpus > cpus_per_node or actor_gpus > request.gpus_per_node:
-        raise ConfigError(f"one actor needs {actor_cpus:g} CPUs and {actor_gpus:g} GPUs, more than a node "
-                          f"gives ({cpus_per_node} CPUs, {request.gpus_per_node} GPUs)")
+        raise ConfigError(
+            f"one actor needs {actor_cpus:g} CPUs and {actor_gpus:g} GPUs, more than a node "
+            f"gives ({cpus_per_node} CPUs, {request.gpus_per_node} GPUs)"
+        )
 
 
 def check_run_directory(recipe: Recipe, request: JobRequest) -> Path:
@@ -224,8 +239,7 @@ def render(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", fill, template)
 
 
-def sbatch_lines(request: JobRequest, site: SiteProfile, cpus_per_node: int, job_dir: Path,
-                 run_name: str) -> list[str]:
+def sbatch_lines(request: JobRequest, site: SiteProfile, cpus_per_node: int, job_dir: Path, run_name: str) -> list[str]:
     options = [
         f"--job-name=erl-{request.job_name or run_name}",
         f"--nodes={request.nodes}",
@@ -247,25 +261,36 @@ def sbatch_lines(request: JobRequest, site: SiteProfile, cpus_per_node: int, job
     return [f"#SBATCH {option}" for option in options + site.sbatch]
 
 
-def job_script(recipe_path: Path, overrides: list[str], recipe: Recipe, request: JobRequest,
-               site: SiteProfile, cpus_per_node: int, run_dir: Path, job_dir: Path) -> str:
+def job_script(
+    recipe_path: Path,
+    overrides: list[str],
+    recipe: Recipe,
+    request: JobRequest,
+    site: SiteProfile,
+    cpus_per_node: int,
+    run_dir: Path,
+    job_dir: Path,
+) -> str:
     use_ray = recipe.cluster.backend == "ray"
     train_args = [str(recipe_path.resolve()), *overrides] + (["cluster.address=auto"] if use_ray else [])
     setup = [f"export {key}={shlex.quote(value)}" for key, value in site.env.items()] + site.setup
-    return render(TEMPLATE.read_text(), {
-        "site": site.name,
-        "sbatch_lines": "\n".join(sbatch_lines(request, site, cpus_per_node, job_dir, run_dir.name)),
-        "site_setup": "\n".join(setup) or "# (none)",
-        "python": shlex.quote(site.python or sys.executable),
-        "run_dir": shlex.quote(str(run_dir)),
-        "job_dir": shlex.quote(str(job_dir)),
-        "use_ray": "1" if use_ray else "0",
-        "ray_ready_timeout": f"{site.ray_ready_timeout:g}",
-        "ray_args": " ".join(shlex.quote(arg) for arg in site.ray_args),
-        "max_requeues": str(request.max_requeues),
-        "train_args": " ".join(shlex.quote(arg) for arg in train_args),
-        "first_attempt_mode": request.first_attempt_mode,
-    })
+    return render(
+        TEMPLATE.read_text(),
+        {
+            "site": site.name,
+            "sbatch_lines": "\n".join(sbatch_lines(request, site, cpus_per_node, job_dir, run_dir.name)),
+            "site_setup": "\n".join(setup) or "# (none)",
+            "python": shlex.quote(site.python or sys.executable),
+            "run_dir": shlex.quote(str(run_dir)),
+            "job_dir": shlex.quote(str(job_dir)),
+            "use_ray": "1" if use_ray else "0",
+            "ray_ready_timeout": f"{site.ray_ready_timeout:g}",
+            "ray_args": " ".join(shlex.quote(arg) for arg in site.ray_args),
+            "max_requeues": str(request.max_requeues),
+            "train_args": " ".join(shlex.quote(arg) for arg in train_args),
+            "first_attempt_mode": request.first_attempt_mode,
+        },
+    )
 
 
 # ---------------------------------------------------------------- submission
@@ -309,8 +334,13 @@ class SubmitOptions:
 
 # Where each number of a Slurm request may lie (config/rules.py's notation): `submit`'s flags and
 # a study's slurm section.
-SUBMIT_NUMBER_RULES = {"nodes": "[1, inf)", "gpus_per_node": "[0, inf)", "cpus_per_node": "[1, inf)",
-                       "max_requeues": "[0, inf)", "warning": ("[1, inf)", "seconds")}
+SUBMIT_NUMBER_RULES = {
+    "nodes": "[1, inf)",
+    "gpus_per_node": "[0, inf)",
+    "cpus_per_node": "[1, inf)",
+    "max_requeues": "[0, inf)",
+    "warning": ("[1, inf)", "seconds"),
+}
 
 
 @dataclass
@@ -323,8 +353,14 @@ class Submission:
     record: dict
 
 
-def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitOptions, mode: str = "",
-                       dry_run: bool = False, recipe: Recipe | None = None) -> Submission:
+def prepare_submission(
+    recipe_path: Path,
+    overrides: list[str],
+    options: SubmitOptions,
+    mode: str = "",
+    dry_run: bool = False,
+    recipe: Recipe | None = None,
+) -> Submission:
     """Every check submit makes, then the script; nothing written. `mode`: "", "--resume" or
     "--overwrite" for the first attempt."""
     from efficient_rl.config.loading import load_recipe
@@ -335,13 +371,22 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
     validate(recipe)  # what `train` would refuse, refused before the job queues
     site = load_site(options.site)
     request = JobRequest(
-        nodes=options.nodes, gpus_per_node=options.gpus_per_node, cpus_per_node=options.cpus_per_node,
-        time_limit=options.time, partition=options.partition, account=options.account, job_name=options.job_name,
-        max_requeues=options.max_requeues, warning_seconds=options.warning, first_attempt_mode=mode)
+        nodes=options.nodes,
+        gpus_per_node=options.gpus_per_node,
+        cpus_per_node=options.cpus_per_node,
+        time_limit=options.time,
+        partition=options.partition,
+        account=options.account,
+        job_name=options.job_name,
+        max_requeues=options.max_requeues,
+        warning_seconds=options.warning,
+        first_attempt_mode=mode,
+    )
     warning_seconds(request)  # checks --time and --warning
     if not dry_run and shutil.which("sbatch") is None:
-        raise ConfigError("sbatch: not found on this machine; submit from a Slurm login node "
-                          "(or try --dry-run to see the script)")
+        raise ConfigError(
+            "sbatch: not found on this machine; submit from a Slurm login node (or try --dry-run to see the script)"
+        )
     if dry_run:  # the script for the request as given: the cluster is not consulted
         cpus_per_node = request.cpus_per_node or max(1, math.ceil(recipe_needs(recipe)[0] / request.nodes))
     else:
@@ -350,8 +395,18 @@ def prepare_submission(recipe_path: Path, overrides: list[str], options: SubmitO
     run_dir = check_run_directory(recipe, request)
     job_dir = job_directory(run_dir)
     script = job_script(recipe_path, overrides, recipe, request, site, cpus_per_node, run_dir, job_dir)
-    return Submission(script, run_dir, job_dir, {"recipe": str(recipe_path), "overrides": overrides,
-                                                 "run_dir": str(run_dir), "nodes": request.nodes, "site": site.name})
+    return Submission(
+        script,
+        run_dir,
+        job_dir,
+        {
+            "recipe": str(recipe_path),
+            "overrides": overrides,
+            "run_dir": str(run_dir),
+            "nodes": request.nodes,
+            "site": site.name,
+        },
+    )
 
 
 def cmd_submit(args) -> int:
@@ -363,30 +418,43 @@ def cmd_submit(args) -> int:
         return 0
     job_id = submit(prepared.script, prepared.job_dir, prepared.record)
     run_dir = prepared.run_dir
-    print(f"submitted job {job_id}: run {run_dir}\n  log: {prepared.job_dir / f'{job_id}.out'}\n"
-          f"  follow: efficient-rl jobs --runs {run_dir.parent} --follow {job_id}")
+    print(
+        f"submitted job {job_id}: run {run_dir}\n  log: {prepared.job_dir / f'{job_id}.out'}\n"
+        f"  follow: efficient-rl jobs --runs {run_dir.parent} --follow {job_id}"
+    )
     return 0
 
 
 def add_parser(commands) -> None:
-    submit_parser = commands.add_parser("submit", help="submit a recipe to Slurm: efficient-rl submit RECIPE "
-                                                       "[key.path=value ...] --nodes N --time T")
+    submit_parser = commands.add_parser(
+        "submit", help="submit a recipe to Slurm: efficient-rl submit RECIPE [key.path=value ...] --nodes N --time T"
+    )
     submit_parser.add_argument("recipe", help="recipe YAML file")
     submit_parser.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     defaults = SubmitOptions()
     submit_parser.add_argument("--nodes", type=int, default=defaults.nodes)
     submit_parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node)
     submit_parser.add_argument("--cpus-per-node", type=int, help="default: what the partition's nodes have")
-    submit_parser.add_argument("--time", default=defaults.time, help=f"time limit, Slurm's format (default {defaults.time})")
+    submit_parser.add_argument(
+        "--time", default=defaults.time, help=f"time limit, Slurm's format (default {defaults.time})"
+    )
     submit_parser.add_argument("--partition", help="default: the site profile's, else the cluster's default")
     submit_parser.add_argument("--account", help="default: the site profile's")
-    submit_parser.add_argument("--site", help="site profile: a YAML file or a name in slurm/sites/ "
-                                              "(default: $EFFICIENT_RL_SITE)")
+    submit_parser.add_argument(
+        "--site", help="site profile: a YAML file or a name in slurm/sites/ (default: $EFFICIENT_RL_SITE)"
+    )
     submit_parser.add_argument("--job-name", help="default: erl-<run name>")
-    submit_parser.add_argument("--max-requeues", type=int, default=defaults.max_requeues,
-                               help="restarts after time-limit checkpoints before the job gives up")
-    submit_parser.add_argument("--warning", type=int, help="seconds before the time limit at which the run "
-                                                           "checkpoints (default 300, at most half the limit)")
+    submit_parser.add_argument(
+        "--max-requeues",
+        type=int,
+        default=defaults.max_requeues,
+        help="restarts after time-limit checkpoints before the job gives up",
+    )
+    submit_parser.add_argument(
+        "--warning",
+        type=int,
+        help="seconds before the time limit at which the run checkpoints (default 300, at most half the limit)",
+    )
     submit_parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     mode = submit_parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")

@@ -17,15 +17,19 @@ from efficient_rl.study.spec import LoadedStudy, load_study, study_as_yaml
 def describe_plan(loaded: LoadedStudy) -> str:
     study = loaded.study
     settings = study.eval
-    lines = [f"study {study.name}: {len(study.runs)} runs x {len(study.seeds)} seeds = {len(loaded.planned)} "
-             f"trainings ({study.launcher}), into {loaded.directory}",
-             f"evaluation: {settings.data}, {settings.problems} questions x {settings.samples} samples, budgets "
-             f"{', '.join(map(str, settings.budgets))}, {settings.checkpoints} checkpoints"
-             + (f", baselines {', '.join(settings.baselines)}" if settings.baselines else "")]
+    lines = [
+        f"study {study.name}: {len(study.runs)} runs x {len(study.seeds)} seeds = {len(loaded.planned)} "
+        f"trainings ({study.launcher}), into {loaded.directory}",
+        f"evaluation: {settings.data}, {settings.problems} questions x {settings.samples} samples, budgets "
+        f"{', '.join(map(str, settings.budgets))}, {settings.checkpoints} checkpoints"
+        + (f", baselines {', '.join(settings.baselines)}" if settings.baselines else ""),
+    ]
     for item in loaded.planned:
         recipe = item.recipe
-        lines.append(f"  {item.name:28s} {item.recipe_path.name:32s} steps={recipe.steps} "
-                     f"length_penalty={recipe.algorithm.length_penalty.name} advantage={recipe.algorithm.advantage.name}")
+        lines.append(
+            f"  {item.name:28s} {item.recipe_path.name:32s} steps={recipe.steps} "
+            f"length_penalty={recipe.algorithm.length_penalty.name} advantage={recipe.algorithm.advantage.name}"
+        )
     return "\n".join(lines)
 
 
@@ -80,9 +84,11 @@ SUBCOMMANDS = {
 
 
 def add_parser(commands) -> None:
-    study = commands.add_parser("study", aliases=["sweep"],
-                                help="several recipes x seeds trained, evaluated and compared in one report "
-                                     "(docs/studies.md)")
+    study = commands.add_parser(
+        "study",
+        aliases=["sweep"],
+        help="several recipes x seeds trained, evaluated and compared in one report (docs/studies.md)",
+    )
     subcommands = study.add_subparsers(dest="study_command", required=True)
     for name, (handler, help_text) in SUBCOMMANDS.items():
         parser = subcommands.add_parser(name, help=help_text)

@@ -51,16 +51,19 @@ class StopRequests:
         if self.child is None or self.child.poll() is not None:
             raise KeyboardInterrupt
         if not self.received:
-            say(f"{signal.Signals(signum).name}: stopping the study: the run in training checkpoints after its "
-                "step; `efficient-rl study run` again resumes the study (a second Ctrl-C stops the run at once)")
+            say(
+                f"{signal.Signals(signum).name}: stopping the study: the run in training checkpoints after its "
+                "step; `efficient-rl study run` again resumes the study (a second Ctrl-C stops the run at once)"
+            )
         self.received.append(signum)
         self.child.send_signal(signum)
 
 
 def last_error(log: Path) -> str:
     """The line a failed `train` ended with: its one-line error, else the log's last line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] \
-        if log.is_file() else []
+    lines = (
+        [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    )
     errors = [line for line in lines if line.startswith("efficient-rl: error:")]
     return (errors or lines or ["no output"])[-1]
 
@@ -75,8 +78,10 @@ class LocalLauncher:
         for item in loaded.planned:
             record = read_record(loaded.directory, item.name)
             if record and self.active(record):
-                raise ConfigError(f"{item.where}: still in training (pid {record['pid']}, another `study run`?); "
-                                  "wait for it or stop it first")
+                raise ConfigError(
+                    f"{item.where}: still in training (pid {record['pid']}, another `study run`?); "
+                    "wait for it or stop it first"
+                )
 
     def train(self, todo: list[PlannedRun], loaded: LoadedStudy, stops: StopRequests) -> None:
         for item in todo:
@@ -87,8 +92,15 @@ class LocalLauncher:
     def train_one(self, item: PlannedRun, study_dir: Path, stops: StopRequests) -> None:
         log_path = study_dir / "logs" / f"{item.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "efficient_rl.cli", "train", str(item.recipe_path), *item.overrides,
-                   "--resume-if-checkpoint"]
+        command = [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "train",
+            str(item.recipe_path),
+            *item.overrides,
+            "--resume-if-checkpoint",
+        ]
         started = time.time()
         say(f"{item.name}: training ({run_state(item, study_dir).state}); log: {log_path}")
         with open(log_path, "a") as log:
@@ -166,8 +178,10 @@ class SlurmLauncher:
                     continue
                 outcome = {**record, "outcome": state.get("JobState", "gone")}
                 if not finished(item):
-                    outcome["error"] = (f"job {record['job_id']} ended {outcome['outcome']} (exit code "
-                                        f"{state.get('ExitCode', '?')}) before the run finished; log: {record['log']}")
+                    outcome["error"] = (
+                        f"job {record['job_id']} ended {outcome['outcome']} (exit code "
+                        f"{state.get('ExitCode', '?')}) before the run finished; log: {record['log']}"
+                    )
                 write_record(loaded.directory, name, outcome)
                 say(f"{name}: {outcome.get('error', 'done')}")
                 del waiting[name]

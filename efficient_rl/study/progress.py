@@ -94,9 +94,10 @@ def states(loaded: LoadedStudy) -> dict[str, RunState]:
 def status_table(loaded: LoadedStudy) -> str:
     from efficient_rl.slurm.jobs import run_progress
 
-    lines = [f"study {loaded.study.name} ({loaded.directory}): {len(loaded.planned)} runs, "
-             f"launcher {loaded.study.launcher}",
-             f"{'run':28s} {'method':20s} {'seed':>4s}  {'state':9s} {'step':>9s}  detail"]
+    lines = [
+        f"study {loaded.study.name} ({loaded.directory}): {len(loaded.planned)} runs, launcher {loaded.study.launcher}",
+        f"{'run':28s} {'method':20s} {'seed':>4s}  {'state':9s} {'step':>9s}  detail",
+    ]
     counts: dict[str, int] = {}
     for item in loaded.planned:
         state = run_state(item, loaded.directory)

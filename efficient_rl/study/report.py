@@ -58,14 +58,29 @@ def evaluate(loaded: LoadedStudy, states: dict[str, RunState]) -> dict:
     result = {"spec": spec.__dict__, "runs": {}, "pareto": [], "oracle_frontier": [(0.0, 0.0)]}
     if models:  # nothing finished and no baselines: a report of the runs' states alone
         result = evaluate_by_prompt(loaded, models)
-    points = [point(label(reference, budget), evaluated, budget, result)
-              for reference, evaluated in models.items() for budget in spec.budgets]
-    report = {"study": loaded.study.name, "eval": result["spec"],
-              "runs": {item.name: {"method": item.method, "seed": item.seed, "state": states[item.name].state,
-                                   "detail": states[item.name].detail, "run_dir": str(item.run_dir)}
-                       for item in loaded.planned},
-              "methods": method_summaries(points), "points": points, "pareto": result["pareto"],
-              "oracle_frontier": result["oracle_frontier"]}
+    points = [
+        point(label(reference, budget), evaluated, budget, result)
+        for reference, evaluated in models.items()
+        for budget in spec.budgets
+    ]
+    report = {
+        "study": loaded.study.name,
+        "eval": result["spec"],
+        "runs": {
+            item.name: {
+                "method": item.method,
+                "seed": item.seed,
+                "state": states[item.name].state,
+                "detail": states[item.name].detail,
+                "run_dir": str(item.run_dir),
+            }
+            for item in loaded.planned
+        },
+        "methods": method_summaries(points),
+        "points": points,
+        "pareto": result["pareto"],
+        "oracle_frontier": result["oracle_frontier"],
+    }
     write_report(report, loaded.directory)
     return report
 
@@ -90,25 +105,40 @@ def evaluate_by_prompt(loaded: LoadedStudy, models: dict[str, Evaluated]) -> dic
     if len(results) == 1:
         return results[0]
     own_prompts = {models[refs[0]].method: models[refs[0]].own_prompt for method, refs in groups.items() if method}
-    merged = summarize({**eval_spec(loaded.study.eval, list(models)).__dict__, "run_user_templates": own_prompts},
-                       {name: run for result in results for name, run in result["runs"].items()},
-                       {name: rows for result in results for name, rows in result["per_question"].items()})
+    merged = summarize(
+        {**eval_spec(loaded.study.eval, list(models)).__dict__, "run_user_templates": own_prompts},
+        {name: run for result in results for name, run in result["runs"].items()},
+        {name: rows for result in results for name, rows in result["per_question"].items()},
+    )
     write_outputs(merged, loaded.directory / "eval")
     return merged
 
 
 def point(name: str, evaluated: Evaluated, budget: int, result: dict) -> dict:
     run = result["runs"][name]
-    return {"name": name, "method": evaluated.method, "seed": evaluated.seed, "step": evaluated.step,
-            "budget": budget, "pass@1": run["pass@1"], "length/mean": run["length/mean"],
-            "truncation_rate": run["truncation_rate"], "pareto": name in result["pareto"],
-            "oracle_accuracy_gap": run["oracle"]["accuracy_gap"], "oracle_length_ratio": run["oracle"]["length_ratio"]}
+    return {
+        "name": name,
+        "method": evaluated.method,
+        "seed": evaluated.seed,
+        "step": evaluated.step,
+        "budget": budget,
+        "pass@1": run["pass@1"],
+        "length/mean": run["length/mean"],
+        "truncation_rate": run["truncation_rate"],
+        "pareto": name in result["pareto"],
+        "oracle_accuracy_gap": run["oracle"]["accuracy_gap"],
+        "oracle_length_ratio": run["oracle"]["length_ratio"],
+    }
 
 
 def spread(values: list[float]) -> dict:
     """Mean and standard deviation over seeds (the deviation needs two of them)."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def method_summaries(points: list[dict]) -> list[dict]:
@@ -116,12 +146,19 @@ def method_summaries(points: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for item in points:
         groups.setdefault((item["method"], item["step"], item["budget"]), []).append(item)
-    return [{"method": method, "step": step, "budget": budget, "seeds": len(members),
-             "pass@1": spread([m["pass@1"] for m in members]),
-             "length/mean": spread([m["length/mean"] for m in members]),
-             "oracle_accuracy_gap": spread([m["oracle_accuracy_gap"] for m in members]),
-             "on_pareto": sum(m["pareto"] for m in members)}
-            for (method, step, budget), members in groups.items()]
+    return [
+        {
+            "method": method,
+            "step": step,
+            "budget": budget,
+            "seeds": len(members),
+            "pass@1": spread([m["pass@1"] for m in members]),
+            "length/mean": spread([m["length/mean"] for m in members]),
+            "oracle_accuracy_gap": spread([m["oracle_accuracy_gap"] for m in members]),
+            "on_pareto": sum(m["pareto"] for m in members),
+        }
+        for (method, step, budget), members in groups.items()
+    ]
 
 
 # ---------------------------------------------------------------- outputs
@@ -143,34 +180,56 @@ def report_markdown(report: dict) -> str:
     by_state: dict[str, list[str]] = {}
     for name, run in report["runs"].items():
         by_state.setdefault(run["state"], []).append(name)
-    lines = [f"# Study {report['study']}", "",
-             f"{len(report['runs'])} runs: " + ", ".join(f"{len(names)} {state}" for state, names in by_state.items())
-             + f". Evaluation: {spec['data']}, {spec['problems']} questions, {spec['samples']} samples each at "
-             f"temperature {spec['temperature']}, budgets {', '.join(map(str, spec['budgets']))} tokens.", ""]
+    lines = [
+        f"# Study {report['study']}",
+        "",
+        f"{len(report['runs'])} runs: "
+        + ", ".join(f"{len(names)} {state}" for state, names in by_state.items())
+        + f". Evaluation: {spec['data']}, {spec['problems']} questions, {spec['samples']} samples each at "
+        f"temperature {spec['temperature']}, budgets {', '.join(map(str, spec['budgets']))} tokens.",
+        "",
+    ]
     unfinished = {name: run for name, run in report["runs"].items() if run["state"] != DONE}
     if unfinished:
-        lines += ["Not in the report:", ""] + [f"- {name}: {run['state']}" + (f" ({run['detail']})" if run["detail"]
-                                                                            else "") for name, run in unfinished.items()]
+        lines += ["Not in the report:", ""] + [
+            f"- {name}: {run['state']}" + (f" ({run['detail']})" if run["detail"] else "")
+            for name, run in unfinished.items()
+        ]
         lines.append("")
-    lines += ["## Per method (mean ± sd over seeds)", "",
-              "| method | step | budget | seeds | pass@1 | mean length | oracle accuracy gap | on the Pareto frontier |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Per method (mean ± sd over seeds)",
+        "",
+        "| method | step | budget | seeds | pass@1 | mean length | oracle accuracy gap | on the Pareto frontier |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["methods"]:
-        lines.append(f"| {row['method']} | {row['step']} | {row['budget']} | {row['seeds']} | {mean_sd(row['pass@1'], 3)} "
-                     f"| {mean_sd(row['length/mean'], 1)} | {mean_sd(row['oracle_accuracy_gap'], 3)} "
-                     f"| {row['on_pareto']} of {row['seeds']} |")
-    lines += ["", "## Every evaluated checkpoint", "",
-              "| run | method | seed | step | budget | pass@1 | mean length | truncated | vs oracle: accuracy gap, length x |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['method']} | {row['step']} | {row['budget']} | {row['seeds']} | {mean_sd(row['pass@1'], 3)} "
+            f"| {mean_sd(row['length/mean'], 1)} | {mean_sd(row['oracle_accuracy_gap'], 3)} "
+            f"| {row['on_pareto']} of {row['seeds']} |"
+        )
+    lines += [
+        "",
+        "## Every evaluated checkpoint",
+        "",
+        "| run | method | seed | step | budget | pass@1 | mean length | truncated "
+        "| vs oracle: accuracy gap, length x |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for item in report["points"]:
         pareto = " (Pareto)" if item["pareto"] else ""
         seed = "-" if item["seed"] is None else item["seed"]
-        lines.append(f"| {item['name']}{pareto} | {item['method']} | {seed} | {item['step']} | {item['budget']} "
-                     f"| {item['pass@1']:.3f} | {item['length/mean']:.1f} | {item['truncation_rate']:.3f} "
-                     f"| {item['oracle_accuracy_gap']:+.3f}, {item['oracle_length_ratio']:.2f}x |")
-    lines += ["", "`frontier.png`: every point (small), each method's mean over seeds with its sd (large), the Pareto "
-              "frontier of all points and the oracle frontier (token complexity; docs/evaluation.md). "
-              "`eval/report.html` has every metric of every point and graded completions."]
+        lines.append(
+            f"| {item['name']}{pareto} | {item['method']} | {seed} | {item['step']} | {item['budget']} "
+            f"| {item['pass@1']:.3f} | {item['length/mean']:.1f} | {item['truncation_rate']:.3f} "
+            f"| {item['oracle_accuracy_gap']:+.3f}, {item['oracle_length_ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        "`frontier.png`: every point (small), each method's mean over seeds with its sd (large), the Pareto "
+        "frontier of all points and the oracle frontier (token complexity; docs/evaluation.md). "
+        "`eval/report.html` has every metric of every point and graded completions.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -187,8 +246,10 @@ def plot_frontier(report: dict, path: Path) -> None:
     methods = list(dict.fromkeys(p["method"] for p in points))
     budgets = sorted({p["budget"] for p in points})
     palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    style = {"colours": {m: palette[i % len(palette)] for i, m in enumerate(methods)},
-             "markers": {b: "o^sDvP*X<>"[i % 10] for i, b in enumerate(budgets)}}
+    style = {
+        "colours": {m: palette[i % len(palette)] for i, m in enumerate(methods)},
+        "markers": {b: "o^sDvP*X<>"[i % 10] for i, b in enumerate(budgets)},
+    }
     figure, axes = plt.subplots(1, 2, figsize=(15, 6))
     draw_points(axes[0], report, points, style)
     axes[0].set_title(f"study {report['study']}: accuracy vs length (mean ± sd over seeds)")
@@ -200,10 +261,13 @@ def plot_frontier(report: dict, path: Path) -> None:
     axes[1].set_ylim(min(accuracies) - margin[1], max(accuracies) + margin[1])
     axes[1].set_title("the trained runs only")
     handles = [Line2D([], [], color=style["colours"][m], marker="o", linestyle="none", label=m) for m in methods]
-    handles += [Line2D([], [], color="gray", marker=style["markers"][b], linestyle="none", label=f"budget {b}")
-                for b in budgets]
-    handles += [Line2D([], [], color="gray", linestyle="--", label="oracle frontier (token complexity)"),
-                Line2D([], [], color="black", linewidth=0.8, label="Pareto frontier of all points")]
+    handles += [
+        Line2D([], [], color="gray", marker=style["markers"][b], linestyle="none", label=f"budget {b}") for b in budgets
+    ]
+    handles += [
+        Line2D([], [], color="gray", linestyle="--", label="oracle frontier (token complexity)"),
+        Line2D([], [], color="black", linewidth=0.8, label="Pareto frontier of all points"),
+    ]
     axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -216,22 +280,49 @@ def draw_points(axis, report: dict, points: list[dict], style: dict) -> None:
     oracle = report["oracle_frontier"] + [(right, report["oracle_frontier"][-1][1])]  # flat past its reach
     axis.plot([p[0] for p in oracle], [p[1] for p in oracle], color="gray", linestyle="--")
     pareto = sorted((p for p in report["points"] if p["pareto"]), key=lambda p: p["length/mean"])
-    axis.plot([p["length/mean"] for p in pareto], [p["pass@1"] for p in pareto], color="black", linewidth=0.8,
-              drawstyle="steps-post")
+    axis.plot(
+        [p["length/mean"] for p in pareto],
+        [p["pass@1"] for p in pareto],
+        color="black",
+        linewidth=0.8,
+        drawstyle="steps-post",
+    )
     shown = {p["method"] for p in points}
     for row in report["methods"]:
         if row["method"] not in shown:
             continue
         colour, marker = style["colours"][row["method"]], style["markers"][row["budget"]]
-        members = [p for p in points if (p["method"], p["step"], p["budget"]) == (row["method"], row["step"], row["budget"])]
-        axis.scatter([p["length/mean"] for p in members], [p["pass@1"] for p in members], color=colour, marker=marker,
-                     s=14, alpha=0.45)
-        axis.errorbar(row["length/mean"]["mean"], row["pass@1"]["mean"], xerr=row["length/mean"]["sd"] or 0,
-                      yerr=row["pass@1"]["sd"] or 0, color=colour, marker=marker, markersize=8, capsize=3,
-                      linestyle="none")
+        members = [
+            p for p in points if (p["method"], p["step"], p["budget"]) == (row["method"], row["step"], row["budget"])
+        ]
+        axis.scatter(
+            [p["length/mean"] for p in members],
+            [p["pass@1"] for p in members],
+            color=colour,
+            marker=marker,
+            s=14,
+            alpha=0.45,
+        )
+        axis.errorbar(
+            row["length/mean"]["mean"],
+            row["pass@1"]["mean"],
+            xerr=row["length/mean"]["sd"] or 0,
+            yerr=row["pass@1"]["sd"] or 0,
+            color=colour,
+            marker=marker,
+            markersize=8,
+            capsize=3,
+            linestyle="none",
+        )
         if len({r["step"] for r in report["methods"] if r["method"] == row["method"]}) > 1:  # eval.checkpoints: all
-            axis.annotate(f"step {row['step']}", (row["length/mean"]["mean"], row["pass@1"]["mean"]), fontsize=6,
-                          xytext=(4, 4), textcoords="offset points", color=colour)
+            axis.annotate(
+                f"step {row['step']}",
+                (row["length/mean"]["mean"], row["pass@1"]["mean"]),
+                fontsize=6,
+                xytext=(4, 4),
+                textcoords="offset points",
+                color=colour,
+            )
     axis.set_xlabel("mean response length (tokens)")
     axis.set_ylabel("pass@1")
     axis.set_ylim(-0.02, 1.05)

@@ -111,8 +111,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> LoadedStudy:
     for override in overrides:
         apply_override(raw, override)
     if isinstance(raw.get("eval"), dict) and "models" in raw["eval"]:
-        raise ConfigError(f"{path}: eval.models: unknown key (the study evaluates its runs; "
-                          "eval.baselines adds other models)")
+        raise ConfigError(
+            f"{path}: eval.models: unknown key (the study evaluates its runs; eval.baselines adds other models)"
+        )
     minutes_as_time(raw)
     study = build(Study, raw, "", source=str(path))
     study.name = study.name if study.name is not None else path.stem
@@ -127,8 +128,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> LoadedStudy:
 def minutes_as_time(raw: dict) -> None:
     """slurm.time: a whole number is minutes, as for Slurm's --time (YAML and overrides read `30` as one)."""
     slurm = raw.get("slurm")
-    if isinstance(slurm, dict) and isinstance(slurm.get("time"), (int, float)) and not isinstance(slurm["time"], bool) \
-            and float(slurm["time"]).is_integer():
+    if (
+        isinstance(slurm, dict)
+        and isinstance(slurm.get("time"), (int, float))
+        and not isinstance(slurm["time"], bool)
+        and float(slurm["time"]).is_integer()
+    ):
         slurm["time"] = str(int(slurm["time"]))
 
 
@@ -157,16 +162,18 @@ def check_study(study: Study) -> None:
         if run.eval_user_template is not None:
             check_user_template(run.eval_user_template, f"runs[{index}].eval_user_template")
     repeated([run.method for run in study.runs], "runs", "method")
-    for where, items in [("overrides", study.overrides)] + [(f"runs[{i}].overrides", run.overrides)
-                                                           for i, run in enumerate(study.runs)]:
+    for where, items in [("overrides", study.overrides)] + [
+        (f"runs[{i}].overrides", run.overrides) for i, run in enumerate(study.runs)
+    ]:
         check_overrides(where, items)
     check_eval(study.eval)
 
 
 def check_name(where: str, name: str) -> None:
     if not NAME.fullmatch(name):
-        raise ConfigError(f"{where}: expected a name of letters, digits, '_', '-' and '.' (it names directories), "
-                          f"got {name!r}")
+        raise ConfigError(
+            f"{where}: expected a name of letters, digits, '_', '-' and '.' (it names directories), got {name!r}"
+        )
 
 
 def repeated(values: list, where: str, what: str) -> None:
@@ -205,9 +212,15 @@ def plan(study: Study, path: Path) -> list[PlannedRun]:
     for index, run in enumerate(study.runs):
         recipe_path = path.parent / run.recipe
         for seed in study.seeds:
-            overrides = study.overrides + run.overrides + [
-                f"seed={seed}", f"logging.output_dir={study.directory / 'runs'}",
-                f"logging.name={run.method}-s{seed}"]
+            overrides = (
+                study.overrides
+                + run.overrides
+                + [
+                    f"seed={seed}",
+                    f"logging.output_dir={study.directory / 'runs'}",
+                    f"logging.name={run.method}-s{seed}",
+                ]
+            )
             try:
                 recipe = load_recipe(recipe_path, overrides)
                 validate(recipe)
@@ -227,9 +240,11 @@ def check_same_recipe(item: PlannedRun) -> None:
     if (item.run_dir / "config.yaml").is_file():
         section = changed_section(item.run_dir, item.recipe)
         if section is not None:
-            raise ConfigError(f"{item.where}: {item.run_dir} was trained with another recipe ({section} differs "
-                              "from its config.yaml; only 'steps' may change); restore the study file, or remove "
-                              "the run directory to train it anew")
+            raise ConfigError(
+                f"{item.where}: {item.run_dir} was trained with another recipe ({section} differs "
+                "from its config.yaml; only 'steps' may change); restore the study file, or remove "
+                "the run directory to train it anew"
+            )
 
 
 def study_as_yaml(study: Study) -> str:
