@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from efficient_rl.cluster.ray_backend import even_shares
-from efficient_rl.cluster.runtime import requested_resources
+from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.schema import ClusterSection, RoleResources
 from efficient_rl.learner.objective import ObjectiveSettings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, load_model
@@ -61,10 +61,20 @@ def test_even_shares_cover_every_prompt_once():
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-def test_requested_resources_split_and_colocated():
+def test_placement_split_and_colocated():
+    # Worked by hand: split, a bundle per actor: 1 x (2 CPU, 1 GPU) + 2 x (1, 1) = (4, 3).
     cluster = ClusterSection(
         rollout=RoleResources(workers=1, cpus=2, gpus=1), learner=RoleResources(workers=2, cpus=1, gpus=1)
     )
-    assert requested_resources(cluster) == (4, 3)
-    cluster.placement = "colocate"  # two bundles of max(cpus), max(gpus), shared by the roles
-    assert requested_resources(cluster) == (4, 2)
+    split = resolve_placement(cluster)
+    assert split.totals() == (4, 3) and split.largest_bundle() == (2, 1)
+    assert split.counts == {"rollout": 1, "learner": 2} and split.actor_resources("learner") == {"CPU": 1, "GPU": 1}
+    # Colocated: max(workers) = 2 bundles of (max cpus, max gpus) = (2, 1), each actor half of one.
+    cluster.placement = "colocate"
+    shared = resolve_placement(cluster)
+    assert shared.totals() == (4, 2) and shared.counts == {"shared": 2}
+    assert shared.groups == {"rollout": "shared", "learner": "shared"}
+    assert shared.actor_resources("rollout") == shared.actor_resources("learner") == {"CPU": 1.0, "GPU": 0.5}
+    # No GPUs asked for: no GPU resource in the bundle at all (Ray would otherwise want a GPU node).
+    cpu_only = resolve_placement(ClusterSection(learner=RoleResources(workers=3, cpus=0.5)))
+    assert cpu_only.totals() == (2.5, 0.0) and "GPU" not in cpu_only.bundles["learner"]

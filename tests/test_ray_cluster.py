@@ -249,8 +249,9 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
         ds_recipe = load_recipe(
             RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra
         )
-        placement = place(ds_recipe.cluster)
-        group = start_learners(validate(ds_recipe), setup, placement)
+        ds_plan = validate(ds_recipe)
+        placement = place(ds_plan.placement)
+        group = start_learners(ds_plan, setup, placement)
         try:
             distributed = group.update(batch)
             for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/high"):

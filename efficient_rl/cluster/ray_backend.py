@@ -16,8 +16,9 @@ from tqdm import tqdm
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.cluster.actors import LearnerWorker, RolloutWorker, TeacherWorker
 from efficient_rl.cluster.components import Components
-from efficient_rl.cluster.runtime import requested_resources, start_ray
+from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
+from efficient_rl.config.placement import Placement
 from efficient_rl.errors import WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
@@ -37,59 +38,45 @@ def even_shares(count: int, parts: int) -> list[range]:
 
 # ---------------------------------------------------------------- placement
 @dataclass
-class Placement:
-    """Where each actor goes: a placement-group bundle and its share of that bundle."""
+class PlacementGroups:
+    """The plan's placement (config/placement.py) as Ray placement groups."""
 
-    groups: dict  # role -> placement group
-    bundles: dict  # role -> resources of one bundle
-    share: float  # fraction of a bundle one actor takes (colocated actors split it)
+    placement: Placement
+    groups: dict  # group name -> Ray placement group
 
     def options(self, role: str, index: int) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = self.bundles[role]
-        cpus = bundle["CPU"] * self.share
+        reserved = self.placement.actor_resources(role)
         return {
-            "num_cpus": cpus,
-            "num_gpus": bundle.get("GPU", 0.0) * self.share,
+            "num_cpus": reserved["CPU"],
+            "num_gpus": reserved.get("GPU", 0.0),
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                self.groups[role], placement_group_bundle_index=index
+                self.groups[self.placement.groups[role]], placement_group_bundle_index=index
             ),
             # One torch thread per reserved core, not one per core of the machine.
-            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}},
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(reserved["CPU"])))}},
         }
 
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        for group in {id(g): g for g in self.groups.values()}.values():
+        for group in self.groups.values():
             remove_placement_group(group)
 
 
-def bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
-
-
-def place(cluster) -> Placement:
-    """Placement groups for the rollout and learner roles, waited on until they are ready."""
+def place(placement: Placement) -> PlacementGroups:
+    """The placement groups of the plan's placement, waited on until they are ready."""
     import ray
     from ray.util.placement_group import placement_group
 
-    rollout, learner = cluster.rollout, cluster.learner
-    if cluster.placement == "colocate":
-        shared = bundle(max(rollout.cpus, learner.cpus), max(rollout.gpus, learner.gpus))
-        group = placement_group([shared] * max(rollout.workers, learner.workers), strategy="PACK")
-        placement = Placement({"rollout": group, "learner": group}, {"rollout": shared, "learner": shared}, 0.5)
-    else:
-        bundles = {"rollout": bundle(rollout.cpus, rollout.gpus), "learner": bundle(learner.cpus, learner.gpus)}
-        groups = {
-            "rollout": placement_group([bundles["rollout"]] * rollout.workers, strategy="PACK"),
-            "learner": placement_group([bundles["learner"]] * learner.workers, strategy="PACK"),
-        }
-        placement = Placement(groups, bundles, 1.0)
-    for group in placement.groups.values():
+    groups = {
+        name: placement_group([bundle] * placement.counts[name], strategy="PACK")
+        for name, bundle in placement.bundles.items()
+    }
+    for group in groups.values():
         ray.get(group.ready())
-    return placement
+    return PlacementGroups(placement, groups)
 
 
 # ---------------------------------------------------------------- learner group
@@ -337,7 +324,7 @@ def ray_components(plan, setup):
 
     recipe = plan.recipe
     cluster = recipe.cluster
-    session = start_ray(cluster.address, *requested_resources(cluster))
+    session = start_ray(cluster.address, *plan.placement.totals())
     closers = [session.close]
 
     def close():
@@ -345,7 +332,7 @@ def ray_components(plan, setup):
             closer()
 
     try:
-        placement = place(cluster)
+        placement = place(plan.placement)
         closers.append(placement.remove)
         if hosts_teacher(recipe):
             teacher = start_teacher(recipe)  # before the learners, which look it up by name
@@ -382,7 +369,7 @@ def start_teacher(recipe):
     return teacher
 
 
-def start_learners(plan, setup, placement: Placement) -> RayLearnerGroup:
+def start_learners(plan, setup, placement: PlacementGroups) -> RayLearnerGroup:
     import ray
 
     world_size = plan.recipe.cluster.learner.workers

@@ -58,15 +58,3 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         _system_config=RUN_CLUSTER_CONFIG,
     )
     return RaySession(owned=True, temp_dir=temp_dir)
-
-
-def requested_resources(cluster) -> tuple[float, float]:
-    """CPUs and GPUs the recipe's Ray actors need in all (a local cluster is started with these)."""
-    rollout, learner = cluster.rollout, cluster.learner
-    if cluster.placement == "colocate":
-        count = max(rollout.workers, learner.workers)
-        return count * max(rollout.cpus, learner.cpus), count * max(rollout.gpus, learner.gpus)
-    return (
-        rollout.workers * rollout.cpus + learner.workers * learner.cpus,
-        rollout.workers * rollout.gpus + learner.workers * learner.gpus,
-    )

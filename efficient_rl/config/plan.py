@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from efficient_rl.config.placement import Placement
 from efficient_rl.config.schema import Recipe
 from efficient_rl.registry import Bound
 
@@ -21,6 +22,7 @@ class Plan:
     needs: Mapping[str, str]  # what the picked entries need (NEEDS in registry.py) -> the field that needs it
     variables: Mapping[str, Bound]  # prompt.variables: name -> its PROMPT_VARIABLES entry, bound
     trackers: tuple[Bound, ...]  # logging.trackers, in order
+    placement: Placement  # where the Ray actors go (cluster.backend ray); resolved for every recipe
 
     def __getitem__(self, dotted: str) -> Bound:
         return self.choices[dotted]

@@ -23,6 +23,7 @@ from efficient_rl.algos.shaping import LENGTH_CAPS, LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config.binding import bind
+from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import AlgorithmSection, Recipe
@@ -75,7 +76,12 @@ def validate(recipe: Recipe) -> Plan:
     choices = {**bind_names(recipe), **bind_choices(recipe)}
     needs = recipe_needs(choices)
     plan = Plan(
-        recipe=recipe, choices=choices, needs=needs, variables=bind_variables(recipe), trackers=bind_trackers(recipe)
+        recipe=recipe,
+        choices=choices,
+        needs=needs,
+        variables=bind_variables(recipe),
+        trackers=bind_trackers(recipe),
+        placement=resolve_placement(recipe.cluster),
     )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)

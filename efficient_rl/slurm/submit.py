@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.rules import as_flag, check_numbers
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
@@ -186,13 +187,10 @@ def check_partition(request: JobRequest, partition: Partition) -> int:
 
 # ---------------------------------------------------------------- what the recipe needs
 def recipe_needs(recipe: Recipe) -> tuple[float, float, float, float]:
-    """(CPUs, GPUs) for all of the recipe's Ray actors, and the most any one actor needs."""
-    from efficient_rl.cluster.runtime import requested_resources
-
-    cluster = recipe.cluster
-    cpus, gpus = requested_resources(cluster)
-    roles = (cluster.rollout, cluster.learner)
-    return cpus, gpus, max(r.cpus for r in roles), max(r.gpus for r in roles)
+    """(CPUs, GPUs) for all of the recipe's Ray actors, and the most one bundle of them needs (a
+    node must hold it): the placement the run itself resolves (config/placement.py)."""
+    placement = resolve_placement(recipe.cluster)
+    return (*placement.totals(), *placement.largest_bundle())
 
 
 def check_recipe_fits(recipe: Recipe, request: JobRequest, cpus_per_node: int) -> None:
