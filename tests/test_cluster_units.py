@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from efficient_rl.cluster.ray_backend import even_shares
+from efficient_rl.cluster.ray_backend import even_shares, unplaceable
 from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.schema import ClusterSection, RoleResources
 from efficient_rl.learner.objective import ObjectiveSettings
@@ -78,3 +78,18 @@ def test_placement_split_and_colocated():
     # No GPUs asked for: no GPU resource in the bundle at all (Ray would otherwise want a GPU node).
     cpu_only = resolve_placement(ClusterSection(learner=RoleResources(workers=3, cpus=0.5)))
     assert cpu_only.totals() == (2.5, 0.0) and "GPU" not in cpu_only.bundles["learner"]
+
+
+def test_an_unplaceable_request_says_what_the_cluster_lacks():
+    # By hand: 1 x (2 CPU) + 2 x (4 CPU, 1 GPU) = 10 CPUs and 2 GPUs asked of a 6-CPU cluster.
+    cluster = ClusterSection(rollout=RoleResources(cpus=2), learner=RoleResources(workers=2, cpus=4, gpus=1))
+    message = unplaceable(resolve_placement(cluster), {"CPU": 6.0, "memory": 1e9}, timeout=5)
+    assert message == (
+        "cluster: Ray did not place the actors within cluster.placement_timeout (5 s): the plan asks for bundles "
+        "1 x {CPU: 2}, 2 x {CPU: 4, GPU: 1} (cluster.rollout, cluster.learner), the cluster has {CPU: 6}; "
+        "it lacks {CPU: 4, GPU: 2} in all"
+    )
+    # Enough in all, but spread over nodes too small for a bundle: Ray reports totals only.
+    assert unplaceable(resolve_placement(cluster), {"CPU": 16.0, "GPU": 2.0}, timeout=5).endswith(
+        "no node holds one whole bundle"
+    )

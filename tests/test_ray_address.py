@@ -58,6 +58,34 @@ def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_ov
             timeout=600,
         )
         assert head.poll() is None and status.returncode == 0, status.stderr[-2000:]  # still up
+        # A run that asks for more than the cluster has is refused in one line once the wait is over,
+        # and leaves the cluster as it was (its placement groups removed again).
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "efficient_rl.cli",
+                "train",
+                str(RECIPES / "quickstart.yaml"),
+                *tiny_overrides,
+                "cluster.backend=ray",
+                "rollout.engine=vllm",
+                f"cluster.address={address}",
+                "cluster.learner.cpus=8",
+                "cluster.placement_timeout=5",
+                "steps=1",
+                "logging.name=too-big",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and lines[-1].startswith("efficient-rl: error: cluster: Ray did not place"), (
+            refused.stderr[-3000:]
+        )
+        assert "it lacks {CPU: 6} in all" in lines[-1] and head.poll() is None
     finally:
         head.stdin.close()
         head.wait(timeout=60)

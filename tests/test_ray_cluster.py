@@ -250,7 +250,7 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
             RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + [f"learner.zero_stage={stage}"] + extra
         )
         ds_plan = validate(ds_recipe)
-        placement = place(ds_plan.placement)
+        placement = place(ds_plan.placement, ds_recipe.cluster.placement_timeout)
         group = start_learners(ds_plan, setup, placement)
         try:
             distributed = group.update(batch)

@@ -245,6 +245,10 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
         assert options["time"] == "2-00:30" and options["partition"] == "gpu" and options["account"] == "proj"
         assert options["signal"] == "B:USR1@300" and options["constraint"] == "a100"  # the site's extra line
         assert "module load cuda/12.4" in result.stdout and "cluster.address=auto" in result.stdout
+        # Each node's `ray start` runs under srun with the job's CPUs: without --cpus-per-task some Slurm
+        # versions give the step one core, shared by Ray and every actor.
+        (ray_node,) = [line for line in result.stdout.splitlines() if "srun --overlap --nodes=1 --ntasks=1" in line]
+        assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in ray_node
         assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 

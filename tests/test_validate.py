@@ -75,6 +75,10 @@ BAD_RECIPES = {
     ),
     "missing data": (["data.train=missing.jsonl"], "data.train"),
     "template field": (["prompt.user_template='{nope}'"], "data.train"),
+    "nccl on a shared GPU": (
+        ["cluster.backend=ray", "rollout.engine=vllm", "cluster.weight_transport=nccl", "cluster.placement=colocate"],
+        "cluster.weight_transport: nccl cannot join learner rank 0 and rollout worker 0",
+    ),
     "need nothing provides": (
         ["imports=[needy.py]", "algorithm.advantage=needy"],
         "algorithm.advantage: advantage estimator 'needy' needs 'entropyy', which nothing "

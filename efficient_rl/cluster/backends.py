@@ -19,8 +19,16 @@ def embedded(plan, setup) -> Components:
 
 
 def ray_check(_, recipe) -> str | None:
+    cluster = recipe.cluster
     if recipe.rollout.engine != "vllm":
         return "rollout.engine: the ray backend runs vLLM rollout workers; set rollout.engine: vllm"
+    if cluster.weight_transport == "nccl" and cluster.placement == "colocate":
+        # NCCL refuses two ranks of one communicator on one GPU, which colocation gives rank 0 and
+        # rollout worker 0: refused here rather than after every engine has started.
+        return (
+            "cluster.weight_transport: nccl cannot join learner rank 0 and rollout worker 0 on the one GPU "
+            "placement: colocate gives them; use weight_transport: object_store, or placement: split"
+        )
     return None
 
 

@@ -19,7 +19,7 @@ from efficient_rl.cluster.components import Components
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.config.placement import Placement
-from efficient_rl.errors import WorkerFailure, one_line
+from efficient_rl.errors import ConfigError, WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
 
@@ -65,8 +65,9 @@ class PlacementGroups:
             remove_placement_group(group)
 
 
-def place(placement: Placement) -> PlacementGroups:
-    """The placement groups of the plan's placement, waited on until they are ready."""
+def place(placement: Placement, timeout: float) -> PlacementGroups:
+    """The placement groups of the plan's placement, waited on until they are ready: at most
+    `timeout` seconds, then removed again and one line saying what the cluster lacks."""
     import ray
     from ray.util.placement_group import placement_group
 
@@ -74,9 +75,32 @@ def place(placement: Placement) -> PlacementGroups:
         name: placement_group([bundle] * placement.counts[name], strategy="PACK")
         for name, bundle in placement.bundles.items()
     }
-    for group in groups.values():
-        ray.get(group.ready())
-    return PlacementGroups(placement, groups)
+    placed = PlacementGroups(placement, groups)
+    try:
+        ray.get([group.ready() for group in groups.values()], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        placed.remove()
+        raise ConfigError(unplaceable(placement, ray.cluster_resources(), timeout)) from None
+    return placed
+
+
+def unplaceable(placement: Placement, cluster: dict[str, float], timeout: float) -> str:
+    """What Ray could not place, and what the cluster lacks for it (a total, or a node large enough)."""
+    asked = ", ".join(f"{placement.counts[name]} x {resources(bundle)}" for name, bundle in placement.bundles.items())
+    totals = dict(zip(("CPU", "GPU"), placement.totals()))
+    lacking = {
+        name: amount - cluster.get(name, 0.0) for name, amount in totals.items() if amount > cluster.get(name, 0)
+    }
+    why = f"it lacks {resources(lacking)} in all" if lacking else "no node holds one whole bundle"
+    return (
+        f"cluster: Ray did not place the actors within cluster.placement_timeout ({timeout:g} s): the plan asks for "
+        f"bundles {asked} (cluster.rollout, cluster.learner), the cluster has {resources(cluster)}; {why}"
+    )
+
+
+def resources(amounts: dict[str, float]) -> str:
+    """CPUs and GPUs of a bundle or a cluster, as "{CPU: 4, GPU: 1}" (those it names)."""
+    return "{" + ", ".join(f"{name}: {amounts[name]:g}" for name in ("CPU", "GPU") if name in amounts) + "}"
 
 
 # ---------------------------------------------------------------- learner group
@@ -332,7 +356,7 @@ def ray_components(plan, setup):
             closer()
 
     try:
-        placement = place(plan.placement)
+        placement = place(plan.placement, cluster.placement_timeout)
         closers.append(placement.remove)
         if hosts_teacher(recipe):
             teacher = start_teacher(recipe)  # before the learners, which look it up by name

@@ -82,6 +82,7 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "learner.lora.dropout": "[0, 1)",
     **{f"cluster.{role}.{name}": rule for role in ("rollout", "learner") for name, rule in ROLE_RULES.items()},
     "cluster.max_rollout_restarts": "[0, inf)",
+    "cluster.placement_timeout": ("(0, inf)", "seconds"),
     "cluster.sync_bucket_mb": ("[0, inf)", "0 sends a bucket per parameter"),
     "logging.completions_every": ("[0, inf)", "0 means never"),
     "logging.completions_samples": "[1, inf)",

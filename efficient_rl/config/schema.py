@@ -228,6 +228,8 @@ class ClusterSection:
     placement: Literal["split", "colocate"] = "split"
     rollout: RoleResources = field(default_factory=RoleResources)
     learner: RoleResources = field(default_factory=RoleResources)
+    # Seconds Ray may take to place the actors' bundles; past it, one line naming what the cluster lacks.
+    placement_timeout: float = 600.0
     max_rollout_restarts: int = 3  # a dead rollout actor is restarted at most this often per run
     sync_bucket_mb: float = 64.0  # weights travel to the engines in buckets of this size
     # object_store: through Ray's object store (CPU, any layout). nccl: learner rank 0 broadcasts
