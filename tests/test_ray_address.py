@@ -86,6 +86,7 @@ def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_ov
             refused.stderr[-3000:]
         )
         assert "it lacks {CPU: 6} in all" in lines[-1] and head.poll() is None
+        assert not (tmp_path / "runs" / "too-big").exists()  # nothing written for it
     finally:
         head.stdin.close()
         head.wait(timeout=60)

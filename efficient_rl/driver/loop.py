@@ -77,9 +77,9 @@ def run_recipe(
         with contextlib.ExitStack() as started:
             setup = build_setup(plan, model_dir=run.resume_from)  # the checkpoint restore() reads, or None
             started.callback(setup.rewards.close)
-            run.create()
             trainer = Trainer(plan, setup, run)
             started.callback(trainer.close)  # its components; the rewards again, a no-op
+            run.create()  # once every component has started: a cluster that cannot place them writes nothing
             summary = trainer.train(stop_after_step=stop_after_step)
         on_error.pop_all()  # it went well: the lock stays the caller's
     return run, summary
