@@ -4,6 +4,8 @@ import copy
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,3 +291,49 @@ def test_a_local_clusters_actors_run_at_the_drivers_priority(ray_cluster):
         assert ray.get(probe.niceness.remote(), timeout=600) == os.nice(0)
     finally:
         ray.kill(probe)
+
+
+# Ray's fake GPUs: a local cluster that advertises GPUs it does not have assigns them to actors as
+# it would real ones (ray.get_gpu_ids(), CUDA_VISIBLE_DEVICES), so placement is tested on a CPU.
+FAKE_GPUS = """
+import json, os, sys
+import ray
+from efficient_rl.cluster.ray_backend import place
+from efficient_rl.config.placement import resolve_placement
+from efficient_rl.config.schema import ClusterSection, RoleResources
+
+class Probe:
+    def devices(self):
+        return [int(i) for i in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")
+
+ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+seen = {}
+for layout in ("split", "colocate"):
+    workers = 2 if layout == "split" else 4
+    cluster = ClusterSection(placement=layout, rollout=RoleResources(workers=workers, cpus=0.5, gpus=1),
+                             learner=RoleResources(workers=workers, cpus=0.5, gpus=1))
+    groups = place(resolve_placement(cluster), timeout=120)
+    actors = {f"{role}{i}": ray.remote(Probe).options(**groups.options(role, i)).remote()
+              for role in ("rollout", "learner") for i in range(workers)}
+    seen[layout] = {name: ray.get(actor.devices.remote()) for name, actor in actors.items()}
+    for actor in actors.values():
+        ray.kill(actor)
+    groups.remove()
+print(json.dumps(seen))
+"""
+
+
+def test_fake_gpus_land_where_the_placement_says(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-c", FAKE_GPUS], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    split, shared = seen["split"], seen["colocate"]
+    # split: 2 rollout workers and 2 learner ranks, a GPU each, no two the same; each actor sees
+    # exactly its own GPU as device 0 (CUDA_VISIBLE_DEVICES is that one id).
+    assert sorted(ids[0] for ids, _ in split.values()) == [0, 1, 2, 3]
+    assert all(len(ids) == 1 and visible == str(ids[0]) for ids, visible in split.values())
+    # colocate: rollout worker i and learner rank i share bundle i's GPU (half each); pairs differ.
+    pairs = [(shared[f"rollout{i}"][0], shared[f"learner{i}"][0]) for i in range(4)]
+    assert all(rollout == learner and len(rollout) == 1 for rollout, learner in pairs)
+    assert sorted(rollout[0] for rollout, _ in pairs) == [0, 1, 2, 3]

@@ -214,6 +214,8 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
             str(RECIPES / "quickstart.yaml"),
             "cluster.backend=ray",
             "rollout.engine=vllm",
+            "cluster.rollout.gpus=1",
+            "cluster.learner.gpus=1",
             "--nodes",
             str(nodes),
             "--gpus-per-node",
@@ -250,6 +252,28 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
         (ray_node,) = [line for line in result.stdout.splitlines() if "srun --overlap --nodes=1 --ntasks=1" in line]
         assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in ray_node
         assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_gpu_nodes_for_actors_that_ask_for_no_gpu_are_refused(tmp_path):
+    # cluster.*.gpus default to 0: on GPU nodes Ray would start every actor without a GPU (or,
+    # depending on its version, with all of them, each rank on cuda:0).
+    result = cli(
+        "submit",
+        str(RECIPES / "dler.yaml"),
+        "cluster.backend=ray",
+        "rollout.engine=vllm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--dry-run",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "efficient-rl: error: --gpus-per-node 8: the recipe's actors ask for no GPU (cluster.rollout.gpus and "
+        "cluster.learner.gpus are 0); give each its share, e.g. cluster.rollout.gpus=1 cluster.learner.gpus=1"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):

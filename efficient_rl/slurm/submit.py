@@ -202,6 +202,13 @@ def check_recipe_fits(recipe: Recipe, request: JobRequest, cpus_per_node: int) -
             )
         return
     cpus, gpus, actor_cpus, actor_gpus = recipe_needs(recipe)
+    if request.gpus_per_node > 0 and gpus == 0:
+        # Ray would start every actor with num_gpus=0: no GPU visible to it, or (Ray versions
+        # differ) every GPU, with each rank on cuda:0.
+        raise ConfigError(
+            f"--gpus-per-node {request.gpus_per_node}: the recipe's actors ask for no GPU (cluster.rollout.gpus and "
+            "cluster.learner.gpus are 0); give each its share, e.g. cluster.rollout.gpus=1 cluster.learner.gpus=1"
+        )
     have_cpus, have_gpus = request.nodes * cpus_per_node, request.nodes * request.gpus_per_node
     if cpus > have_cpus or gpus > have_gpus:
         raise ConfigError(
