@@ -18,6 +18,13 @@ sys.stdin.read()  # serve until the test closes stdin
 """
 
 
+def train_on(address: str, overrides: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`efficient-rl train` of the quickstart on the Ray cluster at `address`."""
+    command = [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *overrides]
+    command += ["cluster.backend=ray", "rollout.engine=vllm", f"cluster.address={address}"]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+
+
 def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_overrides):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="erl-head-")
@@ -26,27 +33,8 @@ def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_ov
     )
     try:
         address = head.stdout.readline().strip()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "efficient_rl.cli",
-                "train",
-                str(RECIPES / "quickstart.yaml"),
-                *tiny_overrides,
-                "cluster.backend=ray",
-                "rollout.engine=vllm",
-                f"cluster.address={address}",
-                "steps=2",
-                "eval.before_training=false",
-                "eval.after_training=false",
-                "logging.name=joined",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1200,
-        )
+        quiet = ["eval.before_training=false", "eval.after_training=false"]
+        result = train_on(address, [*tiny_overrides, *quiet, "steps=2", "logging.name=joined"], env)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / "runs" / "joined" / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [1, 2] and all(row["sync/bytes"] > 0 for row in rows)
@@ -60,27 +48,8 @@ def test_a_run_joins_an_existing_cluster_and_leaves_it_running(tmp_path, tiny_ov
         assert head.poll() is None and status.returncode == 0, status.stderr[-2000:]  # still up
         # A run that asks for more than the cluster has is refused in one line once the wait is over,
         # and leaves the cluster as it was (its placement groups removed again).
-        refused = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "efficient_rl.cli",
-                "train",
-                str(RECIPES / "quickstart.yaml"),
-                *tiny_overrides,
-                "cluster.backend=ray",
-                "rollout.engine=vllm",
-                f"cluster.address={address}",
-                "cluster.learner.cpus=8",
-                "cluster.placement_timeout=5",
-                "steps=1",
-                "logging.name=too-big",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1200,
-        )
+        too_big = ["cluster.learner.cpus=8", "cluster.placement_timeout=5", "steps=1", "logging.name=too-big"]
+        refused = train_on(address, [*tiny_overrides, *too_big], env)
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and lines[-1].startswith("efficient-rl: error: cluster: Ray did not place"), (
             refused.stderr[-3000:]
