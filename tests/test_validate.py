@@ -79,6 +79,11 @@ BAD_RECIPES = {
         ["cluster.backend=ray", "rollout.engine=vllm", "cluster.weight_transport=nccl", "cluster.placement=colocate"],
         "cluster.weight_transport: nccl cannot join learner rank 0 and rollout worker 0",
     ),
+    "a GPU this machine lacks": (["model.device=cuda"], "model.device: cuda, but torch"),
+    "a CPU device for GPU actors": (
+        ["cluster.backend=ray", "rollout.engine=vllm", "cluster.learner.gpus=1", "model.device=cpu"],
+        "model.device: cpu, but cluster.learner.gpus is 1",
+    ),
     "need nothing provides": (
         ["imports=[needy.py]", "algorithm.advantage=needy"],
         "algorithm.advantage: advantage estimator 'needy' needs 'entropyy', which nothing "

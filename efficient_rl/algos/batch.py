@@ -45,7 +45,7 @@ class RolloutBatch:
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """A new batch with only `rows` (indices into this batch), in that order."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.response_ids.device)
         index = rows.tolist()
         values = {}
         for f in fields(self):

@@ -17,7 +17,7 @@ from efficient_rl.config.plugins import import_plugins
 
 
 class RolloutWorker:
-    def __init__(self, recipe, model_dir: Path, verify_prompt: list[int] | None):
+    def __init__(self, recipe, model_dir: Path, verify_prompt: list[int] | None, device: str):
         from efficient_rl.data.prompts import load_tokenizer
         from efficient_rl.rollout.vllm_engine import VLLMEngine
 
@@ -29,11 +29,12 @@ class RolloutWorker:
             verify_prompt=verify_prompt,
             dtype=recipe.model.dtype,
             options=recipe.rollout.vllm,
+            device=device,
         )
         self.incoming = []  # buckets of the weight update in progress
 
-    def generate(self, prompts, samples, group_ids, settings, seeds):
-        return self.engine.generate(prompts, samples, group_ids, settings, seeds=seeds)
+    def generate(self, prompts, samples, group_ids, settings, seed):
+        return self.engine.generate(prompts, samples, group_ids, settings, seed=seed)
 
     def receive_bucket(self, bucket) -> None:
         self.incoming.append(bucket)
@@ -126,10 +127,11 @@ class LearnerWorker:
 class TeacherWorker:
     """The on-policy distillation teacher, asked by every learner rank through cluster/teacher.py."""
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, device: str):
         from efficient_rl.learner.teacher import embedded_teacher
+        from efficient_rl.models.modeling import torch_device
 
-        self.teacher = embedded_teacher(recipe)
+        self.teacher = embedded_teacher(recipe, torch_device(device))
 
     def vocab_size(self) -> int:
         return self.teacher.vocab_size

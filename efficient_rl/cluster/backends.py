@@ -15,7 +15,7 @@ CLUSTER_BACKENDS: Registry = Registry("cluster backend")
 def embedded(plan, setup) -> Components:
     """Everything in the driver's process; the learner trains the driver's own model."""
     learner = plan["learner.backend"](plan, setup.model_dir, setup.base_model_dir, model=setup.model)
-    return Components(learner=learner, engine=plan["rollout.engine"](setup, plan.recipe), close=lambda: None)
+    return Components(learner=learner, engine=plan["rollout.engine"](plan, setup), close=lambda: None)
 
 
 def ray_check(_, recipe) -> str | None:

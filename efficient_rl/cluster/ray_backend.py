@@ -21,7 +21,7 @@ from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.config.placement import Placement
 from efficient_rl.errors import ConfigError, WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
-from efficient_rl.rollout.vllm_engine import request_seeds, verification_prompt
+from efficient_rl.rollout.vllm_engine import draw_seed, verification_prompt
 
 
 def is_actor_death(err: Exception) -> bool:
@@ -246,22 +246,24 @@ class RayRolloutGroup:
     def generate(
         self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
     ) -> RolloutBatch:
-        seeds = request_seeds(len(prompts))  # drawn here, in the driver: resumes sample the same tokens
         shares = even_shares(len(prompts), len(self.workers))
+        # Drawn here, in the driver, one per share: a resumed run, and a restarted worker redoing
+        # its share, sample the same tokens.
+        seeds = [draw_seed() for _ in shares]
 
-        def submit(worker, share):
+        def submit(worker, share, seed):
             return worker.generate.remote(
-                [prompts[i] for i in share],
-                [samples[i] for i in share],
-                [group_ids[i] for i in share],
-                settings,
-                [seeds[i] for i in share],
+                [prompts[i] for i in share], [samples[i] for i in share], [group_ids[i] for i in share], settings, seed
             )
 
-        jobs = [(index, share, submit(self.workers[index], share)) for index, share in enumerate(shares) if share]
+        jobs = [
+            (index, share, seed, submit(self.workers[index], share, seed))
+            for index, (share, seed) in enumerate(zip(shares, seeds))
+            if share
+        ]
         parts = [
-            self._result(index, future, lambda worker, share=share: submit(worker, share))
-            for index, share, future in jobs
+            self._result(index, future, lambda worker, share=share, seed=seed: submit(worker, share, seed))
+            for index, share, seed, future in jobs
         ]
         return RolloutBatch.concat(parts)
 
@@ -359,7 +361,7 @@ def ray_components(plan, setup):
         placement = place(plan.placement, cluster.placement_timeout)
         closers.append(placement.remove)
         if hosts_teacher(recipe):
-            teacher = start_teacher(recipe)  # before the learners, which look it up by name
+            teacher = start_teacher(plan)  # before the learners, which look it up by name
             closers.append(lambda: kill_all([teacher]))
         learner = start_learners(plan, setup, placement)
         closers.append(learner.kill)
@@ -368,7 +370,9 @@ def ray_components(plan, setup):
 
         def spawn(index: int):
             options = placement.options("rollout", index)
-            return remote_rollout.options(max_restarts=0, **options).remote(recipe, setup.model_dir, probe)
+            return remote_rollout.options(max_restarts=0, **options).remote(
+                recipe, setup.model_dir, probe, plan.devices.rollout
+            )
 
         workers = [spawn(index) for index in range(cluster.rollout.workers)]
         closers.append(lambda: kill_all(workers))
@@ -381,13 +385,16 @@ def ray_components(plan, setup):
     return Components(learner=learner, engine=engine, close=close)
 
 
-def start_teacher(recipe):
+def start_teacher(plan):
     """The distillation teacher as one named actor. It reserves no CPU of the placement: it works
     only while the learner ranks that call it wait for its answer."""
     import ray
 
+    recipe = plan.recipe
     teacher = (
-        ray.remote(TeacherWorker).options(name=teacher_actor_name(recipe), num_cpus=0, max_restarts=0).remote(recipe)
+        ray.remote(TeacherWorker)
+        .options(name=teacher_actor_name(recipe), num_cpus=0, max_restarts=0)
+        .remote(recipe, plan.devices.teacher)
     )
     ray.get(teacher.vocab_size.remote())  # loaded before anyone asks
     return teacher

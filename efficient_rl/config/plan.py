@@ -16,6 +16,16 @@ from efficient_rl.registry import Bound
 
 
 @dataclass(frozen=True)
+class Devices:
+    """Where each role computes, "cpu" or "cuda", resolved from model.device by driver/validate.py.
+    Each process turns its role's into a torch.device (models/modeling.py torch_device)."""
+
+    learner: str  # the policy, its KL reference and a teacher the learner holds itself
+    rollout: str  # the rollout engines (embedded: the learner's own model)
+    teacher: str  # the distillation teacher: the learner's device, or a Ray-hosted teacher's
+
+
+@dataclass(frozen=True)
 class Plan:
     recipe: Recipe
     choices: Mapping[str, Bound]  # field path ("algorithm.advantage") -> its entry, bound
@@ -23,6 +33,7 @@ class Plan:
     variables: Mapping[str, Bound]  # prompt.variables: name -> its PROMPT_VARIABLES entry, bound
     trackers: tuple[Bound, ...]  # logging.trackers, in order
     placement: Placement  # where the Ray actors go (cluster.backend ray); resolved for every recipe
+    devices: Devices
 
     def __getitem__(self, dotted: str) -> Bound:
         return self.choices[dotted]

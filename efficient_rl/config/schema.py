@@ -22,6 +22,9 @@ class ModelSection:
     # The attention kernel of the transformers models (learner, reference, teacher): sdpa on CPU;
     # flash_attention_2 on GPU where flash-attn is installed (not exercised here).
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Where the models compute (docs/engines.md#devices). auto: embedded, the GPU when torch sees
+    # one; under Ray, each role where its actors' cluster.<role>.gpus put it. cpu / cuda: insist.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.lab.build import lab_model_dir
 from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.models.lora import check_lora_targets, policy_weights_dir
+from efficient_rl.models.modeling import torch_device
 from efficient_rl.models.sources import model_directory
 from efficient_rl.scoring.runner import RewardRunner
 
@@ -69,7 +70,12 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     try:
         holds_model = "driver_model" in plan["cluster.backend"].needs
         weights = policy_weights_dir(recipe, source, base)  # a resumed LoRA run: the base, its adapter goes on top
-        model = load_model(weights, recipe.model.attn_implementation) if holds_model else None
+        # on the device the embedded learner and engine compute on, which share it
+        model = (
+            load_model(weights, recipe.model.attn_implementation).to(torch_device(plan.devices.learner))
+            if holds_model
+            else None
+        )
     except BaseException:
         rewards.close()
         raise

@@ -10,6 +10,8 @@ reward worker or model load.
 
 from __future__ import annotations
 
+import torch
+
 # Importing the backends registers them (and their own checks).
 import efficient_rl.learner.deepspeed_learner  # noqa: E402,F401  (imports deepspeed only when used)
 import efficient_rl.learner.torch_learner  # noqa: E402,F401
@@ -22,9 +24,10 @@ from efficient_rl.algos.sampling import GROUP_SAMPLERS
 from efficient_rl.algos.shaping import LENGTH_CAPS, LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
+from efficient_rl.cluster.teacher import hosts_teacher
 from efficient_rl.config.binding import bind
 from efficient_rl.config.placement import resolve_placement
-from efficient_rl.config.plan import Plan
+from efficient_rl.config.plan import Devices, Plan
 from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import AlgorithmSection, Recipe
 from efficient_rl.data.variables import FIELD, PROMPT_VARIABLES, template_fields
@@ -82,6 +85,7 @@ def validate(recipe: Recipe) -> Plan:
         variables=bind_variables(recipe),
         trackers=bind_trackers(recipe),
         placement=resolve_placement(recipe.cluster),
+        devices=resolve_devices(recipe, one_process="driver_model" in choices["cluster.backend"].needs),
     )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
@@ -100,6 +104,37 @@ def check_model(recipe: Recipe) -> None:
         )
     if recipe.model.path is not None:  # checked without downloading or converting
         check_reference(recipe.model.path, "model.path")
+
+
+def resolve_devices(recipe: Recipe, one_process: bool) -> Devices:
+    """model.device for each role. In one process (the embedded backend) auto is the GPU when torch
+    sees one here. Ray actors compute where their resources put them (cluster.<role>.gpus), on
+    whatever machine Ray places them: the driver's own GPUs do not matter, and model.device may only
+    agree. A Ray-hosted teacher's actor asks for no GPU."""
+    if one_process:
+        device = local_device(recipe.model.device)
+        return Devices(learner=device, rollout=device, teacher=device)
+    roles = {role: "cuda" if getattr(recipe.cluster, role).gpus > 0 else "cpu" for role in ("learner", "rollout")}
+    for role, device in roles.items():
+        if recipe.model.device not in ("auto", device):
+            raise ConfigError(
+                f"model.device: {recipe.model.device}, but cluster.{role}.gpus is "
+                f"{getattr(recipe.cluster, role).gpus:g}, which puts the {role} actors on the {device}; "
+                f"set model.device: auto, or give cluster.{role}.gpus {'0' if device == 'cuda' else 'its share'}"
+            )
+    return Devices(**roles, teacher="cpu" if hosts_teacher(recipe) else roles["learner"])
+
+
+def local_device(asked: str) -> str:
+    """ "cpu" or "cuda" for this process; asking for a GPU torch cannot see is refused."""
+    cuda = torch.cuda.is_available()
+    if asked == "cuda" and not cuda:
+        built_for = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU build)"
+        raise ConfigError(
+            f"model.device: cuda, but torch {torch.__version__} (built for {built_for}) sees no GPU on this "
+            "machine; use model.device: auto or cpu"
+        )
+    return {"auto": "cuda" if cuda else "cpu"}.get(asked, asked)
 
 
 def checked(bound: Bound, recipe: Recipe, prefix: str) -> Bound:

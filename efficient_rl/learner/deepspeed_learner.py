@@ -35,6 +35,7 @@ from efficient_rl.learner.torch_learner import (
     with_adapter,
 )
 from efficient_rl.models.lora import save_adapter
+from efficient_rl.models.modeling import torch_device
 
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 # learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO
@@ -66,16 +67,13 @@ class DeepSpeedLearner(TorchLearner):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        )
+        self.device = torch_device(plan.devices.learner)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         recipe = plan.recipe
         self.objective, self.optim = objective_settings(plan), optim_settings(plan)
         # Loaded before ZeRO-3 is configured, so the reference is an ordinary, unsharded module.
-        reference = load_reference(recipe, base_model_dir)
-        self.reference = reference.to(self.device) if reference is not None else None
+        self.reference = load_reference(recipe, base_model_dir, self.device)
         self.teacher = build_teacher(
             recipe, self.device, remote=teacher
         )  # likewise unsharded (or a Ray actor's client)
@@ -83,7 +81,7 @@ class DeepSpeedLearner(TorchLearner):
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
         self.sync_dtype = model_dtype(recipe)
-        model = load_policy(recipe, model_dir, base_model_dir)
+        model = load_policy(recipe, model_dir, base_model_dir, self.device)
         if recipe.learner.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.adapter = with_adapter(recipe, model, model_dir)  # LoRA (ZeRO stages 0-2): before DeepSpeed wraps it

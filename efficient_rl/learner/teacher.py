@@ -24,6 +24,7 @@ from efficient_rl.models.sources import model_directory
 class Teacher:
     def __init__(self, model, temperature: float, chunk_rows: int):
         self.model = model.eval()
+        self.device = model.device
         self.temperature, self.chunk_rows = temperature, chunk_rows
 
     @property
@@ -34,11 +35,12 @@ class Teacher:
     def logprobs(self, rows: RolloutBatch, selected: torch.Tensor) -> torch.Tensor:
         """[K, V] log-softmax over the vocabulary at the K selected positions, in row-major order."""
         head = output_head(self.model)
+        rows, selected = rows.to(self.device), selected.to(self.device)
         hidden = response_hidden_states(self.model, rows)[selected.bool()]
         return map_row_chunks(lambda h: head_logprobs(head, h, self.temperature), [hidden], self.chunk_rows)
 
 
-def embedded_teacher(recipe: Recipe, device: str = "cpu") -> Teacher:
+def embedded_teacher(recipe: Recipe, device: torch.device) -> Teacher:
     """The teacher in model.dtype (an inference copy, like the rollout engines'); its
     log-probabilities are float32 from its logits either way."""
     model = load_model(
@@ -49,7 +51,7 @@ def embedded_teacher(recipe: Recipe, device: str = "cpu") -> Teacher:
     return Teacher(model, recipe.rollout.temperature, recipe.distill.chunk_rows)
 
 
-def build_teacher(recipe: Recipe, device: str = "cpu", remote=None):
+def build_teacher(recipe: Recipe, device: torch.device, remote=None):
     """The recipe's teacher, or None when it does not distil: an embedded one is loaded here, on
     `device`; a `ray` one is `remote`, the actor's client the Ray layer built (anything with
     `vocab_size` and `logprobs(rows, selected)`, like Teacher)."""

@@ -41,6 +41,7 @@ from efficient_rl.models.modeling import (
     output_head,
     response_hidden_states,
     response_logprobs,
+    torch_device,
 )
 from efficient_rl.models.weights import WeightBucket, plan_buckets
 from efficient_rl.registry import Bound
@@ -135,6 +136,7 @@ class TorchLearner:
         adapter=None,
     ):
         self.model = model  # float32: the master weights, which the optimizer steps and checkpoints hold
+        self.device = model.device  # where it computes: its factory put the model there (plan.devices.learner)
         self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
         self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/models/lora.py)
         self.teacher = teacher  # on-policy distillation only (learner/teacher.py)
@@ -224,7 +226,7 @@ class TorchLearner:
     def over_micro_batches(self, batch: RolloutBatch, per_rows, channels: tuple[int, ...] = ()) -> torch.Tensor:
         """[B, R, *channels] from per_rows(micro-batch rows) -> [rows, width, *channels], micro-batch
         by micro-batch, each put back at its rows (widths differ: each micro-batch is trimmed)."""
-        out = torch.zeros(len(batch), batch.response_ids.shape[1], *channels)
+        out = torch.zeros(len(batch), batch.response_ids.shape[1], *channels, device="cpu")
         for indices, rows in self.micro_batches(batch):
             values = per_rows(rows).cpu()
             if indices:
@@ -290,7 +292,8 @@ class TorchLearner:
         return self.compute_model
 
     def local_rows(self, mini: RolloutBatch) -> RolloutBatch:
-        return mini
+        """The rows this process trains on, on its device (the driver's batches live on the host)."""
+        return mini.to(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -425,11 +428,11 @@ def adamw(model, optim: OptimSettings) -> torch.optim.AdamW:
     )
 
 
-def load_policy(recipe, model_dir: Path, base_model_dir: Path) -> torch.nn.Module:
-    """The policy in float32 (the master weights, whatever the compute precision)."""
+def load_policy(recipe, model_dir: Path, base_model_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The policy in float32 (the master weights, whatever the compute precision), on `device`."""
     return load_model(
         policy_weights_dir(recipe, model_dir, base_model_dir), torch.float32, recipe.model.attn_implementation
-    )
+    ).to(device)
 
 
 def with_adapter(recipe, policy, model_dir: Path):
@@ -437,12 +440,12 @@ def with_adapter(recipe, policy, model_dir: Path):
     return attach_lora(policy, recipe.learner.lora, model_dir, recipe.seed) if recipe.learner.lora is not None else None
 
 
-def load_reference(recipe, base_model_dir: Path):
-    """The frozen KL reference in model.dtype, only when the recipe has a KL term and no LoRA
-    (whose reference is the policy with its adapters off)."""
+def load_reference(recipe, base_model_dir: Path, device: torch.device):
+    """The frozen KL reference in model.dtype on `device`, only when the recipe has a KL term and no
+    LoRA (whose reference is the policy with its adapters off)."""
     if recipe.algorithm.kl_coef <= 0 or recipe.learner.lora is not None:
         return None
-    return load_model(base_model_dir, model_dtype(recipe), recipe.model.attn_implementation).eval()
+    return load_model(base_model_dir, model_dtype(recipe), recipe.model.attn_implementation).to(device).eval()
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -464,7 +467,8 @@ def torch_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None,
     """`model` is the driver's own copy when embedded (the transformers engine generates with it);
     `teacher` the Ray-hosted teacher's client, when the Ray layer passes one (learner/teacher.py)."""
     recipe = plan.recipe
-    policy = model if model is not None else load_policy(recipe, model_dir, base_model_dir)
+    device = torch_device(plan.devices.learner)
+    policy = model if model is not None else load_policy(recipe, model_dir, base_model_dir, device)
     if recipe.learner.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     adapter = with_adapter(recipe, policy, model_dir)  # in place: `policy` stays the module everyone calls
@@ -472,8 +476,8 @@ def torch_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None,
         policy,
         objective_settings(plan),
         optim_settings(plan),
-        reference=load_reference(recipe, base_model_dir),
-        teacher=build_teacher(recipe, remote=teacher),
+        reference=load_reference(recipe, base_model_dir, device),
+        teacher=build_teacher(recipe, device, remote=teacher),
         sync_dtype=model_dtype(recipe),
         adapter=adapter,
     )

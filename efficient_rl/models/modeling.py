@@ -8,6 +8,7 @@ rollout/ and learner/ never import each other (docs/extending.md#layers).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def load_model(
     from transformers import AutoModelForCausalLM  # here: slow to import, and no CLI check needs it
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def torch_device(kind: str) -> torch.device:
+    """A role's device (config/plan.py Devices) in this process. "cuda" is the GPU of this process's
+    local rank: Ray shows each actor only its own GPU, as device 0; torchrun sets LOCAL_RANK."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if kind == "cuda" else torch.device("cpu")
 
 
 # learner.precision names (DeepSpeed's and Accelerate's) -> the compute dtype of the learner
@@ -208,8 +215,9 @@ def pack_rows(rows: RolloutBatch, attn_implementation: str = "sdpa") -> PackedRo
     lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
     width = packed_width(attn_implementation, lengths)
     bins = pack_bins(lengths, width)
-    input_ids = torch.zeros(len(bins), width, dtype=torch.long)
-    position_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    # Built on the host, a sequence at a time; packed_hidden_states moves them to the model.
+    input_ids = torch.zeros(len(bins), width, dtype=torch.long, device="cpu")
+    position_ids = torch.zeros(len(bins), width, dtype=torch.long, device="cpu")
     start_of = {}  # sequence -> flat position of its first token
     for row, members in enumerate(bins):
         offset = 0
@@ -217,14 +225,17 @@ def pack_rows(rows: RolloutBatch, attn_implementation: str = "sdpa") -> PackedRo
             prompt = rows.prompt_ids[index][rows.prompt_mask[index] > 0]
             sequence = torch.cat([prompt, rows.response_ids[index, : response_lengths[index]]])
             input_ids[row, offset : offset + lengths[index]] = sequence
-            position_ids[row, offset : offset + lengths[index]] = torch.arange(lengths[index])
+            position_ids[row, offset : offset + lengths[index]] = torch.arange(lengths[index], device="cpu")
             start_of[index] = row * width + offset
             offset += lengths[index]
-        position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a sequence of its own
+        position_ids[row, offset:] = torch.arange(width - offset, device="cpu")  # the tail: a sequence of its own
     # Logits at position p predict token p + 1: response token t of a sequence with a prompt of
     # P tokens is predicted at P - 1 + t.
     sources = torch.cat(
-        [start_of[i] + prompt_lengths[i] - 1 + torch.arange(response_lengths[i]) for i in range(len(lengths))]
+        [
+            start_of[i] + prompt_lengths[i] - 1 + torch.arange(response_lengths[i], device="cpu")
+            for i in range(len(lengths))
+        ]
     )
     return PackedRows(input_ids, position_ids, sources.long(), sum(lengths))
 

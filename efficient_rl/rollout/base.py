@@ -42,5 +42,5 @@ class RolloutEngine(Protocol):
         """Load a snapshot (resetting any prefix cache); returns sync metrics."""
 
 
-# name -> factory(setup, recipe) returning a RolloutEngine
+# name -> factory(plan, setup) returning a RolloutEngine, on plan.devices.rollout
 ENGINES: Registry = Registry("rollout engine")

@@ -22,25 +22,28 @@ if TYPE_CHECKING:  # annotations only: transformers is slow to import
     from transformers import GenerationConfig
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq)
+            ids[row, width - len(seq) :] = torch.tensor(seq, device=device)
             mask[row, width - len(seq) :] = 1
     return ids, mask
 
 
 def response_mask_until_eos(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the tokens up to and including the first stop token, and which rows never produced one."""
-    is_eos = torch.isin(tokens, torch.tensor(stop_ids, dtype=tokens.dtype))
+    is_eos = torch.isin(tokens, torch.tensor(stop_ids, dtype=tokens.dtype, device=tokens.device))
     eos_seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return (~eos_seen_before).float(), ~is_eos.any(-1)
 
 
 class TransformersEngine:
+    """Generates on the device its model is on (the driver places it: driver/build.py) and hands
+    the batch back on the host, where the driver scores and shapes it."""
+
     def __init__(self, model, tokenizer, max_batch_size: int = 256, dtype: str = "float32"):
         self.model = model
         self.dtype = DTYPES[dtype]  # the compute dtype of generation (model.dtype)
@@ -55,12 +58,12 @@ class TransformersEngine:
             (prompt, sample, gid) for prompt, sample, gid in zip(prompts, samples, group_ids) for _ in range(settings.n)
         ]
         chunks = [rows[i : i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
-        return RolloutBatch.concat([self._generate_chunk(chunk, settings) for chunk in chunks])
+        return RolloutBatch.concat([self._generate_chunk(chunk, settings) for chunk in chunks]).to("cpu")
 
     @torch.no_grad()
     def _generate_chunk(self, rows, settings: SamplingSettings) -> RolloutBatch:
         tok = self.tokenizer
-        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], tok.pad_token_id, self.model.device)
         was_training = self.model.training
         self.model.eval()
         with compute_in(self.dtype, prompt_ids.device.type):
@@ -83,7 +86,7 @@ class TransformersEngine:
             response_mask=response_mask,
             rollout_logprobs=logprobs * response_mask,
             truncated=no_eos & (lengths >= settings.max_new_tokens),
-            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long),
+            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long, device=response_ids.device),
             samples=[r[1] for r in rows],
             completions=tok.batch_decode(
                 response_ids.masked_fill(response_mask == 0, tok.pad_token_id), skip_special_tokens=True
@@ -138,5 +141,7 @@ def transformers_check(_, recipe) -> str | None:
 
 
 @ENGINES.register("transformers", check=transformers_check)
-def transformers_engine(setup, recipe) -> TransformersEngine:
+def transformers_engine(plan, setup) -> TransformersEngine:
+    """Generates with the driver's own model, on the device build_setup put it on."""
+    recipe = plan.recipe
     return TransformersEngine(setup.model, setup.tokenizer, recipe.rollout.max_batch_size, recipe.model.dtype)

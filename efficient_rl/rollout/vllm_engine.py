@@ -114,8 +114,15 @@ def repack_tied_lm_head(worker) -> None:
         model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
-def request_seeds(count: int) -> list[int]:
-    return [int(seed) for seed in torch.randint(0, 2**31 - 1, (count,))]
+def draw_seed() -> int:
+    """A generate call's sampling seed, from torch's generator: a resumed run draws the same ones."""
+    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+
+
+def seed_sampler(worker, seed: int) -> None:
+    """Runs on each vLLM worker before a generate call: the sampler draws from the default
+    generators of its process, seeded here for this call alone."""
+    torch.manual_seed(seed)
 
 
 class VLLMEngine:
@@ -128,7 +135,10 @@ class VLLMEngine:
         verify_prompt: list[int] | None = None,
         dtype: str = "float32",
         options: VLLMSection | None = None,
+        device: str | None = None,
     ):
+        """`device`: "cpu" or "cuda", the plan's (config/plan.py Devices); the eval command, which
+        has no plan, leaves it to what torch sees."""
         from vllm import LLM
 
         self.model_dir, self.dtype = model_dir, dtype
@@ -136,7 +146,7 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(tokenizer)
         self.verify_prompt = verify_prompt  # debug: check every sync with a greedy probe
         self.reference_model = None  # transformers in the engine's dtype on its weights, for verify_sync
-        arguments = engine_arguments(options or VLLMSection(), dtype, device_type())
+        arguments = engine_arguments(options or VLLMSection(), dtype, device or device_type())
         self.in_process = arguments["distributed_executor_backend"] == "uni"
         self.llm = LLM(
             model=str(model_dir),
@@ -154,27 +164,29 @@ class VLLMEngine:
         samples: list[dict],
         group_ids: list[int],
         settings: SamplingSettings,
-        seeds: list[int] | None = None,
+        seed: int | None = None,
     ) -> RolloutBatch:
+        """`seed` decides the samples (drawn from torch's generator when not given). One seed for
+        the whole call, not one per request: a request with a seed of its own sends vLLM's sampler
+        down a path that draws row by row, each row from its own generator."""
         from vllm import SamplingParams
 
         requests = [{"prompt_token_ids": prompt} for prompt in prompts]
-        # Per-request seeds drawn from torch's generator: a resumed run samples the same tokens.
-        seeds = seeds if seeds is not None else request_seeds(len(prompts))
-        params = [
-            SamplingParams(
-                n=settings.n,
-                temperature=settings.temperature,
-                top_p=settings.top_p if settings.temperature > 0 else 1.0,
-                max_tokens=settings.max_new_tokens,
-                logprobs=0,
-                detokenize=False,
-                seed=seed,
-                stop_token_ids=self.stop_ids,
-            )
-            for seed in seeds
-        ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        params = SamplingParams(
+            n=settings.n,
+            temperature=settings.temperature,
+            top_p=settings.top_p if settings.temperature > 0 else 1.0,
+            max_tokens=settings.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+            stop_token_ids=self.stop_ids,
+        )
+        seed = draw_seed() if seed is None else seed
+        # In this process (one worker) the sampler's generators are this process's own: seeded for
+        # the call and then put back, so the caller's random stream goes on as if it never ran.
+        with torch.random.fork_rng(devices=self.cuda_devices()):
+            self.llm.collective_rpc(seed_sampler, args=(seed,))
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [
             (prompt, sample, gid, completion)
             for prompt, sample, gid, output in zip(prompts, samples, group_ids, outputs)
@@ -182,19 +194,24 @@ class VLLMEngine:
         ]
         return self._to_batch(rows)
 
+    def cuda_devices(self) -> list[int]:
+        """The GPUs whose generators a generate call in this process may draw from."""
+        return list(range(torch.cuda.device_count())) if self.in_process else []
+
     def _to_batch(self, rows) -> RolloutBatch:
-        pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], pad)
+        """The completions as a batch on the host (vLLM hands them over as Python lists)."""
+        pad, host = self.tokenizer.pad_token_id, torch.device("cpu")
+        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], pad, host)
         width = max(len(r[3].token_ids) for r in rows)
-        response_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        response_mask = torch.zeros((len(rows), width))
-        logprobs = torch.zeros((len(rows), width))
+        response_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=host)
+        response_mask = torch.zeros((len(rows), width), device=host)
+        logprobs = torch.zeros((len(rows), width), device=host)
         for row, (_, _, _, completion) in enumerate(rows):
             tokens = list(completion.token_ids)
-            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=host)
             response_mask[row, : len(tokens)] = 1.0
             logprobs[row, : len(tokens)] = torch.tensor(
-                [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+                [step[token].logprob for step, token in zip(completion.logprobs, tokens)], device=host
             )
         return RolloutBatch(
             prompt_ids=prompt_ids,
@@ -202,8 +219,8 @@ class VLLMEngine:
             response_ids=response_ids,
             response_mask=response_mask,
             rollout_logprobs=logprobs,
-            truncated=torch.tensor([r[3].finish_reason == "length" for r in rows]),
-            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long),
+            truncated=torch.tensor([r[3].finish_reason == "length" for r in rows], device=host),
+            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long, device=host),
             samples=[r[1] for r in rows],
             completions=[self.tokenizer.decode(list(r[3].token_ids), skip_special_tokens=True) for r in rows],
         )
@@ -298,8 +315,9 @@ def verification_prompt(setup, recipe) -> list[int] | None:
 
 
 @ENGINES.register("vllm")
-def vllm_engine(setup, recipe) -> VLLMEngine:
+def vllm_engine(plan, setup) -> VLLMEngine:
     """Starts from the recipe's model, then takes the current weights (a resumed run's too)."""
+    recipe = plan.recipe
     engine = VLLMEngine(
         setup.base_model_dir,
         setup.tokenizer,
@@ -308,6 +326,7 @@ def vllm_engine(setup, recipe) -> VLLMEngine:
         verify_prompt=verification_prompt(setup, recipe),
         dtype=recipe.model.dtype,
         options=recipe.rollout.vllm,
+        device=plan.devices.rollout,
     )
     engine.load_weights(plain_named_weights(setup.model))  # merged, when the learner put LoRA adapters on it
     return engine
