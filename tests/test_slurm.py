@@ -330,7 +330,7 @@ def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):
     [
         (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
         (["--nodes", "0"], "--nodes: expected an integer >= 1, got 0"),
-        (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
+        (["--gpus-per-node", "3"], "--gpus-per-node 3: partition debug has 0 nodes with that many GPUs (most: 2)"),
         (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
         (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),
         (["cluster.learner.gpus=1", "learner.backend=deepspeed"], "the recipe's actors need 2 CPUs and 1 GPUs"),
