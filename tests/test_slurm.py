@@ -254,6 +254,17 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
         assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_the_script_counts_gpus_of_a_typed_request(tmp_path):
+    # Slurm sets SLURM_GPUS_PER_NODE to --gpus-per-node as written: "a100:2" asks Ray for 2.
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    counting = "\n".join(line for line in result.stdout.splitlines() if line.startswith("gpus_per_node="))
+    for given, count in (("a100:2", "2"), ("4", "4"), (None, "0")):
+        env = {"PATH": os.environ["PATH"], **({"SLURM_GPUS_PER_NODE": given} if given else {})}
+        shown = subprocess.run(["bash", "-c", counting + '\necho "$gpus_per_node"'], env=env, capture_output=True)
+        assert shown.stdout.decode().strip() == count, (given, counting)
+
+
 def test_gpu_nodes_for_actors_that_ask_for_no_gpu_are_refused(tmp_path):
     # cluster.*.gpus default to 0: on GPU nodes Ray would start every actor without a GPU (or,
     # depending on its version, with all of them, each rank on cuda:0).
