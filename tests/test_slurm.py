@@ -207,6 +207,85 @@ def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tin
     assert status.stdout.count(" done ") == 2, status.stdout
 
 
+def probe_placement(tmp_path, placement: str, workers: int, nodes: int) -> tuple[str, dict, dict]:
+    """Submit the quickstart recipe on Ray with a GPU per actor and --placement-only, on nodes
+    with 2 GPUs each; the job's id, what its Ray cluster reported, and where each actor landed."""
+    job = submit(
+        tmp_path,
+        str(RECIPES / "quickstart.yaml"),
+        *quiet(tmp_path, 2),
+        "cluster.backend=ray",
+        "rollout.engine=vllm",
+        "learner.backend=deepspeed",
+        f"cluster.placement={placement}",
+        f"cluster.rollout.workers={workers}",
+        f"cluster.learner.workers={workers}",
+        "cluster.rollout.gpus=1",
+        "cluster.learner.gpus=1",
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node",
+        "2",
+        "--time",
+        "10",
+        "--placement-only",
+    )
+    state = finished(job)
+    job_dir = tmp_path / "runs" / "slurm" / "quickstart"
+    log = (job_dir / f"{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert not (tmp_path / "runs" / "quickstart").exists()  # nothing trained, no run directory
+    cluster = json.loads((job_dir / f"ray-cluster-{job}.json").read_text())
+    seen = json.loads((job_dir / f"placement-{job}.json").read_text())
+    return job, cluster, seen
+
+
+def landed(seen: dict) -> dict[str, tuple[str, str]]:
+    """Each actor's (Slurm node, GPU id), checked on the way: it sees exactly that one GPU, as
+    device 0 (CUDA_VISIBLE_DEVICES), and Slurm gave that GPU to the job on that node."""
+    nodes = seen["nodes"]
+    where = {}
+    for actor, report in seen["actors"].items():
+        (gpu,) = report["gpu_ids"]
+        assert report["cuda_visible_devices"] == gpu, (actor, report)
+        node = nodes[report["ray_node"]]
+        assert report["slurm_node"] == node["slurm_node"] and gpu in node["slurm_gpus"].split(","), (actor, report)
+        where[actor] = (node["slurm_node"], gpu)
+    return where
+
+
+def test_colocated_pairs_share_a_slurm_gpu_and_learner_ranks_do_not(slurm, tmp_path, tiny_model_dir):
+    # DLER's layout on 2 nodes x 2 GPUs: rollout worker i and learner rank i share bundle i's GPU.
+    job, cluster, seen = probe_placement(tmp_path, "colocate", workers=4, nodes=2)
+    assert cluster["nodes"] == 2 and cluster["gpus"] == 4  # the job's Ray waited for every GPU
+    # Ray counts on each Slurm node exactly the 2 GPUs Slurm gave the job there.
+    per_node = {node["slurm_node"]: (node["gpus"], node["slurm_gpus"]) for node in seen["nodes"].values()}
+    assert per_node == {"n1": (2.0, "0,1"), "n2": (2.0, "0,1")}
+    where = landed(seen)
+    every_gpu = {("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")}
+    assert all(where[f"rollout{i}"] == where[f"learner{i}"] for i in range(4))
+    assert {where[f"learner{i}"] for i in range(4)} == every_gpu  # four ranks, four different GPUs
+    log = (tmp_path / "runs" / "slurm" / "quickstart" / f"{job}.out").read_text()
+    assert "node n1: Ray counts 2 CPUs, 2 GPUs; Slurm's GPUs 0,1" in log
+    listing = cli("jobs", "--runs", str(tmp_path / "runs"), cwd=tmp_path)
+    row = next(line for line in listing.stdout.splitlines() if line.split()[0] == job)
+    assert "COMPLETED" in row and "placement" in row
+
+
+def test_split_actors_each_get_a_gpu_of_their_own(slurm, tmp_path, tiny_model_dir):
+    _, cluster, seen = probe_placement(tmp_path, "split", workers=1, nodes=1)
+    assert cluster["nodes"] == 1 and cluster["gpus"] == 2
+    assert sorted(landed(seen).values()) == [("n1", "0"), ("n1", "1")]
+
+
+def test_placement_only_needs_ray_actors(tmp_path):
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), "--placement-only", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "efficient-rl: error: --placement-only: the recipe runs in one process (cluster.backend=embedded), "
+        "with no actors to place; set cluster.backend=ray"
+    )
+
+
 def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
     for nodes in (1, 4):  # a dry run renders the request as given, without asking the cluster
         result = cli(
