@@ -207,9 +207,11 @@ def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tin
     assert status.stdout.count(" done ") == 2, status.stdout
 
 
-def probe_placement(tmp_path, placement: str, workers: int, nodes: int) -> tuple[str, dict, dict]:
-    """Submit the quickstart recipe on Ray with a GPU per actor and --placement-only, on nodes
-    with 2 GPUs each; the job's id, what its Ray cluster reported, and where each actor landed."""
+def probe_placement(
+    tmp_path, placement: str, workers: int, nodes: int, gpus_per_node: int = 2, *request: str
+) -> tuple[str, dict, dict]:
+    """Submit the quickstart recipe on Ray with a GPU per actor and --placement-only (`request`:
+    more submit options); the job's id, what its Ray cluster reported, and where each actor landed."""
     job = submit(
         tmp_path,
         str(RECIPES / "quickstart.yaml"),
@@ -225,10 +227,11 @@ def probe_placement(tmp_path, placement: str, workers: int, nodes: int) -> tuple
         "--nodes",
         str(nodes),
         "--gpus-per-node",
-        "2",
+        str(gpus_per_node),
         "--time",
         "10",
         "--placement-only",
+        *request,
     )
     state = finished(job)
     job_dir = tmp_path / "runs" / "slurm" / "quickstart"
@@ -276,6 +279,27 @@ def test_split_actors_each_get_a_gpu_of_their_own(slurm, tmp_path, tiny_model_di
     _, cluster, seen = probe_placement(tmp_path, "split", workers=1, nodes=1)
     assert cluster["nodes"] == 1 and cluster["gpus"] == 2
     assert sorted(landed(seen).values()) == [("n1", "0"), ("n1", "1")]
+
+
+def test_an_actor_sees_the_gpu_slurm_chose_not_the_first(slurm, tmp_path, tiny_model_dir):
+    # Another job holds GPU 0 of both nodes, so Slurm gives the probe GPU 1 of its node: Ray must
+    # take its GPU ids from Slurm (the step's CUDA_VISIBLE_DEVICES), not count from 0.
+    held = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1"]
+        + [f"--output={tmp_path}/holder.out", "--wrap", "sleep 600"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    holder = held.stdout.strip()
+    try:
+        wait_for(holder, lambda s: s.get("JobState") == "RUNNING", 120, "start")
+        _, cluster, seen = probe_placement(tmp_path, "colocate", 1, 1, 1, "--cpus-per-node", "1")
+    finally:
+        subprocess.run(["scancel", holder], check=True)
+    assert cluster["gpus"] == 1
+    assert [node["slurm_gpus"] for node in seen["nodes"].values()] == ["1"]
+    assert {gpu for _, gpu in landed(seen).values()} == {"1"}  # both colocated actors: Slurm's GPU 1
 
 
 def test_placement_only_needs_ray_actors(tmp_path):
