@@ -9,11 +9,14 @@
 #
 # State, logs and the config live in $ERL_SLURM_DIR (default /tmp/erl-slurm). After `up`, point
 # the Slurm commands at the config:  export SLURM_CONF=$ERL_SLURM_DIR/slurm.conf
+# Each node has $ERL_SLURM_CPUS CPUs (default 2) and advertises $ERL_SLURM_GPUS fake GPUs (default
+# 2) as the generic resource "gpu", so `submit --gpus-per-node` is allocated as on a GPU cluster.
 set -euo pipefail
 
 DIR=${ERL_SLURM_DIR:-/tmp/erl-slurm}
 CONF=$DIR/slurm.conf
 CPUS_PER_NODE=${ERL_SLURM_CPUS:-2}
+GPUS_PER_NODE=${ERL_SLURM_GPUS:-2}
 NODES=(n1 n2)
 export SLURM_CONF=$CONF
 
@@ -33,9 +36,36 @@ install_packages() {
         || { apt-get update -q >/dev/null && apt-get install -y -q "${packages[@]}" >/dev/null; }
 }
 
+# Each node's GPUs are links to /dev/null under $DIR/dev/<node>/: slurmd wants a character device
+# at each path, but without cgroups it never opens them. From their indices it sets
+# CUDA_VISIBLE_DEVICES for the steps of a job that asked for GPUs, as on a real cluster. Nothing
+# can compute on them.
+write_fake_gpus() {
+    local node index
+    for node in "${NODES[@]}"; do
+        mkdir -p "$DIR/dev/$node"
+        for ((index = 0; index < GPUS_PER_NODE; index++)); do ln -sfn /dev/null "$DIR/dev/$node/nvidia$index"; done
+    done
+}
+
+write_gres_conf() {  # one line per node: its device files, counted and typed by hand (no NVML here)
+    local node
+    {
+        echo "AutoDetect=off"
+        for node in "${NODES[@]}"; do
+            [ "$GPUS_PER_NODE" -gt 0 ] || break
+            echo "NodeName=$node Name=gpu File=$DIR/dev/$node/nvidia[0-$((GPUS_PER_NODE - 1))]"
+        done
+    } > "$DIR/gres.conf"
+}
+
 write_config() {
     mkdir -p "$DIR/state" "$DIR/log"
     for node in "${NODES[@]}"; do mkdir -p "$DIR/spool/$node"; done
+    write_fake_gpus
+    write_gres_conf
+    local gres=""
+    if [ "$GPUS_PER_NODE" -gt 0 ]; then gres="Gres=gpu:$GPUS_PER_NODE"; fi
     # Settings that matter on one machine without systemd, cgroups or accounting: see
     # docs/slurm.md. EnforcePartLimits rejects an oversized job at once instead of leaving it
     # pending; cred_expire=10 lets a requeued job start again after ~12 s instead of 2 minutes.
@@ -66,7 +96,8 @@ ReturnToService=2
 MinJobAge=600
 KillWait=30
 MailProg=/bin/true
-NodeName=n[1-${#NODES[@]}] NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=17001-$((17000 + ${#NODES[@]})) CPUs=$CPUS_PER_NODE State=UNKNOWN
+GresTypes=gpu
+NodeName=n[1-${#NODES[@]}] NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=17001-$((17000 + ${#NODES[@]})) CPUs=$CPUS_PER_NODE $gres State=UNKNOWN
 PartitionName=debug Nodes=n[1-${#NODES[@]}] Default=YES MaxTime=INFINITE State=UP
 EOF
 }

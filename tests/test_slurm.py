@@ -207,6 +207,109 @@ def test_a_study_trains_each_run_as_a_slurm_job_and_reports(slurm, tmp_path, tin
     assert status.stdout.count(" done ") == 2, status.stdout
 
 
+def probe_placement(
+    tmp_path, placement: str, workers: int, nodes: int, gpus_per_node: int = 2, *request: str
+) -> tuple[str, dict, dict]:
+    """Submit the quickstart recipe on Ray with a GPU per actor and --placement-only (`request`:
+    more submit options); the job's id, what its Ray cluster reported, and where each actor landed."""
+    job = submit(
+        tmp_path,
+        str(RECIPES / "quickstart.yaml"),
+        *quiet(tmp_path, 2),
+        "cluster.backend=ray",
+        "rollout.engine=vllm",
+        "learner.backend=deepspeed",
+        f"cluster.placement={placement}",
+        f"cluster.rollout.workers={workers}",
+        f"cluster.learner.workers={workers}",
+        "cluster.rollout.gpus=1",
+        "cluster.learner.gpus=1",
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node",
+        str(gpus_per_node),
+        "--time",
+        "10",
+        "--placement-only",
+        *request,
+    )
+    state = finished(job)
+    job_dir = tmp_path / "runs" / "slurm" / "quickstart"
+    log = (job_dir / f"{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert not (tmp_path / "runs" / "quickstart").exists()  # nothing trained, no run directory
+    cluster = json.loads((job_dir / f"ray-cluster-{job}.json").read_text())
+    seen = json.loads((job_dir / f"placement-{job}.json").read_text())
+    return job, cluster, seen
+
+
+def landed(seen: dict) -> dict[str, tuple[str, str]]:
+    """Each actor's (Slurm node, GPU id), checked on the way: it sees exactly that one GPU, as
+    device 0 (CUDA_VISIBLE_DEVICES), and Slurm gave that GPU to the job on that node."""
+    nodes = seen["nodes"]
+    where = {}
+    for actor, report in seen["actors"].items():
+        (gpu,) = report["gpu_ids"]
+        assert report["cuda_visible_devices"] == gpu, (actor, report)
+        node = nodes[report["ray_node"]]
+        assert report["slurm_node"] == node["slurm_node"] and gpu in node["slurm_gpus"].split(","), (actor, report)
+        where[actor] = (node["slurm_node"], gpu)
+    return where
+
+
+def test_colocated_pairs_share_a_slurm_gpu_and_learner_ranks_do_not(slurm, tmp_path, tiny_model_dir):
+    # DLER's layout on 2 nodes x 2 GPUs: rollout worker i and learner rank i share bundle i's GPU.
+    job, cluster, seen = probe_placement(tmp_path, "colocate", workers=4, nodes=2)
+    assert cluster["nodes"] == 2 and cluster["gpus"] == 4  # the job's Ray waited for every GPU
+    # Ray counts on each Slurm node exactly the 2 GPUs Slurm gave the job there.
+    per_node = {node["slurm_node"]: (node["gpus"], node["slurm_gpus"]) for node in seen["nodes"].values()}
+    assert per_node == {"n1": (2.0, "0,1"), "n2": (2.0, "0,1")}
+    where = landed(seen)
+    every_gpu = {("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")}
+    assert all(where[f"rollout{i}"] == where[f"learner{i}"] for i in range(4))
+    assert {where[f"learner{i}"] for i in range(4)} == every_gpu  # four ranks, four different GPUs
+    log = (tmp_path / "runs" / "slurm" / "quickstart" / f"{job}.out").read_text()
+    assert "node n1: Ray counts 2 CPUs, 2 GPUs; Slurm's GPUs 0,1" in log
+    listing = cli("jobs", "--runs", str(tmp_path / "runs"), cwd=tmp_path)
+    row = next(line for line in listing.stdout.splitlines() if line.split()[0] == job)
+    assert "COMPLETED" in row and "placement" in row
+
+
+def test_split_actors_each_get_a_gpu_of_their_own(slurm, tmp_path, tiny_model_dir):
+    _, cluster, seen = probe_placement(tmp_path, "split", workers=1, nodes=1)
+    assert cluster["nodes"] == 1 and cluster["gpus"] == 2
+    assert sorted(landed(seen).values()) == [("n1", "0"), ("n1", "1")]
+
+
+def test_an_actor_sees_the_gpu_slurm_chose_not_the_first(slurm, tmp_path, tiny_model_dir):
+    # Another job holds GPU 0 of both nodes, so Slurm gives the probe GPU 1 of its node: Ray must
+    # take its GPU ids from Slurm (the step's CUDA_VISIBLE_DEVICES), not count from 0.
+    held = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1"]
+        + [f"--output={tmp_path}/holder.out", "--wrap", "sleep 600"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    holder = held.stdout.strip()
+    try:
+        wait_for(holder, lambda s: s.get("JobState") == "RUNNING", 120, "start")
+        _, cluster, seen = probe_placement(tmp_path, "colocate", 1, 1, 1, "--cpus-per-node", "1")
+    finally:
+        subprocess.run(["scancel", holder], check=True)
+    assert cluster["gpus"] == 1
+    assert [node["slurm_gpus"] for node in seen["nodes"].values()] == ["1"]
+    assert {gpu for _, gpu in landed(seen).values()} == {"1"}  # both colocated actors: Slurm's GPU 1
+
+
+def test_placement_only_needs_ray_actors(tmp_path):
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), "--placement-only", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "efficient-rl: error: --placement-only: the recipe runs in one process (cluster.backend=embedded), "
+        "with no actors to place; set cluster.backend=ray"
+    )
+
+
 def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
     for nodes in (1, 4):  # a dry run renders the request as given, without asking the cluster
         result = cli(
@@ -252,6 +355,17 @@ def test_dry_run_scripts_parse_and_carry_the_request(tmp_path):
         (ray_node,) = [line for line in result.stdout.splitlines() if "srun --overlap --nodes=1 --ntasks=1" in line]
         assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in ray_node
         assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_the_script_counts_gpus_of_a_typed_request(tmp_path):
+    # Slurm sets SLURM_GPUS_PER_NODE to --gpus-per-node as written: "a100:2" asks Ray for 2.
+    result = cli("submit", str(RECIPES / "quickstart.yaml"), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    counting = "\n".join(line for line in result.stdout.splitlines() if line.startswith("gpus_per_node="))
+    for given, count in (("a100:2", "2"), ("4", "4"), (None, "0")):
+        env = {"PATH": os.environ["PATH"], **({"SLURM_GPUS_PER_NODE": given} if given else {})}
+        shown = subprocess.run(["bash", "-c", counting + '\necho "$gpus_per_node"'], env=env, capture_output=True)
+        assert shown.stdout.decode().strip() == count, (given, counting)
 
 
 def test_gpu_nodes_for_actors_that_ask_for_no_gpu_are_refused(tmp_path):
@@ -330,7 +444,7 @@ def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):
     [
         (["--nodes", "3"], "--nodes 3: partition debug has 2 nodes"),
         (["--nodes", "0"], "--nodes: expected an integer >= 1, got 0"),
-        (["--gpus-per-node", "1"], "--gpus-per-node 1: partition debug has 0 nodes with that many GPUs"),
+        (["--gpus-per-node", "3"], "--gpus-per-node 3: partition debug has 0 nodes with that many GPUs (most: 2)"),
         (["--cpus-per-node", "8"], "--cpus-per-node 8: partition debug has 0 nodes"),
         (["--partition", "gpu"], "--partition gpu: no such partition (sinfo lists: debug)"),
         (["cluster.learner.gpus=1", "learner.backend=deepspeed"], "the recipe's actors need 2 CPUs and 1 GPUs"),

@@ -72,8 +72,11 @@ def run_progress(run_dir: Path) -> dict:
 
 def job_line(submission: dict) -> str:
     state = slurm_state(submission["job_id"])
-    progress = run_progress(Path(submission["run_dir"]))
-    step = f"{progress['step']}/{progress['steps'] if progress['steps'] is not None else '?'}"
+    if submission.get("placement_only"):  # a probe trains nothing: the run's own progress is not its
+        progress, step = {"metrics": {}}, "placement"
+    else:
+        progress = run_progress(Path(submission["run_dir"]))
+        step = f"{progress['step']}/{progress['steps'] if progress['steps'] is not None else '?'}"
     metrics = " ".join(f"{k}={v:.3g}" for k, v in progress["metrics"].items())
     return (
         f"{submission['job_id']:>8s}  {Path(submission['run_dir']).name:20s} "

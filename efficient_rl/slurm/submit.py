@@ -9,6 +9,7 @@ runs/slurm/<run name>/      the job directory (next to the run directory runs/<r
   <job id>.sbatch           the script as submitted
   ray-cluster-<job id>.json what the job's Ray cluster reported once complete
   submissions.jsonl         one line per submission, read by `efficient-rl jobs`
+  placement-<job id>.json   with --placement-only: where each actor landed and what it saw
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class JobRequest:
     max_requeues: int
     warning_seconds: int | None
     first_attempt_mode: str  # "", "--resume" or "--overwrite"
+    placement_only: bool = False  # the job probes where the actors land instead of training
 
 
 TIME_FORMATS = [  # Slurm's --time forms and the seconds per field
@@ -223,10 +225,20 @@ def check_recipe_fits(recipe: Recipe, request: JobRequest, cpus_per_node: int) -
         )
 
 
+def check_placement_only(recipe: Recipe) -> None:
+    if recipe.cluster.backend != "ray":
+        raise ConfigError(
+            f"--placement-only: the recipe runs in one process (cluster.backend={recipe.cluster.backend}), "
+            "with no actors to place; set cluster.backend=ray"
+        )
+
+
 def check_run_directory(recipe: Recipe, request: JobRequest) -> Path:
     from efficient_rl.run.checkpoint import latest_checkpoint
 
     run_dir = (Path(recipe.logging.output_dir) / recipe.logging.name).resolve()
+    if request.placement_only:  # the probe leaves the run directory alone, whatever it holds
+        return run_dir
     if request.first_attempt_mode == "--resume" and latest_checkpoint(run_dir) is None:
         raise ConfigError(f"{run_dir}: nothing to resume (no checkpoint in {run_dir / 'checkpoints'})")
     if not request.first_attempt_mode and run_dir.exists():
@@ -289,6 +301,7 @@ def job_script(
             "run_dir": shlex.quote(str(run_dir)),
             "job_dir": shlex.quote(str(job_dir)),
             "use_ray": "1" if use_ray else "0",
+            "placement_only": "1" if request.placement_only else "0",
             "ray_ready_timeout": f"{site.ray_ready_timeout:g}",
             "ray_args": " ".join(shlex.quote(arg) for arg in site.ray_args),
             "max_requeues": str(request.max_requeues),
@@ -365,9 +378,11 @@ def prepare_submission(
     mode: str = "",
     dry_run: bool = False,
     recipe: Recipe | None = None,
+    placement_only: bool = False,
 ) -> Submission:
     """Every check submit makes, then the script; nothing written. `mode`: "", "--resume" or
-    "--overwrite" for the first attempt."""
+    "--overwrite" for the first attempt. `placement_only`: the job shows where the actors land and
+    trains nothing (cluster/placement_probe.py)."""
     from efficient_rl.config.loading import load_recipe
     from efficient_rl.driver.validate import validate
 
@@ -386,7 +401,10 @@ def prepare_submission(
         max_requeues=options.max_requeues,
         warning_seconds=options.warning,
         first_attempt_mode=mode,
+        placement_only=placement_only,
     )
+    if placement_only:
+        check_placement_only(recipe)
     warning_seconds(request)  # checks --time and --warning
     if not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(
@@ -410,6 +428,7 @@ def prepare_submission(
             "run_dir": str(run_dir),
             "nodes": request.nodes,
             "site": site.name,
+            **({"placement_only": True} if placement_only else {}),
         },
     )
 
@@ -417,14 +436,17 @@ def prepare_submission(
 def cmd_submit(args) -> int:
     options = SubmitOptions(**{name: getattr(args, name) for name in (f.name for f in fields(SubmitOptions))})
     mode = "--resume" if args.resume else "--overwrite" if args.overwrite else ""
-    prepared = prepare_submission(Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run)
+    prepared = prepare_submission(
+        Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run, placement_only=args.placement_only
+    )
     if args.dry_run:
         print(prepared.script, end="")
         return 0
     job_id = submit(prepared.script, prepared.job_dir, prepared.record)
     run_dir = prepared.run_dir
+    what = f"placement of run {run_dir.name}'s actors" if args.placement_only else f"run {run_dir}"
     print(
-        f"submitted job {job_id}: run {run_dir}\n  log: {prepared.job_dir / f'{job_id}.out'}\n"
+        f"submitted job {job_id}: {what}\n  log: {prepared.job_dir / f'{job_id}.out'}\n"
         f"  follow: efficient-rl jobs --runs {run_dir.parent} --follow {job_id}"
     )
     return 0
@@ -461,6 +483,11 @@ def add_parser(commands) -> None:
         help="seconds before the time limit at which the run checkpoints (default 300, at most half the limit)",
     )
     submit_parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    submit_parser.add_argument(
+        "--placement-only",
+        action="store_true",
+        help="the job starts Ray, shows where each actor lands and which GPUs it sees, and trains nothing",
+    )
     mode = submit_parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
