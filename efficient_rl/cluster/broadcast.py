@@ -13,7 +13,8 @@ A receiver holds one bucket at a time: it receives a bucket into one buffer the 
 largest bucket, hands the engine a copy of each of its tensors, and receives the next bucket
 into the same buffer only when the engine asks for more (`BucketReceiver.weights` is read by
 the engine's load). The copies are what the engine has not loaded yet: vLLM keeps the parts of a
-fused layer (q, k, v -> qkv) until the whole layer arrived, then frees them.
+fused layer (q, k, v -> qkv) until the whole layer arrived, then frees them (a layer whose rows
+it pads, like a small vocabulary's embedding, it keeps to the end of the reload).
 """
 
 from __future__ import annotations
