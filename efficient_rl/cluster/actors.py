@@ -45,15 +45,17 @@ class RolloutWorker:
         self.incoming = []
         return self.engine.load_weights(named)
 
-    # GPU weight sync over NCCL (efficient_rl/cluster/nccl.py; not exercised on CPU)
-    def join_weight_broadcast(self, host: str, port: int, rank: int, world_size: int, plan: list) -> None:
-        from efficient_rl.cluster.nccl import NcclBroadcast
+    # Weight sync by collective broadcast (efficient_rl/cluster/broadcast.py: gloo or NCCL)
+    def join_weight_broadcast(self, kind: str, host: str, port: int, rank: int, world_size: int, plan: list) -> None:
+        from efficient_rl.cluster.broadcast import BucketReceiver, join_group
 
-        self.broadcast, self.plan = NcclBroadcast(host, port, rank, world_size), plan
+        self.receiver = BucketReceiver(join_group(kind, host, port, rank, world_size), plan)
 
     def receive_broadcast(self) -> dict[str, float]:
-        self.incoming = [self.broadcast.receive(bucket_plan) for bucket_plan in self.plan]
-        return self.apply_weights()
+        """Receive a sync bucket by bucket while the engine loads it: one bucket held at a time."""
+        metrics = self.engine.load_weights(self.receiver.weights())
+        self.receiver.check_complete()
+        return {**metrics, "sync/receive_peak_bytes": float(self.receiver.held.peak)}
 
     def pid(self) -> int:
         return os.getpid()
@@ -63,6 +65,7 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.learner = None
+        self.communicator = None  # rank 0's end of a collective weight transport, once joined
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it (asked of rank 0)."""
@@ -100,19 +103,21 @@ class LearnerWorker:
 
         return [(ray.put(bucket.on_host()), bucket.nbytes) for bucket in self.learner.weight_buckets(bucket_bytes)]
 
-    # GPU weight sync over NCCL (efficient_rl/cluster/nccl.py; not exercised on CPU)
+    # Weight sync by collective broadcast (efficient_rl/cluster/broadcast.py: gloo or NCCL)
     def weight_plan(self, bucket_bytes: int) -> list:
         return self.learner.weight_plan(bucket_bytes)
 
-    def join_weight_broadcast(self, host: str, port: int, world_size: int) -> None:
-        from efficient_rl.cluster.nccl import NcclBroadcast
+    def join_weight_broadcast(self, kind: str, host: str, port: int, world_size: int) -> None:
+        from efficient_rl.cluster.broadcast import join_group
 
         if self.rank == 0:
-            self.broadcast = NcclBroadcast(host, port, rank=0, world_size=world_size)
+            self.communicator = join_group(kind, host, port, rank=0, world_size=world_size)
 
     def broadcast_weights(self, bucket_bytes: int) -> None:
-        for bucket in self.learner.weight_buckets(bucket_bytes):  # every rank gathers, rank 0 sends
-            self.broadcast.send(bucket)
+        from efficient_rl.cluster.broadcast import send_buckets
+
+        # Every rank gathers (ZeRO-3); only rank 0's weight_buckets yields buckets, and sends them.
+        send_buckets(self.communicator, self.learner.weight_buckets(bucket_bytes))
 
     def save(self, directory: str) -> None:
         self.learner.save(Path(directory))

@@ -2,11 +2,13 @@
 
 RayRolloutGroup implements the rollout-engine protocol and RayLearnerGroup the learner protocol,
 so the driver loop in trainer.py runs unchanged. Weights go from learner rank 0 to every rollout
-worker through Ray's object store, in buckets: one message per bucket, never one per parameter.
+worker in buckets, never one message per parameter: through Ray's object store, or broadcast in
+a collective group (gloo or NCCL).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -194,39 +196,45 @@ class ObjectStoreTransport:
         return worker.apply_weights.remote()
 
 
-class NcclTransport:
-    """GPU: learner rank 0 broadcasts each bucket to every worker over NCCL (cluster/nccl.py).
+class BroadcastTransport:
+    """Learner rank 0 broadcasts each bucket to every worker over a collective group of its own
+    (cluster/broadcast.py): `gloo` on CPU, `nccl` on GPU, the same code but the communicator.
 
-    Not exercised on CPU machines. A restarted worker cannot join the formed group, so with NCCL
-    a dead rollout worker stops the run."""
+    The workers load each bucket as it arrives. A restarted worker cannot join the formed group,
+    so with this transport a dead rollout worker stops the run."""
 
     restartable = False
 
-    def __init__(self, bucket_bytes: int, learner: RayLearnerGroup, workers: list):
+    def __init__(self, communicator: str, bucket_bytes: int, learner: RayLearnerGroup, workers: list):
         import ray
 
-        self.bucket_bytes = bucket_bytes
+        self.communicator, self.bucket_bytes = communicator, bucket_bytes
         plan = learner.call("weight_plan", bucket_bytes)[0]
         self.sent_bytes, self.sent_buckets = sum(bucket.nbytes for bucket in plan), len(plan)
         host, port = ray.get(learner.workers[0].rendezvous_address.remote())
         world_size = 1 + len(workers)
         joins = [
-            worker.join_weight_broadcast.remote(host, port, 1 + index, world_size, plan)
+            worker.join_weight_broadcast.remote(communicator, host, port, 1 + index, world_size, plan)
             for index, worker in enumerate(workers)
         ]
-        learner.call("join_weight_broadcast", host, port, world_size)
+        learner.call("join_weight_broadcast", communicator, host, port, world_size)
         ray.get(joins)
 
     def send(self, learner, workers: list) -> list:
-        receives = [worker.receive_broadcast.remote() for worker in workers]  # they wait on NCCL
+        receives = [worker.receive_broadcast.remote() for worker in workers]  # they wait in the group
         learner.call("broadcast_weights", self.bucket_bytes)
         return receives
 
     def catch_up(self, worker):
-        raise WorkerFailure("a rollout worker cannot rejoin an NCCL weight-sync group")
+        raise WorkerFailure(f"a rollout worker cannot rejoin a formed {self.communicator} weight-sync group")
 
 
-TRANSPORTS = {"object_store": ObjectStoreTransport, "nccl": NcclTransport}
+# cluster.weight_transport -> fn(bucket bytes, learner group, rollout workers) -> transport
+TRANSPORTS = {
+    "object_store": ObjectStoreTransport,
+    "gloo": functools.partial(BroadcastTransport, "gloo"),
+    "nccl": functools.partial(BroadcastTransport, "nccl"),
+}
 
 
 # ---------------------------------------------------------------- rollout group
@@ -292,6 +300,8 @@ class RayRolloutGroup:
             "sync/bytes": float(self.transport.sent_bytes),
             "sync/buckets": float(self.transport.sent_buckets),
         }
+        if all("sync/receive_peak_bytes" in result for result in results):  # collective transports
+            metrics["sync/receive_peak_bytes"] = max(result["sync/receive_peak_bytes"] for result in results)
         if all("sync/verified" in result for result in results):
             metrics["sync/verified"] = 1.0
             metrics["sync/verify_logprob_gap"] = max(result["sync/verify_logprob_gap"] for result in results)
@@ -320,7 +330,7 @@ class RayRolloutGroup:
         if self.restarts >= self.max_restarts:
             raise WorkerFailure(
                 f"rollout worker {index} died ({one_line(err, 200)}) and cluster.max_rollout_restarts="
-                f"{self.max_restarts} restarts are used up (none with NCCL weight sync)"
+                f"{self.max_restarts} restarts are used up (none with weight_transport gloo or nccl)"
             ) from None
         self.restarts += 1
         self.unreported_restarts += 1

@@ -235,9 +235,11 @@ class ClusterSection:
     placement_timeout: float = 600.0
     max_rollout_restarts: int = 3  # a dead rollout actor is restarted at most this often per run
     sync_bucket_mb: float = 64.0  # weights travel to the engines in buckets of this size
-    # object_store: through Ray's object store (CPU, any layout). nccl: learner rank 0 broadcasts
-    # each bucket to the engines' GPUs (not exercised on CPU machines; see docs/engines.md).
-    weight_transport: Literal["object_store", "nccl"] = "object_store"
+    # object_store: through Ray's object store (CPU, any layout; restarts dead rollout workers).
+    # gloo / nccl: learner rank 0 broadcasts each bucket to the engines in a group of their own,
+    # into host memory (gloo) or the engines' GPUs (nccl, not exercised on CPU machines); each
+    # engine holds one bucket at a time. See docs/engines.md.
+    weight_transport: Literal["object_store", "gloo", "nccl"] = "object_store"
     # How rollouts and learning take turns (PIPELINES, docs/pipeline.md): sync (generate, then
     # learn) or {name: overlapped, max_staleness: 1} (the next batch is generated while the
     # learner trains; a trained rollout lags at most max_staleness policy versions).

@@ -284,7 +284,10 @@ def check_overlapped(params, recipe) -> str | None:
             f"algorithm.rollout_correction: tis (their behaviour log-probs correct the loss) or max_staleness: 0"
         )
     if recipe.cluster.backend == "ray" and recipe.cluster.weight_transport != "object_store":
-        return "name: overlapped needs cluster.weight_transport: object_store (NCCL sends weights only when asked)"
+        return (
+            f"name: overlapped needs cluster.weight_transport: object_store ({recipe.cluster.weight_transport} "
+            f"broadcasts weights only at a sync, not from a snapshot between generation requests)"
+        )
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -240,34 +241,45 @@ class VLLMEngine:
     def load_snapshot(self, snapshot: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
         return self.load_weights(snapshot)
 
-    def load_weights(self, named_weights: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    def load_weights(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load full weights, in the engine's dtype (the learner sends them so: a cast here costs
-        nothing then); with verify_sync on, check them against transformers on the same weights."""
+        nothing then); with verify_sync on, check them against transformers on the same weights.
+
+        `named_weights` may be a stream that receives buckets while it is read (cluster/broadcast.py):
+        it is read once, by one reload, and no tensor is kept here. One reload, not one per bucket:
+        vLLM processes a fused layer (q, k, v -> qkv) when all its parts have arrived within a reload,
+        and a reload that ends with a layer half loaded fills the rest with garbage."""
         started = time.time()
-        named_weights = [(name, tensor.to(DTYPES[self.dtype])) for name, tensor in named_weights]
+        passed = {"bytes": 0}
+        weights = self._on_the_way(named_weights, passed)
         if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         else:
-            self.llm.collective_rpc(reload_serialized, args=(save_safetensors(dict(named_weights)),))
+            self.llm.collective_rpc(reload_serialized, args=(save_safetensors(dict(weights)),))
         self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        metrics = {
-            "sync/seconds": time.time() - started,
-            "sync/bytes": float(sum(t.numel() * t.element_size() for _, t in named_weights)),
-        }
+        metrics = {"sync/seconds": time.time() - started, "sync/bytes": float(passed["bytes"])}
         if self.verify_prompt is not None:
-            metrics["sync/verify_logprob_gap"] = self.verify(self.reference_on(named_weights))
+            metrics["sync/verify_logprob_gap"] = self.verify(self.reference_model)
             metrics["sync/verified"] = 1.0
         return metrics
 
-    def reference_on(self, named_weights: list[tuple[str, torch.Tensor]]):
-        """transformers in the engine's dtype holding exactly the weights the engine was given."""
+    def _on_the_way(self, named_weights, passed: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights cast to the engine's dtype, counted in `passed`, and, with verify_sync on,
+        copied into the reference model as they go by."""
+        parameters = dict(self.reference().named_parameters()) if self.verify_prompt is not None else {}
+        for name, tensor in named_weights:
+            tensor = tensor.to(DTYPES[self.dtype])
+            passed["bytes"] += tensor.numel() * tensor.element_size()
+            if parameters:
+                with torch.no_grad():
+                    parameters[name].copy_(tensor)
+            yield name, tensor
+
+    def reference(self):
+        """transformers in the engine's dtype: given the same weights as the engine, for verify_sync."""
         if self.reference_model is None:
             self.reference_model = load_model(self.model_dir, DTYPES[self.dtype]).eval()
-        parameters = dict(self.reference_model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in named_weights:
-                parameters[name].copy_(tensor)
         return self.reference_model
 
     def verify(self, model) -> float:
