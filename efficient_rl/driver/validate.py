@@ -23,6 +23,7 @@ from efficient_rl.algos.shaping import LENGTH_CAPS, LENGTH_SHAPERS
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.config.binding import bind
+from efficient_rl.config.memory import check_memory_fits
 from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.rules import check_numbers
@@ -88,6 +89,7 @@ def validate(recipe: Recipe) -> Plan:
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
+    check_memory_fits(recipe, plan.placement)  # each GPU's planned peak within cluster.gpu_memory_gib
     return plan
 
 
