@@ -1,4 +1,4 @@
-"""efficient-rl command line: train, submit, jobs, study, eval, merge, export, reward check, recipes, lab."""
+"""efficient-rl command line: train, plan, submit, jobs, study, eval, merge, export, reward check, recipes, lab."""
 
 from __future__ import annotations
 
@@ -87,6 +87,23 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The recipe validated (refused as `train` would), then its memory plan per GPU."""
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.config.memory import memory_table, plan_memory
+    from efficient_rl.driver.validate import validate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.no_check:  # the table of a recipe that does not fit, to see where its memory goes
+        from efficient_rl.config.placement import resolve_placement
+
+        plan = plan_memory(recipe, resolve_placement(recipe.cluster))
+    else:
+        plan = plan_memory(recipe, validate(recipe).placement)
+    print(memory_table(plan, recipe.model.path or f"lab:{recipe.model.lab}"))
+    return 0
+
+
 def cmd_methods(args) -> int:
     """Every registry entry a recipe can pick, with its parameters, defaults, needs and source."""
     from efficient_rl.data.variables import PROMPT_VARIABLES
@@ -155,6 +172,17 @@ def parser() -> argparse.ArgumentParser:
         help="resume if the run has a checkpoint, else start it (how a requeued Slurm job restarts)",
     )
     train.set_defaults(handler=cmd_train)
+
+    plan = commands.add_parser(
+        "plan",
+        help="each GPU's memory, estimated from the model and the recipe: efficient-rl plan RECIPE [key=value ...]",
+    )
+    plan.add_argument("recipe", help="recipe YAML file, e.g. recipes/dler_r1_1p5b.yaml")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.micro_batch_tokens=4096")
+    plan.add_argument(
+        "--no-check", action="store_true", help="print the table without validating (a recipe that does not fit)"
+    )
+    plan.set_defaults(handler=cmd_plan)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=cmd_recipes)
@@ -244,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags: `train R --resume a.b=1` and `train R a.b=1 --resume`.
     args, extra = root.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command not in ("train", "submit", "study", "sweep")):
+    if unknown or (extra and args.command not in ("train", "plan", "submit", "study", "sweep")):
         root.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides += extra

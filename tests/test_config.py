@@ -353,6 +353,7 @@ def test_every_numeric_field_has_a_declared_range():
     recipe = Recipe()
     recipe.rollout.vllm.max_num_seqs = 64  # optional: None by default
     recipe.learner.lora = LoraSection()  # likewise
+    recipe.cluster.gpu_memory_gib = 79.6  # likewise
     paths = [path for path, _ in numbers(recipe)]
     assert "reward[0].weight" in paths and "cluster.learner.gpus" in paths and "learner.betas[1]" in paths
     for path in paths:

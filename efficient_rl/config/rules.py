@@ -84,6 +84,7 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "cluster.max_rollout_restarts": "[0, inf)",
     "cluster.placement_timeout": ("(0, inf)", "seconds"),
     "cluster.sync_bucket_mb": ("[0, inf)", "0 sends a bucket per parameter"),
+    "cluster.gpu_memory_gib": ("(0, inf)", "GiB of one GPU; null when unknown"),
     "logging.completions_every": ("[0, inf)", "0 means never"),
     "logging.completions_samples": "[1, inf)",
     "eval.every": ("[0, inf)", "0 means never"),

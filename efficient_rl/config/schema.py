@@ -244,6 +244,10 @@ class ClusterSection:
     # learn) or {name: overlapped, max_staleness: 1} (the next batch is generated while the
     # learner trains; a trained rollout lags at most max_staleness policy versions).
     pipeline: Choice = choice("sync")
+    # The memory of one GPU in GiB, as the driver reports it (an H100 80GB: 79.6). `plan`, `train`
+    # and `submit` estimate each GPU's peak from the model and the recipe, and refuse a recipe
+    # that would not fit (docs/memory.md). null: unknown, nothing refused.
+    gpu_memory_gib: float | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.cluster.teacher import hosts_teacher
 from efficient_rl.config.binding import bind
+from efficient_rl.config.memory import check_memory_fits
 from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.plan import Devices, Plan
 from efficient_rl.config.rules import check_numbers
@@ -92,6 +93,7 @@ def validate(recipe: Recipe) -> Plan:
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
+    check_memory_fits(recipe, plan.placement)  # each GPU's planned peak within cluster.gpu_memory_gib
     return plan
 
 
