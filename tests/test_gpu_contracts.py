@@ -61,7 +61,7 @@ RECEIVERS = [
     # functions run on the worker through collective_rpc, which hands them the worker
     ("rollout/vllm_engine.py", "worker", VLLM_WORKER),
     *[("rollout/vllm_engine.py", "worker.model_runner", runner) for runner in VLLM_MODEL_RUNNERS],
-    ("cluster/nccl.py", "self.comm", "vllm.distributed.device_communicators.pynccl.PyNcclCommunicator"),
+    ("cluster/broadcast.py", "self.comm", "vllm.distributed.device_communicators.pynccl.PyNcclCommunicator"),
     ("learner/deepspeed_learner.py", "self.engine", "deepspeed.runtime.engine.DeepSpeedEngine"),
 ]
 
@@ -536,18 +536,16 @@ def test_the_nccl_communicator_is_enabled_when_construction_succeeds(trees):
     assert ast.unparse(broadcast.body[0]) == "if self.disabled:\n    return"
 
 
-# FAILS ON PURPOSE until efficient_rl/cluster/nccl.py checks the communicator it built: a disabled
-# one (no NCCL library found, VLLM_DISABLE_PYNCCL set) makes every broadcast a no-op, so the rollout
-# workers would load the uninitialised `torch.empty` buffers of NcclBroadcast.receive as weights.
-# The fix: in NcclBroadcast.__init__, after `self.comm = PyNcclCommunicator(...)`, `if self.comm.disabled:
-# raise RuntimeError("weight broadcast: vLLM's NCCL communicator is disabled (no NCCL, or VLLM_DISABLE_PYNCCL)")`.
+# A disabled communicator (no NCCL library found, VLLM_DISABLE_PYNCCL set) makes every broadcast a
+# no-op: the rollout workers would load an uninitialised receive buffer as weights. The project
+# must look at `disabled` once it has built one.
 def test_the_project_refuses_a_disabled_nccl_communicator():
     reads = [
         node
-        for node in ast.walk(library_modules()["cluster/nccl.py"])
+        for node in ast.walk(library_modules()["cluster/broadcast.py"])
         if isinstance(node, ast.Attribute) and node.attr == "disabled"
     ]
-    assert reads, "efficient_rl/cluster/nccl.py never reads PyNcclCommunicator.disabled after building it"
+    assert reads, "efficient_rl/cluster/broadcast.py never reads PyNcclCommunicator.disabled after building it"
 
 
 # Methods whose result says whether they did their job: the project must look at it.
@@ -574,9 +572,8 @@ def test_the_block_pool_reports_a_prefix_cache_it_could_not_reset(trees):
     assert sorted(returned) == ["False", "True"]
 
 
-# FAILS ON PURPOSE until efficient_rl/rollout/vllm_engine.py (VLLMEngine.load_weights, the
-# `self.llm.reset_prefix_cache()` line) checks the result: the fix is `if not self.llm.reset_prefix_cache():
-# raise SyncVerificationError("weight sync: vLLM did not reset its prefix cache (KV blocks still in use)")`.
+# A dropped success report hides a failure: a prefix cache left as it was after a weight sync
+# makes the next rollouts reuse KV computed with the old weights.
 def test_the_project_never_discards_a_success_report():
     discarded = []
     for path, module in library_modules().items():

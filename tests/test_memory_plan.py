@@ -113,20 +113,21 @@ def ray_recipe(model_dir: Path, ranks: int, **learner) -> Recipe:
 @pytest.mark.parametrize(
     "stage, weights, gradients, optimizer",
     [
-        # bf16 module 2 x 1704; ZeRO 1-3 float32 masters and Adam over 4 ranks: 4 x 1704 / 4, 8 x 1704 / 4
+        # bf16 module 2 x 1704; ZeRO 1-3 float32 masters and Adam over 4 ranks: 4 x 1704 / 4, 8 x 1704 / 4;
+        # gradients summed in float32
         (
             1,
             2 * 1704 + 1704,
-            2 * 1704 + 4 * 1704 / 4,
+            4 * 1704 + 4 * 1704 / 4,
             8 * 1704 / 4,
-        ),  # full bf16 gradients + the step's float32 partition
+        ),  # full gradients + the step's float32 partition
         (
             2,
             2 * 1704 + 1704,
-            2 * 1704 / 4 + 2 * 1704 + 4 * 1704 / 4,
+            4 * 1704 / 4 + 4 * 1704 + 4 * 1704 / 4,
             8 * 1704 / 4,
         ),  # partition + reduce bucket (all 1704)
-        (3, 2 * 1704 / 4 + 1704, 2 * 1704 / 4 + 2 * 1704 + 4 * 1704 / 4, 8 * 1704 / 4),  # the module partitioned too
+        (3, 2 * 1704 / 4 + 1704, 4 * 1704 / 4 + 4 * 1704 + 4 * 1704 / 4, 8 * 1704 / 4),  # the module partitioned too
     ],
 )
 def test_zero_partitions_by_hand(tiny_dir, stage, weights, gradients, optimizer):

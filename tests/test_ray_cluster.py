@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -379,3 +380,51 @@ def test_fake_gpus_land_where_the_placement_says(tmp_path):
     pairs = [(shared[f"rollout{i}"][0], shared[f"learner{i}"][0]) for i in range(4)]
     assert all(rollout == learner and len(rollout) == 1 for rollout, learner in pairs)
     assert sorted(rollout[0] for rollout, _ in pairs) == [0, 1, 2, 3]
+
+
+def test_deepspeed_bf16_sums_gradients_in_float32_like_the_torch_learner(ray_cluster, tiny_overrides):
+    """The flagship recipe's precision path: bf16 compute on ZeRO-2 ranks, gradients summed in
+    float32 over passes and ranks as the torch learner sums them. After an update of three
+    optimizer steps, one row per pass, the two agree to within bf16's rounding of each pass's
+    gradients; the bf16 weights they hand the engines differ in a few elements by one bf16 step."""
+    from efficient_rl.learner.base import LEARNERS
+
+    common = tiny_overrides + [
+        "rollout.group_size=4",
+        "learner.lr=0.001",
+        "learner.mini_batch_prompts=2",
+        "learner.micro_batch_size=1",
+        "learner.precision=bf16",
+        "model.dtype=bfloat16",  # the weights leave in bf16, as the flagship recipe's do
+    ]  # 3 optimizer steps of 8 rows, one row per pass: many gradients summed
+    recipe = load_recipe(RECIPES / "quickstart.yaml", common)
+    setup = build_setup(validate(recipe))
+    setup.rewards.close()
+    batch = fixed_batch(recipe, setup)
+    single = LEARNERS.get("torch")(validate(recipe), setup.model_dir, setup.base_model_dir)
+    before = {name: weight.to(torch.bfloat16) for name, weight in single.named_weights()}
+    expected = single.update(batch)
+    expected_weights = dict(single.named_weights())
+    ds_recipe = load_recipe(RECIPES / "quickstart.yaml", common + RAY_OVERRIDES + ["learner.zero_stage=2"])
+    ds_plan = validate(ds_recipe)
+    placement = place(ds_plan.placement, ds_recipe.cluster.placement_timeout)
+    group = start_learners(ds_plan, setup, placement)
+    try:
+        distributed = group.update(batch)
+        weights = {name: w for ref, _ in group.weight_buckets(2**30) for name, w in ray.get(ref).unpack()}
+    finally:
+        group.kill()
+        placement.remove()
+    print("bf16 update, torch vs deepspeed:", {key: (expected[key], distributed[key]) for key in ("loss", "grad_norm")})
+    assert distributed["grad_norm"] == pytest.approx(expected["grad_norm"], rel=5e-3)
+    assert distributed["loss"] == pytest.approx(expected["loss"], abs=2e-3)
+    # Adam turns a tiny gradient's sign into a whole step, so single elements may part ways: the
+    # learners' weights are compared as a whole, against how far the update moved them.
+    moved = norm(expected_weights[n].float() - before[n].float() for n in before)
+    apart = norm(weights[n].float() - expected_weights[n].to(torch.bfloat16).float() for n in before)
+    print(f"bf16 weights: moved {moved:.4g}, apart {apart:.4g}")
+    assert 0 < apart < 0.25 * moved
+
+
+def norm(tensors) -> float:
+    return float(sum(float((t**2).sum()) for t in tensors) ** 0.5)

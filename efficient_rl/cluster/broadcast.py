@@ -69,6 +69,13 @@ class NcclCommunicator:
 
         group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
         self.comm = PyNcclCommunicator(group, device=device)
+        # vLLM hands back a disabled communicator, without an error, when the NCCL library does not
+        # load or VLLM_DISABLE_PYNCCL is set; its broadcasts then return without sending anything.
+        if self.comm.disabled:
+            raise RuntimeError(
+                "cluster.weight_transport: nccl: vLLM's NCCL communicator came up disabled (no NCCL library, "
+                "or VLLM_DISABLE_PYNCCL set); use weight_transport: object_store"
+            )
         self.device = device
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:

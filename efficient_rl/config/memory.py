@@ -235,9 +235,10 @@ def torch_state(recipe: Recipe, s: Sizes) -> list[Term]:
 
 
 def deepspeed_gradients(stage: int, s: Sizes) -> Term:
-    """In the compute dtype (DeepSpeed accumulates in the model's dtype): ZeRO 0-1 whole, ZeRO-2/3
-    a partition plus the reduce bucket; ZeRO 1-3 add the float32 partition the step makes."""
-    b, trained, ranks = s.compute_bytes, s.trained, s.ranks
+    """Summed in float32 (learner/deepspeed_learner.py sets DeepSpeed's accumulation and reduction
+    dtypes so): ZeRO 0-1 whole, ZeRO-2/3 a partition plus the reduce bucket; ZeRO 1-3 add the
+    float32 partition the step makes."""
+    b, trained, ranks = FLOAT32_BYTES, s.trained, s.ranks
     step_copy = FLOAT32_BYTES * trained / ranks if stage >= 1 else 0
     step_how = f" + 4 B x {count(trained)} / {ranks} for the step" if stage >= 1 else ""
     if stage >= 2:

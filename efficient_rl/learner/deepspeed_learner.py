@@ -40,8 +40,13 @@ from efficient_rl.models.modeling import torch_device
 STATE_DIR, STATE_TAG = "deepspeed", "state"
 # learner.precision -> DeepSpeed's own section for it. bf16: the module computes in bf16 and ZeRO
 # (stage 1-3) keeps the float32 master partitions and optimizer state; stage 0 would step bf16
-# weights directly, which deepspeed_check refuses.
-PRECISION_CONFIG = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}}
+# weights directly, which deepspeed_check refuses. Gradients are summed in float32, as the torch
+# learner sums them: over ranks (DeepSpeed reduces in bf16 when bf16 is on, unless told) and over
+# micro-batches (kept in the model's dtype, unless told). docs/benchmarks.md has the difference.
+PRECISION_CONFIG = {
+    "fp32": {},
+    "bf16": {"bf16": {"enabled": True}, "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}},
+}
 
 
 def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> dict:

@@ -257,7 +257,9 @@ class VLLMEngine:
         else:
             self.llm.collective_rpc(reload_serialized, args=(save_safetensors(dict(weights)),))
         self.llm.collective_rpc(repack_tied_lm_head)
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if not self.llm.reset_prefix_cache():  # cached KV was computed with the old weights
+            # vLLM leaves the cache as it was while requests hold blocks; between generate calls none should
+            raise SyncVerificationError("weight sync: vLLM did not reset its prefix cache (KV blocks still in use)")
         metrics = {"sync/seconds": time.time() - started, "sync/bytes": float(passed["bytes"])}
         if self.verify_prompt is not None:
             metrics["sync/verify_logprob_gap"] = self.verify(self.reference_model)
