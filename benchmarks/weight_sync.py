@@ -52,15 +52,34 @@ def make_model(directory: Path, hidden: int, layers: int, mlp: int, heads: int) 
     return sum(p.numel() for p in model.parameters())
 
 
+def sync_components(directory: Path, overrides: tuple[str, ...] = ()):
+    """A Ray learner actor and one vLLM-CPU rollout actor, both on the model in `directory`."""
+    from efficient_rl.cluster.ray_backend import ray_components
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.validate import validate
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"model.path={directory}",
+            "model.lab=null",
+            "cluster.backend=ray",
+            "rollout.engine=vllm",
+            "rollout.max_prompt_length=64",
+            "rollout.max_response_length=64",
+            "eval.max_new_tokens=64",
+            *overrides,
+        ],
+    )
+    return ray_components(validate(recipe), SimpleNamespace(model_dir=directory, base_model_dir=directory))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    from efficient_rl.cluster.ray_backend import ray_components
     from efficient_rl.cluster.runtime import start_ray
-    from efficient_rl.config.loading import load_recipe
-    from efficient_rl.driver.validate import validate
 
     session = start_ray(None, cpus=2, gpus=0)  # one cluster for every size
     rows = []
@@ -68,19 +87,7 @@ def main() -> None:
         for hidden, layers, mlp, heads in SIZES:
             directory = Path(tempfile.mkdtemp(prefix="erl-sync-"))
             params = make_model(directory, hidden, layers, mlp, heads)
-            recipe = load_recipe(
-                ROOT / "recipes" / "quickstart.yaml",
-                [
-                    f"model.path={directory}",
-                    "model.lab=null",
-                    "cluster.backend=ray",
-                    "rollout.engine=vllm",
-                    "rollout.max_prompt_length=64",
-                    "rollout.max_response_length=64",
-                    "eval.max_new_tokens=64",
-                ],
-            )
-            parts = ray_components(validate(recipe), SimpleNamespace(model_dir=directory, base_model_dir=directory))
+            parts = sync_components(directory)
             try:
                 times = {mode: [] for mode in MODES}
                 loads, tensors = [], 0

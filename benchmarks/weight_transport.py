@@ -16,9 +16,8 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-from weight_sync import ROOT, make_model
+from weight_sync import make_model, sync_components
 
 SIZES = [(256, 28, 768, 4), (512, 28, 1536, 8)]  # 22M and 88M parameters, 28 layers
 TRANSPORTS = ("object_store", "gloo")
@@ -26,24 +25,7 @@ TRANSPORTS = ("object_store", "gloo")
 
 def sync_metrics(directory: Path, transport: str, rounds: int) -> list[dict]:
     """The metrics of `rounds` syncs from a learner actor to one vLLM actor over `transport`."""
-    from efficient_rl.cluster.ray_backend import ray_components
-    from efficient_rl.config.loading import load_recipe
-    from efficient_rl.driver.validate import validate
-
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        [
-            f"model.path={directory}",
-            "model.lab=null",
-            "cluster.backend=ray",
-            "rollout.engine=vllm",
-            f"cluster.weight_transport={transport}",
-            "rollout.max_prompt_length=64",
-            "rollout.max_response_length=64",
-            "eval.max_new_tokens=64",
-        ],
-    )
-    parts = ray_components(validate(recipe), SimpleNamespace(model_dir=directory, base_model_dir=directory))
+    parts = sync_components(directory, (f"cluster.weight_transport={transport}",))
     try:
         return [parts.engine.sync_weights(parts.learner) for _ in range(rounds)]
     finally:
