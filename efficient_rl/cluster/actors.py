@@ -30,6 +30,7 @@ class RolloutWorker:
             dtype=recipe.model.dtype,
             options=recipe.rollout.vllm,
             device=device,
+            owns_process=True,
         )
         self.incoming = []  # buckets of the weight update in progress
 

@@ -120,6 +120,10 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
 
 
+def call_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
 def seed_sampler(worker, seed: int) -> None:
     """Runs on each vLLM worker before a generate call: the sampler draws from the default
     generators of its process, seeded here for this call alone."""
@@ -137,9 +141,11 @@ class VLLMEngine:
         dtype: str = "float32",
         options: VLLMSection | None = None,
         device: str | None = None,
+        owns_process: bool = False,
     ):
         """`device`: "cpu" or "cuda", the plan's (config/plan.py Devices); the eval command, which
-        has no plan, leaves it to what torch sees."""
+        has no plan, leaves it to what torch sees. `owns_process`: nothing else in this process
+        draws random numbers (a Ray rollout worker), so generate may seed its generators."""
         from vllm import LLM
 
         self.model_dir, self.dtype = model_dir, dtype
@@ -149,6 +155,7 @@ class VLLMEngine:
         self.reference_model = None  # transformers in the engine's dtype on its weights, for verify_sync
         arguments = engine_arguments(options or VLLMSection(), dtype, device or device_type())
         self.in_process = arguments["distributed_executor_backend"] == "uni"
+        self.shares_process = self.in_process and not owns_process  # the sampler's generators are the caller's
         self.llm = LLM(
             model=str(model_dir),
             skip_tokenizer_init=True,
@@ -167,27 +174,22 @@ class VLLMEngine:
         settings: SamplingSettings,
         seed: int | None = None,
     ) -> RolloutBatch:
-        """`seed` decides the samples (drawn from torch's generator when not given). One seed for
-        the whole call, not one per request: a request with a seed of its own sends vLLM's sampler
-        down a path that draws row by row, each row from its own generator."""
-        from vllm import SamplingParams
+        """`seed` decides the samples (drawn from torch's generator when not given).
 
-        requests = [{"prompt_token_ids": prompt} for prompt in prompts]
-        params = SamplingParams(
-            n=settings.n,
-            temperature=settings.temperature,
-            top_p=settings.top_p if settings.temperature > 0 else 1.0,
-            max_tokens=settings.max_new_tokens,
-            logprobs=0,
-            detokenize=False,
-            stop_token_ids=self.stop_ids,
-        )
+        Where the sampler has its process to itself, the seed seeds the process's generators for
+        the call and no request carries a seed: a request with a seed of its own sends vLLM's
+        sampler down a path that draws its row alone, from its own generator. Where the sampler
+        shares the caller's process (one in-process worker beside the driver, whose other threads
+        draw from the same generators), each request gets a seed of its own, derived from `seed`."""
         seed = draw_seed() if seed is None else seed
-        # In this process (one worker) the sampler's generators are this process's own: seeded for
-        # the call and then put back, so the caller's random stream goes on as if it never ran.
-        with torch.random.fork_rng(devices=self.cuda_devices()):
+        requests = [{"prompt_token_ids": prompt} for prompt in prompts]
+        if self.shares_process:
+            seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=call_generator(seed), device="cpu")
+            params = [self.sampling_params(settings, int(request_seed)) for request_seed in seeds]
+        else:
             self.llm.collective_rpc(seed_sampler, args=(seed,))
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            params = self.sampling_params(settings)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [
             (prompt, sample, gid, completion)
             for prompt, sample, gid, output in zip(prompts, samples, group_ids, outputs)
@@ -195,9 +197,19 @@ class VLLMEngine:
         ]
         return self._to_batch(rows)
 
-    def cuda_devices(self) -> list[int]:
-        """The GPUs whose generators a generate call in this process may draw from."""
-        return list(range(torch.cuda.device_count())) if self.in_process else []
+    def sampling_params(self, settings: SamplingSettings, seed: int | None = None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=settings.n,
+            temperature=settings.temperature,
+            top_p=settings.top_p if settings.temperature > 0 else 1.0,
+            max_tokens=settings.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+            seed=seed,
+            stop_token_ids=self.stop_ids,
+        )
 
     def _to_batch(self, rows) -> RolloutBatch:
         """The completions as a batch on the host (vLLM hands them over as Python lists)."""
