@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from conftest import RECIPES
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
-from efficient_rl.models.modeling import response_logprobs
+from efficient_rl.models.modeling import outside_support, response_logprobs
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.hf import TransformersEngine
-from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine
+from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine, teacher_forced_logits
 
 GREEDY = SamplingSettings(n=1, max_new_tokens=24, temperature=0.0)
 
@@ -145,6 +145,28 @@ def test_a_calls_seed_decides_its_samples_with_or_without_seeded_requests(lab, m
     torch.manual_seed(0)
     sample(11)  # beside the caller (shares_process, as the engine was built here)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.7), (5, 0.9)])
+def test_on_policy_the_learner_sees_the_distribution_the_engines_sampled_from(lab, tiny_model_dir, top_k, top_p):
+    """With top-k / top-p both engines sample only from the truncated support and report log-probs
+    renormalised over it, and the learner computes the same ones: on the sampling weights the
+    importance ratio is 1. Over the whole vocabulary it would carry the kept mass instead."""
+    tokenizer, problems, prompts, engine = lab
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = SamplingSettings(n=4, max_new_tokens=16, temperature=1.0, top_p=top_p, top_k=top_k)
+    for name, sampler in {"vllm": engine, "transformers": TransformersEngine(model, tokenizer)}.items():
+        torch.manual_seed(0)
+        batch = sampler.generate(prompts, problems, list(range(len(prompts))), settings)
+        sampled = batch.response_mask > 0
+        with torch.no_grad():
+            cut = outside_support(teacher_forced_logits(model, batch).float(), settings.support)
+            truncated, _ = response_logprobs(model, batch, 1.0, with_entropy=False, support=settings.support)
+            whole, _ = response_logprobs(model, batch, 1.0, with_entropy=False)
+        assert not cut.gather(-1, batch.response_ids[..., None])[..., 0][sampled].any(), name
+        assert bool(cut.any()), name  # the settings did truncate
+        assert float((truncated - batch.rollout_logprobs)[sampled].abs().max()) < 1e-3, name
+        assert float((whole - batch.rollout_logprobs)[sampled].abs().max()) > 0.01, name
 
 
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):

@@ -58,6 +58,7 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "rollout.max_response_length": "[1, inf)",
     "rollout.temperature": ("(0, inf)", "the learner divides logits by it; greedy 0 is for eval.temperature only"),
     "rollout.top_p": "(0, 1]",
+    "rollout.top_k": "[0, inf)",
     "rollout.max_batch_size": "[1, inf)",
     "rollout.vllm.gpu_memory_utilization": "(0, 1]",
     "rollout.vllm.tensor_parallel_size": "[1, inf)",

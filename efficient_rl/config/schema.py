@@ -83,7 +83,10 @@ class RolloutSection:
     # (paper: 4000 tokens for DeepSeek-R1-1.5B/7B).
     max_response_length: int = 256
     temperature: float = 1.0  # DLER / DAPO train at 1.0
+    # The engines sample from the top_k most likely tokens (0: all), then the fewest most likely
+    # whose probability reaches top_p (1.0: all); the learner's log-probs are over the same tokens.
     top_p: float = 1.0
+    top_k: int = 0
     max_batch_size: int = 256  # rollouts per generate call
     # Debug: after every weight sync, check the engine's greedy output (and its log-probs) on a probe
     # prompt against transformers' on the learner's weights (stale weights fail loudly). vllm only.

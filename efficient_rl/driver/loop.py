@@ -99,6 +99,7 @@ class Trainer:
             max_new_tokens=recipe.rollout.max_response_length,
             temperature=recipe.rollout.temperature,
             top_p=recipe.rollout.top_p,
+            top_k=recipe.rollout.top_k,
         )
         # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)

@@ -28,6 +28,8 @@ from efficient_rl.algos.losses import (
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
 from efficient_rl.models.modeling import (
+    WHOLE_VOCABULARY,
+    Support,
     output_head,
     response_hidden_states,
     response_logprobs,
@@ -66,6 +68,7 @@ class ObjectiveSettings:
     chunk_rows: int = DistillSection.chunk_rows
     selected_compute: bool = True  # the LM head runs on the loss tokens only
     packing: bool = LearnerSection.packing
+    support: Support = WHOLE_VOCABULARY  # the tokens the engine sampled from (rollout.top_k, top_p)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -87,6 +90,7 @@ def objective_settings(plan: Plan) -> ObjectiveSettings:
         loss_denominator=alg.loss_denominator,
         chunk_rows=recipe.distill.chunk_rows,
         packing=recipe.learner.packing,
+        support=Support(recipe.rollout.top_k, recipe.rollout.top_p),
     )
 
 
@@ -160,6 +164,7 @@ def policy_gradient(
         settings.temperature,
         selected=rows.loss_mask if settings.selected_compute else None,
         packed=settings.packing,
+        support=settings.support,
     )
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)

@@ -243,6 +243,7 @@ class TorchLearner:
                 with_entropy=False,
                 selected=rows.loss_mask if self.objective.selected_compute else None,
                 packed=self.objective.packing,
+                support=self.objective.support,
             )
             return logprobs
 

@@ -50,6 +50,41 @@ def compute_in(dtype: torch.dtype, device_type: str):
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Support:
+    """The tokens the engine samples from at a step (rollout.top_k, rollout.top_p): the top_k most
+    likely (0: every token), and of those the fewest most likely whose probability reaches top_p
+    (1.0: every one). The learner's log-probs are over the same tokens, renormalised, as the
+    engines' are (vLLM's processed log-probs; the transformers engine computes them so), so that
+    on-policy the importance ratio is 1 whatever the truncation."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def whole(self) -> bool:
+        return self.top_k <= 0 and self.top_p >= 1.0
+
+
+WHOLE_VOCABULARY = Support()
+
+
+def outside_support(scaled_logits: torch.Tensor, support: Support) -> torch.Tensor:
+    """[..., V] True where top-k or top-p cuts a token, by the rule vLLM's sampler and transformers'
+    warpers share: sort ascending; top-k cuts what is below the k-th largest logit; top-p then cuts
+    the tokens whose cumulative probability (of the top-k-renormalised distribution, from the
+    least likely up) is at most 1 - top_p, never the most likely one."""
+    ascending, order = scaled_logits.sort(-1)
+    cut = torch.zeros_like(ascending, dtype=torch.bool)
+    if 0 < support.top_k < ascending.shape[-1]:
+        cut |= ascending < ascending[..., -support.top_k, None]
+    if support.top_p < 1.0:
+        cumulative = ascending.masked_fill(cut, float("-inf")).softmax(-1).cumsum(-1)
+        cut |= cumulative <= 1.0 - support.top_p
+        cut[..., -1] = False
+    return torch.empty_like(cut).scatter_(-1, order, cut)
+
+
 def sequence_inputs(rows: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model input ids, attention mask and position ids for prompt + response."""
     input_ids = torch.cat([rows.prompt_ids, rows.response_ids], 1)
@@ -65,8 +100,10 @@ def response_logprobs(
     with_entropy: bool = True,
     selected: torch.Tensor | None = None,
     packed: bool = False,
+    support: Support = WHOLE_VOCABULARY,
 ):
-    """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R].
+    """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R], of the
+    distribution over `support`'s tokens at each position.
 
     With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
     LM head, log-softmax and entropy only on the selected positions: [B, R, V] logits never exist,
@@ -80,14 +117,14 @@ def response_logprobs(
     if packed and selected is None:
         selected = rows.response_mask > 0
     if selected is not None:
-        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed)
+        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed, support)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
     # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1
     ).logits[:, :-1]
-    return token_logprobs_and_entropy(logits, rows.response_ids, temperature, with_entropy)
+    return token_logprobs_and_entropy(logits, rows.response_ids, temperature, with_entropy, support)
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -100,10 +137,16 @@ def output_head(model) -> torch.nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    support: Support = WHOLE_VOCABULARY,
+):
     """log p(token) and the entropy of each row of `logits` / temperature ([..., V] in any dtype;
-    tokens [...]), both float32."""
-    return TokenLogprobs.apply(logits, tokens, temperature, with_entropy)
+    tokens [...]), both float32, of the distribution over `support`'s tokens."""
+    return TokenLogprobs.apply(logits, tokens, temperature, with_entropy, support)
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -111,16 +154,26 @@ class TokenLogprobs(torch.autograd.Function):
     the entropy beside it (a statistic: no gradient). The backward keeps the logits as they came
     and the float32 log-normaliser only, and recomputes the softmax from them: log_softmax of a
     float32 copy would keep a float32 [..., V] tensor, twice the bytes of bf16 logits, and the
-    vocabulary makes it one of the largest activations a learner holds."""
+    vocabulary makes it one of the largest activations a learner holds. With a truncated support
+    it also keeps which tokens were cut (one byte a token). The sampled token always counts: on
+    the engine's side it was in the support, and a near-tie decided the other way here must not
+    make its log-prob -inf."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool, support):
         scaled_logits = logits.float() / temperature  # temporaries, like logp_all: not kept
+        cut = None
+        if not support.whole:
+            cut = outside_support(scaled_logits, support).scatter_(-1, tokens[..., None], False)
+            scaled_logits = scaled_logits.masked_fill_(cut, float("-inf"))
         log_normaliser = torch.logsumexp(scaled_logits, -1)
         logp_all = scaled_logits - log_normaliser[..., None]
         picked = logp_all.gather(-1, tokens[..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-        ctx.save_for_backward(logits, tokens, log_normaliser)
+        entropy = None
+        if with_entropy:
+            finite = logp_all if cut is None else logp_all.masked_fill(cut, 0.0)  # a cut token's 0 x -inf is 0
+            entropy = -(logp_all.exp() * finite).sum(-1)
+        ctx.save_for_backward(logits, tokens, log_normaliser, *([cut] if cut is not None else []))
         ctx.temperature = temperature
         if with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -128,11 +181,13 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_picked: torch.Tensor, _grad_entropy):
-        logits, tokens, log_normaliser = ctx.saved_tensors
-        # d log p(y) / d z_v = (1[v = y] - p_v) / temperature
+        logits, tokens, log_normaliser, *cut = ctx.saved_tensors
+        # d log p(y) / d z_v = (1[v = y] - p_v) / temperature, and 0 for a cut token
         probs = torch.exp(logits.float() / ctx.temperature - log_normaliser[..., None])
+        if cut:
+            probs = probs.masked_fill_(cut[0], 0.0)
         grad = (-grad_picked[..., None] * probs).scatter_add_(-1, tokens[..., None], grad_picked[..., None])
-        return (grad / ctx.temperature).to(logits.dtype), None, None, None
+        return (grad / ctx.temperature).to(logits.dtype), None, None, None, None
 
 
 def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> torch.Tensor:
@@ -150,12 +205,18 @@ def response_hidden_states(model, rows: RolloutBatch, packed: bool = False) -> t
 
 
 def selected_logprobs(
-    model, rows: RolloutBatch, temperature: float, with_entropy: bool, selected: torch.Tensor, packed: bool = False
+    model,
+    rows: RolloutBatch,
+    temperature: float,
+    with_entropy: bool,
+    selected: torch.Tensor,
+    packed: bool = False,
+    support: Support = WHOLE_VOCABULARY,
 ):
     head = output_head(model)
     hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
     picked_logprobs, picked_entropy = token_logprobs_and_entropy(
-        head(hidden), rows.response_ids[selected], temperature, with_entropy
+        head(hidden), rows.response_ids[selected], temperature, with_entropy, support
     )
     return scatter_selected(picked_logprobs, selected), (
         scatter_selected(picked_entropy, selected) if with_entropy else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.models.modeling import WHOLE_VOCABULARY, Support
 from efficient_rl.registry import Registry
 
 
@@ -15,6 +16,12 @@ class SamplingSettings:
     max_new_tokens: int = 256  # hard length cap: a response that reaches it is "truncated"
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+
+    @property
+    def support(self) -> Support:
+        """The tokens sampled from; greedy decoding samples nothing."""
+        return Support(self.top_k, self.top_p) if self.temperature > 0 else WHOLE_VOCABULARY
 
 
 class RolloutEngine(Protocol):

@@ -15,7 +15,7 @@ import torch
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.data.prompts import stop_token_ids
-from efficient_rl.models.modeling import DTYPES, compute_in
+from efficient_rl.models.modeling import DTYPES, compute_in, token_logprobs_and_entropy
 from efficient_rl.rollout.base import ENGINES, SamplingSettings
 
 if TYPE_CHECKING:  # annotations only: transformers is slow to import
@@ -75,9 +75,10 @@ class TransformersEngine:
         self.model.train(was_training)
         response_ids = out.sequences[:, prompt_ids.shape[1] :]
         response_mask, no_eos = response_mask_until_eos(response_ids, self.stop_ids)
-        logits = torch.stack(out.logits, dim=1).float()  # raw logits of every generated step
+        logits = torch.stack(out.logits, dim=1)  # raw logits of every generated step
         temperature = settings.temperature if settings.temperature > 0 else 1.0
-        logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, response_ids[..., None])[..., 0]
+        # over the tokens top-k / top-p left to sample from, as vLLM's processed log-probs and the learner's
+        logprobs, _ = token_logprobs_and_entropy(logits, response_ids, temperature, False, settings.support)
         lengths = response_mask.sum(-1).long()
         return RolloutBatch(
             prompt_ids=prompt_ids,
@@ -102,7 +103,7 @@ class TransformersEngine:
             do_sample=sample,
             temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None,
-            top_k=0 if sample else None,  # no top-k truncation unless asked (vLLM's top_k=-1)
+            top_k=settings.top_k if sample else None,  # 0: no top-k truncation (transformers' default is 50)
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,

@@ -204,6 +204,7 @@ class VLLMEngine:
             n=settings.n,
             temperature=settings.temperature,
             top_p=settings.top_p if settings.temperature > 0 else 1.0,
+            top_k=settings.top_k if settings.temperature > 0 else 0,  # 0: no top-k truncation
             max_tokens=settings.max_new_tokens,
             logprobs=0,
             detokenize=False,
