@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from efficient_rl.data.answers import as_number, number_text
-from efficient_rl.rewards.math import math_reward
+from efficient_rl.rewards.math import answers_match, math_reward
 
 THIN, NARROW_NO_BREAK, MINUS = "\u2009", "\u202f", "\u2212"
 
@@ -162,3 +162,17 @@ def test_what_is_not_one_plain_number_is_left_to_math_verify(text):
 )
 def test_a_number_is_handed_on_in_its_plainest_exact_form(value, text):
     assert number_text(value) == text
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "right"),
+    [
+        ("1\\,000", "1000", True),
+        ("1,2", "12", False),
+        ("12", "1, 2", False),
+        ("1e3", "1000", True),
+        ("(1,2)", "(1,2)", True),
+    ],
+)
+def test_without_math_verify_the_same_number_rules_hold(predicted, reference, right):
+    assert answers_match(predicted, reference, use_math_verify=False) is right
