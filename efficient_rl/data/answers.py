@@ -57,15 +57,15 @@ def extract_answer(text: str, fallback_last_number: bool = True, answer_pattern:
 # with a comma in it ("1,2", "2, 3", "1,2,3,4") is a list, never a number with its commas dropped.
 # (Unicode thin and non-breaking spaces arrive here as plain spaces: `respell` reads them so.)
 THOUSANDS_SEPARATORS = (",", "{,}", "\\,", "\\;", "\\:", "\\!", "\\ ", " ")
-# Unicode spellings math-verify and Python's number parsers do not all read, as their ASCII or
-# LaTeX equivalents; "\u2212" is the typographic minus sign.
+# Spellings rewritten before either reader sees them: the typographic minus ("\u2212") and unicode
+# spaces as their ASCII forms, and \varnothing as the \emptyset that math-verify equates with sets.
 SPELLINGS = {"\u2212": "-", "\u2009": " ", "\u202f": " ", "\u00a0": " ", "\\varnothing": "\\emptyset"}
 DECIMAL = re.compile(r"(?P<integer>[^.eE]*)(?:\.(?P<fraction>\d+))?(?:[eE](?P<exponent>[+-]?\d+))?")
 RATIO = re.compile(r"(\d+)/(\d+)")
 # "1.5\times10^{3}", "2 \cdot 10^-4", "3×10^5": the mantissa is read as a plain number before it.
 TIMES_POWER_OF_TEN = re.compile(r"\s*(?:\\times|\\cdot|\u00d7)\s*10\s*\^\s*(?:\{\s*([+-]?\d+)\s*\}|([+-]?\d))$")
-# 10**MAX_EXPONENT is as large a power as a number answer is read with; "1e999999999" would take
-# minutes to expand, so beyond it the text is not a plain number (math-verify gets it instead).
+# 10**MAX_EXPONENT is as large a power as a number answer is read with: "1e999999999" expanded
+# exactly would be a billion digits, so beyond it the text is not a plain number (math-verify gets it).
 MAX_EXPONENT = 400
 
 
