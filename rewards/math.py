@@ -1,5 +1,6 @@
 """Math answer reward: the last \\boxed{...} of the completion (else a GSM8K-style `#### N` line, or
-its last number) vs the reference, compared exactly as numbers or else with math-verify.
+its last number) vs the reference, compared exactly as numbers or else with math-verify; the rules
+are in docs/rewards.md#how-math-compares-answers.
 
 A reference may be a full GSM8K solution ending in `#### N`: its answer is N."""
 
@@ -9,7 +10,16 @@ import re
 
 # Answer extraction is the core's (data and evaluation read answers too); the names stay
 # importable from here for plugins written against this module.
-from efficient_rl.data.answers import as_number, extract_answer, final_answer, hash_answer, last_boxed, shorten  # noqa: F401
+from efficient_rl.data.answers import (  # noqa: F401
+    as_number,
+    extract_answer,
+    final_answer,
+    hash_answer,
+    last_boxed,
+    number_text,
+    respell,
+    shorten,
+)
 
 # Two plain words in a row ("see above"): prose, which math-verify would read as a product of
 # one-letter symbols (s*e*e*a*b*o*v*e) that matches only itself, so every response would score 0.
@@ -30,11 +40,15 @@ def reference_answer(reference: str) -> str:
 
 
 def answers_match(predicted: str, reference: str, use_math_verify: bool = True, timeout: int = 2) -> bool:
-    """Exact equality when both sides are numbers; otherwise math-verify (symbolic: fractions,
-    roots, sets, intervals ...), or whitespace-insensitive string equality without it."""
+    """Exact equality when both sides are plain numbers; otherwise math-verify (symbolic: fractions,
+    roots, tuples, sets, intervals ...), or whitespace-insensitive string equality without it. A
+    side that is a plain number goes on in its plain form ("1\\,000" as 1000, "1e3" as 1000), so
+    a number spelled in a way only the shortcut reads still compares with `10^{3}`."""
     left, right = as_number(predicted), as_number(reference)
     if left is not None and right is not None:
         return left == right
+    predicted = respell(predicted) if left is None else number_text(left)
+    reference = respell(reference) if right is None else number_text(right)
     if use_math_verify:
         return math_verify_equal(predicted, reference, timeout)
     return "".join(predicted.split()) == "".join(reference.split())
