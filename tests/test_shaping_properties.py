@@ -16,6 +16,7 @@ refused too. Hand-computed values of each rule are in test_length_rewards.py.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -145,6 +146,29 @@ def test_the_issues_cases_break_the_bare_rules_and_are_stopped_at_run_time():
     for penalty, inputs in ((truncation_penalty, negative), (l1_max, budget), (arora_zanette, partial)):
         with pytest.raises(ValueError, match="needs"):
             penalty(inputs)
+
+
+def test_the_run_time_check_passes_rounds_within_the_need_even_without_a_correct_rollout():
+    all_wrong = hand_round([0.0, 0.0], [0.0, 0.0], [10, 30], [False, False])
+    assert arora_zanette(all_wrong).tolist() == [0.0, 0.0]
+    all_correct = hand_round([2.0, 2.0], [1.0, 1.0], [10, 30], [False, True])
+    assert truncation_penalty(all_correct).tolist() == [2.0, 0.0]
+    uneven = hand_round([1.0, 2.0], [1.0, 1.0], [10, 30], [False, False])  # two values for correct answers
+    with pytest.raises(ValueError, match="needs binary scores"):
+        arora_zanette(uneven)
+
+
+# The rows of the table in docs/algorithms.md#what-a-length-penalty-promises, by the need they state.
+DOCUMENTED_NEEDS = {"any": "| any |", "non_negative": "| at least 0 |", "binary": "| binary:"}
+
+
+def test_the_documented_table_of_score_needs_is_the_code_s():
+    page = (RECIPES.parent / "docs" / "algorithms.md").read_text()
+    for need, row_start in DOCUMENTED_NEEDS.items():
+        (row,) = [line for line in page.splitlines() if line.startswith(row_start)]
+        documented = set(re.findall(r"`(\w+)`", row.rsplit("|", 2)[1]))
+        declared = {entry.name for entry in LENGTH_SHAPERS.entries() if promise_of(entry).scores == need}
+        assert documented == declared, f"docs/algorithms.md's row for {need} scores"
 
 
 def test_each_score_need_has_a_load_time_test():
