@@ -102,8 +102,8 @@ def promises(**fields) -> Callable:
             if not holds(inputs.scores, inputs.correct):
                 seen = sorted(set(inputs.scores.tolist()))[:6]
                 raise ValueError(
-                    f"length penalty {function.__name__} needs {meaning}; this round's rewards scored {seen}: "
-                    "declare score_range on the reward (docs/rewards.md) or change the penalty"
+                    f"algorithm.length_penalty ({function.__name__}) needs {meaning}; this round's rewards "
+                    f"scored {seen}: declare score_range on the reward (docs/rewards.md) or change the penalty"
                 )
             return function(inputs, **params)
 
