@@ -50,3 +50,12 @@ def code_reward(
         "timeouts": float(reasons.count("timeout")),
         "leftovers": float(leftovers),
     }  # processes its runs left behind (killed): one that daemonizes
+
+
+def scores_all_or_nothing(params: dict) -> bool:
+    """1/0 only with all_or_nothing; else partial credit, the fraction of tests passed."""
+    return bool(params.get("all_or_nothing", False))
+
+
+code_reward.score_range = (0.0, 1.0)  # what it can score (efficient_rl/scoring/scale.py)
+code_reward.binary_score = scores_all_or_nothing

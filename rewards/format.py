@@ -24,3 +24,7 @@ def format_reward(completion: str, sample: dict, tags: list[str] = (), require_b
     tail = completion[completion.rfind(f"</{tags[-1]}>") :] if tags and tags_ok else completion
     boxed = last_boxed(tail) is not None
     return {"score": float(tags_ok and (boxed or not require_boxed)), "tags_ok": float(tags_ok), "boxed": float(boxed)}
+
+
+format_reward.score_range = (0.0, 1.0)  # what it can score (efficient_rl/scoring/scale.py)
+format_reward.binary_score = True

@@ -89,3 +89,8 @@ def math_reward(
     predicted = final_answer(predicted) if predicted is not None else None
     correct = predicted is not None and answers_match(predicted, reference, use_math_verify, timeout)
     return {"score": float(correct), "accuracy": float(correct)}
+
+
+# What it can score, for the length penalties that need to know (efficient_rl/scoring/scale.py).
+math_reward.score_range = (0.0, 1.0)
+math_reward.binary_score = True

@@ -46,3 +46,7 @@ def choice_reward(completion: str, sample: dict, letters: str = "ABCD") -> dict:
     predicted = extract_choice(completion, letters)
     correct = predicted is not None and predicted == reference_letter(sample, letters)
     return {"score": float(correct), "accuracy": float(correct), "answered": float(predicted is not None)}
+
+
+choice_reward.score_range = (0.0, 1.0)  # what it can score (efficient_rl/scoring/scale.py)
+choice_reward.binary_score = True

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs
+from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, promises, within_limit
 
 ANY = "(-inf, inf)"
 
@@ -60,6 +60,7 @@ def l1_metrics(inputs: ShapingInputs, *, target_field: str, **_) -> dict[str, fl
     metrics=l1_metrics,
     source="L1 / LCPO (arXiv 2503.04697) Eq. 1, L1-Exact; docs/algorithms.md#l1-lcpo",
 )
+@promises(length="target")  # pays for hitting the sample's target, so a too-short answer earns less
 def l1_exact(inputs: ShapingInputs, *, alpha: float = 0.0003, target_field: str = "target_length") -> torch.Tensor:
     """r = score - alpha * |n_gold - n_y|, n_gold the sample's `target_field` (the score stands
     for the paper's correctness indicator)."""
@@ -74,6 +75,7 @@ def l1_exact(inputs: ShapingInputs, *, alpha: float = 0.0003, target_field: str 
     metrics=l1_metrics,
     source="L1 / LCPO (arXiv 2503.04697) Eq. 2, L1-Max; alpha from the official reward code",
 )
+@promises(scores="non_negative")  # a factor in [0, 1] would lift a negative score of a long answer
 def l1_max(
     inputs: ShapingInputs, *, alpha: float = 0.001, delta: float = 0.5, target_field: str = "target_length"
 ) -> torch.Tensor:
@@ -116,6 +118,7 @@ def thinkprune_metrics(inputs: ShapingInputs, *, caps: list[int]) -> dict[str, f
     metrics=thinkprune_metrics,
     source="ThinkPrune (arXiv 2504.01296): truncation at tightening limits; caps from its scripts",
 )
+@promises(scores="non_negative")  # 0 over the cap would pay a negative score for running long
 def thinkprune(inputs: ShapingInputs, *, caps: list[int] = [4000, 3000, 2000]) -> torch.Tensor:  # noqa: B006
     """Reward 0 over the cap of the current round (and over the cap in force, if tighter); the
     run is split into len(caps) equal rounds by training progress."""
@@ -156,6 +159,7 @@ def kimi_length_reward(inputs: ShapingInputs, *, weight: float = 0.4, warmup: fl
     ranges={"alpha": "[0, 1)"},
     source="Arora & Zanette, Training language models to reason efficiently (arXiv 2502.04463)",
 )
+@promises(scores="binary")  # a wrong answer's partial credit may exceed a long correct one's score * (1 - alpha)
 def arora_zanette(inputs: ShapingInputs, *, alpha: float = 0.1) -> torch.Tensor:
     """A correct answer gets score * (1 - alpha * sigmoid((len - mean) / std)), mean and
     (population) std over the lengths of the group's correct answers; z = 0 when they all have
@@ -175,9 +179,14 @@ def arora_zanette(inputs: ShapingInputs, *, alpha: float = 0.1) -> torch.Tensor:
 # --- LASER and LASER-D ---------------------------------------------------------------------------
 
 
+def laser_check(params, recipe) -> str | None:
+    return within_limit("target", params.target, recipe.rollout.max_response_length)  # beyond it, never binds
+
+
 @LENGTH_SHAPERS.register(
     "laser",
     ranges={"target": "[1, inf)", "alpha": "[0, inf)"},
+    check=laser_check,
     source="LASER (arXiv 2505.15612): step reward under a target; hkust-nlp/Laser defaults",
 )
 def laser(inputs: ShapingInputs, *, target: int = 4096, alpha: float = 0.5) -> torch.Tensor:
@@ -228,11 +237,16 @@ def laser_d_metrics(
     return {f"laser_d/target_{name}": float(value) for name, value in zip(BANDS, targets.tolist())}
 
 
+def laser_d_check(params, recipe) -> str | None:
+    return within_limit("min_target", params.min_target, recipe.rollout.max_response_length)
+
+
 @LENGTH_SHAPERS.register(
     "laser_d",
     needs=("length_cap",),
     ranges={"alpha": "[0, inf)", "min_target": "[1, inf)", "step": "[1, inf)", "expected_correct": "[1, inf)"},
     metrics=laser_d_metrics,
+    check=laser_d_check,
     source="LASER-D (arXiv 2505.15612): targets per difficulty band; hkust-nlp/Laser's rule",
 )
 def laser_d(
@@ -249,10 +263,28 @@ def laser_d(
 # --- cosine length-scaled reward -----------------------------------------------------------------
 
 
+# The cosine reward's values that must not be out of order, each pair (higher, lower) with why.
+COSINE_ORDER = (
+    ("correct_short", "correct_long", "a longer correct answer would earn more"),
+    ("correct_long", "exceed", "running over the cap would pay a correct answer more"),
+    ("correct_short", "wrong_short", "a short wrong answer would beat a short correct one"),
+    ("correct_long", "wrong_long", "a long wrong answer would beat a long correct one"),
+)
+
+
+def cosine_check(params, recipe) -> str | None:
+    for higher, lower, why in COSINE_ORDER:
+        top, value = getattr(params, higher), getattr(params, lower)
+        if top < value:
+            return f"{lower}: expected at most {higher} ({top}), got {value}: {why}"
+    return None
+
+
 @LENGTH_SHAPERS.register(
     "cosine",
     needs=("length_cap",),
     ranges={"correct_short": ANY, "correct_long": ANY, "wrong_short": ANY, "wrong_long": ANY, "exceed": ANY},
+    check=cosine_check,
     source="Yeo et al., Demystifying long CoT (arXiv 2502.03373); values from its run scripts",
 )
 def cosine_length_reward(

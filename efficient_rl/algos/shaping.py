@@ -7,6 +7,14 @@ and returns the [B] rewards. The cap in force is a LENGTH_CAPS entry's. The effi
 penalties (L1, ThinkPrune, Kimi, Arora & Zanette, LASER, cosine) are in length_rewards.py,
 registered when efficient_rl.algos is imported.
 
+What a penalty promises, and for which scores (docs/algorithms.md#what-a-length-penalty-promises):
+(a) a longer correct rollout never earns more than a shorter correct one of the same score in its
+group (L1-Exact: one farther from its target); (b) a correct rollout never earns less than a wrong
+one of the same length and no higher score. An entry whose rule keeps them only for some scores
+(a cut to 0 or a factor in [0, 1] rewards a negative score) says which with `promises`: the
+recipe's rewards are checked against it at load (scoring/scale.py) and the scores of every round
+at run time.
+
 References: docs/algorithms.md#length-penalty-interface, docs/algorithms.md#dler-truncation (the
 paper's rule vs verl-dler's 0.1 multiplier), docs/algorithms.md#difficulty-aware-dler and
 docs/algorithms.md#dapo-overlong-shaping.
@@ -14,9 +22,10 @@ docs/algorithms.md#dapo-overlong-shaping.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -55,6 +64,83 @@ class ShapingInputs:
             ) from None
 
 
+# The scores a penalty may need, by name: what each means, and its test on one round's scores
+# and correctness. scoring/scale.py holds the same names' test on a recipe's reward list.
+SCORE_NEEDS: dict[str, tuple[str, Callable]] = {
+    "any": ("any scores", lambda scores, correct: True),
+    "non_negative": ("scores >= 0", lambda scores, correct: bool((scores >= 0).all())),
+    "binary": (
+        "binary scores (0 for a wrong answer, one positive value for every correct one)",
+        lambda scores, correct: bool(
+            (scores[correct <= 0] == 0).all()
+            and (scores[correct > 0] > 0).all()
+            and scores[correct > 0].unique().numel() <= 1  # a round may have no correct rollout
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Promise:
+    """What a length penalty keeps: for which scores, and which length it pays for."""
+
+    scores: str = "any"  # a SCORE_NEEDS name
+    length: Literal["shorter", "target"] = "shorter"  # "target": closer to the sample's target earns more
+
+
+def promises(**fields) -> Callable:
+    """Declare a penalty's Promise; its scores are then checked every round before it runs, so a
+    reward that breaks them (an undeclared plugin's negative score) stops the run, never bends it."""
+    promise = Promise(**fields)
+    if promise.scores not in SCORE_NEEDS:
+        raise ValueError(f"promises: unknown scores {promise.scores!r}; expected one of {sorted(SCORE_NEEDS)}")
+
+    def declare(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def checked(inputs: ShapingInputs, **params) -> torch.Tensor:
+            meaning, holds = SCORE_NEEDS[promise.scores]
+            if not holds(inputs.scores, inputs.correct):
+                seen = sorted(set(inputs.scores.tolist()))[:6]
+                raise ValueError(
+                    f"algorithm.length_penalty ({function.__name__}) needs {meaning}; this round's rewards "
+                    f"scored {seen}: declare score_range on the reward (docs/rewards.md) or change the penalty"
+                )
+            return function(inputs, **params)
+
+        checked.promise = promise
+        return checked
+
+    return declare
+
+
+def promise_of(entry) -> Promise:
+    """A LENGTH_SHAPERS entry's Promise (the default, any scores and shorter wins, if undeclared)."""
+    return getattr(entry.function, "promise", Promise())
+
+
+def tightest_cap(recipe) -> int:
+    """The shortest truncation length the recipe's length cap can put in force: its entry asked
+    for the caps of groups of every accuracy from 0 to 1 (the generation limit if it cannot say)."""
+    limit = recipe.rollout.max_response_length
+    picked = recipe.algorithm.length_cap
+    try:
+        entry = LENGTH_CAPS.get(picked.name)
+        hits = torch.arange(101).repeat_interleave(100)  # group g: g correct rollouts of 100
+        correct = (torch.arange(100).repeat(101) < hits).float()
+        caps = entry.bind(entry.params(**picked.params))(correct, hits, max_response_length=limit)
+    except (KeyError, TypeError, ValueError, IndexError):  # a bad cap: its own check names it
+        return limit
+    return min(int(caps.min()), limit)
+
+
+def shorter_than_cap(name: str, value: int, recipe) -> str | None:
+    """A length the penalty measures against the cap must leave room under the tightest one."""
+    cap = tightest_cap(recipe)
+    if value < cap:
+        return None
+    return f"{name}: expected below the tightest length cap in force ({cap}), got {value}"
+
+
 def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.Tensor) -> torch.Tensor:
     """Rollouts that exceed the truncation length in force: cut by the engine, or longer than cap."""
     return truncated | (lengths > length_cap)
@@ -71,6 +157,7 @@ def no_length_penalty(inputs: ShapingInputs) -> torch.Tensor:
     ranges={"not_stopped_coef": "[0, 1]"},
     source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager",
 )
+@promises(scores="non_negative")  # 0 over the cap would pay a negative score for running long
 def truncation_penalty(
     inputs: ShapingInputs, *, mode: Literal["paper", "code"] = "paper", not_stopped_coef: float = 0.1
 ) -> torch.Tensor:
@@ -85,10 +172,15 @@ def truncation_penalty(
     return torch.where(inputs.over_cap(), scores * (not_stopped_coef if mode == "code" else 0.0), scores)
 
 
+def overlong_check(params, recipe) -> str | None:
+    return shorter_than_cap("buffer", params.buffer, recipe)  # else every response starts penalised
+
+
 @LENGTH_SHAPERS.register(
     "overlong",
     needs=("length_cap",),
     ranges={"buffer": "[1, inf)", "factor": "[0, inf)"},
+    check=overlong_check,
     source="DAPO (arXiv 2503.14476) soft overlong punishment",
 )
 def overlong_shaping(inputs: ShapingInputs, *, buffer: int = 4096, factor: float = 1.0) -> torch.Tensor:

@@ -263,7 +263,14 @@ class Trainer:
     def generate_and_score(
         self, prompts: list[tuple[int, dict]], progress: float, generate: Callable, timings: dict[str, float]
     ) -> tuple[RolloutBatch, RewardResult]:
-        """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result."""
+        """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result.
+
+        The one order of composition (docs/algorithms.md#what-a-length-penalty-promises): the score
+        is the weighted sum of the reward entries; correctness is their largest accuracy (else a
+        positive score); the length cap reads the correctness; the length penalty reads the weighted
+        score, the correctness and the caps, and gives the reward the advantage is computed from.
+        Weights never apply after shaping; what scores the penalty keeps its promises for is checked
+        at load (scoring/scale.py) and on every round (algos/shaping.py `promises`)."""
         with timed(timings, "generate"):
             batch = generate(
                 [self.setup.encode(sample) for _, sample in prompts],

@@ -44,6 +44,7 @@ from efficient_rl.registry import NEEDS, SAMPLE_FIELD_NEED, Bound, did_you_mean
 from efficient_rl.rollout.base import ENGINES
 from efficient_rl.run.checkpoint import check_run_name
 from efficient_rl.scoring.runner import resolve_rewards
+from efficient_rl.scoring.scale import check_scores_fit_penalty
 
 # The recipe's picks of registry entries with parameters (each a config Choice), and of plain
 # names. Each entry's `check` holds what it does not combine with (a backend's compatibility rules).
@@ -91,6 +92,7 @@ def validate(recipe: Recipe) -> Plan:
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
+    check_scores_fit_penalty(choices["algorithm.length_penalty"], recipe.reward)  # what the penalty promises holds
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
     check_memory_fits(recipe, plan.placement)  # each GPU's planned peak within cluster.gpu_memory_gib

@@ -1,0 +1,269 @@
+"""What every length penalty promises, checked on random rounds (docs/algorithms.md#what-a-length-penalty-promises).
+
+Every LENGTH_SHAPERS entry is taken from the registry, so a new one is covered without a line here.
+On seeded random groups whose scores are the ones the entry declares it keeps its promises for
+(`promises`: any, non-negative with partial credit, or binary):
+(a) a longer correct rollout never earns more than a shorter correct one of the same score in its
+    group (L1-Exact: one farther from the group's target never earns more);
+(b) a correct rollout never earns less than a wrong one of the same length in its group whose score
+    is no higher.
+A declaration is never idle: the bare rule breaks (a) or (b) on scores outside it. A recipe whose
+rewards can leave it is refused at load, in one line naming the field, and a round's scores that
+leave it stop the run. Parameters that cannot work together (a buffer as long as the cap...) are
+refused too. Hand-computed values of each rule are in test_length_rewards.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+import efficient_rl.algos  # noqa: F401  (registers every length penalty)
+from conftest import RECIPES
+from efficient_rl.algos.length_rewards import arora_zanette, l1_max, thinkprune
+from efficient_rl.algos.shaping import LENGTH_SHAPERS, SCORE_NEEDS, ShapingInputs, promise_of, truncation_penalty
+from efficient_rl.config.loading import load_recipe
+from efficient_rl.driver.validate import validate
+from efficient_rl.errors import ConfigError
+from efficient_rl.scoring.scale import SCORE_PROBLEMS
+
+LIMIT = 5000  # the generation limit: every default parameter (caps of 4000, targets of 4096) binds below it
+CAPS_IN_FORCE = (5000, 4500)  # a cap per group, as DA-DLER's tiers give
+LENGTH_STEP = 250  # lengths on a grid, so that rollouts of one length meet in a group
+# Scores each declaration allows, from a small set so that equal scores meet in a group too.
+SCORE_VALUES = {"any": (-1.0, -0.5, 0.0, 0.3, 1.0, 1.5), "non_negative": (0.0, 0.25, 0.5, 1.0, 1.5)}
+# A need's scores, then the wider scores that lie outside it (where the bare rule must break).
+WIDER = {"non_negative": "any", "binary": "non_negative"}
+ROUNDS = 60
+TOLERANCE = 1e-5
+
+
+def random_round(generator: torch.Generator, scores_kind: str, groups: int = 6, size: int = 8) -> ShapingInputs:
+    """One round of `groups` prompts with `size` rollouts each; a rollout at the limit was cut."""
+    rows = groups * size
+    group_ids = torch.arange(groups).repeat_interleave(size)
+    lengths = torch.randint(1, LIMIT // LENGTH_STEP + 1, (rows,), generator=generator) * LENGTH_STEP
+    correct = (torch.rand(rows, generator=generator) < 0.5).float()
+    if scores_kind == "binary":
+        value = [0.5, 1.0, 2.0][int(torch.randint(3, (1,), generator=generator))]
+        scores = correct * value
+    else:
+        values = torch.tensor(SCORE_VALUES[scores_kind])
+        scores = values[torch.randint(len(values), (rows,), generator=generator)]
+    caps = torch.tensor(CAPS_IN_FORCE)[torch.randint(len(CAPS_IN_FORCE), (groups,), generator=generator)]
+    targets = torch.randint(1, LIMIT // LENGTH_STEP + 1, (groups,), generator=generator) * LENGTH_STEP
+    return ShapingInputs(
+        scores=scores.float(),
+        lengths=lengths,
+        truncated=lengths >= LIMIT,
+        length_cap=caps.repeat_interleave(size),
+        correct=correct,
+        group_ids=group_ids,
+        samples=[{"target_length": int(targets[group])} for group in group_ids.tolist()],
+        progress=float(torch.rand(1, generator=generator)),
+    )
+
+
+def broken_promises(inputs: ShapingInputs, rewards: torch.Tensor, length: str) -> list[str]:
+    """Every pair of one group that breaks (a) or (b), described."""
+    broken = []
+    scores, lengths, correct = inputs.scores.tolist(), inputs.lengths.tolist(), inputs.correct.tolist()
+    targets = [sample["target_length"] for sample in inputs.samples]
+    paid = rewards.tolist()
+    for i, j in itertools.permutations(range(len(paid)), 2):
+        if inputs.group_ids[i] != inputs.group_ids[j]:
+            continue
+        # (a) i is the longer (or farther from the target) of two correct rollouts of one score.
+        if length == "target":
+            farther = abs(lengths[i] - targets[i]) > abs(lengths[j] - targets[j])
+        else:
+            farther = lengths[i] > lengths[j]
+        if correct[i] and correct[j] and scores[i] == scores[j] and farther and paid[i] > paid[j] + TOLERANCE:
+            broken.append(f"(a) length {lengths[i]} earns {paid[i]:.4f} > {paid[j]:.4f} at length {lengths[j]}")
+        # (b) i correct, j wrong, one length, i's score no lower.
+        if correct[i] and not correct[j] and lengths[i] == lengths[j] and scores[i] >= scores[j]:
+            if paid[i] < paid[j] - TOLERANCE:
+                broken.append(f"(b) correct {scores[i]} earns {paid[i]:.4f} < wrong {scores[j]} earns {paid[j]:.4f}")
+    return broken
+
+
+def bare_rule(entry):
+    """The entry's rule without its run-time score check (to show what the declaration prevents)."""
+    return getattr(entry.function, "__wrapped__", entry.function)
+
+
+@pytest.mark.parametrize("name", LENGTH_SHAPERS.names())
+def test_every_penalty_keeps_its_promises_for_the_scores_it_declares(name):
+    entry = LENGTH_SHAPERS.get(name)
+    promise = promise_of(entry)
+    generator = torch.Generator().manual_seed(1000 + LENGTH_SHAPERS.names().index(name))
+    for _ in range(ROUNDS):
+        inputs = random_round(generator, promise.scores)
+        broken = broken_promises(inputs, entry.bind()(inputs), promise.length)
+        assert not broken, f"{name} on {promise.scores} scores: {broken[:3]}"
+
+
+@pytest.mark.parametrize("name", [e.name for e in LENGTH_SHAPERS.entries() if promise_of(e).scores != "any"])
+def test_a_declared_score_need_is_one_the_bare_rule_breaks_without(name):
+    entry = LENGTH_SHAPERS.get(name)
+    promise = promise_of(entry)
+    generator = torch.Generator().manual_seed(7)
+    rounds = (random_round(generator, WIDER[promise.scores]) for _ in range(ROUNDS))
+    assert any(
+        broken_promises(inputs, bare_rule(entry)(inputs, **entry.bind().keywords()), promise.length)
+        for inputs in rounds
+    ), f"{name} declares {promise.scores} scores but keeps its promises on wider ones: the declaration is idle"
+
+
+def hand_round(scores, correct, lengths, truncated, cap=48, targets=None):
+    rows = len(scores)
+    return ShapingInputs(
+        scores=torch.tensor(scores),
+        lengths=torch.tensor(lengths),
+        truncated=torch.tensor(truncated),
+        length_cap=torch.full((rows,), cap),
+        correct=torch.tensor(correct),
+        group_ids=torch.zeros(rows, dtype=torch.long),
+        samples=[{"target_length": t} for t in (targets or [cap] * rows)],
+    )
+
+
+def test_the_issues_cases_break_the_bare_rules_and_are_stopped_at_run_time():
+    """The failures the declarations exist for, by hand: a correct rollout scored -0.5 (a negative
+    reward weight) earns -0.5 when it stops and 0 when truncated; Arora & Zanette with the code
+    reward's partial credit ranks a long correct answer (0.927) below a wrong one scoring 0.95."""
+    negative = hand_round([-0.5, -0.5], [1.0, 1.0], [20, 48], [False, True])
+    assert truncation_penalty.__wrapped__(negative).tolist() == [-0.5, 0.0]
+    assert thinkprune.__wrapped__(negative, caps=[48]).tolist() == [-0.5, 0.0]
+    budget = hand_round([-0.5, -0.5], [1.0, 1.0], [20, 40], [False, False], targets=[20, 20])
+    assert l1_max.__wrapped__(budget, alpha=0.05, delta=0.5).tolist() == pytest.approx([-0.25, 0.0])
+    partial = hand_round([1.0, 1.0, 0.95], [1.0, 1.0, 0.0], [10, 30, 30], [False, False, False])
+    paid = arora_zanette.__wrapped__(partial, alpha=0.1).tolist()
+    assert paid == pytest.approx([0.973, 0.927, 0.95], abs=1e-3) and paid[1] < paid[2]
+    for penalty, inputs in ((truncation_penalty, negative), (l1_max, budget), (arora_zanette, partial)):
+        with pytest.raises(ValueError, match="needs"):
+            penalty(inputs)
+
+
+def test_the_run_time_check_passes_rounds_within_the_need_even_without_a_correct_rollout():
+    all_wrong = hand_round([0.0, 0.0], [0.0, 0.0], [10, 30], [False, False])
+    assert arora_zanette(all_wrong).tolist() == [0.0, 0.0]
+    all_correct = hand_round([2.0, 2.0], [1.0, 1.0], [10, 30], [False, True])
+    assert truncation_penalty(all_correct).tolist() == [2.0, 0.0]
+    uneven = hand_round([1.0, 2.0], [1.0, 1.0], [10, 30], [False, False])  # two values for correct answers
+    with pytest.raises(ValueError, match="needs binary scores"):
+        arora_zanette(uneven)
+
+
+# The rows of the table in docs/algorithms.md#what-a-length-penalty-promises, by the need they state.
+DOCUMENTED_NEEDS = {"any": "| any |", "non_negative": "| at least 0 |", "binary": "| binary:"}
+
+
+def test_the_documented_table_of_score_needs_is_the_code_s():
+    page = (RECIPES.parent / "docs" / "algorithms.md").read_text()
+    for need, row_start in DOCUMENTED_NEEDS.items():
+        (row,) = [line for line in page.splitlines() if line.startswith(row_start)]
+        documented = set(re.findall(r"`(\w+)`", row.rsplit("|", 2)[1]))
+        declared = {entry.name for entry in LENGTH_SHAPERS.entries() if promise_of(entry).scores == need}
+        assert documented == declared, f"docs/algorithms.md's row for {need} scores"
+
+
+def test_each_score_need_has_a_load_time_test():
+    assert set(SCORE_PROBLEMS) == set(SCORE_NEEDS)
+
+
+# --- at load -------------------------------------------------------------------------------------
+
+
+def recipe_picking(name: str):
+    """A shipped recipe whose length penalty is `name` (every penalty has one)."""
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        if "studies" in path.parts:
+            continue
+        recipe = load_recipe(path, [])
+        if recipe.algorithm.length_penalty.name == name:
+            return path
+    raise AssertionError(f"no shipped recipe picks the length penalty {name!r}")
+
+
+# Reward lists by the scores they can add up to, and the needs that admit them.
+REWARD_LISTS = {
+    "binary": ("reward=[{name: math}, {name: length_metric, weight: 0}]", {"any", "non_negative", "binary"}),
+    "binary code": ("reward=[{name: code, params: {all_or_nothing: true}}]", {"any", "non_negative", "binary"}),
+    "partial credit": ("reward=[{name: code}]", {"any", "non_negative"}),
+    "two rewards": ("reward=[{name: math}, {name: format, weight: 0.2}]", {"any", "non_negative"}),
+    "a negative weight": ("reward=[{name: math}, {name: length, weight: -0.1}]", {"any"}),
+}
+
+
+@pytest.mark.parametrize("scores", REWARD_LISTS)
+@pytest.mark.parametrize("name", LENGTH_SHAPERS.names())
+def test_a_recipe_whose_rewards_leave_the_penalty_s_scores_is_refused_at_load(name, scores):
+    override, admitted = REWARD_LISTS[scores]
+    need = promise_of(LENGTH_SHAPERS.get(name)).scores
+    recipe = load_recipe(recipe_picking(name), [override])
+    if need in admitted:
+        validate(recipe)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(recipe)
+    message = str(err.value)
+    assert message.startswith(f"algorithm.length_penalty: {name} needs ") and "reward[" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (  # the issue's case: every response of a 48-token cap would start 4048 tokens into the ramp
+            ["algorithm.length_penalty={name: overlong, buffer: 4096}"],
+            "algorithm.length_penalty.buffer: expected below the tightest length cap in force (48), got 4096",
+        ),
+        (
+            ["algorithm.length_penalty={name: overlong, buffer: 48}"],
+            "algorithm.length_penalty.buffer: expected below the tightest length cap in force (48), got 48",
+        ),
+        (  # under DA-DLER the easy tier's cap is the tightest
+            [
+                "algorithm.length_penalty={name: overlong, buffer: 30}",
+                "algorithm.length_cap={name: difficulty_aware, truncation_lengths: [48, 24]}",
+            ],
+            "algorithm.length_penalty.buffer: expected below the tightest length cap in force (24), got 30",
+        ),
+        (
+            ["algorithm.length_penalty={name: overlong, buffer: 20}", "algorithm.length_cap.length=16"],
+            "algorithm.length_penalty.buffer: expected below the tightest length cap in force (16), got 20",
+        ),
+        (
+            ["algorithm.length_penalty={name: laser, target: 64}"],
+            "algorithm.length_penalty.target: expected 1..rollout.max_response_length (48), got 64",
+        ),
+        (
+            ["algorithm.length_penalty={name: laser_d, min_target: 4096}"],
+            "algorithm.length_penalty.min_target: expected 1..rollout.max_response_length (48), got 4096",
+        ),
+        (
+            ["algorithm.length_penalty={name: cosine, correct_short: 1.0, correct_long: 2.0}"],
+            "algorithm.length_penalty.correct_long: expected at most correct_short (1.0), got 2.0",
+        ),
+        (
+            ["algorithm.length_penalty={name: cosine, exceed: 1.5}"],
+            "algorithm.length_penalty.exceed: expected at most correct_long (1.0), got 1.5",
+        ),
+        (
+            ["algorithm.length_penalty={name: cosine, wrong_long: 3.0}"],
+            "algorithm.length_penalty.wrong_long: expected at most correct_long (1.0), got 3.0",
+        ),
+    ],
+)
+def test_parameters_that_cannot_work_together_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(load_recipe(RECIPES / "dler.yaml", overrides))
+    assert message in str(err.value)
+
+
+def test_a_buffer_under_the_cap_is_accepted():
+    validate(load_recipe(RECIPES / "dler.yaml", ["algorithm.length_penalty={name: overlong, buffer: 47}"]))
