@@ -24,7 +24,14 @@ import torch
 import efficient_rl.algos  # noqa: F401  (registers every length penalty)
 from conftest import RECIPES
 from efficient_rl.algos.length_rewards import arora_zanette, l1_max, thinkprune
-from efficient_rl.algos.shaping import LENGTH_SHAPERS, SCORE_NEEDS, ShapingInputs, promise_of, truncation_penalty
+from efficient_rl.algos.shaping import (
+    LENGTH_SHAPERS,
+    SCORE_NEEDS,
+    ScoresOutsidePromise,
+    ShapingInputs,
+    promise_of,
+    truncation_penalty,
+)
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
@@ -144,7 +151,7 @@ def test_the_issues_cases_break_the_bare_rules_and_are_stopped_at_run_time():
     paid = arora_zanette.__wrapped__(partial, alpha=0.1).tolist()
     assert paid == pytest.approx([0.973, 0.927, 0.95], abs=1e-3) and paid[1] < paid[2]
     for penalty, inputs in ((truncation_penalty, negative), (l1_max, budget), (arora_zanette, partial)):
-        with pytest.raises(ValueError, match="needs"):
+        with pytest.raises(ScoresOutsidePromise, match="needs"):
             penalty(inputs)
 
 
@@ -154,7 +161,7 @@ def test_the_run_time_check_passes_rounds_within_the_need_even_without_a_correct
     all_correct = hand_round([2.0, 2.0], [1.0, 1.0], [10, 30], [False, True])
     assert truncation_penalty(all_correct).tolist() == [2.0, 0.0]
     uneven = hand_round([1.0, 2.0], [1.0, 1.0], [10, 30], [False, False])  # two values for correct answers
-    with pytest.raises(ValueError, match="needs binary scores"):
+    with pytest.raises(ScoresOutsidePromise, match="needs binary scores"):
         arora_zanette(uneven)
 
 
@@ -267,3 +274,30 @@ def test_parameters_that_cannot_work_together_are_refused(overrides, message):
 
 def test_a_buffer_under_the_cap_is_accepted():
     validate(load_recipe(RECIPES / "dler.yaml", ["algorithm.length_penalty={name: overlong, buffer: 47}"]))
+
+
+def test_a_reward_that_breaks_the_penalty_mid_run_ends_it_in_one_line(tmp_path, tiny_overrides):
+    """A reward that declares no score range loads under truncation, and its first round of
+    negative scores ends the run with one line naming the penalty (exit 2), not a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "negative.py").write_text("def score(completion, sample):\n    return {'score': -0.5}\n")
+    overrides = tiny_overrides + [
+        "steps=1",
+        "eval.before_training=false",
+        "logging.trackers=[]",
+        f"logging.output_dir={tmp_path / 'runs'}",
+        "algorithm.length_penalty=truncation",
+        "reward=[{name: negative.py:score}]",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert lines[-1].startswith("efficient-rl: error: algorithm.length_penalty (truncation") and "-0.5" in lines[-1]

@@ -64,6 +64,11 @@ class ShapingInputs:
             ) from None
 
 
+class ScoresOutsidePromise(ValueError):
+    """A round's scores are not what the length penalty needs: the rewards broke what the recipe
+    said of them (the driver ends the run with this one line)."""
+
+
 # The scores a penalty may need, by name: what each means, and its test on one round's scores
 # and correctness. scoring/scale.py holds the same names' test on a recipe's reward list.
 SCORE_NEEDS: dict[str, tuple[str, Callable]] = {
@@ -101,7 +106,7 @@ def promises(**fields) -> Callable:
             meaning, holds = SCORE_NEEDS[promise.scores]
             if not holds(inputs.scores, inputs.correct):
                 seen = sorted(set(inputs.scores.tolist()))[:6]
-                raise ValueError(
+                raise ScoresOutsidePromise(
                     f"algorithm.length_penalty ({function.__name__}) needs {meaning}; this round's rewards "
                     f"scored {seen}: declare score_range on the reward (docs/rewards.md) or change the penalty"
                 )

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.shaping import ShapingInputs, over_cap
+from efficient_rl.algos.shaping import ScoresOutsidePromise, ShapingInputs, over_cap
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.sources import PromptStream
@@ -25,6 +25,7 @@ from efficient_rl.driver.metrics import MetricsLogger, completion_sample, comple
 from efficient_rl.driver.pipeline import Produced
 from efficient_rl.driver.selection import Selection
 from efficient_rl.driver.validate import validate
+from efficient_rl.errors import ConfigError
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.registry import Bound
@@ -285,7 +286,10 @@ class Trainer:
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
-        batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress))
+        try:
+            batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress))
+        except ScoresOutsidePromise as err:  # bad input, found only now: one line, exit 2
+            raise ConfigError(str(err)) from None
         return batch, result
 
     def evaluate(self) -> dict[str, float]:
