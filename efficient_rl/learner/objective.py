@@ -10,6 +10,7 @@ statistics summed over its loss tokens (sums add up across micro-batches and pro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -169,8 +170,55 @@ def policy_gradient(
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)
     stats["entropy"] = (entropy.detach() * tokens).sum()
-    stats["rollout/logprob_diff"] = ((logprobs.detach() - rows.rollout_logprobs).abs() * tokens).sum()
+    engine_log_ratio = logprobs.detach() - rows.rollout_logprobs  # log pi_learner / pi_engine
+    stats["rollout/logprob_diff"] = (engine_log_ratio.abs() * tokens).sum()
+    stats.update(engine_ratio_statistics(engine_log_ratio, tokens, settings))
     return loss, stats
+
+
+# The learner/engine ratio's spread, as counts in fixed bins of its log, so that it adds up over
+# micro-batches and ranks like every other statistic: bins of 0.005 nats across [-0.5, 0.5] and one
+# more on each side for the rest. ratio_quantiles reads them back as quantiles.
+RATIO_BIN_NATS, RATIO_BINS, RATIO_BIN_PREFIX = 0.005, 200, "rollout/ratio_bin/"
+RATIO_QUANTILES = {"rollout/ratio_p1": 0.01, "rollout/ratio_p50": 0.5, "rollout/ratio_p99": 0.99}
+
+
+def engine_ratio_statistics(
+    log_ratio: torch.Tensor, tokens: torch.Tensor, settings: ObjectiveSettings
+) -> dict[str, torch.Tensor]:
+    """Sums over the loss tokens: how many fall in each log-ratio bin, and how many lie outside the
+    policy loss's clip band (0.2 either side where the loss has none)."""
+    kept = tokens > 0
+    bins = (log_ratio[kept] / RATIO_BIN_NATS).floor().clamp(-RATIO_BINS // 2 - 1, RATIO_BINS // 2) + RATIO_BINS // 2 + 1
+    counts = torch.bincount(bins.long(), minlength=RATIO_BINS + 2).to(log_ratio.dtype)
+    low = getattr(settings.policy_loss.params, "clip_low", 0.2)
+    high = getattr(settings.policy_loss.params, "clip_high", 0.2)
+    ratio = log_ratio[kept].exp()
+    return {
+        **{f"{RATIO_BIN_PREFIX}{index}": count for index, count in enumerate(counts)},
+        "rollout/ratio_outside_clip": ((ratio < 1.0 - low) | (ratio > 1.0 + high)).sum().to(log_ratio.dtype),
+    }
+
+
+def ratio_quantiles(means: dict[str, float]) -> dict[str, float]:
+    """`means` with the bin shares replaced by the ratio's quantiles; none when nothing was counted."""
+    shares = [means.pop(f"{RATIO_BIN_PREFIX}{index}", 0.0) for index in range(RATIO_BINS + 2)]
+    total = sum(shares)
+    if total <= 0:
+        return means
+    cumulative = [sum(shares[: index + 1]) / total for index in range(len(shares))]
+    quantiles = {
+        name: math.exp(bin_log_ratio(next(index for index, c in enumerate(cumulative) if c >= level - 1e-12)))
+        for name, level in RATIO_QUANTILES.items()
+    }
+    return {**means, **quantiles}
+
+
+def bin_log_ratio(index: int) -> float:
+    """A bin's log-ratio: its middle, or for the two outer bins the edge of the binned range."""
+    inner = min(max(index, 1), RATIO_BINS)
+    middle = (inner - RATIO_BINS // 2 - 0.5) * RATIO_BIN_NATS
+    return middle if index == inner else math.copysign(RATIO_BINS // 2 * RATIO_BIN_NATS, index - inner)
 
 
 @OBJECTIVES.register(

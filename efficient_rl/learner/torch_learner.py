@@ -29,6 +29,7 @@ from efficient_rl.learner.objective import (
     head_logprobs,
     loss_masks,
     objective_settings,
+    ratio_quantiles,
 )
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
@@ -185,7 +186,7 @@ class TorchLearner:
             "optimizer_steps": float(len(grad_norms)),
             # the share of the token positions the forward passes computed that were padding
             "learner/padding_fraction": 1.0 - positions["tokens"] / max(positions["positions"], 1.0),
-            **token_stats.means(self.total),
+            **ratio_quantiles(token_stats.means(self.total)),
         }
 
     def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
