@@ -137,7 +137,8 @@ class DeepSpeedLearner(TorchLearner):
         self.engine.step()  # reduce, then guarded_model_step: check, clip, step, zero
         if not self.step_taken:
             return math.nan, False
-        return float(self.engine.get_global_grad_norm()), True
+        norm = self.engine.get_global_grad_norm()  # None at stage 0, whose torch optimizer keeps none
+        return float(self.stage0_norm if norm is None else norm), True
 
     def guarded_model_step(self, model_step: Callable) -> Callable:
         """The engine's optimizer step, taken only when every rank's loss and gradients are finite;
@@ -150,6 +151,8 @@ class DeepSpeedLearner(TorchLearner):
             kind = type(optimizer).__name__
             checks = GRADIENT_CHECKS.get(kind, torch_gradients_finite)
             self.step_taken = self.agreed_finite(math.isfinite(self.step_loss) and checks(optimizer))
+            if kind not in GRADIENT_CHECKS:  # stage 0: every rank holds the reduced gradients whole
+                self.stage0_norm = float(torch.nn.utils.get_total_norm(gradients_of(optimizer)))
             if self.step_taken:
                 return model_step(*args, **kwargs)
             DISCARDS.get(kind, discard_torch_gradients)(optimizer)
@@ -219,8 +222,12 @@ class DeepSpeedLearner(TorchLearner):
 # (all finite?, drop them). A ZeRO optimizer keeps its partition of the reduced gradients and
 # drops them as its own overflow branch does; BF16_Optimizer (bf16 without ZeRO partitioning of
 # gradients) a float32 copy; a plain torch optimizer (stage 0) the parameters' .grad.
+def gradients_of(optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
 def torch_gradients_finite(optimizer) -> bool:
-    return all(finite(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+    return all(map(finite, gradients_of(optimizer)))
 
 
 def discard_torch_gradients(optimizer) -> None:
