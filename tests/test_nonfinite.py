@@ -238,3 +238,46 @@ print(json.dumps(group._get_backend(torch.device("cpu")).options._timeout.total_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == 77 * 60.0
+
+
+def test_the_deepspeed_internals_the_skip_reads_are_in_the_pinned_release():
+    """The skip sits on DeepSpeed internals (deepspeed_learner.py): the engine's step must call
+    _take_model_step after completing the gradients, and each optimizer class must hold its
+    gradients and drop them under the names the checks use. A DeepSpeed upgrade that renames one
+    fails here, not silently in a run (the Ray test exercises stage 0, ZeRO-2 and ZeRO-3)."""
+    import inspect
+
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from efficient_rl.learner.deepspeed_learner import DISCARDS, GRADIENT_CHECKS
+
+    step = inspect.getsource(DeepSpeedEngine.step)
+    assert step.index("finalize_gradient_accumulation_boundary()") < step.index("self._take_model_step(lr_kwargs)")
+    assert step.index("self.allreduce_gradients()") < step.index("self._take_model_step(lr_kwargs)")
+    used = {
+        DeepSpeedZeroOptimizer: (
+            "averaged_gradients",
+            "all_grad_tensors",
+            "cpu_offload",
+            "local_overflow",
+            "single_partition_of_fp32_groups",
+            "_release_preflattened_grad_buffers",
+            "reset_cpu_buffers",
+        ),
+        DeepSpeedZeroOptimizer_Stage3: (
+            "grad_partitions_flat_buffer",
+            "inf_or_nan_tracker",
+            "_pre_step",
+            "_partition_all_parameters",
+            "_overflow_clean_up",
+        ),
+        BF16_Optimizer: ("fp32_groups_gradients_flat", "bf16_groups"),
+    }
+    assert set(GRADIENT_CHECKS) == set(DISCARDS) == {cls.__name__ for cls in used}
+    for cls, names in used.items():
+        source = inspect.getsource(cls)
+        for name in names:
+            assert f"self.{name}" in source or f"def {name}(" in source, (cls.__name__, name)
