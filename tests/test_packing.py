@@ -45,9 +45,9 @@ def spread_batch(seed: int, keep: float = 1.0) -> RolloutBatch:
 class Observed(TorchLearner):
     """The torch learner, keeping the summed gradient of every optimizer step before it is applied."""
 
-    def apply_gradients(self) -> float:
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
         self.gradients.append({name: p.grad.clone() for name, p in self.model.named_parameters()})
-        return super().apply_gradients()
+        return super().apply_gradients(loss)
 
 
 MODES = {  # name -> (micro_batch_size, micro_batch_tokens, packing)

@@ -196,8 +196,10 @@ def convert(kind, value, path: str, source: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return convert(inner, value, path, source)
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:
+            return convert(alternatives[0], value, path, source)
+        return convert_alternatives(alternatives, value, path, source)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{located(source, path)}: expected one of {', '.join(map(repr, args))}, got {value!r}")
@@ -226,6 +228,24 @@ def convert(kind, value, path: str, source: str):
     if not check(value):
         raise ConfigError(f"{located(source, path)}: expected {expected}, got {describe(value)}")
     return float(value) if kind is float else value
+
+
+def convert_alternatives(alternatives: list, value, path: str, source: str):
+    """`value` as the first of several kinds it fits (a number or "none"); one line naming them all if none."""
+    for kind in alternatives:
+        try:
+            return convert(kind, value, path, source)
+        except ConfigError:
+            continue
+    expected = " or ".join(map(expectation, alternatives))
+    raise ConfigError(f"{located(source, path)}: expected {expected}, got {describe(value)}")
+
+
+def expectation(kind) -> str:
+    """What a value of `kind` looks like, for a message: "a number", "'none'"."""
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(map(repr, typing.get_args(kind)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
 def describe(value) -> str:

@@ -192,7 +192,15 @@ class LearnerSection:
     lr: float = 1e-6  # DLER / DAPO: 1e-6 for 1.5B-32B models
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
+    # The gradient norm is clipped to this; "none": not clipped (the norm is still computed, logged
+    # and checked: a non-finite loss or norm skips the step, docs/reliability.md).
+    grad_clip: float | Literal["none"] = 1.0
+    # The run stops after this many optimizer steps in a row were skipped for a non-finite loss or
+    # gradient norm (each skip is counted in learner/skipped_steps and printed).
+    max_skipped_steps: int = 3
+    # torch.distributed's timeout for the DeepSpeed ranks' collectives, in minutes. DeepSpeed's own
+    # default is 10; a 7B checkpoint on slow shared storage takes ~17 (docs/reliability.md).
+    dist_timeout_minutes: float = 60.0
     mini_batch_prompts: int = 0  # prompts per optimizer step; 0 = all (one step per batch)
     micro_batch_size: int = 32  # rollouts per forward/backward pass (when micro_batch_tokens is 0)
     # Micro-batches by a token budget instead: rows grouped by length so that each forward pass

@@ -25,7 +25,7 @@ from efficient_rl.driver.metrics import MetricsLogger, completion_sample, comple
 from efficient_rl.driver.pipeline import Produced
 from efficient_rl.driver.selection import Selection
 from efficient_rl.driver.validate import validate
-from efficient_rl.errors import ConfigError
+from efficient_rl.errors import ConfigError, WorkerFailure
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.registry import Bound
@@ -186,6 +186,7 @@ class Trainer:
             advantage_metrics.update(staleness_metrics(batch, number, self.pipeline.max_staleness))
             with timed(self.timings, "learn"):
                 learner_metrics = {"update_skipped": 0.0, **self.learner.update(batch)}
+            check_skipped_steps(number, learner_metrics, self.recipe.learner.max_skipped_steps)
             with timed(self.timings, "sync"):
                 sync_metrics = self.pipeline.publish(self.learner, number)
         elapsed = time.time() - started
@@ -329,6 +330,22 @@ def target_length_errors(metrics: dict[str, float], variables: dict[str, list]) 
         for value in values
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     }
+
+
+def check_skipped_steps(step: int, learner_metrics: dict[str, float], limit: int) -> None:
+    """Print the step's skipped optimizer steps (a non-finite loss or gradient norm: the learner
+    left the weights as they were), and stop the run once `limit` were skipped in a row: the
+    weights then never move again, and every checkpoint already written holds finite ones."""
+    skipped = int(learner_metrics.get("learner/skipped_steps", 0))
+    if skipped:
+        tqdm.write(f"step {step}: {skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
+    in_a_row = int(learner_metrics.get("learner/consecutive_skipped_steps", 0))
+    if in_a_row >= limit:
+        raise WorkerFailure(
+            f"step {step}: {in_a_row} optimizer steps in a row skipped for a non-finite loss or gradient norm "
+            f"(learner.max_skipped_steps: {limit}); the run stopped before checkpointing this step, whose weights "
+            "are still finite: look at the rewards and the objective, or lower learner.lr, then --resume"
+        )
 
 
 @contextlib.contextmanager

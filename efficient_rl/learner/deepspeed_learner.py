@@ -13,7 +13,10 @@ over ranks; the loss is scaled by the world size so that the average is that sum
 from __future__ import annotations
 
 import contextlib
+import math
+from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,10 +31,12 @@ from efficient_rl.learner.torch_learner import (
     TorchLearner,
     adamw,
     enable_gradient_checkpointing,
+    finite,
     load_policy,
     load_reference,
     model_dtype,
     optim_settings,
+    refuse_nonfinite,
     with_adapter,
 )
 from efficient_rl.models.lora import save_adapter
@@ -59,7 +64,7 @@ def deepspeed_config(learner_section, optim: OptimSettings, world_size: int) -> 
         "train_batch_size": optim.micro_batch_size * world_size,
         # Mini-batches vary in size (dynamic sampling): the learner says when one ends by calling step().
         "managed_gradient_accumulation": False,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": optim.grad_clip or 0.0,  # DeepSpeed's 0: no clipping
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,  # offload with the torch optimizer, no compiled CPU Adam
         "steps_per_print": 2**31 - 1,
@@ -73,7 +78,10 @@ class DeepSpeedLearner(TorchLearner):
         from transformers.integrations import HfDeepSpeedConfig
 
         self.device = torch_device(plan.devices.learner)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=plan.recipe.learner.dist_timeout_minutes),
+        )
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         recipe = plan.recipe
         self.objective, self.optim = objective_settings(plan), optim_settings(plan)
@@ -95,6 +103,10 @@ class DeepSpeedLearner(TorchLearner):
         optimizer = adamw(model, self.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.model = self.engine.module
+        # The engine's step first completes the gradients (reduces, or finishes ZeRO's partitions),
+        # then takes the optimizer step: the finiteness check goes between the two, where every
+        # stage's gradients are whole (see guarded_model_step).
+        self.engine._take_model_step = self.guarded_model_step(self.engine._take_model_step)
         # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
         # and the LM head as separate submodules gave different gradients (tests/test_ray_cluster.py),
         # so under ZeRO-3 a token selection masks the full logits instead (same result, no saving).
@@ -120,9 +132,38 @@ class DeepSpeedLearner(TorchLearner):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def apply_gradients(self) -> float:
-        self.engine.step()  # reduce, clip, step, zero
-        return float(self.engine.get_global_grad_norm())
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
+        self.step_loss, self.step_taken = loss, False
+        self.engine.step()  # reduce, then guarded_model_step: check, clip, step, zero
+        if not self.step_taken:
+            return math.nan, False
+        norm = self.engine.get_global_grad_norm()  # None at stage 0, whose torch optimizer keeps none
+        return float(self.stage0_norm if norm is None else norm), True
+
+    def guarded_model_step(self, model_step: Callable) -> Callable:
+        """The engine's optimizer step, taken only when every rank's loss and gradients are finite;
+        otherwise the gradients are dropped as DeepSpeed drops them on an fp16 overflow. DeepSpeed
+        0.19 itself skips only some cases: ZeRO-1/2 in fp32 and ZeRO-3 on a non-finite norm, not
+        ZeRO-1/2 in bf16 nor stage 0 (tests/test_ray_cluster.py injects an inf gradient)."""
+
+        def step(*args, **kwargs):
+            optimizer = self.engine.optimizer
+            kind = type(optimizer).__name__
+            checks = GRADIENT_CHECKS.get(kind, torch_gradients_finite)
+            self.step_taken = self.agreed_finite(math.isfinite(self.step_loss) and checks(optimizer))
+            if kind not in GRADIENT_CHECKS:  # stage 0: every rank holds the reduced gradients whole
+                self.stage0_norm = float(torch.nn.utils.get_total_norm(gradients_of(optimizer)))
+            if self.step_taken:
+                return model_step(*args, **kwargs)
+            DISCARDS.get(kind, discard_torch_gradients)(optimizer)
+            return None
+
+        return step
+
+    def agreed_finite(self, finite_here: bool) -> bool:
+        flag = torch.tensor([0.0 if finite_here else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
 
     def total(self, values: dict[str, float]) -> dict[str, float]:
         names = sorted(values)
@@ -146,12 +187,18 @@ class DeepSpeedLearner(TorchLearner):
         return [pair for bucket in self.weight_buckets(2**62) for pair in bucket.unpack()]
 
     def save(self, directory: Path) -> None:
-        """Rank 0 writes the gathered weights in Hugging Face format; every rank its ZeRO state."""
-        named = self.named_weights()  # every rank takes part in the gather
-        if self.rank == 0:
-            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in named})
-            if self.adapter is not None:
-                save_adapter(self.adapter, directory)
+        """Every rank writes its ZeRO state, then rank 0 the gathered weights in Hugging Face format.
+
+        In that order no rank waits in a collective while rank 0 writes alone: DeepSpeed's
+        save_checkpoint opens and closes with a barrier, so with the weights written first (as
+        before) every other rank sat in its opening barrier for the whole write, and a slow
+        filesystem ran into the process group's timeout (learner.dist_timeout_minutes). Now each
+        barrier waits only for the slowest rank's own share; the group's call returns when rank 0
+        is done. Refused on every rank, before anything is written, when a weight is not finite."""
+        named = self.named_weights()  # every rank takes part in the gather; rank 0 holds the result
+        bad = [name for name, value in named if not finite(value)]
+        if not self.agreed_finite(not bad):
+            refuse_nonfinite(self.schedule_step, bad or ["(on rank 0)"])
         # With LoRA the frozen base weights stay out of DeepSpeed's state: the adapter is all that trains.
         self.engine.save_checkpoint(
             str(Path(directory) / STATE_DIR),
@@ -159,12 +206,85 @@ class DeepSpeedLearner(TorchLearner):
             client_state={"schedule_step": self.schedule_step},
             exclude_frozen_parameters=self.adapter is not None,
         )
+        if self.rank == 0:
+            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in named})
+            if self.adapter is not None:
+                save_adapter(self.adapter, directory)
 
     def load_state(self, directory: Path) -> None:
         _, client_state = self.engine.load_checkpoint(
             str(Path(directory) / STATE_DIR), tag=STATE_TAG, load_module_strict=self.adapter is None
         )
         self.schedule_step = (client_state or {}).get("schedule_step", 0)
+
+
+# What the engine's optimizer holds the rank's gradients in, by its class, when its step begins:
+# (all finite?, drop them). A ZeRO optimizer keeps its partition of the reduced gradients and
+# drops them as its own overflow branch does; BF16_Optimizer (bf16 without ZeRO partitioning of
+# gradients) a float32 copy; a plain torch optimizer (stage 0) the parameters' .grad.
+def gradients_of(optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def torch_gradients_finite(optimizer) -> bool:
+    return all(map(finite, gradients_of(optimizer)))
+
+
+def discard_torch_gradients(optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+
+
+def zero12_gradients_finite(optimizer) -> bool:
+    if optimizer.cpu_offload:
+        return not optimizer.local_overflow and all(
+            finite(p.grad) for p in optimizer.single_partition_of_fp32_groups if p.grad is not None
+        )
+    return all(finite(g) for grads in optimizer.averaged_gradients.values() for g in grads or () if g is not None)
+
+
+def discard_zero12_gradients(optimizer) -> None:
+    """What DeepSpeedZeroOptimizer.step does when it finds an overflow."""
+    optimizer.zero_grad(set_to_none=True)
+    optimizer._release_preflattened_grad_buffers()
+    if optimizer.cpu_offload:
+        optimizer.reset_cpu_buffers()
+    else:
+        for key in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[key] = None
+            optimizer.all_grad_tensors[key] = None
+
+
+def zero3_gradients_finite(optimizer) -> bool:
+    optimizer.inf_or_nan_tracker.zero_()  # what its own check would add to: this check is the one
+    return finite(optimizer.grad_partitions_flat_buffer)
+
+
+def discard_zero3_gradients(optimizer) -> None:
+    """What DeepSpeedZeroOptimizer_Stage3.step does when it finds an overflow."""
+    optimizer._pre_step()
+    optimizer._partition_all_parameters()
+    optimizer._overflow_clean_up(optimizer.loss_scale)
+
+
+def bf16_gradients_finite(optimizer) -> bool:
+    low_precision = (p.grad for group in optimizer.bf16_groups for p in group if p.grad is not None)
+    return all(finite(flat) for flat in optimizer.fp32_groups_gradients_flat) and all(map(finite, low_precision))
+
+
+def discard_bf16_gradients(optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+
+
+GRADIENT_CHECKS: dict[str, Callable] = {
+    "DeepSpeedZeroOptimizer": zero12_gradients_finite,
+    "DeepSpeedZeroOptimizer_Stage3": zero3_gradients_finite,
+    "BF16_Optimizer": bf16_gradients_finite,
+}
+DISCARDS: dict[str, Callable] = {
+    "DeepSpeedZeroOptimizer": discard_zero12_gradients,
+    "DeepSpeedZeroOptimizer_Stage3": discard_zero3_gradients,
+    "BF16_Optimizer": discard_bf16_gradients,
+}
 
 
 def deepspeed_check(_, recipe) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +22,7 @@ from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import LearnerSection
+from efficient_rl.errors import WorkerFailure
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.objective import (
@@ -48,6 +50,7 @@ from efficient_rl.models.weights import WeightBucket, plan_buckets
 from efficient_rl.registry import Bound
 
 OPTIMIZER_FILE = "optimizer.pt"
+NO_CLIPPING = "none"  # learner.grad_clip's value for no clipping
 LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
 
 
@@ -64,7 +67,7 @@ class OptimSettings:
     lr: float = LearnerSection.lr
     weight_decay: float = LearnerSection.weight_decay
     betas: tuple[float, float] = tuple(LearnerSection().betas)
-    grad_clip: float = LearnerSection.grad_clip
+    grad_clip: float | None = LearnerSection.grad_clip  # None: no clipping (learner.grad_clip: none)
     mini_batch_size: int = 0  # rollouts per optimizer step; 0 = the whole batch
     micro_batch_size: int = LearnerSection.micro_batch_size
     micro_batch_tokens: int = LearnerSection.micro_batch_tokens
@@ -81,7 +84,7 @@ def optim_settings(plan: Plan) -> OptimSettings:
         lr=lrn.lr,
         weight_decay=lrn.weight_decay,
         betas=tuple(lrn.betas),
-        grad_clip=lrn.grad_clip,
+        grad_clip=None if lrn.grad_clip == NO_CLIPPING else lrn.grad_clip,
         mini_batch_size=lrn.mini_batch_prompts * recipe.rollout.group_size,
         micro_batch_size=lrn.micro_batch_size,
         micro_batch_tokens=lrn.micro_batch_tokens,
@@ -125,6 +128,9 @@ class TokenStatSums:
 class TorchLearner:
     rank, world_size = 0, 1  # rank 0 sends weights and writes files
     schedule_step = 0  # updates done: where the learning-rate schedule stands
+    # Optimizer steps skipped in a row for a non-finite loss or gradient norm, across updates: the
+    # driver stops the run when it reaches learner.max_skipped_steps.
+    consecutive_skips = 0
 
     def __init__(
         self,
@@ -171,19 +177,25 @@ class TorchLearner:
                 mini.rows.old_logprobs = self.logprobs(mini.rows, self.policy)
             if self.objective.kl_coef > 0:
                 mini.rows.ref_logprobs = self.reference_logprobs(mini.rows)
-        token_stats, losses, grad_norms = TokenStatSums(), [], []
+        token_stats, losses, grad_norms, skipped = TokenStatSums(), [], [], 0
         self.positions = {"positions": 0.0, "tokens": 0.0}  # of the training passes, for padding_fraction
         for _ in range(self.optim.epochs):
             for mini in minis:
-                loss, grad_norm = self._optimizer_step(mini, token_stats)
+                loss, grad_norm, stepped = self._optimizer_step(mini, token_stats)
                 losses.append(loss)
-                grad_norms.append(grad_norm)
+                if stepped:
+                    grad_norms.append(grad_norm)
+                skipped += not stepped
+                self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
         losses = self.total({f"loss{i}": loss for i, loss in enumerate(losses)}).values()
         positions = self.total(self.positions)
         return {
             "loss": sum(losses) / len(losses),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "optimizer_steps": float(len(grad_norms)),
+            # over the steps taken: a skipped step's norm is not finite (NaN when none was taken)
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
+            "optimizer_steps": float(len(losses)),
+            "learner/skipped_steps": float(skipped),
+            "learner/consecutive_skipped_steps": float(self.consecutive_skips),
             # the share of the token positions the forward passes computed that were padding
             "learner/padding_fraction": 1.0 - positions["tokens"] / max(positions["positions"], 1.0),
             **ratio_quantiles(token_stats.means(self.total)),
@@ -192,7 +204,8 @@ class TorchLearner:
     def _mini_batch(self, mini: RolloutBatch) -> MiniBatch:
         return MiniBatch(rows=self.local_rows(mini), den=denominators(mini, self.objective))
 
-    def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStatSums) -> tuple[float, float]:
+    def _optimizer_step(self, mini: MiniBatch, token_stats: TokenStatSums) -> tuple[float, float, bool]:
+        """(this process's loss, gradient norm, whether the step was taken) of one mini-batch."""
         total_loss = 0.0
         for indices, rows in self.micro_batches(mini.rows):
             loss, stats = self._micro_batch_loss(rows, mini.den)
@@ -202,7 +215,7 @@ class TorchLearner:
             positions, tokens = forward_positions(rows, self.objective.packing, self.attn_implementation)
             self.positions["positions"] += positions
             self.positions["tokens"] += tokens if indices else 0.0  # a filler pass is all padding
-        return total_loss, self.apply_gradients()
+        return total_loss, *self.apply_gradients(total_loss)
 
     def _micro_batch_loss(self, rows: RolloutBatch, den: LossDenominators):
         """The loss and its per-token statistics (sums) over the tokens that enter the loss."""
@@ -310,15 +323,24 @@ class TorchLearner:
                 master.grad = computed.grad.float() if master.grad is None else master.grad.add_(computed.grad)
                 computed.grad = None
 
-    def apply_gradients(self) -> float:
-        """Clip, step, clear (and refresh a bf16 copy from the stepped masters); returns the
-        gradient norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.optim.grad_clip)
-        self.optimizer.step()
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
+        """Clip, step, clear (and refresh a bf16 copy from the stepped masters), unless the loss or
+        the gradient norm is not finite: then the gradients are dropped and nothing else changes
+        (weights, optimizer moments, its step count), since AdamW would turn one inf into NaN
+        weights. Returns (the gradient norm before clipping, whether the step was taken)."""
+        max_norm = math.inf if self.optim.grad_clip is None else self.optim.grad_clip  # inf: the norm, no clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), max_norm))
+        stepped = self.agreed_finite(math.isfinite(loss) and math.isfinite(grad_norm))
+        if stepped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.compute_model is not self.model:
+        if stepped and self.compute_model is not self.model:
             self.refresh_compute_copy()
-        return float(grad_norm)
+        return grad_norm, stepped
+
+    def agreed_finite(self, finite: bool) -> bool:
+        """Whether every process of the group found its loss and gradients finite: one process here."""
+        return finite
 
     @torch.no_grad()
     def refresh_compute_copy(self) -> None:
@@ -372,7 +394,10 @@ class TorchLearner:
     def save(self, directory: Path) -> None:
         """Weights in Hugging Face format plus the optimizer state and the schedule's position.
         With LoRA: the merged weights (eval, merge and the engines read a checkpoint as a plain
-        model) and the adapter itself (what a resume loads, over the base model)."""
+        model) and the adapter itself (what a resume loads, over the base model). Refused, before
+        anything is written, when a weight is not finite."""
+        bad = [name for name, value in self.model.named_parameters() if not finite(value)]
+        refuse_nonfinite(self.schedule_step, bad)
         if self.adapter is None:
             self.model.save_pretrained(directory)
         else:
@@ -387,6 +412,19 @@ class TorchLearner:
         """Optimizer state from a checkpoint (the weights were loaded from it already)."""
         self.optimizer.load_state_dict(torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=False))
         self.schedule_step = read_schedule_step(Path(directory))
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def refuse_nonfinite(update: int, names: list[str]) -> None:
+    """WorkerFailure naming the first non-finite weight: a checkpoint never holds one."""
+    if names:
+        raise WorkerFailure(
+            f"checkpoint refused after update {update}: {len(names)} weight(s) are not finite (first: {names[0]}); "
+            "the last checkpoint is intact"
+        )
 
 
 def read_schedule_step(directory: Path) -> int:
