@@ -42,3 +42,9 @@ def test_ratios_beyond_the_binned_range_report_its_edge():
     assert found["rollout/ratio_p1"] == pytest.approx(math.exp(-0.5))
     assert found["rollout/ratio_p99"] == pytest.approx(math.exp(0.5))
     assert found["rollout/ratio_outside_clip"] == pytest.approx(0.8)
+
+
+def test_non_finite_log_ratios_are_left_out_of_the_bins():
+    log_ratio = torch.tensor([0.0, float("nan"), float("inf"), 0.1], dtype=torch.float64)
+    sums = engine_ratio_statistics(log_ratio, torch.ones(4, dtype=torch.float64), ObjectiveSettings())
+    assert sum(float(value) for name, value in sums.items() if name.startswith("rollout/ratio_bin/")) == 2

@@ -188,7 +188,7 @@ def engine_ratio_statistics(
 ) -> dict[str, torch.Tensor]:
     """Sums over the loss tokens: how many fall in each log-ratio bin, and how many lie outside the
     policy loss's clip band (0.2 either side where the loss has none)."""
-    kept = tokens > 0
+    kept = (tokens > 0) & log_ratio.isfinite()  # a non-finite one is the skip logic's to report
     bins = (log_ratio[kept] / RATIO_BIN_NATS).floor().clamp(-RATIO_BINS // 2 - 1, RATIO_BINS // 2) + RATIO_BINS // 2 + 1
     counts = torch.bincount(bins.long(), minlength=RATIO_BINS + 2).to(log_ratio.dtype)
     low = getattr(settings.policy_loss.params, "clip_low", 0.2)
