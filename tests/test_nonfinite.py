@@ -266,6 +266,8 @@ def test_the_deepspeed_internals_the_skip_reads_are_in_the_pinned_release():
             "single_partition_of_fp32_groups",
             "_release_preflattened_grad_buffers",
             "reset_cpu_buffers",
+            "micro_step_id",
+            "_offload_accumulated_param_ids",
         ),
         DeepSpeedZeroOptimizer_Stage3: (
             "grad_partitions_flat_buffer",

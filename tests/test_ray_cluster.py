@@ -434,7 +434,8 @@ def norm(tensors) -> float:
 def test_an_inf_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2_and_zero3(ray_cluster, tiny_overrides):
     """One advantage set to inf in rank 0's rows: both ranks skip the step, the weights stay, the
     skip is counted, and the updates after it train as if the bad batch never came (so no
-    optimizer state moved; in fp32, against the single-process learner). DeepSpeed 0.19.8 alone
+    optimizer state moved; in fp32, against the single-process learner). Stage 0, ZeRO-1 in bf16
+    (DeepSpeed's BF16_Optimizer), ZeRO-2 in fp32, bf16 and with the optimizer offloaded, ZeRO-3. DeepSpeed 0.19.8 alone
     skips at ZeRO-1-3 here, not at stage 0, whose torch optimizer steps whatever it is given. The
     ranks' process group has the recipe's timeout."""
     from efficient_rl.learner.base import LEARNERS
@@ -462,12 +463,22 @@ def test_an_inf_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2_and_ze
 
         return ray.get(worker.__ray_call__.remote(read))
 
-    for stage, precision in ((2, "fp32"), (3, "fp32"), (2, "bf16"), (0, "fp32")):
+    # bf16 at ZeRO-1 takes DeepSpeed's BF16_Optimizer (float32 gradient sums), offload its CPU path
+    offload = ["learner.offload_optimizer=true"]
+    for stage, precision, extra in (
+        (2, "fp32", []),
+        (3, "fp32", []),
+        (2, "bf16", []),
+        (1, "bf16", []),
+        (2, "fp32", offload),
+        (0, "fp32", []),
+    ):
         ds_recipe = load_recipe(
             RECIPES / "quickstart.yaml",
             common
             + RAY_OVERRIDES
-            + [f"learner.zero_stage={stage}", f"learner.precision={precision}", "learner.dist_timeout_minutes=45"],
+            + [f"learner.zero_stage={stage}", f"learner.precision={precision}", "learner.dist_timeout_minutes=45"]
+            + extra,
         )
         ds_plan = validate(ds_recipe)
         placement = place(ds_plan.placement, ds_recipe.cluster.placement_timeout)
@@ -485,7 +496,7 @@ def test_an_inf_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2_and_ze
             group.kill()
             placement.remove()
         assert all(torch.isfinite(value).all() for value in trained.values())
-        assert any(not torch.equal(trained[name], value) for name, value in before.items())
+        assert any(not torch.equal(trained[name], value) for name, value in before.items()), (stage, precision, extra)
         for mine, theirs in zip(got, expected):
             assert mine["learner/skipped_steps"] == 0.0 and mine["learner/consecutive_skipped_steps"] == 0.0
             if precision == "bf16":

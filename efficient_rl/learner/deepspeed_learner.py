@@ -243,10 +243,17 @@ def zero12_gradients_finite(optimizer) -> bool:
 
 
 def discard_zero12_gradients(optimizer) -> None:
-    """What DeepSpeedZeroOptimizer.step does when it finds an overflow."""
+    """What DeepSpeedZeroOptimizer.step does first and then when it finds an overflow. Its step
+    starts by resetting the micro-step count and (offloaded) the set of accumulated parameters;
+    skipped, the next passes would add to the host's non-finite sums (the offload case of the Ray
+    test found it)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
     optimizer.zero_grad(set_to_none=True)
     optimizer._release_preflattened_grad_buffers()
     if optimizer.cpu_offload:
+        optimizer._offload_accumulated_param_ids = set()
         optimizer.reset_cpu_buffers()
     else:
         for key in optimizer.averaged_gradients:
