@@ -503,3 +503,22 @@ def test_an_inf_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2_and_ze
                 continue  # bf16 passes against float32 ones: tests/test_ray_cluster.py compares them above
             for key in ("loss", "grad_norm"):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (stage, key)
+
+
+def test_a_ranks_one_line_refusal_reaches_the_driver_as_itself(ray_cluster):
+    """Ray hands back an exception raised in an actor wrapped with the actor's traceback; a
+    rank's own refusal (WorkerFailure, ConfigError) must still end the run in its one line."""
+    from efficient_rl.cluster.ray_backend import RayLearnerGroup
+
+    class Rank:
+        def save(self, directory):
+            raise WorkerFailure(f"checkpoint refused after update 3: 1 weight(s) are not finite ({directory})")
+
+    group = RayLearnerGroup([ray.remote(num_cpus=0)(Rank).remote() for _ in range(2)])
+    try:
+        with pytest.raises(WorkerFailure) as refused:
+            group.save("/nowhere")
+        assert str(refused.value) == "checkpoint refused after update 3: 1 weight(s) are not finite (/nowhere)"
+        assert type(refused.value) is WorkerFailure  # not Ray's wrapper of it
+    finally:
+        group.kill()

@@ -117,6 +117,8 @@ class RayLearnerGroup:
 
         A rank that dies would leave the others blocked in a collective: the group is killed and
         the run stops with a message (its checkpoints are written atomically, so --resume works).
+        A rank's own one-line refusal (a checkpoint with non-finite weights) reaches the caller as
+        itself, not inside Ray's report with the rank's traceback.
         """
         import ray
 
@@ -127,6 +129,9 @@ class RayLearnerGroup:
             try:
                 ray.get(done[0])
             except Exception as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, (ConfigError, WorkerFailure)):
+                    raise cause from None
                 if not is_actor_death(err):
                     raise
                 rank = futures.index(done[0])
