@@ -87,7 +87,7 @@ def test_cli_two_training_steps(tmp_path, tiny_overrides):
     for stage in ("warm_start", "final"):
         assert 0.0 <= summary[stage]["accuracy"] <= 1.0
         assert summary[stage]["mean_response_length"] > 0
-    assert isinstance(summary["wall_seconds"], float)  # recorded (its value is the machine's)
+    assert "wall_seconds" in summary  # recorded; its value is the machine's, so nothing is asserted of it
     assert (run_dir / "config.yaml").exists() and (run_dir / "training_curves.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     checkpoint = run_dir / "checkpoints" / "step-00000002"

@@ -278,10 +278,6 @@ def bf16_gradients_finite(optimizer) -> bool:
     return all(finite(flat) for flat in optimizer.fp32_groups_gradients_flat) and all(map(finite, low_precision))
 
 
-def discard_bf16_gradients(optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-
-
 GRADIENT_CHECKS: dict[str, Callable] = {
     "DeepSpeedZeroOptimizer": zero12_gradients_finite,
     "DeepSpeedZeroOptimizer_Stage3": zero3_gradients_finite,
@@ -290,7 +286,7 @@ GRADIENT_CHECKS: dict[str, Callable] = {
 DISCARDS: dict[str, Callable] = {
     "DeepSpeedZeroOptimizer": discard_zero12_gradients,
     "DeepSpeedZeroOptimizer_Stage3": discard_zero3_gradients,
-    "BF16_Optimizer": discard_bf16_gradients,
+    "BF16_Optimizer": discard_torch_gradients,  # its zero_grad drops the float32 copies too
 }
 
 
