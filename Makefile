@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make quickstart` and `make test`.
 VENV := .venv
 PYTHON ?= python3
-CHECKSUM := $(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+CHECKSUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 BASE := $(VENV)/.installed-base-$(CHECKSUM)
 FULL := $(VENV)/.installed-full-$(CHECKSUM)
 export OMP_NUM_THREADS ?= 2
@@ -21,7 +21,7 @@ $(FULL): $(BASE)
 	touch $(FULL)
 
 quickstart: $(BASE)
-	$(VENV)/bin/efficient-rl train recipes/quickstart.yaml --overwrite
+	$(VENV)/bin/efficient-rl train quickstart --overwrite
 
 # The GPU install (`.[gpu]` + flash-attn) must resolve: from package metadata only, no wheel
 # downloaded (tests/gpu_install.py); checked again when pyproject.toml changes.

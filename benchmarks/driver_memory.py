@@ -71,7 +71,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="erl-bf16-") as bf16_copy:
         save_bf16_copy(Path(bf16_copy))
         for name, (recipe, overrides) in RUNS.items():
-            measure(name, args.tree / "recipes" / recipe, [o.format(bf16_copy=bf16_copy) for o in overrides], args.tree)
+            measure(name, recipes_of(args.tree) / recipe, [o.format(bf16_copy=bf16_copy) for o in overrides], args.tree)
+
+
+def recipes_of(tree: Path) -> Path:
+    """The checkout's recipe folder: inside the package, or at the top of a checkout from before it moved."""
+    packaged = tree / "efficient_rl" / "recipes"
+    return packaged if packaged.is_dir() else tree / "recipes"
 
 
 def measure(name: str, recipe: Path, overrides: list[str], tree: Path) -> None:

@@ -119,7 +119,7 @@ CURVE_EXPERIMENTS = {
     },
     # D3S (its recipe's schedule) vs GRPO on every rollout and token, at TEMPO's learning rate.
     "d3s": {"grpo": ("grpo.yaml", ["learner.lr=5.0e-5"]), "d3s": ("d3s.yaml", ["learner.lr=5.0e-5"])},
-    # The sweep behind recipes/d3s.yaml's schedule: N rollouts per prompt (of 8) and K, the token
+    # The sweep behind efficient_rl/recipes/d3s.yaml's schedule: N rollouts per prompt (of 8) and K, the token
     # fraction, each start -> end; "N8 K1" keeps everything (GRPO through the D3S code path).
     "d3s-sweep": {
         f"N{n[0]}-{n[1]} K{k[0]}-{k[1]}": (

@@ -2,7 +2,7 @@
 
 For each seed s: an empty cache directory, a fresh build of the `quickstart` lab preset with its
 seed set to s (a different initialisation and data order: a far larger change than the float
-rounding that makes one machine's build differ from another's), then `recipes/quickstart.yaml`
+rounding that makes one machine's build differ from another's), then `efficient_rl/recipes/quickstart.yaml`
 with `seed=s` on that model. Each run is a subprocess, one after the other. Reported per seed:
 the build's warm-start check, held-out accuracy and mean length before and after DLER; then the
 mean and range over seeds.
@@ -59,7 +59,7 @@ def run_seed(seed: int, lab_seed: int, out: Path) -> dict:
             "-m",
             "efficient_rl.cli",
             "train",
-            str(ROOT / "recipes" / "quickstart.yaml"),
+            str(ROOT / "efficient_rl" / "recipes" / "quickstart.yaml"),
             f"seed={seed}",
             "model.lab=null",
             f"model.path={model}",

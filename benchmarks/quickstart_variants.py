@@ -1,7 +1,7 @@
 """The quickstart under two or more settings, over seeds: held-out accuracy and length after training.
 
 One comparison per call (`--compare`), each option a list of recipe overrides on
-`recipes/quickstart.yaml` (the shipped lab model; the seed varies the RL run and the held-out draw):
+`efficient_rl/recipes/quickstart.yaml` (the shipped lab model; the seed varies the RL run and the held-out draw):
 
   precision  float32 vs a bf16 learner (learner.precision=bf16) vs bf16 everywhere (and
              model.dtype=bfloat16: the rollouts too)
@@ -78,7 +78,7 @@ def run(name: str, overrides: list[str], seed: int, out: Path) -> dict:
                 "-m",
                 "efficient_rl.cli",
                 "train",
-                str(ROOT / "recipes" / "quickstart.yaml"),
+                str(ROOT / "efficient_rl" / "recipes" / "quickstart.yaml"),
                 f"seed={seed}",
                 f"logging.output_dir={out}",
                 f"logging.name={name}",

@@ -59,7 +59,7 @@ def sync_components(directory: Path, overrides: tuple[str, ...] = ()):
     from efficient_rl.driver.validate import validate
 
     recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
+        ROOT / "efficient_rl" / "recipes" / "quickstart.yaml",
         [
             f"model.path={directory}",
             "model.lab=null",

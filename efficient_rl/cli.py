@@ -8,18 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from efficient_rl import api
 from efficient_rl.driver import stopping
 from efficient_rl.errors import ConfigError, WorkerFailure
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STUDIES_DIR = RECIPES_DIR / "studies"  # study files (`efficient-rl study`), not recipes
+DISTRIBUTION = "efficient-rl"  # the name pip knows the package by (pyproject.toml)
 
-
-def shipped_recipes() -> list[Path]:
-    """Every recipe under recipes/, subfolders too (recipes/ablation/, ...), but not the studies."""
-    return sorted(path for path in RECIPES_DIR.rglob("*.yaml") if STUDIES_DIR not in path.parents)
-
-
+RECIPE_EXAMPLES = "e.g. quickstart, dler, ablation/dler_ablation_0_truncation"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 
@@ -29,28 +24,18 @@ def cmd_train(args) -> int:
 
 
 def train(args) -> int:
-    from efficient_rl.config.loading import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fast errors
+    recipe = api.load(args.recipe, args.overrides)  # before the heavy imports: fast errors
     resume, overwrite = args.resume, args.overwrite
     if args.resume_if_checkpoint:
         from efficient_rl.run.checkpoint import restart_mode
 
         resume, overwrite = restart_mode(recipe)
-
-    from efficient_rl.driver.loop import run_recipe
-    from efficient_rl.driver.report import write_report
-
     try:
-        run, summary = run_recipe(recipe, resume=resume, overwrite=overwrite)
+        summary, checkpoint = api.train_recipe(recipe, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
         print(f"efficient-rl: interrupted; stopped at once, mid-step; {what_resume_has(recipe)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    try:
-        write_report(run.path, summary)  # still under the run's lock
-        return exit_status(recipe, summary, run.latest_checkpoint())
-    finally:
-        run.close()
+    return exit_status(recipe, summary, checkpoint)
 
 
 def what_resume_has(recipe) -> str:
@@ -74,26 +59,35 @@ def exit_status(recipe, summary: dict, checkpoint) -> int:
 
 
 def cmd_recipes(args) -> int:
+    """The shipped recipes by name (what train, plan and submit take besides a path), each method's choices."""
     from efficient_rl.config.loading import load_recipe
+    from efficient_rl.config.shipped import shipped_name, shipped_recipes
 
     for path in shipped_recipes():
         recipe = load_recipe(path)
         alg = recipe.algorithm
         print(
-            f"{path.relative_to(RECIPES_DIR).as_posix():50s} advantage={alg.advantage.name} "
+            f"{shipped_name(path):45s} advantage={alg.advantage.name} "
             f"policy_loss={alg.policy_loss.name} "
             f"length_penalty={alg.length_penalty.name} token_selection={alg.token_selection.name}"
         )
     return 0
 
 
+def cmd_recipes_copy(args) -> int:
+    from efficient_rl.config.shipped import copy_recipe
+
+    written = copy_recipe(args.name, Path(args.destination), force=args.force)
+    print(f"{written}: edit it, then: efficient-rl train {written}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """The recipe validated (refused as `train` would), then its memory plan per GPU."""
-    from efficient_rl.config.loading import load_recipe
     from efficient_rl.config.memory import memory_table, plan_memory
     from efficient_rl.driver.validate import validate
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = api.load(args.recipe, args.overrides)
     if args.no_check:  # the table of a recipe that does not fit, to see where its memory goes
         from efficient_rl.config.placement import resolve_placement
 
@@ -158,10 +152,11 @@ def cmd_lab(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="efficient-rl", description="RL post-training recipes for efficient reasoning")
+    root.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a recipe: efficient-rl train RECIPE [key.path=value ...]")
-    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/dler.yaml")
+    train.add_argument("recipe", help=f"recipe: a YAML file, or a shipped recipe's name ({RECIPE_EXAMPLES})")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.policy_loss.clip_high=0.28")
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
@@ -177,15 +172,23 @@ def parser() -> argparse.ArgumentParser:
         "plan",
         help="each GPU's memory, estimated from the model and the recipe: efficient-rl plan RECIPE [key=value ...]",
     )
-    plan.add_argument("recipe", help="recipe YAML file, e.g. recipes/dler_r1_1p5b.yaml")
+    plan.add_argument("recipe", help="recipe: a YAML file, or a shipped recipe's name (e.g. dler_r1_1p5b)")
     plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.micro_batch_tokens=4096")
     plan.add_argument(
         "--no-check", action="store_true", help="print the table without validating (a recipe that does not fit)"
     )
     plan.set_defaults(handler=cmd_plan)
 
-    recipes = commands.add_parser("recipes", help="list the shipped recipes")
+    recipes = commands.add_parser(
+        "recipes", help="list the shipped recipes; `recipes copy NAME FILE` writes one out to start your own from"
+    )
     recipes.set_defaults(handler=cmd_recipes)
+    recipes_commands = recipes.add_subparsers(dest="recipes_command")
+    copy = recipes_commands.add_parser("copy", help="copy a shipped recipe to a file of your own")
+    copy.add_argument("name", help="a shipped recipe's name, as `efficient-rl recipes` lists it")
+    copy.add_argument("destination", help="the file to write, e.g. my_dler.yaml")
+    copy.add_argument("--force", action="store_true", help="replace the file if it exists")
+    copy.set_defaults(handler=cmd_recipes_copy)
 
     methods = commands.add_parser(
         "methods", help="list every method a recipe can pick: registry entries with their parameters and defaults"
@@ -265,6 +268,20 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("preset", nargs="?", default="quickstart")
     lab.set_defaults(handler=cmd_lab)
     return root
+
+
+def package_version() -> str:
+    """The installed distribution's version; from pyproject.toml beside the package in a source
+    tree run without an install (PYTHONPATH)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"] if pyproject.is_file() else "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

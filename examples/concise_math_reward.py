@@ -2,7 +2,7 @@
 
 Use it from a recipe or the command line, no installation needed:
 
-    efficient-rl train recipes/quickstart.yaml \
+    efficient-rl train quickstart \
         "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]"
 """
 

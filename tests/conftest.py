@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
+RECIPES = ROOT / "efficient_rl" / "recipes"
 
 # Tests build their lab models in a cache of their own, never the user's.
 os.environ.setdefault("EFFICIENT_RL_CACHE", str(ROOT / ".pytest_cache" / "efficient_rl"))

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import RECIPES, ROOT
 from efficient_rl.algos.losses import POLICY_LOSSES
-from efficient_rl.cli import shipped_recipes
 from efficient_rl.config.binding import bind
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import Choice
+from efficient_rl.config.shipped import shipped_name, shipped_recipes
 from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 
@@ -303,8 +303,8 @@ def test_recipes_command_lists_every_recipe():
     result = run_cli("recipes", cwd=ROOT)
     assert result.returncode == 0
     listed = sorted(line.split()[0] for line in result.stdout.splitlines())
-    assert listed == sorted(path.relative_to(RECIPES).as_posix() for path in shipped_recipes())
-    assert "ablation/dler_ablation_0_truncation.yaml" in listed  # subfolders are shipped recipes too
+    assert listed == sorted(shipped_name(path) for path in shipped_recipes())
+    assert "ablation/dler_ablation_0_truncation" in listed  # subfolders are shipped recipes too
     stems = [path.stem for path in shipped_recipes()]
     assert len(stems) == len(set(stems))  # a recipe's run directory is named by its stem
 

@@ -4,7 +4,7 @@
 `efficient_rl.registry` and other `algos` modules, and nothing else. `rollout/` and `learner/`
 never import each other, nor `cluster/`, nor Ray, so either side runs embedded in one process.
 Only `cluster/` imports Ray. The core never imports a reward plugin (`efficient_rl.rewards`, the
-files under `rewards/`): answer extraction that data and evaluation need lives in the core, and
+files under `efficient_rl/rewards/`): answer extraction that data and evaluation need lives in the core, and
 the built-in rewards use it from there. No module imports itself through a circle of others,
 counting imports inside functions too.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Package name -> the directory holding it; rewards/ installs as efficient_rl.rewards (pyproject).
-PACKAGE_DIRS = {"efficient_rl": ROOT / "efficient_rl", "efficient_rl.rewards": ROOT / "rewards"}
+# Package name -> the directory holding it (the reward plugins are efficient_rl/rewards/, inside it).
+PACKAGE_DIRS = {"efficient_rl": ROOT / "efficient_rl"}
 
 ALGOS, ROLLOUT, LEARNER, CLUSTER = (
     "efficient_rl.algos",
@@ -118,7 +118,7 @@ LAYERS = (
     ("efficient_rl.lab", "efficient_rl.eval"),  # the lab builds and evaluation both generate
     (CLUSTER,),
     ("efficient_rl.driver",),  # validate, build, the loop
-    ("efficient_rl.slurm", "efficient_rl.study", "efficient_rl.cli", "efficient_rl.__main__"),
+    ("efficient_rl.slurm", "efficient_rl.study", "efficient_rl.cli", "efficient_rl.api", "efficient_rl.__main__"),
 )
 # Imports that go up a layer on purpose, each with its reason.
 UPWARD_IMPORTS = {

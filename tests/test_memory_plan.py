@@ -17,7 +17,7 @@ from efficient_rl.config.schema import LoraSection, Recipe
 from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "efficient_rl" / "recipes"
 R1_RECIPE = RECIPES / "dler_r1_1p5b.yaml"
 
 # A Llama of hidden 8, 2 layers, 2 heads of 4 (1 key/value head), MLP 16, vocabulary 32, untied.

@@ -140,7 +140,7 @@ exec {sys.executable} "$@"
 """)
     wrapper.chmod(0o755)
     site = tmp_path / "late-driver.yaml"
-    site.write_text((ROOT / "slurm" / "sites" / "local.yaml").read_text() + f"python: {wrapper}\n")
+    site.write_text((ROOT / "efficient_rl" / "slurm" / "sites" / "local.yaml").read_text() + f"python: {wrapper}\n")
     return site
 
 
@@ -391,7 +391,7 @@ def test_gpu_nodes_for_actors_that_ask_for_no_gpu_are_refused(tmp_path):
 
 
 def test_the_full_scale_dler_recipe_renders_a_gpu_job(tmp_path):
-    """recipes/dler_r1_1p5b.yaml (DLER's own sizes, bf16, 16 GPUs) passes every check submit makes
+    """efficient_rl/recipes/dler_r1_1p5b.yaml (DLER's own sizes, bf16, 16 GPUs) passes every check submit makes
     without a cluster: the recipe, its actors against 2 nodes x 8 GPUs, and the script."""
     recipe = RECIPES / "dler_r1_1p5b.yaml"
     result = cli(

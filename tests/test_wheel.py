@@ -2,7 +2,7 @@
 fresh virtual environment whose only other packages are the dependencies, and run from a
 directory that holds no project files.
 
-Packages are found automatically (setup.py): the wheel must hold every package of the source
+Packages are found automatically (pyproject.toml): the wheel must hold every package of the source
 tree, and every command, and every module, must load from the installed copy.
 """
 
@@ -24,11 +24,10 @@ def run(*command, cwd, env=None) -> subprocess.CompletedProcess:
 
 def source_packages() -> set[str]:
     """efficient_rl's packages by dotted name, from the directories that hold an __init__.py."""
-    packages = {
+    return {
         ".".join(("efficient_rl", *init.parent.relative_to(ROOT / "efficient_rl").parts))
         for init in (ROOT / "efficient_rl").rglob("__init__.py")
     }
-    return packages | {"efficient_rl.rewards"}  # rewards/ installs under the package
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,9 @@ def installed(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("wheel")
     source = base / "source"  # a copy: a build in the checkout would reuse its stale build/ directory
     source.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for name in ("efficient_rl", "rewards"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "efficient_rl", source / "efficient_rl", ignore=shutil.ignore_patterns("__pycache__"))
     built = run(
         sys.executable,
         "-m",

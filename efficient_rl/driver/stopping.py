@@ -1,13 +1,13 @@
 """Stop requests: a signal asks a training run to finish its current step, checkpoint and exit.
 
 SIGTERM and SIGINT (kill, Ctrl-C, a Slurm requeue or preemption) and SIGUSR1 (the warning a
-Slurm job asks for before its time limit; slurm/job.sbatch passes it on) all mean the same. The
+Slurm job asks for before its time limit; efficient_rl/slurm/job.sbatch passes it on) all mean the same. The
 CLI installs the handlers before its slow imports, so a warning that arrives while the run is
 still starting up is kept, not lost (SIGUSR1's default action would kill the process).
 
 A signal sent before the process has installed its handlers is lost (or kills it), so a launcher
 also records its request in a file: the one named by $EFFICIENT_RL_STOP_FILE. Its existence is a
-stop request, however early it was written; slurm/job.sbatch writes it on the time-limit warning.
+stop request, however early it was written; efficient_rl/slurm/job.sbatch writes it on the time-limit warning.
 
 Work that follows the last checkpoint (the final evaluation) runs under cut_short(): there a stop
 request ends it at once, with Stopped, since waiting would save nothing. A second Ctrl-C always

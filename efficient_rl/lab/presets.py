@@ -90,7 +90,7 @@ PRESETS: dict[str, LabPreset] = {
     "mixed": LabPreset(task=MIXED_TASK, sft_steps=900),
     # Seconds to build; for tests that need a real model, not a good one.
     "tiny": LabPreset(model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16),
-    # On-policy distillation (recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
+    # On-policy distillation (efficient_rl/recipes/opd.yaml): a student a quarter of `mixed`'s size, warm-started
     # briefly on the same task with the same tokenizer; `mixed` is its teacher.
     "student": LabPreset(
         task=MIXED_TASK,
@@ -99,7 +99,7 @@ PRESETS: dict[str, LabPreset] = {
         tokenizer_from="mixed",
     ),
     # One or two operations: the task a small real model (SmolLM2-135M-Instruct,
-    # recipes/smollm2_dler_cpu.yaml) gets some right, as data.train=lab:easy. Its own lab model is
+    # efficient_rl/recipes/smollm2_dler_cpu.yaml) gets some right, as data.train=lab:easy. Its own lab model is
     # a tiny one, built only if a recipe asks for model.lab=easy.
     "easy": LabPreset(
         task=ArithmeticTask(min_ops=1, max_ops=2), model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16

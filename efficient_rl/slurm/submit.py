@@ -1,7 +1,7 @@
 """`efficient-rl submit RECIPE [overrides] --nodes N --gpus-per-node G --time T ...`
 
 Checks the request against the partition (sinfo) and the recipe's resources, renders
-slurm/job.sbatch with the site profile, and submits it with sbatch. Every check runs before
+efficient_rl/slurm/job.sbatch with the site profile, and submits it with sbatch. Every check runs before
 anything is written or submitted; `--dry-run` prints the script instead of submitting it.
 
 runs/slurm/<run name>/      the job directory (next to the run directory runs/<run name>/)
@@ -33,7 +33,7 @@ from efficient_rl.config.rules import as_flag, check_numbers
 from efficient_rl.config.schema import Recipe
 from efficient_rl.errors import ConfigError
 
-SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
+SLURM_DIR = Path(__file__).resolve().parent  # the template and site profiles ship inside the package
 TEMPLATE = SLURM_DIR / "job.sbatch"
 SITES_DIR = SLURM_DIR / "sites"
 DEFAULT_WARNING_SECONDS = 300  # the time-limit warning: time enough to finish a step and checkpoint
@@ -56,7 +56,7 @@ class SiteProfile:
 
 
 def load_site(reference: str | None) -> SiteProfile:
-    """A site profile: a YAML file, a name in slurm/sites/, $EFFICIENT_RL_SITE, or the defaults."""
+    """A site profile: a YAML file, a name in efficient_rl/slurm/sites/, $EFFICIENT_RL_SITE, or the defaults."""
     reference = reference or os.environ.get("EFFICIENT_RL_SITE")
     if not reference:
         return SiteProfile()
@@ -436,8 +436,15 @@ def prepare_submission(
 def cmd_submit(args) -> int:
     options = SubmitOptions(**{name: getattr(args, name) for name in (f.name for f in fields(SubmitOptions))})
     mode = "--resume" if args.resume else "--overwrite" if args.overwrite else ""
+    from efficient_rl.config.shipped import resolve_recipe
+
     prepared = prepare_submission(
-        Path(args.recipe), args.overrides, options, mode, dry_run=args.dry_run, placement_only=args.placement_only
+        resolve_recipe(args.recipe),
+        args.overrides,
+        options,
+        mode,
+        dry_run=args.dry_run,
+        placement_only=args.placement_only,
     )
     if args.dry_run:
         print(prepared.script, end="")
@@ -456,7 +463,7 @@ def add_parser(commands) -> None:
     submit_parser = commands.add_parser(
         "submit", help="submit a recipe to Slurm: efficient-rl submit RECIPE [key.path=value ...] --nodes N --time T"
     )
-    submit_parser.add_argument("recipe", help="recipe YAML file")
+    submit_parser.add_argument("recipe", help="recipe: a YAML file, or a shipped recipe's name")
     submit_parser.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     defaults = SubmitOptions()
     submit_parser.add_argument("--nodes", type=int, default=defaults.nodes)
@@ -468,7 +475,7 @@ def add_parser(commands) -> None:
     submit_parser.add_argument("--partition", help="default: the site profile's, else the cluster's default")
     submit_parser.add_argument("--account", help="default: the site profile's")
     submit_parser.add_argument(
-        "--site", help="site profile: a YAML file or a name in slurm/sites/ (default: $EFFICIENT_RL_SITE)"
+        "--site", help="site profile: a YAML file or a name in efficient_rl/slurm/sites/ (default: $EFFICIENT_RL_SITE)"
     )
     submit_parser.add_argument("--job-name", help="default: erl-<run name>")
     submit_parser.add_argument(

@@ -33,10 +33,17 @@ def describe_plan(loaded: LoadedStudy) -> str:
     return "\n".join(lines)
 
 
+def loaded_study(args):
+    """The study the command names (a file, else a shipped study's name), checked."""
+    from efficient_rl.config.shipped import resolve_study
+
+    return load_study(resolve_study(args.study), args.overrides)
+
+
 def cmd_check(args) -> int:
     from efficient_rl.study.launchers import LAUNCHERS
 
-    loaded = load_study(args.study, args.overrides)
+    loaded = loaded_study(args)
     LAUNCHERS[loaded.study.launcher].check(loaded)
     print(describe_plan(loaded))
     return 0
@@ -45,7 +52,7 @@ def cmd_check(args) -> int:
 def cmd_status(args) -> int:
     from efficient_rl.study.progress import status_table
 
-    print(status_table(load_study(args.study, args.overrides)))
+    print(status_table(loaded_study(args)))
     return 0
 
 
@@ -55,7 +62,7 @@ def cmd_run(args) -> int:
     from efficient_rl.study.progress import DONE, FAILED, run_state, states
     from efficient_rl.study.report import evaluate
 
-    loaded = load_study(args.study, args.overrides)
+    loaded = loaded_study(args)
     launcher = LAUNCHERS[loaded.study.launcher]
     launcher.check(loaded)  # every check before the study's directory is written
     loaded.directory.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,6 @@ def add_parser(commands) -> None:
     subcommands = study.add_subparsers(dest="study_command", required=True)
     for name, (handler, help_text) in SUBCOMMANDS.items():
         parser = subcommands.add_parser(name, help=help_text)
-        parser.add_argument("study", help="study YAML file, e.g. recipes/studies/dler_frontier.yaml")
+        parser.add_argument("study", help="study: a YAML file, or a shipped study's name (dler_frontier, tiny)")
         parser.add_argument("overrides", nargs="*", help="dotted overrides of the study file, e.g. output_dir=/tmp/s")
         parser.set_defaults(handler=handler)
