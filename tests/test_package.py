@@ -44,13 +44,15 @@ def test_a_file_that_exists_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 
 def test_an_unknown_recipe_name_is_one_line_with_the_closest_names_exit_2(tmp_path):
-    with pytest.raises(ConfigError, match=r"^quickstrt: no such recipe file, nor a shipped recipe \(did you mean"):
+    with pytest.raises(
+        ConfigError, match=r"^quickstrt: recipe file not found, nor a shipped recipe of that name \(did you mean"
+    ):
         resolve_recipe("quickstrt")
     result = cli("train", "quickstrt", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "efficient-rl: error: quickstrt: no such recipe file, nor a shipped recipe (did you mean quickstart?); "
-        "a path to a YAML file works too"
+        "efficient-rl: error: quickstrt: recipe file not found, nor a shipped recipe of that name "
+        "(did you mean quickstart?)"
     ]
     assert list(tmp_path.iterdir()) == []  # nothing written, no run directory
 

@@ -52,14 +52,15 @@ def resolve_study(reference: str | Path) -> Path:
 
 def find_shipped(reference: str | Path, kind: str, by_name: dict[str, Path]) -> Path:
     """The shipped file named `reference` (with or without `.yaml`); else one line with the closest names."""
-    name = Path(reference).as_posix().removesuffix(".yaml")
+    path = Path(reference)
+    if path.is_absolute():  # meant as a file: no shipped name to suggest
+        raise ConfigError(f"{reference}: {kind} file not found")
+    name = path.as_posix().removesuffix(".yaml")
     if name in by_name:
         return by_name[name]
     close = difflib.get_close_matches(name, list(by_name), n=3)
-    known = f"did you mean {', '.join(close)}?" if close else f"shipped: {', '.join(sorted(by_name))}"
-    raise ConfigError(
-        f"{reference}: no such {kind} file, nor a shipped {kind} ({known}); a path to a YAML file works too"
-    )
+    known = f"did you mean {', '.join(close)}?" if close else f"shipped ones: {', '.join(sorted(by_name))}"
+    raise ConfigError(f"{reference}: {kind} file not found, nor a shipped {kind} of that name ({known})")
 
 
 def copy_recipe(name: str, destination: Path, force: bool = False) -> Path:
