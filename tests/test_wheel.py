@@ -139,6 +139,13 @@ def test_the_installed_command_trains_a_shipped_recipe_by_name_and_evaluates_it(
     )
     assert run(python, "-c", loads, cwd=tmp_path).stdout.strip() == "my_dler"
 
+    # What the package reads beside the recipes: a study's recipes by relative path, the job template.
+    study = run(cli, "study", "check", "tiny", "output_dir=studies", cwd=tmp_path)
+    assert study.returncode == 0 and study.stdout.startswith("study tiny: 2 runs"), study.stderr[-2000:]
+    script = run(cli, "submit", "quickstart", "--dry-run", cwd=tmp_path)
+    assert script.returncode == 0 and script.stdout.startswith("#!/bin/bash"), script.stderr[-2000:]
+    assert f"TRAIN_ARGS=({installed}" in script.stdout  # the installed recipe, by name
+
     runs = tmp_path / "runs"
     quiet = ["steps=1", "eval.before_training=false", "eval.after_training=false", "logging.trackers=[]"]
     trained = run(cli, "train", "quickstart", *TINY_OVERRIDES, *quiet, f"logging.output_dir={runs}", cwd=tmp_path)
