@@ -98,6 +98,11 @@ def test_recipes_copy_writes_the_file_and_refuses_to_overwrite_it(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert load_recipe(tmp_path / "mine.yaml").steps == load_recipe(RECIPES / "dler.yaml").steps
 
+    into_a_directory = cli("recipes", "copy", "dler", ".", "--force", cwd=tmp_path)
+    assert into_a_directory.returncode == 2
+    assert (
+        into_a_directory.stderr.strip() == "efficient-rl: error: .: a directory; name the file to write, e.g. dler.yaml"
+    )
     unknown = cli("recipes", "copy", "dlr", "other.yaml", cwd=tmp_path)
     assert unknown.returncode == 2 and "did you mean dler?" in unknown.stderr
     assert not (tmp_path / "other.yaml").exists()

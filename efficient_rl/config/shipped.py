@@ -69,6 +69,8 @@ def copy_recipe(name: str, destination: Path, force: bool = False) -> Path:
     from efficient_rl.config.loading import read_recipe_file
 
     source = find_shipped(name, "recipe", recipes_by_name())
+    if destination.is_dir():
+        raise ConfigError(f"{destination}: a directory; name the file to write, e.g. {destination / source.name}")
     if destination.exists() and not force:
         raise ConfigError(f"{destination}: already exists; pick another name, or pass --force to replace it")
     if not destination.parent.is_dir():
