@@ -124,7 +124,7 @@ def test_numbers_as_answers_are_their_plain_text(tmp_path):
             [{"prompt": "1+1", "reward_model": {"style": "rule", "ground_truth": "2"}}],
             ("prompt", "reward_model"),
             r"data.jsonl:1: the answer column 'reward_model' holds a dict \(keys 'style', 'ground_truth'\); "
-            r"expected a string or a number \(pick a value inside it with a dotted key: reward_model.style\)$",
+            r"expected a string or a number; a dotted key reads a value inside it \(reward_model.<its key>\)$",
         ),
         (
             [{"prompt": "1+1", "answer": True}],

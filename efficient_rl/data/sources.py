@@ -281,7 +281,7 @@ def question_value(value, key: str, where: str) -> str | Turns:
 
 def answer_text(value, key: str, where: str) -> str:
     """A string as it is, an integer as its digits (42), a finite float as Python writes it (0.5;
-    an integral one as an integer: 42.0 -> 42, as Parquet stores an integer column with gaps).
+    an integral one as an integer: 42.0 -> 42, as pandas saves an integer column with gaps).
     A mapping, list, bool or null is refused: str() of it would only ever match itself."""
     if isinstance(value, str):
         return value
@@ -289,11 +289,7 @@ def answer_text(value, key: str, where: str) -> str:
         return str(value)
     if isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if value.is_integer() else repr(value)
-    hint = (
-        f" (pick a value inside it with a dotted key: {key}.{next(iter(value))})"
-        if isinstance(value, dict) and value
-        else ""
-    )
+    hint = f"; a dotted key reads a value inside it ({key}.<its key>)" if isinstance(value, dict) else ""
     raise ConfigError(
         f"{where}: the answer column {key!r} holds {described(value)}; expected a string or a number{hint}"
     )
