@@ -118,7 +118,14 @@ def test_numbers_as_answers_are_their_plain_text(tmp_path):
         (
             [{"prompt": "1+1", "reward_model": "2"}],
             ("prompt", "reward_model.ground_truth"),
-            r"data.jsonl:1: the answer key 'reward_model.ground_truth': 'reward_model' holds a str, not a mapping",
+            r"data.jsonl:1: the answer key 'reward_model.ground_truth': 'reward_model' holds a str \('2'\), not a "
+            r"mapping with 'ground_truth'$",
+        ),
+        (
+            [{"prompt": "1+1", "answer": "2"}, {"prompt": "1+2", "answer": "3"}, {"answer": "4"}],
+            ("extra_info.question", "answer"),
+            r"data.jsonl:1: missing column 'extra_info' of the question key 'extra_info.question' \(map yours with "
+            r"data.question_key / data.answer_key; this row has 'prompt', 'answer'\)$",
         ),
         (  # a dict answer is refused, never stringified, with the nested key to use
             [{"prompt": "1+1", "reward_model": {"style": "rule", "ground_truth": "2"}}],
@@ -362,3 +369,12 @@ def test_bad_chat_data_stops_a_run_in_one_line_before_anything_is_written(tmp_pa
         f"'ground_truth'); expected a string or a list of {{role, content}} chat turns"
     ]
     assert not out.exists()
+
+    # chat turns with the chat template turned off
+    chat = write_jsonl(tmp_path / "chat.jsonl", messages_rows(lab_problems(4)))
+    overrides = ["data.question_key=messages", "data.answer_key=solution", "prompt.chat_template=never"]
+    assert train(tmp_path, "never", f"data.train={chat}", f"data.heldout={chat}", *overrides) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("efficient-rl: error: model: the data holds chat turns, which need the chat template")
+    assert error.endswith("but chat_template is never (map a plain-text question column instead)")
+    assert not (tmp_path / "runs").exists()

@@ -245,15 +245,14 @@ def column_value(row: dict, key: str, where: str, role: str):
     head, *path = key.split(".")
     if not path or head not in row:
         raise ConfigError(
-            f"{where}: missing column {head!r} (map yours with data.question_key / data.answer_key; this row "
-            f"has {', '.join(map(repr, row)) or 'no columns'})"
+            f"{where}: missing column {head!r}{f' of the {role} key {key!r}' if path else ''} (map yours with "
+            f"data.question_key / data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})"
         )
     value, walked = row[head], head
     for part in path:
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{where}: the {role} key {key!r}: {walked!r} holds a {type(value).__name__}, "
-                f"not a mapping with {part!r}"
+                f"{where}: the {role} key {key!r}: {walked!r} holds {described(value)}, not a mapping with {part!r}"
             )
         if part not in value:
             raise ConfigError(
