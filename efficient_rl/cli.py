@@ -222,11 +222,19 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.data,
         help="lab:<preset> (held-out split), gsm8k:test100, a JSONL or Parquet file, or "
         "hf:<dataset>[:<config>] "
-        "(a Hugging Face hub id or local dataset directory)",
+        "(a Hugging Face hub id, a local dataset directory or a save_to_disk directory)",
     )
     evaluate.add_argument("--split", default=defaults.split, help="split of an hf: dataset")
-    evaluate.add_argument("--question-key", default=defaults.question_key, help="column holding the question")
-    evaluate.add_argument("--answer-key", default=defaults.answer_key, help="column holding the reference answer")
+    evaluate.add_argument(
+        "--question-key",
+        default=defaults.question_key,
+        help="column holding the question: text or chat turns; a dotted key reads a nested value",
+    )
+    evaluate.add_argument(
+        "--answer-key",
+        default=defaults.answer_key,
+        help="column holding the reference answer; a dotted key reads a nested value (reward_model.ground_truth)",
+    )
     evaluate.add_argument("--engine", default=defaults.engine, help="transformers or vllm")
     evaluate.add_argument("--budgets", type=int, nargs="+", default=defaults.budgets, help="response token caps")
     evaluate.add_argument("--samples", type=int, default=defaults.samples, help="samples per question")
@@ -241,7 +249,10 @@ def parser() -> argparse.ArgumentParser:
         choices=["auto", "always", "never"],
         help="prompts through the tokenizer's chat template: when it has one / required / never",
     )
-    evaluate.add_argument("--system-prompt", help="a system turn before each question (chat templates only)")
+    evaluate.add_argument(
+        "--system-prompt",
+        help="a system turn before each question (chat templates only; chat turns with their own keep it)",
+    )
     evaluate.add_argument(
         "--user-template",
         default=defaults.user_template,

@@ -33,8 +33,12 @@ class DataSection:
     # (a Hugging Face dataset: hub id or local directory, through `datasets`)
     train: str = "lab:quickstart"
     heldout: str = "lab:quickstart"  # same forms; the held-out split is used for evaluation
-    question_key: str = "question"  # column holding the question
-    answer_key: str = "answer"  # column holding the reference answer (other columns ride along)
+    # column holding the question: text, or chat turns [{role, content}, ...] (verl's and TRL's `prompt`)
+    # that go through the chat template as they are. A dotted key reads a nested value.
+    question_key: str = "question"
+    # column holding the reference answer, text or a number (other columns ride along); a dotted key
+    # reads a nested value: verl's reward_model.ground_truth
+    answer_key: str = "answer"
     train_split: str = "train"  # hf: datasets only: the split to train on
     heldout_split: str = "test"  # hf: datasets only: the split to evaluate on
     train_size: int = 20000  # lab only: number of generated training problems
@@ -47,10 +51,13 @@ class PromptSection:
     # auto: through the tokenizer's chat template when it has one, else the plain text. always: the
     # template is required (an error without one). never: the plain text even if there is one.
     chat_template: Literal["auto", "always", "never"] = "auto"
-    system_prompt: str | None = None  # a system turn before the question (chat templates only)
-    # The user turn. A name in braces stands for that field of the sample: "{question}", any data
-    # column ("{level}"), or a variable below ("{target_length}"); a name no sample has is one line
-    # of error at load. Other braces ("\\boxed{}") are kept as they are.
+    # a system turn before the question (chat templates only; a chat-turn question with a system turn
+    # of its own keeps that one)
+    system_prompt: str | None = None
+    # The user turn (with chat-turn data: the last turn, {question} standing for its content). A name
+    # in braces stands for that field of the sample: "{question}", any data column ("{level}"), or a
+    # variable below ("{target_length}"); a name no sample has is one line of error at load. Other
+    # braces ("\\boxed{}") are kept as they are.
     user_template: str = "{question}"
     # Fields drawn for every sample, each from a PROMPT_VARIABLES entry (efficient_rl/data/variables.py),
     # reproducibly from the seed, once at load: L1's {target_length: {name: uniform_int, low: 100,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from efficient_rl.config.schema import PromptSection
+from efficient_rl.data.turns import Turns, has_system_turn, is_turns, with_user_text
 from efficient_rl.data.variables import render
 from efficient_rl.errors import ConfigError
 
@@ -40,10 +41,10 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, question: str, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
+def encode_prompt(tokenizer, question: str | Turns, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
     """The prompt ids of a bare question (a template that names other fields needs encode_sample)."""
     try:
-        user = render(prompt.user_template, {"question": question})
+        user = render_prompt(prompt.user_template, {"question": question})
     except KeyError as err:
         raise ConfigError(
             f"user template: {{{err.args[0]}}} names a sample field, but only {{question}} is known here"
@@ -53,18 +54,47 @@ def encode_prompt(tokenizer, question: str, prompt: PromptSection = DEFAULT_PROM
 
 def encode_sample(tokenizer, sample: dict, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
     """The prompt ids of a sample: the user template filled with its fields (variables.render)."""
-    return encode_user(tokenizer, render(prompt.user_template, sample), prompt)
+    return encode_user(tokenizer, render_prompt(prompt.user_template, sample), prompt)
 
 
-def encode_user(tokenizer, user: str, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
+def render_prompt(template: str, sample: dict) -> str | Turns:
+    """What a sample asks: the user template filled with its fields. For a question of chat turns,
+    the turns with the last (user) one's content filled in, {question} standing for that content."""
+    question = sample["question"]
+    if not is_turns(question):
+        return render(template, sample)
+    return with_user_text(question, render(template, {**sample, "question": question[-1]["content"]}))
+
+
+def encode_user(tokenizer, user: str | Turns, prompt: PromptSection = DEFAULT_PROMPT) -> list[int]:
     """The prompt ids the model continues from. With a chat template: an optional system turn,
-    the user turn and the assistant header; without one: the user text itself."""
+    the user turn and the assistant header; without one: the user text itself. Chat turns (a
+    rendered prompt of turns) go through the template as they are; prompt.system_prompt comes
+    first only when they hold no system turn of their own."""
+    if is_turns(user):
+        return encode_turns(tokenizer, user, prompt)
     if uses_chat_template(tokenizer, prompt):
         messages = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
         messages.append({"role": "user", "content": user})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template placed them
+        return apply_template(tokenizer, messages)
     return tokenizer(user)["input_ids"]
+
+
+def encode_turns(tokenizer, turns: Turns, prompt: PromptSection) -> list[int]:
+    if not uses_chat_template(tokenizer, prompt):
+        why = "chat_template is never" if prompt.chat_template == "never" else "it has none"
+        raise TokenizerError(
+            f"the data holds chat turns, which need the chat template of {tokenizer.name_or_path}, but {why} "
+            f"(map a plain-text question column instead)"
+        )
+    if prompt.system_prompt and not has_system_turn(turns):
+        turns = [{"role": "system", "content": prompt.system_prompt}, *turns]
+    return apply_template(tokenizer, turns)
+
+
+def apply_template(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template placed them
 
 
 def uses_chat_template(tokenizer, prompt: PromptSection) -> bool:

