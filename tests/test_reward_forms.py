@@ -35,6 +35,9 @@ USER_REWARDS = {
                 for c, p in zip(completions, prompts)
             ]
 
+        def scaled(completions, solution, scale=1.0, **kwargs):
+            return [scale * float(s in c) for c, s in zip(completions, solution)]
+
         def not_applicable(completions, **kwargs):
             return [None if "skip" in c else 1.0 for c in completions]
 
@@ -142,6 +145,17 @@ def test_a_reward_file_imports_the_module_beside_it(rewards_dir, workers):
         RewardEntry(name=f"{rewards_dir}/sibling_reward.py:last_word_is_answer"), SAMPLES, COMPLETIONS, workers
     )
     assert result.errors == 0 and result.scores.tolist() == [1.0, 0.0]
+
+
+def test_a_trl_entrys_params_come_as_keywords_and_may_not_shadow_a_column(rewards_dir):
+    reference = f"{rewards_dir}/trl_rewards.py:scaled"
+    assert scores_of(
+        RewardEntry(name=reference, form="trl", params={"scale": 3.0}), SAMPLES, COMPLETIONS, 0
+    ).scores.tolist() == [3.0, 0.0]
+    with pytest.raises(
+        ConfigError, match=r"^reward\[0\] \(.*\): the entry's params level are also columns of the data"
+    ):
+        scores_of(RewardEntry(name=reference, form="trl", params={"level": 3.0}), SAMPLES, COMPLETIONS, 0)
 
 
 def test_a_none_from_a_trl_reward_adds_nothing_and_is_counted(rewards_dir):

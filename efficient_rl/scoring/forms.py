@@ -84,6 +84,9 @@ def trl_arguments(function, completions, samples, params):
     the samples as a list (one value per completion). A chat prompt (a list of turns) makes the
     call conversational: its completion comes as [{"role": "assistant", "content": text}]."""
     columns = {key: [sample.get(key) for sample in samples] for key in samples[0] if key not in TRL_RESERVED_COLUMNS}
+    shadowed = sorted(set(columns) & set(params))
+    if shadowed:  # one keyword cannot carry both: refused rather than one silently winning
+        raise FormError(f"the entry's params {', '.join(shadowed)} are also columns of the data: rename them")
     prompts = [sample.get("question") for sample in samples]
     keywords = {
         "prompts": prompts,
@@ -185,7 +188,7 @@ def check_signature(form: RewardForm, function, params: dict, sample: dict | Non
         signature = inspect.signature(function)
     except ValueError:
         return  # builtins without an inspectable signature: the probe call decides
-    sample = sample if sample is not None else placeholder_sample(signature)
+    sample = sample if sample is not None else placeholder_sample(signature, params)
     args, kwargs = form.arguments(function, ["completion"], [sample], params)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -199,13 +202,15 @@ def check_signature(form: RewardForm, function, params: dict, sample: dict | Non
         raise FormError(f"{getattr(function, '__name__', 'the function')} in the {form.name} form: {why}")
 
 
-def placeholder_sample(signature: inspect.Signature) -> dict:
-    """A sample with the columns every sample has and those the function names (TRL's trainer-only
-    arguments excepted: a function requiring one of those must be refused)."""
+def placeholder_sample(signature: inspect.Signature, params: dict) -> dict:
+    """A sample with the columns every sample has and those the function names (but the entry's
+    params, and TRL's trainer-only arguments: a function requiring one of those must be refused)."""
     named = {
         name: None
         for name, parameter in signature.parameters.items()
-        if parameter.kind is not inspect.Parameter.VAR_KEYWORD and name not in TRL_TRAINER_ARGUMENTS
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        and name not in TRL_TRAINER_ARGUMENTS
+        and name not in params
     }
     return {**named, "id": None, "question": "", "answer": ""}
 
