@@ -38,6 +38,9 @@ USER_REWARDS = {
         def scaled(completions, solution, scale=1.0, **kwargs):
             return [scale * float(s in c) for c, s in zip(completions, solution)]
 
+        async def awaited(completions, solution, **kwargs):
+            return [float(s in c) for c, s in zip(completions, solution)]
+
         def not_applicable(completions, **kwargs):
             return [None if "skip" in c else 1.0 for c in completions]
 
@@ -145,6 +148,13 @@ def test_a_reward_file_imports_the_module_beside_it(rewards_dir, workers):
         RewardEntry(name=f"{rewards_dir}/sibling_reward.py:last_word_is_answer"), SAMPLES, COMPLETIONS, workers
     )
     assert result.errors == 0 and result.scores.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_async_trl_reward_is_awaited(rewards_dir, workers):
+    entry = RewardEntry(name=f"{rewards_dir}/trl_rewards.py:awaited", form="trl")
+    result = scores_of(entry, SAMPLES, COMPLETIONS, workers)
+    assert result.scores.tolist() == [1.0, 0.0] and result.errors == 0
 
 
 def test_a_trl_entrys_params_come_as_keywords_and_may_not_shadow_a_column(rewards_dir):

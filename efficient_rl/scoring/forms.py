@@ -15,6 +15,7 @@ import here: reward workers load this module.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -166,6 +167,8 @@ def call(form: RewardForm, function, completions: list[str], samples: list[dict]
     """The raw return values, one per completion (FormError when a batched call's answer does not fit)."""
     args, kwargs = form.arguments(function, completions, samples, params)
     returned = function(*args, **kwargs)
+    if inspect.iscoroutine(returned):  # an `async def` reward (TRL takes them): awaited here, one call at a time
+        returned = asyncio.run(returned)
     return values_of(form, returned, len(completions))
 
 
