@@ -119,8 +119,11 @@ def cmd_methods(args) -> int:
 def cmd_reward_check(args) -> int:
     from efficient_rl.scoring.check import check_reward
 
-    print(check_reward(args.spec, Path(args.data), args.completion_key, args.params, args.workers, args.timeout))
-    return 0
+    report = check_reward(
+        args.spec, Path(args.data), args.completion_key, args.params, args.workers, args.timeout, args.form
+    )
+    print(report.text)
+    return 1 if report.failed else 0  # a reward that fails on some rows is a failed check
 
 
 def cmd_eval(args) -> int:
@@ -197,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
 
     reward = commands.add_parser("reward", help="work with reward functions")
     reward_commands = reward.add_subparsers(dest="reward_command", required=True)
+    from efficient_rl.config.schema import RewardEntry
+
     check = reward_commands.add_parser("check", help="score saved completions with a reward and report")
     check.add_argument("spec", help="a reward: built-in name, file.py:function, module:function or plugin name")
     check.add_argument("--data", required=True, help="JSONL: one sample per line, with its completion")
@@ -204,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--params", default="{}", help="the reward's keyword arguments, as JSON")
     check.add_argument("--workers", type=int, default=2, help="reward worker processes (0: in this process)")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    check.add_argument(
+        "--form", default=RewardEntry.form, help="how the function is called: native, batched, trl or verl"
+    )
     check.set_defaults(handler=cmd_reward_check)
 
     evaluate = commands.add_parser(

@@ -130,7 +130,10 @@ def test_references_resolve_from_a_file_a_module_and_an_entry_point(tmp_path, mo
         (RewardEntry(name="no.such.module:fn"), r"reward\[0\] \(no.such.module:fn\): cannot import no.such.module"),
         (RewardEntry(name="missing.py:fn"), r"reward\[0\] \(missing.py:fn\): reward file missing.py not found"),
         (RewardEntry(name=f"{__name__}:nothing_here"), r"has no function 'nothing_here'"),
-        (RewardEntry(name=f"{__name__}:two_params"), r"two_params cannot be called as \(completion, sample\)"),
+        (
+            RewardEntry(name=f"{__name__}:two_params"),
+            r"two_params cannot be called as fn\(completion, sample, \*\*params\)",
+        ),
         (RewardEntry(name=f"{__name__}:two_params", params={"scale": 1, "extra": 2}), r"cannot be called as"),
     ],
 )
@@ -245,8 +248,10 @@ def test_reward_check_reports_scores_throughput_and_failures(tmp_path):
     result = subprocess.run(
         check + ["--data", str(data)], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=1200
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    # Failed rows make a failed check: exit status 1, the count on the last line.
+    assert result.returncode == 1, result.stderr[-2000:]
     report = result.stdout
+    assert report.strip().splitlines()[-1] == "FAILED: 2 of 5 samples errored or timed out"
     assert "on 5 samples" in report and "samples/s" in report
     assert "mean 0.2400" in report and "max 0.6000" in report  # (0.2 + 0.4 + 0 + 0 + 0.6) / 5
     assert "metric  hostile_reward/chars: mean" in report and "call    p50" in report

@@ -4,8 +4,10 @@ A new method registers itself when its module is imported (`@ADVANTAGES.register
 function), so `imports: [my_methods.py]` plus `algorithm.advantage: mine` is all a recipe needs
 (docs/extending.md). A reference is a dotted module name (importable from the Python path) or a
 path to a .py file. A file is imported once per process whatever its reference's spelling, since
-importing it twice would register its entries twice. No torch import here: reward workers load
-this module.
+importing it twice would register its entries twice. A file's own directory goes on the import
+path before it runs, so it can import a module beside it (`from helpers import parse`), as it
+could run as a script; a reward worker imports the file through here too. No torch import here:
+reward workers load this module.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def import_file(path: Path, prefix: str = "efficient_rl_plugin"):
     name = f"{prefix}_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     if name in sys.modules:
         return sys.modules[name]
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # first, as for a script: its own helpers before installed namesakes
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # before running it: an import cycle back to it finds it

@@ -106,6 +106,9 @@ class RewardEntry:
     name: str = "math"  # a built-in reward name
     weight: float = 1.0
     params: dict = field(default_factory=dict)  # keyword arguments for the reward function
+    # How the function is called (efficient_rl/scoring/forms.py): native (completion, sample,
+    # **params), batched, trl (TRL's reward_funcs) or verl (verl's compute_score).
+    form: str = "native"
 
 
 @dataclass

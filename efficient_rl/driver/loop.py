@@ -223,7 +223,7 @@ class Trainer:
         progress = (step - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
         wanted = self.recipe.rollout.prompts_per_step
         sampler = self.stages.sampler
-        generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0}
+        generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0, "skipped": 0}
         timings = {"generate": 0.0, "reward": 0.0}
         started, stream_start = time.time(), self.stream.consumed
         while True:
@@ -231,6 +231,7 @@ class Trainer:
             batch, result = self.generate_and_score(self.stream.take(wanted), progress, generate, timings)
             failures["errors"] += result.errors
             failures["timeouts"] += result.timeouts
+            failures["skipped"] += result.skipped
             generated.append(batch)
             kept.append(batch.select(sampler.keep(batch).nonzero()[:, 0]))
             enough = sum(b.group_ids.unique().numel() for b in kept) >= wanted
@@ -248,7 +249,8 @@ class Trainer:
                 over_cap(everything.response_lengths, everything.truncated, everything.length_cap),
             )
         )
-        # Failed reward calls: each scored 0 and counted, never silently a zero.
+        # Failed reward calls: each scored 0 and counted, never silently a zero; skipped: a None (TRL's
+        # "not applicable") added nothing to its sample's score.
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         metrics.update({f"timing/{stage}": seconds for stage, seconds in timings.items()})

@@ -50,7 +50,12 @@ def evaluate(
                 f"eval/{label}/",
             )
         )
-    return {**metrics, "eval/reward_errors": float(result.errors), "eval/reward_timeouts": float(result.timeouts)}
+    return {
+        **metrics,
+        "eval/reward_errors": float(result.errors),
+        "eval/reward_timeouts": float(result.timeouts),
+        "eval/reward_skipped": float(result.skipped),
+    }
 
 
 def named(figures: dict[str, float], prefix: str) -> dict[str, float]:

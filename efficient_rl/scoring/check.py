@@ -2,7 +2,8 @@
 
 Each JSONL row is a data sample (question, answer, ...) plus the completion to score. The
 report shows the score distribution, throughput, and every kind of failure with examples, so a
-reward can be debugged before it meets a training run.
+reward can be debugged before it meets a training run. The command exits 1 when a call failed
+(errored or timed out), its last line giving the count; bad input exits 2 (ConfigError).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from efficient_rl.config.schema import RewardEntry
@@ -40,6 +42,12 @@ def parse_params(text: str) -> dict:
     return params
 
 
+@dataclass
+class CheckReport:
+    text: str
+    failed: int  # calls that errored or timed out
+
+
 def check_reward(
     spec: str,
     data: Path,
@@ -47,19 +55,19 @@ def check_reward(
     params: str = "{}",
     workers: int = 2,
     timeout: float = 10.0,
-) -> str:
-    """The report, as text."""
+    form: str = RewardEntry.form,
+) -> CheckReport:
     if workers < 0 or not timeout > 0:
         raise ConfigError("expected --workers >= 0 and --timeout > 0")
     rows = read_rows(data, completion_key)
-    runner = RewardRunner([RewardEntry(name=spec, params=parse_params(params))], workers, timeout)
+    runner = RewardRunner([RewardEntry(name=spec, params=parse_params(params), form=form)], workers, timeout)
     try:
         started = time.perf_counter()
         result = runner.score([row[completion_key] for row in rows], rows)
         seconds = time.perf_counter() - started
     finally:
         runner.close()
-    return format_report(spec, rows, result, seconds)
+    return CheckReport(format_report(spec, rows, result, seconds), result.errors + result.timeouts)
 
 
 def quantile(sorted_values: list[float], q: float) -> float:
@@ -79,8 +87,13 @@ def format_report(spec: str, rows: list[dict], result, seconds: float) -> str:
     if result.accuracy is not None:
         lines.append(f"accuracy {float(result.accuracy.mean()):.4f}")
     lines += [metric_line(name, result, len(rows)) for name in sorted(result.extras)]
-    lines.append(f"errors {result.errors}  timeouts {result.timeouts}  (each scored 0)")
+    lines.append(
+        f"errors {result.errors}  timeouts {result.timeouts}  (each scored 0)  skipped {result.skipped} (None)"
+    )
     lines += [f"  {message}" for message in result.error_messages]
+    failed = result.errors + result.timeouts
+    if failed:
+        lines.append(f"FAILED: {failed} of {len(rows)} samples errored or timed out")
     return "\n".join(lines)
 
 

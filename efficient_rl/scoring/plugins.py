@@ -1,8 +1,6 @@
-"""Finding reward functions by reference, and the calling contract.
+"""Finding reward functions by reference.
 
-A reward is a plain function `(completion, sample, **params) -> float | dict`; a dict carries
-"score" plus metrics to log ("accuracy" marks a correct answer). A function with the attribute
-`batched = True` takes lists instead, `(completions, samples, **params) -> list`.
+How a function is called (its form: native, batched, TRL's, verl's) is efficient_rl/scoring/forms.py.
 
 References, tried in this order:
   "math"                        a built-in name
@@ -14,7 +12,6 @@ No torch import here: reward workers load this module.
 
 from __future__ import annotations
 
-import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -74,31 +71,3 @@ def import_module(name: str):
         return plugins.import_module(name)
     except plugins.PluginError as err:
         raise RewardLoadError(str(err)) from None
-
-
-def is_batched(function) -> bool:
-    return bool(getattr(function, "batched", False))
-
-
-def check_signature(function, params: dict) -> None:
-    """The function must accept (completion, sample, **params), or the batched lists."""
-    try:
-        inspect.signature(function).bind("completion", {}, **params)
-    except TypeError as err:
-        expected = "(completions, samples" if is_batched(function) else "(completion, sample"
-        raise RewardLoadError(
-            f"{getattr(function, '__name__', function)} cannot be called as "
-            f"{expected}{''.join(f', {k}=...' for k in params)}): {err}"
-        ) from None
-    except ValueError:
-        pass  # builtins without an inspectable signature: the probe call decides
-
-
-def call_reward(function, completions: list[str], samples: list[dict], params: dict) -> list:
-    """Raw return values, one per completion."""
-    if is_batched(function):
-        values = list(function(completions, samples, **params))
-        if len(values) != len(completions):
-            raise ValueError(f"batched reward returned {len(values)} values for {len(completions)} completions")
-        return values
-    return [function(completion, sample, **params) for completion, sample in zip(completions, samples)]

@@ -26,10 +26,32 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from efficient_rl.errors import WorkerFailure
-from efficient_rl.scoring.plugins import call_reward, load_reward
+from efficient_rl.scoring.forms import RewardForm, call, form_of
+from efficient_rl.scoring.plugins import load_reward
 
 STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import its rewards
 CLOSE_GRACE = 2.0  # seconds idle workers get, all together, to leave on their own before they are killed
+
+
+@dataclass(frozen=True)
+class RewardReference:
+    """A reward as a worker receives it: strings and plain data, resolved in the worker."""
+
+    name: str  # the reference: built-in, file.py:function, module:function or plugin
+    params: dict
+    form: str  # a name in forms.REWARD_FORMS
+
+
+@dataclass(frozen=True)
+class LoadedReward:
+    function: object
+    form: RewardForm
+    params: dict
+
+
+def load(reference: RewardReference) -> LoadedReward:
+    function = load_reward(reference.name)
+    return LoadedReward(function, form_of(reference.form, function), reference.params)
 
 
 @dataclass(frozen=True)
@@ -47,11 +69,11 @@ class Outcome:
     seconds: float = 0.0  # time inside the reward (0 when the worker gave no answer)
 
 
-def outcome_of(function, call: RewardCall, params: dict) -> Outcome:
+def outcome_of(reward: LoadedReward, request: RewardCall) -> Outcome:
     """Call the reward; its failure becomes the outcome, never the caller's exception."""
     started = time.perf_counter()
     try:
-        values = call_reward(function, call.completions, call.samples, params)
+        values = call(reward.form, reward.function, request.completions, request.samples, reward.params)
         return Outcome("ok", values=values, seconds=time.perf_counter() - started)
     except KeyboardInterrupt:
         raise
@@ -64,7 +86,7 @@ def outcome_of(function, call: RewardCall, params: dict) -> Outcome:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def worker_main(connection, references: list[tuple[str, dict]]) -> None:
+def worker_main(connection, references: list[RewardReference]) -> None:
     """Serve calls until told to stop (None), answering each with its Outcome."""
     # Stop signals are for the driver, which finishes its step (with these workers) and then closes
     # the pool. A Slurm requeue signals every process of the job, and Ctrl-C the terminal's whole
@@ -75,14 +97,14 @@ def worker_main(connection, references: list[tuple[str, dict]]) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     exit_with_parent()
     try:
-        functions = [load_reward(reference) for reference, _ in references]
+        rewards = [load(reference) for reference in references]
     except Exception as err:  # the driver loaded them: something differs in a fresh process
         connection.send(("failed", f"{type(err).__name__}: {err}"))  # for the driver's one-line error
         return
     connection.send(("ready", None))  # call timeouts start only now, after the imports
     try:
-        while (call := connection.recv()) is not None:
-            connection.send(outcome_of(functions[call.entry], call, references[call.entry][1]))
+        while (request := connection.recv()) is not None:
+            connection.send(outcome_of(rewards[request.entry], request))
     except (EOFError, BrokenPipeError):
         pass  # the driver is gone: nobody is left to answer, and a traceback here would read as the cause
 
@@ -169,7 +191,7 @@ def stop_workers(workers: list[Worker]) -> None:
 
 
 class RewardPool:
-    def __init__(self, references: list[tuple[str, dict]], workers: int, timeout: float):
+    def __init__(self, references: list[RewardReference], workers: int, timeout: float):
         self.context = multiprocessing.get_context("spawn")  # fork would copy the trainer (and its threads)
         self.references, self.timeout = references, timeout
         self.workers: list[Worker] = []

@@ -5,6 +5,8 @@ reward fails before any work, naming its entry. At run time calls go to a pool o
 workers (efficient_rl/scoring/pool.py) under a wall-clock timeout. A call that raises, times out,
 crashes its worker or returns a non-number scores 0 *and* is counted (`reward/errors`,
 `reward/timeouts`), with the first messages kept for the log: an error is never silently a zero.
+A None from a form whose contract allows it (TRL's "does not apply to this sample") adds nothing
+to the sample's score and is counted too (`reward/skipped`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import torch
 
 from efficient_rl.config.schema import RewardEntry
 from efficient_rl.errors import ConfigError, WorkerFailure
-from efficient_rl.scoring.plugins import RewardLoadError, check_signature, is_batched, load_reward
-from efficient_rl.scoring.pool import Outcome, RewardCall, RewardPool, outcome_of
+from efficient_rl.scoring.forms import REWARD_FORMS, FormError, RewardForm, check_signature, form_of, shortened
+from efficient_rl.scoring.plugins import RewardLoadError, load_reward
+from efficient_rl.scoring.pool import LoadedReward, Outcome, RewardCall, RewardPool, RewardReference, outcome_of
 
 MAX_KEPT_ERRORS = 5
+DECLARE_ANOTHER_FORM = (
+    f"if the function follows another contract, declare it in its entry: `form:` one of {', '.join(REWARD_FORMS)}"
+)
 
 
 @dataclass
@@ -30,6 +36,7 @@ class RewardResult:
     reported: dict[str, list[int]] = field(default_factory=dict)  # extras key -> the rows that reported it
     errors: int = 0  # calls that raised, crashed their worker or returned a non-number
     timeouts: int = 0  # calls cut off at the timeout
+    skipped: int = 0  # None returned where the form allows it (TRL's "not applicable"): adds nothing, counted
     error_messages: list[str] = field(default_factory=list)
     call_seconds: list[float] = field(default_factory=list)  # time inside the reward, per call
 
@@ -76,45 +83,77 @@ def as_numbers(value) -> dict[str, float]:
     return numbers
 
 
-def resolve_rewards(entries: list[RewardEntry]) -> list:
-    """The reward functions, each imported and its parameters checked against its signature
-    (ConfigError in one line naming the entry). Starts nothing: the recipe's validation calls it."""
+def resolve_rewards(entries: list[RewardEntry]) -> list[LoadedReward]:
+    """The rewards, each imported and its signature checked against its form's call with the
+    entry's parameters (ConfigError in one line naming the entry). Starts nothing: the recipe's
+    validation calls it."""
     if not entries:
         raise ConfigError("reward: expected at least one reward entry")
-    functions = []
+    rewards = []
     for index, entry in enumerate(entries):
         try:
             function = load_reward(entry.name)
-            check_signature(function, entry.params)
-        except RewardLoadError as err:
+            form = form_of(entry.form, function)
+            check_signature(form, function, entry.params)
+        except (RewardLoadError, FormError) as err:
             raise ConfigError(f"reward[{index}] ({entry.name}): {err}") from None
-        functions.append(function)
-    return functions
+        rewards.append(LoadedReward(function, form, entry.params))
+    return rewards
+
+
+def probe_failure(form: RewardForm, outcome: Outcome) -> str | None:
+    """Why the probe call's outcome does not fit the form (one line), or None when it does."""
+    if outcome.status != "ok":
+        return f"{outcome.message}; {DECLARE_ANOTHER_FORM}"
+    for value in outcome.values:
+        if value is None and form.allows_none:
+            continue
+        try:
+            as_numbers(value)
+        except ValueError as err:
+            if not form.batched and isinstance(value, (list, tuple)):  # the old trap: a list-returning reward
+                return (
+                    f"returned a list ({shortened(value)}) from a call with one completion: for a batched or TRL "
+                    "reward declare `form: trl` (TRL's fn(completions, **columns)) or `form: batched` in its entry"
+                )
+            return f"{err}; {DECLARE_ANOTHER_FORM}"
+    return None
 
 
 class RewardRunner:
     def __init__(self, entries: list[RewardEntry], workers: int = 0, timeout: float = 10.0):
         self.entries = entries
-        self.functions = resolve_rewards(entries)
+        self.rewards = resolve_rewards(entries)
+        references = [RewardReference(entry.name, entry.params, entry.form) for entry in entries]
         # workers=0 calls rewards in this process: no timeout can be enforced there.
-        self.pool = RewardPool([(e.name, e.params) for e in entries], workers, timeout) if workers > 0 else None
+        self.pool = RewardPool(references, workers, timeout) if workers > 0 else None
 
     def check(self, sample: dict) -> None:
-        """Probe every reward once on a real sample: it must answer, with a number."""
-        completion = f"The answer is \\boxed{{{sample.get('answer', '')}}}."
+        """Probe every reward once on a real sample: its signature must take the sample's columns,
+        and it must answer in its form's contract, with numbers. A batched form gets two
+        completions, so a reward answering with one value per call is caught."""
+        completions = [f"The answer is \\boxed{{{sample.get('answer', '')}}}.", "No answer."]
+        for index, (entry, reward) in enumerate(zip(self.entries, self.rewards)):
+            try:
+                check_signature(reward.form, reward.function, entry.params, sample)
+            except FormError as err:
+                columns = ", ".join(sorted(sample))
+                raise ConfigError(f"reward[{index}] ({entry.name}): {err} (the data's columns: {columns})") from None
+        probes = []
+        for index, reward in enumerate(self.rewards):
+            count = 2 if reward.form.batched else 1
+            probes.append(RewardCall(index, completions[:count], [sample] * count))
         try:
-            outcomes = self._run([RewardCall(i, [completion], [sample]) for i in range(len(self.entries))])
+            outcomes = self._run(probes)
         except WorkerFailure as err:  # a reward that kills or hangs its worker at import
             raise ConfigError(f"reward: {err}") from None
-        for index, (entry, outcome) in enumerate(zip(self.entries, outcomes)):
-            try:
-                if outcome.status != "ok":
-                    raise ValueError(outcome.message)
-                as_numbers(outcome.values[0])
-            except ValueError as err:
+        for index, (entry, reward, outcome) in enumerate(zip(self.entries, self.rewards, outcomes)):
+            why = probe_failure(reward.form, outcome)
+            if why:
                 raise ConfigError(
-                    f"reward[{index}] ({entry.name}): probe call on a training sample failed: {err}"
-                ) from None
+                    f"reward[{index}] ({entry.name}): probe call on a training sample failed: called as "
+                    f"{reward.form.contract} (form: {reward.form.name}), {why}"
+                )
 
     def score(self, completions: list[str], samples: list[dict]) -> RewardResult:
         planned = self._plan(completions, samples)
@@ -122,14 +161,14 @@ class RewardRunner:
         for (first_row, call), outcome in zip(planned, self._run([call for _, call in planned])):
             result.call_seconds.append(outcome.seconds)
             for offset in range(len(call.completions)):
-                self._add(result, self.entries[call.entry], first_row + offset, len(completions), outcome, offset)
+                self._add(result, call.entry, first_row + offset, len(completions), outcome, offset)
         return result
 
     def _plan(self, completions: list[str], samples: list[dict]) -> list[tuple[int, RewardCall]]:
         """(first batch row, call): a call per sample, or one per batch for a batched reward."""
         planned = []
-        for index, function in enumerate(self.functions):
-            if is_batched(function):
+        for index, reward in enumerate(self.rewards):
+            if reward.form.batched:
                 planned.append((0, RewardCall(index, completions, samples)))
             else:
                 planned += [
@@ -138,10 +177,13 @@ class RewardRunner:
                 ]
         return planned
 
-    @staticmethod
-    def _add(result: RewardResult, entry: RewardEntry, row: int, rows: int, outcome: Outcome, offset: int) -> None:
+    def _add(self, result: RewardResult, index: int, row: int, rows: int, outcome: Outcome, offset: int) -> None:
+        entry = self.entries[index]
         if outcome.status != "ok":
             result.count(outcome.status, f"{entry.name}: {outcome.message}")
+            return
+        if outcome.values[offset] is None and self.rewards[index].form.allows_none:
+            result.skipped += 1  # the reward does not apply here: nothing added, and counted
             return
         try:
             value = as_numbers(outcome.values[offset])
@@ -161,7 +203,7 @@ class RewardRunner:
     def _run(self, calls: list[RewardCall]) -> list[Outcome]:
         if self.pool is not None:
             return self.pool.run(calls)
-        return [outcome_of(self.functions[call.entry], call, self.entries[call.entry].params) for call in calls]
+        return [outcome_of(self.rewards[call.entry], call) for call in calls]
 
     def close(self) -> None:
         if self.pool is not None:
