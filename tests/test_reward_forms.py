@@ -333,3 +333,66 @@ def test_a_reward_returning_the_wrong_number_of_values_stops_train_in_one_line(t
     assert line.startswith("efficient-rl: error: reward[0] (") and "returned 1 values for 2 completions" in line
     assert "form: trl" in line
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+# ---------------------------------------------------------------- the seams with chat data and evaluation
+def verl_parquet_rows(ground_truths: list) -> list[dict]:
+    """verl's RL parquet layout, its ground truths as verl's preprocessing leaves them (a list of
+    accepted answers, a number); extra_info.answer is the text the recipe maps as the answer."""
+    return [
+        {
+            "data_source": "lab/tiny",
+            "prompt": [{"role": "user", "content": f"Question {index}?"}],
+            "reward_model": {"style": "rule", "ground_truth": truth},
+            "extra_info": {"index": index, "answer": "12"},
+        }
+        for index, truth in enumerate(ground_truths)
+    ]
+
+
+def test_verl_ground_truth_reaches_compute_score_as_the_row_holds_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from efficient_rl.config.schema import DataSection
+    from efficient_rl.data.sources import load_split
+
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(verl_parquet_rows([["12", "twelve"], ["13"]])), path)
+    keys = DataSection(question_key="prompt", answer_key="extra_info.answer")
+    samples = load_split(str(path), "train", keys, 0, "data.train")
+    (tmp_path / "score.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    # 1 only for a list, which no text answer column could carry, holding the completion\n"
+        "    return float(isinstance(ground_truth, list) and solution_str in ground_truth)\n"
+    )
+    entry = RewardEntry(name=f"{tmp_path}/score.py:compute_score", form="verl")
+    result = scores_of(entry, samples, ["twelve", "twelve"], workers=0)
+    assert result.errors == 0 and result.scores.tolist() == [1.0, 0.0]  # the second row's list lacks "twelve"
+
+
+def test_verl_ground_truth_without_reward_model_is_the_mapped_answer():
+    from efficient_rl.scoring.forms import verl_arguments
+
+    function = lambda **kwargs: 0.0  # noqa: E731 (only its arguments are looked at)
+    _, plain = verl_arguments(function, ["x"], [SAMPLES[0]], {})
+    assert plain["ground_truth"] == SAMPLES[0]["answer"]
+    numeric = {**SAMPLES[0], "reward_model": {"style": "rule", "ground_truth": 42}}
+    assert verl_arguments(function, ["x"], [numeric], {})[1]["ground_truth"] == 42  # not "42": as verl passes it
+
+
+@pytest.mark.parametrize("param", ["ground_truth", "data_source", "solution_str", "extra_info"])
+def test_a_verl_param_named_like_the_calls_own_keyword_is_refused_at_load(rewards_dir, param):
+    entry = RewardEntry(name=f"{rewards_dir}/verl_rewards.py:compute_score", form="verl", params={param: "x"})
+    with pytest.raises(ConfigError) as refused:
+        RewardRunner([entry])  # at load: before any sample or data is read
+    assert str(refused.value) == (
+        f"reward[0] ({entry.name}): the entry's params {param} are also verl's own arguments "
+        "(data_source, solution_str, ground_truth, extra_info): rename them"
+    )
+
+
+def test_a_trl_param_named_like_the_calls_own_keyword_is_refused_at_load(rewards_dir):
+    entry = RewardEntry(name=f"{rewards_dir}/trl_rewards.py:scaled", form="trl", params={"prompts": ["p"]})
+    with pytest.raises(ConfigError, match=r"the entry's params prompts are also columns of the data or TRL's own"):
+        RewardRunner([entry])

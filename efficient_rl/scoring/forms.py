@@ -9,14 +9,18 @@ function on completions and their samples, and what must come back:
   verl     fn(data_source, solution_str, ground_truth, extra_info, **params) -> number | dict
                                                                       as verl's reward manager calls compute_score
 
-A native entry whose function sets `batched = True` is called in the batched form. No torch
-import here: reward workers load this module.
+A native entry whose function sets `batched = True` is called in the batched form. verl's
+ground_truth is the sample's reward_model["ground_truth"] as the row holds it (a list, a number),
+as verl's reward manager passes it; without that mapping, the mapped answer. An entry's params go
+in as keywords beside the call's own and may not share a name with one (refused, never a silent
+winner). No torch import here: reward workers load this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,19 +89,15 @@ def trl_arguments(function, completions, samples, params):
     the samples as a list (one value per completion). A chat prompt (a list of turns) makes the
     call conversational: its completion comes as [{"role": "assistant", "content": text}]."""
     columns = {key: [sample.get(key) for sample in samples] for key in samples[0] if key not in TRL_RESERVED_COLUMNS}
-    shadowed = sorted(set(columns) & set(params))
-    if shadowed:  # one keyword cannot carry both: refused rather than one silently winning
-        raise FormError(f"the entry's params {', '.join(shadowed)} are also columns of the data: rename them")
     prompts = [sample.get("question") for sample in samples]
-    keywords = {
+    own = {
         "prompts": prompts,
         "completions": [
             [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
             for prompt, text in zip(prompts, completions)
         ],
-        **columns,
-        **params,
     }
+    keywords = with_params({**own, **columns}, params, "columns of the data or TRL's own arguments")
     if not takes_any_keyword(function):  # a function naming its columns gets only those
         accepted = inspect.signature(function).parameters
         keywords = {key: value for key, value in keywords.items() if key in accepted}
@@ -106,15 +106,34 @@ def trl_arguments(function, completions, samples, params):
 
 def verl_arguments(function, completions, samples, params):
     """verl's reward manager reads data_source and extra_info from the row's columns and
-    ground_truth from reward_model.ground_truth: here the recipe's answer column (data.answer_key)."""
+    ground_truth from reward_model.ground_truth (verl_ground_truth)."""
     sample = samples[0]
-    return (), {
+    own = {
         "data_source": sample.get("data_source"),
         "solution_str": completions[0],
-        "ground_truth": sample.get("answer"),
+        "ground_truth": verl_ground_truth(sample),
         "extra_info": sample.get("extra_info"),
-        **params,
     }
+    return (), with_params(own, params, f"verl's own arguments ({', '.join(own)})")
+
+
+def verl_ground_truth(sample: dict):
+    """The row's reward_model["ground_truth"] untouched, as verl hands it over: a list of accepted
+    answers or a number stays one (the answer column is text, so it cannot carry them). A row without
+    that mapping (a TRL or plain dataset) gives the recipe's answer column (data.answer_key)."""
+    reward_model = sample.get("reward_model")
+    if isinstance(reward_model, Mapping) and "ground_truth" in reward_model:
+        return reward_model["ground_truth"]
+    return sample.get("answer")
+
+
+def with_params(keywords: dict, params: dict, what: str) -> dict:
+    """A keyword form's call: its own keywords and the entry's params. A param named like one of the
+    call's keywords would silently replace it (or be replaced): refused, naming it, so it is renamed."""
+    shadowed = [name for name in params if name in keywords]
+    if shadowed:
+        raise FormError(f"the entry's params {', '.join(sorted(shadowed))} are also {what}: rename them")
+    return {**keywords, **params}
 
 
 register_form(RewardForm("native", "fn(completion, sample, **params) -> number | dict", False, native_arguments))
