@@ -120,7 +120,14 @@ def cmd_reward_check(args) -> int:
     from efficient_rl.scoring.check import check_reward
 
     report = check_reward(
-        args.spec, Path(args.data), args.completion_key, args.params, args.workers, args.timeout, args.form
+        args.spec,
+        Path(args.data),
+        args.completion_key,
+        args.params,
+        args.workers,
+        args.timeout,
+        args.form,
+        question_key=args.question_key,
     )
     print(report.text)
     return 1 if report.failed else 0  # a reward that fails on some rows is a failed check
@@ -206,6 +213,11 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("spec", help="a reward: built-in name, file.py:function, module:function or plugin name")
     check.add_argument("--data", required=True, help="JSONL: one sample per line, with its completion")
     check.add_argument("--completion-key", default="completion", help="column holding the completion")
+    check.add_argument(
+        "--question-key",
+        help="column holding the question (text or chat turns; a dotted key reads a nested value), given to the "
+        "reward as the sample's question, as data.question_key maps it (TRL's prompts); default: the rows' own",
+    )
     check.add_argument("--params", default="{}", help="the reward's keyword arguments, as JSON")
     check.add_argument("--workers", type=int, default=2, help="reward worker processes (0: in this process)")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")

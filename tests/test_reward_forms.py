@@ -396,3 +396,25 @@ def test_a_trl_param_named_like_the_calls_own_keyword_is_refused_at_load(rewards
     entry = RewardEntry(name=f"{rewards_dir}/trl_rewards.py:scaled", form="trl", params={"prompts": ["p"]})
     with pytest.raises(ConfigError, match=r"the entry's params prompts are also columns of the data or TRL's own"):
         RewardRunner([entry])
+
+
+# The rows' own `question` column, and TRL's `prompt` (which TRL never passes as a column) mapped.
+@pytest.mark.parametrize(("column", "flags"), [("question", []), ("prompt", ["--question-key", "prompt"])])
+def test_reward_check_calls_a_trl_reward_conversationally_on_chat_turns(rewards_dir, tmp_path, column, flags):
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {column: [{"role": "system", "content": "Be brief."}, {"role": "user", "content": s["question"]}]}
+        | {"completion": c}
+        for s, c in zip(SAMPLES, COMPLETIONS)
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{rewards_dir}/trl_rewards.py:chat_turns"]
+    checked = subprocess.run(
+        command + ["--data", str(data), "--form", "trl", "--workers", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    # chat_turns: 1 for an assistant turn holding 42 (the first completion), plus two turns / 10
+    assert "score   mean 0.7000" in checked.stdout and "errors 0  timeouts 0" in checked.stdout

@@ -16,16 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from efficient_rl.config.schema import RewardEntry
-from efficient_rl.data.sources import json_rows
+from efficient_rl.data.sources import column_value, json_rows, question_value
 from efficient_rl.errors import ConfigError
 from efficient_rl.scoring.runner import RewardRunner
 
 
-def read_rows(path: Path, completion_key: str) -> list[dict]:
+def read_rows(path: Path, completion_key: str, question_key: str | None = None) -> list[dict]:
+    """The samples as JSONL rows; with a question key, its column (text or chat turns, as training maps
+    data.question_key) becomes the sample's `question`: TRL's saved rows hold their turns in `prompt`."""
     rows = []
     for number, row in json_rows(path, "--data"):
         if not isinstance(row.get(completion_key), str):
             raise ConfigError(f"{path}:{number}: expected a string {completion_key!r} (set --completion-key)")
+        if question_key is not None:
+            where = f"{path}:{number}"
+            row = {
+                **row,
+                "question": question_value(column_value(row, question_key, where, "question"), question_key, where),
+            }
         rows.append(row)
     if not rows:
         raise ConfigError(f"{path}: no rows")
@@ -56,10 +64,11 @@ def check_reward(
     workers: int = 2,
     timeout: float = 10.0,
     form: str = RewardEntry.form,
+    question_key: str | None = None,
 ) -> CheckReport:
     if workers < 0 or not timeout > 0:
         raise ConfigError("expected --workers >= 0 and --timeout > 0")
-    rows = read_rows(data, completion_key)
+    rows = read_rows(data, completion_key, question_key)
     runner = RewardRunner([RewardEntry(name=spec, params=parse_params(params), form=form)], workers, timeout)
     try:
         started = time.perf_counter()
