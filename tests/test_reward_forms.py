@@ -418,3 +418,61 @@ def test_reward_check_calls_a_trl_reward_conversationally_on_chat_turns(rewards_
     assert checked.returncode == 0, checked.stderr[-2000:]
     # chat_turns: 1 for an assistant turn holding 42 (the first completion), plus two turns / 10
     assert "score   mean 0.7000" in checked.stdout and "errors 0  timeouts 0" in checked.stdout
+
+
+CHAT_TRL_REWARD = '''
+    def turns_arrive(completions, prompts, level, **kwargs):
+        """1 for a completion as an assistant turn, 10 when the prompt's system turn holds "(1)",
+        plus the row's level column: each term shows one piece arrived as TRL passes it."""
+        scores = []
+        for completion, prompt, row_level in zip(completions, prompts, level):
+            turn = completion[0] if isinstance(completion, list) else {}
+            chat = float(turn.get("role") == "assistant" and isinstance(turn.get("content"), str))
+            system = prompt[0]["content"] if isinstance(prompt, list) and prompt[0]["role"] == "system" else ""
+            scores.append(chat + 10 * float("(1)" in system) + row_level)
+        return scores
+    '''
+
+
+def test_a_conversational_trl_reward_trains_two_steps_on_chat_turns(tmp_path, tiny_overrides):
+    from efficient_rl.lab.presets import PRESETS
+    from efficient_rl.lab.tasks import generate_problems
+
+    problems = generate_problems(PRESETS["tiny"].task, "train", 4, 0)
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": f"Check each step ({index % 2})."},
+                {"role": "user", "content": problem["question"]},
+            ],
+            "solution": problem["answer"],
+            "level": index,
+        }
+        for index, problem in enumerate(problems)
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "chat_reward.py").write_text(textwrap.dedent(CHAT_TRL_REWARD))
+    overrides = tiny_overrides + [
+        f"data.train={data}",
+        f"data.heldout={data}",
+        "data.question_key=prompt",
+        "data.answer_key=solution",
+        "rollout.prompts_per_step=4",  # the four rows: every step is one epoch, each row in it once
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "logging.name=chat-trl",
+        f"reward=[{{name: '{tmp_path}/chat_reward.py:turns_arrive', form: trl}}]",
+    ]
+    run, summary = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    assert summary["steps_completed"] == 2
+    # What every rollout of a row scores, from the data alone (each row: group_size rollouts a step).
+    expected = sum(1 + 10 * ("(1)" in row["prompt"][0]["content"]) + row["level"] for row in rows) / len(rows)
+    assert expected == 7.5
+    logged = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    for row in logged:
+        assert row["reward/errors"] == 0 and row["reward/timeouts"] == 0 and row["reward/skipped"] == 0
+        assert row["score/mean"] == pytest.approx(expected)
