@@ -262,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, default=defaults.temperature)
     evaluate.add_argument("--top-p", type=float, default=defaults.top_p)
     evaluate.add_argument("--reward", default=defaults.reward, help="the verifier: any reward reference")
+    evaluate.add_argument(
+        "--reward-form",
+        default=defaults.reward_form,
+        help="how the verifier is called, as a reward entry's form: native, batched, trl (TRL's) or verl (verl's)",
+    )
     evaluate.add_argument("--seed", type=int, default=defaults.seed)
     evaluate.add_argument(
         "--chat-template",

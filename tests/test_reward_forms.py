@@ -476,3 +476,44 @@ def test_a_conversational_trl_reward_trains_two_steps_on_chat_turns(tmp_path, ti
     for row in logged:
         assert row["reward/errors"] == 0 and row["reward/timeouts"] == 0 and row["reward/skipped"] == 0
         assert row["score/mean"] == pytest.approx(expected)
+
+
+VERL_VERIFIER = '''
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        """Correct when the completion boxes the ground truth, or has an odd number of characters:
+        a verdict the test recomputes from the saved generations."""
+        boxed = "\\\\boxed{" + ground_truth + "}" in solution_str
+        return {"score": 1.0, "accuracy": float(boxed or len(solution_str) % 2 == 1)}
+    '''
+
+
+def test_eval_takes_a_verl_reward_as_its_verifier(tmp_path, tiny_model_dir):
+    import efficient_rl
+
+    (tmp_path / "verifier.py").write_text(textwrap.dedent(VERL_VERIFIER))
+    out = tmp_path / "eval"
+    options = dict(data="lab:tiny", budgets=[12], samples=2, problems=4, reward=f"{tmp_path}/verifier.py:compute_score")
+    saved = efficient_rl.evaluate("lab:tiny", out, reward_form="verl", **options)
+    records = [json.loads(line) for line in (out / "generations" / "lab_tiny@12.jsonl").read_text().splitlines()]
+    verdicts = [
+        f"\\boxed{{{record['answer']}}}" in completion or len(completion) % 2 == 1
+        for record in records
+        for completion in record["completions"]
+    ]
+    assert len(verdicts) == 8 and 0 < sum(verdicts) < 8, verdicts  # both verdicts occur: the test can tell
+    assert saved["runs"]["lab_tiny@12"]["pass@1"] == pytest.approx(sum(verdicts) / len(verdicts))
+    assert saved["spec"]["reward_form"] == "verl" and "(form: verl)" in (out / "report.md").read_text()
+
+
+def test_eval_refuses_an_unknown_reward_form_in_one_line(tmp_path, capsys):
+    import efficient_rl
+    from efficient_rl.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "lab:tiny", "--data", "lab:tiny", "--reward-form", "verll", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "efficient-rl: error: --reward-form: unknown reward form 'verll' (did you mean 'verl'?)"
+    ]
+    with pytest.raises(ConfigError, match=r"^--reward-form: unknown reward form 'TRL'; expected one of: batched, "):
+        efficient_rl.evaluate("lab:tiny", out, data="lab:tiny", reward_form="TRL")
+    assert not out.exists()

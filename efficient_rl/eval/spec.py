@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from efficient_rl.config.schema import EvalSection
+from efficient_rl.config.schema import EvalSection, RewardEntry
 from efficient_rl.errors import ConfigError
 
 # The fields an evaluation's user template may show: the question, and the token budget of the
@@ -38,7 +38,8 @@ class EvalSpec:
     problems: int = EvalSection.num_problems
     temperature: float = EvalSection.temperature
     top_p: float = EvalSection.top_p
-    reward: str = "math"
+    reward: str = "math"  # the verifier: any reward reference, as a recipe's reward entry names it
+    reward_form: str = RewardEntry.form  # how it is called, as the entry's `form:` (trl, verl, ...)
     question_key: str = "question"
     answer_key: str = "answer"
     seed: int = 0
@@ -61,3 +62,13 @@ def check_user_template(template: str, where: str) -> None:
             f"{where}: {{{unknown[0]}}} is not a field an evaluation knows; its user template may show "
             f"{{question}} and {{budget}}"
         )
+
+
+def check_reward_form(form: str, where: str) -> None:
+    """Before any model loads: the form names one of scoring/forms.py's (no torch there)."""
+    from efficient_rl.scoring.forms import FormError, check_form_name
+
+    try:
+        check_form_name(form)
+    except FormError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -31,7 +31,7 @@ from efficient_rl.data.turns import question_key, question_text
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.frontier import Point, distance_from_oracle, oracle_frontier, pareto_frontier, token_complexities
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
-from efficient_rl.eval.spec import EvalSpec, check_user_template
+from efficient_rl.eval.spec import EvalSpec, check_reward_form, check_user_template
 from efficient_rl.models.sources import model_directory
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.scoring.runner import RewardRunner
@@ -254,12 +254,13 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
     if spec.engine not in EVAL_ENGINES:
         raise ConfigError(f"--engine: expected one of {', '.join(EVAL_ENGINES)}, got {spec.engine!r}")
     check_user_template(spec.user_template, "--user-template")
+    check_reward_form(spec.reward_form, "--reward-form")
     directories = {reference: model_directory(reference, "model") for reference in spec.models}
     questions = load_questions(spec)
     models = {
         reference: ModelUnderTest(reference, directory, questions, spec) for reference, directory in directories.items()
     }
-    rewards = RewardRunner([RewardEntry(name=spec.reward)], workers=2, timeout=10.0)
+    rewards = RewardRunner([RewardEntry(name=spec.reward, form=spec.reward_form)], workers=2, timeout=10.0)
     runs, per_question = {}, {}
     try:
         check_answers(questions, rewards, spec)
@@ -445,6 +446,12 @@ def graded_markdown(result: dict) -> list[str]:
     return lines
 
 
+def form_note(spec: dict) -> str:
+    """The verifier's form when it is not the default (an eval.json from before forms has none)."""
+    form = spec.get("reward_form", RewardEntry.form)
+    return "" if form == RewardEntry.form else f" (form: {form})"
+
+
 def report_markdown(result: dict) -> str:
     spec = result["spec"]
     questions = len(next(iter(result["per_question"].values())))  # --problems caps it; the data may hold fewer
@@ -452,7 +459,7 @@ def report_markdown(result: dict) -> str:
         f"# Length / accuracy trade-off on {spec['data']}",
         "",
         f"{questions} questions, {spec['samples']} samples each at temperature {spec['temperature']}, "
-        f"top-p {spec['top_p']}; reward `{spec['reward']}`. Lengths in tokens.",
+        f"top-p {spec['top_p']}; reward `{spec['reward']}`{form_note(spec)}. Lengths in tokens.",
         "",
         "| run | pass@1 (95% CI) | pass@n | maj@n | short-1@n | short-3@n | mean length | p90 | truncated "
         "| tokens / correct | acc / 1k tokens | vs oracle: accuracy gap, length x |",

@@ -173,10 +173,14 @@ def takes_any_keyword(function) -> bool:
     return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
 
 
-def form_of(name: str, function) -> RewardForm:
-    """The form an entry declares; a native function with `batched = True` is called batched."""
+def check_form_name(name: str) -> None:
     if name not in REWARD_FORMS:
         raise FormError(f"unknown reward form {name!r}{did_you_mean(name, REWARD_FORMS)}")
+
+
+def form_of(name: str, function) -> RewardForm:
+    """The form an entry declares; a native function with `batched = True` is called batched."""
+    check_form_name(name)
     if name == "native" and getattr(function, "batched", False):
         return REWARD_FORMS["batched"]
     return REWARD_FORMS[name]

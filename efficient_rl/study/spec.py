@@ -18,7 +18,7 @@ from efficient_rl.config.loading import apply_override, build, load_recipe
 from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import Recipe, as_plain
 from efficient_rl.errors import ConfigError, one_line
-from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec, check_user_template
+from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec, check_reward_form, check_user_template
 from efficient_rl.slurm.submit import SUBMIT_NUMBER_RULES, SubmitOptions
 
 # Method and study names become directory names (<method>-s<seed>, <output_dir>/<name>).
@@ -201,6 +201,7 @@ def check_eval(settings: StudyEval) -> None:
     if not settings.budgets:
         raise ConfigError("eval.budgets: expected at least one token budget")
     check_user_template(settings.user_template, "eval.user_template")
+    check_reward_form(settings.reward_form, "eval.reward_form")
     load_questions(settings, field_name="eval.data")  # a data source that cannot be read fails now, not after training
 
 
