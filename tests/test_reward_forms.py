@@ -517,3 +517,34 @@ def test_eval_refuses_an_unknown_reward_form_in_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^--reward-form: unknown reward form 'TRL'; expected one of: batched, "):
         efficient_rl.evaluate("lab:tiny", out, data="lab:tiny", reward_form="TRL")
     assert not out.exists()
+
+
+RAISING_VERIFIER = '''
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        """Scores a boxed answer; raises on an unboxed completion of odd length (a broken verifier)."""
+        if "\\\\boxed{" in solution_str:
+            return float("\\\\boxed{" + ground_truth + "}" in solution_str)
+        if len(solution_str) % 2 == 1:
+            raise ValueError("odd completion")
+        return 0.0
+    '''
+
+
+def test_eval_counts_and_reports_the_samples_its_verifier_failed_on(tmp_path, tiny_model_dir):
+    import efficient_rl
+
+    (tmp_path / "verifier.py").write_text(textwrap.dedent(RAISING_VERIFIER))
+    out = tmp_path / "eval"
+    options = dict(data="lab:tiny", budgets=[12], samples=2, problems=4, reward=f"{tmp_path}/verifier.py:compute_score")
+    saved = efficient_rl.evaluate("lab:tiny", out, reward_form="verl", **options)
+    records = [json.loads(line) for line in (out / "generations" / "lab_tiny@12.jsonl").read_text().splitlines()]
+    raised = sum(
+        "\\boxed{" not in completion and len(completion) % 2 == 1
+        for record in records
+        for completion in record["completions"]
+    )
+    assert raised > 0  # the tiny model's 12-token completions: some odd, none boxed
+    failures = saved["runs"]["lab_tiny@12"]["reward_failures"]
+    assert (failures["errors"], failures["timeouts"], failures["skipped"]) == (raised, 0, 0)
+    assert "odd completion" in failures["messages"][0]
+    assert f"the reward raised on {raised}, timed out on 0" in (out / "report.md").read_text()

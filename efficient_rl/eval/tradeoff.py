@@ -226,9 +226,10 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
     return [done[question_key(q["question"])] for q in questions]
 
 
-def score(records: list[dict], questions: list[dict], rewards: RewardRunner) -> list[list[Sample]]:
+def score(records: list[dict], questions: list[dict], rewards: RewardRunner) -> tuple[list[list[Sample]], dict]:
     """Each question's completions scored against the question's sample: all of its columns, as
-    training's rewards see them (a cached record holds the question and answer only)."""
+    training's rewards see them (a cached record holds the question and answer only); and the
+    verifier's failures (reward_failures), which count as incorrect but never silently."""
     completions = [c for r in records for c in r["completions"]]
     samples = [question for r, question in zip(records, questions) for _ in r["completions"]]
     result = rewards.score(completions, samples)
@@ -243,7 +244,18 @@ def score(records: list[dict], questions: list[dict], rewards: RewardRunner) -> 
         )
     ]
     size = len(records[0]["completions"])
-    return [flat[i : i + size] for i in range(0, len(flat), size)]
+    return [flat[i : i + size] for i in range(0, len(flat), size)], reward_failures(result)
+
+
+def reward_failures(result) -> dict:
+    """What the verifier could not score: calls that raised or timed out (scored incorrect) and
+    None answers of a TRL reward (no verdict), with the first messages."""
+    return {
+        "errors": result.errors,
+        "timeouts": result.timeouts,
+        "skipped": result.skipped,
+        "messages": list(result.error_messages),
+    }
 
 
 def evaluate_models(spec: EvalSpec, out: Path) -> dict:
@@ -270,11 +282,12 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
             for budget in spec.budgets:
                 name = label(reference, budget)
                 records = generate(model, questions, budget, out / "generations" / f"{name}.jsonl")
-                scored = score(records, questions, rewards)
+                scored, failures = score(records, questions, rewards)
                 runs[name] = {
                     "model": reference,
                     "budget": budget,
                     "samples": spec.samples,
+                    "reward_failures": failures,
                     **evaluation_metrics(scored),
                     "graded": graded_samples(records, scored),
                     "lengths": {
@@ -483,8 +496,24 @@ def report_markdown(result: dict) -> str:
         "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
         "response any run produced per question (token complexity); see `tradeoff.png`.",
     ]
+    lines += failures_markdown(result)
     lines += graded_markdown(result)
     return "\n".join(lines) + "\n"
+
+
+def failures_markdown(result: dict) -> list[str]:
+    """A warning per run whose verifier failed on some samples (an evaluation from before this
+    count was kept has none)."""
+    lines = []
+    for name, run in result["runs"].items():
+        failed = run.get("reward_failures")
+        if failed and (failed["errors"] or failed["timeouts"] or failed["skipped"]):
+            lines.append(
+                f"- **{name}**: the reward raised on {failed['errors']}, timed out on {failed['timeouts']} and "
+                f"gave no verdict on {failed['skipped']} samples (counted incorrect)"
+                + "".join(f"; {message}" for message in failed["messages"][:2])
+            )
+    return ["", "## Reward failures", "", *lines] if lines else []
 
 
 def optional(value: float | None) -> str:
