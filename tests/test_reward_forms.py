@@ -379,6 +379,8 @@ def test_verl_ground_truth_without_reward_model_is_the_mapped_answer():
     assert plain["ground_truth"] == SAMPLES[0]["answer"]
     numeric = {**SAMPLES[0], "reward_model": {"style": "rule", "ground_truth": 42}}
     assert verl_arguments(function, ["x"], [numeric], {})[1]["ground_truth"] == 42  # not "42": as verl passes it
+    without_extra_info = {key: value for key, value in SAMPLES[0].items() if key != "extra_info"}
+    assert verl_arguments(function, ["x"], [without_extra_info], {})[1]["extra_info"] == {}  # verl's default
 
 
 @pytest.mark.parametrize("param", ["ground_truth", "data_source", "solution_str", "extra_info"])

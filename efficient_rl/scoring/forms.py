@@ -112,7 +112,7 @@ def verl_arguments(function, completions, samples, params):
         "data_source": sample.get("data_source"),
         "solution_str": completions[0],
         "ground_truth": verl_ground_truth(sample),
-        "extra_info": sample.get("extra_info"),
+        "extra_info": sample.get("extra_info", {}),  # verl's reward managers default it to {}
     }
     return (), with_params(own, params, f"verl's own arguments ({', '.join(own)})")
 
