@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.shaping import ScoresOutsidePromise, ShapingInputs, over_cap
+from efficient_rl.algos.shaping import GatedPenalty, ScoresOutsidePromise, ShapingInputs, over_cap
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.sources import PromptStream
@@ -43,7 +43,7 @@ class Stage:
 
     length_caps: Callable  # (correct, group_ids) -> [B] truncation length in force per rollout
     length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> the LENGTH_CAPS entry's metrics
-    shape_rewards: Bound  # a LENGTH_SHAPERS entry
+    shape_rewards: GatedPenalty  # a LENGTH_SHAPERS entry behind the length gate
     advantages: Bound  # an ADVANTAGES entry; its metrics are its diagnostics
     sampler: Any  # a GROUP_SAMPLERS entry, constructed: keep(batch), max_rounds, metrics(rounds, kept, generated)
 
@@ -53,7 +53,7 @@ def resolve_stages(plan: Plan) -> Stage:
     return Stage(
         length_caps=functools.partial(caps, max_response_length=plan.recipe.rollout.max_response_length),
         length_metrics=caps.metrics,
-        shape_rewards=plan["algorithm.length_penalty"],
+        shape_rewards=plan.length_penalty,
         advantages=plan["algorithm.advantage"],
         sampler=plan["algorithm.sampling"](),
     )
