@@ -380,10 +380,11 @@ def gated_score_need(promise: Promise, gate: LengthGate) -> str | None:
     return "binary" if promise.correct_floor in ("zero", "cut") else None
 
 
-def least_correct_score(promise: Promise, params, gate: LengthGate) -> float:
+def least_correct_score(promise: Promise, params, gate: LengthGate) -> float | None:
     """The score a correct rollout needs, at least, for the gated penalty to keep its reward >= 0:
-    what the penalty can subtract, when correct_only gates a penalty that cuts by an amount."""
-    return promise.correct_cut(params) if gate.correct_only and promise.correct_floor == "cut" else 0.0
+    what the penalty can subtract, when correct_only gates a penalty that cuts by an amount (None:
+    no such bound)."""
+    return promise.correct_cut(params) if gate.correct_only and promise.correct_floor == "cut" else None
 
 
 def apply_gate(inputs: ShapingInputs, shaped: torch.Tensor, gate: LengthGate) -> torch.Tensor:
@@ -401,7 +402,7 @@ class GatedPenalty:
     penalty: Callable  # the LENGTH_SHAPERS entry, bound (its `metrics` too)
     gate: LengthGate
     score_need: str  # gated_score_need's answer, checked on every round's scores
-    least_correct_score: float = 0.0  # likewise least_correct_score's: what every correct rollout must score
+    least_correct_score: float | None = None  # likewise least_correct_score's: what a correct rollout must score
 
     def __call__(self, inputs: ShapingInputs) -> torch.Tensor:
         shaped = self.penalty(inputs)
@@ -413,13 +414,16 @@ class GatedPenalty:
     def check_scores(self, inputs: ShapingInputs) -> None:
         """The round's scores are within what the gate needs (the penalty checked its own already)."""
         meaning, holds = SCORE_NEEDS[self.score_need]
+        least = self.least_correct_score
+        if least is not None:
+            meaning = f"{meaning}, a correct one at least {least:g}"
         correct_scores = inputs.scores[inputs.correct > 0]
-        if holds(inputs.scores, inputs.correct) and bool((correct_scores >= self.least_correct_score).all()):
+        if holds(inputs.scores, inputs.correct) and (least is None or bool((correct_scores >= least).all())):
             return
         seen = sorted(set(inputs.scores.tolist()))[:6]
         raise ScoresOutsidePromise(
-            f"algorithm.length_gate.correct_only: {self.penalty.name} on correct rollouts only needs {meaning}, "
-            f"a correct one at least {self.least_correct_score:g}; this round's rewards scored {seen}"
+            f"algorithm.length_gate.correct_only: {self.penalty.name} on correct rollouts only needs {meaning}; "
+            f"this round's rewards scored {seen}"
         )
 
     def metrics(self, inputs: ShapingInputs) -> dict[str, float]:

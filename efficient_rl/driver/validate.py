@@ -136,7 +136,8 @@ def gate_penalty(penalty: Bound, recipe: Recipe) -> GatedPenalty:
 def check_scores_fit_gate(gated: GatedPenalty, recipe: Recipe) -> None:
     """A gate that narrows the scores the penalty keeps its promises for (correct_only with a
     penalty that may cut a correct rollout to 0 needs binary scores) refuses rewards outside them."""
-    if gated.score_need == promise_of(gated.penalty.entry).scores and gated.least_correct_score == 0:
+    least = gated.least_correct_score
+    if gated.score_need == promise_of(gated.penalty.entry).scores and least is None:
         return  # check_scores_fit_penalty has checked these
     rewards = weighted_rewards(recipe.reward)
     problem = SCORE_PROBLEMS[gated.score_need](rewards)
@@ -147,9 +148,9 @@ def check_scores_fit_gate(gated: GatedPenalty, recipe: Recipe) -> None:
         )
     (reward,) = rewards  # binary scores come from one reward
     correct_score = reward.weighted_range()[1]
-    if correct_score < gated.least_correct_score:
+    if least is not None and correct_score < least:
         raise ConfigError(
-            f"algorithm.length_gate.correct_only: {gated.penalty.name} can take {gated.least_correct_score:g} from a "
+            f"algorithm.length_gate.correct_only: {gated.penalty.name} can take {least:g} from a "
             f"correct rollout, more than the {correct_score:g} {reward.where} pays one, so a long correct rollout "
             "would earn less than a wrong one; make the penalty milder or set correct_only: false"
         )
