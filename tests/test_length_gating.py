@@ -1,5 +1,5 @@
 """The length gate and the group-length entries, against values computed by hand
-(docs/algorithms.md#length-gate, #brevity-bonus, #mad-outlier-penalty).
+(docs/algorithms.md#length-gate, #brevity-bonus, #mad-outlier-penalty, #short-rl-lazy-length-penalty).
 
 The gate multiplies a penalty's delta (reward - score) by: 1 inside the difficulty band else 0,
 times 1 for a correct rollout under correct_only (0 for a wrong one), times the group statistic
@@ -18,7 +18,7 @@ import torch
 
 import efficient_rl.algos  # noqa: F401  (registers every length penalty)
 from conftest import RECIPES
-from efficient_rl.algos.group_length import brevity_bonus, mad_outlier, median
+from efficient_rl.algos.group_length import brevity_bonus, mad_outlier, median, short_rl
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, GatedPenalty, LengthGate, ScoresOutsidePromise, ShapingInputs
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import run_recipe
@@ -26,7 +26,9 @@ from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 
 
-def round_of(groups: list[tuple[list[int], list[float], list[float]]], cap: int = 48) -> ShapingInputs:
+def round_of(
+    groups: list[tuple[list[int], list[float], list[float]]], cap: int = 48, best_accuracy: float = 0.0
+) -> ShapingInputs:
     """Rollouts grouped as given: each group (lengths, correctness, scores)."""
     lengths, correct, scores, ids = [], [], [], []
     for group, (group_lengths, group_correct, group_scores) in enumerate(groups):
@@ -42,6 +44,7 @@ def round_of(groups: list[tuple[list[int], list[float], list[float]]], cap: int 
         length_cap=torch.full((rows,), cap),
         correct=torch.tensor(correct),
         group_ids=torch.tensor(ids),
+        best_accuracy=best_accuracy,
     )
 
 
@@ -108,6 +111,39 @@ def test_mad_outlier_leaves_lengths_that_nearly_agree():
     # one correct rollout, or most lengths equal (MAD 0, as NeMo-RL): no outlier either
     assert mad_outlier(round_of([([10, 90], [1.0, 0.0], [1.0, 0.0])])).tolist() == [1.0, 0.0]
     assert mad_outlier(round_of([([10, 10, 10, 90], [1.0] * 4, [1.0] * 4)])).tolist() == [1.0] * 4  # MAD 0
+
+
+# --- Short-RL's lazy length penalty ----------------------------------------------------------------
+
+# Group A: correct lengths 10 12 20 30 (shortest 10, longest 30), a wrong 40; group B: two wrong.
+# With length_tolerance 5, 10 and 12 are within 10 + 5: +0.5; 20 gets 0.5 - 10 / (20 + 1e-5) = 2.5e-7;
+# 30 gets 0.5 - 20 / (20 + 1e-5) = -0.4999995; the wrong ones 0. Round accuracy 4 / 7 = 0.571.
+LAZY_ROUND = [([10, 12, 20, 30, 40], [1.0] * 4 + [0.0], [1.0] * 4 + [0.0]), ([8, 9], [0.0, 0.0], [0.0, 0.0])]
+LAZY_REWARDS = [1.5, 1.5, 1.0000002, 0.5000005, 0.0, 0.0, 0.0]
+
+
+def test_short_rl_by_hand_while_accuracy_holds():
+    # best earlier round 0.6: 0.571 >= 0.6 - 0.05, so the penalty is on
+    inputs = round_of(LAZY_ROUND, best_accuracy=0.6)
+    assert short_rl(inputs, length_tolerance=5).tolist() == pytest.approx(LAZY_REWARDS, abs=1e-6)
+    halved = [score + 0.5 * (reward - score) for score, reward in zip([1.0] * 4 + [0.0] * 3, LAZY_REWARDS)]
+    assert short_rl(inputs, length_tolerance=5, weight=0.5).tolist() == pytest.approx(halved, abs=1e-6)
+    metrics = LENGTH_SHAPERS.get("short_rl").bind().metrics(inputs)
+    assert metrics == {"short_rl/active": 1.0, "short_rl/best_accuracy": 0.6}
+
+
+def test_short_rl_waits_while_accuracy_is_below_its_best():
+    # best earlier round 0.7: 0.571 < 0.7 - 0.05, so every rollout keeps its score
+    inputs = round_of(LAZY_ROUND, best_accuracy=0.7)
+    assert short_rl(inputs, length_tolerance=5).tolist() == [1.0] * 4 + [0.0] * 3
+    assert short_rl(inputs, length_tolerance=5, accuracy_tolerance=0.2).tolist() == pytest.approx(
+        LAZY_REWARDS, abs=1e-6
+    )
+    assert LENGTH_SHAPERS.get("short_rl").bind().metrics(inputs)["short_rl/active"] == 0.0
+    # a round better than any before is its own best: on
+    assert short_rl(round_of(LAZY_ROUND, best_accuracy=0.5), length_tolerance=5).tolist() == pytest.approx(
+        LAZY_REWARDS, abs=1e-6
+    )
 
 
 # --- the gate --------------------------------------------------------------------------------------
@@ -209,6 +245,11 @@ def load(*overrides):
             ["algorithm.length_gate.correct_only=true", "reward=[{name: code}]"],
             "algorithm.length_gate.correct_only: truncation on correct rollouts only needs binary scores",
         ),
+        (  # short_rl leaves wrong answers alone and takes up to weight / 2 = 1.5 from a correct one
+            ["algorithm.length_penalty={name: short_rl, weight: 3.0}"],
+            "algorithm.length_penalty: short_rl can take 1.5 from a correct rollout, more than the 1 "
+            "reward[0] (math) pays one",
+        ),
         (  # kimi takes up to weight / 2 = 1.5 from a correct answer the math reward pays 1
             ["algorithm.length_penalty={name: kimi, weight: 3.0}", "algorithm.length_gate.correct_only=true"],
             "algorithm.length_gate.correct_only: kimi can take 1.5 from a correct rollout, more than the 1 "
@@ -277,3 +318,42 @@ def test_a_closed_band_leaves_the_scores_in_training(tmp_path, tiny_overrides):
         assert row["acc/mean"] == 0.0 and row["length_gate/open_share"] == 0.0
         assert row["length_gate/delta_before"] < 0.0 and row["length_gate/delta_after"] == 0.0
         assert row["reward/mean"] == row["score/mean"]
+
+
+# A reward that accepts the first four training problems (data.shuffle false: step 1's prompts) and
+# nothing else, declared binary as short_rl needs.
+FIRST_FOUR = """
+def score(completion, sample):
+    return {"score": float(int(sample["id"].split("-")[1]) < 4)}
+
+
+score.score_range = (0.0, 1.0)
+score.binary_score = True
+"""
+
+
+def test_short_rl_s_best_accuracy_survives_a_resume(tmp_path, tiny_overrides):
+    """Step 1 answers everything right (round accuracy 1), step 2 nothing: the penalty is on at
+    step 1 and off at step 2 (0 < 1 - 0.05), only if the best accuracy of step 1 came back with the
+    checkpoint the resumed run started from (a fresh one would compare 0 with 0 and switch on)."""
+    (tmp_path / "first_four.py").write_text(FIRST_FOUR)
+    overrides = tiny_overrides + [
+        "steps=2",
+        "eval.before_training=false",
+        "eval.every=0",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "data.shuffle=false",
+        f"reward=[{{name: {tmp_path / 'first_four.py'}:score}}]",
+        "algorithm.length_penalty={name: short_rl, length_tolerance: 2}",
+    ]
+    run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), stop_after_step=1)
+    saved = torch.load(run.path / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)
+    assert saved["state"]["best_round_accuracy"] == 1.0
+    run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), resume=True)
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["score/mean"] for row in rows] == [1.0, 0.0]  # the round accuracies: no accuracy field
+    assert [row["short_rl/active"] for row in rows] == [1.0, 0.0]
+    assert [row["short_rl/best_accuracy"] for row in rows] == [1.0, 1.0]
+    assert rows[0]["reward/mean"] > rows[0]["score/mean"] == 1.0  # +0.5 within 2 tokens of the shortest

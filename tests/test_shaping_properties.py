@@ -92,6 +92,7 @@ def random_round(
         group_ids=group_ids,
         samples=[{"target_length": int(targets[group])} for group in group_ids.tolist()],
         progress=float(torch.rand(1, generator=generator)),
+        best_accuracy=float(torch.rand(1, generator=generator)),
     )
 
 

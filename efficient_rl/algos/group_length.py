@@ -114,3 +114,62 @@ def mad_outlier(
     group's correct lengths exceeds `threshold` (Iglewicz and Hoaglin's 3.5); else the score."""
     flagged = outliers(inputs, threshold, min_relative_mad)
     return torch.where(flagged, inputs.scores * (1.0 - penalty), inputs.scores)
+
+
+# --- Short-RL's lazy length penalty --------------------------------------------------------------
+
+
+def round_accuracy(inputs: ShapingInputs) -> float:
+    return float((inputs.correct > 0).double().mean()) if len(inputs.correct) else 0.0
+
+
+def lazy_penalty_active(inputs: ShapingInputs, accuracy_tolerance: float) -> bool:
+    """Training accuracy is "stable": this round's accuracy is within accuracy_tolerance of the
+    best round accuracy of the run so far, this round's included."""
+    accuracy = round_accuracy(inputs)
+    return accuracy >= max(inputs.best_accuracy, accuracy) - accuracy_tolerance
+
+
+def lazy_length_rewards(inputs: ShapingInputs, length_tolerance: int) -> torch.Tensor:
+    """[B] float64: for a correct rollout within length_tolerance tokens of its group's shortest
+    correct length, 0.5; beyond it, 0.5 - (len - min) / (max - min + 1e-5), min and max over the
+    group's correct lengths (Kimi's interpolation); 0 for a wrong rollout."""
+    correct = inputs.correct > 0
+    lengths = inputs.lengths.double()
+    index, groups = group_index(inputs.group_ids)
+    among_correct = torch.where(correct, lengths, torch.full_like(lengths, float("inf")))
+    shortest = group_reduce(among_correct, index, groups, "amin")[index]
+    longest = group_reduce(torch.where(correct, lengths, torch.zeros_like(lengths)), index, groups, "amax")[index]
+    beyond = 0.5 - (lengths - shortest) / (longest - shortest + 1e-5)
+    reward = torch.where(lengths > shortest + length_tolerance, beyond, torch.full_like(lengths, 0.5))
+    return torch.where(correct, reward, torch.zeros_like(lengths))
+
+
+def lazy_metrics(
+    inputs: ShapingInputs, *, weight: float, length_tolerance: int, accuracy_tolerance: float
+) -> dict[str, float]:
+    """Whether the penalty was on for the step's rollouts, and the best round accuracy it compared with."""
+    return {
+        "short_rl/active": float(lazy_penalty_active(inputs, accuracy_tolerance)),
+        "short_rl/best_accuracy": max(inputs.best_accuracy, round_accuracy(inputs)),
+    }
+
+
+@LENGTH_SHAPERS.register(
+    "short_rl",
+    ranges={"weight": "[0, inf)", "length_tolerance": "[0, inf)", "accuracy_tolerance": "[0, 1]"},
+    metrics=lazy_metrics,
+    source="Short-RL (arXiv 2505.12284): lazy length penalty; tolerances from lblankl/Short-RL's scripts",
+)
+@promises(  # a wrong answer keeps its score, a long correct one loses up to weight / 2
+    scores="binary", correct_floor="cut", correct_cut=lambda params: params.weight / 2, wrong_kept=True
+)
+def short_rl(
+    inputs: ShapingInputs, *, weight: float = 1.0, length_tolerance: int = 200, accuracy_tolerance: float = 0.05
+) -> torch.Tensor:
+    """r = score + weight * lazy_length_rewards while this round's accuracy is within
+    accuracy_tolerance of the best round accuracy of the run (this round's included); else the
+    score, for every rollout of the round."""
+    if not lazy_penalty_active(inputs, accuracy_tolerance):
+        return inputs.scores.clone()
+    return (inputs.scores.double() + weight * lazy_length_rewards(inputs, length_tolerance)).float()

@@ -50,6 +50,9 @@ class ShapingInputs:
     group_ids: torch.Tensor  # long, rollouts of one prompt share an id
     samples: list[dict] = field(default_factory=list)  # the data sample each rollout answers
     progress: float = 0.0  # training progress p in [0, 1]: (step - 1) / (steps - 1)
+    # The highest accuracy (share of correct rollouts) of an earlier generation round of this run,
+    # 0 before the first; the driver keeps it across steps and in its checkpoints.
+    best_accuracy: float = 0.0
 
     def over_cap(self) -> torch.Tensor:
         return over_cap(self.lengths, self.truncated, self.length_cap)
@@ -98,6 +101,9 @@ class Promise:
     # (docs/algorithms.md#length-gate).
     correct_floor: Literal["score", "zero", "cut", "none"] = "none"
     correct_cut: Callable | None = None  # fn(params) -> the most taken from a correct rollout's score
+    # True when the rule itself leaves every wrong rollout its score (it gates by correctness
+    # already), so a "cut" bounds (b) even without correct_only.
+    wrong_kept: bool = False
 
 
 def promises(**fields) -> Callable:
@@ -382,9 +388,10 @@ def gated_score_need(promise: Promise, gate: LengthGate) -> str | None:
 
 def least_correct_score(promise: Promise, params, gate: LengthGate) -> float | None:
     """The score a correct rollout needs, at least, for the gated penalty to keep its reward >= 0:
-    what the penalty can subtract, when correct_only gates a penalty that cuts by an amount (None:
-    no such bound)."""
-    return promise.correct_cut(params) if gate.correct_only and promise.correct_floor == "cut" else None
+    what the penalty can subtract, when wrong rollouts keep their scores (correct_only, or the
+    rule's own) and it cuts correct ones by an amount (None: no such bound)."""
+    wrong_kept = gate.correct_only or promise.wrong_kept
+    return promise.correct_cut(params) if wrong_kept and promise.correct_floor == "cut" else None
 
 
 def apply_gate(inputs: ShapingInputs, shaped: torch.Tensor, gate: LengthGate) -> torch.Tensor:
@@ -406,10 +413,10 @@ class GatedPenalty:
 
     def __call__(self, inputs: ShapingInputs) -> torch.Tensor:
         shaped = self.penalty(inputs)
-        if self.gate.is_open():
+        if self.gate.is_open() and self.least_correct_score is None:
             return shaped
         self.check_scores(inputs)
-        return apply_gate(inputs, shaped, self.gate)
+        return shaped if self.gate.is_open() else apply_gate(inputs, shaped, self.gate)
 
     def check_scores(self, inputs: ShapingInputs) -> None:
         """The round's scores are within what the gate needs (the penalty checked its own already)."""
@@ -421,9 +428,9 @@ class GatedPenalty:
         if holds(inputs.scores, inputs.correct) and (least is None or bool((correct_scores >= least).all())):
             return
         seen = sorted(set(inputs.scores.tolist()))[:6]
+        where = "algorithm.length_gate.correct_only" if self.gate.correct_only else "algorithm.length_penalty"
         raise ScoresOutsidePromise(
-            f"algorithm.length_gate.correct_only: {self.penalty.name} on correct rollouts only needs {meaning}; "
-            f"this round's rewards scored {seen}"
+            f"{where}: {self.penalty.name} on correct rollouts only needs {meaning}; this round's rewards scored {seen}"
         )
 
     def metrics(self, inputs: ShapingInputs) -> dict[str, float]:

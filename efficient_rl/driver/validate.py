@@ -149,10 +149,11 @@ def check_scores_fit_gate(gated: GatedPenalty, recipe: Recipe) -> None:
     (reward,) = rewards  # binary scores come from one reward
     correct_score = reward.weighted_range()[1]
     if least is not None and correct_score < least:
+        where = "algorithm.length_gate.correct_only" if gated.gate.correct_only else "algorithm.length_penalty"
         raise ConfigError(
-            f"algorithm.length_gate.correct_only: {gated.penalty.name} can take {least:g} from a "
+            f"{where}: {gated.penalty.name} can take {least:g} from a "
             f"correct rollout, more than the {correct_score:g} {reward.where} pays one, so a long correct rollout "
-            "would earn less than a wrong one; make the penalty milder or set correct_only: false"
+            "would earn less than a wrong one; make the penalty milder or pay a correct answer more"
         )
 
 
