@@ -15,6 +15,11 @@ one of the same length and no higher score. An entry whose rule keeps them only 
 recipe's rewards are checked against it at load (scoring/scale.py) and the scores of every round
 at run time.
 
+The length gate (algorithm.length_gate: LengthGate, GatedPenalty, GROUP_STATISTICS) narrows any
+penalty in one place, keeping a share of each rollout's delta (reward - score); what a penalty can
+cut from a correct rollout (`correct_floor`) says which gates keep its promises
+(docs/algorithms.md#length-gate).
+
 References: docs/algorithms.md#length-penalty-interface, docs/algorithms.md#dler-truncation (the
 paper's rule vs verl-dler's 0.1 multiplier), docs/algorithms.md#difficulty-aware-dler and
 docs/algorithms.md#dapo-overlong-shaping.
