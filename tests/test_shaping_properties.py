@@ -27,8 +27,13 @@ from efficient_rl.algos.length_rewards import arora_zanette, l1_max, thinkprune
 from efficient_rl.algos.shaping import (
     LENGTH_SHAPERS,
     SCORE_NEEDS,
+    GatedPenalty,
+    LengthGate,
     ScoresOutsidePromise,
     ShapingInputs,
+    apply_gate,
+    gated_score_need,
+    least_correct_score,
     promise_of,
     truncation_penalty,
 )
@@ -42,21 +47,37 @@ CAPS_IN_FORCE = (5000, 4500)  # a cap per group, as DA-DLER's tiers give
 LENGTH_STEP = 250  # lengths on a grid, so that rollouts of one length meet in a group
 # Scores each declaration allows, from a small set so that equal scores meet in a group too.
 SCORE_VALUES = {"any": (-1.0, -0.5, 0.0, 0.3, 1.0, 1.5), "non_negative": (0.0, 0.25, 0.5, 1.0, 1.5)}
+BINARY_VALUES = (0.5, 1.0, 2.0)  # what a correct rollout scores under binary scores, one value a round
 # A need's scores, then the wider scores that lie outside it (where the bare rule must break).
 WIDER = {"non_negative": "any", "binary": "non_negative"}
 ROUNDS = 60
 TOLERANCE = 1e-5
 
 
-def random_round(generator: torch.Generator, scores_kind: str, groups: int = 6, size: int = 8) -> ShapingInputs:
-    """One round of `groups` prompts with `size` rollouts each; a rollout at the limit was cut."""
+def random_lengths(generator: torch.Generator, groups: int, size: int) -> torch.Tensor:
+    """[groups * size] lengths on the grid: half the groups spread evenly over it, half clustered
+    within a step of a centre with a few at the limit, the outliers a robust z-score flags."""
+    steps = LIMIT // LENGTH_STEP
+    spread = torch.randint(1, steps + 1, (groups, size), generator=generator)
+    centre = torch.randint(4, 11, (groups, 1), generator=generator)
+    near = centre + torch.randint(-1, 2, (groups, size), generator=generator)
+    clustered = torch.where(torch.rand(groups, size, generator=generator) < 0.2, steps, near)
+    pick = torch.rand(groups, 1, generator=generator) < 0.5
+    return torch.where(pick, clustered, spread).flatten() * LENGTH_STEP
+
+
+def random_round(
+    generator: torch.Generator, scores_kind: str, groups: int = 6, size: int = 8, least_correct: float = 0.0
+) -> ShapingInputs:
+    """One round of `groups` prompts with `size` rollouts each; a rollout at the limit was cut.
+    Binary scores pay a correct rollout one value of at least `least_correct`."""
     rows = groups * size
     group_ids = torch.arange(groups).repeat_interleave(size)
-    lengths = torch.randint(1, LIMIT // LENGTH_STEP + 1, (rows,), generator=generator) * LENGTH_STEP
+    lengths = random_lengths(generator, groups, size)
     correct = (torch.rand(rows, generator=generator) < 0.5).float()
     if scores_kind == "binary":
-        value = [0.5, 1.0, 2.0][int(torch.randint(3, (1,), generator=generator))]
-        scores = correct * value
+        values = [value for value in BINARY_VALUES if value >= least_correct]
+        scores = correct * values[int(torch.randint(len(values), (1,), generator=generator))]
     else:
         values = torch.tensor(SCORE_VALUES[scores_kind])
         scores = values[torch.randint(len(values), (rows,), generator=generator)]
@@ -71,6 +92,7 @@ def random_round(generator: torch.Generator, scores_kind: str, groups: int = 6, 
         group_ids=group_ids,
         samples=[{"target_length": int(targets[group])} for group in group_ids.tolist()],
         progress=float(torch.rand(1, generator=generator)),
+        best_accuracy=float(torch.rand(1, generator=generator)),
     )
 
 
@@ -111,6 +133,77 @@ def test_every_penalty_keeps_its_promises_for_the_scores_it_declares(name):
         inputs = random_round(generator, promise.scores)
         broken = broken_promises(inputs, entry.bind()(inputs), promise.length)
         assert not broken, f"{name} on {promise.scores} scores: {broken[:3]}"
+
+
+# Gates (algorithm.length_gate) over every penalty: each stage alone and all at once.
+GATES = {
+    "scaled by pass rate": LengthGate(False, "pass_rate", "pass_rate", 0.0, 1.0),
+    "hard groups only": LengthGate(False, "none", "fail_rate", 0.5, 1.0),
+    "correct only": LengthGate(True, "none", "pass_rate", 0.0, 1.0),
+    "all at once": LengthGate(True, "fail_rate", "pass_rate", 0.25, 0.75),
+}
+
+
+def gate_of(name: str, gate: LengthGate) -> tuple[GatedPenalty | None, float]:
+    """The gated penalty as the recipe check builds it (None where it is refused), and the least
+    score a correct rollout needs under it."""
+    entry = LENGTH_SHAPERS.get(name)
+    promise, bound = promise_of(entry), entry.bind()
+    need = gated_score_need(promise, gate)
+    least = least_correct_score(promise, bound.params, gate)
+    return (GatedPenalty(bound, gate, need, least) if need else None), least
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("name", LENGTH_SHAPERS.names())
+def test_every_gated_penalty_keeps_its_promises_where_the_gate_is_accepted(name, gate):
+    """Band and scale multiply a group's deltas by one factor in [0, 1], which keeps (a) and (b);
+    correct_only keeps them for the scores gated_score_need names, or the recipe is refused."""
+    gated, least = gate_of(name, GATES[gate])
+    if gated is None:  # refused at load: the next test shows the refusal is needed
+        assert GATES[gate].correct_only and promise_of(LENGTH_SHAPERS.get(name)).correct_floor == "none"
+        return
+    length = promise_of(LENGTH_SHAPERS.get(name)).length
+    generator = torch.Generator().manual_seed(2000 + LENGTH_SHAPERS.names().index(name))
+    for _ in range(ROUNDS):
+        inputs = random_round(generator, gated.score_need, least_correct=least or 0.0)
+        broken = broken_promises(inputs, gated(inputs), length)
+        assert not broken, f"{name} gated {gate} on {gated.score_need} scores: {broken[:3]}"
+
+
+def correct_only_breaks(name: str, scores: str, least_correct: float = 0.0, **params) -> bool:
+    """Whether `name` gated to correct rollouts, without the gate's score check, breaks (a) or (b)
+    on some random round of `scores`."""
+    entry = LENGTH_SHAPERS.get(name)
+    bound = entry.bind(entry.params(**params))
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(ROUNDS):
+        inputs = random_round(generator, scores, least_correct=least_correct)
+        shaped = bare_rule(entry)(inputs, **bound.keywords())
+        if broken_promises(inputs, apply_gate(inputs, shaped, GATES["correct only"]), promise_of(entry).length):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name", LENGTH_SHAPERS.names())
+def test_what_correct_only_refuses_or_narrows_breaks_a_promise_without(name):
+    """Where correct_only is refused, or narrows the scores to binary ones, the gated rule does
+    break (a) or (b) on the scores it would otherwise see: neither rule is idle."""
+    promise = promise_of(LENGTH_SHAPERS.get(name))
+    need = gated_score_need(promise, GATES["correct only"])
+    if need == promise.scores:  # a bonus only, or scores binary already: nothing narrowed, nothing breaks
+        assert not correct_only_breaks(name, need)
+    else:
+        assert correct_only_breaks(name, promise.scores), f"{name}: correct_only refuses or narrows for nothing"
+
+
+def test_a_cut_larger_than_a_correct_score_breaks_b_under_correct_only():
+    """Kimi takes up to weight / 2 from a correct rollout: 1.5 at weight 3, more than the 0.5 or 1.0
+    a correct rollout may score, which the recipe check refuses; at weight 0.4 (0.2) it holds."""
+    assert correct_only_breaks("kimi", "binary", weight=3.0)
+    assert not correct_only_breaks("kimi", "binary", weight=0.4)
+    assert correct_only_breaks("overlong", "binary", factor=4.0)
+    assert not correct_only_breaks("overlong", "binary", least_correct=1.0, factor=1.0)
 
 
 @pytest.mark.parametrize("name", [e.name for e in LENGTH_SHAPERS.entries() if promise_of(e).scores != "any"])

@@ -75,7 +75,9 @@ def l1_exact(inputs: ShapingInputs, *, alpha: float = 0.0003, target_field: str 
     metrics=l1_metrics,
     source="L1 / LCPO (arXiv 2503.04697) Eq. 2, L1-Max; alpha from the official reward code",
 )
-@promises(scores="non_negative")  # a factor in [0, 1] would lift a negative score of a long answer
+@promises(
+    scores="non_negative", correct_floor="zero"
+)  # a factor in [0, 1] would lift a negative score of a long answer
 def l1_max(
     inputs: ShapingInputs, *, alpha: float = 0.001, delta: float = 0.5, target_field: str = "target_length"
 ) -> torch.Tensor:
@@ -118,7 +120,7 @@ def thinkprune_metrics(inputs: ShapingInputs, *, caps: list[int]) -> dict[str, f
     metrics=thinkprune_metrics,
     source="ThinkPrune (arXiv 2504.01296): truncation at tightening limits; caps from its scripts",
 )
-@promises(scores="non_negative")  # 0 over the cap would pay a negative score for running long
+@promises(scores="non_negative", correct_floor="zero")  # 0 over the cap would pay a negative score for running long
 def thinkprune(inputs: ShapingInputs, *, caps: list[int] = [4000, 3000, 2000]) -> torch.Tensor:  # noqa: B006
     """Reward 0 over the cap of the current round (and over the cap in force, if tighter); the
     run is split into len(caps) equal rounds by training progress."""
@@ -135,6 +137,7 @@ def thinkprune(inputs: ShapingInputs, *, caps: list[int] = [4000, 3000, 2000]) -
     ranges={"weight": "[0, inf)", "warmup": "[0, 1]"},
     source="Kimi k1.5 (arXiv 2501.12599) §2.3.3; weight 0.4 from LASER's re-implementation",
 )
+@promises(correct_floor="cut", correct_cut=lambda params: params.weight * 0.5)  # lambda >= -0.5
 def kimi_length_reward(inputs: ShapingInputs, *, weight: float = 0.4, warmup: float = 0.0) -> torch.Tensor:
     """r = score + weight * len_reward, with lambda = 0.5 - (len - min_len) / (max_len - min_len)
     over the group's rollouts (0 for all when max_len = min_len): lambda for a correct answer,
@@ -159,7 +162,9 @@ def kimi_length_reward(inputs: ShapingInputs, *, weight: float = 0.4, warmup: fl
     ranges={"alpha": "[0, 1)"},
     source="Arora & Zanette, Training language models to reason efficiently (arXiv 2502.04463)",
 )
-@promises(scores="binary")  # a wrong answer's partial credit may exceed a long correct one's score * (1 - alpha)
+@promises(
+    scores="binary", correct_floor="zero"
+)  # a wrong answer's partial credit may exceed a long correct one's score * (1 - alpha)
 def arora_zanette(inputs: ShapingInputs, *, alpha: float = 0.1) -> torch.Tensor:
     """A correct answer gets score * (1 - alpha * sigmoid((len - mean) / std)), mean and
     (population) std over the lengths of the group's correct answers; z = 0 when they all have
@@ -189,6 +194,7 @@ def laser_check(params, recipe) -> str | None:
     check=laser_check,
     source="LASER (arXiv 2505.15612): step reward under a target; hkust-nlp/Laser defaults",
 )
+@promises(correct_floor="score")  # a bonus only: correct rollouts earn at least their scores
 def laser(inputs: ShapingInputs, *, target: int = 4096, alpha: float = 0.5) -> torch.Tensor:
     """r = score + alpha for a correct answer of at most `target` tokens, else the score."""
     bonus = (inputs.correct > 0) & (inputs.lengths <= target)
@@ -249,6 +255,7 @@ def laser_d_check(params, recipe) -> str | None:
     check=laser_d_check,
     source="LASER-D (arXiv 2505.15612): targets per difficulty band; hkust-nlp/Laser's rule",
 )
+@promises(correct_floor="score")  # a bonus only: correct rollouts earn at least their scores
 def laser_d(
     inputs: ShapingInputs, *, alpha: float = 0.5, min_target: int = 4096, step: int = 1024, expected_correct: int = 1
 ) -> torch.Tensor:

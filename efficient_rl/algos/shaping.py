@@ -15,6 +15,11 @@ one of the same length and no higher score. An entry whose rule keeps them only 
 recipe's rewards are checked against it at load (scoring/scale.py) and the scores of every round
 at run time.
 
+The length gate (algorithm.length_gate: LengthGate, GatedPenalty, GROUP_STATISTICS) narrows any
+penalty in one place, keeping a share of each rollout's delta (reward - score); what a penalty can
+cut from a correct rollout (`correct_floor`) says which gates keep its promises
+(docs/algorithms.md#length-gate).
+
 References: docs/algorithms.md#length-penalty-interface, docs/algorithms.md#dler-truncation (the
 paper's rule vs verl-dler's 0.1 multiplier), docs/algorithms.md#difficulty-aware-dler and
 docs/algorithms.md#dapo-overlong-shaping.
@@ -50,6 +55,9 @@ class ShapingInputs:
     group_ids: torch.Tensor  # long, rollouts of one prompt share an id
     samples: list[dict] = field(default_factory=list)  # the data sample each rollout answers
     progress: float = 0.0  # training progress p in [0, 1]: (step - 1) / (steps - 1)
+    # The highest accuracy (share of correct rollouts) of an earlier generation round of this run,
+    # 0 before the first; the driver keeps it across steps and in its checkpoints.
+    best_accuracy: float = 0.0
 
     def over_cap(self) -> torch.Tensor:
         return over_cap(self.lengths, self.truncated, self.length_cap)
@@ -91,6 +99,16 @@ class Promise:
 
     scores: str = "any"  # a SCORE_NEEDS name
     length: Literal["shorter", "target"] = "shorter"  # "target": closer to the sample's target earns more
+    # What a correct rollout earns at the least, for the scores above: "score" (the rule only adds
+    # to a correct rollout), "zero" (it may cut one, never below 0), "cut" (it subtracts at most
+    # correct_cut(params) from the score), "none" (no bound). Gating the penalty to correct
+    # rollouts leaves wrong ones their scores, so (b) then rests on this bound
+    # (docs/algorithms.md#length-gate).
+    correct_floor: Literal["score", "zero", "cut", "none"] = "none"
+    correct_cut: Callable | None = None  # fn(params) -> the most taken from a correct rollout's score
+    # True when the rule itself leaves every wrong rollout its score (it gates by correctness
+    # already), so a "cut" bounds (b) even without correct_only.
+    wrong_kept: bool = False
 
 
 def promises(**fields) -> Callable:
@@ -99,6 +117,8 @@ def promises(**fields) -> Callable:
     promise = Promise(**fields)
     if promise.scores not in SCORE_NEEDS:
         raise ValueError(f"promises: unknown scores {promise.scores!r}; expected one of {sorted(SCORE_NEEDS)}")
+    if (promise.correct_floor == "cut") != (promise.correct_cut is not None):
+        raise ValueError("promises: correct_floor='cut' comes with correct_cut, and only it")
 
     def declare(function: Callable) -> Callable:
         @functools.wraps(function)
@@ -152,6 +172,7 @@ def over_cap(lengths: torch.Tensor, truncated: torch.Tensor, length_cap: torch.T
 
 
 @LENGTH_SHAPERS.register("none", source="no length shaping: the reward is the score")
+@promises(correct_floor="score")
 def no_length_penalty(inputs: ShapingInputs) -> torch.Tensor:
     return inputs.scores.clone()
 
@@ -162,7 +183,7 @@ def no_length_penalty(inputs: ShapingInputs) -> torch.Tensor:
     ranges={"not_stopped_coef": "[0, 1]"},
     source="DLER (arXiv 2510.15110) §3.4; mode=code is verl-dler's reward manager",
 )
-@promises(scores="non_negative")  # 0 over the cap would pay a negative score for running long
+@promises(scores="non_negative", correct_floor="zero")  # 0 over the cap would pay a negative score for running long
 def truncation_penalty(
     inputs: ShapingInputs, *, mode: Literal["paper", "code"] = "paper", not_stopped_coef: float = 0.1
 ) -> torch.Tensor:
@@ -188,6 +209,7 @@ def overlong_check(params, recipe) -> str | None:
     check=overlong_check,
     source="DAPO (arXiv 2503.14476) soft overlong punishment",
 )
+@promises(correct_floor="cut", correct_cut=lambda params: params.factor)  # the ramp ends at -factor
 def overlong_shaping(inputs: ShapingInputs, *, buffer: int = 4096, factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment with L_max = the cap in force and L_cache = `buffer`.
 
@@ -299,3 +321,135 @@ def difficulty_caps(
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> float:
     return float(values[rows].float().mean()) if rows.any() else math.nan
+
+
+# ---------------------------------------------------------------- the length gate
+# algorithm.length_gate restricts whichever penalty is picked, in one place: the penalty runs on
+# the whole round (its group statistics see every rollout), then its delta, reward - score, is
+# multiplied per rollout by the gate's factor: 1 inside the difficulty band, else 0; times 1 for a
+# correct rollout, else 0 under correct_only; times the group statistic `scale` names. The factors
+# multiply, so their order changes nothing; the reward is score + factor * delta.
+
+
+def group_share(flags: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] float64: the share of each rollout's group whose `flags` are set."""
+    _, index = torch.unique(group_ids, return_inverse=True)
+    groups = int(index.max()) + 1 if len(group_ids) else 0
+    size = torch.zeros(groups, dtype=torch.float64).index_add_(0, index, torch.ones(len(flags), dtype=torch.float64))
+    hits = torch.zeros(groups, dtype=torch.float64).index_add_(0, index, flags.double())
+    return (hits / size)[index]
+
+
+# The statistics of a group a gate reads, by name: what each is, and its [B] value (every rollout
+# gets its group's). Each lies in [0, 1], so scaling by one never flips the delta's sign.
+GROUP_STATISTICS: dict[str, tuple[str, Callable[[ShapingInputs], torch.Tensor]]] = {
+    "pass_rate": (
+        "the share of the group's rollouts that are correct",
+        lambda inputs: group_share(inputs.correct > 0, inputs.group_ids),
+    ),
+    "fail_rate": (
+        "the share of the group's rollouts that are wrong",
+        lambda inputs: group_share(inputs.correct <= 0, inputs.group_ids),
+    ),
+}
+NO_SCALE = "none"  # a gate's scale that leaves the delta whole
+
+
+@dataclass(frozen=True)
+class LengthGate:
+    """Where a length penalty's delta applies; the recipe's algorithm.length_gate, checked. No
+    defaults here: the recipe's are in config/schema.py."""
+
+    correct_only: bool  # the delta on correct rollouts only; wrong ones keep their scores
+    scale: str  # NO_SCALE or a GROUP_STATISTICS name: the delta times the group's value
+    statistic: str  # the GROUP_STATISTICS name the difficulty band reads
+    lower: float  # the band, both ends included: a group outside it keeps its scores
+    upper: float
+
+    def is_open(self) -> bool:
+        """True when the gate passes every delta whole, whatever the round."""
+        return not self.correct_only and self.scale == NO_SCALE and self.lower <= 0.0 and self.upper >= 1.0
+
+    def factor(self, inputs: ShapingInputs) -> torch.Tensor:
+        """[B] float64 in [0, 1]: how much of each rollout's delta the gate keeps."""
+        band = GROUP_STATISTICS[self.statistic][1](inputs)
+        factor = ((band >= self.lower) & (band <= self.upper)).double()
+        if self.correct_only:
+            factor = factor * (inputs.correct > 0).double()
+        if self.scale != NO_SCALE:
+            factor = factor * GROUP_STATISTICS[self.scale][1](inputs)
+        return factor
+
+
+def gated_score_need(promise: Promise, gate: LengthGate) -> str | None:
+    """The scores a gated penalty keeps (a) and (b) for: the penalty's own; or, when correct_only
+    leaves wrong rollouts their scores and the penalty may cut a correct one, binary ones (a wrong
+    answer's 0 then stays below a correct one's reward if the cut stops at 0, or at most a correct
+    score's worth: least_correct_score); None when no scores can do."""
+    if not gate.correct_only or promise.correct_floor == "score":
+        return promise.scores
+    return "binary" if promise.correct_floor in ("zero", "cut") else None
+
+
+def least_correct_score(promise: Promise, params, gate: LengthGate) -> float | None:
+    """The score a correct rollout needs, at least, for the gated penalty to keep its reward >= 0:
+    what the penalty can subtract, when wrong rollouts keep their scores (correct_only, or the
+    rule's own) and it cuts correct ones by an amount (None: no such bound)."""
+    wrong_kept = gate.correct_only or promise.wrong_kept
+    return promise.correct_cut(params) if wrong_kept and promise.correct_floor == "cut" else None
+
+
+def apply_gate(inputs: ShapingInputs, shaped: torch.Tensor, gate: LengthGate) -> torch.Tensor:
+    """score + factor * (shaped - score); where the factor is 1 the shaped reward itself, bit for bit."""
+    factor = gate.factor(inputs)
+    scores = inputs.scores.double()
+    gated = scores + factor * (shaped.double() - scores)
+    return torch.where(factor == 1.0, shaped, gated.to(shaped.dtype))
+
+
+@dataclass(frozen=True)
+class GatedPenalty:
+    """The recipe's length penalty behind its gate: what the driver calls every round."""
+
+    penalty: Callable  # the LENGTH_SHAPERS entry, bound (its `metrics` too)
+    gate: LengthGate
+    score_need: str  # gated_score_need's answer, checked on every round's scores
+    least_correct_score: float | None = None  # likewise least_correct_score's: what a correct rollout must score
+
+    def __call__(self, inputs: ShapingInputs) -> torch.Tensor:
+        shaped = self.penalty(inputs)
+        if self.gate.is_open() and self.least_correct_score is None:
+            return shaped
+        self.check_scores(inputs)
+        return shaped if self.gate.is_open() else apply_gate(inputs, shaped, self.gate)
+
+    def check_scores(self, inputs: ShapingInputs) -> None:
+        """The round's scores are within what the gate needs (the penalty checked its own already)."""
+        meaning, holds = SCORE_NEEDS[self.score_need]
+        least = self.least_correct_score
+        if least is not None:
+            meaning = f"{meaning}, a correct one at least {least:g}"
+        correct_scores = inputs.scores[inputs.correct > 0]
+        if holds(inputs.scores, inputs.correct) and (least is None or bool((correct_scores >= least).all())):
+            return
+        seen = sorted(set(inputs.scores.tolist()))[:6]
+        where = "algorithm.length_gate.correct_only" if self.gate.correct_only else "algorithm.length_penalty"
+        raise ScoresOutsidePromise(
+            f"{where}: {self.penalty.name} on correct rollouts only needs {meaning}; this round's rewards scored {seen}"
+        )
+
+    def metrics(self, inputs: ShapingInputs) -> dict[str, float]:
+        """The penalty's own metrics; with a gate that can close, the mean delta before and after it
+        and the share of rollouts it passes at all."""
+        metrics = self.penalty.metrics(inputs)
+        if self.gate.is_open():
+            return metrics
+        shaped = self.penalty(inputs).double()
+        factor = self.gate.factor(inputs)
+        delta = shaped - inputs.scores.double()
+        return {
+            **metrics,
+            "length_gate/delta_before": float(delta.mean()),
+            "length_gate/delta_after": float((factor * delta).mean()),
+            "length_gate/open_share": float((factor > 0).double().mean()),
+        }

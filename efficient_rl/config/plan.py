@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from efficient_rl.algos.shaping import GatedPenalty
 from efficient_rl.config.placement import Placement
 from efficient_rl.config.schema import Recipe
 from efficient_rl.registry import Bound
@@ -34,6 +35,7 @@ class Plan:
     trackers: tuple[Bound, ...]  # logging.trackers, in order
     placement: Placement  # where the Ray actors go (cluster.backend ray); resolved for every recipe
     devices: Devices
+    length_penalty: GatedPenalty  # algorithm.length_penalty behind algorithm.length_gate: what shapes rewards
 
     def __getitem__(self, dotted: str) -> Bound:
         return self.choices[dotted]

@@ -68,6 +68,8 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "scoring.workers": ("[0, inf)", "0 calls rewards in the trainer"),
     "scoring.timeout": ("(0, inf)", "seconds"),
     "algorithm.kl_coef": "[0, inf)",
+    "algorithm.length_gate.difficulty.lower": (ANY, "the band's lower end, included"),
+    "algorithm.length_gate.difficulty.upper": (ANY, "the band's upper end, included"),
     "distill.chunk_rows": "[1, inf)",
     "learner.lr": "(0, inf)",
     "learner.weight_decay": "[0, inf)",

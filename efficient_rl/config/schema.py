@@ -137,6 +137,27 @@ def choice(name: str) -> Any:
 
 
 @dataclass
+class DifficultyBand:
+    """The groups a length penalty applies to: those whose `statistic` lies in [lower, upper]."""
+
+    statistic: str = "pass_rate"  # a group statistic: pass_rate | fail_rate (shaping.py GROUP_STATISTICS)
+    lower: float = 0.0
+    upper: float = 1.0
+
+
+@dataclass
+class LengthGateSection:
+    """Where the length penalty's delta (reward - score) applies, for any algorithm.length_penalty
+    (docs/algorithms.md#length-gate): the penalty runs on the whole round, then its delta is kept
+    only for groups in the band, times 1 for correct rollouts (0 for wrong ones under
+    correct_only), times the group statistic `scale` names. The defaults keep every delta whole."""
+
+    correct_only: bool = False  # wrong rollouts keep their scores
+    scale: str = "none"  # none | pass_rate (prime-rl's success gating: spare hard prompts) | fail_rate
+    difficulty: DifficultyBand = field(default_factory=DifficultyBand)
+
+
+@dataclass
 class AlgorithmSection:
     # Each Choice names an entry of a registry (the loader checks the entry's parameters):
     advantage: Choice = choice("grpo")  # grpo | dler | tempo (ADVANTAGES)
@@ -145,6 +166,7 @@ class AlgorithmSection:
     kl_coef: float = 0.0  # KL-to-reference loss weight (DLER: 0.0005); 0 loads no reference
     kl_estimator: Choice = choice("low_var_kl")  # k1 | low_var_kl (k3) | mse (k2)
     length_penalty: Choice = choice("none")  # none | truncation (DLER) | overlong (DAPO soft punishment)
+    length_gate: LengthGateSection = field(default_factory=LengthGateSection)  # which deltas of it apply
     # The truncation length in force for each rollout, which the cap-reading length penalties use
     # (LENGTH_CAPS): fixed ({length: null} = rollout.max_response_length) | difficulty_aware (DA-DLER,
     # paper §3.5: a length per prompt from its group's correctness ratio, {min_correct: [0.0, 0.5],

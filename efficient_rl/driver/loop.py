@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from efficient_rl.algos.advantages import group_stats
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.algos.shaping import ScoresOutsidePromise, ShapingInputs, over_cap
+from efficient_rl.algos.shaping import GatedPenalty, ScoresOutsidePromise, ShapingInputs, over_cap
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
 from efficient_rl.data.sources import PromptStream
@@ -34,6 +34,7 @@ from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.scoring.runner import RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
+BEST_ACCURACY = "best_round_accuracy"  # the trainer state's key for Trainer.best_accuracy
 FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
 
 
@@ -43,7 +44,7 @@ class Stage:
 
     length_caps: Callable  # (correct, group_ids) -> [B] truncation length in force per rollout
     length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> the LENGTH_CAPS entry's metrics
-    shape_rewards: Bound  # a LENGTH_SHAPERS entry
+    shape_rewards: GatedPenalty  # a LENGTH_SHAPERS entry behind the length gate
     advantages: Bound  # an ADVANTAGES entry; its metrics are its diagnostics
     sampler: Any  # a GROUP_SAMPLERS entry, constructed: keep(batch), max_rounds, metrics(rounds, kept, generated)
 
@@ -53,7 +54,7 @@ def resolve_stages(plan: Plan) -> Stage:
     return Stage(
         length_caps=functools.partial(caps, max_response_length=plan.recipe.rollout.max_response_length),
         length_metrics=caps.metrics,
-        shape_rewards=plan["algorithm.length_penalty"],
+        shape_rewards=plan.length_penalty,
         advantages=plan["algorithm.advantage"],
         sampler=plan["algorithm.sampling"](),
     )
@@ -106,6 +107,9 @@ class Trainer:
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side
         self.completions: list[dict] = []  # the step's sampled completions (logging.completions_every)
+        # The highest accuracy of a generation round so far (ShapingInputs.best_accuracy): it
+        # stands right after the batches a checkpoint saves, which keeps it (BEST_ACCURACY).
+        self.best_accuracy = 0.0
 
     def close(self) -> None:
         """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
@@ -123,6 +127,7 @@ class Trainer:
         """
         started = time.time()
         state, in_flight = self.run.restore(self.learner, self.stream) if self.run.resuming else ({"step": 0}, [])
+        self.best_accuracy = state.get(BEST_ACCURACY, 0.0)
         earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
         if not self.run.resuming:
             torch.manual_seed(self.recipe.seed)
@@ -143,6 +148,7 @@ class Trainer:
                 last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
                     with self.pipeline.paused():  # the stream and RNG stand right after the saved batches
+                        state[BEST_ACCURACY] = self.best_accuracy  # as do the rounds it has seen
                         self.run.save_checkpoint(
                             step, self.setup, self.learner, self.stream, state, in_flight=self.pipeline.saved()
                         )
@@ -240,7 +246,7 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
-        metrics.update(self.stages.shape_rewards.metrics(shaping_inputs(everything, progress)))
+        metrics.update(self.stages.shape_rewards.metrics(shaping_inputs(everything, progress, self.best_accuracy)))
         metrics.update(
             self.stages.length_metrics(
                 correctness(everything),
@@ -290,9 +296,10 @@ class Trainer:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
         try:
-            batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress))
+            batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress, self.best_accuracy))
         except ScoresOutsidePromise as err:  # bad input, found only now: one line, exit 2
             raise ConfigError(str(err)) from None
+        self.best_accuracy = max(self.best_accuracy, float(correctness(batch).mean()))
         return batch, result
 
     def evaluate(self) -> dict[str, float]:
@@ -378,7 +385,7 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
     return batch.select((first_seen < groups).nonzero()[:, 0])
 
 
-def shaping_inputs(batch: RolloutBatch, progress: float) -> ShapingInputs:
+def shaping_inputs(batch: RolloutBatch, progress: float, best_accuracy: float = 0.0) -> ShapingInputs:
     """What the length penalty reads of a scored batch whose caps are set."""
     return ShapingInputs(
         scores=batch.scores,
@@ -389,6 +396,7 @@ def shaping_inputs(batch: RolloutBatch, progress: float) -> ShapingInputs:
         group_ids=batch.group_ids,
         samples=batch.samples,
         progress=progress,
+        best_accuracy=best_accuracy,
     )
 
 

@@ -21,7 +21,18 @@ from efficient_rl.algos.advantages import ADVANTAGES
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from efficient_rl.algos.sampling import GROUP_SAMPLERS
-from efficient_rl.algos.shaping import LENGTH_CAPS, LENGTH_SHAPERS
+from efficient_rl.algos.shaping import (
+    GROUP_STATISTICS,
+    LENGTH_CAPS,
+    LENGTH_SHAPERS,
+    NO_SCALE,
+    SCORE_NEEDS,
+    GatedPenalty,
+    LengthGate,
+    gated_score_need,
+    least_correct_score,
+    promise_of,
+)
 from efficient_rl.algos.token_selection import SAMPLE_SELECTORS, TOKEN_SELECTORS
 from efficient_rl.cluster.backends import CLUSTER_BACKENDS
 from efficient_rl.cluster.teacher import hosts_teacher
@@ -44,7 +55,7 @@ from efficient_rl.registry import NEEDS, SAMPLE_FIELD_NEED, Bound, did_you_mean
 from efficient_rl.rollout.base import ENGINES
 from efficient_rl.run.checkpoint import check_run_name
 from efficient_rl.scoring.runner import resolve_rewards
-from efficient_rl.scoring.scale import check_scores_fit_penalty
+from efficient_rl.scoring.scale import SCORE_PROBLEMS, check_scores_fit_penalty, weighted_rewards
 
 # The recipe's picks of registry entries with parameters (each a config Choice), and of plain
 # names. Each entry's `check` holds what it does not combine with (a backend's compatibility rules).
@@ -88,15 +99,68 @@ def validate(recipe: Recipe) -> Plan:
         trackers=bind_trackers(recipe),
         placement=resolve_placement(recipe.cluster),
         devices=resolve_devices(recipe, one_process="driver_model" in choices["cluster.backend"].needs),
+        length_penalty=gate_penalty(choices["algorithm.length_penalty"], recipe),
     )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     check_scores_fit_penalty(choices["algorithm.length_penalty"], recipe.reward)  # what the penalty promises holds
+    check_scores_fit_gate(plan.length_penalty, recipe)  # and what it promises behind its gate
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
     check_memory_fits(recipe, plan.placement)  # each GPU's planned peak within cluster.gpu_memory_gib
     return plan
+
+
+def gate_penalty(penalty: Bound, recipe: Recipe) -> GatedPenalty:
+    """algorithm.length_penalty behind algorithm.length_gate, once the gate is checked: known
+    statistics, an ordered band, and a combination that keeps the penalty's promises for the
+    recipe's rewards (docs/algorithms.md#length-gate). Each problem is one line naming its field."""
+    section = recipe.algorithm.length_gate
+    where = "algorithm.length_gate"
+    check_statistic(f"{where}.scale", section.scale, allowed=(NO_SCALE,))
+    check_statistic(f"{where}.difficulty.statistic", section.difficulty.statistic)
+    band = section.difficulty
+    if band.lower > band.upper:
+        raise ConfigError(f"{where}.difficulty: expected lower <= upper, got lower {band.lower} and upper {band.upper}")
+    gate = LengthGate(section.correct_only, section.scale, band.statistic, band.lower, band.upper)
+    need = gated_score_need(promise_of(penalty.entry), gate)
+    if need is None:
+        raise ConfigError(
+            f"{where}.correct_only: {penalty.name} may pay a correct rollout less than a wrong one of its length "
+            "that keeps its score (its cut is unbounded); pick a penalty with a bounded cut, or correct_only: false"
+        )
+    return GatedPenalty(penalty, gate, need, least_correct_score(promise_of(penalty.entry), penalty.params, gate))
+
+
+def check_scores_fit_gate(gated: GatedPenalty, recipe: Recipe) -> None:
+    """A gate that narrows the scores the penalty keeps its promises for (correct_only with a
+    penalty that may cut a correct rollout to 0 needs binary scores) refuses rewards outside them."""
+    least = gated.least_correct_score
+    if gated.score_need == promise_of(gated.penalty.entry).scores and least is None:
+        return  # check_scores_fit_penalty has checked these
+    rewards = weighted_rewards(recipe.reward)
+    problem = SCORE_PROBLEMS[gated.score_need](rewards)
+    if problem:
+        raise ConfigError(
+            f"algorithm.length_gate.correct_only: {gated.penalty.name} on correct rollouts only needs "
+            f"{SCORE_NEEDS[gated.score_need][0]}, but {problem}; change `reward` or set correct_only: false"
+        )
+    (reward,) = rewards  # binary scores come from one reward
+    correct_score = reward.weighted_range()[1]
+    if least is not None and correct_score < least:
+        where = "algorithm.length_gate.correct_only" if gated.gate.correct_only else "algorithm.length_penalty"
+        raise ConfigError(
+            f"{where}: {gated.penalty.name} can take {least:g} from a "
+            f"correct rollout, more than the {correct_score:g} {reward.where} pays one, so a long correct rollout "
+            "would earn less than a wrong one; make the penalty milder or pay a correct answer more"
+        )
+
+
+def check_statistic(dotted: str, name: str, allowed: tuple[str, ...] = ()) -> None:
+    known = [*allowed, *GROUP_STATISTICS]
+    if name not in known:
+        raise ConfigError(f"{dotted}: unknown group statistic {name!r}; expected one of: {', '.join(known)}")
 
 
 def check_model(recipe: Recipe) -> None:
