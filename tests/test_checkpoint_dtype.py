@@ -172,3 +172,76 @@ def test_a_float32_model_writes_float32_files_and_no_masters(tmp_path):
     for name, master in learner.model.named_parameters():
         if name in saved:
             assert torch.equal(saved[name], master), name
+
+
+def deepspeed_round_trip(model_dir: str, checkpoint: str, stage: int, precision: str) -> None:
+    """In a process of its own (a one-rank gloo group): a DeepSpeed learner on the bf16 model
+    trains and checkpoints; the model files are bf16 with no masters beside them (DeepSpeed's own
+    state holds those), and a learner resumed from the checkpoint takes the same next step."""
+    from pathlib import Path
+
+    from test_lora import batch_for
+
+    from conftest import RECIPES, TINY_OVERRIDES
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.validate import validate
+    from efficient_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        [o for o in TINY_OVERRIDES if not o.startswith("model.")]
+        + [
+            "model.lab=null",
+            f"model.path={model_dir}",
+            "cluster.backend=ray",
+            "rollout.engine=vllm",  # where DeepSpeed ranks run; this one runs here, alone
+            "learner.backend=deepspeed",
+            f"learner.zero_stage={stage}",
+            f"learner.precision={precision}",
+            "learner.lr=0.01",
+            "learner.micro_batch_size=4",
+        ],
+    )
+    plan, base, checkpoint = validate(recipe), Path(model_dir), Path(checkpoint)
+    first = DeepSpeedLearner(plan, base, base)
+    batch = batch_for(first.model.config.vocab_size)
+    first.update(batch)
+    first.save(checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and config_dtype(checkpoint) == "bfloat16"
+    assert not (checkpoint / MASTER_WEIGHTS_FILE.parent).exists()
+    resumed = DeepSpeedLearner(plan, checkpoint, base)  # its module loaded from the bf16 files
+    resumed.load_state(checkpoint)  # then DeepSpeed's state: the float32 masters
+    assert resumed.update(batch)["loss"] == first.update(batch)["loss"]
+    with first.gathered(list(first.model.parameters())), resumed.gathered(list(resumed.model.parameters())):
+        for (name, ours), theirs in zip(resumed.model.named_parameters(), first.model.parameters()):
+            assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "bf16")])
+def test_a_deepspeed_checkpoint_of_a_bf16_model_is_bf16_and_resumes_exactly(tmp_path, bf16_model_dir, stage, precision):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    code = (
+        "import test_checkpoint_dtype; "
+        f"test_checkpoint_dtype.deepspeed_round_trip({str(bf16_model_dir)!r}, {str(tmp_path / 'ckpt')!r}, "
+        f"{stage}, {precision!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT / "tests",
+        env={**env, "MASTER_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
