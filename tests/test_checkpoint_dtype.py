@@ -14,10 +14,12 @@ from test_real_sizes import small_model
 from test_selected_compute import settings_of
 from test_training import deterministic, read_metrics, train
 
+from efficient_rl.config.schema import LoraSection
 from efficient_rl.errors import ConfigError
 from efficient_rl.learner.torch_learner import MASTER_WEIGHTS_FILE, OptimSettings, TorchLearner
 from efficient_rl.models.export import export
 from efficient_rl.models.files import released_dtype
+from efficient_rl.models.lora import ADAPTER_DIR, attach_lora
 from efficient_rl.models.merge import merge_models
 from efficient_rl.models.modeling import load_model
 from efficient_rl.run.checkpoint import checkpoint_problem
@@ -245,3 +247,22 @@ def test_a_deepspeed_checkpoint_of_a_bf16_model_is_bf16_and_resumes_exactly(tmp_
         timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_lora_checkpoint_of_a_bf16_model_holds_bf16_merged_weights_and_its_float32_adapter(tmp_path):
+    """The adapter trains in float32 and a resume loads the base model as the run did: the
+    adapter is all a resume needs, so no masters are written."""
+    model = small_model()
+    adapter = attach_lora(model, LoraSection(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    learner = TorchLearner(
+        model, settings_of(), OptimSettings(lr=1e-2, micro_batch_size=4), adapter=adapter, release_dtype=torch.bfloat16
+    )
+    learner.update(spread_batch(seed=6))
+    learner.save(tmp_path)
+    weights, merged = load_file(tmp_path / "model.safetensors"), dict(learner.named_weights())
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and config_dtype(tmp_path) == "bfloat16"
+    assert weights.keys() == merged.keys()
+    assert all(torch.equal(merged[name].to(torch.bfloat16), weight) for name, weight in weights.items())
+    trained = load_file(tmp_path / ADAPTER_DIR / "adapter_model.safetensors")
+    assert trained and {t.dtype for t in trained.values()} == {torch.float32}
+    assert not (tmp_path / MASTER_WEIGHTS_FILE.parent).exists()
