@@ -128,6 +128,8 @@ class Trainer:
         started = time.time()
         state, in_flight = self.run.restore(self.learner, self.stream) if self.run.resuming else ({"step": 0}, [])
         self.best_accuracy = state.get(BEST_ACCURACY, 0.0)
+        if self.run.resuming:
+            self.pipeline.take_restored_weights(self.learner)
         earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
         if not self.run.resuming:
             torch.manual_seed(self.recipe.seed)

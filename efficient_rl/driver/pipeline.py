@@ -83,6 +83,13 @@ class SyncPipeline:
         self.pending = {step + index: produced for index, produced in enumerate(pending)}
         self.clock = Utilisation()
 
+    def take_restored_weights(self, learner) -> None:
+        """Before start on a resume: the engine takes the learner's restored weights. It started
+        from the checkpoint's model files, which hold the model's own dtype: a bf16 model's files
+        round the float32 masters the learner restored, and the run would sample its first
+        resumed step from them where an uninterrupted run samples from the masters."""
+        self.engine.sync_weights(learner)
+
     def batch(self, step: int) -> Produced:
         started = time.time()
         produced = self.pending.pop(step, None) or self.produce(step, self.generate)
@@ -167,6 +174,10 @@ class OverlappedPipeline(SyncPipeline):
         self.clock = Utilisation()
         self.thread = threading.Thread(target=self.run, name="rollout-producer", daemon=True)
         self.thread.start()
+
+    def take_restored_weights(self, learner) -> None:
+        """As SyncPipeline's, through a snapshot: the engine holds weights of its own here."""
+        self.engine.load_snapshot(self.engine.snapshot(learner))
 
     # ------------------------------------------------------------ the producer thread
     def run(self) -> None:

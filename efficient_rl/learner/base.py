@@ -26,7 +26,8 @@ class Learner(Protocol):
         """Weights in Hugging Face format plus whatever a resume needs (optimizer state)."""
 
     def load_state(self, directory: Path) -> None:
-        """Restore the optimizer state saved by `save` (the weights were loaded from there)."""
+        """Restore the optimizer state saved by `save` (the weights were loaded from there), and
+        the float32 master weights where the checkpoint's model files round them."""
 
 
 # name -> factory(recipe, model_dir, base_model_dir, model=None, teacher=None) returning a Learner;

@@ -39,6 +39,7 @@ from efficient_rl.learner.torch_learner import (
     refuse_nonfinite,
     with_adapter,
 )
+from efficient_rl.models.files import in_dtype, released_dtype, save_model_files
 from efficient_rl.models.lora import save_adapter
 from efficient_rl.models.modeling import torch_device
 
@@ -94,6 +95,7 @@ class DeepSpeedLearner(TorchLearner):
         # ZeRO-3 shards the weights while from_pretrained creates them, as long as this object lives.
         self._zero3_init = HfDeepSpeedConfig(config) if recipe.learner.zero_stage == 3 else None
         self.sync_dtype = model_dtype(recipe)
+        self.release_dtype = released_dtype(base_model_dir)  # the model files' dtype in a checkpoint
         model = load_policy(recipe, model_dir, base_model_dir, self.device)
         if recipe.learner.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -194,9 +196,17 @@ class DeepSpeedLearner(TorchLearner):
         before) every other rank sat in its opening barrier for the whole write, and a slow
         filesystem ran into the process group's timeout (learner.dist_timeout_minutes). Now each
         barrier waits only for the slowest rank's own share; the group's call returns when rank 0
-        is done. Refused on every rank, before anything is written, when a weight is not finite."""
-        named = self.named_weights()  # every rank takes part in the gather; rank 0 holds the result
-        bad = [name for name, value in named if not finite(value)]
+        is done. Refused on every rank, before anything is written, when a weight is not finite.
+
+        The weights are written in the model's own dtype (models/files.py). The float32 masters
+        are DeepSpeed's state already, which a resume restores: the module's own weights in fp32,
+        and at ZeRO stages 1-3 the float32 partitions in the optimizer state."""
+        # every rank takes part in the gather; rank 0 holds the result
+        files = in_dtype(
+            [pair for bucket in self.weight_buckets(2**62, self.release_dtype) for pair in bucket.unpack()],
+            self.release_dtype,
+        )
+        bad = [name for name, value in files.items() if not finite(value)]
         if not self.agreed_finite(not bad):
             refuse_nonfinite(self.schedule_step, bad or ["(on rank 0)"])
         # With LoRA the frozen base weights stay out of DeepSpeed's state: the adapter is all that trains.
@@ -207,7 +217,7 @@ class DeepSpeedLearner(TorchLearner):
             exclude_frozen_parameters=self.adapter is not None,
         )
         if self.rank == 0:
-            self.model.save_pretrained(directory, state_dict={name: t.detach().clone() for name, t in named})
+            save_model_files(self.model, Path(directory), files, self.release_dtype)
             if self.adapter is not None:
                 save_adapter(self.adapter, directory)
 

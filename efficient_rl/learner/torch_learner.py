@@ -22,7 +22,7 @@ from efficient_rl.algos.divergence import TOKEN_STATISTICS, map_row_chunks
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import LearnerSection
-from efficient_rl.errors import WorkerFailure
+from efficient_rl.errors import ConfigError, WorkerFailure
 from efficient_rl.learner.base import LEARNERS
 from efficient_rl.learner.micro_batches import plan_micro_batches
 from efficient_rl.learner.objective import (
@@ -35,6 +35,14 @@ from efficient_rl.learner.objective import (
 )
 from efficient_rl.learner.schedules import LR_SCHEDULES
 from efficient_rl.learner.teacher import build_teacher
+from efficient_rl.models.files import (
+    DEFAULT_RELEASE_DTYPE,
+    dtype_name,
+    in_dtype,
+    persistent_buffers,
+    released_dtype,
+    save_model_files,
+)
 from efficient_rl.models.lora import attach_lora, plain_weights, policy_weights_dir, save_adapter, trainable_parameters
 from efficient_rl.models.modeling import (
     DTYPES,
@@ -52,6 +60,10 @@ from efficient_rl.registry import Bound
 OPTIMIZER_FILE = "optimizer.pt"
 NO_CLIPPING = "none"  # learner.grad_clip's value for no clipping
 LEARNER_STATE_FILE = "learner_state.json"  # where the learning-rate schedule stands
+# The float32 master weights, written only when the model files round them (a model released in
+# bf16). In a folder of its own: vLLM and `efficient-rl merge` read every *.safetensors at the top
+# of a model directory that has no index, and would take these for the model's weights.
+MASTER_WEIGHTS_FILE = Path("master_weights") / "float32.safetensors"
 
 
 def default_schedule() -> Bound:
@@ -141,8 +153,11 @@ class TorchLearner:
         teacher=None,
         sync_dtype: torch.dtype = torch.float32,
         adapter=None,
+        release_dtype: torch.dtype = DEFAULT_RELEASE_DTYPE,
     ):
-        self.model = model  # float32: the master weights, which the optimizer steps and checkpoints hold
+        # float32: the master weights, which the optimizer steps (checkpoints write the model's files
+        # in its own dtype, release_dtype, and these beside them where that dtype rounds them)
+        self.model = model
         self.device = model.device  # where it computes: its factory put the model there (plan.devices.learner)
         self.reference = reference  # frozen copy of the initial policy, only when KL is on (and no LoRA)
         self.adapter = adapter  # the PeftModel around `model` when learner.lora is set (efficient_rl/models/lora.py)
@@ -150,6 +165,7 @@ class TorchLearner:
         self.objective = objective
         self.optim = optim
         self.sync_dtype = sync_dtype  # the rollout engines' dtype (model.dtype): weights leave in it
+        self.release_dtype = release_dtype  # the model's own (models/files.py): checkpoints write its files in it
         self.optimizer = adamw(model, optim)
         # What forward and backward passes run on: the model itself, or in bf16 its bf16 copy (and
         # the copy's adapters, which the KL reference switches off).
@@ -366,16 +382,15 @@ class TorchLearner:
         target layers' weights merged, under the base model's names (efficient_rl/models/lora.py)."""
         return [(weight.name, weight.value()) for weight in plain_weights(self.model)]
 
-    def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
-        """The full weights in buckets, in the engines' dtype, on rank 0; every rank must run this
-        (ZeRO-3 gathers)."""
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[WeightBucket]:
+        """The full weights in buckets, in `dtype` (by default the engines'), on rank 0; every rank
+        must run this (ZeRO-3 gathers)."""
+        dtype = dtype or self.sync_dtype
         weights = plain_weights(self.model)
-        for indices in plan_buckets([(full_shape(w.base).numel(), self.sync_dtype) for w in weights], bucket_bytes):
+        for indices in plan_buckets([(full_shape(w.base).numel(), dtype) for w in weights], bucket_bytes):
             with self.gathered([source for i in indices for source in weights[i].sources]):
                 if self.rank == 0:
-                    yield WeightBucket.pack(
-                        [(weights[i].name, weights[i].value().detach().to(self.sync_dtype)) for i in indices]
-                    )
+                    yield WeightBucket.pack([(weights[i].name, weights[i].value().detach().to(dtype)) for i in indices])
 
     def weight_plan(self, bucket_bytes: int) -> list[WeightBucket]:
         """Names, shapes and dtype of every bucket weight_buckets makes, without their data."""
@@ -392,26 +407,34 @@ class TorchLearner:
         ]
 
     def save(self, directory: Path) -> None:
-        """Weights in Hugging Face format plus the optimizer state and the schedule's position.
-        With LoRA: the merged weights (eval, merge and the engines read a checkpoint as a plain
-        model) and the adapter itself (what a resume loads, over the base model). Refused, before
-        anything is written, when a weight is not finite."""
-        bad = [name for name, value in self.model.named_parameters() if not finite(value)]
-        refuse_nonfinite(self.schedule_step, bad)
-        if self.adapter is None:
-            self.model.save_pretrained(directory)
-        else:
-            self.model.save_pretrained(
-                directory, state_dict={name: t.detach().clone() for name, t in self.named_weights()}
-            )
+        """Weights in Hugging Face format in the model's own dtype, plus the optimizer state and the
+        schedule's position. Where those files round the float32 masters (a bf16 model), the
+        masters go beside them (MASTER_WEIGHTS_FILE). With LoRA: the merged weights (eval, merge
+        and the engines read a checkpoint as a plain model) and the adapter itself in float32 (what
+        a resume loads, over the base model, which the resume loads as this run did: no masters
+        needed). Refused, before anything is written, when a weight is not finite, in float32 or
+        in the model's dtype."""
+        directory = Path(directory)
+        files = in_dtype(self.named_weights() + persistent_buffers(self.model), self.release_dtype)
+        bad = [name for name, value in [*self.model.named_parameters(), *files.items()] if not finite(value)]
+        refuse_nonfinite(self.schedule_step, list(dict.fromkeys(bad)))
+        save_model_files(self.model, directory, files, self.release_dtype)
+        if self.adapter is not None:
             save_adapter(self.adapter, directory)
-        torch.save(self.optimizer.state_dict(), Path(directory) / OPTIMIZER_FILE)
-        (Path(directory) / LEARNER_STATE_FILE).write_text(json.dumps({"schedule_step": self.schedule_step}))
+        elif self.release_dtype != torch.float32:
+            save_master_weights(self.model, directory / MASTER_WEIGHTS_FILE)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        (directory / LEARNER_STATE_FILE).write_text(json.dumps({"schedule_step": self.schedule_step}))
 
     def load_state(self, directory: Path) -> None:
-        """Optimizer state from a checkpoint (the weights were loaded from it already)."""
-        self.optimizer.load_state_dict(torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=False))
-        self.schedule_step = read_schedule_step(Path(directory))
+        """Optimizer state and schedule from a checkpoint, and the float32 masters where its model
+        files round them (the weights were loaded from those files already)."""
+        directory = Path(directory)
+        if self.adapter is None and restore_master_weights(self.model, directory):
+            if self.compute_model is not self.model:
+                self.refresh_compute_copy()
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+        self.schedule_step = read_schedule_step(directory)
 
 
 def finite(tensor: torch.Tensor) -> bool:
@@ -425,6 +448,44 @@ def refuse_nonfinite(update: int, names: list[str]) -> None:
             f"checkpoint refused after update {update}: {len(names)} weight(s) are not finite (first: {names[0]}); "
             "the last checkpoint is intact"
         )
+
+
+def master_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """The float32 `model`'s parameters (tied ones once, under the names its model files use) and
+    persistent buffers: what a resume must restore bit for bit."""
+    return list(model.named_parameters()) + persistent_buffers(model)
+
+
+def save_master_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(exist_ok=True)
+    save_file({name: tensor.detach().contiguous() for name, tensor in master_tensors(model)}, str(path))
+
+
+@torch.no_grad()
+def restore_master_weights(model, checkpoint: Path) -> bool:
+    """Copy the checkpoint's float32 masters into `model` in place (the optimizer holds its
+    parameters); False when it has none, since its model files are float32 and hold them. A
+    checkpoint whose files round the weights and which has no masters is refused: resumed from
+    rounded weights, the run would silently differ from one never interrupted."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / MASTER_WEIGHTS_FILE
+    if not path.is_file():
+        files_dtype = released_dtype(checkpoint)
+        if files_dtype != torch.float32:
+            raise ConfigError(
+                f"{path}: missing; the checkpoint's model files are {dtype_name(files_dtype)} and a resume needs "
+                "the float32 master weights; resume from an earlier checkpoint or start over"
+            )
+        return False
+    saved, expected = load_file(path), master_tensors(model)
+    if saved.keys() != {name for name, _ in expected}:
+        raise ConfigError(f"{path}: holds other tensors than the model's ({len(saved)} for {len(expected)})")
+    for name, tensor in expected:
+        tensor.copy_(saved[name])
+    return True
 
 
 def read_schedule_step(directory: Path) -> int:
@@ -520,4 +581,5 @@ def torch_learner(plan: Plan, model_dir: Path, base_model_dir: Path, model=None,
         teacher=build_teacher(recipe, device, remote=teacher),
         sync_dtype=model_dtype(recipe),
         adapter=adapter,
+        release_dtype=released_dtype(base_model_dir),
     )

@@ -1,5 +1,7 @@
 """`efficient-rl export RUN_OR_CHECKPOINT OUT_DIR`: a run's checkpoint as a plain Hugging Face model
 directory (save_pretrained of the model and the tokenizer), without optimizer or trainer state.
+It is written in the checkpoint's dtype, the model's own (models/files.py): a model released in
+bf16 exports in bf16, a float32 one in float32; the learner's float32 masters stay behind.
 
 A run directory exports its latest usable checkpoint. A LoRA run's checkpoint holds the merged
 weights next to its adapter/ (learner/torch_learner.py `save`), so the export is the merged
@@ -38,15 +40,15 @@ def checkpoint_of(source: Path) -> Path:
 
 def export(source: Path, out: Path) -> Path:
     """Write the model of `source`'s checkpoint to `out` (a new or empty directory); returns the checkpoint."""
-    import torch
-
     from efficient_rl.data.prompts import load_tokenizer
+    from efficient_rl.models.files import released_dtype
     from efficient_rl.models.modeling import load_model
 
     checkpoint = checkpoint_of(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export: {out}: exists and is not an empty directory")
-    model = load_model(checkpoint, torch.float32)  # the learner's float32 master weights, as saved
+    # In the dtype the checkpoint's files are in: no upcast, and save_pretrained's config says it.
+    model = load_model(checkpoint, released_dtype(checkpoint))
     model.save_pretrained(out)
     load_tokenizer(checkpoint).save_pretrained(out)
     return checkpoint

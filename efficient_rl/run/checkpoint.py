@@ -8,7 +8,9 @@
     completions.jsonl    sampled rollouts of every logging.completions_every-th step, one line each
     trackers.json        each experiment tracker's run id and last step (a resume continues them)
     tensorboard/         event files (the tensorboard tracker); wandb/: the wandb tracker's files
-    checkpoints/step-N/  model + tokenizer (save_pretrained), learner state, trainer_state.pt,
+    checkpoints/step-N/  model + tokenizer (save_pretrained, the model in its own dtype), learner
+                         state (float32: optimizer.pt, master_weights/ where the model's dtype
+                         rounds the weights, adapter/, deepspeed/), trainer_state.pt,
                          in_flight.pt (an overlapped pipeline's batches generated but not yet
                          trained), checkpoint_manifest.json (every file's size, written last)
     summary.json         warm-start and final held-out figures, wall time
