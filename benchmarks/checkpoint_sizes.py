@@ -6,7 +6,7 @@ a model published in bf16 comes. Printed per release: the model files (what eval
 engines and `export` read), the float32 masters kept beside them, the optimizer state, and the
 whole checkpoint, in bytes as on disk.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/checkpoint_sizes.py lab:tiny path/to/model.gguf
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/checkpoint_sizes.py lab:tiny smollm2
 """
 
 from __future__ import annotations
