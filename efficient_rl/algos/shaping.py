@@ -50,6 +50,9 @@ class ShapingInputs:
     group_ids: torch.Tensor  # long, rollouts of one prompt share an id
     samples: list[dict] = field(default_factory=list)  # the data sample each rollout answers
     progress: float = 0.0  # training progress p in [0, 1]: (step - 1) / (steps - 1)
+    # What a penalty carries from step to step (Leash's multiplier), read-only while it shapes:
+    # the loop advances it once a step and checkpoints it (algos/length_controllers.py `carries_state`).
+    state: dict = field(default_factory=dict)
 
     def over_cap(self) -> torch.Tensor:
         return over_cap(self.lengths, self.truncated, self.length_cap)
