@@ -310,3 +310,39 @@ def test_dot_keeps_the_promises_on_random_rounds_where_it_truncates():
         assert not broken_promises(batch, rewards, "shorter")
     assert changed > 0
 
+
+# --- profiling the reference -----------------------------------------------------------------------
+
+
+def test_profile_lengths_samples_every_training_prompt_and_the_profile_trains(tmp_path, tiny_overrides):
+    """The tiny model's answers all pass (always_right), so each row holds every answer: 3 of
+    them, their lengths within the limit; a run whose penalty reads that profile then trains."""
+    from efficient_rl.driver.profile import load_for_profiling, profile_lengths
+
+    overrides = tiny_overrides + ["data.train_size=6", "reward=[{name: 'test_length_controllers:always_right'}]"]
+    stats = tmp_path / "profile" / "stats.jsonl"
+    assert profile_lengths(load_for_profiling(RECIPES / "quickstart.yaml", overrides), stats, samples=3) == 6
+    rows = [json.loads(line) for line in stats.read_text().splitlines()]
+    ids = [s["id"] for s in load_split(*train_split(overrides))]
+    assert [row["id"] for row in rows] == ids
+    for row in rows:
+        assert row["passing_count"] == 3 and 1 <= row["mean"] <= 24 and 0 <= row["std"] <= 23 / 2
+    _, metrics = lab_run(
+        overrides, "from-profile", [f"algorithm.length_penalty={{name: profiled_threshold, stats: '{stats}'}}"], steps=1
+    )
+    assert metrics[0]["profiled/profiled_share"] == 1.0
+
+
+def train_split(overrides):
+    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
+    return recipe.data.train, "train", recipe.data, recipe.seed, "data.train"
+
+
+def test_profile_lengths_refuses_an_existing_file_before_building_anything(tmp_path, tiny_overrides):
+    from efficient_rl.driver.profile import load_for_profiling, profile_lengths
+
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("kept\n")
+    with pytest.raises(ConfigError, match=f"--out: {stats} exists"):
+        profile_lengths(load_for_profiling(RECIPES / "quickstart.yaml", tiny_overrides), stats, samples=2)
+    assert stats.read_text() == "kept\n"
