@@ -239,15 +239,33 @@ def test_leash_lambda_rises_while_lengths_exceed_the_target_and_survives_a_resum
     _, straight = lab_run(tiny_overrides, "leash", LEASH, steps=4)
     lambdas = [row["length/leash_lambda"] for row in straight]
     assert lambdas[0] == 0.0
-    for row, after in zip(straight, lambdas[1:]):
-        expected = max(0.0, row["length/leash_lambda"] + 0.5 * (row["response_length/mean"] / 4 - 1))
-        assert after == pytest.approx(expected, abs=1e-9)
+    assert_dual_ascent(straight, target=4, step_size=0.5)
     assert all(later > earlier for earlier, later in zip(lambdas, lambdas[1:]))
     stopped, _ = lab_run(tiny_overrides, "leash-resumed", LEASH, steps=4, stop_after_step=2)
     saved = torch.load(stopped.path / "checkpoints" / "step-00000002" / TRAINER_STATE_FILE, weights_only=False)
     assert saved["state"][PENALTY_STATE] == {"lambda": lambdas[2]}  # the one step 3 shapes with
     _, resumed = lab_run(tiny_overrides, "leash-resumed", LEASH, steps=4, resume=True)
     assert [row["length/leash_lambda"] for row in resumed] == lambdas
+
+
+def assert_dual_ascent(rows, target, step_size):
+    """Each step's lambda is the previous step's advanced by that step's logged mean length."""
+    for row, following in zip(rows, rows[1:]):
+        expected = max(0.0, row["length/leash_lambda"] + step_size * (row["response_length/mean"] / target - 1))
+        assert following["length/leash_lambda"] == pytest.approx(expected, abs=1e-9), following["step"]
+
+
+def test_leash_lambda_carries_across_a_resume_of_the_overlapped_pipeline(tmp_path, tiny_overrides):
+    """Overlapped, the batch of step 3 is generated (and lambda advanced by it) before step 2's
+    checkpoint: the checkpoint holds that batch and the lambda after it, so the resumed run's
+    multipliers still follow the dual ascent step after step, across the resume too."""
+    overlapped = [*LEASH, "cluster.pipeline.name=overlapped", "cluster.pipeline.max_staleness=1", "scoring.workers=0"]
+    overlapped.append("algorithm.rollout_correction=tis")
+    lab_run(tiny_overrides, "overlapped", overlapped, steps=4, stop_after_step=2)
+    _, rows = lab_run(tiny_overrides, "overlapped", overlapped, steps=4, resume=True)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert rows[0]["length/leash_lambda"] == 0.0 and rows[3]["length/leash_lambda"] > rows[1]["length/leash_lambda"]
+    assert_dual_ascent(rows, target=4, step_size=0.5)
 
 
 def test_profiled_threshold_training_penalises_the_profiled_prompts(tmp_path, tiny_overrides):
@@ -293,7 +311,7 @@ def test_a_training_prompt_missing_from_the_profile_stops_the_run_in_one_line(tm
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert lines[0].startswith("efficient-rl: error: algorithm.length_penalty.stats: ")
     assert str(stats) in lines[0] and "has no row for the training prompt id" in lines[0]
-    assert not (tmp_path / "runs" / "unprofiled").exists()
+    assert not (tmp_path / "runs").exists(), "a refused profile left a run directory or its lock"
 
 
 def test_dot_keeps_the_promises_on_random_rounds_where_it_truncates():
