@@ -65,7 +65,9 @@ def dot_metrics(inputs: ShapingInputs, *, k: float) -> dict[str, float]:
     metrics=dot_metrics,
     source="DOT, Anti-Length Shift (arXiv 2601.03969): truncation of the length tail of all-correct groups",
 )
-@promises(correct_floor="zero")  # an outlier earns min(score, 0): a positive score cut to 0, no lower
+# An outlier earns min(score, 0): a positive score cut to 0, no lower; only all-correct groups
+# are shaped, so every wrong rollout keeps its score.
+@promises(correct_floor="zero", wrong_kept=True)
 def dynamic_outlier_truncation(inputs: ShapingInputs, *, k: float = 3.0) -> torch.Tensor:
     """A rollout of a group whose rollouts are all correct, longer than the group's mean + k std,
     is treated as truncated: it earns min(score, 0), what DLER pays a truncated answer (0) on

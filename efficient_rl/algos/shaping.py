@@ -419,8 +419,9 @@ def gated_score_need(promise: Promise, gate: LengthGate) -> str | None:
     """The scores a gated penalty keeps (a) and (b) for: the penalty's own; or, when correct_only
     leaves wrong rollouts their scores and the penalty may cut a correct one, binary ones (a wrong
     answer's 0 then stays below a correct one's reward if the cut stops at 0, or at most a correct
-    score's worth: least_correct_score); None when no scores can do."""
-    if not gate.correct_only or promise.correct_floor == "score":
+    score's worth: least_correct_score); None when no scores can do. A rule that leaves wrong
+    rollouts their scores itself (wrong_kept) is not changed by correct_only."""
+    if not gate.correct_only or promise.correct_floor == "score" or promise.wrong_kept:
         return promise.scores
     return "binary" if promise.correct_floor in ("zero", "cut") else None
 
