@@ -133,6 +133,14 @@ def cmd_reward_check(args) -> int:
     return 1 if report.failed else 0  # a reward that fails on some rows is a failed check
 
 
+def cmd_profile_lengths(args) -> int:
+    from efficient_rl.driver.profile import load_for_profiling, profile_lengths
+
+    rows = profile_lengths(load_for_profiling(args.recipe, args.overrides), Path(args.out), args.samples)
+    print(f"wrote the length profile of {rows} training prompts to {args.out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from efficient_rl.config.rules import as_flag, check_numbers
     from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec
@@ -286,6 +294,19 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 
+    profile = commands.add_parser(
+        "profile-lengths",
+        help="a reference's lengths per training prompt, for the profiled_threshold length penalty: "
+        "efficient-rl profile-lengths RECIPE --out stats.jsonl [key.path=value ...]",
+    )
+    profile.add_argument(
+        "recipe", help="recipe: a YAML file or a shipped name; its initial model, training data, rewards and sampling"
+    )
+    profile.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_size=1000")
+    profile.add_argument("--out", required=True, help="the JSON-lines profile to write (it must not exist)")
+    profile.add_argument("--samples", type=int, default=8, help="answers per training prompt")
+    profile.set_defaults(handler=cmd_profile_lengths)
+
     from efficient_rl.models.export import add_parser as add_export_parser
     from efficient_rl.models.merge import add_parser as add_merge_parser
     from efficient_rl.models.sources import add_parser as add_convert_parser
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags: `train R --resume a.b=1` and `train R a.b=1 --resume`.
     args, extra = root.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command not in ("train", "plan", "submit", "study", "sweep")):
+    if unknown or (extra and args.command not in ("train", "plan", "profile-lengths", "submit", "study", "sweep")):
         root.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides += extra

@@ -24,6 +24,8 @@ from typing import Any, Callable
 NEEDS = {
     "driver_model": "the policy loaded in the driver's process (the embedded cluster backend)",
     "length_cap": "the truncation length in force for each rollout",
+    "length_profile": "a reference model's lengths per training prompt, joined on each sample by id from the "
+    "entry's `stats` file at load (efficient-rl profile-lengths)",
     "old_logprobs": "the pre-update log-probs, computed when a batch takes several optimizer steps",
     "teacher": "a distillation teacher (distill.teacher)",
 }

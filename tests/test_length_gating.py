@@ -44,7 +44,7 @@ def round_of(
         length_cap=torch.full((rows,), cap),
         correct=torch.tensor(correct),
         group_ids=torch.tensor(ids),
-        best_accuracy=best_accuracy,
+        state={"best_accuracy": best_accuracy},
     )
 
 
@@ -349,7 +349,7 @@ def test_short_rl_s_best_accuracy_survives_a_resume(tmp_path, tiny_overrides):
     ]
     run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), stop_after_step=1)
     saved = torch.load(run.path / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)
-    assert saved["state"]["best_round_accuracy"] == 1.0
+    assert saved["state"]["length_penalty_state"] == {"best_accuracy": 1.0}
     run, _ = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides), resume=True)
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]

@@ -77,12 +77,25 @@ def random_round(
     correct = (torch.rand(rows, generator=generator) < 0.5).float()
     if scores_kind == "binary":
         values = [value for value in BINARY_VALUES if value >= least_correct]
-        scores = correct * values[int(torch.randint(len(values), (1,), generator=generator))]
+        value = values[int(torch.randint(len(values), (1,), generator=generator))]
+        scores = correct * value
     else:
         values = torch.tensor(SCORE_VALUES[scores_kind])
         scores = values[torch.randint(len(values), (rows,), generator=generator)]
     caps = torch.tensor(CAPS_IN_FORCE)[torch.randint(len(CAPS_IN_FORCE), (groups,), generator=generator)]
     targets = torch.randint(1, LIMIT // LENGTH_STEP + 1, (groups,), generator=generator) * LENGTH_STEP
+    progress = float(torch.rand(1, generator=generator))
+    # Drawn after the rest, so that the draws above stay what they were: prompts every rollout
+    # solves (DOT shapes only those), a reference profile per prompt, and a carried multiplier.
+    solved = (torch.rand(groups, generator=generator) < 0.3).repeat_interleave(size)
+    correct = torch.where(solved, torch.ones_like(correct), correct)
+    if scores_kind == "binary":
+        scores = correct * value
+    profiles = reference_profiles(generator, groups)
+    state = {  # Leash's multiplier, Short-RL's best accuracy
+        "lambda": 2.0 * float(torch.rand(1, generator=generator)),
+        "best_accuracy": float(torch.rand(1, generator=generator)),
+    }
     return ShapingInputs(
         scores=scores.float(),
         lengths=lengths,
@@ -90,10 +103,21 @@ def random_round(
         length_cap=caps.repeat_interleave(size),
         correct=correct,
         group_ids=group_ids,
-        samples=[{"target_length": int(targets[group])} for group in group_ids.tolist()],
-        progress=float(torch.rand(1, generator=generator)),
-        best_accuracy=float(torch.rand(1, generator=generator)),
+        samples=[{"target_length": int(targets[group]), **profiles[group]} for group in group_ids.tolist()],
+        progress=progress,
+        state=state,
     )
+
+
+def reference_profiles(generator: torch.Generator, groups: int) -> list[dict]:
+    """Per prompt: how often a reference passed, and the mean and std of its passing lengths."""
+    passing = torch.randint(0, 5, (groups,), generator=generator)
+    mean = torch.randint(1, LIMIT // LENGTH_STEP + 1, (groups,), generator=generator) * LENGTH_STEP
+    std = torch.rand(groups, generator=generator) * 1000
+    return [
+        {"reference_passing": int(p), "reference_mean": float(m), "reference_std": float(s)}
+        for p, m, s in zip(passing, mean, std)
+    ]
 
 
 def broken_promises(inputs: ShapingInputs, rewards: torch.Tensor, length: str) -> list[str]:
@@ -278,14 +302,24 @@ def test_each_score_need_has_a_load_time_test():
 # --- at load -------------------------------------------------------------------------------------
 
 
-def recipe_picking(name: str):
-    """A shipped recipe whose length penalty is `name` (every penalty has one)."""
+# Penalties no shipped recipe picks yet, with the keys that pick them on the quickstart recipe.
+PICKED_BY_KEYS = {
+    "dot": ["rollout.group_size=16", "algorithm.length_penalty={name: dot}"],
+    "leash": ["algorithm.length_penalty={name: leash, target: 32}"],
+    "profiled_threshold": ["algorithm.length_penalty={name: profiled_threshold, stats: stats.jsonl}"],
+}
+
+
+def recipe_picking(name: str, overrides: list[str]):
+    """A shipped recipe whose length penalty is `name`, with `overrides` (one picking it by keys if none does)."""
+    if name in PICKED_BY_KEYS:
+        return load_recipe(RECIPES / "quickstart.yaml", [*PICKED_BY_KEYS[name], *overrides])
     for path in sorted(RECIPES.rglob("*.yaml")):
         if "studies" in path.parts:
             continue
         recipe = load_recipe(path, [])
         if recipe.algorithm.length_penalty.name == name:
-            return path
+            return load_recipe(path, overrides)
     raise AssertionError(f"no shipped recipe picks the length penalty {name!r}")
 
 
@@ -304,7 +338,7 @@ REWARD_LISTS = {
 def test_a_recipe_whose_rewards_leave_the_penalty_s_scores_is_refused_at_load(name, scores):
     override, admitted = REWARD_LISTS[scores]
     need = promise_of(LENGTH_SHAPERS.get(name)).scores
-    recipe = load_recipe(recipe_picking(name), [override])
+    recipe = recipe_picking(name, [override])
     if need in admitted:
         validate(recipe)
         return

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from efficient_rl.algos.length_rewards import group_index, group_reduce
-from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, promises
+from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, carries_state, promises
 
 # Iglewicz and Hoaglin's constant: 0.6745 = the 0.75 quantile of the standard normal, so that the
 # modified z-score of normal data matches its ordinary z-score.
@@ -123,11 +123,28 @@ def round_accuracy(inputs: ShapingInputs) -> float:
     return float((inputs.correct > 0).double().mean()) if len(inputs.correct) else 0.0
 
 
+BEST_ACCURACY = "best_accuracy"  # the state's one entry: the best step accuracy of the run so far
+
+
+def best_accuracy(inputs: ShapingInputs) -> float:
+    """The best accuracy of an earlier step (0 before the first), carried across steps."""
+    return float(inputs.state.get(BEST_ACCURACY, 0.0))
+
+
+def lazy_initial(**params) -> dict:
+    return {BEST_ACCURACY: 0.0}
+
+
+def lazy_advance(state: dict, inputs: ShapingInputs, **params) -> dict:
+    """The best accuracy with the step's: every rollout the step generated, all its rounds."""
+    return {BEST_ACCURACY: max(float(state.get(BEST_ACCURACY, 0.0)), round_accuracy(inputs))}
+
+
 def lazy_penalty_active(inputs: ShapingInputs, accuracy_tolerance: float) -> bool:
     """Training accuracy is "stable": this round's accuracy is within accuracy_tolerance of the
-    best round accuracy of the run so far, this round's included."""
+    best accuracy of the run so far, this round's included."""
     accuracy = round_accuracy(inputs)
-    return accuracy >= max(inputs.best_accuracy, accuracy) - accuracy_tolerance
+    return accuracy >= max(best_accuracy(inputs), accuracy) - accuracy_tolerance
 
 
 def lazy_length_rewards(inputs: ShapingInputs, length_tolerance: int) -> torch.Tensor:
@@ -151,7 +168,7 @@ def lazy_metrics(
     """Whether the penalty was on for the step's rollouts, and the best round accuracy it compared with."""
     return {
         "short_rl/active": float(lazy_penalty_active(inputs, accuracy_tolerance)),
-        "short_rl/best_accuracy": max(inputs.best_accuracy, round_accuracy(inputs)),
+        "short_rl/best_accuracy": max(best_accuracy(inputs), round_accuracy(inputs)),
     }
 
 
@@ -164,12 +181,13 @@ def lazy_metrics(
 @promises(  # a wrong answer keeps its score, a long correct one loses up to weight / 2
     scores="binary", correct_floor="cut", correct_cut=lambda params: params.weight / 2, wrong_kept=True
 )
+@carries_state(initial=lazy_initial, advance=lazy_advance)
 def short_rl(
     inputs: ShapingInputs, *, weight: float = 1.0, length_tolerance: int = 200, accuracy_tolerance: float = 0.05
 ) -> torch.Tensor:
     """r = score + weight * lazy_length_rewards while this round's accuracy is within
-    accuracy_tolerance of the best round accuracy of the run (this round's included); else the
-    score, for every rollout of the round."""
+    accuracy_tolerance of the best accuracy of the run (this round's included); else the score,
+    for every rollout of the round."""
     if not lazy_penalty_active(inputs, accuracy_tolerance):
         return inputs.scores.clone()
     return (inputs.scores.double() + weight * lazy_length_rewards(inputs, length_tolerance)).float()

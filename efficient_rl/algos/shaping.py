@@ -55,9 +55,9 @@ class ShapingInputs:
     group_ids: torch.Tensor  # long, rollouts of one prompt share an id
     samples: list[dict] = field(default_factory=list)  # the data sample each rollout answers
     progress: float = 0.0  # training progress p in [0, 1]: (step - 1) / (steps - 1)
-    # The highest accuracy (share of correct rollouts) of an earlier generation round of this run,
-    # 0 before the first; the driver keeps it across steps and in its checkpoints.
-    best_accuracy: float = 0.0
+    # What a penalty carries from step to step (Leash's multiplier, Short-RL's best accuracy),
+    # read-only while it shapes: the loop advances it once a step and checkpoints it (`carries_state`).
+    state: dict = field(default_factory=dict)
 
     def over_cap(self) -> torch.Tensor:
         return over_cap(self.lengths, self.truncated, self.length_cap)
@@ -70,6 +70,40 @@ class ShapingInputs:
             raise ValueError(
                 f"length penalty {entry!r} reads the sample field {name!r}, which a sample lacks"
             ) from None
+
+
+# A penalty that carries state across steps (Leash's multiplier, Short-RL's best accuracy)
+# declares it with `carries_state(initial=..., advance=...)`: the driver starts from
+# `initial(**params)`, hands the state to every call in `ShapingInputs.state` (read-only there: a
+# step may shape several rounds, all with the state of the step), advances it once a step with
+# `advance(state, inputs, **params)` over all the step's rollouts, and saves it in every
+# checkpoint, so a resumed run goes on from exactly the state it stopped with.
+@dataclass(frozen=True)
+class CarriedState:
+    initial: Callable  # fn(**params) -> dict: the state before the first step
+    advance: Callable  # fn(state, inputs, **params) -> dict: the state after a step's rollouts
+
+
+def carries_state(*, initial: Callable, advance: Callable) -> Callable:
+    """Declare that a LENGTH_SHAPERS entry carries state across steps (put it under register)."""
+
+    def declare(function: Callable) -> Callable:
+        function.carried = CarriedState(initial, advance)
+        return function
+
+    return declare
+
+
+def initial_state(penalty) -> dict:
+    """A bound penalty's state before the first step ({} for a penalty without state)."""
+    carried = getattr(penalty.entry.function, "carried", None)
+    return carried.initial(**penalty.keywords()) if carried else {}
+
+
+def advance_state(penalty, state: dict, inputs: ShapingInputs) -> dict:
+    """The state after a step whose rollouts are `inputs` (the same {} without state)."""
+    carried = getattr(penalty.entry.function, "carried", None)
+    return carried.advance(state, inputs, **penalty.keywords()) if carried else state
 
 
 class ScoresOutsidePromise(ValueError):
@@ -385,8 +419,9 @@ def gated_score_need(promise: Promise, gate: LengthGate) -> str | None:
     """The scores a gated penalty keeps (a) and (b) for: the penalty's own; or, when correct_only
     leaves wrong rollouts their scores and the penalty may cut a correct one, binary ones (a wrong
     answer's 0 then stays below a correct one's reward if the cut stops at 0, or at most a correct
-    score's worth: least_correct_score); None when no scores can do."""
-    if not gate.correct_only or promise.correct_floor == "score":
+    score's worth: least_correct_score); None when no scores can do. A rule that leaves wrong
+    rollouts their scores itself (wrong_kept) is not changed by correct_only."""
+    if not gate.correct_only or promise.correct_floor == "score" or promise.wrong_kept:
         return promise.scores
     return "binary" if promise.correct_floor in ("zero", "cut") else None
 
@@ -422,6 +457,12 @@ class GatedPenalty:
             return shaped
         self.check_scores(inputs)
         return shaped if self.gate.is_open() else apply_gate(inputs, shaped, self.gate)
+
+    def initial_state(self) -> dict:
+        return initial_state(self.penalty)
+
+    def advance_state(self, state: dict, inputs: ShapingInputs) -> dict:
+        return advance_state(self.penalty, state, inputs)
 
     def check_scores(self, inputs: ShapingInputs) -> None:
         """The round's scores are within what the gate needs (the penalty checked its own already)."""

@@ -16,6 +16,7 @@ import torch
 
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import Recipe
+from efficient_rl.data.profiles import join_length_profile
 from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer, render_prompt
 from efficient_rl.data.sources import load_split
 from efficient_rl.data.turns import question_key
@@ -68,6 +69,7 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     train = load_split(recipe.data.train, "train", recipe.data, recipe.seed, "data.train")
     heldout = load_split(recipe.data.heldout, "heldout", recipe.data, recipe.seed, "data.heldout")
     train, heldout = with_variables(plan, train, "train"), with_variables(plan, heldout, "heldout")
+    train = with_length_profile(plan, train)
     check_sample_fields(plan.needs, train, "data.train")
     base = lab_model_dir(recipe.model.lab) if recipe.model.lab else model_directory(recipe.model.path, "model.path")
     source = Path(model_dir or base)
@@ -105,6 +107,15 @@ def with_variables(plan: Plan, samples: list[dict], split: str) -> list[dict]:
     samples = draw_variables(samples, plan.variables, plan.recipe.seed, split)
     check_template(plan.recipe.prompt.user_template, samples, f"data.{split}")
     return samples
+
+
+def with_length_profile(plan: Plan, samples: list[dict]) -> list[dict]:
+    """The training samples with their prompt's reference length profile, when an entry needs one:
+    read from that entry's `stats` file (data/profiles.py)."""
+    field_name = plan.needs.get("length_profile")
+    if field_name is None:
+        return samples
+    return join_length_profile(samples, Path(plan[field_name].params.stats), f"{field_name}.stats")
 
 
 def start_rewards(recipe: Recipe, probe_sample: dict) -> RewardRunner:

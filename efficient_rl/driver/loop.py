@@ -34,8 +34,9 @@ from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.scoring.runner import RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
-BEST_ACCURACY = "best_round_accuracy"  # the trainer state's key for Trainer.best_accuracy
 FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
+# The trainer state's key for what the length penalty carries across steps (Leash's multiplier).
+PENALTY_STATE = "length_penalty_state"
 
 
 @dataclass
@@ -107,9 +108,9 @@ class Trainer:
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side
         self.completions: list[dict] = []  # the step's sampled completions (logging.completions_every)
-        # The highest accuracy of a generation round so far (ShapingInputs.best_accuracy): it
-        # stands right after the batches a checkpoint saves, which keeps it (BEST_ACCURACY).
-        self.best_accuracy = 0.0
+        # What the length penalty carries across steps ({} for most): advanced once a step by the
+        # step's rollouts in collect_rollouts, which runs steps in order even when overlapped.
+        self.penalty_state = self.stages.shape_rewards.initial_state()
 
     def close(self) -> None:
         """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
@@ -127,12 +128,12 @@ class Trainer:
         """
         started = time.time()
         state, in_flight = self.run.restore(self.learner, self.stream) if self.run.resuming else ({"step": 0}, [])
-        self.best_accuracy = state.get(BEST_ACCURACY, 0.0)
         if self.run.resuming:
             self.pipeline.take_restored_weights(self.learner)
         earlier_seconds = state.get("wall_seconds", 0.0)  # time spent before a resume
         if not self.run.resuming:
             torch.manual_seed(self.recipe.seed)
+        self.penalty_state = state.get(PENALTY_STATE, self.penalty_state)  # as it stood after the saved batches
         if "warm_start" not in state and self.recipe.eval.before_training:
             state["warm_start"] = self.evaluate()
         self.pipeline.start(state["step"] + 1, in_flight)  # after the restore: the stream and RNG are set
@@ -149,8 +150,9 @@ class Trainer:
                 state["wall_seconds"] = earlier_seconds + time.time() - started
                 last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
                 if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
-                    with self.pipeline.paused():  # the stream and RNG stand right after the saved batches
-                        state[BEST_ACCURACY] = self.best_accuracy  # as do the rounds it has seen
+                    # paused: the stream, RNG and penalty state stand right after the saved batches
+                    with self.pipeline.paused():
+                        state[PENALTY_STATE] = self.penalty_state
                         self.run.save_checkpoint(
                             step, self.setup, self.learner, self.stream, state, in_flight=self.pipeline.saved()
                         )
@@ -229,6 +231,7 @@ class Trainer:
         passes the `generate` that stamps each rollout with its policy version.
         """
         progress = (step - 1) / max(self.recipe.steps - 1, 1)  # p in [0, 1], as the selection's
+        carried = self.penalty_state  # every round of the step is shaped with the step's state
         wanted = self.recipe.rollout.prompts_per_step
         sampler = self.stages.sampler
         generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0, "skipped": 0}
@@ -236,7 +239,7 @@ class Trainer:
         started, stream_start = time.time(), self.stream.consumed
         while True:
             rounds += 1
-            batch, result = self.generate_and_score(self.stream.take(wanted), progress, generate, timings)
+            batch, result = self.generate_and_score(self.stream.take(wanted), progress, generate, timings, carried)
             failures["errors"] += result.errors
             failures["timeouts"] += result.timeouts
             failures["skipped"] += result.skipped
@@ -248,7 +251,9 @@ class Trainer:
         everything = RolloutBatch.concat(generated)
         train_batch = first_groups(RolloutBatch.concat(kept), wanted)
         metrics = rollout_metrics(everything)
-        metrics.update(self.stages.shape_rewards.metrics(shaping_inputs(everything, progress, self.best_accuracy)))
+        shaped = shaping_inputs(everything, progress, carried)
+        metrics.update(self.stages.shape_rewards.metrics(shaped))
+        self.penalty_state = self.stages.shape_rewards.advance_state(carried, shaped)  # by every rollout generated
         metrics.update(
             self.stages.length_metrics(
                 correctness(everything),
@@ -273,7 +278,12 @@ class Trainer:
         )
 
     def generate_and_score(
-        self, prompts: list[tuple[int, dict]], progress: float, generate: Callable, timings: dict[str, float]
+        self,
+        prompts: list[tuple[int, dict]],
+        progress: float,
+        generate: Callable,
+        timings: dict[str, float],
+        penalty_state: dict,
     ) -> tuple[RolloutBatch, RewardResult]:
         """Rollouts for `prompts` with scores, rewards after length shaping, and the reward result.
 
@@ -298,10 +308,9 @@ class Trainer:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
         try:
-            batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress, self.best_accuracy))
+            batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress, penalty_state))
         except ScoresOutsidePromise as err:  # bad input, found only now: one line, exit 2
             raise ConfigError(str(err)) from None
-        self.best_accuracy = max(self.best_accuracy, float(correctness(batch).mean()))
         return batch, result
 
     def evaluate(self) -> dict[str, float]:
@@ -387,8 +396,8 @@ def first_groups(batch: RolloutBatch, groups: int) -> RolloutBatch:
     return batch.select((first_seen < groups).nonzero()[:, 0])
 
 
-def shaping_inputs(batch: RolloutBatch, progress: float, best_accuracy: float = 0.0) -> ShapingInputs:
-    """What the length penalty reads of a scored batch whose caps are set."""
+def shaping_inputs(batch: RolloutBatch, progress: float, state: dict) -> ShapingInputs:
+    """What the length penalty reads of a scored batch whose caps are set, with what it carries."""
     return ShapingInputs(
         scores=batch.scores,
         lengths=batch.response_lengths,
@@ -398,7 +407,7 @@ def shaping_inputs(batch: RolloutBatch, progress: float, best_accuracy: float = 
         group_ids=batch.group_ids,
         samples=batch.samples,
         progress=progress,
-        best_accuracy=best_accuracy,
+        state=state,
     )
 
 
