@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +65,13 @@ def tiny_model_dir():
 @pytest.fixture
 def tiny_overrides(tmp_path, tiny_model_dir):
     return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}"]
+
+
+def run_cli(*arguments: str, cwd=None, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """`efficient-rl ARGUMENTS` in a process of its own (its exit code and stderr are what a user
+    sees), with text output; `timeout` only turns a hang into an error."""
+    command = [sys.executable, "-m", "efficient_rl.cli", *map(str, arguments)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for(ready, process, why_it_ended, guard: float = 1200, pause: float = 0.2) -> None:

@@ -5,13 +5,11 @@ with each."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 from efficient_rl.algos.length_controllers import dynamic_outlier_truncation, leash, profiled_threshold
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, advance_state, initial_state
 from efficient_rl.config.loading import load_recipe
@@ -284,22 +282,14 @@ def test_profiled_threshold_training_penalises_the_profiled_prompts(tmp_path, ti
 def test_a_training_prompt_missing_from_the_profile_stops_the_run_in_one_line(tmp_path, tiny_overrides):
     stats = tmp_path / "stats.jsonl"
     write_profile(stats, [profile_row("lab-0", [3, 4], [True, True])])
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "steps=1",
-            "logging.name=unprofiled",
-            f"algorithm.length_penalty={{name: profiled_threshold, stats: '{stats}'}}",
-        ],
+    done = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "steps=1",
+        "logging.name=unprofiled",
+        f"algorithm.length_penalty={{name: profiled_threshold, stats: '{stats}'}}",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]

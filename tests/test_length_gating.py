@@ -10,14 +10,12 @@ test_shaping_properties.py; here the arithmetic, the refusals at load and one tr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import efficient_rl.algos  # noqa: F401  (registers every length penalty)
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 from efficient_rl.algos.group_length import brevity_bonus, mad_outlier, median, short_rl
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, GatedPenalty, LengthGate, ScoresOutsidePromise, ShapingInputs
 from efficient_rl.config.loading import load_recipe
@@ -274,20 +272,12 @@ def test_gates_that_keep_the_promises_load():
 
 
 def test_a_bad_gate_on_the_command_line_exits_2_in_one_line_and_writes_nothing(tmp_path, tiny_overrides):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "algorithm.length_gate.difficulty={statistic: pass_rate, lower: 0.9, upper: 0.1}",
-        ],
+    done = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "algorithm.length_gate.difficulty={statistic: pass_rate, lower: 0.9, upper: 0.1}",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [

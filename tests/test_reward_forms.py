@@ -4,13 +4,12 @@ with the columns TRL and verl pass, in this process and in the spawned workers, 
 refused at load in one line naming the entry and the form it was called in."""
 
 import json
-import subprocess
-import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.config.schema import RewardEntry
 from efficient_rl.driver.loop import run_recipe
@@ -232,10 +231,7 @@ def test_the_batched_attribute_on_a_trl_reward_is_refused_with_the_form_to_decla
 def reward_check(rewards_dir, tmp_path, reference: str, form: str):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({**sample, "completion": c}) + "\n" for sample, c in zip(SAMPLES, COMPLETIONS)))
-    command = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{rewards_dir}/{reference}"]
-    return subprocess.run(
-        command + ["--data", str(data), "--form", form, "--workers", "0"], capture_output=True, text=True, timeout=600
-    )
+    return run_cli("reward", "check", f"{rewards_dir}/{reference}", "--data", data, "--form", form, "--workers", "0")
 
 
 def test_reward_check_takes_the_form_and_passes_when_no_row_fails(rewards_dir, tmp_path):
@@ -326,8 +322,7 @@ def test_trl_and_verl_rewards_train_two_steps_and_their_scores_reach_the_metrics
 def test_a_reward_returning_the_wrong_number_of_values_stops_train_in_one_line(tmp_path, tiny_overrides):
     (tmp_path / "short.py").write_text("def f(completions, **kwargs):\n    return [1.0]\n")
     overrides = tiny_overrides + ["logging.name=short", f"reward=[{{name: '{tmp_path}/short.py:f', form: trl}}]"]
-    command = [sys.executable, "-m", "efficient_rl.cli", "train", str(RECIPES / "quickstart.yaml"), *overrides]
-    refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1200)
+    refused = run_cli("train", RECIPES / "quickstart.yaml", *overrides, cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("efficient-rl: error: reward[0] (") and "returned 1 values for 2 completions" in line
@@ -410,13 +405,8 @@ def test_reward_check_calls_a_trl_reward_conversationally_on_chat_turns(rewards_
         for s, c in zip(SAMPLES, COMPLETIONS)
     ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    command = [sys.executable, "-m", "efficient_rl.cli", "reward", "check", f"{rewards_dir}/trl_rewards.py:chat_turns"]
-    checked = subprocess.run(
-        command + ["--data", str(data), "--form", "trl", "--workers", "0", *flags],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    reference = f"{rewards_dir}/trl_rewards.py:chat_turns"
+    checked = run_cli("reward", "check", reference, "--data", data, "--form", "trl", "--workers", "0", *flags)
     assert checked.returncode == 0, checked.stderr[-2000:]
     # chat_turns: 1 for an assistant turn holding 42 (the first completion), plus two turns / 10
     assert "score   mean 0.7000" in checked.stdout and "errors 0  timeouts 0" in checked.stdout
@@ -489,14 +479,21 @@ VERL_VERIFIER = '''
     '''
 
 
-def test_eval_takes_a_verl_reward_as_its_verifier(tmp_path, tiny_model_dir):
+def evaluate_with_verl_verifier(tmp_path, source: str) -> tuple[dict, list[dict], Path]:
+    """lab:tiny evaluated (4 questions x 2 samples at 12 tokens) with the verl compute_score in
+    `source` as the verifier: eval.json, the generated records, the output directory."""
     import efficient_rl
 
-    (tmp_path / "verifier.py").write_text(textwrap.dedent(VERL_VERIFIER))
+    (tmp_path / "verifier.py").write_text(textwrap.dedent(source))
     out = tmp_path / "eval"
     options = dict(data="lab:tiny", budgets=[12], samples=2, problems=4, reward=f"{tmp_path}/verifier.py:compute_score")
     saved = efficient_rl.evaluate("lab:tiny", out, reward_form="verl", **options)
     records = [json.loads(line) for line in (out / "generations" / "lab_tiny@12.jsonl").read_text().splitlines()]
+    return saved, records, out
+
+
+def test_eval_takes_a_verl_reward_as_its_verifier(tmp_path, tiny_model_dir):
+    saved, records, out = evaluate_with_verl_verifier(tmp_path, VERL_VERIFIER)
     verdicts = [
         f"\\boxed{{{record['answer']}}}" in completion or len(completion) % 2 == 1
         for record in records
@@ -533,13 +530,7 @@ RAISING_VERIFIER = '''
 
 
 def test_eval_counts_and_reports_the_samples_its_verifier_failed_on(tmp_path, tiny_model_dir):
-    import efficient_rl
-
-    (tmp_path / "verifier.py").write_text(textwrap.dedent(RAISING_VERIFIER))
-    out = tmp_path / "eval"
-    options = dict(data="lab:tiny", budgets=[12], samples=2, problems=4, reward=f"{tmp_path}/verifier.py:compute_score")
-    saved = efficient_rl.evaluate("lab:tiny", out, reward_form="verl", **options)
-    records = [json.loads(line) for line in (out / "generations" / "lab_tiny@12.jsonl").read_text().splitlines()]
+    saved, records, out = evaluate_with_verl_verifier(tmp_path, RAISING_VERIFIER)
     raised = sum(
         "\\boxed{" not in completion and len(completion) % 2 == 1
         for record in records
