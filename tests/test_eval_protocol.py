@@ -9,7 +9,14 @@ import pytest
 
 from efficient_rl.eval.metrics import Sample, evaluation_metrics
 from efficient_rl.eval.protocol import area_under_log_budget, differences_from_baseline, model_summaries
-from efficient_rl.eval.tradeoff import compare, report_html, report_markdown, write_outputs
+from efficient_rl.eval.tradeoff import (
+    compare,
+    report_html,
+    report_markdown,
+    thinking_markdown,
+    thinking_of,
+    write_outputs,
+)
 
 
 def test_the_area_is_trapezoids_over_log2_budget_divided_by_the_log_range():
@@ -169,3 +176,43 @@ def test_a_sweep_with_a_non_positive_budget_is_one_line_exit_2_and_writes_nothin
         result.stderr.count("\n") == 1 and "--budgets[" in result.stderr and "expected an integer >= 1" in result.stderr
     )
     assert not out.exists() and result.stdout == ""
+
+
+def word_tokenizer():
+    """One token per word or punctuation run, and <think> / </think> as added tokens: counts a
+    reader can do by hand."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "a", "b", "c", "d", "e", "x", "y", "the", "answer", "is", "4", "7", "plain"]
+    inner = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]")
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def test_thinking_and_answer_tokens_are_counted_apart_with_the_models_tokenizer():
+    tokenizer = word_tokenizer()
+    completions = [
+        "<think> a b c</think> the answer is 4",  # 9 tokens: 5 thinking (both tags), 4 answer
+        "x y</think> 7",  # the prompt opened the span: 3 thinking, 1 answer
+        "<think> a b c d e",  # cut at the budget while thinking: all 6 thinking
+        "plain answer 4",  # no span: not counted
+    ]
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in completions]
+    assert lengths == [9, 4, 6, 3]
+    records = [
+        {"completions": completions[:2], "lengths": lengths[:2]},
+        {"completions": completions[2:], "lengths": lengths[2:]},
+    ]
+    split = thinking_of(records, tokenizer)
+    assert split == pytest.approx({"responses": 3, "thinking_length/mean": 14 / 3, "answer_length/mean": 5 / 3})
+    assert thinking_of([{"completions": ["plain answer 4"], "lengths": [3]}], tokenizer) is None
+
+    runs = {"m@8": {"thinking": split}, "n@8": {}}
+    lines = thinking_markdown({"runs": runs})
+    assert "| m@8 | 3 | 4.7 | 1.7 |" in lines and not any(line.startswith("| n@8") for line in lines)
+    assert thinking_markdown({"runs": {"n@8": {}}}) == []  # a model that does not think: no section

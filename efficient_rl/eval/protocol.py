@@ -114,3 +114,38 @@ def differences_from_baseline(runs: dict[str, dict], per_question: dict[str, dic
             },
         }
     return differences
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def thinking_tokens(completion: str, length: int, count_tokens) -> int | None:
+    """How many of a response's `length` tokens are its reasoning: up to and including the first
+    </think> (the opening tag is often in the prompt, as the DeepSeek-R1 distills' chat template
+    puts it there, so it is not required); all of them when <think> opens and the budget cut the
+    response before it closed; None when the response has no think span. The span's text is
+    tokenized again with the model's tokenizer (`count_tokens`): the cache keeps text, not ids.
+    The tags are added tokens, at which a tokenizer splits text, so the prefix's count is the
+    generated one whenever the model generated the tokenizer's own split of the text; capped at
+    `length` in case it did not."""
+    end = completion.find(THINK_CLOSE)
+    if end >= 0:
+        return min(length, count_tokens(completion[: end + len(THINK_CLOSE)]))
+    return length if THINK_OPEN in completion else None
+
+
+def thinking_summary(completions: list[str], lengths: list[int], count_tokens) -> dict[str, float] | None:
+    """Mean reasoning and answer tokens over the responses with a think span; None when none has
+    one (a model that does not think)."""
+    split = [
+        (thinking, length - thinking)
+        for completion, length in zip(completions, lengths)
+        if (thinking := thinking_tokens(completion, length, count_tokens)) is not None
+    ]
+    if not split:
+        return None
+    return {
+        "responses": len(split),
+        "thinking_length/mean": sum(thinking for thinking, _ in split) / len(split),
+        "answer_length/mean": sum(answer for _, answer in split) / len(split),
+    }

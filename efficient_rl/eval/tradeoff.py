@@ -31,7 +31,7 @@ from efficient_rl.data.turns import question_key, question_text
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.frontier import Point, distance_from_oracle, oracle_frontier, pareto_frontier, token_complexities
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
-from efficient_rl.eval.protocol import differences_from_baseline, model_summaries
+from efficient_rl.eval.protocol import differences_from_baseline, model_summaries, thinking_summary
 from efficient_rl.eval.spec import EvalSpec, check_reward_form, check_user_template
 from efficient_rl.models.sources import model_directory
 from efficient_rl.rollout.base import SamplingSettings
@@ -299,10 +299,22 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                 per_question[name] = {
                     question_key(r["question"]): [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
                 }
+                thinking = thinking_of(records, model.tokenizer)
+                if thinking is not None:  # only a model that thinks has the section
+                    runs[name]["thinking"] = thinking
             model.close()
     finally:
         rewards.close()
     return summarize(asdict(spec), runs, per_question)
+
+
+def thinking_of(records: list[dict], tokenizer) -> dict | None:
+    """Reasoning and answer tokens apart, over the responses with a <think> span (protocol.py)."""
+    return thinking_summary(
+        [c for r in records for c in r["completions"]],
+        [n for r in records for n in r["lengths"]],
+        lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
+    )
 
 
 def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict]:
@@ -524,6 +536,7 @@ def report_markdown(result: dict) -> str:
     lines += sweep_markdown(result)
     lines += differences_markdown(result)
     lines += split_lengths_markdown(result)
+    lines += thinking_markdown(result)
     lines += failures_markdown(result)
     lines += graded_markdown(result)
     return "\n".join(lines) + "\n"
@@ -597,6 +610,29 @@ def split_lengths_markdown(result: dict) -> list[str]:
             cells += [str(len(run["lengths"][kind]))]
             cells += [length_cell(run[f"{prefix}/{stat}"]) for stat in ("mean", "median", "p90")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def thinking_markdown(result: dict) -> list[str]:
+    """Reasoning and answer tokens apart, for the runs whose responses hold a <think> span."""
+    thinking = {name: run["thinking"] for name, run in result["runs"].items() if run.get("thinking")}
+    if not thinking:
+        return []
+    lines = [
+        "",
+        "## Thinking vs answer",
+        "",
+        "Over the responses with a think span: tokens up to and including the first </think> (all of them "
+        "when the budget cut the reasoning), and the tokens after it.",
+        "",
+        "| run | responses with a think span | thinking tokens (mean) | answer tokens (mean) |",
+        "|---|---|---|---|",
+    ]
+    for name, split in thinking.items():
+        lines.append(
+            f"| {name} | {split['responses']} | {split['thinking_length/mean']:.1f} "
+            f"| {split['answer_length/mean']:.1f} |"
+        )
     return lines
 
 
