@@ -216,3 +216,29 @@ def test_thinking_and_answer_tokens_are_counted_apart_with_the_models_tokenizer(
     lines = thinking_markdown({"runs": runs})
     assert "| m@8 | 3 | 4.7 | 1.7 |" in lines and not any(line.startswith("| n@8") for line in lines)
     assert thinking_markdown({"runs": {"n@8": {}}}) == []  # a model that does not think: no section
+
+
+def test_a_study_reports_each_methods_sweep_area_over_seeds():
+    from efficient_rl.study.report import Evaluated, sweep_summaries, sweeps_markdown
+
+    models = {
+        "lab:warm": Evaluated("lab:warm", None, 0),
+        "runs/dler-s0/checkpoints/step-00000004": Evaluated("dler", 0, 4),
+        "runs/dler-s1/checkpoints/step-00000004": Evaluated("dler", 1, 4),
+        "runs/grpo-s0/checkpoints/step-00000004": Evaluated("grpo", 0, 4),  # not evaluated: no row
+    }
+    sweeps = {
+        "lab:warm": {"auc_log_budget": 0.5},
+        "runs/dler-s0/checkpoints/step-00000004": {"auc_log_budget": 0.6},
+        "runs/dler-s1/checkpoints/step-00000004": {"auc_log_budget": 0.8},
+    }
+    rows = {(row["method"], row["step"]): row for row in sweep_summaries(models, sweeps)}
+    assert set(rows) == {("lab:warm", 0), ("dler", 4)}
+    dler = rows[("dler", 4)]
+    # mean (0.6 + 0.8) / 2 = 0.7; sample sd sqrt((0.1^2 + 0.1^2) / 1) = 0.1414
+    assert dler["seeds"] == 2 and dler["auc_log_budget"]["mean"] == pytest.approx(0.7)
+    assert dler["auc_log_budget"]["sd"] == pytest.approx(0.02**0.5)
+    assert rows[("lab:warm", 0)]["auc_log_budget"]["sd"] is None  # one seed: no deviation
+    lines = sweeps_markdown({"sweeps": list(rows.values())})
+    assert "| dler | 4 | 2 | 0.700 ± 0.141 |" in lines and "| lab:warm | 0 | 1 | 0.500 |" in lines
+    assert sweeps_markdown({"sweeps": []}) == []
