@@ -75,8 +75,21 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
         for key in EVAL_COMMAND_METRICS + ("maj@1",):
             assert key in run_metrics, key
         assert run_metrics["length/max"] <= run_metrics["budget"]
+    # Two budgets: one trapezoid over log2 8..24, so the area is the mean of the two pass@1s.
+    for model, prefix in (("lab:tiny", "lab_tiny"), (str(checkpoint), "tiny_step-00000001")):
+        sweep = saved["models"][model]
+        low, high = saved["runs"][f"{prefix}@8"]["pass@1"], saved["runs"][f"{prefix}@24"]["pass@1"]
+        assert sweep["budgets"] == [8, 24] and sweep["auc_log_budget"] == pytest.approx((low + high) / 2)
+        assert sweep["ci_low"] <= sweep["auc_log_budget"] <= sweep["ci_high"]
+    trained = saved["differences"][str(checkpoint)]
+    assert trained["baseline"] == "lab:tiny" and trained["questions"] == 6
+    assert trained["pass@1"]["8"]["difference"] == pytest.approx(
+        saved["runs"]["tiny_step-00000001@8"]["pass@1"] - saved["runs"]["lab_tiny@8"]["pass@1"]
+    )
     report = (out / "report.md").read_text()
     assert all(f"| {name}" in report for name in names)
+    assert "## Budget sweep" in report and "## Lengths, correct vs incorrect" in report
+    assert "## Thinking vs answer" not in report  # the lab model does not think
     for plot in ("tradeoff.png", "lengths.png"):
         assert (out / plot).stat().st_size > 10_000
     page = (out / "report.html").read_text()
@@ -105,6 +118,13 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     assert merged.returncode == 0, merged.stderr[-2000:]
     both = json.loads((tmp_path / "both" / "eval.json").read_text())
     assert set(both["runs"]) == names | {"lab_tiny@16"}
+    # lab:tiny is in both evaluations: a sweep of its own in each; the one at 16 shares no budget
+    # with the baseline (the first evaluation's lab:tiny), so it has no difference.
+    assert set(both["models"]) == {"eval/lab:tiny", "eval-16/lab:tiny", str(checkpoint)}
+    assert both["models"]["eval/lab:tiny"]["auc_log_budget"] == pytest.approx(
+        saved["models"]["lab:tiny"]["auc_log_budget"]
+    )
+    assert set(both["differences"]) == {str(checkpoint)}
     assert both["runs"]["lab_tiny@8"]["pass@1"] == saved["runs"]["lab_tiny@8"]["pass@1"]
 
 

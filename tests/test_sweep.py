@@ -82,8 +82,16 @@ def test_a_stopped_study_resumes_without_retraining_its_finished_run(tmp_path, c
     assert (
         methods[("grpo", 8)]["seeds"] == 1 and methods[("grpo", 8)]["pass@1"]["mean"] == points[("grpo", 8)]["pass@1"]
     )
+    # Budgets 8 and 24: one trapezoid over log2 budget, so a seed's area is the mean of its two pass@1s.
+    sweeps = {(row["method"], row["step"]): row for row in report["sweeps"]}
+    assert set(sweeps) == {("grpo", 4), ("dler", 4), ("lab:tiny", 0)}
+    dler_area = (points[("dler", 8)]["pass@1"] + points[("dler", 24)]["pass@1"]) / 2
+    assert sweeps[("dler", 4)]["seeds"] == 1 and sweeps[("dler", 4)]["auc_log_budget"]["mean"] == pytest.approx(
+        dler_area
+    )
     markdown = (directory / "report.md").read_text()
     assert "| grpo-s0_step-00000004@8" in markdown and "| dler-s0_step-00000004@24" in markdown
+    assert "## Budget sweep per method" in markdown
     assert (directory / "frontier.png").stat().st_size > 10_000
     assert (directory / "eval" / "report.html").is_file()  # the evaluation's own outputs, for every point
 

@@ -31,6 +31,7 @@ from efficient_rl.data.turns import question_key, question_text
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.frontier import Point, distance_from_oracle, oracle_frontier, pareto_frontier, token_complexities
 from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
+from efficient_rl.eval.protocol import differences_from_baseline, model_summaries, thinking_summary
 from efficient_rl.eval.spec import EvalSpec, check_reward_form, check_user_template
 from efficient_rl.models.sources import model_directory
 from efficient_rl.rollout.base import SamplingSettings
@@ -298,10 +299,22 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                 per_question[name] = {
                     question_key(r["question"]): [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
                 }
+                thinking = thinking_of(records, model.tokenizer)
+                if thinking is not None:  # only a model that thinks has the section
+                    runs[name]["thinking"] = thinking
             model.close()
     finally:
         rewards.close()
     return summarize(asdict(spec), runs, per_question)
+
+
+def thinking_of(records: list[dict], tokenizer) -> dict | None:
+    """Reasoning and answer tokens apart, over the responses with a <think> span (protocol.py)."""
+    return thinking_summary(
+        [c for r in records for c in r["completions"]],
+        [n for r in records for n in r["lengths"]],
+        lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
+    )
 
 
 def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict]:
@@ -321,7 +334,9 @@ def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict
 
 
 def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) -> dict:
-    """Frontiers over the runs. `per_question` maps run -> question -> [(correct, length)]."""
+    """Frontiers over the runs, and per model its area under pass@1 against log budget (and, with
+    several models, each one's difference from the first). `per_question` maps run -> question ->
+    [(correct, length)]."""
     points = [Point(name, run["length/mean"], run["pass@1"]) for name, run in runs.items()]
     oracle = oracle_frontier(token_complexities(list(per_question.values())))
     for point in points:
@@ -331,28 +346,42 @@ def summarize(spec: dict, runs: dict[str, dict], per_question: dict[str, dict]) 
         "runs": runs,
         "pareto": [p.name for p in pareto_frontier(points)],
         "oracle_frontier": oracle,
+        "models": model_summaries(runs, per_question),
+        "differences": differences_from_baseline(runs, per_question),
         "per_question": per_question,
     }
 
 
 def compare(directories: list[Path]) -> dict:
     """Runs of several evaluations (their eval.json) on one set of frontiers; a run name that
-    appears twice is prefixed with its directory's name."""
-    runs, per_question, specs = {}, {}, []
+    appears twice is prefixed with its directory's name, and so is a model evaluated in more than
+    one of them (each evaluation's budgets of it make a sweep of their own). The first
+    evaluation's first model is the baseline the others are compared with."""
+    runs, per_question, specs, saved_evaluations = {}, {}, [], []
     for directory in directories:
         path = Path(directory) / "eval.json"
         if not path.is_file():
             raise ConfigError(f"eval compare: {path} not found (run efficient-rl eval --out {directory} first)")
-        saved = json.loads(path.read_text())
+        saved_evaluations.append(json.loads(path.read_text()))
+    repeated = repeated_models(saved_evaluations)
+    for directory, saved in zip(directories, saved_evaluations):
         specs.append(saved["spec"])
         for name, run in saved["runs"].items():
             key = f"{Path(directory).name}/{name}" if name in runs else name
             # JSON stored inf / NaN as null; the oracle distances are recomputed on the merged frontier.
             runs[key] = {k: math.nan if v is None else v for k, v in run.items() if k != "oracle"}
+            if run["model"] in repeated:
+                runs[key]["model"] = f"{Path(directory).name}/{run['model']}"
             per_question[key] = saved["per_question"][name]
     if len({(s["data"], s["problems"]) for s in specs}) > 1:
         raise ConfigError("eval compare: the evaluations used different data or question counts")
     return summarize({**specs[0], "compared": [str(d) for d in directories]}, runs, per_question)
+
+
+def repeated_models(evaluations: list[dict]) -> set[str]:
+    """The models that more than one of the evaluations holds."""
+    seen = [{run["model"] for run in saved["runs"].values()} for saved in evaluations]
+    return {model for models in seen for model in models if sum(model in other for other in seen) > 1}
 
 
 # ---------------------------------------------------------------- outputs
@@ -377,8 +406,8 @@ def json_safe(value):
 
 
 def report_html(result: dict, out: Path) -> str:
-    """One self-contained page: the table and both plots embedded."""
-    rows = [line for line in report_markdown(result).splitlines() if line.startswith("|")]
+    """One self-contained page: the runs' table and both plots embedded."""
+    rows = first_table(report_markdown(result))
     cells = [[html.escape(cell.strip()) for cell in row.strip("|").split("|")] for row in rows]
     table = (
         "<tr>"
@@ -405,6 +434,14 @@ def report_html(result: dict, out: Path) -> str:
         f"<style>{style}</style></head><body><h1>Length / accuracy trade-off on {html.escape(result['spec']['data'])}"
         f"</h1><p>{header}</p><table>{table}</table>{images}{graded_html(result)}</body></html>\n"
     )
+
+
+def first_table(markdown: str) -> list[str]:
+    """The lines of the first table (the runs'); the tables after it stay in report.md."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
 
 
 def graded_html(result: dict) -> str:
@@ -496,9 +533,112 @@ def report_markdown(result: dict) -> str:
         "The oracle frontier is the best accuracy reachable at each mean length with the shortest correct "
         "response any run produced per question (token complexity); see `tradeoff.png`.",
     ]
+    lines += sweep_markdown(result)
+    lines += differences_markdown(result)
+    lines += split_lengths_markdown(result)
+    lines += thinking_markdown(result)
     lines += failures_markdown(result)
     lines += graded_markdown(result)
     return "\n".join(lines) + "\n"
+
+
+def interval(value: float, low: float, high: float, sign: str = "") -> str:
+    return f"{value:{sign}.3f} ({low:{sign}.3f} to {high:{sign}.3f})"
+
+
+def sweep_markdown(result: dict) -> list[str]:
+    """One number per model: the area under pass@1 against log2(budget) (protocol.py)."""
+    lines = [
+        "",
+        "## Budget sweep",
+        "",
+        "Per model, the area under pass@1 against log2(budget), divided by the log-range (a mean accuracy; "
+        "with one budget, its pass@1), with a 95% bootstrap interval over questions.",
+        "",
+        "| model | AUC over log budget (95% CI) | budgets | pass@1 at each |",
+        "|---|---|---|---|",
+    ]
+    for model, summary in result["models"].items():
+        lines.append(
+            f"| {model} | {interval(summary['auc_log_budget'], summary['ci_low'], summary['ci_high'])} "
+            f"| {' '.join(map(str, summary['budgets']))} | {' '.join(f'{a:.3f}' for a in summary['pass@1'])} |"
+        )
+    return lines
+
+
+def differences_markdown(result: dict) -> list[str]:
+    """Each model minus the first, on the budgets and questions both have, paired intervals."""
+    if not result["differences"]:
+        return []
+    baseline = next(iter(result["differences"].values()))["baseline"]
+    lines = [
+        "",
+        f"## Differences from {baseline}",
+        "",
+        "Model minus baseline over the budgets both were evaluated at and the questions both answered; "
+        "95% paired bootstrap intervals (the same resampled questions for both).",
+        "",
+        "| model | questions | AUC over log budget | pass@1 at each budget |",
+        "|---|---|---|---|",
+    ]
+    for model, difference in result["differences"].items():
+        auc = difference["auc_log_budget"]
+        per_budget = "; ".join(
+            f"@{budget}: {interval(d['difference'], d['ci_low'], d['ci_high'], '+')}"
+            for budget, d in difference["pass@1"].items()
+        )
+        lines.append(
+            f"| {model} | {difference['questions']} "
+            f"| {interval(auc['difference'], auc['ci_low'], auc['ci_high'], '+')} | {per_budget} |"
+        )
+    return lines
+
+
+def split_lengths_markdown(result: dict) -> list[str]:
+    """Lengths of correct and incorrect responses apart: a low-budget evaluation hides a model
+    whose wrong answers run to the cap (`lengths.png` has their histograms)."""
+    lines = [
+        "",
+        "## Lengths, correct vs incorrect",
+        "",
+        "| run | correct: responses | mean | p50 | p90 | incorrect: responses | mean | p50 | p90 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in result["runs"].items():
+        cells = []
+        for kind, prefix in (("correct", "length_correct"), ("incorrect", "length_incorrect")):
+            cells += [str(len(run["lengths"][kind]))]
+            cells += [length_cell(run[f"{prefix}/{stat}"]) for stat in ("mean", "median", "p90")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def thinking_markdown(result: dict) -> list[str]:
+    """Reasoning and answer tokens apart, for the runs whose responses hold a <think> span."""
+    thinking = {name: run["thinking"] for name, run in result["runs"].items() if run.get("thinking")}
+    if not thinking:
+        return []
+    lines = [
+        "",
+        "## Thinking vs answer",
+        "",
+        "Over the responses with a think span: tokens up to and including the first </think> (all of them "
+        "when the budget cut the reasoning), and the tokens after it.",
+        "",
+        "| run | responses with a think span | thinking tokens (mean) | answer tokens (mean) |",
+        "|---|---|---|---|",
+    ]
+    for name, split in thinking.items():
+        lines.append(
+            f"| {name} | {split['responses']} | {split['thinking_length/mean']:.1f} "
+            f"| {split['answer_length/mean']:.1f} |"
+        )
+    return lines
+
+
+def length_cell(value: float | None) -> str:
+    """A length summary; none (NaN, or null in a saved eval.json) when no response is of the kind."""
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def failures_markdown(result: dict) -> list[str]:

@@ -77,6 +77,7 @@ def evaluate(loaded: LoadedStudy, states: dict[str, RunState]) -> dict:
             for item in loaded.planned
         },
         "methods": method_summaries(points),
+        "sweeps": sweep_summaries(models, result.get("models", {})),
         "points": points,
         "pareto": result["pareto"],
         "oracle_frontier": result["oracle_frontier"],
@@ -161,6 +162,19 @@ def method_summaries(points: list[dict]) -> list[dict]:
     ]
 
 
+def sweep_summaries(models: dict[str, Evaluated], sweeps: dict[str, dict]) -> list[dict]:
+    """Per method and checkpoint step: the seeds' mean and spread of the area under pass@1 against
+    log2(budget) (the evaluation's `models` section, docs/evaluation.md)."""
+    groups: dict[tuple, list[float]] = {}
+    for reference, evaluated in models.items():
+        if reference in sweeps:
+            groups.setdefault((evaluated.method, evaluated.step), []).append(sweeps[reference]["auc_log_budget"])
+    return [
+        {"method": method, "step": step, "seeds": len(areas), "auc_log_budget": spread(areas)}
+        for (method, step), areas in groups.items()
+    ]
+
+
 # ---------------------------------------------------------------- outputs
 def write_report(report: dict, directory: Path) -> None:
     from efficient_rl.eval.tradeoff import json_safe
@@ -173,6 +187,24 @@ def write_report(report: dict, directory: Path) -> None:
 def mean_sd(summary: dict, digits: int) -> str:
     sd = "" if summary["sd"] is None else f" ± {summary['sd']:.{digits}f}"
     return f"{summary['mean']:.{digits}f}{sd}"
+
+
+def sweeps_markdown(report: dict) -> list[str]:
+    """Each method's one number over the budget sweep (a report from before it has none)."""
+    if not report.get("sweeps"):
+        return []
+    lines = [
+        "",
+        "## Budget sweep per method (mean ± sd over seeds)",
+        "",
+        "Area under pass@1 against log2(budget) over the budgets above, divided by the log-range (a mean accuracy).",
+        "",
+        "| method | step | seeds | AUC over log budget |",
+        "|---|---|---|---|",
+    ]
+    for row in report["sweeps"]:
+        lines.append(f"| {row['method']} | {row['step']} | {row['seeds']} | {mean_sd(row['auc_log_budget'], 3)} |")
+    return lines
 
 
 def report_markdown(report: dict) -> str:
@@ -208,6 +240,7 @@ def report_markdown(report: dict) -> str:
             f"| {mean_sd(row['length/mean'], 1)} | {mean_sd(row['oracle_accuracy_gap'], 3)} "
             f"| {row['on_pareto']} of {row['seeds']} |"
         )
+    lines += sweeps_markdown(report)
     lines += [
         "",
         "## Every evaluated checkpoint",
