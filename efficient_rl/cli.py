@@ -10,7 +10,7 @@ from pathlib import Path
 
 from efficient_rl import api
 from efficient_rl.driver import stopping
-from efficient_rl.errors import ConfigError, WorkerFailure
+from efficient_rl.errors import ConfigError, OutputFailure, WorkerFailure
 
 DISTRIBUTION = "efficient-rl"  # the name pip knows the package by (pyproject.toml)
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"efficient-rl: error: {err}", file=sys.stderr)
         return 2
-    except WorkerFailure as err:
+    except (WorkerFailure, OutputFailure) as err:
         print(f"efficient-rl: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `efficient-rl methods | head`: the reader has all it wanted

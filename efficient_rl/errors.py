@@ -18,6 +18,11 @@ class WorkerFailure(RuntimeError):
     """A worker died and the run cannot go on (its last checkpoint stays intact)."""
 
 
+class OutputFailure(RuntimeError):
+    """An output could not be written whole (a full disk, a read-only directory); nothing
+    half-written is left behind. The CLI prints it as one line and exits with status 1."""
+
+
 def one_line(err: BaseException, limit: int | None = None) -> str:
     """The error's message on one line (its type's name when it has none), cut at `limit` characters."""
     text = " ".join(str(err).split()) or type(err).__name__

@@ -67,6 +67,24 @@ def tiny_overrides(tmp_path, tiny_model_dir):
     return TINY_OVERRIDES + [f"logging.output_dir={tmp_path / 'runs'}"]
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model_dir):
+    """A one-step training checkpoint of the tiny lab model (from the command line, as users make one)."""
+    out = tmp_path_factory.mktemp("runs")
+    done = run_cli(
+        "train",
+        RECIPES / "quickstart.yaml",
+        *TINY_OVERRIDES,
+        "steps=1",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        f"logging.output_dir={out}",
+        "logging.name=tiny",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out / "tiny" / "checkpoints" / "step-00000001"
+
+
 def run_cli(*arguments: str, cwd=None, timeout: float = 1200) -> subprocess.CompletedProcess:
     """`efficient-rl ARGUMENTS` in a process of its own (its exit code and stderr are what a user
     sees), with text output; `timeout` only turns a hang into an error."""

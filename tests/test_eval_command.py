@@ -7,38 +7,14 @@ import sys
 import pytest
 from test_training import EVAL_COMMAND_METRICS
 
-from conftest import RECIPES
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.tradeoff import EvalSpec, run
 from efficient_rl.rollout.hf import TransformersEngine
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A one-step training checkpoint of the tiny lab model."""
-    from conftest import TINY_OVERRIDES
-
-    out = tmp_path_factory.mktemp("runs")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *TINY_OVERRIDES,
-            "steps=1",
-            "eval.before_training=false",
-            "eval.after_training=false",
-            f"logging.output_dir={out}",
-            "logging.name=tiny",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "tiny" / "checkpoints" / "step-00000001"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_model_dir, checkpoint):

@@ -43,14 +43,16 @@ def export(source: Path, out: Path) -> Path:
     from efficient_rl.data.prompts import load_tokenizer
     from efficient_rl.models.files import released_dtype
     from efficient_rl.models.modeling import load_model
+    from efficient_rl.models.publish import staged
 
     checkpoint = checkpoint_of(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export: {out}: exists and is not an empty directory")
     # In the dtype the checkpoint's files are in: no upcast, and save_pretrained's config says it.
     model = load_model(checkpoint, released_dtype(checkpoint))
-    model.save_pretrained(out)
-    load_tokenizer(checkpoint).save_pretrained(out)
+    with staged(out, "export") as staging:  # whole or not at all: a full disk leaves no half model
+        model.save_pretrained(staging)
+        load_tokenizer(checkpoint).save_pretrained(staging)
     return checkpoint
 
 

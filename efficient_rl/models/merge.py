@@ -24,14 +24,14 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from efficient_rl.errors import ConfigError
+from efficient_rl.errors import ConfigError, one_line
+from efficient_rl.models.publish import staged
 
 if TYPE_CHECKING:
     import numpy as np
@@ -123,19 +123,27 @@ def weight_files(directory: Path, argument: str) -> list[Path]:
     return files
 
 
+def open_weight_file(file: Path, argument: str):
+    """safe_open of one weight file; a truncated or damaged one is one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{argument}: {file} is not a readable safetensors file ({one_line(err)})") from None
+
+
 class Weights:
     """The tensors of one model directory: their headers up front, their data a block at a time."""
 
     def __init__(self, directory: Path, argument: str):
-        from safetensors import safe_open
-
         self.directory = directory
         self.argument = argument
         self.tensors: dict[str, TensorInfo] = {}
         self._handles = {}
         with contextlib.ExitStack() as stack:  # closes the files again if a header is refused
             for file in weight_files(directory, argument):
-                handle = stack.enter_context(safe_open(str(file), framework="pt"))  # memory-mapped
+                handle = stack.enter_context(open_weight_file(file, argument))  # memory-mapped
                 self._handles[file] = handle
                 for name in handle.keys():
                     piece = handle.get_slice(name)  # the header only, no data is read
@@ -399,19 +407,9 @@ def merge_models(
     check_arguments(base, tuned, out, keep, scale, selection, max_shard_mb, overwrite)
     with Weights(base, "--base") as base_weights, Weights(tuned, "--tuned") as tuned_weights:
         check_same_tensors(base_weights, tuned_weights)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # A sibling of out, so the final rename stays on one filesystem; a fixed name, so the
-        # leftovers of a killed merge are cleared by the next one.
-        staging = out.parent / f".{out.name}.merge-tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
+        with staged(out, "merge") as staging:
             summary = _write_merged(base_weights, tuned_weights, staging, keep, scale, selection, max_shard_mb)
             copy_model_files(tuned, staging)
-            _publish(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     summary.out = out
     return summary
 
@@ -469,21 +467,6 @@ def _write_merged(
         write_index(staging, shards, tuned.tensors)
     summary.shards = len(shards)
     return summary
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished model to `out`; an existing `out` (--overwrite) is removed only afterwards."""
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = staging.with_name(staging.name + "-old")
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old)
 
 
 # ------------------------------------------------------------------ command line
