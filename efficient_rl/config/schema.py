@@ -82,9 +82,10 @@ class VLLMSection:
 
 @dataclass
 class ThinkingBudgetSection:
-    """Budget forcing (rollout.thinking_budget, docs/engines.md#thinking-budget): a response that has
-    not written `close` within `tokens` tokens gets `close` + `answer_prompt` appended (written by the
-    engine, never sampled: out of the loss), then up to `answer_tokens` more tokens to answer in."""
+    """Budget forcing (docs/engines.md#thinking-budget-rolloutthinking_budget): a response that has not
+    written `close` within `tokens` tokens gets `close` + `answer_prompt` appended (written by the
+    engine, never sampled: kept out of the loss), then up to `answer_tokens` more tokens to answer in,
+    within max_response_length. Off by default; the same as `efficient-rl eval --force-answer`."""
 
     tokens: int = 0  # the reasoning budget in tokens; 0: off
     close: str = "</think>"  # the text that ends the reasoning (R1 / Qwen3 style)
