@@ -89,6 +89,26 @@ def test_budget_forcing_appends_the_close_marker_on_both_engines_alike(lab, tiny
         assert not any(any(forced) for _, forced, _ in kept)
 
 
+def test_sampled_budget_forcing_is_seeded_and_its_logprobs_are_the_learners(lab, tiny_model_dir):
+    """Sampled, two per prompt: one seed gives the same rollouts, and every sampled token's engine
+    log-prob is what the learner computes on the whole sequence, appended tokens included in its context."""
+    tokenizer, problems, prompts, engine = lab
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine.load_weights(list(model.named_parameters()))
+    forcing = ThinkingBudget(tokens=5, close=" The answer is", answer_tokens=6)
+    settings = SamplingSettings(n=2, max_new_tokens=20, temperature=1.0, thinking_budget=forcing)
+    groups = list(range(len(prompts)))
+    batch = engine.generate(prompts, problems, groups, settings, seed=7)
+    again = engine.generate(prompts, problems, groups, settings, seed=7)
+    assert torch.equal(batch.response_ids, again.response_ids) and torch.equal(batch.forced_mask, again.forced_mask)
+    assert batch.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert batch.forced_mask.sum() > 0 and (batch.rollout_logprobs * batch.forced_mask).abs().max() == 0
+    with torch.no_grad():
+        expected, _ = response_logprobs(model, batch, temperature=1.0, with_entropy=False)
+    sampled = batch.sampled_mask > 0
+    assert float((expected - batch.rollout_logprobs)[sampled].abs().max()) < 1e-3
+
+
 def test_weight_sync_changes_the_engine_to_the_new_weights(lab, tiny_model_dir):
     tokenizer, problems, prompts, engine = lab
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
