@@ -47,6 +47,8 @@ def forced_suffix(tokenizer, close: str, answer_prompt: str) -> list[int]:
 
 
 def generate_within_budget(generate: Generate, prompts, samples, group_ids, settings, tokenizer) -> RolloutBatch:
+    """`settings.n` rollouts per prompt under settings.thinking_budget, in at most three generate calls:
+    the first part, then the continuations of each room (forced rows share one, closed ones another)."""
     budget = settings.thinking_budget
     plain = dataclasses.replace(settings, thinking_budget=None)
     first = generate(prompts, samples, group_ids, dataclasses.replace(plain, max_new_tokens=budget.tokens))

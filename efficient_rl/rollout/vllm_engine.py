@@ -201,7 +201,8 @@ class VLLMEngine:
 
     def _generate_within_budget(self, prompts, samples, group_ids, settings: SamplingSettings, seed: int):
         """Budget forcing's phases (rollout/budget.py) as plain generate calls, each with a seed of its
-        own drawn from `seed`, so that the same seed gives the same rollouts."""
+        own drawn from `seed` (three: generate_within_budget makes at most three calls), so that the
+        same seed gives the same rollouts."""
         seeds = iter(torch.randint(0, 2**31 - 1, (3,), generator=call_generator(seed), device="cpu").tolist())
 
         def phase(prompts, samples, group_ids, plain):
