@@ -291,6 +291,27 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.user_template,
         help='the user turn; "{question}" and "{budget}" (the token cap) are replaced',
     )
+    evaluate.add_argument(
+        "--force-answer",
+        action="store_true",
+        default=defaults.force_answer,
+        help="at each budget also close the reasoning there and let the answer finish (budget forcing): "
+        "pass@1/forced and length/forced beside the cut-at-budget numbers",
+    )
+    evaluate.add_argument(
+        "--force-close", default=defaults.force_close, help="the text that closes the reasoning (--force-answer)"
+    )
+    evaluate.add_argument(
+        "--force-answer-prompt",
+        default=defaults.force_answer_prompt,
+        help='appended after --force-close, e.g. "\\n\\nFinal answer: "',
+    )
+    evaluate.add_argument(
+        "--force-answer-tokens",
+        type=int,
+        default=defaults.force_answer_tokens,
+        help="tokens the forced answer may take after the appended text",
+    )
     evaluate.add_argument("--out", required=True, help="output directory; re-running resumes from its cache")
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -48,6 +48,8 @@ TABLES = {
     "learner.micro_batch_size": field_at(Recipe()),  # docs/engines.md
     "gpu_memory_utilization": field_at(VLLMSection()),  # docs/engines.md, rollout.vllm
     "cluster.weight_transport": field_at(Recipe()),  # docs/engines.md
+    "rollout.thinking_budget.tokens": field_at(Recipe()),  # docs/engines.md
+    "--force-answer": flag_of("eval"),  # docs/evaluation.md
     "learner.max_skipped_steps": field_at(Recipe()),  # docs/reliability.md
     "rank": field_at(LoraSection()),  # docs/lora.md
     "seeds": field_at(Study(runs=[])),  # docs/studies.md

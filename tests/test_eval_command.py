@@ -216,3 +216,52 @@ def test_the_user_template_may_show_each_budget(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"--user-template: \{target\} is not a field an evaluation knows"):
         evaluate_models(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_forcing_the_answer_at_the_budget_finishes_answers_the_cut_leaves_unfinished(tmp_path):
+    """The mixed lab model re-checks its result many times before "The answer is \\boxed{..}": cut
+    at 30 tokens it has answered nothing, while closing its reasoning there with the lab's own
+    " The answer is" lets it write the value it had already computed."""
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "efficient_rl.cli",
+            "eval",
+            "lab:mixed",
+            "--data=lab:mixed",
+            "--budgets=30",
+            "--samples=1",
+            "--problems=16",
+            "--temperature=0",
+            "--force-answer",
+            "--force-close= The answer is",
+            "--force-answer-tokens=12",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_ = json.loads((out / "eval.json").read_text())["runs"]["lab_mixed@30"]
+    assert run_["pass@1"] == 0.0 and run_["truncation_rate"] == 1.0
+    assert run_["pass@1/forced"] >= 0.25  # 0.5 measured: forced early, some answers are not yet computed
+    # every response ran to the budget; forced ones add the 3 tokens of the close marker and an answer
+    assert 30 + 3 < run_["length/forced"] <= 30 + 3 + 12
+    (forced_cache,) = (out / "generations").glob("lab_mixed@30.forced-*.jsonl")
+    completions = [json.loads(line)["completions"][0] for line in forced_cache.read_text().splitlines()]
+    assert all(" The answer is \\boxed{" in completion for completion in completions)  # all answered
+    report = (out / "report.md").read_text()
+    assert "## Budget forcing" in report
+    assert f"{run_['pass@1']:.3f} cut at 30 tokens, {run_['pass@1/forced']:.3f} with the answer forced" in report
+
+
+def test_a_close_marker_of_no_tokens_is_refused_before_generating(tmp_path, tiny_model_dir):
+    spec = EvalSpec(
+        models=["lab:tiny"], data="lab:tiny", budgets=[8], samples=1, problems=2, force_answer=True, force_close="🙂"
+    )
+    with pytest.raises(ConfigError, match=r"^--force-close: expected text the tokenizer of lab:tiny encodes"):
+        run(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

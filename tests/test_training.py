@@ -330,6 +330,30 @@ def test_token_selection_recipes_train_on_the_kept_share(tmp_path, tiny_override
         assert 0.2 <= row["tokens/kept_fraction"] <= 0.35  # top 25% by entropy (ties at the threshold kept)
 
 
+def test_a_thinking_budget_keeps_the_appended_tokens_out_of_the_loss(tmp_path, tiny_overrides):
+    """The tiny model never writes " The answer is" within 8 tokens and rarely stops, so nearly every
+    rollout gets the 3 tokens of the marker appended: they count as generated, not as trained, and
+    the engine's log-probs (0 there, nothing was sampled) would otherwise be far from the learner's."""
+    run, _ = train(
+        tiny_overrides
+        + [
+            "steps=1",
+            "eval.before_training=false",
+            "eval.after_training=false",
+            "logging.trackers=[]",
+            "logging.name=budget",
+            "rollout.thinking_budget={tokens: 8, close: ' The answer is', answer_tokens: 4}",
+        ]
+    )
+    (row,) = read_metrics(run.path)
+    rollouts = 4 * 4
+    assert row["rollout/forced_tokens"] % 3 == 0 and rollouts * 3 / 2 <= row["rollout/forced_tokens"] <= rollouts * 3
+    trained = row["rollout/tokens"] - row["rollout/forced_tokens"]
+    assert row["tokens/kept_fraction"] == pytest.approx(trained / row["rollout/tokens"])
+    assert row["response_length/max"] <= 8 + 3 + 4
+    assert row["rollout/logprob_diff"] < 1e-3
+
+
 def test_on_policy_distillation_with_tip_selection_end_to_end(tmp_path, tiny_overrides):
     """lab:tiny teaches lab:tiny_student (same tokenizer): full-token OPD, then TIP Soft-OR at 50%."""
     common = tiny_overrides + [

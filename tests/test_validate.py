@@ -9,6 +9,7 @@ lock either) and nothing in the cache (no lab build).
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,14 @@ BAD_RECIPES = {
         ["cluster.backend=ray", "rollout.engine=vllm", "cluster.learner.gpus=1", "model.device=cpu"],
         "model.device: cpu, but cluster.learner.gpus is 1",
     ),
+    "thinking budget at the cap": (
+        ["rollout.thinking_budget.tokens=48"],
+        "rollout.thinking_budget.tokens: expected a budget below rollout.max_response_length 48",
+    ),
+    "thinking budget without a close": (
+        ["rollout.thinking_budget.tokens=16", "rollout.thinking_budget.close=''"],
+        "rollout.thinking_budget.close: expected the text that ends the reasoning",
+    ),
     "need nothing provides": (
         ["imports=[needy.py]", "algorithm.advantage=needy"],
         "algorithm.advantage: advantage estimator 'needy' needs 'entropyy', which nothing "
@@ -99,6 +108,8 @@ def run_recipes(tmp_path, cases: dict[str, list[str]], extra: list[str]) -> dict
         for overrides in cases.values()
     ]
     env = {"PATH": "/usr/bin:/bin", "EFFICIENT_RL_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    # the checkout under test, where it is not the installed one (a worktree)
+    env.update({name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ})
     (tmp_path / "cache").mkdir(exist_ok=True)
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(argvs)],
@@ -142,6 +153,26 @@ def test_a_prompt_check_on_the_model_comes_before_reward_workers(tmp_path, tiny_
     assert_refused_in_one_line(
         results, {"prompt too long": "rollout.max_prompt_length: data.train has a prompt of"}, tmp_path
     )
+
+
+def test_a_thinking_budget_is_checked_on_the_tokenizer_before_reward_workers(tmp_path, tiny_model_dir):
+    # The lab tokenizer has no token for an emoji, and a 12-token budget plus the 6 tokens of
+    # " The answer is \\boxed{" leave no room under a 18-token cap.
+    cases = {
+        "close of no tokens": ["rollout.thinking_budget.tokens=12", "rollout.thinking_budget.close='🙂'"],
+        "no room to answer": [
+            "rollout.max_response_length=18",
+            "rollout.thinking_budget.tokens=12",
+            "rollout.thinking_budget.close=' The answer is'",
+            "rollout.thinking_budget.answer_prompt=' \\boxed{'",
+        ],
+    }
+    results = run_recipes(tmp_path, cases, extra=[*ON_DISK, f"model.path={tiny_model_dir}"])
+    expected = {
+        "close of no tokens": "rollout.thinking_budget.close: expected text the tokenizer encodes to at least one",
+        "no room to answer": "rollout.thinking_budget.tokens: expected the budget plus the 6 appended tokens",
+    }
+    assert_refused_in_one_line(results, expected, tmp_path)
 
 
 def test_the_runner_sees_a_process_start(tmp_path, tiny_model_dir):

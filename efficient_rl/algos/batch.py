@@ -34,6 +34,9 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, R] learner log-probs before the update
     ref_logprobs: torch.Tensor | None = None  # [B, R] reference-model log-probs (KL)
     policy_versions: torch.Tensor | None = None  # [B] long, training steps behind the weights that sampled it
+    # [B, R] float, 1 on tokens the engine wrote rather than sampled (budget forcing's close marker and
+    # answer prompt): in response_mask, since later tokens attend to them, but never in the loss
+    forced_mask: torch.Tensor | None = None
     reward_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -42,6 +45,13 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1).long()
+
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        """[B, R] the response tokens the policy sampled: those the loss may train on."""
+        if self.forced_mask is None:
+            return self.response_mask
+        return self.response_mask * (1.0 - self.forced_mask)
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """A new batch with only `rows` (indices into this batch), in that order."""

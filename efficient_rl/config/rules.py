@@ -60,6 +60,8 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "rollout.top_p": "(0, 1]",
     "rollout.top_k": "[0, inf)",
     "rollout.max_batch_size": "[1, inf)",
+    "rollout.thinking_budget.tokens": ("[0, inf)", "0 means off"),
+    "rollout.thinking_budget.answer_tokens": "[1, inf)",
     "rollout.vllm.gpu_memory_utilization": "(0, 1]",
     "rollout.vllm.tensor_parallel_size": "[1, inf)",
     "rollout.vllm.max_num_seqs": "[1, inf)",

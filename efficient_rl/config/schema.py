@@ -81,6 +81,19 @@ class VLLMSection:
 
 
 @dataclass
+class ThinkingBudgetSection:
+    """Budget forcing (docs/engines.md#thinking-budget-rolloutthinking_budget): a response that has not
+    written `close` within `tokens` tokens gets `close` + `answer_prompt` appended (written by the
+    engine, never sampled: kept out of the loss), then up to `answer_tokens` more tokens to answer in,
+    within max_response_length. Off by default; the same as `efficient-rl eval --force-answer`."""
+
+    tokens: int = 0  # the reasoning budget in tokens; 0: off
+    close: str = "</think>"  # the text that ends the reasoning (R1 / Qwen3 style)
+    answer_prompt: str = ""  # appended after `close`, e.g. "\n\nFinal answer: "
+    answer_tokens: int = 64  # tokens the answer may take after the appended text (within the cap)
+
+
+@dataclass
 class RolloutSection:
     engine: str = "transformers"
     group_size: int = 8  # G, rollouts per prompt (DLER: 16, TEMPO: 7)
@@ -98,6 +111,7 @@ class RolloutSection:
     # Debug: after every weight sync, check the engine's greedy output (and its log-probs) on a probe
     # prompt against transformers' on the learner's weights (stale weights fail loudly). vllm only.
     verify_sync: bool = False
+    thinking_budget: ThinkingBudgetSection = field(default_factory=ThinkingBudgetSection)
     vllm: VLLMSection = field(default_factory=VLLMSection)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from efficient_rl.config.plan import Plan
-from efficient_rl.config.schema import Recipe
+from efficient_rl.config.schema import Recipe, RolloutSection
 from efficient_rl.data.profiles import join_length_profile
 from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenizer, render_prompt
 from efficient_rl.data.sources import load_split
@@ -27,6 +27,7 @@ from efficient_rl.learner.teacher import check_teacher
 from efficient_rl.models.lora import check_lora_targets, policy_weights_dir
 from efficient_rl.models.modeling import torch_device
 from efficient_rl.models.sources import model_directory
+from efficient_rl.rollout.budget import forced_suffix
 from efficient_rl.scoring.runner import RewardRunner
 
 if TYPE_CHECKING:  # annotations only: transformers is slow to import
@@ -154,7 +155,26 @@ def encode_prompts(recipe: Recipe, source: Path, train: list[dict], heldout: lis
     except TokenizerError as err:
         raise ConfigError(f"model: {err}") from None
     check_lengths(recipe, prompt_ids, {"data.train": train, "data.heldout": heldout + evaluated})
+    check_forced_suffix(recipe.rollout, tokenizer)
     return tokenizer, prompt_ids
+
+
+def check_forced_suffix(rollout: RolloutSection, tokenizer) -> None:
+    """rollout.thinking_budget's appended text must be tokens, and leave the answer room within the cap."""
+    budget = rollout.thinking_budget
+    if budget.tokens == 0:
+        return
+    if not tokenizer.encode(budget.close, add_special_tokens=False):
+        raise ConfigError(
+            f"rollout.thinking_budget.close: expected text the tokenizer encodes to at least one token, "
+            f"got {budget.close!r}"
+        )
+    appended = len(forced_suffix(tokenizer, budget.close, budget.answer_prompt))
+    if budget.tokens + appended >= rollout.max_response_length:
+        raise ConfigError(
+            f"rollout.thinking_budget.tokens: expected the budget plus the {appended} appended tokens (close, "
+            f"answer_prompt) below rollout.max_response_length {rollout.max_response_length}, got {budget.tokens}"
+        )
 
 
 def check_model_fits(recipe: Recipe, source: Path):

@@ -29,7 +29,7 @@ from efficient_rl.errors import ConfigError, WorkerFailure
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.registry import Bound
-from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.base import SamplingSettings, thinking_budget
 from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.scoring.runner import RewardResult
 
@@ -103,6 +103,7 @@ class Trainer:
             temperature=recipe.rollout.temperature,
             top_p=recipe.rollout.top_p,
             top_k=recipe.rollout.top_k,
+            thinking_budget=thinking_budget(recipe.rollout.thinking_budget),
         )
         # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
@@ -420,6 +421,8 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     _, reward_std, _ = group_stats(batch.rewards, batch.group_ids)
     metrics = {
         "rollout/tokens": float(batch.response_mask.sum()),
+        # tokens budget forcing appended (rollout.thinking_budget): in rollout/tokens, never in the loss
+        "rollout/forced_tokens": float(batch.response_mask.sum() - batch.sampled_mask.sum()),
         "reward/mean": float(batch.rewards.mean()),
         "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
         "score/mean": float(batch.scores.mean()),

@@ -35,13 +35,14 @@ class Selection:
         if not keep.all():
             batch = batch.select(keep.nonzero()[:, 0])
         stats = TokenStats(
-            mask=batch.response_mask, advantages=batch.advantages, vocab_size=self.vocab_size, progress=progress
+            mask=batch.sampled_mask, advantages=batch.advantages, vocab_size=self.vocab_size, progress=progress
         )
         if self.statistics:
             stats.statistics = learner.token_statistics(batch, self.statistics)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         kept = self.tokens(stats, generator=generator)
-        # A selection that keeps every token is no selection: the learner takes its full path.
+        # A selection that keeps every token is no selection: the learner takes its full path. Tokens
+        # the engine wrote (budget forcing) are never sampled, so never kept.
         batch.loss_mask = None if bool((kept == (batch.response_mask > 0)).all()) else kept.float()
         metrics.update(self.tokens.metrics(stats))
         trained = batch.loss_mask if batch.loss_mask is not None else batch.response_mask

@@ -108,8 +108,23 @@ def validate(recipe: Recipe) -> Plan:
     check_scores_fit_gate(plan.length_penalty, recipe)  # and what it promises behind its gate
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
+    check_thinking_budget(recipe)
     check_memory_fits(recipe, plan.placement)  # each GPU's planned peak within cluster.gpu_memory_gib
     return plan
+
+
+def check_thinking_budget(recipe: Recipe) -> None:
+    """What needs no tokenizer; driver/build.py checks the appended text's tokens."""
+    budget, cap = recipe.rollout.thinking_budget, recipe.rollout.max_response_length
+    if budget.tokens == 0:
+        return
+    if budget.tokens >= cap:
+        raise ConfigError(
+            f"rollout.thinking_budget.tokens: expected a budget below rollout.max_response_length {cap} "
+            f"(0 for none), got {budget.tokens}"
+        )
+    if not budget.close:
+        raise ConfigError("rollout.thinking_budget.close: expected the text that ends the reasoning, got ''")
 
 
 def gate_penalty(penalty: Bound, recipe: Recipe) -> GatedPenalty:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from efficient_rl.config.schema import EvalSection, RewardEntry
+from efficient_rl.config.schema import EvalSection, RewardEntry, ThinkingBudgetSection
 from efficient_rl.errors import ConfigError
 
 # The fields an evaluation's user template may show: the question, and the token budget of the
@@ -21,6 +21,7 @@ EVAL_NUMBER_RULES = {
     "temperature": ("[0, inf)", "0 is greedy"),
     "top_p": "(0, 1]",
     "seed": "[0, inf)",
+    "force_answer_tokens": "[1, inf)",
 }
 
 
@@ -46,6 +47,13 @@ class EvalSpec:
     chat_template: str = "auto"  # as the recipe's prompt section: auto | always | never
     system_prompt: str | None = None
     user_template: str = "{question}"  # the user turn; may show {budget} (PROMPT_FIELDS)
+    # Budget forcing besides the cut: at each budget, also generate with the reasoning closed there
+    # (force_close + force_answer_prompt appended to a response that has not closed it) and up to
+    # force_answer_tokens to answer in, as rollout.thinking_budget does: pass@1/forced, length/forced.
+    force_answer: bool = False
+    force_close: str = ThinkingBudgetSection.close
+    force_answer_prompt: str = ThinkingBudgetSection.answer_prompt
+    force_answer_tokens: int = ThinkingBudgetSection.answer_tokens
 
     def prompt(self):
         from efficient_rl.config.schema import PromptSection

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import hashlib
 import html
 import json
 import math
@@ -34,7 +35,7 @@ from efficient_rl.eval.metrics import Sample, evaluation_metrics, sample_of
 from efficient_rl.eval.protocol import differences_from_baseline, model_summaries, thinking_summary
 from efficient_rl.eval.spec import EvalSpec, check_reward_form, check_user_template
 from efficient_rl.models.sources import model_directory
-from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.base import SamplingSettings, ThinkingBudget
 from efficient_rl.scoring.runner import RewardRunner
 
 CHUNK = 16  # questions generated (and cached) together
@@ -159,6 +160,7 @@ class ModelUnderTest:
 
         self.directory, self.spec, self.engine = directory, spec, None
         self.tokenizer = load_tokenizer(directory)
+        self.forced_room = forced_room(self.tokenizer, spec, reference)
         try:  # per budget: the template may show it
             self.prompts = {
                 budget: {
@@ -173,20 +175,26 @@ class ModelUnderTest:
             raise ConfigError(f"{reference}: {err}") from None
         context = AutoConfig.from_pretrained(directory).max_position_embeddings
         longest = max(len(ids) for prompts in self.prompts.values() for ids in prompts.values())
-        if longest + max(spec.budgets) > context:
+        if longest + max(spec.budgets) + self.forced_room > context:
             raise ConfigError(
-                f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget exceeds "
-                f"the context of {reference} ({context} tokens)"
+                f"--budgets {max(spec.budgets)}: a prompt of {longest} tokens plus the budget "
+                f"{'and the forced answer ' if self.forced_room else ''}exceeds the context of {reference} "
+                f"({context} tokens)"
             )
-        self.max_model_len = longest + max(spec.budgets)
+        self.max_model_len = longest + max(spec.budgets) + self.forced_room
 
-    def generate(self, chunk: list[dict], budget: int, seed: int):
+    def generate(self, chunk: list[dict], budget: int, seed: int, forced: bool = False):
+        """Cut at `budget`; `forced`: the reasoning closed at `budget` and the answer let run (--force-answer)."""
         if self.engine is None:
             self.engine = EVAL_ENGINES[self.spec.engine](
                 self.directory, self.tokenizer, self.max_model_len, self.spec.seed
             )
         settings = SamplingSettings(
-            n=self.spec.samples, max_new_tokens=budget, temperature=self.spec.temperature, top_p=self.spec.top_p
+            n=self.spec.samples,
+            max_new_tokens=budget + (self.forced_room if forced else 0),
+            temperature=self.spec.temperature,
+            top_p=self.spec.top_p,
+            thinking_budget=forced_at(self.spec, budget) if forced else None,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a chunk's own stream, for both engines (vLLM's request seeds too)
@@ -202,7 +210,7 @@ class ModelUnderTest:
         gc.collect()
 
 
-def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Path) -> list[dict]:
+def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Path, forced: bool = False) -> list[dict]:
     """Every question's generations, from the cache where present; missing chunks are generated
     and appended one chunk at a time."""
     done, spec = cached_generations(path), model.spec
@@ -210,7 +218,7 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
         chunk = questions[start : start + CHUNK]
         if all(question_key(q["question"]) in done for q in chunk):
             continue
-        batch = model.generate(chunk, budget, seed=spec.seed * 1_000_003 + budget * 1009 + start)
+        batch = model.generate(chunk, budget, seed=spec.seed * 1_000_003 + budget * 1009 + start, forced=forced)
         lengths, truncated = batch.response_lengths.tolist(), batch.truncated.tolist()
         with path.open("a") as cache:
             for i, question in enumerate(chunk):
@@ -295,6 +303,7 @@ def evaluate_models(spec: EvalSpec, out: Path) -> dict:
                         kind: [s.length for q in scored for s in q if s.correct == want]
                         for kind, want in (("correct", True), ("incorrect", False))
                     },
+                    **forced_answers(model, questions, budget, out / "generations", name, rewards),
                 }
                 per_question[name] = {
                     question_key(r["question"]): [(s.correct, s.length) for s in q] for r, q in zip(records, scored)
@@ -315,6 +324,63 @@ def thinking_of(records: list[dict], tokenizer) -> dict | None:
         [n for r in records for n in r["lengths"]],
         lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
     )
+
+
+# ---------------------------------------------------------------- budget forcing (--force-answer)
+def forced_at(spec: EvalSpec, budget: int) -> ThinkingBudget:
+    return ThinkingBudget(budget, spec.force_close, spec.force_answer_prompt, spec.force_answer_tokens)
+
+
+def forced_room(tokenizer, spec: EvalSpec, reference: str) -> int:
+    """Tokens a forced answer may add after the budget: the appended text and the answer (0 without
+    --force-answer). A close marker of no tokens would force nothing: refused before anything runs."""
+    if not spec.force_answer:
+        return 0
+    from efficient_rl.rollout.budget import forced_suffix
+
+    if not tokenizer.encode(spec.force_close, add_special_tokens=False):
+        raise ConfigError(
+            f"--force-close: expected text the tokenizer of {reference} encodes to at least one token, "
+            f"got {spec.force_close!r}"
+        )
+    return len(forced_suffix(tokenizer, spec.force_close, spec.force_answer_prompt)) + spec.force_answer_tokens
+
+
+def forced_answers(
+    model: ModelUnderTest, questions: list[dict], budget: int, generations: Path, name: str, rewards
+) -> dict:
+    """With --force-answer, the run's accuracy and mean length with the answer forced at its budget,
+    beside the cut-at-budget ones. Cached apart, under a name that carries the forcing settings."""
+    spec = model.spec
+    if not spec.force_answer:
+        return {}
+    forcing = json.dumps([spec.force_close, spec.force_answer_prompt, spec.force_answer_tokens])
+    path = generations / f"{name}.forced-{hashlib.sha256(forcing.encode()).hexdigest()[:8]}.jsonl"
+    scored, failures = score(generate(model, questions, budget, path, forced=True), questions, rewards)
+    metrics = evaluation_metrics(scored)
+    return {
+        "pass@1/forced": metrics["pass@1"],
+        "length/forced": metrics["length/mean"],
+        "reward_failures/forced": failures,
+    }
+
+
+def forced_markdown(result: dict) -> list[str]:
+    """Cut at the budget against the answer forced there, per run (an evaluation without --force-answer has none)."""
+    lines = [
+        f"- **{name}**: pass@1 {run['pass@1']:.3f} cut at {run['budget']} tokens, {run['pass@1/forced']:.3f} with "
+        f"the answer forced there; mean length {run['length/mean']:.1f} and {run['length/forced']:.1f} tokens"
+        for name, run in result["runs"].items()
+        if "pass@1/forced" in run
+    ]
+    if not lines:
+        return []
+    close = result["spec"].get("force_close")
+    note = (
+        f"A response still reasoning at the budget gets {close!r} and the answer prompt appended and up to "
+        f"{result['spec'].get('force_answer_tokens')} tokens to answer in (--force-answer)."
+    )
+    return ["", "## Budget forcing", "", note, "", *lines]
 
 
 def graded_samples(records: list[dict], scored: list[list[Sample]]) -> list[dict]:
@@ -537,6 +603,7 @@ def report_markdown(result: dict) -> str:
     lines += differences_markdown(result)
     lines += split_lengths_markdown(result)
     lines += thinking_markdown(result)
+    lines += forced_markdown(result)
     lines += failures_markdown(result)
     lines += graded_markdown(result)
     return "\n".join(lines) + "\n"

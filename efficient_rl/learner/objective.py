@@ -101,8 +101,8 @@ def without_selected_compute(settings: ObjectiveSettings) -> ObjectiveSettings:
 
 def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens that enter the loss, tokens the aggregation averages over)."""
-    selected = rows.loss_mask if rows.loss_mask is not None else rows.response_mask
-    return selected, selected if settings.loss_denominator == "kept" else rows.response_mask
+    selected = rows.loss_mask if rows.loss_mask is not None else rows.sampled_mask
+    return selected, selected if settings.loss_denominator == "kept" else rows.sampled_mask
 
 
 def denominators(mini: RolloutBatch, settings: ObjectiveSettings) -> LossDenominators:

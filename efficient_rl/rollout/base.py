@@ -5,9 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.models.modeling import WHOLE_VOCABULARY, Support
 from efficient_rl.registry import Registry
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """Budget forcing (rollout/budget.py): after `tokens` tokens without `close`, the engine appends
+    `close` + `answer_prompt` and lets the answer run for up to `answer_tokens` more."""
+
+    tokens: int
+    close: str
+    answer_prompt: str = ""
+    answer_tokens: int = 64
+
+
+def thinking_budget(section) -> ThinkingBudget | None:
+    """rollout.thinking_budget (config/schema.py ThinkingBudgetSection) as the engines take it; 0 tokens is off."""
+    if section.tokens == 0:
+        return None
+    return ThinkingBudget(section.tokens, section.close, section.answer_prompt, section.answer_tokens)
 
 
 @dataclass(frozen=True)
@@ -17,11 +37,23 @@ class SamplingSettings:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k truncation
+    thinking_budget: ThinkingBudget | None = None  # None: no budget forcing
 
     @property
     def support(self) -> Support:
         """The tokens sampled from; greedy decoding samples nothing."""
         return Support(self.top_k, self.top_p) if self.temperature > 0 else WHOLE_VOCABULARY
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, device=device)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
 
 
 class RolloutEngine(Protocol):

@@ -16,21 +16,11 @@ import torch
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.models.modeling import DTYPES, compute_in, token_logprobs_and_entropy
-from efficient_rl.rollout.base import ENGINES, SamplingSettings
+from efficient_rl.rollout.base import ENGINES, SamplingSettings, left_pad
+from efficient_rl.rollout.budget import generate_within_budget
 
 if TYPE_CHECKING:  # annotations only: transformers is slow to import
     from transformers import GenerationConfig
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq, device=device)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
 
 
 def response_mask_until_eos(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +44,8 @@ class TransformersEngine:
     def generate(
         self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
     ) -> RolloutBatch:
+        if settings.thinking_budget is not None:
+            return generate_within_budget(self.generate, prompts, samples, group_ids, settings, self.tokenizer)
         rows = [
             (prompt, sample, gid) for prompt, sample, gid in zip(prompts, samples, group_ids) for _ in range(settings.n)
         ]

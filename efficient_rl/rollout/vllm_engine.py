@@ -27,8 +27,8 @@ from efficient_rl.config.schema import VLLMSection
 from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.models.lora import plain_named_weights
 from efficient_rl.models.modeling import DTYPES, load_model, sequence_inputs
-from efficient_rl.rollout.base import ENGINES, SamplingSettings
-from efficient_rl.rollout.hf import left_pad
+from efficient_rl.rollout.base import ENGINES, SamplingSettings, left_pad
+from efficient_rl.rollout.budget import generate_within_budget
 
 # Must be set before vllm is imported: one in-process worker.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -182,6 +182,8 @@ class VLLMEngine:
         shares the caller's process (one in-process worker beside the driver, whose other threads
         draw from the same generators), each request gets a seed of its own, derived from `seed`."""
         seed = draw_seed() if seed is None else seed
+        if settings.thinking_budget is not None:
+            return self._generate_within_budget(prompts, samples, group_ids, settings, seed)
         requests = [{"prompt_token_ids": prompt} for prompt in prompts]
         if self.shares_process:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=call_generator(seed), device="cpu")
@@ -196,6 +198,17 @@ class VLLMEngine:
             for completion in output.outputs
         ]
         return self._to_batch(rows)
+
+    def _generate_within_budget(self, prompts, samples, group_ids, settings: SamplingSettings, seed: int):
+        """Budget forcing's phases (rollout/budget.py) as plain generate calls, each with a seed of its
+        own drawn from `seed` (three: generate_within_budget makes at most three calls), so that the
+        same seed gives the same rollouts."""
+        seeds = iter(torch.randint(0, 2**31 - 1, (3,), generator=call_generator(seed), device="cpu").tolist())
+
+        def phase(prompts, samples, group_ids, plain):
+            return self.generate(prompts, samples, group_ids, plain, seed=next(seeds))
+
+        return generate_within_budget(phase, prompts, samples, group_ids, settings, self.tokenizer)
 
     def sampling_params(self, settings: SamplingSettings, seed: int | None = None):
         from vllm import SamplingParams
