@@ -2,6 +2,7 @@
 torn metrics lines, checkpoint file modes. Real runs of the tiny lab model."""
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -154,6 +155,56 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, base, capsys):
         stderr = capsys.readouterr().err
         assert code == 2 and why in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
         assert snapshot(tmp_path) == before, name
+
+
+def train_in(output_dir, name, *mode):
+    return main(
+        ["train", str(RECIPES / "quickstart.yaml"), *overrides(output_dir, "steps=1"), f"logging.name={name}", *mode]
+    )
+
+
+def test_a_run_inside_another_run_is_refused_at_start(tmp_path, base, capsys):
+    """A run whose output_dir lies inside a run directory (directly or through a link) would be
+    deleted by that run's --overwrite: refused in one line, nothing written."""
+    runs = tmp_path / "runs"
+    shutil.copytree(base[1], runs / "outer", symlinks=True)
+    (tmp_path / "link").symlink_to(runs / "outer" / "checkpoints")
+    before = snapshot(tmp_path)
+    for output_dir in (runs / "outer", tmp_path / "link" / "deeper"):
+        assert train_in(output_dir, "inner") == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"efficient-rl: error: logging.output_dir: {output_dir} lies inside the run directory "
+            f"{(runs / 'outer').resolve()}, whose --overwrite would delete this run; put the run elsewhere"
+        )
+        assert snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_a_tree_that_holds_another_run_or_a_live_lock(tmp_path, base, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(base[1], runs / "outer", symlinks=True)
+    shutil.copytree(base[1], runs / "outer" / "tensorboard" / "nested", symlinks=True)  # as an older layout left it
+    before = snapshot(tmp_path)
+    assert train_in(runs, "outer", "--overwrite") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"efficient-rl: error: {runs / 'outer'}: holds another run ({runs / 'outer' / 'tensorboard' / 'nested'}); "
+        "--overwrite would delete it with this one: move it out first"
+    ]
+    assert snapshot(tmp_path) == before
+    # A run lock held now inside the tree (a run started there through a link) refuses too; the
+    # same file once nobody holds it (its run was killed) refuses nothing.
+    shutil.rmtree(runs / "outer" / "tensorboard" / "nested")
+    lock = runs / "outer" / "tensorboard" / ".inner.lock"
+    lock.write_text("{}")
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train_in(runs, "outer", "--overwrite") == 2
+        assert f"holds another run ({lock})" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    assert train_in(runs, "outer", "--overwrite") == 0
+    assert read_steps(runs / "outer") == [1] and not lock.exists()
 
 
 # ---------------------------------------------------------------- the run lock

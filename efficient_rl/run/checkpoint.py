@@ -47,6 +47,7 @@ STAGING_PREFIX = ".tmp-"
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 IN_FLIGHT_FILE = "in_flight.pt"  # only when there are such batches
+RECIPE_FILE = "config.yaml"  # what makes a directory a run directory: the resolved recipe
 MAX_NAME_BYTES = 200  # a file name is at most 255 bytes; the lock and trash names add to it
 
 
@@ -494,6 +495,12 @@ class RunDir:
         self.close()
 
     def _check_mode(self) -> None:
+        enclosing = enclosing_run(self.path)
+        if enclosing is not None:
+            raise ConfigError(
+                f"logging.output_dir: {self.path.parent} lies inside the run directory {enclosing}, whose "
+                "--overwrite would delete this run; put the run elsewhere"
+            )
         if self.resuming:
             self._check_resumable()
         elif os.path.lexists(self.path):
@@ -512,7 +519,7 @@ class RunDir:
         if self.overwrite and os.path.lexists(self.path):
             self._remove_run_dir()
         self.path.mkdir(parents=True)
-        write_atomically(self.path / "config.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        write_atomically(self.path / RECIPE_FILE, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
     def _remove_run_dir(self) -> None:
         """Renamed aside, then deleted: a kill mid-delete leaves a hidden remainder, not half a run."""
@@ -620,7 +627,7 @@ class RunDir:
 def changed_section(path: Path, recipe: Recipe) -> str | None:
     """The first section of `recipe` that differs from the run's config.yaml ('steps' may differ:
     a resume can train further), or None."""
-    saved = saved_recipe(path / "config.yaml")
+    saved = saved_recipe(path / RECIPE_FILE)
     current = recipe.to_dict()
     return next((section for section in current if section != "steps" and saved.get(section) != current[section]), None)
 
@@ -634,11 +641,61 @@ def check_replaceable(path: Path) -> None:
         )
     if not path.is_dir():
         raise ConfigError(f"{path}: exists and is not a directory; --overwrite replaces only a run directory")
-    if not (path / "config.yaml").is_file() and any(path.iterdir()):
+    if not (path / RECIPE_FILE).is_file() and any(path.iterdir()):
         raise ConfigError(
             f"{path}: not a run directory (no config.yaml); --overwrite replaces only a run "
             "directory, remove it yourself"
         )
+    other = run_inside(path)
+    if other is not None:
+        raise ConfigError(
+            f"{path}: holds another run ({other}); --overwrite would delete it with this one: move it out first"
+        )
+
+
+def run_inside(path: Path) -> Path | None:
+    """Another run's directory, or a run lock held now, inside the tree of `path`, found without
+    following links (as deleting the tree would not); None when it holds none."""
+    for directory, _, files in os.walk(path):
+        here = Path(directory)
+        if here != path and is_run_directory(here):
+            return here
+        held = next((here / name for name in files if name.endswith(".lock") and lock_is_held(here / name)), None)
+        if held is not None:
+            return held
+    return None
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether a run (of any process, this one included) holds the lock file at `path` now; a lock
+    file a killed run left is held by nobody."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: nothing can be told, so nothing is refused
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run directory `path` would lie inside (links resolved): an --overwrite of that run
+    would delete this one with it."""
+    return next((parent for parent in path.resolve().parents if is_run_directory(parent)), None)
+
+
+def is_run_directory(path: Path) -> bool:
+    """A run's recipe, with its metrics, checkpoints or lock beside it (a config.yaml alone may be
+    anybody's)."""
+    return (path / RECIPE_FILE).is_file() and (
+        (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir() or lock_path(path).exists()
+    )
 
 
 def saved_recipe(path: Path) -> dict:
