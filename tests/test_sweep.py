@@ -1,7 +1,9 @@
 """`efficient-rl study` (alias `sweep`): a study trained end to end, stopped and resumed, its
 report; bad study files; the shipped studies check. The Slurm launcher: tests/test_slurm.py."""
 
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -235,3 +237,34 @@ def test_every_launcher_a_study_may_name_can_launch_and_be_followed():
 
     names = set(typing.get_args(typing.get_type_hints(Study)["launcher"]))
     assert names == set(LAUNCHERS) == set(LAUNCH_ACTIVITY) == {"local", "slurm"}
+
+
+def test_a_study_whose_output_dir_is_a_file_fails_check_as_run_would(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    for command in ("check", "run"):
+        assert main(["study", command, str(TINY_STUDY), f"output_dir={tmp_path / 'taken'}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"efficient-rl: error: output_dir: {tmp_path / 'taken'} is not a directory; the study writes to "
+            f"{tmp_path / 'taken' / 'tiny'} (set output_dir=DIR)"
+        ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_second_study_run_of_one_study_is_refused_before_it_checks_anything(tmp_path):
+    """The study's lock is taken first, atomically (an flock), so of two `study run` started at once
+    exactly one gets past start-up; the other says who holds the study and writes nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".tiny.lock"  # where `study run` of tiny into `out` locks
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = study("run", str(TINY_STUDY), f"output_dir={out}", cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith(f"efficient-rl: error: {out / 'tiny'}: in use by ") and line.endswith(
+        "; wait for it or stop it"
+    )
+    assert sorted(path.name for path in out.iterdir()) == [".tiny.lock"]  # the holder's file, nothing of the study's

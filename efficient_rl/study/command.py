@@ -11,6 +11,7 @@ check   load and check the study (every run's recipe too) and print its plan; wr
 from __future__ import annotations
 
 from efficient_rl.driver import stopping
+from efficient_rl.errors import ConfigError
 from efficient_rl.study.spec import LoadedStudy, load_study, study_as_yaml
 
 
@@ -40,10 +41,26 @@ def loaded_study(args):
     return load_study(resolve_study(args.study), args.overrides)
 
 
+def check_study_directory(loaded: LoadedStudy) -> None:
+    """The study's directory can be made, or is a directory to write in: what `study run` writes
+    first, checked by `study check` too."""
+    import os
+
+    directory = loaded.directory
+    existing = next(path for path in (directory, *directory.parents) if os.path.lexists(path))
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir: {existing} is not a directory; the study writes to {directory} (set output_dir=DIR)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {existing} is not writable; the study writes to {directory}")
+
+
 def cmd_check(args) -> int:
     from efficient_rl.study.launchers import LAUNCHERS
 
     loaded = loaded_study(args)
+    check_study_directory(loaded)
     LAUNCHERS[loaded.study.launcher].check(loaded)
     print(describe_plan(loaded))
     return 0
@@ -57,16 +74,29 @@ def cmd_status(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from efficient_rl.run.checkpoint import write_atomically
-    from efficient_rl.study.launchers import LAUNCHERS, StopRequests, say
-    from efficient_rl.study.progress import DONE, FAILED, run_state, states
-    from efficient_rl.study.report import evaluate
+    from efficient_rl.run.checkpoint import acquire_run_lock, lock_path, release_run_lock, write_atomically
+    from efficient_rl.study.launchers import LAUNCHERS
 
     loaded = loaded_study(args)
     launcher = LAUNCHERS[loaded.study.launcher]
-    launcher.check(loaded)  # every check before the study's directory is written
-    loaded.directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(loaded.directory / "study.yaml", study_as_yaml(loaded.study))
+    check_study_directory(loaded)
+    # The study's own lock, beside its directory, taken at once (flock) before anything is checked
+    # against its runs' records: of two `study run` of one study, exactly one gets past here.
+    lock = acquire_run_lock(lock_path(loaded.directory), loaded.directory)
+    try:
+        launcher.check(loaded)  # every check before the study's directory is written
+        loaded.directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(loaded.directory / "study.yaml", study_as_yaml(loaded.study))
+        return run_study(loaded, launcher)
+    finally:
+        release_run_lock(lock)
+
+
+def run_study(loaded: LoadedStudy, launcher) -> int:
+    from efficient_rl.study.launchers import StopRequests, say
+    from efficient_rl.study.progress import DONE, FAILED, run_state, states
+    from efficient_rl.study.report import evaluate
+
     with StopRequests() as stops:
         todo = [item for item in loaded.planned if run_state(item, loaded.directory).state != DONE]
         say(f"{len(loaded.planned) - len(todo)} of {len(loaded.planned)} runs done; training {len(todo)}")
