@@ -83,7 +83,7 @@ def test_a_longer_redundant_tail_never_earns_a_higher_total(seed):
     mask = torch.ones(1, width)
     penalty = 0.05 + float(torch.rand(1, generator=generator))
     totals = [
-        float(decs_advantages(base, mask, torch.tensor([end]), torch.tensor([1.0]), penalty=penalty).sum())
+        float(decs_advantages(base, mask, torch.tensor([end]), torch.tensor([1.0]), penalty).sum())
         for end in range(width, -1, -1)  # tail length 0, 1, ..., width
     ]
     for shorter, longer in zip(totals, totals[1:]):
@@ -217,3 +217,59 @@ def test_prefix_text_ends_and_candidates_by_hand():
     # Cuts: after "7" (digit), "\\boxed{" (an unclosed box hides earlier ones), "12" and "}"; the EOS
     # adds no text and is no cut of its own.
     assert candidate_cuts(decode_words(ids), [1, 4, 11, 13, 14, 14]) == [1, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- the recipe field and a training run
+
+
+def two_digit_reward(completion, sample):
+    """Correct once the text holds two digits: the tiny lab model rarely answers its prompt right,
+    but writes digits early and goes on, so its correct rollouts have a redundant tail."""
+    correct = float(sum(character.isdigit() for character in completion) >= 2)
+    return {"score": correct, "accuracy": correct}
+
+
+def test_a_negative_penalty_is_refused_naming_the_field():
+    from conftest import RECIPES
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.validate import validate
+    from efficient_rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algorithm\.token_shaping.*penalty"):
+        validate(load_recipe(RECIPES / "quickstart.yaml", ["algorithm.token_shaping={name: decs, penalty: -0.5}"]))
+
+
+def test_decs_end_to_end_penalises_the_tail_of_correct_rollouts(tmp_path, tiny_overrides):
+    import json
+
+    from conftest import RECIPES
+    from efficient_rl.config.loading import load_recipe
+    from efficient_rl.driver.loop import run_recipe
+
+    common = tiny_overrides + [
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "reward=[{name: 'test_decs:two_digit_reward'}]",
+    ]
+
+    def metrics(name, *overrides):
+        run, summary = run_recipe(
+            load_recipe(RECIPES / "quickstart.yaml", [*common, f"logging.name={name}", *overrides])
+        )
+        assert summary["steps_completed"] == 2
+        return [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+
+    plain = metrics("plain")
+    shaped = metrics("decs", "algorithm.token_shaping={name: decs, penalty: 0.5}")
+    # The same first step's rollouts (same seed, same weights): only the advantages differ.
+    for key in ("score/mean", "acc/mean", "response_length/mean", "reward/mean"):
+        assert shaped[0][key] == plain[0][key]
+    assert 0.0 < shaped[0]["acc/mean"]
+    assert 0.0 < shaped[0]["decs/redundant_share"] < 1.0  # correct rollouts go on after their second digit
+    assert "decs/redundant_share" not in plain[0]
+    # The first update starts on-policy (ratio 1), where the loss is minus the advantages' token mean: DLER's
+    # whitened advantages average to 0, and DeCS only lowers advantages, strictly on the redundant tokens.
+    assert plain[0]["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert shaped[0]["loss"] > 0.1

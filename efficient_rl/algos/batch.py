@@ -34,6 +34,9 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, R] learner log-probs before the update
     ref_logprobs: torch.Tensor | None = None  # [B, R] reference-model log-probs (KL)
     policy_versions: torch.Tensor | None = None  # [B] long, training steps behind the weights that sampled it
+    # [B] long, response tokens up to where the verifier first accepts the answer (DeCS's necessary
+    # prefix, scoring/answer_reached.py); the full length for a wrong rollout. Only when a stage needs it.
+    answer_end: torch.Tensor | None = None
     reward_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -42,6 +45,10 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1).long()
+
+    def correctness(self) -> torch.Tensor:
+        """[B] 1.0 for a correct answer (the batch must be scored)."""
+        return correctness(self.scores, self.accuracy)
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """A new batch with only `rows` (indices into this batch), in that order."""
@@ -92,6 +99,11 @@ class RolloutBatch:
             else:
                 values[f.name] = sum(parts, [])
         return RolloutBatch(**values)
+
+
+def correctness(scores: torch.Tensor, accuracy: torch.Tensor | None) -> torch.Tensor:
+    """[B] 1.0 for a correct answer: the verifier's accuracy, or a positive score without one."""
+    return accuracy if accuracy is not None else (scores > 0).float()
 
 
 def _pad_cat(tensors: list[torch.Tensor], left: bool) -> torch.Tensor:

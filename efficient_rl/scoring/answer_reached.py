@@ -15,7 +15,12 @@ later than the true first prefix. tests/test_decs.py checks it against the full 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
+
+import torch
+
+from efficient_rl.algos.batch import RolloutBatch, correctness
 
 # The characters after which the verifier's reading of a prefix can change (see the module docstring).
 ANSWER_SPAN_ENDS = frozenset("0123456789{}")
@@ -73,3 +78,24 @@ def answer_ends(
         if accepted and cut < ends[row]:
             ends[row] = cut
     return ends
+
+
+def batch_answer_ends(batch: RolloutBatch, rewards, tokenizer) -> torch.Tensor:
+    """[B] long: `answer_ends` of a scored batch, its prefixes scored by the recipe's `rewards` (the
+    reward runner: weights, workers and timeouts as for whole responses) and decoded as the engines
+    decode completions. A prefix call that fails counts as not accepted: the cut then falls later,
+    which calls fewer tokens redundant, never more."""
+    responses = [ids[:length].tolist() for ids, length in zip(batch.response_ids, batch.response_lengths.tolist())]
+
+    def accepts(texts: list[str], samples: list[dict]) -> list[bool]:
+        result = rewards.score(texts, samples)
+        return (correctness(result.scores, result.accuracy) > 0).tolist()
+
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    ends = answer_ends(responses, batch.samples, (batch.correctness() > 0).tolist(), decode, accepts)
+    return torch.tensor(ends, dtype=torch.long)
+
+
+def no_answer_ends(batch: RolloutBatch, rewards, tokenizer) -> None:
+    """For a recipe no stage of which reads answer_end: nothing is decoded or scored."""
+    return None
