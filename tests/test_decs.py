@@ -273,3 +273,25 @@ def test_decs_end_to_end_penalises_the_tail_of_correct_rollouts(tmp_path, tiny_o
     # whitened advantages average to 0, and DeCS only lowers advantages, strictly on the redundant tokens.
     assert plain[0]["loss"] == pytest.approx(0.0, abs=1e-6)
     assert shaped[0]["loss"] > 0.1
+
+
+def test_the_entry_reads_the_batch_and_answer_end_survives_select_concat_and_save(tmp_path):
+    from test_algorithms import make_batch
+
+    from efficient_rl.algos.batch import RolloutBatch
+    from efficient_rl.algos.decs import TOKEN_SHAPERS
+
+    batch = make_batch([1.0, 0.0, 1.0], [0, 0, 1], [4, 3, 2])
+    batch.scores = torch.tensor([1.0, 0.0, 2.0])  # no accuracy field: a positive score is correct
+    batch.advantages = torch.tensor([[0.5, 0.5, 0.5, 0.5], [-0.5, -0.5, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    batch.answer_end = torch.tensor([1, 3, 2])
+    shaped = TOKEN_SHAPERS.get("decs").bind()(batch)  # the default penalty, 0.1
+    expected = [[0.5, -0.1, -0.1, -0.1], [-0.5, -0.5, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert torch.allclose(shaped, torch.tensor(expected))
+    assert TOKEN_SHAPERS.get("decs").bind().metrics(batch) == {"decs/redundant_share": pytest.approx(3 / 6)}
+    assert torch.equal(TOKEN_SHAPERS.get("none").bind()(batch), batch.advantages)
+    # The field travels with its rows: selected, concatenated (rounds of a step), saved (in-flight batches).
+    picked = RolloutBatch.concat([batch.select([2, 0]), batch.select([1])])
+    assert picked.answer_end.tolist() == [2, 1, 3]
+    torch.save([picked], tmp_path / "in_flight.pt")
+    assert torch.load(tmp_path / "in_flight.pt", weights_only=False)[0].answer_end.tolist() == [2, 1, 3]

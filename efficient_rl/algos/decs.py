@@ -68,7 +68,7 @@ def decs_metrics(batch: RolloutBatch, *, penalty: float) -> dict[str, float]:
     "decs",
     needs=("answer_end",),
     ranges={"penalty": "[0, inf)"},
-    source="DeCS (arXiv 2509.25827, code pixas/DECS): decoupled token-level reward after the necessary prefix",
+    source="DeCS (arXiv 2509.25827, code pixas/DECS), docs/algorithms.md#decs",
     metrics=decs_metrics,
 )
 def decs(batch: RolloutBatch, *, penalty: float = 0.1) -> torch.Tensor:
