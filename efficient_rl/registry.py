@@ -22,6 +22,8 @@ from typing import Any, Callable
 # name of a TOKEN_STATISTICS entry (a per-token statistic the learner computes), and
 # "sample.<field>" (a number every sample carries: a data column or a prompt variable).
 NEEDS = {
+    "answer_end": "where each correct rollout first reaches an answer its verifier accepts, in tokens: its prefixes "
+    "scored by the recipe's rewards after each round (efficient_rl/scoring/answer_reached.py)",
     "driver_model": "the policy loaded in the driver's process (the embedded cluster backend)",
     "length_cap": "the truncation length in force for each rollout",
     "length_profile": "a reference model's lengths per training prompt, joined on each sample by id from the "

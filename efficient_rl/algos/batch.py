@@ -37,6 +37,9 @@ class RolloutBatch:
     # [B, R] float, 1 on tokens the engine wrote rather than sampled (budget forcing's close marker and
     # answer prompt): in response_mask, since later tokens attend to them, but never in the loss
     forced_mask: torch.Tensor | None = None
+    # [B] long, response tokens up to where the verifier first accepts the answer (DeCS's necessary
+    # prefix, scoring/answer_reached.py); the full length for a wrong rollout. Only when a stage needs it.
+    answer_end: torch.Tensor | None = None
     reward_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -52,6 +55,10 @@ class RolloutBatch:
         if self.forced_mask is None:
             return self.response_mask
         return self.response_mask * (1.0 - self.forced_mask)
+
+    def correctness(self) -> torch.Tensor:
+        """[B] 1.0 for a correct answer (the batch must be scored)."""
+        return correctness(self.scores, self.accuracy)
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """A new batch with only `rows` (indices into this batch), in that order."""
@@ -102,6 +109,11 @@ class RolloutBatch:
             else:
                 values[f.name] = sum(parts, [])
         return RolloutBatch(**values)
+
+
+def correctness(scores: torch.Tensor, accuracy: torch.Tensor | None) -> torch.Tensor:
+    """[B] 1.0 for a correct answer: the verifier's accuracy, or a positive score without one."""
+    return accuracy if accuracy is not None else (scores > 0).float()
 
 
 def _pad_cat(tensors: list[torch.Tensor], left: bool) -> torch.Tensor:

@@ -194,6 +194,9 @@ class AlgorithmSection:
     rollout_correction: Choice = choice("none")  # none | tis
     # policy_gradient: the RL loss above; distillation: on-policy distillation from distill.teacher
     objective: Choice = choice("policy_gradient")
+    # Token-level advantage shaping after the advantage estimator (TOKEN_SHAPERS): none | decs (DeCS:
+    # on correct rollouts, the tokens after the answer is first reached get min(A, 0) - penalty)
+    token_shaping: Choice = choice("none")
     # Token-level efficiency (D3S, "Beyond the 80/20 rule", TIP): which response tokens enter the
     # loss; the learner runs its LM head on those only. all | high_entropy | d3s_tokens | random |
     # entropy_sampling | tip_soft_or | tip_q3 (TIP, with distillation)

@@ -31,6 +31,7 @@ from efficient_rl.eval.metrics import length_summary
 from efficient_rl.registry import Bound
 from efficient_rl.rollout.base import SamplingSettings, thinking_budget
 from efficient_rl.run.checkpoint import RunDir
+from efficient_rl.scoring.answer_reached import batch_answer_ends, no_answer_ends
 from efficient_rl.scoring.runner import RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
@@ -47,6 +48,8 @@ class Stage:
     length_metrics: Callable  # (correct, group_ids, lengths, over cap) -> the LENGTH_CAPS entry's metrics
     shape_rewards: GatedPenalty  # a LENGTH_SHAPERS entry behind the length gate
     advantages: Bound  # an ADVANTAGES entry; its metrics are its diagnostics
+    token_shaping: Bound  # a TOKEN_SHAPERS entry: the advantages, reshaped per token (DeCS)
+    answer_ends: Callable  # (batch, rewards, tokenizer) -> [B] answer_end, or None where nothing reads it
     sampler: Any  # a GROUP_SAMPLERS entry, constructed: keep(batch), max_rounds, metrics(rounds, kept, generated)
 
 
@@ -57,6 +60,8 @@ def resolve_stages(plan: Plan) -> Stage:
         length_metrics=caps.metrics,
         shape_rewards=plan.length_penalty,
         advantages=plan["algorithm.advantage"],
+        token_shaping=plan["algorithm.token_shaping"],
+        answer_ends=batch_answer_ends if "answer_end" in plan.needs else no_answer_ends,
         sampler=plan["algorithm.sampling"](),
     )
 
@@ -191,6 +196,8 @@ class Trainer:
         else:
             batch.advantages = self.stages.advantages(batch)
             advantage_metrics = self.stages.advantages.metrics(batch)
+            batch.advantages = self.stages.token_shaping(batch)
+            advantage_metrics.update(self.stages.token_shaping.metrics(batch))
             with timed(self.timings, "select"):  # sample and token selection (sets batch.loss_mask)
                 batch, selection_metrics = self.selection(batch, self.learner, number)
             advantage_metrics.update(selection_metrics)
@@ -308,6 +315,8 @@ class Trainer:
         for message in result.error_messages:
             tqdm.write(f"reward error: {message}")  # above the progress bar, not through it
         batch.length_cap = self.stages.length_caps(correctness(batch), batch.group_ids)
+        with timed(timings, "answer_end"):  # DeCS: where each correct rollout first reached its answer
+            batch.answer_end = self.stages.answer_ends(batch, self.setup.rewards, self.setup.tokenizer)
         try:
             batch.rewards = self.stages.shape_rewards(shaping_inputs(batch, progress, penalty_state))
         except ScoresOutsidePromise as err:  # bad input, found only now: one line, exit 2
@@ -414,7 +423,7 @@ def shaping_inputs(batch: RolloutBatch, progress: float, state: dict) -> Shaping
 
 def correctness(batch: RolloutBatch) -> torch.Tensor:
     """[B] 1.0 for a correct answer: the verifier's accuracy, or a positive score without one."""
-    return batch.accuracy if batch.accuracy is not None else (batch.scores > 0).float()
+    return batch.correctness()
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

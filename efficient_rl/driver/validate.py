@@ -18,6 +18,7 @@ import efficient_rl.learner.torch_learner  # noqa: E402,F401
 import efficient_rl.rollout.hf  # noqa: E402,F401
 import efficient_rl.rollout.vllm_engine  # noqa: E402,F401  (imports vllm only when used)
 from efficient_rl.algos.advantages import ADVANTAGES
+from efficient_rl.algos.decs import TOKEN_SHAPERS
 from efficient_rl.algos.divergence import TOKEN_STATISTICS
 from efficient_rl.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from efficient_rl.algos.sampling import GROUP_SAMPLERS
@@ -69,6 +70,7 @@ CHOICE_FIELDS = [
     ("algorithm.sampling", GROUP_SAMPLERS),
     ("algorithm.rollout_correction", ROLLOUT_CORRECTIONS),
     ("algorithm.objective", OBJECTIVES),
+    ("algorithm.token_shaping", TOKEN_SHAPERS),
     ("algorithm.token_selection", TOKEN_SELECTORS),
     ("algorithm.sample_selection", SAMPLE_SELECTORS),
     ("learner.lr_schedule", LR_SCHEDULES),
