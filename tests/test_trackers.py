@@ -277,6 +277,26 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
     assert_no_wandb_service_left()
 
 
+def test_an_mlflow_store_that_cannot_be_written_is_one_line_before_the_first_step(tmp_path, tiny_overrides, capsys):
+    """/proc takes no new file, even from root: MLflow alone retried such a store for about 100 s,
+    a warning at each try, before the first step."""
+    overrides = tiny_overrides + [
+        "steps=1",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.name=unwritable",
+        "logging.trackers=[{name: mlflow, tracking_uri: 'sqlite:////proc/efficient-rl-test.db'}]",
+    ]
+    run, summary = run_recipe(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    assert summary["steps_completed"] == 1
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if "mlflow" in text.lower() or "sqlalchemy" in text.lower()]
+    assert line == (
+        "tracker mlflow failed to start, training goes on without it: OSError: the MLflow store "
+        "/proc/efficient-rl-test.db cannot be written (unable to open database file)"
+    )
+
+
 def test_tracker_keys():
     assert load_recipe(RECIPES / "quickstart.yaml").to_dict()["logging"]["trackers"] == ["tensorboard"]
     for override, message in [

@@ -17,6 +17,7 @@ is imported before its entry runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -326,6 +327,25 @@ def mlflow_tracker(
     return MlflowTracker(context, tracking_uri=tracking_uri, experiment=experiment)
 
 
+SQLITE_PREFIX = "sqlite:///"  # then the database's path: relative, or absolute with a fourth slash
+SQLITE_LOCK_WAIT = 30.0  # seconds another run's write may hold the shared store before the probe fails
+
+
+def check_sqlite_store(path: Path) -> None:
+    """Take the store's write lock once and let it go, so that a store that cannot be written (a
+    read-only directory, a path under a file) fails at once in one line: MLflow's own engine would
+    retry it for about 100 s, warning at each try, before the first step."""
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_LOCK_WAIT)) as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+    except sqlite3.Error as err:
+        raise OSError(f"the MLflow store {path} cannot be written ({err})") from None
+
+
 class MlflowTracker:
     def __init__(self, context: TrackerContext, *, tracking_uri, experiment):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported
@@ -337,6 +357,8 @@ class MlflowTracker:
         if tracking_uri is None:
             store = context.output_dir.resolve()
             tracking_uri, artifacts = f"sqlite:///{store / 'mlflow.db'}", (store / "mlflow-artifacts").as_uri()
+        if tracking_uri.startswith(SQLITE_PREFIX):
+            check_sqlite_store(Path(tracking_uri.removeprefix(SQLITE_PREFIX)))
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if context.run_id is not None:
             self.run_id = self.client.get_run(context.run_id).info.run_id  # raises when it is gone
