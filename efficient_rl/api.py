@@ -22,7 +22,8 @@ def train(
 ) -> dict:
     """Train `recipe` (a YAML file or a shipped name, e.g. "quickstart") with dotted overrides
     (["steps=1", "learner.lr=1e-4"], or {"steps": 1}); the run's summary (summary.json's content).
-    The run directory, report included, is what `efficient-rl train` writes."""
+    The run directory, report included, is what `efficient-rl train` writes. A stop signal before the
+    first step (the model's build, the evaluation before training) raises stopping.Stopped."""
     loaded = load(recipe, overrides)  # before the heavy imports: fast errors
     with stop_signals_recorded():
         summary, _ = train_recipe(loaded, resume=resume, overwrite=overwrite)

@@ -35,6 +35,9 @@ def train(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
         print(f"efficient-rl: interrupted; stopped at once, mid-step; {what_resume_has(recipe)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except stopping.Stopped:  # a stop before the first step (the model's build, the evaluation before training)
+        print(f"stopped before training; {what_resume_has(recipe)}", file=sys.stderr)
+        return stopping.EXIT_STOPPED
     return exit_status(recipe, summary, checkpoint)
 
 

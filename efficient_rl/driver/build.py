@@ -21,6 +21,7 @@ from efficient_rl.data.prompts import TokenizerError, encode_user, load_tokenize
 from efficient_rl.data.sources import load_split
 from efficient_rl.data.turns import question_key
 from efficient_rl.data.variables import check_sample_fields, check_template, draw_variables, eval_variants
+from efficient_rl.driver import stopping
 from efficient_rl.errors import ConfigError, one_line
 from efficient_rl.lab.build import lab_model_dir
 from efficient_rl.learner.teacher import check_teacher
@@ -72,7 +73,7 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     train, heldout = with_variables(plan, train, "train"), with_variables(plan, heldout, "heldout")
     train = with_length_profile(plan, train)
     check_sample_fields(plan.needs, train, "data.train")
-    base = lab_model_dir(recipe.model.lab) if recipe.model.lab else model_directory(recipe.model.path, "model.path")
+    base = base_model_dir(recipe)
     source = Path(model_dir or base)
     tokenizer, prompt_ids = encode_prompts(recipe, source, train, heldout)
     config = check_model_fits(recipe, source)
@@ -101,6 +102,23 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
         prompt_ids=prompt_ids,
         user_template=recipe.prompt.user_template,
     )
+
+
+# What a stop request while the model is built or converted says (it ends that at once).
+MODEL_BUILD_STOP = "stopping the model's build before training; nothing half-made is cached"
+
+
+def base_model_dir(recipe: Recipe) -> Path:
+    """The recipe's model directory: a lab model built, or a GGUF converted, on first use.
+
+    A stop request ends a build at once (minutes of SFT for a lab preset, of dequantizing for a
+    GGUF): nothing is checkpointed before the first step, and both build into a staging directory
+    that an exception removes, so the cache never holds half a model. A time-limit warning lets the
+    build finish: it asks for the first step's checkpoint (stopping.py)."""
+    with stopping.cut_short(MODEL_BUILD_STOP, for_warnings=False):
+        if recipe.model.lab:
+            return lab_model_dir(recipe.model.lab)
+        return model_directory(recipe.model.path, "model.path")
 
 
 def with_variables(plan: Plan, samples: list[dict], split: str) -> list[dict]:

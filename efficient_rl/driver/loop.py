@@ -36,6 +36,8 @@ from efficient_rl.scoring.runner import RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
 FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
+# What one during the evaluation before training says: it ends that at once too, before any step.
+WARM_START_STOP = "stopping the evaluation before training; nothing of it is recorded"
 # The trainer state's key for what the length penalty carries across steps (Leash's multiplier).
 PENALTY_STATE = "length_penalty_state"
 
@@ -131,6 +133,8 @@ class Trainer:
         A stop request (stopping.py) ends the loop after its step, checkpointed, and then skips the
         final evaluation: the summary lacks "final", and --resume evaluates. One during the final
         evaluation cuts it short the same way; nothing is lost, the checkpoint is written already.
+        One during the evaluation before training ends it (and the run) at once with Stopped,
+        recording nothing of it: the restart evaluates again.
         """
         started = time.time()
         state, in_flight = self.run.restore(self.learner, self.stream) if self.run.resuming else ({"step": 0}, [])
@@ -141,7 +145,9 @@ class Trainer:
             torch.manual_seed(self.recipe.seed)
         self.penalty_state = state.get(PENALTY_STATE, self.penalty_state)  # as it stood after the saved batches
         if "warm_start" not in state and self.recipe.eval.before_training:
-            state["warm_start"] = self.evaluate()
+            # No step to finish first: waiting would save nothing (a time-limit warning waits for step 1)
+            with stopping.cut_short(WARM_START_STOP, for_warnings=False):
+                state["warm_start"] = self.evaluate()
         self.pipeline.start(state["step"] + 1, in_flight)  # after the restore: the stream and RNG are set
         metrics = {}
         # An exception ends the progress bar (instead of drawing it through the message) and closes

@@ -9,9 +9,14 @@ A signal sent before the process has installed its handlers is lost (or kills it
 also records its request in a file: the one named by $EFFICIENT_RL_STOP_FILE. Its existence is a
 stop request, however early it was written; efficient_rl/slurm/job.sbatch writes it on the time-limit warning.
 
-Work that follows the last checkpoint (the final evaluation) runs under cut_short(): there a stop
-request ends it at once, with Stopped, since waiting would save nothing. A second Ctrl-C always
-stops at once (KeyboardInterrupt; the CLI says so in one line and exits 130).
+Work that no checkpoint would keep runs under cut_short(): there a stop request ends it at once,
+with Stopped, since waiting would save nothing. That is the work after the last checkpoint (the
+final evaluation) and before the first step (building or converting the model, the evaluation
+before training); the CLI exits 75 with one line saying how to go on. Before the first step a
+time-limit warning (SIGUSR1, the stop file) is the exception: it asks for a checkpoint before the
+limit, and the time left may well hold the first step, so the run goes on to it as the warning's
+promise says; a requeued attempt that stopped at once would only start over. A second Ctrl-C
+always stops at once (KeyboardInterrupt; the CLI says so in one line and exits 130).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the last step; the run is resumable
 STOP_FILE_VARIABLE = "EFFICIENT_RL_STOP_FILE"
 FROM_STOP_FILE = 0  # recorded in _received for a request read from the stop file (no signal is 0)
+# A Slurm time-limit warning: "checkpoint before the limit" rather than "stop now".
+TIME_LIMIT_WARNINGS = (signal.SIGUSR1, FROM_STOP_FILE)
 
 
 class Stopped(Exception):
@@ -38,6 +45,10 @@ class Phase:
 
     promise: str
     ends_block: bool = False
+    for_warnings: bool = True  # False: a time-limit warning passes it by, to the phase around it
+
+    def takes(self, signum: int) -> bool:
+        return self.for_warnings or signum not in TIME_LIMIT_WARNINGS
 
 
 AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
@@ -49,13 +60,18 @@ _phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
 def _record(signum, frame) -> None:
     if signum == signal.SIGINT and signal.SIGINT in _received:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now
-    phase = _phases[-1]
+    phase = phase_of(signum)
     if not _received:
         again = "" if phase.ends_block else " (Ctrl-C again: stop now)"
         print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
     _received.append(signum)
     if phase.ends_block:
         raise Stopped(phase.promise)
+
+
+def phase_of(signum: int) -> Phase:
+    """The innermost block's phase that takes this request (the loop's, at the bottom, takes all)."""
+    return next(phase for phase in reversed(_phases) if phase.takes(signum))
 
 
 def install() -> None:
@@ -66,7 +82,7 @@ def install() -> None:
 def requested() -> bool:
     if not _received and stop_file_written():
         print(
-            f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; {_phases[-1].promise}",
+            f"{os.environ[STOP_FILE_VARIABLE]}: a stop was requested; {phase_of(FROM_STOP_FILE).promise}",
             file=sys.stderr,
             flush=True,
         )
@@ -94,13 +110,22 @@ def handled():
 
 
 @contextlib.contextmanager
-def cut_short(promise: str):
+def cut_short(promise: str, for_warnings: bool = True):
     """While the block runs (under handled()), a stop request ends it at once with Stopped, and
-    says `promise`: for work after the last checkpoint, which a stop loses nothing of."""
-    _phases.append(Phase(promise, ends_block=True))
+    says `promise`: for work no checkpoint keeps, which a stop loses nothing of. `for_warnings`
+    False: a time-limit warning does not end it (work before the first step, see above)."""
+    phase = Phase(promise, ends_block=True, for_warnings=for_warnings)
+    _phases.append(phase)
     try:
-        if requested():  # one that came before the block would end nothing
-            raise Stopped(promise)
+        end_if_requested(phase)  # one that came before the block would end nothing
         yield
+        # Library code that catches Exception (transformers does) may have swallowed the Stopped
+        # the handler raised; the request is still recorded, and ends the work right after.
+        end_if_requested(phase)
     finally:
         _phases.pop()
+
+
+def end_if_requested(phase: Phase) -> None:
+    if requested() and any(phase.takes(signum) for signum in _received):
+        raise Stopped(phase.promise)

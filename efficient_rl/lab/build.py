@@ -77,16 +77,16 @@ def build_lab(preset: LabPreset, target: Path, log=print) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     log(f"building lab model {target.name} (cached for later runs) ...")
-    try:
+    try:  # up to the rename: a stop request may raise anywhere in the block (driver/stopping.py)
         info = build_into(preset, target, staging, log)
+        info["build_seconds"] = round(time.time() - started, 1)
+        (staging / "lab.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
         raise
-    info["build_seconds"] = round(time.time() - started, 1)
-    (staging / "lab.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staging, target)
     log(f"lab model built in {info['build_seconds']} s: {info['parameters']:,} parameters")
 
 
