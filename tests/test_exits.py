@@ -404,3 +404,43 @@ def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_
     assert "Traceback" not in driver.stderr
     assert last_line(driver.stderr).startswith("stopped after step ")
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*/checkpoint_manifest.json"))
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """pid -> command line of every live process whose command line holds `text`."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited while we looked
+        if text in command:
+            found[int(cmdline.parent.name)] = command
+    return found
+
+
+def test_a_killed_driver_takes_its_own_ray_cluster_and_temp_dir_along(tmp_path):
+    """kill -9 of the driver runs none of its cleanup: the cluster's keeper, in a session of its
+    own, sees the driver's pipe end, shuts Ray down and removes the temp dir. (Before, Ray's
+    processes died with the driver but left the temp dir.)"""
+    driver = python(
+        """
+        import os, signal
+        from efficient_rl.cluster.runtime import start_ray
+        session = start_ray(None, cpus=1, gpus=0)
+        print(session.temp_dir, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        tmp_path,
+    )
+    assert driver.finish() == -signal.SIGKILL, driver.stderr[-3000:]
+    temp_dir = driver.out.read_text().strip()
+    assert "erl-ray-" in temp_dir
+    deadline = time.monotonic() + LEFTOVER_GUARD
+    while (left := processes_naming(temp_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+    assert not Path(temp_dir).exists()
