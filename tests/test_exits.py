@@ -459,3 +459,86 @@ def test_a_listing_piped_into_head_ends_quietly():
     stderr = listing.stderr.read()
     assert listing.wait(timeout=HANG_GUARD) == 0 and first.startswith("algorithm."), stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# ---------------------------------------------------------------- a Ray run
+def sessions_of_children(parent: int) -> set[int]:
+    """The session ids of `parent`'s live children: a child that started a session of its own shows here."""
+    sessions = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            _, ppid, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]  # state, parent, group, session
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        if int(ppid) == parent:
+            sessions.add(int(sid))
+    return sessions
+
+
+def temp_dirs_named_in(session: int) -> set[str]:
+    """The run's Ray temp dirs (erl-ray-*) named on the command lines of `session`'s processes."""
+    return {word for command in session_members(session).values() for word in command.split() if "erl-ray-" in word}
+
+
+def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_dir):
+    """`timeout`, a terminal or a launcher signals the driver's whole process group: the run's own
+    Ray cluster is not in it, so the driver finishes its step on it, checkpoints, exits 75 (stopped),
+    and the cluster goes with its temp dir. (Before, the signal killed the Ray head too: 'Failed to
+    connect to GCS', exit 1, the temp dir left.)"""
+    cwd, overrides, run = run_dir
+    ray_run = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed", "cluster.learner.workers=1"]
+    driver = train(cwd, overrides + ray_run + ["steps=50", "checkpoint.every=1"])
+    metrics = run / "metrics.jsonl"
+    while driver.process.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)  # step 1 is done: the cluster is up and the actors work
+    clusters = sessions_of_children(driver.process.pid) - {driver.process.pid}
+    temp_dirs = {word for session in clusters for word in temp_dirs_named_in(session)}
+    os.killpg(driver.process.pid, signal.SIGTERM)
+    assert driver.finish() == 75, driver.stderr[-3000:]
+    assert clusters and temp_dirs  # the cluster ran in a session of its own, and its temp dir was named
+    for session in clusters:
+        assert_nothing_left(session)
+    assert not [path for path in temp_dirs if Path(path).exists()]
+    assert "Traceback" not in driver.stderr
+    assert last_line(driver.stderr).startswith("stopped after step ")
+    assert (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*/checkpoint_manifest.json"))
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """pid -> command line of every live process whose command line holds `text`."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited while we looked
+        if text in command:
+            found[int(cmdline.parent.name)] = command
+    return found
+
+
+def test_a_killed_driver_takes_its_own_ray_cluster_and_temp_dir_along(tmp_path):
+    """kill -9 of the driver runs none of its cleanup: the cluster's keeper, in a session of its
+    own, sees the driver's pipe end, shuts Ray down and removes the temp dir. (Before, Ray's
+    processes died with the driver but left the temp dir.)"""
+    driver = python(
+        """
+        import os, signal
+        from efficient_rl.cluster.runtime import start_ray
+        session = start_ray(None, cpus=1, gpus=0)
+        print(session.temp_dir, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        tmp_path,
+    )
+    assert driver.finish() == -signal.SIGKILL, driver.stderr[-3000:]
+    temp_dir = driver.out.read_text().strip()
+    assert "erl-ray-" in temp_dir
+    deadline = time.monotonic() + LEFTOVER_GUARD
+    while (left := processes_naming(temp_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+    assert not Path(temp_dir).exists()

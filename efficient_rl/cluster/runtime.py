@@ -1,15 +1,21 @@
 """Starting and stopping Ray for a run.
 
 A local cluster binds to 127.0.0.1, lives in a fresh temp dir (a reused one makes a later start
-fail) and is shut down by the driver at the end or on error. With `cluster.address` the run joins
-an existing cluster instead (multi-node) and leaves it running.
+fail) and is shut down by the driver at the end or on error. It is started by a keeper process in a
+session of its own (efficient_rl/cluster/head.py), so that a signal to the driver's process group
+asks the run to stop without also killing the cluster it needs to finish the step. With
+`cluster.address` the run joins an existing cluster instead (multi-node) and leaves it running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import select
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -19,19 +25,62 @@ from pathlib import Path
 # itself, and on a shared machine niced actors starve (a 2-step run failed after 18 minutes beside
 # two busy processes). A run's own cluster gives them the driver's priority; so does the Slurm job's.
 RUN_CLUSTER_CONFIG = {"worker_niceness": 0}
+START_GUARD = 600  # seconds for the keeper to report its cluster up (a hang guard: Ray has its own timeouts)
+STOP_GUARD = 60  # seconds for the keeper to shut its cluster down before its session is killed
+
+
+class ClusterStartError(RuntimeError):
+    """The keeper could not start the run's own Ray cluster; its own messages are on stderr above."""
 
 
 @dataclass
 class RaySession:
     owned: bool  # started by this run, so shut down by it
     temp_dir: Path | None
+    keeper: subprocess.Popen | None = None  # the process that started the cluster, in its own session
 
     def close(self) -> None:
         import ray
 
         if self.owned:
             ray.shutdown()
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            stop_keeper(self.keeper)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # the keeper's job, unless it was killed
+
+
+def start_keeper(temp_dir: Path, cpus: int, gpus: int) -> tuple[subprocess.Popen, str]:
+    """The keeper of a new local cluster (started in a new session) and the cluster's address."""
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "efficient_rl.cluster.head", str(temp_dir), str(cpus), str(gpus)],
+        stdin=subprocess.PIPE,  # its end of file is the keeper's signal to stop
+        stdout=subprocess.PIPE,  # one line: the address
+        start_new_session=True,
+    )
+    try:
+        ready, _, _ = select.select([keeper.stdout], [], [], START_GUARD)
+        address = keeper.stdout.readline().decode().strip() if ready else ""
+        if not address:
+            raise ClusterStartError(f"the run's Ray cluster did not start (temp dir {temp_dir})")
+    except BaseException:
+        stop_keeper(keeper)
+        raise
+    return keeper, address
+
+
+def stop_keeper(keeper: subprocess.Popen) -> None:
+    """Close the keeper's stdin (it shuts the cluster down and exits), then kill what is left of its session."""
+    with contextlib.suppress(OSError):
+        keeper.stdin.close()
+    try:
+        keeper.wait(timeout=STOP_GUARD)
+    except subprocess.TimeoutExpired:
+        pass
+    # The keeper leads its session's one process group; the kernel does not reuse its id while any
+    # member lives, so this reaches only the cluster's own processes (a worker slow to follow its raylet).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(keeper.pid, signal.SIGKILL)
+    keeper.wait()
+    keeper.stdout.close()
 
 
 def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
@@ -49,12 +98,15 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         ray.init(address=address)
         return RaySession(owned=False, temp_dir=None)
     temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short: Ray's socket paths have a length limit
-    ray.init(
-        num_cpus=max(1, math.ceil(cpus)),
-        num_gpus=math.ceil(gpus),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(temp_dir),
-        _system_config=RUN_CLUSTER_CONFIG,
-    )
-    return RaySession(owned=True, temp_dir=temp_dir)
+    try:
+        keeper, address = start_keeper(temp_dir, max(1, math.ceil(cpus)), math.ceil(gpus))
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    session = RaySession(owned=True, temp_dir=temp_dir, keeper=keeper)
+    try:
+        ray.init(address=address)
+    except BaseException:
+        session.close()
+        raise
+    return session
