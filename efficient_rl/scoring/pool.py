@@ -124,8 +124,13 @@ def worker_main(connection, references: list[RewardReference]) -> None:
                 swept = last_pid()
                 outcome.leftover_processes = end_members(os.getpid(), resident, time.monotonic() + KILL_WAIT)
             connection.send(outcome)
-    except (EOFError, BrokenPipeError):
-        pass  # the driver is gone: nobody is left to answer, and a traceback here would read as the cause
+    except (EOFError, OSError):  # a pipe closed, broken or reset: the driver is gone
+        end_session()  # nobody is left to answer, and a traceback here would read as the cause
+
+
+def end_session() -> None:
+    """Kill every other process of this worker's session: the driver is gone, nobody else will."""
+    end_members(os.getpid(), {identity(os.getpid())}, time.monotonic() + KILL_WAIT)
 
 
 def exit_with_parent() -> None:
@@ -141,7 +146,7 @@ def exit_with_parent() -> None:
 
     def watch() -> None:
         parent.join()  # returns when the sentinel turns readable: the parent died
-        end_members(os.getpid(), {identity(os.getpid())}, time.monotonic() + KILL_WAIT)  # nobody else will
+        end_session()
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
