@@ -20,12 +20,15 @@ import pytest
 from conftest import RECIPES
 
 HANG_GUARD = 1200  # seconds for a driver to exit (generous: a busy machine is slow)
+DRIVER_MARK = "EFFICIENT_RL_TEST_DRIVER"  # an environment variable naming the driver under test
 LEFTOVER_GUARD = 120  # seconds for its session to empty once it has (the resource tracker leaves last)
 
 # Rewards that misbehave where a test needs it; written into each test's directory.
 REWARDS = '''
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,9 +57,11 @@ def held_after_probe(completion, sample):
 
 
 def hang(completion, sample):
+    """Hangs waiting for a helper process that hangs too."""
     if completion == "hang":
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         Path(f"busy-{os.getpid()}").touch()
-        time.sleep(3600)
+        helper.wait()
     return 1.0
 '''
 BROKEN_IN_WORKERS = {  # reward file -> what it does at import in a reward worker (the driver imports it fine)
@@ -66,23 +71,25 @@ BROKEN_IN_WORKERS = {  # reward file -> what it does at import in a reward worke
 
 
 # ---------------------------------------------------------------- harness
-def session_members(session: int) -> dict[int, str]:
-    """pid -> command line of every live (not zombie) process in `session`."""
+def session_members(session: int, mark: bytes) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process in `session`, or carrying `mark` in its
+    environment: reward workers lead sessions of their own, and inherit the driver's environment."""
     members = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]  # the name may hold spaces
             command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            marked = mark in (stat.parent / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue  # exited while we looked
-        if int(sid) == session and state != "Z":
+        if (int(sid) == session or marked) and state != "Z":
             members[int(stat.parent.name)] = command
     return members
 
 
-def assert_nothing_left(session: int) -> None:
+def assert_nothing_left(session: int, mark: bytes) -> None:
     deadline = time.monotonic() + LEFTOVER_GUARD
-    while (left := session_members(session)) and time.monotonic() < deadline:
+    while (left := session_members(session, mark)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if left:
         for pid in left:
@@ -97,6 +104,8 @@ class Driver:
 
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         self.out, self.err = cwd / f"stdout-{time.monotonic_ns()}", cwd / f"stderr-{time.monotonic_ns()}"
+        mark = f"{os.getpid()}-{time.monotonic_ns()}"  # in the environment every process it starts inherits
+        self.mark = f"{DRIVER_MARK}={mark}".encode()
         with self.out.open("w") as out, self.err.open("w") as err:
             self.process = subprocess.Popen(
                 args,
@@ -105,7 +114,7 @@ class Driver:
                 stderr=err,
                 text=True,
                 start_new_session=True,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {}), DRIVER_MARK: mark},
             )
 
     def finish(self) -> int:
@@ -117,7 +126,7 @@ class Driver:
             self.process.wait()
             pytest.fail(f"hung: no exit within {HANG_GUARD} s; stderr ends {self.stderr[-2000:]}")
         finally:
-            assert_nothing_left(self.process.pid)  # the session id is the leader's pid
+            assert_nothing_left(self.process.pid, self.mark)  # the session id is the leader's pid
         return self.process.returncode
 
     @property
@@ -174,7 +183,8 @@ def test_a_program_that_raises_after_starting_reward_workers_exits(tmp_path):
 
 def test_killed_driver_takes_its_reward_workers_along_quietly(tmp_path):
     """kill -9 of the driver while one worker is stuck in a reward and one waits: both leave at
-    once, without the EOFError tracebacks that would read as the cause."""
+    once, with the stuck reward's helper process, without the EOFError tracebacks that would read as
+    the cause."""
     (tmp_path / "exit_rewards.py").write_text(REWARDS)
     driver = python(
         """

@@ -212,6 +212,7 @@ def test_training_with_a_reward_from_a_file_through_the_cli(tmp_path, tiny_overr
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
         assert row["reward/concise_math/words"] > 0 and row["reward/errors"] == 0 and row["reward/timeouts"] == 0
+        assert row["reward/leftover_processes"] == 0  # logged every step, beside the failures
 
 
 def test_a_pathological_math_answer_is_cut_off_and_counted_as_a_timeout():

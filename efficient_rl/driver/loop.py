@@ -32,7 +32,7 @@ from efficient_rl.registry import Bound
 from efficient_rl.rollout.base import SamplingSettings, thinking_budget
 from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.scoring.answer_reached import batch_answer_ends, no_answer_ends
-from efficient_rl.scoring.runner import RewardResult
+from efficient_rl.scoring.runner import REWARD_FAILURES, RewardResult
 
 # What a stop request during the final evaluation says (it ends the evaluation at once, see train).
 FINAL_EVALUATION_STOP = "every step is done and checkpointed; stopping the final evaluation (--resume runs it)"
@@ -248,15 +248,14 @@ class Trainer:
         carried = self.penalty_state  # every round of the step is shaped with the step's state
         wanted = self.recipe.rollout.prompts_per_step
         sampler = self.stages.sampler
-        generated, kept, rounds, failures = [], [], 0, {"errors": 0, "timeouts": 0, "skipped": 0}
+        generated, kept, rounds, failures = [], [], 0, dict.fromkeys(REWARD_FAILURES, 0)
         timings = {"generate": 0.0, "reward": 0.0}
         started, stream_start = time.time(), self.stream.consumed
         while True:
             rounds += 1
             batch, result = self.generate_and_score(self.stream.take(wanted), progress, generate, timings, carried)
-            failures["errors"] += result.errors
-            failures["timeouts"] += result.timeouts
-            failures["skipped"] += result.skipped
+            for kind in REWARD_FAILURES:
+                failures[kind] += getattr(result, kind)
             generated.append(batch)
             kept.append(batch.select(sampler.keep(batch).nonzero()[:, 0]))
             enough = sum(b.group_ids.unique().numel() for b in kept) >= wanted
@@ -277,7 +276,8 @@ class Trainer:
             )
         )
         # Failed reward calls: each scored 0 and counted, never silently a zero; skipped: a None (TRL's
-        # "not applicable") added nothing to its sample's score.
+        # "not applicable") added nothing to its sample's score; leftover_processes: what the calls left
+        # running, killed.
         metrics.update({f"reward/{kind}": float(count) for kind, count in failures.items()})
         metrics["timing/rollout"] = time.time() - started  # generate + reward + filtering, all rounds
         metrics.update({f"timing/{stage}": seconds for stage, seconds in timings.items()})

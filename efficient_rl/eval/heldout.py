@@ -13,7 +13,7 @@ import torch
 
 from efficient_rl.eval.metrics import evaluation_metrics, sample_of
 from efficient_rl.rollout.base import SamplingSettings
-from efficient_rl.scoring.runner import RewardRunner
+from efficient_rl.scoring.runner import REWARD_FAILURES, RewardRunner
 
 
 def evaluate(
@@ -52,9 +52,7 @@ def evaluate(
         )
     return {
         **metrics,
-        "eval/reward_errors": float(result.errors),
-        "eval/reward_timeouts": float(result.timeouts),
-        "eval/reward_skipped": float(result.skipped),
+        **{f"eval/reward_{kind}": float(getattr(result, kind)) for kind in REWARD_FAILURES},
     }
 
 

@@ -258,11 +258,13 @@ def score(records: list[dict], questions: list[dict], rewards: RewardRunner) -> 
 
 def reward_failures(result) -> dict:
     """What the verifier could not score: calls that raised or timed out (scored incorrect) and
-    None answers of a TRL reward (no verdict), with the first messages."""
+    None answers of a TRL reward (no verdict), with the first messages; and the processes the calls
+    left running (killed)."""
     return {
         "errors": result.errors,
         "timeouts": result.timeouts,
         "skipped": result.skipped,
+        "leftover_processes": result.leftover_processes,
         "messages": list(result.error_messages),
     }
 

@@ -11,6 +11,12 @@ does on every way out of their owner: close(); a finalizer that kills them when 
 without closing (an exception), which runs before multiprocessing's own exit handler would
 SIGTERM and then join them forever; and a watch in each worker that ends it quietly once the
 driver is gone (kill -9), even in the middle of a reward call.
+
+Every worker leads a session of its own, and a reward's processes end with it (sessions.py): after
+each call the worker kills those the call left running; a worker killed (a timeout), found dead or
+stopped takes its whole session along. What had to be killed is counted (Outcome.leftover_processes).
+Processes started while the rewards were imported serve the worker's life. (multiprocessing's
+resource tracker is the driver's: a spawned worker inherits it, so a reward starts none.)
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from multiprocessing.connection import wait
 from efficient_rl.errors import WorkerFailure
 from efficient_rl.scoring.forms import RewardForm, call, form_of
 from efficient_rl.scoring.plugins import load_reward
+from efficient_rl.scoring.sessions import end_members, identity, last_pid, members
 
 STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import its rewards
 CLOSE_GRACE = 2.0  # seconds idle workers get, all together, to leave on their own before they are killed
+KILL_WAIT = 5.0  # seconds for killed processes to die (only one stuck in the kernel takes long)
+EXIT_POLL = 0.01  # seconds between looks at a worker that is leaving
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Outcome:
     values: list | None = None  # the reward's raw return values, one per completion
     message: str = ""
     seconds: float = 0.0  # time inside the reward (0 when the worker gave no answer)
+    leftover_processes: int = 0  # processes the call started and left running, killed after it
 
 
 def outcome_of(reward: LoadedReward, request: RewardCall) -> Outcome:
@@ -88,10 +98,11 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 def worker_main(connection, references: list[RewardReference]) -> None:
     """Serve calls until told to stop (None), answering each with its Outcome."""
+    os.setsid()  # first: every process a reward starts is then in this worker's session (sessions.py)
     # Stop signals are for the driver, which finishes its step (with these workers) and then closes
-    # the pool. A Slurm requeue signals every process of the job, and Ctrl-C the terminal's whole
-    # process group: without this the workers would die under the driver's last step. They came
-    # blocked from the parent (Worker), so none could arrive before this.
+    # the pool. A Slurm requeue signals every process of the job (its cgroup, whatever the session),
+    # and a user may signal every process of the run: without this the workers would die under the
+    # driver's last step. They came blocked from the parent (Worker), so none could arrive before this.
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -101,12 +112,25 @@ def worker_main(connection, references: list[RewardReference]) -> None:
     except Exception as err:  # the driver loaded them: something differs in a fresh process
         connection.send(("failed", f"{type(err).__name__}: {err}"))  # for the driver's one-line error
         return
+    swept = last_pid()
+    resident = set(members(os.getpid()))  # itself, and what the imports started: they serve every call
     connection.send(("ready", None))  # call timeouts start only now, after the imports
     try:
         while (request := connection.recv()) is not None:
-            connection.send(outcome_of(rewards[request.entry], request))
-    except (EOFError, BrokenPipeError):
-        pass  # the driver is gone: nobody is left to answer, and a traceback here would read as the cause
+            outcome = outcome_of(rewards[request.entry], request)
+            # Reading /proc costs ~15 us a process on the machine, each call; skipped while no process
+            # (or thread) was started anywhere since the last look, which began at `swept`.
+            if last_pid() != swept:
+                swept = last_pid()
+                outcome.leftover_processes = end_members(os.getpid(), resident, time.monotonic() + KILL_WAIT)
+            connection.send(outcome)
+    except (EOFError, OSError):  # a pipe closed, broken or reset: the driver is gone
+        end_session()  # nobody is left to answer, and a traceback here would read as the cause
+
+
+def end_session() -> None:
+    """Kill every other process of this worker's session: the driver is gone, nobody else will."""
+    end_members(os.getpid(), {identity(os.getpid())}, time.monotonic() + KILL_WAIT)
 
 
 def exit_with_parent() -> None:
@@ -122,6 +146,7 @@ def exit_with_parent() -> None:
 
     def watch() -> None:
         parent.join()  # returns when the sentinel turns readable: the parent died
+        end_session()
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
@@ -167,14 +192,40 @@ class Worker:
         except OSError:
             pass  # already gone
 
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
+    def kill(self) -> int:
+        """End the worker now; how many other processes of its session were killed with it."""
+        return self.end(deadline=time.monotonic())
+
+    def end(self, deadline: float) -> int:
+        """Wait until `deadline` for the worker to exit, kill it then, and kill what is left of its session.
+
+        The session is swept before the worker is reaped: its zombie holds the pid, so no other
+        process can take the number and start a session of that id meanwhile.
+        """
+        if not self.exited_by(deadline):
+            self.process.kill()
+            self.exited_by(time.monotonic() + KILL_WAIT)
+        left = end_members(self.process.pid, set(), time.monotonic() + KILL_WAIT)
+        self.process.join(timeout=KILL_WAIT)
         self.connection.close()
+        return left
+
+    def exited_by(self, deadline: float) -> bool:
+        """Whether the worker has exited by `deadline`, without reaping it."""
+        while True:
+            try:
+                if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+            except ChildProcessError:
+                return True  # reaped already (multiprocessing.active_children() reaps)
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(EXIT_POLL)
 
 
-def stop_workers(workers: list[Worker]) -> None:
-    """Ask every worker to leave, give them CLOSE_GRACE together, then kill the rest.
+def stop_workers(workers: list[Worker]) -> int:
+    """Ask every worker to leave, give them CLOSE_GRACE together, then kill the rest, and with each
+    worker what is left of its session; how many processes besides the workers were killed.
 
     Never a plain join: a worker ignores SIGTERM, and one stuck in a reward would wait forever.
     Empties `workers` in place (the finalizer holds the same list), so a second call does nothing.
@@ -183,11 +234,9 @@ def stop_workers(workers: list[Worker]) -> None:
     for worker in live:
         worker.ask_to_stop()
     deadline = time.monotonic() + CLOSE_GRACE
-    for worker in live:
-        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if worker.process.is_alive():
-            worker.kill()
+    left = sum(worker.end(deadline) for worker in live)
     workers.clear()
+    return left
 
 
 class RewardPool:
@@ -235,8 +284,10 @@ class RewardPool:
                 if self.workers[slot].connection in ready:
                     outcomes[index] = self._answer(slot)
                 elif time.monotonic() >= deadline:
-                    self._replace(slot)
-                    outcomes[index] = Outcome("timeout", message=f"no answer within {self.timeout:g} s")
+                    left = self._replace(slot)
+                    outcomes[index] = Outcome(
+                        "timeout", message=f"no answer within {self.timeout:g} s", leftover_processes=left
+                    )
                 else:
                     continue
                 del busy[slot]
@@ -247,15 +298,19 @@ class RewardPool:
         try:
             return worker.connection.recv()
         except (EOFError, OSError):
-            self._replace(slot)
-            return Outcome("error", message=f"reward worker died (exit code {worker.process.exitcode})")
+            left = self._replace(slot)
+            message = f"reward worker died (exit code {worker.process.exitcode})"
+            return Outcome("error", message=message, leftover_processes=left)
 
-    def _replace(self, slot: int, start: bool = True) -> None:
-        """Kill the worker in `slot`; start its successor now, or (start=False) at its next call."""
-        self.workers[slot].kill()
+    def _replace(self, slot: int, start: bool = True) -> int:
+        """Kill the worker in `slot` and its session; start its successor now, or (start=False) at its
+        next call. How many processes of the session besides the worker were killed."""
+        left = self.workers[slot].kill()
         self.workers[slot] = Worker(self.context, self.references) if start else None
         self.restarts += 1
+        return left
 
-    def close(self) -> None:
-        """Stop every worker; safe to call again."""
-        self.finalizer()
+    def close(self) -> int:
+        """Stop every worker; how many of their sessions' other processes had to be killed. Safe to
+        call again (then 0)."""
+        return self.finalizer() or 0

@@ -6,7 +6,8 @@ workers (efficient_rl/scoring/pool.py) under a wall-clock timeout. A call that r
 crashes its worker or returns a non-number scores 0 *and* is counted (`reward/errors`,
 `reward/timeouts`), with the first messages kept for the log: an error is never silently a zero.
 A None from a form whose contract allows it (TRL's "does not apply to this sample") adds nothing
-to the sample's score and is counted too (`reward/skipped`).
+to the sample's score and is counted too (`reward/skipped`). Processes a call started and left
+running are killed and counted (`reward/leftover_processes`; pool.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ MAX_KEPT_ERRORS = 5
 DECLARE_ANOTHER_FORM = (
     f"if the function follows another contract, declare it in its entry: `form:` one of {', '.join(REWARD_FORMS)}"
 )
+# RewardResult's counters, logged as reward/<name> each step (eval: eval/reward_<name>).
+REWARD_FAILURES = ("errors", "timeouts", "skipped", "leftover_processes")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class RewardResult:
     errors: int = 0  # calls that raised, crashed their worker or returned a non-number
     timeouts: int = 0  # calls cut off at the timeout
     skipped: int = 0  # None returned where the form allows it (TRL's "not applicable"): adds nothing, counted
+    leftover_processes: int = 0  # processes the calls left running (in a worker), killed after them
     error_messages: list[str] = field(default_factory=list)
     call_seconds: list[float] = field(default_factory=list)  # time inside the reward, per call
 
@@ -160,6 +164,7 @@ class RewardRunner:
         result = RewardResult(scores=torch.zeros(len(completions)), accuracy=None)
         for (first_row, call), outcome in zip(planned, self._run([call for _, call in planned])):
             result.call_seconds.append(outcome.seconds)
+            result.leftover_processes += outcome.leftover_processes
             for offset in range(len(call.completions)):
                 self._add(result, call.entry, first_row + offset, len(completions), outcome, offset)
         return result
@@ -205,6 +210,6 @@ class RewardRunner:
             return self.pool.run(calls)
         return [outcome_of(self.rewards[call.entry], call) for call in calls]
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+    def close(self) -> int:
+        """Stop the workers; how many processes left in their sessions had to be killed."""
+        return self.pool.close() if self.pool is not None else 0
