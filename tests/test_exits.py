@@ -485,9 +485,10 @@ def sessions_of_children(parent: int) -> set[int]:
     return sessions
 
 
-def temp_dirs_named_in(session: int) -> set[str]:
+def temp_dirs_named_in(session: int, mark: bytes) -> set[str]:
     """The run's Ray temp dirs (erl-ray-*) named on the command lines of `session`'s processes."""
-    return {word for command in session_members(session).values() for word in command.split() if "erl-ray-" in word}
+    commands = session_members(session, mark).values()
+    return {word for command in commands for word in command.split() if "erl-ray-" in word}
 
 
 def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_dir):
@@ -502,12 +503,12 @@ def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_
     while driver.process.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.2)  # step 1 is done: the cluster is up and the actors work
     clusters = sessions_of_children(driver.process.pid) - {driver.process.pid}
-    temp_dirs = {word for session in clusters for word in temp_dirs_named_in(session)}
+    temp_dirs = {word for session in clusters for word in temp_dirs_named_in(session, driver.mark)}
     os.killpg(driver.process.pid, signal.SIGTERM)
     assert driver.finish() == 75, driver.stderr[-3000:]
     assert clusters and temp_dirs  # the cluster ran in a session of its own, and its temp dir was named
     for session in clusters:
-        assert_nothing_left(session)
+        assert_nothing_left(session, driver.mark)
     assert not [path for path in temp_dirs if Path(path).exists()]
     assert "Traceback" not in driver.stderr
     assert last_line(driver.stderr).startswith("stopped after step ")
