@@ -12,6 +12,7 @@ from efficient_rl.config.schema import RewardEntry
 from efficient_rl.scoring.runner import RewardRunner
 
 SAMPLE = {"question": "1 + 1 =", "answer": "2"}
+MARK = "EFFICIENT_RL_TEST_REWARDS"  # an environment variable marking the processes a test starts
 HANG_GUARD = 60.0  # seconds for a killed process to be gone (generous: the kill is SIGKILL)
 
 # Rewards that start processes and leave them; each writes the pids it started as files `pid-<pid>`.
@@ -84,39 +85,34 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
-def family(parents: set[int], sessions: set[int]) -> set[tuple[int, int]]:
-    """(pid, start time) of every live process whose parent or session is one of those given."""
+def family(mark: bytes) -> set[tuple[int, int]]:
+    """(pid, start time) of every live process carrying `mark` in its environment: the test's own
+    children and everything they start inherit it, and nothing else on the machine has it (a process
+    the CI harness starts meanwhile in the test's session is none of the pool's)."""
     found = set()
     for entry in os.listdir("/proc"):
         fields = stat_of(entry) if entry.isdigit() else None
-        if fields and fields[0] not in ("Z", "X") and (int(fields[1]) in parents or int(fields[3]) in sessions):
+        try:
+            marked = fields is not None and mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited while we looked
+        if marked and fields[0] not in ("Z", "X"):
             found.add((int(entry), int(fields[19])))
     return found
 
 
 class Watch:
-    """The test's own process and every worker the pool has had, as parents and sessions: what is
-    alive in that family now that was not before, other than the pool's current workers."""
+    """What is alive among the processes started since the test set its mark that was not before,
+    other than the pool's current workers."""
 
     def __init__(self, runner: RewardRunner):
         self.runner = runner
-        self.workers: set[int] = set()
-        self.note_workers()
-        self.before = family(self.parents(), self.sessions())
-
-    def note_workers(self) -> None:
-        self.workers |= {worker.process.pid for worker in self.runner.pool.workers if worker is not None}
-
-    def parents(self) -> set[int]:
-        return {os.getpid(), *self.workers}
-
-    def sessions(self) -> set[int]:
-        return {os.getsid(0), *self.workers}  # a worker's session, if it leads one, has its pid as id
+        self.mark = f"{MARK}={os.environ[MARK]}".encode()
+        self.before = family(self.mark)
 
     def new(self) -> set[int]:
-        self.note_workers()
         current = {worker.process.pid for worker in self.runner.pool.workers if worker is not None}
-        return {pid for pid, _ in family(self.parents(), self.sessions()) - self.before if pid not in current}
+        return {pid for pid, _ in family(self.mark) - self.before if pid not in current}
 
 
 def started_pids(directory: Path) -> list[int]:
@@ -136,6 +132,7 @@ def rewards(tmp_path, monkeypatch):
     (tmp_path / "process_rewards.py").write_text(REWARDS)
     (tmp_path / "resident_rewards.py").write_text(RESIDENT)
     monkeypatch.chdir(tmp_path)  # the rewards write their pid files here
+    monkeypatch.setenv(MARK, tmp_path.name)  # inherited by the workers and all they start
     return tmp_path
 
 
