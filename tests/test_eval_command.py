@@ -1,12 +1,12 @@
 """`efficient-rl eval` end to end on lab models: outputs, resume, bad input."""
 
 import json
-import subprocess
-import sys
+import re
 
 import pytest
 from test_training import EVAL_COMMAND_METRICS
 
+from conftest import run_cli
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.tradeoff import EvalSpec, run
 from efficient_rl.rollout.hf import TransformersEngine
@@ -19,30 +19,10 @@ def checkpoint(tiny_checkpoint):
 
 def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_model_dir, checkpoint):
     out = tmp_path / "eval"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "eval",
-            "lab:tiny",
-            str(checkpoint),
-            "--data",
-            "lab:tiny",
-            "--budgets",
-            "8",
-            "24",
-            "--samples",
-            "2",
-            "--problems",
-            "6",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    result = run_cli(
+        "eval", "lab:tiny", checkpoint, "--data", "lab:tiny", "--budgets", "8", "24", "--samples", "2",
+        "--problems", "6", "--out", out,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((out / "eval.json").read_text())
     names = {"lab_tiny@8", "lab_tiny@24", "tiny_step-00000001@8", "tiny_step-00000001@24"}
@@ -75,22 +55,7 @@ def test_eval_writes_every_output_for_a_model_and_a_checkpoint(tmp_path, tiny_mo
     # Another evaluation at a third budget, then both on one set of frontiers.
     other = tmp_path / "eval-16"
     run(EvalSpec(models=["lab:tiny"], data="lab:tiny", budgets=[16], samples=2, problems=6), other)
-    merged = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "eval",
-            "compare",
-            str(out),
-            str(other),
-            "--out",
-            str(tmp_path / "both"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    merged = run_cli("eval", "compare", out, other, "--out", tmp_path / "both")
     assert merged.returncode == 0, merged.stderr[-2000:]
     both = json.loads((tmp_path / "both" / "eval.json").read_text())
     assert set(both["runs"]) == names | {"lab_tiny@16"}
@@ -219,40 +184,38 @@ def test_the_user_template_may_show_each_budget(tiny_model_dir, tmp_path):
 
 
 def test_forcing_the_answer_at_the_budget_finishes_answers_the_cut_leaves_unfinished(tmp_path):
-    """The mixed lab model re-checks its result many times before "The answer is \\boxed{..}": cut
-    at 30 tokens it has answered nothing, while closing its reasoning there with the lab's own
-    " The answer is" lets it write the value it had already computed."""
+    """lab:tiny_rechecks re-checks its result many times before "The answer is \\boxed{..}": cut at
+    30 tokens it has answered nothing, while closing its reasoning there with the lab's own
+    " The answer is" makes it write one. Forced answers are graded like any other (whether they
+    are right is the model's skill: docs/benchmarks.md measures it on the quickstart's model)."""
     out = tmp_path / "eval"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "eval",
-            "lab:mixed",
-            "--data=lab:mixed",
-            "--budgets=30",
-            "--samples=1",
-            "--problems=16",
-            "--temperature=0",
-            "--force-answer",
-            "--force-close= The answer is",
-            "--force-answer-tokens=12",
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    result = run_cli(
+        "eval",
+        "lab:tiny_rechecks",
+        "--data=lab:tiny_rechecks",
+        "--budgets=30",
+        "--samples=1",
+        "--problems=16",
+        "--temperature=0",
+        "--force-answer",
+        "--force-close= The answer is",
+        "--force-answer-tokens=12",
+        f"--out={out}",
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run_ = json.loads((out / "eval.json").read_text())["runs"]["lab_mixed@30"]
+    run_ = json.loads((out / "eval.json").read_text())["runs"]["lab_tiny_rechecks@30"]
     assert run_["pass@1"] == 0.0 and run_["truncation_rate"] == 1.0
-    assert run_["pass@1/forced"] >= 0.25  # 0.5 measured: forced early, some answers are not yet computed
+    cut = [json.loads(line) for line in (out / "generations" / "lab_tiny_rechecks@30.jsonl").read_text().splitlines()]
+    assert len(cut) == 16 and not any("\\boxed{" in row["completions"][0] for row in cut)  # none answered
+    (forced_cache,) = (out / "generations").glob("lab_tiny_rechecks@30.forced-*.jsonl")
+    forced = [json.loads(line) for line in forced_cache.read_text().splitlines()]
+    answers = [re.search(r" The answer is \\boxed\{(\d+)\}\.$", row["completions"][0]) for row in forced]
+    assert all(answers), [row["completions"][0] for row in forced]  # every one answered, in the lab's format
+    right = sum(found.group(1) == row["answer"] for found, row in zip(answers, forced)) / len(forced)
+    assert run_["pass@1/forced"] == pytest.approx(right)
     # every response ran to the budget; forced ones add the 3 tokens of the close marker and an answer
     assert 30 + 3 < run_["length/forced"] <= 30 + 3 + 12
-    (forced_cache,) = (out / "generations").glob("lab_mixed@30.forced-*.jsonl")
-    completions = [json.loads(line)["completions"][0] for line in forced_cache.read_text().splitlines()]
-    assert all(" The answer is \\boxed{" in completion for completion in completions)  # all answered
     report = (out / "report.md").read_text()
     assert "## Budget forcing" in report
     assert f"{run_['pass@1']:.3f} cut at 30 tokens, {run_['pass@1/forced']:.3f} with the answer forced" in report

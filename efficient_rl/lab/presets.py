@@ -104,6 +104,15 @@ PRESETS: dict[str, LabPreset] = {
     "easy": LabPreset(
         task=ArithmeticTask(min_ops=1, max_ops=2), model=TINY_SHAPE, sft_examples=500, sft_steps=30, sft_batch_size=16
     ),
+    # Seconds to build too, and it writes its answers in the lab's format: a tiny model on one- and
+    # two-operation questions that re-checks up to 10 times; the budget-forcing test's.
+    "tiny_rechecks": LabPreset(
+        task=ArithmeticTask(min_ops=1, max_ops=2, max_rechecks=10),
+        model=TINY_SHAPE,
+        sft_examples=1000,
+        sft_steps=300,
+        sft_batch_size=16,
+    ),
     # The tests' distillation pair: lab:tiny teaches it.
     "tiny_student": LabPreset(
         model=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1),
