@@ -14,6 +14,7 @@ import yaml
 
 from conftest import RECIPES, wait_for
 from efficient_rl.cli import main
+from efficient_rl.errors import ConfigError
 
 TINY_STUDY = RECIPES / "studies" / "tiny.yaml"
 HANG_GUARD = 1200  # seconds: only turns a hang into a failure
@@ -210,7 +211,10 @@ def test_bad_study_files_are_one_line_errors_and_write_nothing(tmp_path, capsys,
 
 
 def test_a_file_that_is_no_study_is_one_line(tmp_path, capsys):
-    for text, message in (("runs: [", "not valid YAML"), ("- a\n- b\n", "expected a mapping (runs, seeds, eval, ...)")):
+    for text, message in (
+        ("runs: [", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping of study sections (runs, seeds, eval, ...)"),
+    ):
         (tmp_path / "study.yaml").write_text(text)
         for command in ("check", "status"):  # every subcommand loads the study alike
             assert main(["study", command, str(tmp_path / "study.yaml")]) == 2
@@ -219,7 +223,30 @@ def test_a_file_that_is_no_study_is_one_line(tmp_path, capsys):
     assert "study file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, trainings", [("dler_frontier", 48), ("tiny", 2)])
+def test_a_study_varies_another_named_as_its_defaults(tmp_path):
+    """Lists (runs, overrides) replace the base's, mappings (eval) merge key by key, the name is the
+    file's own; a chain that loops back is one line."""
+    from efficient_rl.study.spec import load_study
+
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({**good_study(tmp_path), "eval": {"data": "lab:tiny", "budgets": [8], "samples": 3}})
+    )
+    sweep = {"defaults": "base.yaml", "seeds": [1, 2], "runs": [{"method": "b", "recipe": str(RECIPES / "dler.yaml")}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**sweep, "eval": {"budgets": [4, 16]}}))
+    loaded = load_study(tmp_path / "sweep.yaml")
+    assert loaded.study.name == "sweep" and [run.method for run in loaded.study.runs] == ["b"]
+    assert loaded.study.overrides == good_study(tmp_path)["overrides"] and loaded.study.seeds == [1, 2]
+    assert (loaded.study.eval.data, loaded.study.eval.budgets, loaded.study.eval.samples) == ("lab:tiny", [4, 16], 3)
+    assert [(item.method, item.seed, item.recipe.model.lab) for item in loaded.planned] == [
+        ("b", 1, "tiny"),
+        ("b", 2, "tiny"),
+    ]
+    (tmp_path / "base.yaml").write_text("defaults: sweep.yaml\n")
+    with pytest.raises(ConfigError, match=r"sweep.yaml: 'defaults' chain loops back to itself$"):
+        load_study(tmp_path / "sweep.yaml")
+
+
+@pytest.mark.parametrize("name, trainings", [("dler_frontier", 48), ("dler_frontier_sweeps", 8), ("tiny", 2)])
 def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     status = main(["study", "check", str(RECIPES / "studies" / f"{name}.yaml"), f"output_dir={tmp_path / 'out'}"])
     printed = capsys.readouterr().out

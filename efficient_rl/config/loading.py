@@ -71,10 +71,16 @@ def sets_key(raw, parts: list[str]) -> bool:
     return True
 
 
-def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The file's mapping merged over its `defaults:` chain."""
+def read_recipe_file(path: Path) -> dict:
+    """The recipe file's mapping merged over its `defaults:` chain."""
+    return read_file_chain(path, "recipe", "recipe sections")
+
+
+def read_file_chain(path: Path, kind: str, contents: str, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping (a recipe, a study) merged over its `defaults:` chain of files of the same
+    kind, each path relative to the file naming it; `contents` says what the mapping holds."""
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+        raise ConfigError(f"{path}: {kind} file not found")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'defaults' chain loops back to itself")
     try:
@@ -82,11 +88,11 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({one_line(err)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of recipe sections, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of {contents}, got {type(raw).__name__}")
     base_name = raw.pop("defaults", None)
     if base_name is None:
         return raw
-    base = read_recipe_file(path.parent / base_name, seen + (path.resolve(),))
+    base = read_file_chain(path.parent / base_name, kind, contents, seen + (path.resolve(),))
     return deep_merge(base, raw)
 
 

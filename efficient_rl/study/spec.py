@@ -14,10 +14,10 @@ from typing import Literal
 
 import yaml
 
-from efficient_rl.config.loading import apply_override, build, load_recipe
+from efficient_rl.config.loading import apply_override, build, load_recipe, read_file_chain
 from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import Recipe, as_plain
-from efficient_rl.errors import ConfigError, one_line
+from efficient_rl.errors import ConfigError
 from efficient_rl.eval.spec import EVAL_NUMBER_RULES, EvalSpec, check_reward_form, check_user_template
 from efficient_rl.slurm.submit import SUBMIT_NUMBER_RULES, SubmitOptions
 
@@ -138,15 +138,10 @@ def minutes_as_time(raw: dict) -> None:
 
 
 def read_study_file(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping (runs, seeds, eval, ...), got {type(raw).__name__}")
-    return raw
+    """The study file's mapping merged over its `defaults:` chain: a study that varies another
+    (a sweep of a few of its runs) names it and sets only what differs; `runs` and `overrides`
+    are lists, so they replace the base's, while `eval` and `slurm` merge key by key."""
+    return read_file_chain(path, "study", "study sections (runs, seeds, eval, ...)")
 
 
 def check_study(study: Study) -> None:
