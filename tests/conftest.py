@@ -85,11 +85,12 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_dir):
     return out / "tiny" / "checkpoints" / "step-00000001"
 
 
-def run_cli(*arguments: str, cwd=None, timeout: float = 1200) -> subprocess.CompletedProcess:
+def run_cli(*arguments: str, cwd=None, timeout: float = 1200, **options) -> subprocess.CompletedProcess:
     """`efficient-rl ARGUMENTS` in a process of its own (its exit code and stderr are what a user
-    sees), with text output; `timeout` only turns a hang into an error."""
+    sees), with text output; `timeout` only turns a hang into an error. `options` go to
+    subprocess.run (env, preexec_fn)."""
     command = [sys.executable, "-m", "efficient_rl.cli", *map(str, arguments)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, **options)
 
 
 def wait_for(ready, process, why_it_ended, guard: float = 1200, pause: float = 0.2) -> None:

@@ -2,12 +2,10 @@
 
 import dataclasses
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import RECIPES, ROOT
+from conftest import RECIPES, ROOT, run_cli
 from efficient_rl.algos.losses import POLICY_LOSSES
 from efficient_rl.config.binding import bind
 from efficient_rl.config.loading import load_recipe
@@ -254,12 +252,6 @@ def test_semantic_checks_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         validate(load_recipe(RECIPES / "grpo.yaml", [override]))
     assert message in str(err.value)
-
-
-def run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=1200
-    )
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@ imported, and a run selects it by recipe keys alone (`imports` and `algorithm.ad
 fresh process that knows nothing of it otherwise. docs/extending.md shows the same diff."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -43,27 +41,19 @@ def test_the_estimator_against_a_loop():
 
 
 def train(tmp_path, tiny_overrides, *keys):
-    from conftest import RECIPES, ROOT
+    from conftest import RECIPES, ROOT, run_cli
 
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "steps=2",
-            "eval.before_training=false",
-            "eval.after_training=false",
-            "logging.trackers=[]",
-            "logging.name=plugin",
-            *keys,
-        ],
-        capture_output=True,
-        text=True,
+    return run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "logging.name=plugin",
+        *keys,
         cwd=ROOT,
-        timeout=1200,
     )
 
 

@@ -4,13 +4,12 @@ cached as JSONL), `#### N` answers in the math reward, and `efficient-rl eval` o
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tomllib
 import zipfile
 
 import pytest
 
+from conftest import run_cli
 from efficient_rl.cli import main
 from efficient_rl.config.schema import DataSection
 from efficient_rl.data.cache import fetch_wheel
@@ -119,27 +118,19 @@ def test_hash_answer_extraction_and_unreadable_references():
 
 def test_eval_on_gsm8k_test100_writes_its_report(tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "eval",
-            "lab:tiny",
-            "--data",
-            "gsm8k:test100",
-            "--problems",
-            "4",
-            "--samples",
-            "1",
-            "--budgets",
-            "16",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    result = run_cli(
+        "eval",
+        "lab:tiny",
+        "--data",
+        "gsm8k:test100",
+        "--problems",
+        "4",
+        "--samples",
+        "1",
+        "--budgets",
+        "16",
+        "--out",
+        str(out),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("eval.json", "report.md", "report.html", "tradeoff.png", "lengths.png"):

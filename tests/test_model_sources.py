@@ -3,7 +3,6 @@ written here for the cache, the model references and bad input."""
 
 import re
 import shutil
-import subprocess
 import sys
 
 import gguf
@@ -14,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GgufConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import RECIPES, TINY_OVERRIDES
+from conftest import RECIPES, TINY_OVERRIDES, run_cli
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.data.cache import cache_root
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
@@ -173,12 +172,7 @@ def test_bad_gguf_files_are_one_line_errors_and_leave_nothing(tmp_path, kind, me
 def test_convert_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_text("a note, not a model\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "efficient_rl.cli", "convert", str(bad), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    result = run_cli("convert", bad, "--out", tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"efficient-rl: error: {bad}: not a GGUF file"]
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_packing import spread_batch
 from test_selected_compute import settings_of, tiny_model
 
-from conftest import RECIPES, ROOT
+from conftest import RECIPES, ROOT, run_cli
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import check_skipped_steps
 from efficient_rl.driver.validate import validate
@@ -139,28 +139,20 @@ def test_a_run_whose_loss_is_never_finite_stops_and_its_checkpoints_hold_finite_
 ):
     """Through the command: exit 1, one line naming the step; the checkpoint of step 1 (one skip)
     holds the starting weights, and none is written for the step that stopped the run."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            f"imports=[{ROOT / 'tests' / 'nonfinite_objective.py'}]",
-            "algorithm.objective=nonfinite_policy_gradient",
-            "learner.max_skipped_steps=2",
-            "steps=4",
-            "checkpoint.every=1",
-            "eval.before_training=false",
-            "eval.after_training=false",
-            "logging.trackers=[]",
-            "logging.name=nonfinite",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        f"imports=[{ROOT / 'tests' / 'nonfinite_objective.py'}]",
+        "algorithm.objective=nonfinite_policy_gradient",
+        "learner.max_skipped_steps=2",
+        "steps=4",
+        "checkpoint.every=1",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.trackers=[]",
+        "logging.name=nonfinite",
         cwd=ROOT,
-        timeout=1200,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("efficient-rl: error:")]

@@ -9,9 +9,10 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
+
+from conftest import run_cli
 
 FILE_LIMIT = 64 * 1024  # bytes: below the tiny lab model's weight file (about 340 KB)
 
@@ -22,8 +23,7 @@ def limited_disk() -> None:
 
 
 def run_on_a_full_disk(*arguments, cwd) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "efficient_rl.cli", *map(str, arguments)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, preexec_fn=limited_disk)
+    return run_cli(*arguments, cwd=cwd, timeout=600, preexec_fn=limited_disk)
 
 
 def leftovers(directory) -> list[str]:

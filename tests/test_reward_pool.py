@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import run_cli
 from efficient_rl.config.schema import RewardEntry
 from efficient_rl.errors import ConfigError
 from efficient_rl.scoring.runner import RewardRunner
@@ -156,25 +157,16 @@ def test_a_reward_returning_a_non_number_fails_the_load_probe():
 
 
 def test_recipe_load_rejects_a_bad_reward_in_one_line(tmp_path):
-    import subprocess
 
     from conftest import RECIPES, TINY_OVERRIDES
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *TINY_OVERRIDES,
-            f"logging.output_dir={tmp_path}",
-            "reward=[{name: math}, {name: 'test_reward_pool:text_reward'}]",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *TINY_OVERRIDES,
+        f"logging.output_dir={tmp_path}",
+        "reward=[{name: math}, {name: 'test_reward_pool:text_reward'}]",
         cwd=os.path.dirname(__file__),
-        timeout=1200,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -184,28 +176,19 @@ def test_recipe_load_rejects_a_bad_reward_in_one_line(tmp_path):
 
 def test_training_with_a_reward_from_a_file_through_the_cli(tmp_path, tiny_overrides):
     import json
-    import subprocess
 
     from conftest import RECIPES, ROOT
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "steps=2",
-            "eval.before_training=false",
-            "eval.after_training=false",
-            "logging.name=custom",
-            "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "steps=2",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "logging.name=custom",
+        "reward=[{name: examples/concise_math_reward.py:concise_math, params: {target_words: 12}}]",
         cwd=ROOT,
-        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "custom" / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.driver.loop import run_recipe
 from efficient_rl.run.checkpoint import RunDir
@@ -39,23 +39,15 @@ def deterministic(row):
 
 
 def test_cli_two_training_steps(tmp_path, tiny_overrides):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "steps=2",
-            "logging.name=smoke",
-            "eval.every=2",
-            "eval.samples_per_problem=2",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "steps=2",
+        "logging.name=smoke",
+        "eval.every=2",
+        "eval.samples_per_problem=2",
         cwd=tmp_path,
-        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke"
@@ -234,23 +226,15 @@ def test_a_stop_file_written_before_the_start_stops_the_run_after_its_first_step
     warning at the job's first second) is read from $EFFICIENT_RL_STOP_FILE and acted on."""
     stop_file = tmp_path / "stop-request"
     stop_file.touch()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "steps=50",
-            "eval.before_training=false",
-            "logging.trackers=[]",
-            "logging.name=early",
-        ],
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "steps=50",
+        "eval.before_training=false",
+        "logging.trackers=[]",
+        "logging.name=early",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1200,
         env={**os.environ, "EFFICIENT_RL_STOP_FILE": str(stop_file)},
     )
     assert result.returncode == 75, result.stderr[-2000:]

@@ -2,14 +2,12 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES
+from conftest import RECIPES, run_cli
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
 from efficient_rl.lab.tasks import ArithmeticTask, generate_problems
 from efficient_rl.models.modeling import outside_support, response_logprobs
@@ -235,25 +233,17 @@ def test_on_policy_the_learner_sees_the_distribution_the_engines_sampled_from(la
 
 
 def test_training_with_the_vllm_engine(tmp_path, tiny_overrides):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "efficient_rl.cli",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *tiny_overrides,
-            "rollout.engine=vllm",
-            "rollout.verify_sync=true",
-            "steps=2",
-            "eval.before_training=false",
-            "logging.trackers=[]",
-            "logging.name=vllm",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides,
+        "rollout.engine=vllm",
+        "rollout.verify_sync=true",
+        "steps=2",
+        "eval.before_training=false",
+        "logging.trackers=[]",
+        "logging.name=vllm",
         cwd=tmp_path,
-        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "vllm" / "metrics.jsonl").read_text().splitlines()]
