@@ -5,6 +5,7 @@ with each."""
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -42,52 +43,107 @@ def close(tensor, expected):
 
 # --- DOT -----------------------------------------------------------------------------------------
 
-# Two prompts of four rollouts of lengths 10, 10, 10, 50: mean 20, population std sqrt(300) = 17.32.
+# Two prompts of four rollouts of lengths 10, 10, 10, 50: mean 20, sample std sqrt(1200 / 3) = 20.
 # The first prompt is solved by every rollout, the second is not.
 DOT_LENGTHS = [10, 10, 10, 50] * 2
 DOT_GROUPS = [0] * 4 + [1] * 4
 
 
+def dot_reference(lengths, correct, groups, scores, k, margin):
+    """DOT rule by brute force: per group, with the statistics module's sample std."""
+    rewards = list(scores)
+    for group in set(groups):
+        rows = [i for i, g in enumerate(groups) if g == group]
+        if not all(correct[i] > 0 for i in rows):
+            continue
+        members = [lengths[i] for i in rows]
+        spread = statistics.stdev(members) if len(members) > 1 else 0.0
+        cutoff = math.floor(statistics.mean(members) + k * spread)
+        for i in rows:
+            if lengths[i] - cutoff >= margin:
+                rewards[i] = min(scores[i], 0.0)
+    return rewards
+
+
 def test_dot_truncates_the_long_tail_of_a_group_every_rollout_solved():
-    batch = inputs(DOT_LENGTHS, [1, 1, 1, 1, 1, 1, 0, 1], groups=DOT_GROUPS)
-    # k = 1: threshold 20 + 17.32 = 37.3, so the 50-token answer of the solved prompt earns 0;
-    # the unsolved prompt's identical 50-token answer keeps its score.
-    close(dynamic_outlier_truncation(batch, k=1.0), [1, 1, 1, 0, 1, 1, 0, 1])
-    # k = 1.8: threshold 20 + 31.2 = 51.2, above every length.
-    close(dynamic_outlier_truncation(batch, k=1.8), [1, 1, 1, 1, 1, 1, 0, 1])
-    metrics = LENGTH_SHAPERS.get("dot").bind(LENGTH_SHAPERS.get("dot").params(k=1.0)).metrics(batch)
+    correct = [1, 1, 1, 1, 1, 1, 0, 1]
+    batch = inputs(DOT_LENGTHS, correct, groups=DOT_GROUPS)
+    # k = 1: cutoff floor(20 + 20) = 40, and 50 - 40 = 10 >= margin 10: the 50-token answer of the
+    # solved prompt earns 0; the unsolved prompt's identical 50-token answer keeps its score.
+    close(dynamic_outlier_truncation(batch, k=1.0, margin=10), [1, 1, 1, 0, 1, 1, 0, 1])
+    # margin 11: 10 tokens past the cutoff are not enough.
+    close(dynamic_outlier_truncation(batch, k=1.0, margin=11), correct)
+    # k = 1.5: cutoff 50, the longest answer is not past it.
+    close(dynamic_outlier_truncation(batch, k=1.5, margin=1), correct)
+    metrics = LENGTH_SHAPERS.get("dot").bind(LENGTH_SHAPERS.get("dot").params(k=1.0, margin=10)).metrics(batch)
     assert metrics == {"dot/truncated": 1 / 8, "dot/solved_share": 4 / 8}
+
+
+def test_dot_cutoff_is_floored_before_the_margin():
+    # 10, 10, 10, 51: mean 20.25, sample std sqrt(1260.75 / 3) = 20.5, so with k = 1 the cutoff is
+    # floor(40.75) = 40 and the long answer lies 11 tokens past it (10.25 past the unfloored value).
+    batch = inputs([10, 10, 10, 51], [1, 1, 1, 1])
+    close(dynamic_outlier_truncation(batch, k=1.0, margin=11), [1, 1, 1, 0])
+    close(dynamic_outlier_truncation(batch, k=1.0, margin=12), [1, 1, 1, 1])
+
+
+def test_dot_matches_a_brute_force_reference_on_random_groups():
+    generator = torch.Generator().manual_seed(3)
+    truncated = 0
+    for _ in range(40):
+        lengths = torch.randint(1, 200, (12,), generator=generator).tolist()
+        correct = (torch.rand(12, generator=generator) < 0.8).long().tolist()
+        scores = (torch.randn(12, generator=generator) * 2).tolist()
+        groups = [i // 4 for i in range(12)]
+        for k, margin in ((0.5, 1), (1.0, 5), (1.2, 20)):
+            batch = inputs(lengths, correct, groups=groups, scores=scores)
+            expected = dot_reference(lengths, correct, groups, scores, k, margin)
+            close(dynamic_outlier_truncation(batch, k=k, margin=margin), expected)
+            truncated += sum(e != s for e, s in zip(expected, scores))
+    assert truncated > 20  # the reference did cut answers
 
 
 def test_dot_pays_a_truncated_answer_at_most_zero_and_never_more_than_its_score():
     batch = inputs([10, 10, 10, 50, 10, 10, 10, 50], [1] * 8, groups=DOT_GROUPS, scores=[2, 2, 2, 2] + [-0.5] * 4)
-    close(dynamic_outlier_truncation(batch, k=1.0), [2, 2, 2, 0, -0.5, -0.5, -0.5, -0.5])
+    close(dynamic_outlier_truncation(batch, k=1.0, margin=1), [2, 2, 2, 0, -0.5, -0.5, -0.5, -0.5])
 
 
 def test_dot_leaves_a_group_of_one_length_alone():
-    batch = inputs([30, 30, 30], [1, 1, 1])  # std 0: nobody is longer than the mean
-    close(dynamic_outlier_truncation(batch, k=0.0), [1, 1, 1])
+    batch = inputs([30, 30, 30], [1, 1, 1])  # std 0: the cutoff is the length itself
+    close(dynamic_outlier_truncation(batch, k=0.0, margin=1), [1, 1, 1])
+    single = inputs([30], [1])  # a group of one has no spread either
+    close(dynamic_outlier_truncation(single, k=0.0, margin=1), [1])
 
 
 def test_dot_refuses_a_k_no_length_can_exceed_in_a_group():
-    # rollout.group_size 4: no length is more than sqrt(3) = 1.732 standard deviations above the mean
-    overrides = ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.8}"]
+    # rollout.group_size 4: no length is more than 3 / sqrt(4) = 1.5 sample standard deviations
+    # above the mean
+    overrides = ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.5}"]
     with pytest.raises(ConfigError) as err:
         validate(load_recipe(RECIPES / "quickstart.yaml", overrides))
-    assert str(err.value).startswith("algorithm.length_penalty.k: expected below sqrt(rollout.group_size - 1) = 1.732")
-    # the default k = 3 needs groups of more than 10 (sqrt(G - 1) > 3)
+    expected = "algorithm.length_penalty.k: expected below (rollout.group_size - 1) / sqrt(rollout.group_size) = 1.5,"
+    assert str(err.value).startswith(expected)
+    # the default k = 3 needs groups of more than 10 ((G - 1) / sqrt(G): 3.015 at 11, 2.846 at 10)
     validate(
         load_recipe(RECIPES / "quickstart.yaml", ["rollout.group_size=11", "algorithm.length_penalty={name: dot}"])
     )
-    with pytest.raises(ConfigError, match=r"= 3, got 3.0"):
+    with pytest.raises(ConfigError, match=r"= 2.846, got 3.0"):
         validate(
             load_recipe(RECIPES / "quickstart.yaml", ["rollout.group_size=10", "algorithm.length_penalty={name: dot}"])
         )
     validate(
         load_recipe(
-            RECIPES / "quickstart.yaml", ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.7}"]
+            RECIPES / "quickstart.yaml", ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.4}"]
         )
     )
+
+
+def test_dot_refuses_a_margin_beyond_the_generation_limit():
+    # the quickstart's limit is 48 tokens: no answer can lie 49 tokens past a cutoff
+    overrides = ["rollout.group_size=16", "algorithm.length_penalty={name: dot, margin: 49}"]
+    with pytest.raises(ConfigError) as err:
+        validate(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    assert str(err.value).startswith("algorithm.length_penalty.margin: expected 1..rollout.max_response_length (48)")
 
 
 # --- Leash ---------------------------------------------------------------------------------------
@@ -203,15 +259,16 @@ def lab_run(tiny_overrides, name, extra, steps=2, stop_after_step=None, resume=F
 
 def test_dot_training_truncates_only_outliers_of_solved_groups(tmp_path, tiny_overrides):
     # Every answer scores 1, so every group is solved. Under a limit of 64 tokens a quarter of the
-    # tiny model's answers stop early, so most groups hold lengths that differ, and with k = 0.5 the
-    # longest of those lie beyond mean + k std: the truncated ones are all that lowers the reward.
+    # tiny model's answers stop early, so most groups hold lengths that differ, and with k = 0.5 and
+    # margin 1 the longest of those lie past floor(mean + k std): the truncated ones are all that
+    # lowers the reward.
     _, rows = lab_run(
         tiny_overrides,
         "dot",
         [
             "reward=[{name: 'test_length_controllers:always_right'}]",
             "rollout.max_response_length=64",
-            "algorithm.length_penalty={name: dot, k: 0.5}",
+            "algorithm.length_penalty={name: dot, k: 0.5, margin: 1}",
         ],
     )
     assert [row["step"] for row in rows] == [1, 2]
@@ -299,15 +356,16 @@ def test_a_training_prompt_missing_from_the_profile_stops_the_run_in_one_line(tm
 
 
 def test_dot_keeps_the_promises_on_random_rounds_where_it_truncates():
-    """test_shaping_properties.py checks DOT at its default k = 3, which no group of 8 reaches
-    (sqrt(7) < 3): here with k = 1, where it truncates, on scores of any sign."""
+    """test_shaping_properties.py checks DOT at its defaults k = 3 and margin 32, which no group of
+    8 reaches (7 / sqrt(8) < 3): here with k = 1 and margin 1, where it truncates, on scores of
+    any sign."""
     from test_shaping_properties import broken_promises, random_round
 
     generator = torch.Generator().manual_seed(5)
     changed = 0
     for _ in range(60):
         batch = random_round(generator, "any")
-        rewards = dynamic_outlier_truncation(batch, k=1.0)
+        rewards = dynamic_outlier_truncation(batch, k=1.0, margin=1)
         changed += int((rewards != batch.scores).sum())
         assert not broken_promises(batch, rewards, "shorter")
     assert changed > 0

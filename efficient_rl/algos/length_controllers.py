@@ -1,7 +1,8 @@
 """Length controllers of the 2026 wave, as LENGTH_SHAPERS entries.
 
   * DOT (#dot-dynamic-outlier-truncation): inside a group whose rollouts are all correct, a
-    rollout far above the group's mean length is treated as truncated;
+    rollout far above the group's mean length (mean + k sample std, by a margin) is treated as
+    truncated;
   * Leash (#leash): a one-sided penalty above a target length whose weight, a Lagrange
     multiplier, follows the batch's mean length by dual ascent: state carried across steps
     (algos/shaping.py `carries_state`);
@@ -24,55 +25,59 @@ from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, carries_st
 # --- DOT: dynamic outlier truncation ---------------------------------------------------------------
 
 
-def dot_outliers(inputs: ShapingInputs, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dot_outliers(inputs: ShapingInputs, k: float, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] rollouts treated as truncated, [B] rollouts in a group whose rollouts are all correct).
 
-    An outlier is longer than its group's mean + k * std (population std over the group's
-    lengths), computed afresh from every round's own rollouts."""
+    The group's cutoff is floor(mean + k * std) of its lengths, std the sample standard deviation
+    (n - 1; 0 for a group of one), computed afresh from every round's own rollouts; an outlier is
+    at least `margin` tokens longer than the cutoff, as in the authors' code (U-rara/DOT)."""
     index, groups = group_index(inputs.group_ids)
     lengths = inputs.lengths.double()
     size = group_reduce(torch.ones_like(lengths), index, groups, "sum")
     hits = group_reduce((inputs.correct > 0).double(), index, groups, "sum")
     solved = (hits == size)[index]
     mean = group_reduce(lengths, index, groups, "sum") / size
-    spread = (group_reduce((lengths - mean[index]) ** 2, index, groups, "sum") / size).sqrt()
-    threshold = (mean + k * spread)[index]
-    return solved & (lengths > threshold), solved
+    squares = group_reduce((lengths - mean[index]) ** 2, index, groups, "sum")
+    spread = (squares / (size - 1).clamp(min=1)).sqrt()
+    cutoff = torch.floor(mean + k * spread)[index]
+    return solved & (lengths - cutoff >= margin), solved
 
 
 def dot_check(params, recipe) -> str | None:
-    """Within a group of G, no length is more than sqrt(G - 1) population standard deviations
-    above the group's mean: a k at or beyond that would never truncate anything."""
+    """Within a group of G, no length is more than (G - 1) / sqrt(G) sample standard deviations
+    above the group's mean: a k at or beyond that would never truncate anything; nor would a
+    margin longer than the generation limit."""
     size = recipe.rollout.group_size
-    bound = math.sqrt(max(size - 1, 0))
-    if params.k < bound:
-        return None
-    return (
-        f"k: expected below sqrt(rollout.group_size - 1) = {bound:.4g}, got {params.k}: in a group of {size} no "
-        "length lies further above the mean, so nothing would ever be truncated"
-    )
+    bound = (size - 1) / math.sqrt(size) if size > 0 else 0.0
+    if params.k >= bound:
+        return (
+            f"k: expected below (rollout.group_size - 1) / sqrt(rollout.group_size) = {bound:.4g}, got {params.k}: "
+            f"in a group of {size} no length lies further above the mean, so nothing would ever be truncated"
+        )
+    return within_limit("margin", params.margin, recipe.rollout.max_response_length)
 
 
-def dot_metrics(inputs: ShapingInputs, *, k: float) -> dict[str, float]:
-    outliers, solved = dot_outliers(inputs, k)
+def dot_metrics(inputs: ShapingInputs, *, k: float, margin: int) -> dict[str, float]:
+    outliers, solved = dot_outliers(inputs, k, margin)
     return {"dot/truncated": float(outliers.double().mean()), "dot/solved_share": float(solved.double().mean())}
 
 
 @LENGTH_SHAPERS.register(
     "dot",
-    ranges={"k": "[0, inf)"},
+    ranges={"k": "[0, inf)", "margin": "[1, inf)"},
     check=dot_check,
     metrics=dot_metrics,
-    source="DOT, Anti-Length Shift (arXiv 2601.03969): truncation of the length tail of all-correct groups",
+    source="DOT (arXiv 2601.03969; code U-rara/DOT): truncation of the length tail of all-correct groups",
 )
 # An outlier earns min(score, 0): a positive score cut to 0, no lower; only all-correct groups
 # are shaped, so every wrong rollout keeps its score.
 @promises(correct_floor="zero", wrong_kept=True)
-def dynamic_outlier_truncation(inputs: ShapingInputs, *, k: float = 3.0) -> torch.Tensor:
-    """A rollout of a group whose rollouts are all correct, longer than the group's mean + k std,
-    is treated as truncated: it earns min(score, 0), what DLER pays a truncated answer (0) on
-    binary scores, and never more than its score. Every other rollout keeps its score."""
-    outliers, _ = dot_outliers(inputs, k)
+def dynamic_outlier_truncation(inputs: ShapingInputs, *, k: float = 3.0, margin: int = 32) -> torch.Tensor:
+    """A rollout of a group whose rollouts are all correct, at least `margin` tokens longer than
+    the group's cutoff floor(mean + k std), is treated as truncated: it earns min(score, 0), what
+    the verifier gives an answer cut before its final line (0) on binary scores, and never more
+    than its score. Every other rollout keeps its score."""
+    outliers, _ = dot_outliers(inputs, k, margin)
     return torch.where(outliers, inputs.scores.clamp(max=0.0), inputs.scores)
 
 
