@@ -393,6 +393,24 @@ def test_profile_lengths_samples_every_training_prompt_and_the_profile_trains(tm
     assert metrics[0]["profiled/profiled_share"] == 1.0
 
 
+def test_profile_lengths_samples_under_the_recipes_thinking_budget(tmp_path, tiny_overrides):
+    """The profile's lengths are the ones training will see: with rollout.thinking_budget, an answer
+    still reasoning at 4 tokens gets " The answer is" (3 lab tokens) and at most 2 more, so no
+    length passes 4 + 3 + 2, where the tiny model left alone runs to its 24-token limit."""
+    from efficient_rl.driver.profile import load_for_profiling, profile_lengths
+
+    budget = "rollout.thinking_budget={tokens: 4, close: ' The answer is', answer_tokens: 2}"
+    overrides = tiny_overrides + ["data.train_size=4", "reward=[{name: 'test_length_controllers:always_right'}]"]
+    lengths = {}
+    for name, extra in (("free", []), ("budget", [budget])):
+        stats = tmp_path / f"{name}.jsonl"
+        profile_lengths(load_for_profiling(RECIPES / "quickstart.yaml", overrides + extra), stats, samples=3)
+        rows = [json.loads(line) for line in stats.read_text().splitlines()]
+        # every answer passes: the largest possible length is mean + std * sqrt(n - 1) (population std)
+        lengths[name] = max(row["mean"] + row["std"] * 2**0.5 for row in rows)
+    assert lengths["budget"] <= 4 + 3 + 2 < lengths["free"], lengths
+
+
 def train_split(overrides):
     recipe = load_recipe(RECIPES / "quickstart.yaml", overrides)
     return recipe.data.train, "train", recipe.data, recipe.seed, "data.train"

@@ -29,7 +29,7 @@ from efficient_rl.errors import ConfigError, WorkerFailure
 from efficient_rl.eval.heldout import evaluate
 from efficient_rl.eval.metrics import length_summary
 from efficient_rl.registry import Bound
-from efficient_rl.rollout.base import SamplingSettings, thinking_budget
+from efficient_rl.rollout.base import SamplingSettings, rollout_sampling
 from efficient_rl.run.checkpoint import RunDir
 from efficient_rl.scoring.answer_reached import batch_answer_ends, no_answer_ends
 from efficient_rl.scoring.runner import REWARD_FAILURES, RewardResult
@@ -104,14 +104,7 @@ class Trainer:
         self.components = plan["cluster.backend"](plan, setup)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
-        self.sampling = SamplingSettings(
-            n=recipe.rollout.group_size,
-            max_new_tokens=recipe.rollout.max_response_length,
-            temperature=recipe.rollout.temperature,
-            top_p=recipe.rollout.top_p,
-            top_k=recipe.rollout.top_k,
-            thinking_budget=thinking_budget(recipe.rollout.thinking_budget),
-        )
+        self.sampling = rollout_sampling(recipe.rollout, recipe.rollout.group_size)
         # Who makes each step's batch, and when: now (sync) or while the learner trains (overlapped).
         self.pipeline = plan["cluster.pipeline"](self.collect_rollouts, self.engine, recipe.steps)
         self.timings: dict[str, float] = {}  # seconds per stage of the current step, on the driver's side

@@ -1,11 +1,12 @@
 """`efficient-rl profile-lengths RECIPE --out stats.jsonl`: the length profile the reference-profiled
 threshold reads (docs/algorithms.md#reference-profiled-threshold).
 
-The recipe's initial model answers every training prompt `samples` times under the recipe's
-sampling settings; the recipe's rewards score the answers; each prompt's row is the count, mean and
-std of its passing answers' lengths (data/profiles.py `profile_row`). It reuses the training path:
-the recipe validated and built as for training (its data, prompt variables, tokenizer, rewards and
-model), the transformers engine, and the reward runner.
+The recipe's initial model answers every training prompt `samples` times, sampled as training
+samples (its thinking budget included, so the profile's lengths are the ones training will see);
+the recipe's rewards score the answers; each prompt's row is the count, mean and std of its
+passing answers' lengths (data/profiles.py `profile_row`). It reuses the training path: the recipe
+validated and built as for training (its data, prompt variables, tokenizer, rewards and model),
+the transformers engine, and the reward runner.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from efficient_rl.driver.build import build_setup
 from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 from efficient_rl.eval.tradeoff import transformers_engine
-from efficient_rl.rollout.base import SamplingSettings
+from efficient_rl.rollout.base import SamplingSettings, rollout_sampling
 from efficient_rl.rollout.hf import TransformersEngine
 
 PROMPTS_PER_CALL = 64  # prompts generated and scored at a time: bounds memory, not the result
@@ -54,13 +55,7 @@ def profile_lengths(recipe: Recipe, out: Path, samples: int) -> int:
             if setup.model is not None
             else transformers_engine(setup.model_dir, setup.tokenizer, 0, recipe.seed)
         )
-        settings = SamplingSettings(
-            n=samples,
-            max_new_tokens=recipe.rollout.max_response_length,
-            temperature=recipe.rollout.temperature,
-            top_p=recipe.rollout.top_p,
-            top_k=recipe.rollout.top_k,
-        )
+        settings = rollout_sampling(recipe.rollout, samples)  # as training samples, budget forcing included
         torch.manual_seed(recipe.seed)
         rows = []
         prompts = setup.train_samples

@@ -45,6 +45,20 @@ class SamplingSettings:
         return Support(self.top_k, self.top_p) if self.temperature > 0 else WHOLE_VOCABULARY
 
 
+def rollout_sampling(rollout, n: int) -> SamplingSettings:
+    """The recipe's `rollout` section (config/schema.py RolloutSection) as the engines take it,
+    `n` answers a prompt: training's rollouts, and what else must sample as training does (the
+    reference's length profile)."""
+    return SamplingSettings(
+        n=n,
+        max_new_tokens=rollout.max_response_length,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        thinking_budget=thinking_budget(rollout.thinking_budget),
+    )
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
