@@ -70,6 +70,53 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids, mask
 
 
+@dataclass
+class Row:
+    """One rollout as an engine hands it over, or while it is being assembled (budget forcing):
+    its prompt, tokens and log-probs so far."""
+
+    prompt: list[int]
+    sample: dict
+    group_id: int
+    tokens: list[int]
+    logprobs: list[float]
+    forced: list[float]  # 1.0 where the engine wrote the token
+    truncated: bool
+
+    def extend(self, tokens: list[int], logprobs: list[float], forced: float) -> None:
+        self.tokens, self.logprobs = self.tokens + tokens, self.logprobs + logprobs
+        self.forced = self.forced + [forced] * len(tokens)
+
+
+def rows_to_batch(rows: list[Row], tokenizer) -> RolloutBatch:
+    """Assembled rollouts as a batch on the host, tokens an engine appended (budget forcing) in
+    forced_mask: what every engine that hands its completions over as lists returns."""
+    host, pad = torch.device("cpu"), tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([row.prompt for row in rows], pad, host)
+    width = max(len(row.tokens) for row in rows)
+    shape = (len(rows), width)
+    response_ids = torch.full(shape, pad, dtype=torch.long, device=host)
+    response_mask, logprobs, forced = (torch.zeros(shape, device=host) for _ in range(3))
+    for index, row in enumerate(rows):
+        end = len(row.tokens)
+        response_ids[index, :end] = torch.tensor(row.tokens, dtype=torch.long, device=host)
+        response_mask[index, :end] = 1.0
+        logprobs[index, :end] = torch.tensor(row.logprobs, device=host)
+        forced[index, :end] = torch.tensor(row.forced, device=host)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        rollout_logprobs=logprobs,
+        truncated=torch.tensor([row.truncated for row in rows], device=host),
+        group_ids=torch.tensor([row.group_id for row in rows], dtype=torch.long, device=host),
+        samples=[row.sample for row in rows],
+        completions=[tokenizer.decode(row.tokens, skip_special_tokens=True) for row in rows],
+        forced_mask=forced,
+    )
+
+
 class RolloutEngine(Protocol):
     def generate(
         self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings

@@ -12,33 +12,13 @@ ordinary generate. The appended tokens are marked in `forced_mask`, which keeps 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.rollout.base import SamplingSettings, left_pad
+from efficient_rl.rollout.base import Row, SamplingSettings, rows_to_batch
 
 # fn(prompts, samples, group_ids, settings) -> RolloutBatch: an engine's plain generate
 Generate = Callable[[list[list[int]], list[dict], list[int], SamplingSettings], RolloutBatch]
-
-
-@dataclass
-class Row:
-    """One rollout while it is being assembled: its tokens and log-probs so far."""
-
-    prompt: list[int]
-    sample: dict
-    group_id: int
-    tokens: list[int]
-    logprobs: list[float]
-    forced: list[float]  # 1.0 where the engine wrote the token
-    truncated: bool
-
-    def extend(self, tokens: list[int], logprobs: list[float], forced: float) -> None:
-        self.tokens, self.logprobs = self.tokens + tokens, self.logprobs + logprobs
-        self.forced = self.forced + [forced] * len(tokens)
 
 
 def forced_suffix(tokenizer, close: str, answer_prompt: str) -> list[int]:
@@ -76,7 +56,7 @@ def generate_within_budget(generate: Generate, prompts, samples, group_ids, sett
         for row, more in zip(group, rows_of(rest, [row.prompt for row in group])):
             row.extend(more.tokens, more.logprobs, forced=0.0)
             row.truncated = more.truncated
-    return batch_of(rows, tokenizer)
+    return rows_to_batch(rows, tokenizer)
 
 
 def rows_of(batch: RolloutBatch, prompts: list[list[int]]) -> list[Row]:
@@ -97,31 +77,3 @@ def rows_of(batch: RolloutBatch, prompts: list[list[int]]) -> list[Row]:
             )
         )
     return rows
-
-
-def batch_of(rows: list[Row], tokenizer) -> RolloutBatch:
-    """The assembled rows as a batch on the host, the appended tokens in forced_mask."""
-    host, pad = torch.device("cpu"), tokenizer.pad_token_id
-    prompt_ids, prompt_mask = left_pad([row.prompt for row in rows], pad, host)
-    width = max(len(row.tokens) for row in rows)
-    shape = (len(rows), width)
-    response_ids = torch.full(shape, pad, dtype=torch.long, device=host)
-    response_mask, logprobs, forced = (torch.zeros(shape, device=host) for _ in range(3))
-    for index, row in enumerate(rows):
-        end = len(row.tokens)
-        response_ids[index, :end] = torch.tensor(row.tokens, dtype=torch.long, device=host)
-        response_mask[index, :end] = 1.0
-        logprobs[index, :end] = torch.tensor(row.logprobs, device=host)
-        forced[index, :end] = torch.tensor(row.forced, device=host)
-    return RolloutBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        rollout_logprobs=logprobs,
-        truncated=torch.tensor([row.truncated for row in rows], device=host),
-        group_ids=torch.tensor([row.group_id for row in rows], dtype=torch.long, device=host),
-        samples=[row.sample for row in rows],
-        completions=[tokenizer.decode(row.tokens, skip_special_tokens=True) for row in rows],
-        forced_mask=forced,
-    )

@@ -27,7 +27,7 @@ from efficient_rl.config.schema import VLLMSection
 from efficient_rl.data.prompts import stop_token_ids
 from efficient_rl.models.lora import plain_named_weights
 from efficient_rl.models.modeling import DTYPES, load_model, sequence_inputs
-from efficient_rl.rollout.base import ENGINES, SamplingSettings, left_pad
+from efficient_rl.rollout.base import ENGINES, Row, SamplingSettings, rows_to_batch
 from efficient_rl.rollout.budget import generate_within_budget
 
 # Must be set before vllm is imported: one in-process worker.
@@ -227,29 +227,20 @@ class VLLMEngine:
 
     def _to_batch(self, rows) -> RolloutBatch:
         """The completions as a batch on the host (vLLM hands them over as Python lists)."""
-        pad, host = self.tokenizer.pad_token_id, torch.device("cpu")
-        prompt_ids, prompt_mask = left_pad([r[0] for r in rows], pad, host)
-        width = max(len(r[3].token_ids) for r in rows)
-        response_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=host)
-        response_mask = torch.zeros((len(rows), width), device=host)
-        logprobs = torch.zeros((len(rows), width), device=host)
-        for row, (_, _, _, completion) in enumerate(rows):
-            tokens = list(completion.token_ids)
-            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=host)
-            response_mask[row, : len(tokens)] = 1.0
-            logprobs[row, : len(tokens)] = torch.tensor(
-                [step[token].logprob for step, token in zip(completion.logprobs, tokens)], device=host
-            )
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids,
-            response_mask=response_mask,
-            rollout_logprobs=logprobs,
-            truncated=torch.tensor([r[3].finish_reason == "length" for r in rows], device=host),
-            group_ids=torch.tensor([r[2] for r in rows], dtype=torch.long, device=host),
-            samples=[r[1] for r in rows],
-            completions=[self.tokenizer.decode(list(r[3].token_ids), skip_special_tokens=True) for r in rows],
+        return rows_to_batch(
+            [
+                Row(
+                    prompt=prompt,
+                    sample=sample,
+                    group_id=group_id,
+                    tokens=list(completion.token_ids),
+                    logprobs=[step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+                    forced=[0.0] * len(completion.token_ids),
+                    truncated=completion.finish_reason == "length",
+                )
+                for prompt, sample, group_id, completion in rows
+            ],
+            self.tokenizer,
         )
 
     def sync_weights(self, learner) -> dict[str, float]:
