@@ -1,0 +1,122 @@
+"""The fused log-prob head (efficient_rl/models/fused_head.py): values and gradients of log p(token)
+and the entropy against a float64 log-softmax computed here by brute force, and no
+[tokens x vocabulary] tensor along the way."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
+
+TOKENS, HIDDEN, VOCAB = 37, 24, 53
+
+
+def random_head(dtype: torch.dtype, seed: int, with_bias: bool):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(TOKENS, HIDDEN, generator=generator).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) * 0.6).to(dtype)
+    bias = (torch.randn(VOCAB, generator=generator) * 0.5).to(dtype) if with_bias else None
+    tokens = torch.randint(0, VOCAB, (TOKENS,), generator=generator)
+    tokens[:3] = torch.tensor([0, VOCAB - 1, 16])  # the first and last column, and a tile's first
+    return hidden, weight, bias, tokens
+
+
+def reference(hidden, weight, bias, tokens, temperature):
+    """float64 log p(token) and entropy from the full [tokens x vocabulary] logits."""
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    logp = torch.log_softmax(logits / temperature, -1)
+    return logp.gather(-1, tokens[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def leaves(tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+# Upstream weights of the two outputs; zeros stand for masked positions (no gradient may reach them).
+MASK = (torch.arange(TOKENS) % 5 != 3).double()
+PICKED_WEIGHTS = torch.linspace(-1, 1.5, TOKENS, dtype=torch.float64) * MASK
+ENTROPY_WEIGHTS = torch.linspace(0.7, -0.4, TOKENS, dtype=torch.float64) * MASK
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [HeadTiles(8, 16), HeadTiles(5, 7), HeadTiles(4096, 8192)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_values_and_gradients_against_a_float64_log_softmax(temperature, dtype, tiles, with_bias):
+    inputs = random_head(dtype, seed=int(temperature * 10) + tiles.tokens, with_bias=with_bias)
+    hidden, weight, bias = leaves(inputs[:3])
+    tokens = inputs[3]
+    picked, entropy = fused_token_logprobs(hidden, weight, bias, tokens, temperature, True, tiles)
+    assert picked.dtype == entropy.dtype == torch.float32
+    (picked.double() * PICKED_WEIGHTS + entropy.double() * ENTROPY_WEIGHTS).sum().backward()
+
+    # The same numbers (bf16 ones widened) in float64.
+    ref_hidden, ref_weight, ref_bias = leaves(inputs[:3], torch.float64)
+    expected, expected_entropy = reference(ref_hidden, ref_weight, ref_bias, tokens, temperature)
+    (expected * PICKED_WEIGHTS + expected_entropy * ENTROPY_WEIGHTS).sum().backward()
+
+    assert torch.allclose(picked.double(), expected.detach(), atol=2e-5)
+    assert torch.allclose(entropy.double(), expected_entropy.detach(), atol=2e-5)
+    gradient_tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the gradients are rounded to it
+    pairs = [(hidden, ref_hidden), (weight, ref_weight)] + ([(bias, ref_bias)] if with_bias else [])
+    for fused, brute in pairs:
+        assert fused.grad.dtype == dtype
+        assert torch.allclose(fused.grad.double(), brute.grad, atol=gradient_tolerance, rtol=1e-2)
+    assert (hidden.grad[MASK == 0] == 0).all()  # masked positions get no gradient
+
+
+def test_log_probs_alone_and_the_entropy_alone():
+    """Without the entropy (None, and the log-probs unchanged), and a loss of the entropy only."""
+    inputs = random_head(torch.float32, seed=3, with_bias=False)
+    hidden, weight, _ = leaves(inputs[:3])
+    tokens = inputs[3]
+    picked, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, False, HeadTiles(8, 16))
+    assert entropy is None
+    ref_hidden, ref_weight, _ = leaves(inputs[:3], torch.float64)
+    expected, expected_entropy = reference(ref_hidden, ref_weight, None, tokens, 0.6)
+    assert torch.allclose(picked.double(), expected.detach(), atol=2e-5)
+
+    _, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, True, HeadTiles(8, 16))
+    entropy.sum().backward()
+    expected_entropy.sum().backward()
+    assert torch.allclose(hidden.grad.double(), ref_hidden.grad, atol=1e-5)
+    assert torch.allclose(weight.grad.double(), ref_weight.grad, atol=1e-5)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_theirs():
+    """LoRA's case: the output matrix does not train; the gradient still reaches the body."""
+    inputs = random_head(torch.float32, seed=4, with_bias=False)
+    hidden, weight = inputs[0].clone().requires_grad_(), inputs[1]
+    picked, _ = fused_token_logprobs(hidden, weight, None, inputs[3], 1.0, False, HeadTiles(8, 16))
+    picked.sum().backward()
+    ref_hidden = inputs[0].double().requires_grad_()
+    reference(ref_hidden, weight.double(), None, inputs[3], 1.0)[0].sum().backward()
+    assert weight.grad is None and torch.allclose(hidden.grad.double(), ref_hidden.grad, atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an operation returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_no_tensor_as_large_as_tokens_by_vocabulary_exists():
+    tokens, hidden_size, vocab, tiles = 300, 16, 500, HeadTiles(64, 128)
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with LargestTensor() as seen:
+        picked, entropy = fused_token_logprobs(hidden, weight, None, targets, 0.6, True, tiles)
+        (picked + entropy).sum().backward()
+    # The tile, the weight (its gradient) and the hidden states bound every tensor made.
+    assert seen.largest == max(tiles.tokens * tiles.vocab, vocab * hidden_size, tokens * hidden_size)
+    assert seen.largest < tokens * vocab / 4
