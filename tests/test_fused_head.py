@@ -2,11 +2,18 @@
 and the entropy against a float64 log-softmax computed here by brute force, and no
 [tokens x vocabulary] tensor along the way."""
 
+import copy
+
 import pytest
 import torch
+from test_selected_compute import settings_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.algos.losses import LossDenominators
+from efficient_rl.learner.objective import loss_masks, policy_gradient_loss
 from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
+from efficient_rl.models.modeling import load_model
 
 TOKENS, HIDDEN, VOCAB = 37, 24, 53
 
@@ -94,19 +101,23 @@ def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_theirs():
     assert weight.grad is None and torch.allclose(hidden.grad.double(), ref_hidden.grad, atol=1e-5)
 
 
-class LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor an operation returns while active."""
+class TensorsMade(TorchDispatchMode):
+    """The shapes of the tensors operations return while active."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.shapes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
+                self.shapes.append(tensor.shape)
         return out
+
+    @property
+    def largest(self) -> int:
+        return max(shape.numel() for shape in self.shapes)
 
 
 def test_no_tensor_as_large_as_tokens_by_vocabulary_exists():
@@ -114,9 +125,77 @@ def test_no_tensor_as_large_as_tokens_by_vocabulary_exists():
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     weight = torch.randn(vocab, hidden_size, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
-    with LargestTensor() as seen:
+    with TensorsMade() as seen:
         picked, entropy = fused_token_logprobs(hidden, weight, None, targets, 0.6, True, tiles)
         (picked + entropy).sum().backward()
     # The tile, the weight (its gradient) and the hidden states bound every tensor made.
     assert seen.largest == max(tiles.tokens * tiles.vocab, vocab * hidden_size, tokens * hidden_size)
     assert seen.largest < tokens * vocab / 4
+
+
+# ---------------------------------------------------------------- the learner's loss on the lab model
+ROWS, PROMPT, RESPONSE = 5, 4, 9
+
+
+def lab_batch(vocab: int, with_selection: bool) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(7)
+    lengths = torch.randint(2, RESPONSE + 1, (ROWS,), generator=generator)
+    response_mask = (torch.arange(RESPONSE)[None] < lengths[:, None]).float()
+    prompt_mask = (torch.arange(PROMPT)[None] >= PROMPT - torch.tensor([4, 2, 3, 1, 4])[:, None]).long()
+    kept = (torch.rand(ROWS, RESPONSE, generator=generator) < 0.6).float() * response_mask
+    return RolloutBatch(
+        prompt_ids=torch.randint(3, vocab, (ROWS, PROMPT), generator=generator) * prompt_mask,
+        prompt_mask=prompt_mask,
+        response_ids=torch.randint(3, vocab, (ROWS, RESPONSE), generator=generator) * response_mask.long(),
+        response_mask=response_mask,
+        rollout_logprobs=torch.zeros(ROWS, RESPONSE),
+        truncated=torch.zeros(ROWS, dtype=torch.bool),
+        group_ids=torch.arange(ROWS) // 2,
+        samples=[{}] * ROWS,
+        completions=[""] * ROWS,
+        advantages=torch.randn(ROWS, RESPONSE, generator=generator) * response_mask,
+        old_logprobs=-torch.rand(ROWS, RESPONSE, generator=generator) * 3,  # ratios away from 1: clipping acts
+        loss_mask=kept if with_selection else None,
+    )
+
+
+def plain_logprobs(model, rows: RolloutBatch, temperature: float) -> torch.Tensor:
+    """Today's path by hand: the model's [B, R, V] logits, log_softmax, gather."""
+    input_ids = torch.cat([rows.prompt_ids, rows.response_ids], 1)
+    attention_mask = torch.cat([rows.prompt_mask, rows.response_mask.long()], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logp = torch.log_softmax(logits[:, PROMPT - 1 : -1] / temperature, -1)
+    return logp.gather(-1, rows.response_ids[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("with_selection", [False, True])
+def test_the_learners_loss_and_gradients_are_a_float64_log_softmax(
+    tiny_model_dir, temperature, packing, with_selection
+):
+    """The objective both learners call, on the tiny lab model (tied head, float32), against the
+    same loss from a float64 copy's full logits; tiles that divide neither tokens nor vocabulary."""
+    model = load_model(tiny_model_dir)
+    batch = lab_batch(model.config.vocab_size, with_selection)
+    settings = settings_of("algorithm.kl_coef=0", temperature=temperature, packing=packing, head_tiles=HeadTiles(7, 50))
+    _, averaged_over = loss_masks(batch, settings)
+    den = LossDenominators.of(averaged_over, RESPONSE)
+    with TensorsMade() as made:
+        loss, stats = settings.objective(model, batch, settings, den, None)
+        loss.backward()
+    # Nothing over the vocabulary: no logits, log-softmax or gradient of them, only tiles.
+    assert not [shape for shape in made.shapes if shape and shape[-1] == model.config.vocab_size]
+
+    reference = copy.deepcopy(model).double()
+    reference.zero_grad()
+    logprobs = plain_logprobs(reference, batch, temperature)
+    expected, _ = policy_gradient_loss(logprobs, batch, settings, den)
+    expected.backward()
+
+    assert abs(loss.item() - expected.item()) < 1e-5
+    trained = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad.double(), trained[name].grad, atol=1e-5, rtol=1e-4), name
+    assert model.lm_head.weight.grad.abs().max() > 1e-3  # the head (tied to the embedding) trains

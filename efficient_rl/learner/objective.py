@@ -28,6 +28,7 @@ from efficient_rl.algos.losses import (
 )
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
+from efficient_rl.models.fused_head import HeadTiles
 from efficient_rl.models.modeling import (
     WHOLE_VOCABULARY,
     Support,
@@ -67,7 +68,10 @@ class ObjectiveSettings:
     temperature: float = RolloutSection.temperature  # logits are divided by it, as in the engine
     loss_denominator: str = AlgorithmSection.loss_denominator
     chunk_rows: int = DistillSection.chunk_rows
-    selected_compute: bool = True  # the LM head runs on the loss tokens only
+    # The LM head runs on the loss tokens only, through the fused head (off: the model is called
+    # whole, ZeRO-3's way, and its [B, R, V] logits go through TokenLogprobs)
+    selected_compute: bool = True
+    head_tiles: HeadTiles = HeadTiles()  # the fused head's tile sizes (learner.head_*_tile)
     packing: bool = LearnerSection.packing
     support: Support = WHOLE_VOCABULARY  # the tokens the engine sampled from (rollout.top_k, top_p)
 
@@ -92,11 +96,20 @@ def objective_settings(plan: Plan) -> ObjectiveSettings:
         chunk_rows=recipe.distill.chunk_rows,
         packing=recipe.learner.packing,
         support=Support(recipe.rollout.top_k, recipe.rollout.top_p),
+        head_tiles=HeadTiles(recipe.learner.head_token_tile, recipe.learner.head_vocab_tile),
     )
 
 
 def without_selected_compute(settings: ObjectiveSettings) -> ObjectiveSettings:
     return dataclasses.replace(settings, selected_compute=False)
+
+
+def head_positions(rows: RolloutBatch, settings: ObjectiveSettings) -> torch.Tensor | None:
+    """The positions the LM head runs on: the loss tokens (every response token when no token
+    selection was made), or None for the model called whole (no selected compute)."""
+    if not settings.selected_compute:
+        return None
+    return rows.loss_mask if rows.loss_mask is not None else rows.response_mask > 0
 
 
 def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +176,10 @@ def policy_gradient(
         model,
         rows,
         settings.temperature,
-        selected=rows.loss_mask if settings.selected_compute else None,
+        selected=head_positions(rows, settings),
         packed=settings.packing,
         support=settings.support,
+        tiles=settings.head_tiles,
     )
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)

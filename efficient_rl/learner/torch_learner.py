@@ -29,6 +29,7 @@ from efficient_rl.learner.objective import (
     ObjectiveSettings,
     denominators,
     head_logprobs,
+    head_positions,
     loss_masks,
     objective_settings,
     ratio_quantiles,
@@ -271,9 +272,10 @@ class TorchLearner:
                 rows,
                 self.objective.temperature,
                 with_entropy=False,
-                selected=rows.loss_mask if self.objective.selected_compute else None,
+                selected=head_positions(rows, self.objective),
                 packed=self.objective.packing,
                 support=self.objective.support,
+                tiles=self.objective.head_tiles,
             )
             return logprobs
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
 
 # model.dtype names (Hugging Face's and vLLM's) -> torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -101,14 +102,19 @@ def response_logprobs(
     selected: torch.Tensor | None = None,
     packed: bool = False,
     support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
 ):
     """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R], of the
     distribution over `support`'s tokens at each position.
 
     With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
-    LM head, log-softmax and entropy only on the selected positions: [B, R, V] logits never exist,
-    which is where a large vocabulary's memory and time go. Other positions are 0 (and carry no
-    gradient), exactly what full compute followed by masking would give the loss.
+    LM head, log-softmax and entropy only on the selected positions, through the fused head
+    (`head_token_logprobs`, `tiles` its tile sizes): [B, R, V] logits never exist, which is where
+    a large vocabulary's memory and time go. Other positions are 0 (and carry no gradient),
+    exactly what full compute followed by masking would give the loss. Without `selected` (nor
+    `packed`), the model is called whole and its [B, R, V] logits go through TokenLogprobs: the
+    path of ZeRO-3, which gathers weights around the engine's whole forward, and of the checks
+    that compare against the model's own logits.
 
     `packed`: the sequences go through the body packed (`pack_rows`), and the head runs on the
     response positions only (or the selected ones): the same values as the padded rows give.
@@ -117,7 +123,7 @@ def response_logprobs(
     if packed and selected is None:
         selected = rows.response_mask > 0
     if selected is not None:
-        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed, support)
+        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed, support, tiles)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
     # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
@@ -212,15 +218,36 @@ def selected_logprobs(
     selected: torch.Tensor,
     packed: bool = False,
     support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
 ):
-    head = output_head(model)
     hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
-    picked_logprobs, picked_entropy = token_logprobs_and_entropy(
-        head(hidden), rows.response_ids[selected], temperature, with_entropy, support
+    picked_logprobs, picked_entropy = head_token_logprobs(
+        output_head(model), hidden, rows.response_ids[selected], temperature, with_entropy, support, tiles
     )
     return scatter_selected(picked_logprobs, selected), (
         scatter_selected(picked_entropy, selected) if with_entropy else None
     )
+
+
+def head_token_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
+):
+    """log p(token) and the entropy at K hidden states [K, H] through the LM head, both [K] float32.
+    Over the whole vocabulary: the fused head, tile by tile from the head's weight (tied to the
+    input embedding or not; LoRA never targets the head, models/lora.py). A truncated support
+    needs each position's whole row of logits at once (top-p sorts it), so it goes through the
+    [K, V] logits and TokenLogprobs."""
+    if not support.whole:
+        return token_logprobs_and_entropy(head(hidden), tokens, temperature, with_entropy, support)
+    if type(head) is not torch.nn.Linear:
+        raise TypeError(f"the fused log-prob head needs the model's output head to be a torch.nn.Linear, got {head}")
+    return fused_token_logprobs(hidden, head.weight, head.bias, tokens, temperature, with_entropy, tiles)
 
 
 def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
