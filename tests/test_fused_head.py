@@ -3,17 +3,18 @@ and the entropy against a float64 log-softmax computed here by brute force, and 
 [tokens x vocabulary] tensor along the way."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from test_selected_compute import settings_of
+from test_selected_compute import PROMPT, RESPONSE, random_batch, settings_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.algos.losses import LossDenominators
 from efficient_rl.learner.objective import loss_masks, policy_gradient_loss
 from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
-from efficient_rl.models.modeling import load_model
+from efficient_rl.models.modeling import load_model, sequence_inputs
 
 TOKENS, HIDDEN, VOCAB = 37, 24, 53
 
@@ -134,36 +135,9 @@ def test_no_tensor_as_large_as_tokens_by_vocabulary_exists():
 
 
 # ---------------------------------------------------------------- the learner's loss on the lab model
-ROWS, PROMPT, RESPONSE = 5, 4, 9
-
-
-def lab_batch(vocab: int, with_selection: bool) -> RolloutBatch:
-    generator = torch.Generator().manual_seed(7)
-    lengths = torch.randint(2, RESPONSE + 1, (ROWS,), generator=generator)
-    response_mask = (torch.arange(RESPONSE)[None] < lengths[:, None]).float()
-    prompt_mask = (torch.arange(PROMPT)[None] >= PROMPT - torch.tensor([4, 2, 3, 1, 4])[:, None]).long()
-    kept = (torch.rand(ROWS, RESPONSE, generator=generator) < 0.6).float() * response_mask
-    return RolloutBatch(
-        prompt_ids=torch.randint(3, vocab, (ROWS, PROMPT), generator=generator) * prompt_mask,
-        prompt_mask=prompt_mask,
-        response_ids=torch.randint(3, vocab, (ROWS, RESPONSE), generator=generator) * response_mask.long(),
-        response_mask=response_mask,
-        rollout_logprobs=torch.zeros(ROWS, RESPONSE),
-        truncated=torch.zeros(ROWS, dtype=torch.bool),
-        group_ids=torch.arange(ROWS) // 2,
-        samples=[{}] * ROWS,
-        completions=[""] * ROWS,
-        advantages=torch.randn(ROWS, RESPONSE, generator=generator) * response_mask,
-        old_logprobs=-torch.rand(ROWS, RESPONSE, generator=generator) * 3,  # ratios away from 1: clipping acts
-        loss_mask=kept if with_selection else None,
-    )
-
-
 def plain_logprobs(model, rows: RolloutBatch, temperature: float) -> torch.Tensor:
     """Today's path by hand: the model's [B, R, V] logits, log_softmax, gather."""
-    input_ids = torch.cat([rows.prompt_ids, rows.response_ids], 1)
-    attention_mask = torch.cat([rows.prompt_mask, rows.response_mask.long()], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = sequence_inputs(rows)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logp = torch.log_softmax(logits[:, PROMPT - 1 : -1] / temperature, -1)
     return logp.gather(-1, rows.response_ids[..., None])[..., 0]
@@ -178,7 +152,8 @@ def test_the_learners_loss_and_gradients_are_a_float64_log_softmax(
     """The objective both learners call, on the tiny lab model (tied head, float32), against the
     same loss from a float64 copy's full logits; tiles that divide neither tokens nor vocabulary."""
     model = load_model(tiny_model_dir)
-    batch = lab_batch(model.config.vocab_size, with_selection)
+    batch = random_batch(torch.Generator().manual_seed(7), keep=0.6)  # token ids below the lab's vocabulary
+    batch = batch if with_selection else dataclasses.replace(batch, loss_mask=None)
     settings = settings_of("algorithm.kl_coef=0", temperature=temperature, packing=packing, head_tiles=HeadTiles(7, 50))
     _, averaged_over = loss_masks(batch, settings)
     den = LossDenominators.of(averaged_over, RESPONSE)
