@@ -137,6 +137,15 @@ def test_zero_partitions_by_hand(tiny_dir, stage, weights, gradients, optimizer)
     assert (found["weights"], found["gradients"], found["optimizer"]) == (weights, gradients, optimizer)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_every_zero_stage_plans_the_fused_heads_tiles(tiny_dir, stage):
+    """ZeRO-3 runs the fused head inside the model's whole forward: the same tiles as ZeRO-2."""
+    found = terms(ray_recipe(tiny_dir, 4, zero_stage=stage))
+    # two float32 [16 x 32] tiles; float32 gradients and bf16 passes' float32 copies of 16 hidden
+    # states of 8 and of a 32-entry vocabulary tile of the weight
+    assert found["log-prob head"] == 2 * 4 * 16 * 32 + 2 * 4 * (16 + 32) * 8
+
+
 def test_zero_optimizer_partitions_add_up_to_the_whole(tiny_dir):
     for ranks in (1, 2, 8):
         partitioned = terms(ray_recipe(tiny_dir, ranks, zero_stage=2))["optimizer"]

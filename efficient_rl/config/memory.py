@@ -36,7 +36,7 @@ def logprob_head_float32_buffers() -> int:
     """float32 [tokens x vocab] temporaries the TokenLogprobs head (models/modeling.py) holds at its
     peak, beside the logits in the compute dtype: the scaled logits, the log-softmax, its exp and
     their product for the entropy. Measured on CPU (a bf16 pass peaked at 4.5 float32 buffers: 4
-    plus the bf16 logits; an fp32 pass at 5). Only ZeRO-3 and truncated supports still use it."""
+    plus the bf16 logits; an fp32 pass at 5). Only truncated supports still use it."""
     return 4
 
 
@@ -307,8 +307,8 @@ def activations(recipe: Recipe, s: Sizes) -> Term:
 
 
 def logprob_head(recipe: Recipe, s: Sizes) -> Term:
-    """The fused head's tiles, or where the learner still forms [t x V] logits (ZeRO-3, which
-    calls the model whole; a truncated support, which needs whole rows) TokenLogprobs' buffers."""
+    """The fused head's tiles, or where the learner still forms [t x V] logits (a truncated
+    support, which needs whole rows) TokenLogprobs' buffers."""
     vocab, learner = s.architecture.vocab_size, recipe.learner
     if not fused_head_used(recipe):
         buffers = logprob_head_float32_buffers()
@@ -325,10 +325,9 @@ def logprob_head(recipe: Recipe, s: Sizes) -> Term:
 
 
 def fused_head_used(recipe: Recipe) -> bool:
-    """Whether the learner's log-probs go through the fused head (models/modeling.py)."""
-    zero3 = recipe.learner.backend == "deepspeed" and recipe.learner.zero_stage == 3
-    truncated = recipe.rollout.top_k > 0 or recipe.rollout.top_p < 1.0
-    return not zero3 and not truncated
+    """Whether the learner's log-probs go through the fused head (models/modeling.py): on every
+    learner and ZeRO stage, unless the engine samples from a truncated support."""
+    return recipe.rollout.top_k == 0 and recipe.rollout.top_p == 1.0
 
 
 def reference(recipe: Recipe, s: Sizes) -> Term | None:
