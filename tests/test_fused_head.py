@@ -73,29 +73,51 @@ def test_values_and_gradients_against_a_float64_log_softmax(temperature, dtype, 
     assert (hidden.grad[MASK == 0] == 0).all()  # masked positions get no gradient
 
 
-def test_log_probs_alone_and_the_entropy_alone():
-    """Without the entropy (None, and the log-probs unchanged), and a loss of the entropy only."""
+# Tiled (the backward recomputes each tile) and one tile for everything (kept from the forward).
+BOTH_PATHS = [HeadTiles(8, 16), HeadTiles(4096, 8192)]
+
+
+@pytest.mark.parametrize("tiles", BOTH_PATHS)
+def test_log_probs_alone_and_the_entropy_alone(tiles):
+    """Without the entropy (None, the log-probs unchanged and their gradients), and a loss of the
+    entropy only."""
     inputs = random_head(torch.float32, seed=3, with_bias=False)
     hidden, weight, _ = leaves(inputs[:3])
     tokens = inputs[3]
-    picked, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, False, HeadTiles(8, 16))
+    picked, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, False, tiles)
     assert entropy is None
     ref_hidden, ref_weight, _ = leaves(inputs[:3], torch.float64)
     expected, expected_entropy = reference(ref_hidden, ref_weight, None, tokens, 0.6)
     assert torch.allclose(picked.double(), expected.detach(), atol=2e-5)
+    (picked.double() * PICKED_WEIGHTS).sum().backward()
+    (expected * PICKED_WEIGHTS).sum().backward(retain_graph=True)  # the entropy shares its graph
+    for fused, brute in ((hidden, ref_hidden), (weight, ref_weight)):
+        assert torch.allclose(fused.grad.double(), brute.grad, atol=1e-5)
+        fused.grad, brute.grad = None, None
 
-    _, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, True, HeadTiles(8, 16))
+    _, entropy = fused_token_logprobs(hidden, weight, None, tokens, 0.6, True, tiles)
     entropy.sum().backward()
     expected_entropy.sum().backward()
     assert torch.allclose(hidden.grad.double(), ref_hidden.grad, atol=1e-5)
     assert torch.allclose(weight.grad.double(), ref_weight.grad, atol=1e-5)
 
 
-def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_theirs():
+def test_a_second_backward_through_a_kept_tile_is_refused():
+    """The kept tile becomes the gradient in place: a retained graph must not reuse it."""
+    inputs = random_head(torch.float32, seed=5, with_bias=False)
+    hidden, weight, _ = leaves(inputs[:3])
+    picked, _ = fused_token_logprobs(hidden, weight, None, inputs[3], 1.0, False, HeadTiles(4096, 8192))
+    picked.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        picked.sum().backward()
+
+
+@pytest.mark.parametrize("tiles", BOTH_PATHS)
+def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_theirs(tiles):
     """LoRA's case: the output matrix does not train; the gradient still reaches the body."""
     inputs = random_head(torch.float32, seed=4, with_bias=False)
     hidden, weight = inputs[0].clone().requires_grad_(), inputs[1]
-    picked, _ = fused_token_logprobs(hidden, weight, None, inputs[3], 1.0, False, HeadTiles(8, 16))
+    picked, _ = fused_token_logprobs(hidden, weight, None, inputs[3], 1.0, False, tiles)
     picked.sum().backward()
     ref_hidden = inputs[0].double().requires_grad_()
     reference(ref_hidden, weight.double(), None, inputs[3], 1.0)[0].sum().backward()
