@@ -1,8 +1,8 @@
 """A whole learner update against a plain hand-written PyTorch loop on the same batch (issue 34).
 
 SmolLM2-135M-Instruct (vocabulary 49,152, hidden 576), float32, 8 rows of a 32-token prompt and a
-224-token response (8 x 256 tokens), one optimizer step per update, PPO-clip 0.2 token-mean, no KL, grad
-clip 1.0, AdamW. Three copies of the model take turns on the same batch, `--rounds` times after
+224-token response (8 x 256 tokens), one optimizer step per update, PPO-clip 0.2 token-mean, no
+KL, grad clip 1.0, AdamW. Three copies of the model take turns on the same batch, `--rounds` times after
 one warm-up round; the figures are the medians and their ratios to the plain loop's:
 
 - `plain`: logits of the response positions, float32 log_softmax, gather, PPO-clip, backward,
