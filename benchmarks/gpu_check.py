@@ -34,11 +34,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_rl.algos.batch import RolloutBatch
-from efficient_rl.config.memory import FLOAT32_BYTES, logprob_head_float32_buffers
+from efficient_rl.config.memory import fused_head_bytes
 from efficient_rl.errors import one_line
 from efficient_rl.learner.objective import ObjectiveSettings
 from efficient_rl.learner.torch_learner import OptimSettings, TorchLearner, enable_gradient_checkpointing
-from efficient_rl.models.modeling import token_logprobs_and_entropy
+from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
 from efficient_rl.models.weights import WeightBucket, plan_buckets
 
 
@@ -51,6 +51,7 @@ class Scale:
     micro_batch_tokens: int
     updates: int  # timed updates, after one to warm up
     head_tokens: tuple[int, ...]
+    head_tiles: HeadTiles = HeadTiles()  # the recipe's defaults
 
 
 QWEN2_5_1_5B = dict(
@@ -82,6 +83,7 @@ SCALES = {
         256,
         1,
         (64, 128, 256),
+        HeadTiles(48, 200),  # dividing neither the tokens nor the vocabulary
     ),
 }
 # Dense bf16 tensor-core peak (FLOP/s) by the GPU's name, for MFU.
@@ -251,17 +253,18 @@ def mfu(flops_per_second: float, device: torch.device) -> float | None:
 
 
 def head(device: torch.device, scale: Scale) -> dict:
-    """The learner's head (logits in bf16, TokenLogprobs in float32) forward and backward, against
-    the planner's bytes per position: the bf16 logits and its float32 buffers."""
+    """The learner's fused head on bf16 inputs, forward and backward, against the planner's bytes
+    (config/memory.py fused_head_bytes: float32 tiles, gradients and widened copies)."""
     hidden_size, vocab = scale.shape["hidden_size"], scale.shape["vocab_size"]
     weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16, device=device, requires_grad=True)
     results = {}
     for tokens in scale.head_tokens:
         hidden = torch.randn(tokens, hidden_size, dtype=torch.bfloat16, device=device, requires_grad=True)
         targets = torch.randint(0, vocab, (tokens,), device=device)
-        estimate = tokens * vocab * (2 + FLOAT32_BYTES * logprob_head_float32_buffers())
+        tiles = scale.head_tiles
+        estimate = fused_head_bytes(tokens, vocab, hidden_size, 2, tiles.tokens, tiles.vocab)
         with PeakMemory(device) as peak:
-            picked, entropy = token_logprobs_and_entropy(hidden @ weight.T, targets, 1.0, True)
+            picked, entropy = fused_token_logprobs(hidden, weight, None, targets, 1.0, True, tiles)
             picked.sum().backward()
             del picked, entropy
         # the input gradients (a hidden and a weight's worth) are not the head's own

@@ -48,9 +48,13 @@ def qwen2_22m() -> torch.nn.Module:
 MODELS = {"qwen2-22m": qwen2_22m, "smollm2": lambda: load_model(model_directory("smollm2", "model"))}
 
 
-def make_batch(vocab: int, rows: int, prompt: int, response: int, seed: int = 0) -> RolloutBatch:
+def make_batch(
+    vocab: int, rows: int, prompt: int, response: int, seed: int = 0, shortest: int | None = None
+) -> RolloutBatch:
+    """Random rows whose responses are `shortest` (a quarter of `response` unless given) to
+    `response` tokens long."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(response // 4, response + 1, (rows,), generator=generator)
+    lengths = torch.randint(response // 4 if shortest is None else shortest, response + 1, (rows,), generator=generator)
     response_mask = (torch.arange(response)[None] < lengths[:, None]).float()
     return RolloutBatch(
         prompt_ids=torch.randint(0, vocab, (rows, prompt), generator=generator),

@@ -46,6 +46,7 @@ def flag_of(command: str):
 TABLES = {
     "prompt.chat_template": field_at(Recipe()),  # docs/engines.md
     "learner.micro_batch_size": field_at(Recipe()),  # docs/engines.md
+    "learner.head_token_tile": field_at(Recipe()),  # docs/engines.md
     "gpu_memory_utilization": field_at(VLLMSection()),  # docs/engines.md, rollout.vllm
     "cluster.weight_transport": field_at(Recipe()),  # docs/engines.md
     "rollout.thinking_budget.tokens": field_at(Recipe()),  # docs/engines.md

@@ -48,9 +48,7 @@ def batch_for(vocab: int, seed: int = 0) -> RolloutBatch:
 def lora_learner(model_dir, kl_coef=0.1, targets=("q_proj", "v_proj", "down_proj"), precision="fp32"):
     model = load_model(model_dir)
     adapter = attach_lora(model, LoraSection(rank=RANK, alpha=ALPHA, target_modules=list(targets)))
-    settings = dataclasses.replace(
-        objective_settings(validate(load_recipe(RECIPES / "grpo.yaml"))), kl_coef=kl_coef, selected_compute=True
-    )
+    settings = dataclasses.replace(objective_settings(validate(load_recipe(RECIPES / "grpo.yaml"))), kl_coef=kl_coef)
     return TorchLearner(
         model, settings, OptimSettings(lr=5e-2, micro_batch_size=4, precision=precision), adapter=adapter
     )

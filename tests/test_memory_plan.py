@@ -77,7 +77,9 @@ def test_torch_learner_fp32_terms_by_hand(tiny_dir):
         # per token and layer: norms 2 x (4 + 4) x 8 = 128, q/k/v input, q, k, v, attention out,
         # o_proj input, MLP input 7 x 4 x 8 = 224, gate, SiLU, up, product 4 x 4 x 16 = 256: 608
         "activations": 16 * 2 * 608,
-        "log-prob head": 16 * 32 * (4 + 4 * 4),  # fp32 logits + 4 float32 buffers
+        # the fused head: two float32 [16 x 32] tiles (the tiles are larger than the pass), and the
+        # float32 gradients of the hidden states and of a vocabulary tile of the weight
+        "log-prob head": 2 * 4 * 16 * 32 + 4 * (16 + 32) * 8,
     }
 
 
@@ -90,7 +92,7 @@ def test_torch_learner_bf16_checkpointed_terms_by_hand(tiny_dir):
         # each layer's bf16 input 2 x 8, twice, + one layer recomputed: norms 2 x (4 + 2) x 8 = 96,
         # 7 x 2 x 8 = 112, 4 x 2 x 16 = 128
         "activations": 16 * (2 * 16 + 96 + 112 + 128),
-        "log-prob head": 16 * 32 * (2 + 4 * 4),
+        "log-prob head": 2 * 4 * 16 * 32 + 4 * (16 + 32) * 8 + 4 * (16 + 32) * 8,  # + float32 copies of bf16
     }
 
 
@@ -135,6 +137,15 @@ def test_zero_partitions_by_hand(tiny_dir, stage, weights, gradients, optimizer)
     assert (found["weights"], found["gradients"], found["optimizer"]) == (weights, gradients, optimizer)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_every_zero_stage_plans_the_fused_heads_tiles(tiny_dir, stage):
+    """ZeRO-3 runs the fused head inside the model's whole forward: the same tiles as ZeRO-2."""
+    found = terms(ray_recipe(tiny_dir, 4, zero_stage=stage))
+    # two float32 [16 x 32] tiles; float32 gradients and bf16 passes' float32 copies of 16 hidden
+    # states of 8 and of a 32-entry vocabulary tile of the weight
+    assert found["log-prob head"] == 2 * 4 * 16 * 32 + 2 * 4 * (16 + 32) * 8
+
+
 def test_zero_optimizer_partitions_add_up_to_the_whole(tiny_dir):
     for ranks in (1, 2, 8):
         partitioned = terms(ray_recipe(tiny_dir, ranks, zero_stage=2))["optimizer"]
@@ -162,16 +173,19 @@ def r1(*overrides: str) -> Recipe:
 
 def test_r1_recipe_fits_at_its_micro_batch():
     recipe = r1()
-    assert recipe.learner.micro_batch_tokens == 8192 and recipe.cluster.gpu_memory_gib == 79.6
+    assert recipe.learner.micro_batch_tokens == 16384 and recipe.cluster.gpu_memory_gib == 79.6
     plan = check_memory_fits(recipe, resolve_placement(recipe.cluster))
     [device] = plan.devices
     head = {term.name: term.bytes for term in device.terms}["log-prob head"]
-    assert head == 8192 * 151936 * (2 + 16)  # bf16 logits + 4 float32 [tokens x vocab] buffers
+    # the fused head: two float32 [4096 x 8192] tiles; the float32 gradient of 16384 hidden states
+    # of 1536 and of a vocabulary tile of the weight, and float32 copies of both (bf16 passes)
+    assert head == 2 * 4 * 4096 * 8192 + 2 * 4 * (16384 + 8192) * 1536
     assert device.total < 79.6 * GIB
 
 
-def test_r1_recipe_at_the_old_micro_batch_is_refused_naming_term_and_knob():
-    recipe = r1("learner.micro_batch_tokens=16384")
+def test_r1_recipe_with_the_whole_rows_head_is_refused_naming_term_and_knob():
+    """A truncated support keeps TokenLogprobs' [tokens x vocabulary] buffers: 16384 tokens do not fit."""
+    recipe = r1("rollout.top_p=0.95")
     with pytest.raises(ConfigError) as refused:
         validate(recipe)
     message = str(refused.value)
@@ -184,13 +198,13 @@ def test_r1_recipe_at_the_old_micro_batch_is_refused_naming_term_and_knob():
 def test_the_suggested_micro_batch_fits_and_one_more_block_does_not():
     message = ""
     try:
-        validate(r1("learner.micro_batch_tokens=16384"))
+        validate(r1("rollout.top_p=0.95"))
     except ConfigError as err:
         message = str(err)
     suggested = int(message.split("at most ")[1].split(" ")[0])
-    validate(r1(f"learner.micro_batch_tokens={suggested}"))
+    validate(r1("rollout.top_p=0.95", f"learner.micro_batch_tokens={suggested}"))
     with pytest.raises(ConfigError):
-        validate(r1(f"learner.micro_batch_tokens={suggested + 1024}"))
+        validate(r1("rollout.top_p=0.95", f"learner.micro_batch_tokens={suggested + 1024}"))
 
 
 def test_engine_share_too_large_names_its_own_knob():
@@ -216,7 +230,7 @@ def test_plan_command_prints_the_table(capsys):
 
 
 def test_train_of_a_recipe_that_cannot_fit_exits_2_writing_nothing(tmp_path, capsys):
-    code = main(["train", str(R1_RECIPE), "learner.micro_batch_tokens=16384", f"logging.output_dir={tmp_path}"])
+    code = main(["train", str(R1_RECIPE), "rollout.top_p=0.95", f"logging.output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("efficient-rl: error: learner.micro_batch_tokens:")
@@ -224,7 +238,7 @@ def test_train_of_a_recipe_that_cannot_fit_exits_2_writing_nothing(tmp_path, cap
 
 
 def test_submit_refuses_it_the_same_way_before_any_job_is_written(tmp_path, capsys):
-    overrides = ["learner.micro_batch_tokens=16384", f"logging.output_dir={tmp_path}"]
+    overrides = ["rollout.top_p=0.95", f"logging.output_dir={tmp_path}"]
     code = main(["submit", str(R1_RECIPE), *overrides, "--nodes", "2", "--gpus-per-node", "8", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2

@@ -277,8 +277,9 @@ def test_single_process_and_deepspeed_zero2_zero3_agree_on_one_batch(ray_cluster
     setup = build_setup(validate(recipe))
     setup.rewards.close()  # the batch is scored by hand here
     batch = fixed_batch(recipe, setup)
-    # Then a token selection on the updated weights: the head runs on the selected positions only
-    # (ZeRO-2) or on masked full logits (ZeRO-3, see DeepSpeedLearner).
+    # Then a token selection on the updated weights: the fused head runs on the selected positions
+    # only, on the body's hidden states (ZeRO-2) or inside the model's whole forward (ZeRO-3, where
+    # the head module's own hooks gather its weight: see DeepSpeedLearner).
     selected_batch = copy.copy(batch)
     selected_batch.loss_mask = (
         torch.rand(batch.response_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5

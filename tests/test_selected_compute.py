@@ -94,6 +94,26 @@ def test_selected_compute_equals_full_compute_then_masking(tied, denominator, ke
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_head_inside_the_whole_models_forward_equals_the_head_on_the_bodys_states(tied):
+    """ZeRO-3's path (the model called whole, the fused head in the LM head's forward, a token
+    selection honoured there) against the body called on its own: values, entropies, gradients."""
+    model = tiny_model(tied)
+    batch = random_batch(torch.Generator().manual_seed(7 + tied), 0.5)
+    results = []
+    for whole_model in (False, True):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, batch, 0.7, selected=batch.loss_mask, whole_model=whole_model)
+        (logprobs * batch.advantages + 0.1 * entropy).sum().backward()
+        results.append((logprobs.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logprobs, entropy, grads), (whole_logprobs, whole_entropy, whole_grads) = results
+    assert (whole_logprobs[batch.loss_mask == 0] == 0).all() and (whole_logprobs[batch.loss_mask > 0] < 0).all()
+    assert torch.allclose(whole_logprobs, logprobs, atol=1e-5) and torch.allclose(whole_entropy, entropy, atol=1e-5)
+    for name, gradient in grads.items():
+        assert torch.allclose(whole_grads[name], gradient, atol=1e-5), name
+    assert type(model.lm_head).forward is torch.nn.Linear.forward and "forward" not in vars(model.lm_head)
+
+
 def test_the_denominator_choice_scales_the_token_mean_loss():
     model = tiny_model(tied=True)
     batch = random_batch(torch.Generator().manual_seed(3), 0.5)

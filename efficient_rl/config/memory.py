@@ -36,8 +36,19 @@ def logprob_head_float32_buffers() -> int:
     """float32 [tokens x vocab] temporaries the TokenLogprobs head (models/modeling.py) holds at its
     peak, beside the logits in the compute dtype: the scaled logits, the log-softmax, its exp and
     their product for the entropy. Measured on CPU (a bf16 pass peaked at 4.5 float32 buffers: 4
-    plus the bf16 logits; an fp32 pass at 5). A tiled head would lower it: change it here."""
+    plus the bf16 logits; an fp32 pass at 5). Only truncated supports still use it."""
     return 4
+
+
+def fused_head_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: int, token_tile: int, vocab_tile: int) -> int:
+    """What the fused head (models/fused_head.py) holds at its peak besides its inputs and the
+    weight's gradient: two float32 [token tile x vocab tile] tiles (the logits and their exp); the
+    float32 gradient of the hidden states, summed over vocabulary tiles, and of one vocabulary
+    tile of the weight, summed over token tiles; and in bf16 the float32 copies of the hidden
+    states and of one vocabulary tile of the weight the products are taken from."""
+    rows, columns = min(tokens, token_tile), min(vocab, vocab_tile)
+    widened = FLOAT32_BYTES * (tokens + columns) * hidden if compute_bytes != FLOAT32_BYTES else 0
+    return 2 * FLOAT32_BYTES * rows * columns + FLOAT32_BYTES * (tokens + columns) * hidden + widened
 
 
 # DeepSpeed's ZeRO-1/2 default reduce_bucket_size (elements): ZeRO-2 reduces gradients through a
@@ -296,11 +307,27 @@ def activations(recipe: Recipe, s: Sizes) -> Term:
 
 
 def logprob_head(recipe: Recipe, s: Sizes) -> Term:
-    buffers = logprob_head_float32_buffers()
-    per_position = s.compute_bytes + FLOAT32_BYTES * buffers
-    vocab = s.architecture.vocab_size
-    how = f"{s.tokens} tokens x {vocab} vocab x ({s.compute_bytes} B logits + {buffers} x 4 B float32)"
-    return Term("log-prob head", s.tokens * vocab * per_position, how)
+    """The fused head's tiles, or where the learner still forms [t x V] logits (a truncated
+    support, which needs whole rows) TokenLogprobs' buffers."""
+    vocab, learner = s.architecture.vocab_size, recipe.learner
+    if not fused_head_used(recipe):
+        buffers = logprob_head_float32_buffers()
+        how = f"{s.tokens} tokens x {vocab} vocab x ({s.compute_bytes} B logits + {buffers} x 4 B float32)"
+        return Term("log-prob head", s.tokens * vocab * (s.compute_bytes + FLOAT32_BYTES * buffers), how)
+    hidden = s.architecture.hidden_size
+    rows, columns = min(s.tokens, learner.head_token_tile), min(vocab, learner.head_vocab_tile)
+    nbytes = fused_head_bytes(
+        s.tokens, vocab, hidden, s.compute_bytes, learner.head_token_tile, learner.head_vocab_tile
+    )
+    copies = 2 if s.compute_bytes != FLOAT32_BYTES else 1
+    how = f"2 x 4 B x {rows} x {columns} tiles + {copies} x 4 B x ({s.tokens} tokens + {columns}) x {hidden} hidden"
+    return Term("log-prob head", nbytes, how)
+
+
+def fused_head_used(recipe: Recipe) -> bool:
+    """Whether the learner's log-probs go through the fused head (models/modeling.py): on every
+    learner and ZeRO stage, unless the engine samples from a truncated support."""
+    return recipe.rollout.top_k == 0 and recipe.rollout.top_p == 1.0
 
 
 def reference(recipe: Recipe, s: Sizes) -> Term | None:

@@ -83,6 +83,8 @@ NUMBER_RULES: dict[str, str | tuple[str, str]] = {
     "learner.micro_batch_size": "[1, inf)",
     "learner.micro_batch_tokens": ("[0, inf)", "0 means micro_batch_size rows"),
     "learner.epochs": "[1, inf)",
+    "learner.head_token_tile": ("[1, inf)", "tokens per tile of the fused log-prob head"),
+    "learner.head_vocab_tile": ("[1, inf)", "vocabulary entries per tile of the fused log-prob head"),
     "learner.zero_stage": "[0, 3]",
     "learner.lora.rank": "[1, inf)",
     "learner.lora.alpha": ("(0, inf)", "the adapters' update is scaled by alpha / rank"),

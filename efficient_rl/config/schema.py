@@ -266,6 +266,11 @@ class LearnerSection:
     # (LR_SCHEDULES in efficient_rl/learner/schedules.py)
     lr_schedule: Choice = choice("constant")
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # The fused log-prob head (efficient_rl/models/fused_head.py) computes the logits one tile of
+    # [head_token_tile tokens x head_vocab_tile vocabulary entries] at a time, in float32: about two
+    # such tiles are its temporaries (128 MiB each at these defaults), whatever the micro-batch.
+    head_token_tile: int = 4096
+    head_vocab_tile: int = 8192
     # LoRA adapters ({rank, alpha, dropout, target_modules}, LoraSection); null: full fine-tuning.
     # LoRA wants a learning rate about 10x full fine-tuning's (docs/lora.md).
     lora: LoraSection | None = None

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.config.plan import Plan
 from efficient_rl.learner.base import LEARNERS
-from efficient_rl.learner.objective import objective_settings, without_selected_compute
+from efficient_rl.learner.objective import called_whole, objective_settings
 from efficient_rl.learner.teacher import build_teacher
 from efficient_rl.learner.torch_learner import (
     OptimSettings,
@@ -109,11 +109,12 @@ class DeepSpeedLearner(TorchLearner):
         # then takes the optimizer step: the finiteness check goes between the two, where every
         # stage's gradients are whole (see guarded_model_step).
         self.engine._take_model_step = self.guarded_model_step(self.engine._take_model_step)
-        # ZeRO-3 gathers and releases weights around the engine's whole forward: calling the body
-        # and the LM head as separate submodules gave different gradients (tests/test_ray_cluster.py),
-        # so under ZeRO-3 a token selection masks the full logits instead (same result, no saving).
+        # ZeRO-3 gathers and releases each module's weights in that module's hooks, which the
+        # engine's forward sets going: calling the body and the LM head as separate submodules gave
+        # different gradients (tests/test_ray_cluster.py), so under ZeRO-3 the model is called
+        # whole and the fused head runs inside the LM head's forward (models/modeling.py).
         if recipe.learner.zero_stage == 3:
-            self.objective = without_selected_compute(self.objective)
+            self.objective = called_whole(self.objective)
 
     @property
     def policy(self):
@@ -304,7 +305,7 @@ def deepspeed_check(_, recipe) -> str | None:
     """What the DeepSpeed learner does not run with (yet), each in the words of the field to change."""
     learner = recipe.learner
     zero3_refusals = {  # ZeRO-3 gathers weights around the engine's whole forward
-        # packing, like selected compute, calls the body and the LM head apart (see DeepSpeedLearner)
+        # packing calls the body and the LM head apart (see DeepSpeedLearner)
         "learner.packing: not under ZeRO-3 (zero_stage: 3), whose weight gathering needs the model called whole; "
         "use zero_stage 0-2 or packing: false": learner.packing,
         "learner.lora: DeepSpeed zero_stage 0-2 only (LoRA over ZeRO-3's sharded base weights is not supported); "

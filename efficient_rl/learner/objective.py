@@ -28,6 +28,7 @@ from efficient_rl.algos.losses import (
 )
 from efficient_rl.config.plan import Plan
 from efficient_rl.config.schema import AlgorithmSection, DistillSection, LearnerSection, RolloutSection
+from efficient_rl.models.fused_head import HeadTiles
 from efficient_rl.models.modeling import (
     WHOLE_VOCABULARY,
     Support,
@@ -67,7 +68,10 @@ class ObjectiveSettings:
     temperature: float = RolloutSection.temperature  # logits are divided by it, as in the engine
     loss_denominator: str = AlgorithmSection.loss_denominator
     chunk_rows: int = DistillSection.chunk_rows
-    selected_compute: bool = True  # the LM head runs on the loss tokens only
+    # The LM head runs on the loss tokens only, through the fused head. whole_model: the model is
+    # called through its own forward, the head inside it (ZeRO-3's weight gathering needs it).
+    whole_model: bool = False
+    head_tiles: HeadTiles = HeadTiles()  # the fused head's tile sizes (learner.head_*_tile)
     packing: bool = LearnerSection.packing
     support: Support = WHOLE_VOCABULARY  # the tokens the engine sampled from (rollout.top_k, top_p)
 
@@ -92,11 +96,28 @@ def objective_settings(plan: Plan) -> ObjectiveSettings:
         chunk_rows=recipe.distill.chunk_rows,
         packing=recipe.learner.packing,
         support=Support(recipe.rollout.top_k, recipe.rollout.top_p),
+        head_tiles=HeadTiles(recipe.learner.head_token_tile, recipe.learner.head_vocab_tile),
     )
 
 
-def without_selected_compute(settings: ObjectiveSettings) -> ObjectiveSettings:
-    return dataclasses.replace(settings, selected_compute=False)
+def called_whole(settings: ObjectiveSettings) -> ObjectiveSettings:
+    return dataclasses.replace(settings, whole_model=True)
+
+
+def policy_logprobs(model, rows: RolloutBatch, settings: ObjectiveSettings, with_entropy: bool = True):
+    """The policy's log-probs (and entropies) of `rows`' response tokens, [B, R] each: the LM head
+    runs on the loss tokens only (every response token when no token selection was made)."""
+    return response_logprobs(
+        model,
+        rows,
+        settings.temperature,
+        with_entropy=with_entropy,
+        selected=rows.loss_mask if rows.loss_mask is not None else rows.response_mask > 0,
+        packed=settings.packing,
+        support=settings.support,
+        tiles=settings.head_tiles,
+        whole_model=settings.whole_model,
+    )
 
 
 def loss_masks(rows: RolloutBatch, settings: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,14 +180,7 @@ def policy_gradient(
     model, rows: RolloutBatch, settings: ObjectiveSettings, den: LossDenominators, teacher
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The RL objective: with a token selection only the kept tokens reach the LM head."""
-    logprobs, entropy = response_logprobs(
-        model,
-        rows,
-        settings.temperature,
-        selected=rows.loss_mask if settings.selected_compute else None,
-        packed=settings.packing,
-        support=settings.support,
-    )
+    logprobs, entropy = policy_logprobs(model, rows, settings)
     loss, stats = policy_gradient_loss(logprobs, rows, settings, den)
     tokens, _ = loss_masks(rows, settings)
     stats["entropy"] = (entropy.detach() * tokens).sum()

@@ -31,6 +31,7 @@ from efficient_rl.learner.objective import (
     head_logprobs,
     loss_masks,
     objective_settings,
+    policy_logprobs,
     ratio_quantiles,
 )
 from efficient_rl.learner.schedules import LR_SCHEDULES
@@ -51,7 +52,6 @@ from efficient_rl.models.modeling import (
     load_model,
     output_head,
     response_hidden_states,
-    response_logprobs,
     torch_device,
 )
 from efficient_rl.models.weights import WeightBucket, plan_buckets
@@ -266,15 +266,7 @@ class TorchLearner:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, model) -> torch.Tensor:
         def of_rows(rows: RolloutBatch) -> torch.Tensor:
-            logprobs, _ = response_logprobs(
-                model,
-                rows,
-                self.objective.temperature,
-                with_entropy=False,
-                selected=rows.loss_mask if self.objective.selected_compute else None,
-                packed=self.objective.packing,
-                support=self.objective.support,
-            )
+            logprobs, _ = policy_logprobs(model, rows, self.objective, with_entropy=False)
             return logprobs
 
         return self.over_micro_batches(batch, of_rows).to(batch.response_mask.device) * batch.response_mask

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
+from efficient_rl.models.fused_head import HeadTiles, fused_token_logprobs
 
 # model.dtype names (Hugging Face's and vLLM's) -> torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -101,14 +102,20 @@ def response_logprobs(
     selected: torch.Tensor | None = None,
     packed: bool = False,
     support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
+    whole_model: bool = False,
 ):
     """Log-probs of the response tokens (and per-token entropy) under `model`, both [B, R], of the
     distribution over `support`'s tokens at each position.
 
-    With `selected` ([B, R] bool), the transformer body still runs on the full sequences, but the
-    LM head, log-softmax and entropy only on the selected positions: [B, R, V] logits never exist,
-    which is where a large vocabulary's memory and time go. Other positions are 0 (and carry no
-    gradient), exactly what full compute followed by masking would give the loss.
+    The LM head, log-softmax and entropy run on the `selected` positions only ([B, R] bool; all of
+    them when None), through the fused head (`head_token_logprobs`, `tiles` its tile sizes):
+    [B, R, V] logits never exist, which is where a large vocabulary's memory and time go. Other
+    positions are 0 (and carry no gradient), exactly what full compute followed by masking would
+    give the loss. With a selection, the transformer body is called on its own and the head on
+    the selected hidden states; without one, or with `whole_model` (ZeRO-3, which gathers each
+    module's weights in that module's own forward and backward hooks), the model is called whole
+    and the fused head runs inside the LM head's forward (`head_computing_logprobs`).
 
     `packed`: the sequences go through the body packed (`pack_rows`), and the head runs on the
     response positions only (or the selected ones): the same values as the padded rows give.
@@ -116,15 +123,57 @@ def response_logprobs(
     """
     if packed and selected is None:
         selected = rows.response_mask > 0
-    if selected is not None:
-        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed, support)
+    if selected is not None and not whole_model:
+        return selected_logprobs(model, rows, temperature, with_entropy, selected.bool(), packed, support, tiles)
     input_ids, attention_mask, position_ids = sequence_inputs(rows)
     width = rows.response_ids.shape[1]
-    # Logits at position p predict token p + 1: keep the last R + 1 positions, drop the final one.
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1
-    ).logits[:, :-1]
-    return token_logprobs_and_entropy(logits, rows.response_ids, temperature, with_entropy, support)
+
+    def whole():  # logits at position p predict token p + 1: the head sees the last R + 1 positions
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1
+        ).logits
+
+    if not support.whole:
+        return token_logprobs_and_entropy(whole()[:, :-1], rows.response_ids, temperature, with_entropy, support)
+    positions = torch.ones_like(rows.response_ids, dtype=torch.bool) if selected is None else selected.bool()
+    head = output_head(model)
+    with head_computing_logprobs(head, rows.response_ids, positions, temperature, with_entropy, tiles):
+        both = whole()
+    return both[..., 0], both[..., 1] if with_entropy else None
+
+
+@contextlib.contextmanager
+def head_computing_logprobs(
+    head: torch.nn.Module,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    tiles: HeadTiles | None,
+):
+    """Within, the LM head's forward takes the hidden states [B, R + 1, H] that a model called
+    whole hands it and returns [B, R, 2]: log p(token) and the entropy (0 without with_entropy)
+    of the R response `tokens` [B, R] at `positions` [B, R] (0 elsewhere), from the fused head
+    instead of [B, R + 1, V] logits. Inside the head's own forward, ZeRO-3's hooks on the head
+    module gather its weight for the forward and again, on the output's gradient, for the
+    backward; a function handed the weight from outside would see ZeRO-3's empty partition."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        logprobs, entropy = head_token_logprobs(
+            head, hidden[:, :-1][positions], tokens[positions], temperature, with_entropy, tiles=tiles
+        )
+        entropy = torch.zeros_like(logprobs) if entropy is None else entropy
+        return torch.stack([scatter_selected(logprobs, positions), scatter_selected(entropy, positions)], -1)
+
+    own = head.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks do): restored
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -212,15 +261,36 @@ def selected_logprobs(
     selected: torch.Tensor,
     packed: bool = False,
     support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
 ):
-    head = output_head(model)
     hidden = response_hidden_states(model, rows, packed)[selected]  # [K, H]: gathered before the head
-    picked_logprobs, picked_entropy = token_logprobs_and_entropy(
-        head(hidden), rows.response_ids[selected], temperature, with_entropy, support
+    picked_logprobs, picked_entropy = head_token_logprobs(
+        output_head(model), hidden, rows.response_ids[selected], temperature, with_entropy, support, tiles
     )
     return scatter_selected(picked_logprobs, selected), (
         scatter_selected(picked_entropy, selected) if with_entropy else None
     )
+
+
+def head_token_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    support: Support = WHOLE_VOCABULARY,
+    tiles: HeadTiles | None = None,
+):
+    """log p(token) and the entropy at K hidden states [K, H] through the LM head, both [K] float32.
+    Over the whole vocabulary: the fused head, tile by tile from the head's weight (tied to the
+    input embedding or not; LoRA never targets the head, models/lora.py). A truncated support
+    needs each position's whole row of logits at once (top-p sorts it), so it goes through the
+    [K, V] logits and TokenLogprobs."""
+    if not support.whole:
+        return token_logprobs_and_entropy(head(hidden), tokens, temperature, with_entropy, support)
+    if type(head) is not torch.nn.Linear:
+        raise TypeError(f"the fused log-prob head needs the model's output head to be a torch.nn.Linear, got {head}")
+    return fused_token_logprobs(hidden, head.weight, head.bias, tokens, temperature, with_entropy, tiles)
 
 
 def scatter_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
