@@ -415,6 +415,34 @@ def test_a_stop_during_a_gguf_conversion_caches_nothing(run_dir):
     assert not run.exists()
 
 
+def test_a_stop_during_the_teachers_build_caches_nothing_and_a_restart_runs(run_dir, tiny_model_dir):
+    """On-policy distillation from lab:tiny, built into a fresh cache (the student is the tests'
+    tiny model, already built): a stop ends the teacher's build as it ends the model's."""
+    cwd, overrides, run = run_dir
+    cache = cwd / "cache"
+    overrides = overrides + [
+        "model.lab=null",
+        f"model.path={tiny_model_dir}",
+        "algorithm.objective={name: distillation}",
+        "distill.teacher=lab:tiny",
+    ]
+    env = {"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    driver = train(cwd, overrides, env=env)
+    wait_for(driver, lambda: driver.out.exists() and "building lab model tiny-" in driver.out.read_text())
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        "SIGTERM: stopping the teacher's build before training; nothing half-made is cached",
+        NO_CHECKPOINT_YET,
+    ]
+    assert [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")] == []
+    assert not run.exists()
+
+    restarted = train(cwd, overrides, env=env)
+    assert restarted.finish() == 0, restarted.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps_completed"] == 1
+    assert [entry.name for entry in (cache / "lab").glob("tiny-*/lab.json")] == ["lab.json"]
+
+
 def fail(*args, **kwargs):
     raise RuntimeError("planted fault")
 
