@@ -543,6 +543,35 @@ def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*/checkpoint_manifest.json"))
 
 
+def test_a_signal_to_every_process_of_a_ray_run_stops_it_resumably(run_dir):
+    """systemd's KillMode=control-group, a Slurm step signal, `kill -TERM` of every process: the
+    run's Ray processes get the SIGTERM too and end (the raylet and the actors do, whatever their
+    session), so the step in progress is lost with them. The driver, asked to stop, takes that as
+    the stop: exit 75 and one line saying to resume from the last checkpoint, which holds; the
+    keeper removes the cluster's temp dir. (Before: the driver reported the actors' deaths as a
+    failure, exit 1, after a minute's wait for the GCS.)"""
+    cwd, overrides, run = run_dir
+    ray_run = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed", "cluster.learner.workers=1"]
+    overrides = overrides + ray_run + ["steps=3", "checkpoint.every=1"]
+    driver = train(cwd, overrides)
+    first = run / "checkpoints" / "step-00000001" / "checkpoint_manifest.json"
+    wait_for(driver, first.exists)  # the last file of step 1's checkpoint: step 2 is under way
+    members = session_members(driver.process.pid, driver.mark)  # the keeper's session's carry the mark too
+    temp_dirs = {word for command in members.values() for word in command.split() if "erl-ray-" in word}
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert driver.finish() == 75, driver.stderr[-3000:]
+    assert temp_dirs and not [path for path in temp_dirs if Path(path).exists()]
+    assert "Traceback" not in driver.stderr, driver.stderr[-3000:]
+    assert last_line(driver.stderr).startswith("stopped "), driver.stderr[-3000:]
+    assert f"continue with --resume (checkpoint in {run / 'checkpoints' / 'step-0000000'}" in last_line(driver.stderr)
+
+    resumed = train(cwd, overrides + ["--resume"])
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def processes_naming(text: str) -> dict[int, str]:
     """pid -> command line of every live process whose command line holds `text`."""
     found = {}

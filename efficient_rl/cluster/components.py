@@ -15,3 +15,6 @@ class Components:
     learner: object  # a Learner
     engine: object  # a RolloutEngine
     close: Callable[[], None]  # releases processes and clusters; called at the end or on error
+    # Whether an error says processes of the backend are gone (an actor's death): after a stop
+    # request that is the stop (driver/loop.py). The embedded backend has none to lose.
+    lost: Callable[[BaseException], bool] = lambda err: False

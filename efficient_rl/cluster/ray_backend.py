@@ -21,6 +21,7 @@ from efficient_rl.cluster.components import Components
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.config.placement import Placement
+from efficient_rl.driver import stopping
 from efficient_rl.errors import ConfigError, WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import draw_seed, verification_prompt
@@ -132,7 +133,7 @@ class RayLearnerGroup:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, (ConfigError, WorkerFailure)):
                     raise cause from None
-                if not is_actor_death(err):
+                if not is_actor_death(err) or stopping.requested():  # then the death is the stop's (loop.py)
                     raise
                 rank = futures.index(done[0])
                 self.kill()
@@ -324,7 +325,9 @@ class RayRolloutGroup:
             try:
                 return ray.get(future)
             except Exception as err:
-                if not is_actor_death(err):
+                # After a stop request a death is the stop's (a signal to every process of the run
+                # ends the actors with it): no restart, the driver stops (loop.py)
+                if not is_actor_death(err) or stopping.requested():
                     raise
                 self._restart(index, err)
                 future = resubmit(self.workers[index])
@@ -365,12 +368,16 @@ def ray_components(plan, setup):
 
     recipe = plan.recipe
     cluster = recipe.cluster
-    session = start_ray(cluster.address, *plan.placement.totals())
+    session = start_ray(cluster.address, *plan.placement.totals(), on_lost=stopping.cut_now)
     closers = [session.close]
 
     def close():
-        for closer in reversed(closers):
+        # A lost cluster serves no call (killing an actor would wait on its GCS): its keeper ends it all
+        for closer in closers[:1] if session.lost.is_set() else reversed(closers):
             closer()
+
+    def lost(err: BaseException) -> bool:
+        return session.lost.is_set() or is_actor_death(err)
 
     try:
         placement = place(plan.placement, cluster.placement_timeout)
@@ -397,7 +404,7 @@ def ray_components(plan, setup):
     except BaseException:
         close()
         raise
-    return Components(learner=learner, engine=engine, close=close)
+    return Components(learner=learner, engine=engine, close=close, lost=lost)
 
 
 def start_teacher(plan):

@@ -21,6 +21,7 @@ always stops at once (KeyboardInterrupt; the CLI says so in one line and exits 1
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
@@ -39,6 +40,16 @@ class Stopped(Exception):
     """A stop request ended a cut_short() block."""
 
 
+class StoppedMidStep(Exception):
+    """A stop request came with the end of the processes the step needs: a signal to every process
+    of the run (systemd's KillMode=control-group, a Slurm job step, `kill` of each) ends the Ray
+    cluster's too. The step in progress is lost; the last checkpoint stands, and the stop is a stop."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step}")
+        self.step = step
+
+
 @dataclass(frozen=True)
 class Phase:
     """What a stop request means while a block runs: the promise printed, and whether it ends the block."""
@@ -55,9 +66,14 @@ AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
 
 _received: list[int] = []
 _phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
+_cut: list[bool] = []  # set by cut_now() for the main thread's handler
 
 
 def _record(signum, frame) -> None:
+    if _cut:  # cut_now(): a request that also ends what the main thread waits on
+        _cut.clear()
+        _received.append(signum)
+        raise KeyboardInterrupt  # the exception Ray's get passes on from a handler
     if signum == signal.SIGINT and signal.SIGINT in _received:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now
     phase = phase_of(signum)
@@ -67,6 +83,17 @@ def _record(signum, frame) -> None:
     _received.append(signum)
     if phase.ends_block:
         raise Stopped(phase.promise)
+
+
+def cut_now() -> None:
+    """From another thread: a stop request that cannot wait for the step, since what the step needs
+    is gone (the run's Ray cluster got a stop signal too: cluster/runtime.py). The main thread gets
+    KeyboardInterrupt wherever it is, waiting in Ray's get included, with the request recorded;
+    the loop takes it for the stop (StoppedMidStep). Outside handled() (no request can be kept
+    there), nothing happens."""
+    if signal.getsignal(signal.SIGTERM) is _record:
+        _cut.append(True)
+        _thread.interrupt_main(signal.SIGTERM)
 
 
 def phase_of(signum: int) -> Phase:
@@ -107,6 +134,7 @@ def handled():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _received.clear()
+        _cut.clear()
 
 
 @contextlib.contextmanager
