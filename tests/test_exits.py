@@ -382,18 +382,32 @@ def test_a_time_limit_warning_during_the_evaluation_before_training_waits_for_th
     assert "warm_start" in json.loads((run / "summary.json").read_text())
 
 
+def stop_in_a_build(driver: Driver, started, whose: str) -> None:
+    """SIGTERM once `started()`: the run says it ended `whose` build, and that it has no checkpoint yet."""
+    wait_for(driver, started)
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        f"SIGTERM: stopping {whose} build before training; nothing half-made is cached",
+        NO_CHECKPOINT_YET,
+    ]
+
+
+def building_lab_model(driver: Driver) -> bool:
+    return driver.out.exists() and "building lab model tiny-" in driver.out.read_text()
+
+
+def lab_entries(cache: Path) -> list[str]:
+    """The lab models in `cache`, built or half-built (the build locks beside them aside)."""
+    return [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")]
+
+
 def test_a_stop_during_the_lab_build_caches_nothing(run_dir):
     """A fresh cache: the tiny preset builds first (tokenizer, then SFT); a stop ends the build."""
     cwd, overrides, run = run_dir
     cache = cwd / "cache"
     driver = train(cwd, overrides, env={"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"})
-    wait_for(driver, lambda: driver.out.exists() and "building lab model tiny-" in driver.out.read_text())
-    assert stop_once(driver) == 75, driver.stderr[-3000:]
-    assert driver.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
-        NO_CHECKPOINT_YET,
-    ]
-    assert [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")] == []
+    stop_in_a_build(driver, lambda: building_lab_model(driver), "the model's")
+    assert lab_entries(cache) == []
     assert not run.exists()  # the run directory is made once the model is there
 
 
@@ -405,12 +419,7 @@ def test_a_stop_during_a_gguf_conversion_caches_nothing(run_dir):
     cache = cwd / "cache"
     gguf = builtin_gguf("smollm2")
     driver = train(cwd, overrides + ["model.lab=null", f"model.path={gguf}"], env={"EFFICIENT_RL_CACHE": str(cache)})
-    wait_for(driver, lambda: f"converting {gguf}" in driver.stderr)
-    assert stop_once(driver) == 75, driver.stderr[-3000:]
-    assert driver.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
-        NO_CHECKPOINT_YET,
-    ]
+    stop_in_a_build(driver, lambda: f"converting {gguf}" in driver.stderr, "the model's")
     assert not (cache / "models").exists() or list((cache / "models").iterdir()) == []
     assert not run.exists()
 
@@ -428,19 +437,14 @@ def test_a_stop_during_the_teachers_build_caches_nothing_and_a_restart_runs(run_
     ]
     env = {"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     driver = train(cwd, overrides, env=env)
-    wait_for(driver, lambda: driver.out.exists() and "building lab model tiny-" in driver.out.read_text())
-    assert stop_once(driver) == 75, driver.stderr[-3000:]
-    assert driver.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM: stopping the teacher's build before training; nothing half-made is cached",
-        NO_CHECKPOINT_YET,
-    ]
-    assert [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")] == []
+    stop_in_a_build(driver, lambda: building_lab_model(driver), "the teacher's")
+    assert lab_entries(cache) == []
     assert not run.exists()
 
     restarted = train(cwd, overrides, env=env)
     assert restarted.finish() == 0, restarted.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps_completed"] == 1
-    assert [entry.name for entry in (cache / "lab").glob("tiny-*/lab.json")] == ["lab.json"]
+    assert [entry.parent.name.split("-")[0] for entry in (cache / "lab").glob("*/lab.json")] == ["tiny"]
 
 
 def fail(*args, **kwargs):
@@ -610,3 +614,34 @@ def test_a_killed_driver_takes_its_own_ray_cluster_and_temp_dir_along(tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
     assert not Path(temp_dir).exists()
+
+
+def test_a_signalled_keeper_says_so_and_ends_its_cluster_after_its_grace():
+    """A SIGTERM to the keeper: it tells the driver (the line the driver's watcher reads), and with
+    the driver's pipe still open it shuts its cluster down and removes the temp dir once its grace
+    (1 s here) is over: a driver that never closes cannot keep the cluster up."""
+    import shutil
+    import tempfile
+
+    from efficient_rl.cluster.runtime import SIGNALLED
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short, as start_ray's (socket path limit)
+    code = f"import efficient_rl.cluster.head as head; head.STOP_GRACE = 1; head.keep({str(temp_dir)!r}, 1, 0)"
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert keeper.stdout.readline().strip()  # the cluster's address: it is up
+        os.kill(keeper.pid, signal.SIGTERM)
+        assert keeper.stdout.readline().strip() == SIGNALLED
+        assert keeper.wait(timeout=HANG_GUARD) == 0  # stdin still open: the grace ended it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(keeper.pid, signal.SIGKILL)
+        keeper.wait()
+        keeper.stdin.close()
+        keeper.stdout.close()
+    left = temp_dir.exists()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left
+    assert_nothing_left(keeper.pid, b"no mark")
