@@ -24,6 +24,7 @@ Run as `python -m efficient_rl.cluster.head TEMP_DIR CPUS GPUS`; only efficient_
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
@@ -43,6 +44,21 @@ def _leave_soon(signum, frame) -> None:
         signal.signal(sig, signal.SIG_IGN)  # the grace runs from the first signal; later ones change nothing
     signal.alarm(STOP_GRACE)
     print(SIGNALLED, flush=True)  # the driver stops waiting on the cluster (runtime.py)
+
+
+def wait_for_end_of_input() -> None:
+    """Until stdin ends. Ray's threads block no signal, so a signal may go to any of them, and a main
+    thread blocked in read() would never run its handler; Python's wakeup fd, written on every
+    signal whichever thread takes it, wakes this select instead, and the handler runs here."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    while True:
+        ready, _, _ = select.select([sys.stdin, wake_read], [], [])
+        if wake_read in ready:
+            os.read(wake_read, 512)  # the handlers run as this returns
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 4096):
+            return
 
 
 def keep(temp_dir: str, cpus: int, gpus: int) -> None:
@@ -68,7 +84,7 @@ def keep(temp_dir: str, cpus: int, gpus: int) -> None:
         print(ray.get_runtime_context().gcs_address, flush=True)
         for sig in STOP_SIGNALS:  # after ray.init(), which sets a SIGTERM handler of its own (sys.exit)
             signal.signal(sig, _leave_soon)
-        sys.stdin.read()  # until the driver closes the pipe or dies
+        wait_for_end_of_input()  # until the driver closes the pipe or dies
     finally:
         for sig in (*STOP_SIGNALS, signal.SIGALRM):
             signal.signal(sig, signal.SIG_IGN)  # a later signal or the grace's end must not cut the cleanup short

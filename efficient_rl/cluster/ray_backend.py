@@ -21,7 +21,6 @@ from efficient_rl.cluster.components import Components
 from efficient_rl.cluster.runtime import start_ray
 from efficient_rl.cluster.teacher import hosts_teacher, teacher_actor_name
 from efficient_rl.config.placement import Placement
-from efficient_rl.driver import stopping
 from efficient_rl.errors import ConfigError, WorkerFailure, one_line
 from efficient_rl.rollout.base import SamplingSettings
 from efficient_rl.rollout.vllm_engine import draw_seed, verification_prompt
@@ -112,6 +111,7 @@ class RayLearnerGroup:
 
     def __init__(self, workers: list):
         self.workers = workers
+        self.stop_requested: Callable[[], bool] = lambda: False  # the driver's (Components.follow_stops)
 
     def call(self, method: str, *args) -> list:
         """Run `method` on every rank and return the results by rank.
@@ -133,7 +133,7 @@ class RayLearnerGroup:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, (ConfigError, WorkerFailure)):
                     raise cause from None
-                if not is_actor_death(err) or stopping.requested():  # then the death is the stop's (loop.py)
+                if not is_actor_death(err) or self.stop_requested():  # then the death is the stop's (loop.py)
                     raise
                 rank = futures.index(done[0])
                 self.kill()
@@ -256,6 +256,7 @@ class RayRolloutGroup:
         self.transport = transport
         self.max_restarts = max_restarts if transport.restartable else 0
         self.restarts, self.unreported_restarts = 0, 0
+        self.stop_requested: Callable[[], bool] = lambda: False  # the driver's (Components.follow_stops)
 
     def generate(
         self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
@@ -327,7 +328,7 @@ class RayRolloutGroup:
             except Exception as err:
                 # After a stop request a death is the stop's (a signal to every process of the run
                 # ends the actors with it): no restart, the driver stops (loop.py)
-                if not is_actor_death(err) or stopping.requested():
+                if not is_actor_death(err) or self.stop_requested():
                     raise
                 self._restart(index, err)
                 future = resubmit(self.workers[index])
@@ -368,7 +369,7 @@ def ray_components(plan, setup):
 
     recipe = plan.recipe
     cluster = recipe.cluster
-    session = start_ray(cluster.address, *plan.placement.totals(), on_lost=stopping.cut_now)
+    session = start_ray(cluster.address, *plan.placement.totals())
     closers = [session.close]
 
     def close():
@@ -404,7 +405,12 @@ def ray_components(plan, setup):
     except BaseException:
         close()
         raise
-    return Components(learner=learner, engine=engine, close=close, lost=lost)
+
+    def follow_stops(requested: Callable[[], bool], cut_now: Callable[[], None]) -> None:
+        learner.stop_requested = engine.stop_requested = requested
+        session.follow(cut_now)
+
+    return Components(learner=learner, engine=engine, close=close, lost=lost, follow_stops=follow_stops)
 
 
 def start_teacher(plan):

@@ -5,8 +5,8 @@ fail) and is shut down by the driver at the end or on error. It is started by a 
 session of its own (efficient_rl/cluster/head.py), so that a signal to the driver's process group
 asks the run to stop without also killing the cluster it needs to finish the step. A signal that
 reaches the cluster too (one to every process of the run) makes the keeper say so: the session is
-then lost, and `on_lost` tells the driver, which stops at once instead of waiting on actors that
-are gone. With `cluster.address` the run joins an existing cluster instead (multi-node) and
+then lost, and tells the driver (RaySession.follow), which stops at once instead of waiting on
+actors that are gone. With `cluster.address` the run joins an existing cluster instead (multi-node) and
 leaves it running.
 """
 
@@ -47,19 +47,31 @@ class RaySession:
     lost: threading.Event = field(default_factory=threading.Event)  # the cluster got a signal, or its keeper died
     closing: bool = False
     watcher: threading.Thread | None = None
+    on_lost: Callable[[], None] = lambda: None  # follow()
+    guard: threading.Lock = field(default_factory=threading.Lock)  # on_lost and lost, read and set together
 
-    def watch(self, on_lost: Callable[[], None]) -> None:
+    def watch(self) -> None:
         """Until the keeper says SIGNALLED, or its stdout ends (it died) before the run closes it:
         then the cluster is lost, and on_lost() is called (in this thread)."""
 
         def wait() -> None:
             self.keeper.stdout.readline()  # SIGNALLED, or "" at end of file
             if not self.closing:
-                self.lost.set()
+                with self.guard:
+                    self.lost.set()
+                    on_lost = self.on_lost
                 on_lost()
 
         self.watcher = threading.Thread(target=wait, name="ray-keeper-watch", daemon=True)
         self.watcher.start()
+
+    def follow(self, on_lost: Callable[[], None]) -> None:
+        """Call `on_lost` (once) when the cluster is lost, or now if it is already."""
+        with self.guard:
+            self.on_lost = on_lost
+            lost = self.lost.is_set()
+        if lost:
+            on_lost()
 
     def close(self) -> None:
         import ray
@@ -108,9 +120,9 @@ def stop_keeper(keeper: subprocess.Popen, watcher: threading.Thread | None = Non
     keeper.stdout.close()
 
 
-def start_ray(address: str | None, cpus: float, gpus: float, on_lost: Callable[[], None] = lambda: None) -> RaySession:
+def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
     """Join `address`, reuse a Ray the caller started already, or start a local one with these
-    resources; `on_lost` is called (in another thread) if the local one is lost to a signal."""
+    resources (watched: RaySession.follow says when it is lost)."""
     if address is None and "ray" not in sys.modules:
         # A local cluster stays on the loopback address (Ray reads this when it is imported) and
         # needs no token auth (single user). Not set for multi-node clusters, which need both.
@@ -134,7 +146,7 @@ def start_ray(address: str | None, cpus: float, gpus: float, on_lost: Callable[[
     try:
         with own_sigterm_handler():
             ray.init(address=address)
-        session.watch(on_lost)
+        session.watch()
     except BaseException:
         session.close()
         raise

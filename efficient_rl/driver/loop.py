@@ -102,6 +102,7 @@ class Trainer:
         self.stages = resolve_stages(plan)
         self.selection = Selection(plan, vocab_size=setup.vocab_size)
         self.components = plan["cluster.backend"](plan, setup)
+        self.components.follow_stops(stopping.requested, stopping.cut_now)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = SamplingSettings(

@@ -21,11 +21,11 @@ always stops at once (KeyboardInterrupt; the CLI says so in one line and exits 1
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -93,7 +93,8 @@ def cut_now() -> None:
     there), nothing happens."""
     if signal.getsignal(signal.SIGTERM) is _record:
         _cut.append(True)
-        _thread.interrupt_main(signal.SIGTERM)
+        # a signal, not _thread.interrupt_main(): that one wakes no main thread blocked on a lock
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def phase_of(signum: int) -> Phase:
