@@ -67,22 +67,36 @@ AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
 _received: list[int] = []
 _phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
 _cut: list[bool] = []  # set by cut_now() for the main thread's handler
+_saying: list[bool] = []  # set while the handler writes its line, which a second signal must not cut in two
 
 
 def _record(signum, frame) -> None:
-    if _cut:  # cut_now(): a request that also ends what the main thread waits on
-        _cut.clear()
-        _received.append(signum)
-        raise KeyboardInterrupt  # the exception Ray's get passes on from a handler
+    if _saying:
+        return  # a signal while the first one's line is written: that call goes on, and sees a cut
+    if _cut:
+        _end_for_cut(signum)
     if signum == signal.SIGINT and signal.SIGINT in _received:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now
     phase = phase_of(signum)
     if not _received:
         again = "" if phase.ends_block else " (Ctrl-C again: stop now)"
-        print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
+        _saying.append(True)
+        try:
+            print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
+        finally:
+            _saying.clear()
     _received.append(signum)
     if phase.ends_block:
         raise Stopped(phase.promise)
+    if _cut:
+        _end_for_cut(signum)
+
+
+def _end_for_cut(signum: int) -> None:
+    """cut_now(): a request that also ends what the main thread waits on."""
+    _cut.clear()
+    _received.append(signum)
+    raise KeyboardInterrupt  # the exception Ray's get passes on from a handler
 
 
 def cut_now() -> None:
