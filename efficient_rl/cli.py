@@ -38,6 +38,13 @@ def train(args) -> int:
     except stopping.Stopped:  # a stop before the first step (the model's build, the evaluation before training)
         print(f"stopped before training; {what_resume_has(recipe)}", file=sys.stderr)
         return stopping.EXIT_STOPPED
+    except stopping.StoppedMidStep as stop:  # the stop's signal reached the Ray cluster too
+        print(
+            f"stopped in step {stop.step} of {recipe.steps}: the stop signal reached the run's Ray cluster too, "
+            f"so that step is lost; {what_resume_has(recipe)}",
+            file=sys.stderr,
+        )
+        return stopping.EXIT_STOPPED
     return exit_status(recipe, summary, checkpoint)
 
 

@@ -8,6 +8,7 @@ timeouts are hang guards, never duration bounds: a hang fails the test instead o
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -382,18 +383,32 @@ def test_a_time_limit_warning_during_the_evaluation_before_training_waits_for_th
     assert "warm_start" in json.loads((run / "summary.json").read_text())
 
 
+def stop_in_a_build(driver: Driver, started, whose: str) -> None:
+    """SIGTERM once `started()`: the run says it ended `whose` build, and that it has no checkpoint yet."""
+    wait_for(driver, started)
+    assert stop_once(driver) == 75, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-2:] == [
+        f"SIGTERM: stopping {whose} build before training; nothing half-made is cached",
+        NO_CHECKPOINT_YET,
+    ]
+
+
+def building_lab_model(driver: Driver) -> bool:
+    return driver.out.exists() and "building lab model tiny-" in driver.out.read_text()
+
+
+def lab_entries(cache: Path) -> list[str]:
+    """The lab models in `cache`, built or half-built (the build locks beside them aside)."""
+    return [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")]
+
+
 def test_a_stop_during_the_lab_build_caches_nothing(run_dir):
     """A fresh cache: the tiny preset builds first (tokenizer, then SFT); a stop ends the build."""
     cwd, overrides, run = run_dir
     cache = cwd / "cache"
     driver = train(cwd, overrides, env={"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"})
-    wait_for(driver, lambda: driver.out.exists() and "building lab model tiny-" in driver.out.read_text())
-    assert stop_once(driver) == 75, driver.stderr[-3000:]
-    assert driver.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
-        NO_CHECKPOINT_YET,
-    ]
-    assert [entry.name for entry in (cache / "lab").iterdir() if not entry.name.endswith(".lock")] == []
+    stop_in_a_build(driver, lambda: building_lab_model(driver), "the model's")
+    assert lab_entries(cache) == []
     assert not run.exists()  # the run directory is made once the model is there
 
 
@@ -405,14 +420,32 @@ def test_a_stop_during_a_gguf_conversion_caches_nothing(run_dir):
     cache = cwd / "cache"
     gguf = builtin_gguf("smollm2")
     driver = train(cwd, overrides + ["model.lab=null", f"model.path={gguf}"], env={"EFFICIENT_RL_CACHE": str(cache)})
-    wait_for(driver, lambda: f"converting {gguf}" in driver.stderr)
-    assert stop_once(driver) == 75, driver.stderr[-3000:]
-    assert driver.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM: stopping the model's build before training; nothing half-made is cached",
-        NO_CHECKPOINT_YET,
-    ]
+    stop_in_a_build(driver, lambda: f"converting {gguf}" in driver.stderr, "the model's")
     assert not (cache / "models").exists() or list((cache / "models").iterdir()) == []
     assert not run.exists()
+
+
+def test_a_stop_during_the_teachers_build_caches_nothing_and_a_restart_runs(run_dir, tiny_model_dir):
+    """On-policy distillation from lab:tiny, built into a fresh cache (the student is the tests'
+    tiny model, already built): a stop ends the teacher's build as it ends the model's."""
+    cwd, overrides, run = run_dir
+    cache = cwd / "cache"
+    overrides = overrides + [
+        "model.lab=null",
+        f"model.path={tiny_model_dir}",
+        "algorithm.objective={name: distillation}",
+        "distill.teacher=lab:tiny",
+    ]
+    env = {"EFFICIENT_RL_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    driver = train(cwd, overrides, env=env)
+    stop_in_a_build(driver, lambda: building_lab_model(driver), "the teacher's")
+    assert lab_entries(cache) == []
+    assert not run.exists()
+
+    restarted = train(cwd, overrides, env=env)
+    assert restarted.finish() == 0, restarted.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps_completed"] == 1
+    assert [entry.parent.name.split("-")[0] for entry in (cache / "lab").glob("*/lab.json")] == ["tiny"]
 
 
 def fail(*args, **kwargs):
@@ -515,6 +548,42 @@ def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*/checkpoint_manifest.json"))
 
 
+PIPELINES = {  # cluster.pipeline: the driver waits on the actors itself, or on its producer thread that does
+    "sync": [],
+    "overlapped": ["cluster.pipeline.name=overlapped", "cluster.pipeline.max_staleness=0"],
+}
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_a_signal_to_every_process_of_a_ray_run_stops_it_resumably(run_dir, pipeline):
+    """systemd's KillMode=control-group, a Slurm step signal, `kill -TERM` of every process: the
+    run's Ray processes get the SIGTERM too, whatever their session (the actors end, the GCS and
+    raylet stop serving), so the step in progress is lost with them. The keeper tells the driver,
+    which takes that as the stop: exit 75 and one line naming the last checkpoint, which resumes;
+    the keeper removes the cluster's temp dir. (Before: nothing told the driver, which waited on its
+    actors until its Ray client gave up on the GCS, "Failed to connect to GCS", exit 1.)"""
+    cwd, overrides, run = run_dir
+    ray_run = ["cluster.backend=ray", "rollout.engine=vllm", "learner.backend=deepspeed", "cluster.learner.workers=1"]
+    overrides = overrides + ray_run + PIPELINES[pipeline] + ["steps=3", "checkpoint.every=1"]
+    driver = train(cwd, overrides)
+    first = run / "checkpoints" / "step-00000001" / "checkpoint_manifest.json"
+    wait_for(driver, first.exists)  # the last file of step 1's checkpoint: step 2 is under way
+    members = session_members(driver.process.pid, driver.mark)  # the keeper's session's carry the mark too
+    temp_dirs = {word for command in members.values() for word in command.split() if "erl-ray-" in word}
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert driver.finish() == 75, driver.stderr[-3000:]
+    assert temp_dirs and not [path for path in temp_dirs if Path(path).exists()]
+    assert "Traceback" not in driver.stderr, driver.stderr[-3000:]
+    assert last_line(driver.stderr).startswith("stopped "), driver.stderr[-3000:]
+    assert f"continue with --resume (checkpoint in {run / 'checkpoints' / 'step-0000000'}" in last_line(driver.stderr)
+
+    resumed = train(cwd, overrides + ["--resume"])
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def processes_naming(text: str) -> dict[int, str]:
     """pid -> command line of every live process whose command line holds `text`."""
     found = {}
@@ -553,3 +622,42 @@ def test_a_killed_driver_takes_its_own_ray_cluster_and_temp_dir_along(tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
     assert not Path(temp_dir).exists()
+
+
+def line_within(stream, guard: float) -> str:
+    """The next line of a pipe nothing else has read ahead of; a hang guard, not a duration bound."""
+    ready, _, _ = select.select([stream], [], [], guard)
+    if not ready:
+        pytest.fail(f"no line within {guard} s: a hang")
+    return stream.readline().strip()
+
+
+def test_a_signalled_keeper_says_so_and_ends_its_cluster_after_its_grace():
+    """A SIGTERM to the keeper: it tells the driver (the line the driver's watcher reads), and with
+    the driver's pipe still open it shuts its cluster down and removes the temp dir once its grace
+    (1 s here) is over: a driver that never closes cannot keep the cluster up."""
+    import shutil
+    import tempfile
+
+    from efficient_rl.cluster.runtime import SIGNALLED
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short, as start_ray's (socket path limit)
+    code = f"import efficient_rl.cluster.head as head; head.STOP_GRACE = 1; head.keep({str(temp_dir)!r}, 1, 0)"
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert line_within(keeper.stdout, HANG_GUARD)  # the cluster's address: it is up
+        os.kill(keeper.pid, signal.SIGTERM)  # any of its threads may take it (Ray's block none)
+        assert line_within(keeper.stdout, HANG_GUARD) == SIGNALLED
+        assert keeper.wait(timeout=HANG_GUARD) == 0  # stdin still open: the grace ended it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(keeper.pid, signal.SIGKILL)
+        keeper.wait()
+        keeper.stdin.close()
+        keeper.stdout.close()
+    left = temp_dir.exists()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left
+    assert_nothing_left(keeper.pid, b"no mark")

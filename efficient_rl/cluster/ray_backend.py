@@ -111,6 +111,7 @@ class RayLearnerGroup:
 
     def __init__(self, workers: list):
         self.workers = workers
+        self.stop_requested: Callable[[], bool] = lambda: False  # the driver's (Components.follow_stops)
 
     def call(self, method: str, *args) -> list:
         """Run `method` on every rank and return the results by rank.
@@ -132,7 +133,7 @@ class RayLearnerGroup:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, (ConfigError, WorkerFailure)):
                     raise cause from None
-                if not is_actor_death(err):
+                if not is_actor_death(err) or self.stop_requested():  # then the death is the stop's (loop.py)
                     raise
                 rank = futures.index(done[0])
                 self.kill()
@@ -255,6 +256,7 @@ class RayRolloutGroup:
         self.transport = transport
         self.max_restarts = max_restarts if transport.restartable else 0
         self.restarts, self.unreported_restarts = 0, 0
+        self.stop_requested: Callable[[], bool] = lambda: False  # the driver's (Components.follow_stops)
 
     def generate(
         self, prompts: list[list[int]], samples: list[dict], group_ids: list[int], settings: SamplingSettings
@@ -324,7 +326,9 @@ class RayRolloutGroup:
             try:
                 return ray.get(future)
             except Exception as err:
-                if not is_actor_death(err):
+                # After a stop request a death is the stop's (a signal to every process of the run
+                # ends the actors with it): no restart, the driver stops (loop.py)
+                if not is_actor_death(err) or self.stop_requested():
                     raise
                 self._restart(index, err)
                 future = resubmit(self.workers[index])
@@ -369,8 +373,12 @@ def ray_components(plan, setup):
     closers = [session.close]
 
     def close():
-        for closer in reversed(closers):
+        # A lost cluster serves no call (killing an actor would wait on its GCS): its keeper ends it all
+        for closer in closers[:1] if session.lost.is_set() else reversed(closers):
             closer()
+
+    def lost(err: BaseException) -> bool:
+        return session.lost.is_set() or is_actor_death(err)
 
     try:
         placement = place(plan.placement, cluster.placement_timeout)
@@ -397,7 +405,12 @@ def ray_components(plan, setup):
     except BaseException:
         close()
         raise
-    return Components(learner=learner, engine=engine, close=close)
+
+    def follow_stops(requested: Callable[[], bool], cut_now: Callable[[], None]) -> None:
+        learner.stop_requested = engine.stop_requested = requested
+        session.follow(cut_now)
+
+    return Components(learner=learner, engine=engine, close=close, lost=lost, follow_stops=follow_stops)
 
 
 def start_teacher(plan):

@@ -3,8 +3,11 @@
 A local cluster binds to 127.0.0.1, lives in a fresh temp dir (a reused one makes a later start
 fail) and is shut down by the driver at the end or on error. It is started by a keeper process in a
 session of its own (efficient_rl/cluster/head.py), so that a signal to the driver's process group
-asks the run to stop without also killing the cluster it needs to finish the step. With
-`cluster.address` the run joins an existing cluster instead (multi-node) and leaves it running.
+asks the run to stop without also killing the cluster it needs to finish the step. A signal that
+reaches the cluster too (one to every process of the run) makes the keeper say so: the session is
+then lost, and tells the driver (RaySession.follow), which stops at once instead of waiting on
+actors that are gone. With `cluster.address` the run joins an existing cluster instead (multi-node) and
+leaves it running.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 # Ray starts its workers at niceness 15, below every ordinary process; here the actors are the run
 # itself, and on a shared machine niced actors starve (a 2-step run failed after 18 minutes beside
@@ -27,6 +32,7 @@ from pathlib import Path
 RUN_CLUSTER_CONFIG = {"worker_niceness": 0}
 START_GUARD = 600  # seconds for the keeper to report its cluster up (a hang guard: Ray has its own timeouts)
 STOP_GUARD = 60  # seconds for the keeper to shut its cluster down before its session is killed
+SIGNALLED = "signalled"  # the keeper's line when a stop signal reached it (and so the cluster)
 
 
 class ClusterStartError(RuntimeError):
@@ -38,13 +44,42 @@ class RaySession:
     owned: bool  # started by this run, so shut down by it
     temp_dir: Path | None
     keeper: subprocess.Popen | None = None  # the process that started the cluster, in its own session
+    lost: threading.Event = field(default_factory=threading.Event)  # the cluster got a signal, or its keeper died
+    closing: bool = False
+    watcher: threading.Thread | None = None
+    on_lost: Callable[[], None] = lambda: None  # follow()
+    guard: threading.Lock = field(default_factory=threading.Lock)  # on_lost and lost, read and set together
+
+    def watch(self) -> None:
+        """Until the keeper says SIGNALLED, or its stdout ends (it died) before the run closes it:
+        then the cluster is lost, and on_lost() is called (in this thread)."""
+
+        def wait() -> None:
+            self.keeper.stdout.readline()  # SIGNALLED, or "" at end of file
+            if not self.closing:
+                with self.guard:
+                    self.lost.set()
+                    on_lost = self.on_lost
+                on_lost()
+
+        self.watcher = threading.Thread(target=wait, name="ray-keeper-watch", daemon=True)
+        self.watcher.start()
+
+    def follow(self, on_lost: Callable[[], None]) -> None:
+        """Call `on_lost` (once) when the cluster is lost, or now if it is already."""
+        with self.guard:
+            self.on_lost = on_lost
+            lost = self.lost.is_set()
+        if lost:
+            on_lost()
 
     def close(self) -> None:
         import ray
 
         if self.owned:
+            self.closing = True
             ray.shutdown()
-            stop_keeper(self.keeper)
+            stop_keeper(self.keeper, self.watcher)
             shutil.rmtree(self.temp_dir, ignore_errors=True)  # the keeper's job, unless it was killed
 
 
@@ -67,7 +102,7 @@ def start_keeper(temp_dir: Path, cpus: int, gpus: int) -> tuple[subprocess.Popen
     return keeper, address
 
 
-def stop_keeper(keeper: subprocess.Popen) -> None:
+def stop_keeper(keeper: subprocess.Popen, watcher: threading.Thread | None = None) -> None:
     """Close the keeper's stdin (it shuts the cluster down and exits), then kill what is left of its session."""
     with contextlib.suppress(OSError):
         keeper.stdin.close()
@@ -80,11 +115,14 @@ def stop_keeper(keeper: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(keeper.pid, signal.SIGKILL)
     keeper.wait()
+    if watcher is not None:
+        watcher.join(timeout=STOP_GUARD)  # it reads the keeper's stdout: at its end now
     keeper.stdout.close()
 
 
 def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
-    """Join `address`, reuse a Ray the caller started already, or start a local one with these resources."""
+    """Join `address`, reuse a Ray the caller started already, or start a local one with these
+    resources (watched: RaySession.follow says when it is lost)."""
     if address is None and "ray" not in sys.modules:
         # A local cluster stays on the loopback address (Ray reads this when it is imported) and
         # needs no token auth (single user). Not set for multi-node clusters, which need both.
@@ -95,7 +133,8 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
     if ray.is_initialized():
         return RaySession(owned=False, temp_dir=None)
     if address is not None:
-        ray.init(address=address)
+        with own_sigterm_handler():
+            ray.init(address=address)
         return RaySession(owned=False, temp_dir=None)
     temp_dir = Path(tempfile.mkdtemp(prefix="erl-ray-"))  # short: Ray's socket paths have a length limit
     try:
@@ -105,8 +144,25 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         raise
     session = RaySession(owned=True, temp_dir=temp_dir, keeper=keeper)
     try:
-        ray.init(address=address)
+        with own_sigterm_handler():
+            ray.init(address=address)
+        session.watch()
     except BaseException:
         session.close()
         raise
     return session
+
+
+@contextlib.contextmanager
+def own_sigterm_handler():
+    """Keeps the caller's SIGTERM handler: ray.init() sets one of its own (sys.exit), which would turn
+    a stop request (driver/stopping.py) into an exit mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread sets handlers; Ray sets none there either
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler):  # a handler the caller chose (not the default, which Ray's improves on)
+            signal.signal(signal.SIGTERM, handler)

@@ -74,9 +74,10 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     train = with_length_profile(plan, train)
     check_sample_fields(plan.needs, train, "data.train")
     base = base_model_dir(recipe)
+    teacher = teacher_model_dir(recipe)
     source = Path(model_dir or base)
     tokenizer, prompt_ids = encode_prompts(recipe, source, train, heldout)
-    config = check_model_fits(recipe, source)
+    config = check_model_fits(recipe, source, teacher)
     rewards = start_rewards(recipe, train[0])
     try:
         holds_model = "driver_model" in plan["cluster.backend"].needs
@@ -104,8 +105,9 @@ def build_setup(plan: Plan, model_dir: Path | None = None) -> Setup:
     )
 
 
-# What a stop request while the model is built or converted says (it ends that at once).
+# What a stop request while the model or the teacher is built or converted says (it ends that at once).
 MODEL_BUILD_STOP = "stopping the model's build before training; nothing half-made is cached"
+TEACHER_BUILD_STOP = "stopping the teacher's build before training; nothing half-made is cached"
 
 
 def base_model_dir(recipe: Recipe) -> Path:
@@ -119,6 +121,15 @@ def base_model_dir(recipe: Recipe) -> Path:
         if recipe.model.lab:
             return lab_model_dir(recipe.model.lab)
         return model_directory(recipe.model.path, "model.path")
+
+
+def teacher_model_dir(recipe: Recipe) -> Path | None:
+    """distill.teacher's model directory (None without one), built or converted on first use here,
+    in the driver, before any learner loads it: so a stop request ends it as it ends the model's."""
+    if recipe.distill.teacher is None:
+        return None
+    with stopping.cut_short(TEACHER_BUILD_STOP, for_warnings=False):
+        return model_directory(recipe.distill.teacher, "distill.teacher")
 
 
 def with_variables(plan: Plan, samples: list[dict], split: str) -> list[dict]:
@@ -195,8 +206,8 @@ def check_forced_suffix(rollout: RolloutSection, tokenizer) -> None:
         )
 
 
-def check_model_fits(recipe: Recipe, source: Path):
-    """The model's config, once the run fits it: context, a teacher's vocabulary, LoRA's targets."""
+def check_model_fits(recipe: Recipe, source: Path, teacher: Path | None = None):
+    """The model's config, once the run fits it: context, the `teacher`'s vocabulary, LoRA's targets."""
     config = read_config(source)
     context = getattr(config, "max_position_embeddings", None)
     longest = recipe.longest_sequence()
@@ -205,8 +216,8 @@ def check_model_fits(recipe: Recipe, source: Path):
             f"rollout.max_prompt_length + max response length = {longest} exceeds the model's "
             f"context of {context} tokens"
         )
-    if recipe.distill.teacher is not None:
-        check_teacher(recipe, config.vocab_size)
+    if teacher is not None:
+        check_teacher(teacher, config.vocab_size)
     if recipe.learner.lora is not None:
         check_lora_targets(config, recipe.learner.lora)
     return config

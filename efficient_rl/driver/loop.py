@@ -102,6 +102,7 @@ class Trainer:
         self.stages = resolve_stages(plan)
         self.selection = Selection(plan, vocab_size=setup.vocab_size)
         self.components = plan["cluster.backend"](plan, setup)
+        self.components.follow_stops(stopping.requested, stopping.cut_now)
         self.learner, self.engine = self.components.learner, self.components.engine
         self.stream = PromptStream(setup.train_samples, recipe.seed, recipe.data.shuffle)
         self.sampling = rollout_sampling(recipe.rollout, recipe.rollout.group_size)
@@ -147,20 +148,21 @@ class Trainer:
         # the trackers, their runs marked failed.
         with MetricsLogger(self.run, self.plan, first_step=state["step"] + 1) as logger, stopping.handled():
             for step in range(state["step"] + 1, self.recipe.steps + 1):
-                metrics = self.step(step)
-                if self.recipe.eval.every and step % self.recipe.eval.every == 0:
-                    metrics.update(self.evaluate())
-                logger.log(step, metrics, self.completions)
-                state["step"] = step
-                state["wall_seconds"] = earlier_seconds + time.time() - started
-                last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
-                if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
-                    # paused: the stream, RNG and penalty state stand right after the saved batches
-                    with self.pipeline.paused():
-                        state[PENALTY_STATE] = self.penalty_state
-                        self.run.save_checkpoint(
-                            step, self.setup, self.learner, self.stream, state, in_flight=self.pipeline.saved()
-                        )
+                with self.stop_if_lost(step):
+                    metrics = self.step(step)
+                    if self.recipe.eval.every and step % self.recipe.eval.every == 0:
+                        metrics.update(self.evaluate())
+                    logger.log(step, metrics, self.completions)
+                    state["step"] = step
+                    state["wall_seconds"] = earlier_seconds + time.time() - started
+                    last = step == self.recipe.steps or step == stop_after_step or stopping.requested()
+                    if last or (self.recipe.checkpoint.every and step % self.recipe.checkpoint.every == 0):
+                        # paused: the stream, RNG and penalty state stand right after the saved batches
+                        with self.pipeline.paused():
+                            state[PENALTY_STATE] = self.penalty_state
+                            self.run.save_checkpoint(
+                                step, self.setup, self.learner, self.stream, state, in_flight=self.pipeline.saved()
+                            )
                 if last:
                     break
             stop_requested = stopping.requested()  # read before handled() forgets it
@@ -170,6 +172,19 @@ class Trainer:
                 state["final"] = final
         state["wall_seconds"] = earlier_seconds + time.time() - started
         return self.run.write_summary(state)
+
+    @contextlib.contextmanager
+    def stop_if_lost(self, step: int):
+        """A stop request that comes with the loss of the backend's processes (components.lost:
+        a signal to every process of the run ends the Ray cluster's with the driver's request) is
+        the stop, not a failure: the step cannot finish, and the last checkpoint stands. Ray's get
+        raises KeyboardInterrupt where the cluster's loss interrupts it (stopping.cut_now)."""
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as err:
+            if stopping.requested() and self.components.lost(err):
+                raise stopping.StoppedMidStep(step) from None
+            raise
 
     def final_evaluation(self, last_metrics: dict[str, float], stop_requested: bool) -> dict[str, float] | None:
         """The held-out figures after the last step; None when a stop request skips or cuts them short."""

@@ -25,6 +25,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -37,6 +38,16 @@ TIME_LIMIT_WARNINGS = (signal.SIGUSR1, FROM_STOP_FILE)
 
 class Stopped(Exception):
     """A stop request ended a cut_short() block."""
+
+
+class StoppedMidStep(Exception):
+    """A stop request came with the end of the processes the step needs: a signal to every process
+    of the run (systemd's KillMode=control-group, a Slurm job step, `kill` of each) ends the Ray
+    cluster's too. The step in progress is lost; the last checkpoint stands, and the stop is a stop."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step}")
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -55,18 +66,49 @@ AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
 
 _received: list[int] = []
 _phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
+_cut: list[bool] = []  # set by cut_now() for the main thread's handler
+_saying: list[bool] = []  # set while the handler writes its line, which a second signal must not cut in two
 
 
 def _record(signum, frame) -> None:
+    if _saying:
+        return  # a signal while the first one's line is written: that call goes on, and sees a cut
+    if _cut:
+        _end_for_cut(signum)
     if signum == signal.SIGINT and signal.SIGINT in _received:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now
     phase = phase_of(signum)
     if not _received:
         again = "" if phase.ends_block else " (Ctrl-C again: stop now)"
-        print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
+        _saying.append(True)
+        try:
+            print(f"{signal.Signals(signum).name}: {phase.promise}{again}", file=sys.stderr, flush=True)
+        finally:
+            _saying.clear()
     _received.append(signum)
     if phase.ends_block:
         raise Stopped(phase.promise)
+    if _cut:
+        _end_for_cut(signum)
+
+
+def _end_for_cut(signum: int) -> None:
+    """cut_now(): a request that also ends what the main thread waits on."""
+    _cut.clear()
+    _received.append(signum)
+    raise KeyboardInterrupt  # the exception Ray's get passes on from a handler
+
+
+def cut_now() -> None:
+    """From another thread: a stop request that cannot wait for the step, since what the step needs
+    is gone (the run's Ray cluster got a stop signal too: cluster/runtime.py). The main thread gets
+    KeyboardInterrupt wherever it is, waiting in Ray's get included, with the request recorded;
+    the loop takes it for the stop (StoppedMidStep). Outside handled() (no request can be kept
+    there), nothing happens."""
+    if signal.getsignal(signal.SIGTERM) is _record:
+        _cut.append(True)
+        # a signal, not _thread.interrupt_main(): that one wakes no main thread blocked on a lock
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def phase_of(signum: int) -> Phase:
@@ -107,6 +149,7 @@ def handled():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _received.clear()
+        _cut.clear()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ positions reach the teacher's LM head.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from efficient_rl.algos.batch import RolloutBatch
@@ -67,11 +69,12 @@ def build_teacher(recipe: Recipe, device: torch.device, remote=None):
     return remote
 
 
-def check_teacher(recipe: Recipe, student_vocab_size: int) -> None:
-    """Distillation compares distributions token by token: the vocabularies must be the same."""
+def check_teacher(teacher_dir: Path, student_vocab_size: int) -> None:
+    """Distillation compares distributions token by token: the teacher's vocabulary (its model
+    directory's) must be the student's."""
     from transformers import AutoConfig  # here: slow to import, and no CLI check needs it
 
-    teacher_vocab = AutoConfig.from_pretrained(model_directory(recipe.distill.teacher, "distill.teacher")).vocab_size
+    teacher_vocab = AutoConfig.from_pretrained(teacher_dir).vocab_size
     if teacher_vocab != student_vocab_size:
         raise ConfigError(
             f"distill.teacher: a vocabulary of {teacher_vocab} tokens, the student's has "
