@@ -113,10 +113,13 @@ class Trainer:
         # What the length penalty carries across steps ({} for most): advanced once a step by the
         # step's rollouts in collect_rollouts, which runs steps in order even when overlapped.
         self.penalty_state = self.stages.shape_rewards.initial_state()
+        self.backend_lost = False  # set when a stop came with the loss of the backend's processes
 
     def close(self) -> None:
         """Release the processes: Ray actors (and a cluster started for the run), reward workers."""
-        self.pipeline.close()  # first: its producer thread uses the engine and the rewards
+        # First: its producer thread uses the engine and the rewards. Not waited for once the
+        # backend's processes are lost: its request would wait on them until Ray ends the process.
+        self.pipeline.close(wait=not self.backend_lost)
         self.components.close()
         self.setup.rewards.close()
 
@@ -183,6 +186,7 @@ class Trainer:
             yield
         except (Exception, KeyboardInterrupt) as err:
             if stopping.requested() and self.components.lost(err):
+                self.backend_lost = True
                 raise stopping.StoppedMidStep(step) from None
             raise
 

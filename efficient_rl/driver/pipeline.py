@@ -127,7 +127,7 @@ class SyncPipeline:
         """The engine to the caller alone, holding the newest weights (an evaluation)."""
         yield self.engine
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         pass
 
 
@@ -278,12 +278,14 @@ class OverlappedPipeline(SyncPipeline):
             self.load_newest()
             yield self.engine
 
-    def close(self) -> None:
-        """Stop the producer; a generation request in progress finishes first."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the producer; a generation request in progress finishes first, unless not `wait`:
+        then the producer (a daemon thread) is left to the process's exit, for a request that can
+        never finish (the engine's processes are gone)."""
         with self.changed:
             self.stopping = True
             self.changed.notify_all()
-        if self.thread is not None and self.thread is not threading.current_thread():
+        if wait and self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
 
 
