@@ -4,6 +4,7 @@ and the entropy against a float64 log-softmax computed here by brute force, and 
 
 import copy
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -154,6 +155,39 @@ def test_no_tensor_as_large_as_tokens_by_vocabulary_exists():
     # The tile, the weight (its gradient) and the hidden states bound every tensor made.
     assert seen.largest == max(tiles.tokens * tiles.vocab, vocab * hidden_size, tokens * hidden_size)
     assert seen.largest < tokens * vocab / 4
+
+
+class TileScaleLive(TorchDispatchMode):
+    """The most elements that tensors of at least `smallest` elements held at once, counted after
+    every operation from weak references to the tensors made (a view counts with the tensor made
+    first on its storage)."""
+
+    def __init__(self, smallest: int):
+        super().__init__()
+        self.smallest, self.made, self.most = smallest, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.smallest:
+                self.made.setdefault(tensor.untyped_storage().data_ptr(), (weakref.ref(tensor), tensor.numel()))
+        self.made = {key: (ref, size) for key, (ref, size) in self.made.items() if ref() is not None}
+        self.most = max(self.most, sum(size for _, size in self.made.values()))
+        return out
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_a_pass_holds_a_tile_and_half_a_tile_of_scratch_at_most(with_entropy):
+    """Tokens and vocabulary of several tiles, with hidden states and weight far smaller than a
+    tile: what lives at tile scale at once, forward or backward, is one tile and half a tile."""
+    tokens, hidden_size, vocab, tiles = 300, 4, 500, HeadTiles(64, 128)
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with TileScaleLive(smallest=tiles.tokens * tiles.vocab // 2) as live:
+        picked, entropy = fused_token_logprobs(hidden, weight, None, targets, 0.6, with_entropy, tiles)
+        (picked.sum() + (entropy.sum() if with_entropy else 0)).backward()
+    assert live.most == tiles.tokens * tiles.vocab * 3 // 2
 
 
 # ---------------------------------------------------------------- the learner's loss on the lab model

@@ -42,13 +42,15 @@ def logprob_head_float32_buffers() -> int:
 
 def fused_head_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: int, token_tile: int, vocab_tile: int) -> int:
     """What the fused head (models/fused_head.py) holds at its peak besides its inputs and the
-    weight's gradient: two float32 [token tile x vocab tile] tiles (the logits and their exp); the
+    weight's gradient: a float32 [token tile x vocab tile] tile (the logits) and half of one (their
+    exp, half the rows at a time); the
     float32 gradient of the hidden states, summed over vocabulary tiles, and of one vocabulary
     tile of the weight, summed over token tiles; and in bf16 the float32 copies of the hidden
     states and of one vocabulary tile of the weight the products are taken from."""
     rows, columns = min(tokens, token_tile), min(vocab, vocab_tile)
     widened = FLOAT32_BYTES * (tokens + columns) * hidden if compute_bytes != FLOAT32_BYTES else 0
-    return 2 * FLOAT32_BYTES * rows * columns + FLOAT32_BYTES * (tokens + columns) * hidden + widened
+    tiles = 3 * FLOAT32_BYTES * rows * columns // 2
+    return tiles + FLOAT32_BYTES * (tokens + columns) * hidden + widened
 
 
 # DeepSpeed's ZeRO-1/2 default reduce_bucket_size (elements): ZeRO-2 reduces gradients through a
@@ -320,7 +322,7 @@ def logprob_head(recipe: Recipe, s: Sizes) -> Term:
         s.tokens, vocab, hidden, s.compute_bytes, learner.head_token_tile, learner.head_vocab_tile
     )
     copies = 2 if s.compute_bytes != FLOAT32_BYTES else 1
-    how = f"2 x 4 B x {rows} x {columns} tiles + {copies} x 4 B x ({s.tokens} tokens + {columns}) x {hidden} hidden"
+    how = f"1.5 x 4 B x {rows} x {columns} tiles + {copies} x 4 B x ({s.tokens} tokens + {columns}) x {hidden} hidden"
     return Term("log-prob head", nbytes, how)
 
 

@@ -5,7 +5,7 @@ The logits exist one tile at a time, [token tile x vocabulary tile] in float32, 
 softmax), the sampled token's logit and the entropy's moment; the backward recomputes each tile
 from the hidden states and the weight (unless all tokens and the whole vocabulary are one tile:
 that tile's log-probs are then kept from the forward). Memory is then flat in the number of tokens
-past the token tile: two float32 tiles, reused by every tile of a pass, plus a float32 copy of one
+past the token tile: a float32 tile and half of one, reused by every tile of a pass, plus a float32 copy of one
 vocabulary tile of the weight and of the hidden states when they are bf16
 (docs/memory.md#the-log-prob-head).
 
@@ -57,15 +57,32 @@ def tile_logits(hidden, weight, bias, temperature: float, out: torch.Tensor) -> 
 
 
 class TileBuffers:
-    """Two float32 buffers of one tile, reused by every tile of a pass: on a CPU a fresh tile-sized
-    tensor is fresh pages from the system each time (page faults, zeroed memory)."""
+    """One float32 tile and half a tile of scratch, reused by every tile of a pass: on a CPU a fresh
+    tile-sized tensor is fresh pages from the system each time (page faults, zeroed memory). The
+    scratch takes a tile's exponentials half its rows at a time (`halves`), so a pass holds 1.5
+    tiles, not 2."""
 
     def __init__(self, rows: int, columns: int, device: torch.device):
-        self.flat = [torch.empty(rows * columns, device=device) for _ in range(2)]
+        self.tile = torch.empty(rows * columns, device=device)
+        self.scratch = torch.empty(scratch_rows(rows) * columns, device=device)
 
-    def views(self, rows: slice, columns: slice) -> list[torch.Tensor]:
-        shape = (rows.stop - rows.start, columns.stop - columns.start)
-        return [flat[: shape[0] * shape[1]].view(shape) for flat in self.flat]
+    def views(self, rows: slice, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = rows.stop - rows.start, columns.stop - columns.start
+        return self.tile[: height * width].view(height, width), scratch_view(self.scratch, height, width)
+
+
+def scratch_rows(rows: int) -> int:
+    return (rows + 1) // 2
+
+
+def scratch_view(flat: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Half a tile of `height` rows (rounded up) from the flat scratch `flat`."""
+    return flat[: scratch_rows(height) * width].view(scratch_rows(height), width)
+
+
+def halves(height: int) -> list[slice]:
+    """A tile's rows in the two parts its half-tile scratch takes in turn."""
+    return spans(height, max(1, scratch_rows(height)))
 
 
 def spans(total: int, size: int):
@@ -104,11 +121,14 @@ class RunningSoftmax:
         shift = self.largest[rows] - largest  # <= 0: how far the old sums' reference moved down
         rescale = shift.exp()
         shifted = logits.sub_(largest[:, None])
-        weights = torch.exp(shifted, out=spare)
-        tile_total = weights.sum(1)
-        if self.moment is not None:  # the old moment moves with the old total; weights consumed
-            moment = rescale * (self.moment[rows] + shift * self.total[rows])
-            self.moment[rows] = moment + weights.mul_(shifted).sum(1)
+        tile_total, tile_moment = torch.empty_like(largest), torch.empty_like(largest)
+        for part in halves(len(shifted)):  # the exponentials half a tile at a time, in `spare`
+            weights = torch.exp(shifted[part], out=spare[: part.stop - part.start])
+            tile_total[part] = weights.sum(1)
+            if self.moment is not None:
+                tile_moment[part] = weights.mul_(shifted[part]).sum(1)
+        if self.moment is not None:  # the old moment moves with the old total
+            self.moment[rows] = rescale * (self.moment[rows] + shift * self.total[rows]) + tile_moment
         self.total[rows] = self.total[rows] * rescale + tile_total
         self.largest[rows] = largest
 
@@ -183,7 +203,8 @@ class FusedTokenLogprobs(torch.autograd.Function):
                 bias_sum = torch.zeros(weight_tile.shape[0], device=hidden.device) if needs_bias else None
                 for rows in spans(count, ctx.tiles.tokens):
                     if kept:
-                        log_probs, spare = kept[0].sub_(kept[1][:, None]), torch.empty_like(kept[0])
+                        log_probs = kept[0].sub_(kept[1][:, None])
+                        spare = torch.empty(scratch_rows(count), vocab, device=hidden.device)
                     else:
                         log_probs, spare = buffers.views(rows, columns)
                         tile_logits(wide[rows], weight_tile, bias_tile, temperature, out=log_probs)
@@ -214,9 +235,11 @@ class FusedTokenLogprobs(torch.autograd.Function):
 def logit_gradients(log_probs, spare, offset, entropy_weight):
     """The gradient at one tile of scaled logits, less the sampled token's +grad_picked:
     -p_v (offset + entropy_weight log p_v), offset = grad_picked + entropy_weight H. Written
-    into `log_probs`; `spare` takes p."""
+    into `log_probs`; `spare` (half a tile) takes p, half the rows at a time."""
     if entropy_weight is None:
         return log_probs.exp_().mul_(-offset[:, None])
-    probs = torch.exp(log_probs, out=spare)
-    terms = torch.addcmul(-offset[:, None], log_probs, -entropy_weight[:, None], out=log_probs)
-    return terms.mul_(probs)
+    for part in halves(len(log_probs)):  # p half a tile at a time, in `spare`
+        probs = torch.exp(log_probs[part], out=spare[: part.stop - part.start])
+        terms = torch.addcmul(-offset[part, None], log_probs[part], -entropy_weight[part, None], out=log_probs[part])
+        terms.mul_(probs)
+    return log_probs
