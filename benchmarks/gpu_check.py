@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from efficient_rl.algos.batch import RolloutBatch
 from efficient_rl.config.memory import fused_head_bytes
@@ -102,8 +103,11 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view of an input (a slice of a weight made before the block) is no new storage.
+        tensors = [arg for arg in tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor)]
+        inputs = {tensor.untyped_storage().data_ptr() for tensor in tensors}
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self.count(tensor.untyped_storage())
         return out
 

@@ -169,6 +169,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
                     hits, at = tokens_in_span(tokens[rows], columns)
                     picked[rows.start + hits] = logits[hits, at]
                     running.add(rows, logits, spare)
+                del weight_tile, bias_tile  # before the next one is made (see the backward)
             log_normaliser = running.log_normaliser()
             entropy = running.entropy()
         # The one tile holds s - m: the log-probs s - log Z once log(total) is taken off.
@@ -228,6 +229,9 @@ class FusedTokenLogprobs(torch.autograd.Function):
                     grad_weight[columns] = weight_sum.mul_(1.0 / temperature)
                 if needs_bias:
                     grad_bias[columns] = bias_sum.mul_(1.0 / temperature)
+                # Freed before the next vocabulary tile's are made: a rebinding frees the old ones
+                # only after the new ones exist, two weight tiles and two sums at once.
+                del weight_tile, bias_tile, weight_sum, bias_sum
         grad_hidden = None if grad_hidden is None else grad_hidden.mul_(1.0 / temperature).to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
