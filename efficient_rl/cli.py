@@ -33,6 +33,12 @@ def train(args) -> int:
     try:
         summary, checkpoint = api.train_recipe(recipe, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
+        if stopping.cut_taken():  # the cluster's loss outside a step: actor start, an evaluation
+            print(
+                f"stopped: the stop signal reached the run's Ray cluster too; {what_resume_has(recipe)}",
+                file=sys.stderr,
+            )
+            return stopping.EXIT_STOPPED
         print(f"efficient-rl: interrupted; stopped at once, mid-step; {what_resume_has(recipe)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except stopping.Stopped:  # a stop before the first step (the model's build, the evaluation before training)

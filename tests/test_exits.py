@@ -364,6 +364,30 @@ def test_a_stop_during_the_evaluation_before_training_ends_it_and_a_restart_runs
     assert summary["steps_completed"] == 1 and "warm_start" in summary
 
 
+def test_the_clusters_loss_during_the_evaluation_before_training_is_a_stop(run_dir):
+    """A signal to every process of a Ray run while it evaluates before training: the keeper's
+    report (stopping.cut_now, here called as the watcher thread calls it) interrupts the main
+    thread's wait. Before, that KeyboardInterrupt read as a second Ctrl-C: "interrupted", exit 130."""
+    cwd, overrides, run = run_dir
+    cluster_lost_mid_evaluation = """
+        import threading, time
+        import efficient_rl.driver.loop
+        from efficient_rl.driver import stopping
+        def evaluate(*args, **kwargs):
+            threading.Thread(target=stopping.cut_now).start()
+            time.sleep(600)  # a wait on actors that are gone
+        efficient_rl.driver.loop.evaluate = evaluate
+        """
+    driver = train(cwd, overrides + ["eval.before_training=true"], cluster_lost_mid_evaluation)
+    assert driver.finish() == 75, driver.stderr[-3000:]
+    assert "Traceback" not in driver.stderr, driver.stderr[-3000:]
+    assert last_line(driver.stderr) == (
+        "stopped: the stop signal reached the run's Ray cluster too; the run has no checkpoint yet "
+        "(start it again with --overwrite)"
+    )
+    assert not (run / "checkpoints").exists() and not (run / "summary.json").exists()
+
+
 def test_a_time_limit_warning_during_the_evaluation_before_training_waits_for_the_first_step(run_dir):
     """SIGUSR1 asks for a checkpoint before the limit: the evaluation goes on, step 1 is checkpointed."""
     cwd, overrides, run = run_dir
@@ -548,10 +572,10 @@ def test_a_signal_to_the_whole_process_group_stops_a_ray_run_after_its_step(run_
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*/checkpoint_manifest.json"))
 
 
-# cluster.pipeline: the driver waits on the actors itself. The overlapped pipeline's producer thread
-# can still call into Ray after the cluster is lost (Ray then starts a local instance of its own and
-# the process ends with exit 1 a minute later): not yet handled, docs/reliability.md.
-PIPELINES = {"sync": []}
+PIPELINES = {  # cluster.pipeline: the driver waits on the actors itself, or on its producer thread that does
+    "sync": [],
+    "overlapped": ["cluster.pipeline.name=overlapped", "cluster.pipeline.max_staleness=0"],
+}
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)

@@ -523,3 +523,25 @@ def test_a_ranks_one_line_refusal_reaches_the_driver_as_itself(ray_cluster):
         assert type(refused.value) is WorkerFailure  # not Ray's wrapper of it
     finally:
         group.kill()
+
+
+AFTER_CLOSE = """
+import ray  # imported before the run's start: what a user's own code may do
+from efficient_rl.cluster.runtime import start_ray
+start_ray(None, cpus=1, gpus=0).close()
+try:
+    ray.put(1)
+except Exception as error:
+    print(type(error).__name__)
+else:
+    print("a Ray of its own", ray.is_initialized())
+"""
+
+
+def test_after_the_run_closes_its_cluster_a_ray_call_fails_instead_of_starting_one():
+    """Ray's default starts a local instance on a call made while none is connected. The overlapped
+    pipeline's producer thread can make one after the cluster is lost and closed; that instance
+    kept the process alive a minute, then it exited 1 instead of the stop's 75."""
+    done = subprocess.run([sys.executable, "-c", AFTER_CLOSE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1:] == ["RaySystemError"], done.stdout

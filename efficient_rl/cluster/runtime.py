@@ -132,6 +132,7 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
 
     if ray.is_initialized():
         return RaySession(owned=False, temp_dir=None)
+    refuse_auto_start()
     if address is not None:
         with own_sigterm_handler():
             ray.init(address=address)
@@ -151,6 +152,17 @@ def start_ray(address: str | None, cpus: float, gpus: float) -> RaySession:
         session.close()
         raise
     return session
+
+
+def refuse_auto_start() -> None:
+    """Once the run has shut its Ray down (at the end, or with the cluster lost), a call from
+    another thread (the overlapped pipeline's producer) must fail, not start a local Ray of its own
+    (Ray's default), which kept the process a minute and then ended it with exit 1. Ray reads its
+    switch (RAY_ENABLE_AUTO_CONNECT) once, at import, into a private flag: cleared here, for a Ray
+    imported before the run's start too (pinned in tests/test_ray_cluster.py)."""
+    import ray._private.auto_init_hook as auto_init
+
+    auto_init.enable_auto_connect = False
 
 
 @contextlib.contextmanager

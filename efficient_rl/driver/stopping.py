@@ -67,6 +67,7 @@ AFTER_THIS_STEP = Phase("stopping after this step and writing a checkpoint")
 _received: list[int] = []
 _phases: list[Phase] = [AFTER_THIS_STEP]  # the innermost block's is last
 _cut: list[bool] = []  # set by cut_now() for the main thread's handler
+_cut_taken: list[bool] = []  # set once a cut_now() has interrupted the main thread
 _saying: list[bool] = []  # set while the handler writes its line, which a second signal must not cut in two
 
 
@@ -95,6 +96,7 @@ def _record(signum, frame) -> None:
 def _end_for_cut(signum: int) -> None:
     """cut_now(): a request that also ends what the main thread waits on."""
     _cut.clear()
+    _cut_taken.append(True)
     _received.append(signum)
     raise KeyboardInterrupt  # the exception Ray's get passes on from a handler
 
@@ -109,6 +111,12 @@ def cut_now() -> None:
         _cut.append(True)
         # a signal, not _thread.interrupt_main(): that one wakes no main thread blocked on a lock
         signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+
+def cut_taken() -> bool:
+    """Whether a cut_now() interrupted the main thread: its KeyboardInterrupt is then the stop (the
+    cluster is gone), not a second Ctrl-C, wherever it surfaced (a step, actor start, an evaluation)."""
+    return bool(_cut_taken)
 
 
 def phase_of(signum: int) -> Phase:
@@ -150,6 +158,7 @@ def handled():
             signal.signal(sig, handler)
         _received.clear()
         _cut.clear()
+        _cut_taken.clear()
 
 
 @contextlib.contextmanager
