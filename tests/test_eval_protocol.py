@@ -242,3 +242,28 @@ def test_a_study_reports_each_methods_sweep_area_over_seeds():
     lines = sweeps_markdown({"sweeps": list(rows.values())})
     assert "| dler | 4 | 2 | 0.700 ± 0.141 |" in lines and "| lab:warm | 0 | 1 | 0.500 |" in lines
     assert sweeps_markdown({"sweeps": []}) == []
+
+
+def test_a_study_reports_each_methods_lengths_of_correct_and_incorrect_answers_over_seeds():
+    from efficient_rl.study.report import method_summaries
+
+    def point(seed, correct, incorrect):
+        return {
+            "method": "dler",
+            "step": 4,
+            "budget": 48,
+            "pass@1": 0.5,
+            "length/mean": 20.0,
+            "pareto": False,
+            "oracle_accuracy_gap": 0.1,
+            "length_correct/mean": correct,
+            "length_incorrect/mean": incorrect,
+        }
+
+    # seed 2 answered nothing right: it has no length of correct answers, and is left out of that mean
+    (row,) = method_summaries([point(0, 10.0, 30.0), point(1, 14.0, 40.0), point(2, float("nan"), 44.0)])
+    assert row["length_correct/mean"]["mean"] == pytest.approx(12.0)  # (10 + 14) / 2
+    assert row["length_correct/mean"]["sd"] == pytest.approx(8**0.5)  # sqrt((2^2 + 2^2) / 1)
+    assert row["length_incorrect/mean"]["mean"] == pytest.approx(38.0)  # (30 + 40 + 44) / 3
+    (none_right,) = method_summaries([point(0, float("nan"), 30.0)])
+    assert none_right["length_correct/mean"] is None

@@ -125,6 +125,8 @@ def point(name: str, evaluated: Evaluated, budget: int, result: dict) -> dict:
         "budget": budget,
         "pass@1": run["pass@1"],
         "length/mean": run["length/mean"],
+        "length_correct/mean": run["length_correct/mean"],  # NaN where none was correct
+        "length_incorrect/mean": run["length_incorrect/mean"],
         "truncation_rate": run["truncation_rate"],
         "pareto": name in result["pareto"],
         "oracle_accuracy_gap": run["oracle"]["accuracy_gap"],
@@ -142,6 +144,13 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def spread_of_finite(values: list[float]) -> dict | None:
+    """spread() over the seeds that have the value (a seed with no correct answer has no length of
+    correct answers); None when none has it."""
+    finite = [value for value in values if value is not None and math.isfinite(value)]
+    return spread(finite) if finite else None
+
+
 def method_summaries(points: list[dict]) -> list[dict]:
     """Per method, checkpoint step and budget: the seeds' mean and spread."""
     groups: dict[tuple, list[dict]] = {}
@@ -155,6 +164,8 @@ def method_summaries(points: list[dict]) -> list[dict]:
             "seeds": len(members),
             "pass@1": spread([m["pass@1"] for m in members]),
             "length/mean": spread([m["length/mean"] for m in members]),
+            "length_correct/mean": spread_of_finite([m["length_correct/mean"] for m in members]),
+            "length_incorrect/mean": spread_of_finite([m["length_incorrect/mean"] for m in members]),
             "oracle_accuracy_gap": spread([m["oracle_accuracy_gap"] for m in members]),
             "on_pareto": sum(m["pareto"] for m in members),
         }
@@ -184,7 +195,9 @@ def write_report(report: dict, directory: Path) -> None:
     plot_frontier(report, directory / "frontier.png")
 
 
-def mean_sd(summary: dict, digits: int) -> str:
+def mean_sd(summary: dict | None, digits: int) -> str:
+    if summary is None:
+        return "-"
     sd = "" if summary["sd"] is None else f" ± {summary['sd']:.{digits}f}"
     return f"{summary['mean']:.{digits}f}{sd}"
 
@@ -231,13 +244,15 @@ def report_markdown(report: dict) -> str:
     lines += [
         "## Per method (mean ± sd over seeds)",
         "",
-        "| method | step | budget | seeds | pass@1 | mean length | oracle accuracy gap | on the Pareto frontier |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | step | budget | seeds | pass@1 | mean length | correct: mean length | incorrect: mean length "
+        "| oracle accuracy gap | on the Pareto frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["methods"]:
         lines.append(
             f"| {row['method']} | {row['step']} | {row['budget']} | {row['seeds']} | {mean_sd(row['pass@1'], 3)} "
-            f"| {mean_sd(row['length/mean'], 1)} | {mean_sd(row['oracle_accuracy_gap'], 3)} "
+            f"| {mean_sd(row['length/mean'], 1)} | {mean_sd(row.get('length_correct/mean'), 1)} "
+            f"| {mean_sd(row.get('length_incorrect/mean'), 1)} | {mean_sd(row['oracle_accuracy_gap'], 3)} "
             f"| {row['on_pareto']} of {row['seeds']} |"
         )
     lines += sweeps_markdown(report)
