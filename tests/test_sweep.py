@@ -247,7 +247,14 @@ def test_a_study_varies_another_named_as_its_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, trainings", [("dler_frontier", 48), ("dler_frontier_2026", 30), ("dler_frontier_sweeps", 8), ("tiny", 2)]
+    "name, trainings",
+    [
+        ("dler_frontier", 48),
+        ("dler_frontier_2026", 30),
+        ("dler_ablation_2026", 21),
+        ("dler_frontier_sweeps", 8),
+        ("tiny", 2),
+    ],
 )
 def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     status = main(["study", "check", str(RECIPES / "studies" / f"{name}.yaml"), f"output_dir={tmp_path / 'out'}"])
