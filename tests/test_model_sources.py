@@ -1,6 +1,7 @@
 """Real pretrained models from GGUF files: SmolLM2-135M-Instruct converted for real, tiny GGUFs
 written here for the cache, the model references and bad input."""
 
+import json
 import re
 import shutil
 import sys
@@ -17,7 +18,7 @@ from conftest import RECIPES, TINY_OVERRIDES, run_cli
 from efficient_rl.config.loading import load_recipe
 from efficient_rl.data.cache import cache_root
 from efficient_rl.data.prompts import encode_prompt, load_tokenizer
-from efficient_rl.driver.build import build_setup
+from efficient_rl.driver.build import LOGIT_TRANSFORMS, build_setup
 from efficient_rl.driver.validate import validate
 from efficient_rl.errors import ConfigError
 from efficient_rl.models.sources import builtin_gguf, convert_gguf, model_directory, smollm2_model_dir
@@ -222,3 +223,28 @@ def test_model_path_takes_a_gguf_file(tmp_path, tiny_conversions_removed):
         assert setup.model.config.model_type == "llama" and setup.tokenizer.eos_token == "<|im_end|>"
     finally:
         setup.rewards.close()
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625)])
+def test_a_model_whose_logits_are_transformed_after_its_head_is_refused_before_anything_is_written(
+    tmp_path, tiny_model_dir, field, value
+):
+    """Gemma 2's tanh cap, Cohere's scale: the engine samples from the transformed logits, the
+    fused head would take log-probs of the head's product alone, and every ratio would be off."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    runs = tmp_path / "runs"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("model.")]
+    done = run_cli(
+        "train", RECIPES / "quickstart.yaml", *overrides, "model.lab=null", f"model.path={model}",
+        f"logging.output_dir={runs}", "steps=1",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"efficient-rl: error: model: its config.json sets {field}: {value}, which transforms the logits after "
+        f"the output head; the learner's fused log-prob head supports models whose logits are the head's "
+        f"product (expected {field}: {LOGIT_TRANSFORMS[field]})"
+    ]
+    assert not runs.exists()

@@ -220,7 +220,26 @@ def check_model_fits(recipe: Recipe, source: Path, teacher: Path | None = None):
         check_teacher(teacher, config.vocab_size)
     if recipe.learner.lora is not None:
         check_lora_targets(config, recipe.learner.lora)
+    check_logits_are_the_heads(config)
     return config
+
+
+# Config fields of transformers models that change the logits after the output head (Gemma 2/3's
+# tanh cap, Cohere's and Granite's scales), with the value that leaves them alone. The learner's
+# fused head (models/fused_head.py) takes log-probs of the head's product itself, so on such a
+# model its ratio against the engine's log-probs would be silently wrong.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def check_logits_are_the_heads(config) -> None:
+    for field, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(config, field, neutral)
+        if value != neutral:
+            raise ConfigError(
+                f"model: its config.json sets {field}: {value}, which transforms the logits after the output "
+                f"head; the learner's fused log-prob head supports models whose logits are the head's product "
+                f"(expected {field}: {neutral})"
+            )
 
 
 def load_model(source: Path, attn_implementation: str = "sdpa"):
