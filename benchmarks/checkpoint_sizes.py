@@ -12,12 +12,15 @@ whole checkpoint, in bytes as on disk.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from efficient_rl.algos.batch import RolloutBatch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learner_precision import make_batch  # noqa: E402
+
 from efficient_rl.learner.objective import ObjectiveSettings
 from efficient_rl.learner.torch_learner import MASTER_WEIGHTS_FILE, OPTIMIZER_FILE, OptimSettings, TorchLearner
 from efficient_rl.models.files import released_dtype
@@ -25,22 +28,6 @@ from efficient_rl.models.modeling import load_model
 from efficient_rl.models.sources import model_directory
 
 ROWS, PROMPT, RESPONSE = 4, 8, 8  # one small batch: the step only has to create the optimizer state
-
-
-def one_batch(vocab: int) -> RolloutBatch:
-    generator = torch.Generator().manual_seed(0)
-    return RolloutBatch(
-        prompt_ids=torch.randint(0, vocab, (ROWS, PROMPT), generator=generator),
-        prompt_mask=torch.ones(ROWS, PROMPT, dtype=torch.long),
-        response_ids=torch.randint(0, vocab, (ROWS, RESPONSE), generator=generator),
-        response_mask=torch.ones(ROWS, RESPONSE),
-        rollout_logprobs=torch.zeros(ROWS, RESPONSE),
-        truncated=torch.zeros(ROWS, dtype=torch.bool),
-        group_ids=torch.arange(ROWS) // 2,
-        samples=[{}] * ROWS,
-        completions=[""] * ROWS,
-        advantages=torch.randn(ROWS, RESPONSE, generator=generator),
-    )
 
 
 def bf16_release(model_dir: Path, out: Path) -> Path:
@@ -53,7 +40,7 @@ def checkpoint_bytes(model_dir: Path, checkpoint: Path) -> dict[str, int]:
     learner = TorchLearner(
         load_model(model_dir), ObjectiveSettings(), OptimSettings(lr=1e-6), release_dtype=released_dtype(model_dir)
     )
-    learner.update(one_batch(learner.model.config.vocab_size))
+    learner.update(make_batch(learner.model.config.vocab_size, ROWS, PROMPT, RESPONSE, shortest=RESPONSE))
     learner.save(checkpoint)
     masters = checkpoint / MASTER_WEIGHTS_FILE
     return {

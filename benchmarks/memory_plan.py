@@ -93,24 +93,6 @@ def recipe_for(model_dir: Path, overrides: list[str]):
     )
 
 
-def full_batch(rows: int):
-    from efficient_rl.algos.batch import RolloutBatch
-
-    generator = torch.Generator().manual_seed(0)
-    return RolloutBatch(
-        prompt_ids=torch.randint(0, VOCAB, (rows, PROMPT), generator=generator),
-        prompt_mask=torch.ones(rows, PROMPT, dtype=torch.long),
-        response_ids=torch.randint(0, VOCAB, (rows, RESPONSE), generator=generator),
-        response_mask=torch.ones(rows, RESPONSE),
-        rollout_logprobs=torch.zeros(rows, RESPONSE),
-        truncated=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.arange(rows) // 4,
-        samples=[{}] * rows,
-        completions=[""] * rows,
-        advantages=torch.randn(rows, 1, generator=generator).expand(rows, RESPONSE).contiguous(),
-    )
-
-
 def tensor_bytes(learner) -> int:
     """Bytes of the learner's parameters and buffers (the float32 masters, and a bf16 copy)."""
     modules = {id(m): m for m in (learner.model, learner.compute_model)}.values()
@@ -126,11 +108,15 @@ def measure(name: str, model_dir: Path) -> dict:
     from efficient_rl.driver.validate import validate
     from efficient_rl.learner.torch_learner import torch_learner
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from learner_precision import make_batch
+
     recipe = recipe_for(model_dir, CONFIGURATIONS[name][1])
     plan = validate(recipe)
     estimate = plan_memory(recipe, plan.placement).devices[0]
     sequences_per_pass = recipe.learner.micro_batch_tokens // (PROMPT + RESPONSE)
-    batch = full_batch(2 * sequences_per_pass)  # two full passes, one optimizer step
+    # two full passes (every response RESPONSE tokens), one optimizer step
+    batch = make_batch(VOCAB, 2 * sequences_per_pass, PROMPT, RESPONSE, shortest=RESPONSE)
     learner = torch_learner(plan, model_dir, model_dir)
     baseline = status_bytes("VmRSS") - tensor_bytes(learner)
     learner.update(batch)  # allocates the optimizer state
