@@ -235,6 +235,23 @@ def test_profiled_threshold_needs_a_stats_file():
         validate(load_recipe(RECIPES / "quickstart.yaml", ["algorithm.length_penalty={name: profiled_threshold}"]))
 
 
+def test_a_missing_profile_is_refused_by_validation_and_by_study_check(tmp_path, capsys):
+    """Before, validation passed and `study check` said 0; every run then failed at its build."""
+    from efficient_rl.cli import main
+
+    missing = tmp_path / "nowhere.jsonl"
+    penalty = f"algorithm.length_penalty={{name: profiled_threshold, stats: '{missing}'}}"
+    expected = f"algorithm.length_penalty.stats: {missing} is no file; write it with efficient-rl profile-lengths"
+    with pytest.raises(ConfigError) as err:
+        validate(load_recipe(RECIPES / "quickstart.yaml", [penalty]))
+    assert str(err.value) == expected
+    study = tmp_path / "study.yaml"
+    study.write_text(f'runs:\n  - {{method: p, recipe: {RECIPES / "quickstart.yaml"}, overrides: ["{penalty}"]}}\n')
+    assert main(["study", "check", str(study), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- training runs on the tiny lab model ---------------------------------------------------------
 
 

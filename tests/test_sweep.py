@@ -264,6 +264,18 @@ def test_the_shipped_studies_check(tmp_path, capsys, name, trainings):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_shipped_profiled_study_checks_once_its_profile_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the study reads its profile from the directory it is run from
+    check = ["study", "check", str(RECIPES / "studies" / "dler_profiled_2026.yaml"), f"output_dir={tmp_path / 'out'}"]
+    assert main(check) == 2
+    assert (
+        "lab_easy_mixed.profile.jsonl is no file; write it with efficient-rl profile-lengths" in capsys.readouterr().err
+    )
+    (tmp_path / "lab_easy_mixed.profile.jsonl").write_text("")
+    assert main(check) == 0
+    assert "= 3 trainings" in capsys.readouterr().out
+
+
 def test_every_launcher_a_study_may_name_can_launch_and_be_followed():
     import typing
 

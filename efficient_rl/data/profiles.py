@@ -31,8 +31,7 @@ def profile_row(prompt_id: str, lengths: list[int], passed: list[bool]) -> dict:
 
 def read_length_profile(path: Path, field_name: str) -> dict[str, dict]:
     """Prompt id -> its row; a missing file or a malformed row is one line naming it."""
-    if not path.is_file():
-        raise ConfigError(f"{field_name}: {path} is no file; write it with efficient-rl profile-lengths")
+    check_profile_file(path, field_name)
     rows = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -43,6 +42,12 @@ def read_length_profile(path: Path, field_name: str) -> dict[str, dict]:
         row = json.loads(line)
         rows[str(row["id"])] = row
     return rows
+
+
+def check_profile_file(path: Path, field_name: str) -> None:
+    """The profile exists (validation asks before anything is built; `study check` with it)."""
+    if not path.is_file():
+        raise ConfigError(f"{field_name}: {path} is no file; write it with efficient-rl profile-lengths")
 
 
 def row_problem(line: str) -> str | None:

@@ -10,6 +10,8 @@ reward worker or model load.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # Importing the backends registers them (and their own checks).
@@ -43,6 +45,7 @@ from efficient_rl.config.placement import resolve_placement
 from efficient_rl.config.plan import Devices, Plan
 from efficient_rl.config.rules import check_numbers
 from efficient_rl.config.schema import AlgorithmSection, Recipe
+from efficient_rl.data.profiles import check_profile_file
 from efficient_rl.data.variables import FIELD, PROMPT_VARIABLES, template_fields
 from efficient_rl.driver.pipeline import PIPELINES
 from efficient_rl.driver.trackers import TRACKERS
@@ -105,6 +108,7 @@ def validate(recipe: Recipe) -> Plan:
     )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
+    check_length_profile(plan)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     check_scores_fit_penalty(choices["algorithm.length_penalty"], recipe.reward)  # what the penalty promises holds
     check_scores_fit_gate(plan.length_penalty, recipe)  # and what it promises behind its gate
@@ -318,6 +322,13 @@ def check_cap_is_read(cap: Bound, needs: dict[str, str]) -> None:
         f"algorithm.length_cap: {cap.name} needs a length_penalty that uses the cap "
         f"({', '.join(readers)}); nothing in the recipe reads it"
     )
+
+
+def check_length_profile(plan: Plan) -> None:
+    """The profile file an entry reads its lengths from (read and joined to the data by the build)."""
+    field_name = plan.needs.get("length_profile")
+    if field_name is not None:
+        check_profile_file(Path(plan[field_name].params.stats), f"{field_name}.stats")
 
 
 def check_teacher_needs(recipe: Recipe, needs: dict[str, str]) -> None:
