@@ -115,32 +115,58 @@ def test_dot_leaves_a_group_of_one_length_alone():
     close(dynamic_outlier_truncation(single, k=0.0, margin=1), [1])
 
 
+# DOT shapes only all-correct groups: dynamic sampling keeps them by the shaped reward's spread
+ON_REWARD = "algorithm.sampling.metric=reward"
+
+
+@pytest.mark.parametrize("sampling", ["algorithm.sampling.metric=score", "algorithm.sampling.metric=accuracy"])
+def test_dot_refuses_dynamic_sampling_that_drops_every_group_it_shapes(sampling):
+    """DLER's filter on the score drops the all-correct groups, and with them every truncation:
+    the frontier study's DOT runs trained exactly as the runs with no penalty did."""
+    overrides = ["algorithm.length_penalty={name: dot, k: 2.0, margin: 1}", sampling]
+    with pytest.raises(ConfigError) as err:
+        validate(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    metric = sampling.rsplit("=", 1)[1]
+    assert str(err.value).startswith(
+        f"algorithm.length_penalty.name: dot shapes only all-correct groups, which dynamic sampling on the {metric} "
+        "drops (no spread there)"
+    )
+    validate(load_recipe(RECIPES / "quickstart.yaml", [*overrides, ON_REWARD]))
+    validate(load_recipe(RECIPES / "quickstart.yaml", [*overrides, "algorithm.sampling=all"]))
+
+
 def test_dot_refuses_a_k_no_length_can_exceed_in_a_group():
     # rollout.group_size 4: no length is more than 3 / sqrt(4) = 1.5 sample standard deviations
     # above the mean
-    overrides = ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.5}"]
+    overrides = ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.5}", ON_REWARD]
     with pytest.raises(ConfigError) as err:
         validate(load_recipe(RECIPES / "quickstart.yaml", overrides))
     expected = "algorithm.length_penalty.k: expected below (rollout.group_size - 1) / sqrt(rollout.group_size) = 1.5,"
     assert str(err.value).startswith(expected)
     # the default k = 3 needs groups of more than 10 ((G - 1) / sqrt(G): 3.015 at 11, 2.846 at 10)
     validate(
-        load_recipe(RECIPES / "quickstart.yaml", ["rollout.group_size=11", "algorithm.length_penalty={name: dot}"])
+        load_recipe(
+            RECIPES / "quickstart.yaml", ["rollout.group_size=11", "algorithm.length_penalty={name: dot}", ON_REWARD]
+        )
     )
     with pytest.raises(ConfigError, match=r"= 2.846, got 3.0"):
         validate(
-            load_recipe(RECIPES / "quickstart.yaml", ["rollout.group_size=10", "algorithm.length_penalty={name: dot}"])
+            load_recipe(
+                RECIPES / "quickstart.yaml",
+                ["rollout.group_size=10", "algorithm.length_penalty={name: dot}", ON_REWARD],
+            )
         )
     validate(
         load_recipe(
-            RECIPES / "quickstart.yaml", ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.4}"]
+            RECIPES / "quickstart.yaml",
+            ["rollout.group_size=4", "algorithm.length_penalty={name: dot, k: 1.4}", ON_REWARD],
         )
     )
 
 
 def test_dot_refuses_a_margin_beyond_the_generation_limit():
     # the quickstart's limit is 48 tokens: no answer can lie 49 tokens past a cutoff
-    overrides = ["rollout.group_size=16", "algorithm.length_penalty={name: dot, margin: 49}"]
+    overrides = ["rollout.group_size=16", "algorithm.length_penalty={name: dot, margin: 49}", ON_REWARD]
     with pytest.raises(ConfigError) as err:
         validate(load_recipe(RECIPES / "quickstart.yaml", overrides))
     assert str(err.value).startswith("algorithm.length_penalty.margin: expected 1..rollout.max_response_length (48)")

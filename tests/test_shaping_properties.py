@@ -304,7 +304,7 @@ def test_each_score_need_has_a_load_time_test():
 
 # Penalties no shipped recipe picks yet, with the keys that pick them on the quickstart recipe.
 PICKED_BY_KEYS = {
-    "dot": ["rollout.group_size=16", "algorithm.length_penalty={name: dot}"],
+    "dot": ["rollout.group_size=16", "algorithm.length_penalty={name: dot}", "algorithm.sampling.metric=reward"],
     "leash": ["algorithm.length_penalty={name: leash, target: 32}"],
     "profiled_threshold": ["algorithm.length_penalty={name: profiled_threshold, stats: stats.jsonl}"],
 }
@@ -335,7 +335,9 @@ REWARD_LISTS = {
 
 @pytest.mark.parametrize("scores", REWARD_LISTS)
 @pytest.mark.parametrize("name", LENGTH_SHAPERS.names())
-def test_a_recipe_whose_rewards_leave_the_penalty_s_scores_is_refused_at_load(name, scores):
+def test_a_recipe_whose_rewards_leave_the_penalty_s_scores_is_refused_at_load(name, scores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stats.jsonl").touch()  # profiled_threshold's profile (PICKED_BY_KEYS), which validation asks for
     override, admitted = REWARD_LISTS[scores]
     need = promise_of(LENGTH_SHAPERS.get(name)).scores
     recipe = recipe_picking(name, [override])

@@ -20,6 +20,7 @@ import math
 import torch
 
 from efficient_rl.algos.length_rewards import group_index, group_reduce
+from efficient_rl.algos.sampling import GROUP_SAMPLERS
 from efficient_rl.algos.shaping import LENGTH_SHAPERS, ShapingInputs, carries_state, promises, within_limit
 
 # --- DOT: dynamic outlier truncation ---------------------------------------------------------------
@@ -46,7 +47,18 @@ def dot_outliers(inputs: ShapingInputs, k: float, margin: int) -> tuple[torch.Te
 def dot_check(params, recipe) -> str | None:
     """Within a group of G, no length is more than (G - 1) / sqrt(G) sample standard deviations
     above the group's mean: a k at or beyond that would never truncate anything; nor would a
-    margin longer than the generation limit."""
+    margin longer than the generation limit. And DOT acts only in all-correct groups, which dynamic
+    sampling on the score or the accuracy drops (they have no spread there): it would train on
+    none of DOT's truncations."""
+    sampling = recipe.algorithm.sampling
+    if sampling.name == "dynamic":
+        metric = GROUP_SAMPLERS.get("dynamic").params(**sampling.params).metric
+        if metric != "reward":
+            return (
+                f"name: dot shapes only all-correct groups, which dynamic sampling on the {metric} drops (no "
+                f"spread there), so none of its truncations would be trained on; set algorithm.sampling.metric: "
+                f"reward (the shaped reward, which DOT gives spread)"
+            )
     size = recipe.rollout.group_size
     bound = (size - 1) / math.sqrt(size) if size > 0 else 0.0
     if params.k >= bound:

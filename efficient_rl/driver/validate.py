@@ -108,10 +108,10 @@ def validate(recipe: Recipe) -> Plan:
     )
     check_cap_is_read(choices["algorithm.length_cap"], needs)
     check_teacher_needs(recipe, needs)
-    check_length_profile(plan)
     resolve_rewards(recipe.reward)  # each reward importable, its parameters its function's
     check_scores_fit_penalty(choices["algorithm.length_penalty"], recipe.reward)  # what the penalty promises holds
     check_scores_fit_gate(plan.length_penalty, recipe)  # and what it promises behind its gate
+    check_length_profile(plan)
     if len(recipe.learner.betas) != 2:
         raise ConfigError(f"learner.betas: expected [beta1, beta2], got {recipe.learner.betas}")
     check_thinking_budget(recipe)
