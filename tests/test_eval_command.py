@@ -104,6 +104,39 @@ def test_a_killed_eval_resumes_without_regenerating_finished_samples(tmp_path, t
         run(EvalSpec(**{**spec.__dict__, "temperature": 1.0}), tmp_path)
 
 
+def test_a_model_written_again_at_its_path_is_generated_again(tmp_path, tiny_model_dir, monkeypatch):
+    """A study's run retrained into the same checkpoint path: before, the cached generations of
+    the old weights were scored as the new model's."""
+    import shutil
+
+    import torch
+
+    from efficient_rl.models.modeling import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    spec = EvalSpec(models=[str(model)], data="lab:tiny", budgets=[12], samples=2, problems=20)
+    out = tmp_path / "eval"
+    generate = TransformersEngine.generate
+    calls = []
+    monkeypatch.setattr(
+        TransformersEngine, "generate", lambda self, *a, **k: calls.append(len(a[0])) or generate(self, *a, **k)
+    )
+    run(spec, out)
+    run(spec, out)
+    assert calls == [16, 4]  # the second evaluation read everything from the cache
+    retrained = load_model(model)
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    retrained.save_pretrained(model)
+    calls.clear()
+    run(spec, out)
+    assert calls == [16, 4]  # every question again, with the new weights
+    cache = (out / "generations" / "model@12.jsonl").read_text().splitlines()
+    assert len(cache) == 20 and len({json.loads(line)["weights"] for line in cache}) == 1
+
+
 @pytest.mark.parametrize(
     "models, budgets, message",
     [

@@ -116,21 +116,36 @@ def check_cache(spec: EvalSpec, out: Path) -> None:
         saved_path.write_text(json.dumps(current, indent=1))
 
 
-def cached_generations(path: Path) -> dict[str, dict]:
-    """The cached records; a line cut short by a kill is dropped (and removed from the file)."""
+def cached_generations(path: Path, weights: str) -> dict[str, dict]:
+    """The cached records of the model's present `weights` (weights_fingerprint); a line cut short
+    by a kill is dropped, and so is a record of other weights (a run retrained into the same
+    checkpoint path): both are removed from the file. A record from before fingerprints is kept."""
     if not path.is_file():
         return {}
-    records, lines = {}, path.read_text().splitlines(keepends=True)
-    for number, line in enumerate(lines):
+    records, lines, kept = {}, path.read_text().splitlines(keepends=True), []
+    for line in lines:
         try:
             record = json.loads(line) if line.endswith("\n") else None
         except json.JSONDecodeError:
             record = None
         if record is None:
-            path.write_text("".join(lines[:number]))
             break
-        records[question_key(record["question"])] = record
+        if record.get("weights", weights) == weights:
+            records[question_key(record["question"])] = record
+            kept.append(line)
+    if len(kept) < len(lines):
+        path.write_text("".join(kept))
     return records
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """Which weights a model directory holds now: its weight files' names, sizes and modification
+    times (cheap; a checkpoint written again at the same path changes them)."""
+    digest = hashlib.sha256()
+    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        stat = file.stat()
+        digest.update(f"{file.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def transformers_engine(model_dir: Path, tokenizer, max_model_len: int, seed: int):
@@ -159,6 +174,7 @@ class ModelUnderTest:
         from efficient_rl.data.prompts import TokenizerError, encode_sample, load_tokenizer
 
         self.directory, self.spec, self.engine = directory, spec, None
+        self.weights = weights_fingerprint(directory)  # what its cached generations were made with
         self.tokenizer = load_tokenizer(directory)
         self.forced_room = forced_room(self.tokenizer, spec, reference)
         try:  # per budget: the template may show it
@@ -213,7 +229,7 @@ class ModelUnderTest:
 def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Path, forced: bool = False) -> list[dict]:
     """Every question's generations, from the cache where present; missing chunks are generated
     and appended one chunk at a time."""
-    done, spec = cached_generations(path), model.spec
+    done, spec = cached_generations(path, model.weights), model.spec
     for start in range(0, len(questions), CHUNK):
         chunk = questions[start : start + CHUNK]
         if all(question_key(q["question"]) in done for q in chunk):
@@ -224,6 +240,7 @@ def generate(model: ModelUnderTest, questions: list[dict], budget: int, path: Pa
             for i, question in enumerate(chunk):
                 rows = range(i * spec.samples, (i + 1) * spec.samples)
                 record = {
+                    "weights": model.weights,
                     "question": question["question"],
                     "answer": question["answer"],
                     "completions": [batch.completions[r] for r in rows],
