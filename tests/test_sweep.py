@@ -250,7 +250,7 @@ def test_a_study_varies_another_named_as_its_defaults(tmp_path):
     "name, trainings",
     [
         ("dler_frontier", 48),
-        ("dler_frontier_2026", 30),
+        ("dler_frontier_2026", 48),
         ("dler_ablation_2026", 21),
         ("dler_frontier_sweeps", 8),
         ("tiny", 2),
