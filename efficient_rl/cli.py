@@ -16,6 +16,7 @@ DISTRIBUTION = "efficient-rl"  # the name pip knows the package by (pyproject.to
 
 RECIPE_EXAMPLES = "e.g. quickstart, dler, ablation/dler_ablation_0_truncation"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
+CLUSTER_TOO = "the stop signal reached the run's Ray cluster too"  # its processes, and so the work on them, are gone
 
 
 def cmd_train(args) -> int:
@@ -35,7 +36,7 @@ def train(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C twice (stopping.py): everything the run started is closed by now
         if stopping.cut_taken():  # the cluster's loss outside a step: actor start, an evaluation
             print(
-                f"stopped: the stop signal reached the run's Ray cluster too; {what_resume_has(recipe)}",
+                f"stopped: {CLUSTER_TOO}; {what_resume_has(recipe)}",
                 file=sys.stderr,
             )
             return stopping.EXIT_STOPPED
@@ -46,8 +47,8 @@ def train(args) -> int:
         return stopping.EXIT_STOPPED
     except stopping.StoppedMidStep as stop:  # the stop's signal reached the Ray cluster too
         print(
-            f"stopped in step {stop.step} of {recipe.steps}: the stop signal reached the run's Ray cluster too, "
-            f"so that step is lost; {what_resume_has(recipe)}",
+            f"stopped in step {stop.step} of {recipe.steps}: {CLUSTER_TOO}, so that step is lost; "
+            f"{what_resume_has(recipe)}",
             file=sys.stderr,
         )
         return stopping.EXIT_STOPPED

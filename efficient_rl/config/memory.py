@@ -43,10 +43,10 @@ def logprob_head_float32_buffers() -> int:
 def fused_head_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: int, token_tile: int, vocab_tile: int) -> int:
     """What the fused head (models/fused_head.py) holds at its peak besides its inputs and the
     weight's gradient: a float32 [token tile x vocab tile] tile (the logits) and half of one (their
-    exp, half the rows at a time); the
-    float32 gradient of the hidden states, summed over vocabulary tiles, and of one vocabulary
-    tile of the weight, summed over token tiles; and in bf16 the float32 copies of the hidden
-    states and of one vocabulary tile of the weight the products are taken from."""
+    exp, half the rows at a time); the float32 gradient of the hidden states, summed over
+    vocabulary tiles, and of one vocabulary tile of the weight, summed over token tiles; and in
+    bf16 the float32 copies of the hidden states and of one vocabulary tile of the weight the
+    products are taken from."""
     rows, columns = min(tokens, token_tile), min(vocab, vocab_tile)
     widened = FLOAT32_BYTES * (tokens + columns) * hidden if compute_bytes != FLOAT32_BYTES else 0
     tiles = 3 * FLOAT32_BYTES * rows * columns // 2

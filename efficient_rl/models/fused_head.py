@@ -5,8 +5,8 @@ The logits exist one tile at a time, [token tile x vocabulary tile] in float32, 
 softmax), the sampled token's logit and the entropy's moment; the backward recomputes each tile
 from the hidden states and the weight (unless all tokens and the whole vocabulary are one tile:
 that tile's log-probs are then kept from the forward). Memory is then flat in the number of tokens
-past the token tile: a float32 tile and half of one, reused by every tile of a pass, plus a float32 copy of one
-vocabulary tile of the weight and of the hidden states when they are bf16
+past the token tile: a float32 tile and half of one, reused by every tile of a pass, plus a
+float32 copy of one vocabulary tile of the weight and of the hidden states when they are bf16
 (docs/memory.md#the-log-prob-head).
 
 The temperature is the tile product's own scale factor (no pass over the tile), and the logits are
